@@ -1,0 +1,1 @@
+//! Hardware profiles (filled in by the foundation work).

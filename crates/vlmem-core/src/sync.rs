@@ -1,0 +1,126 @@
+//! The one switch between real and model-checked synchronisation.
+//!
+//! All vlmem code takes its locks, atomics, `Arc` and threads from here, never from
+//! `std::sync` or `parking_lot` directly. Normally these are parking_lot 0.12 locks (eventually
+//! fair: a waiting thread cannot starve, see docs/ARCHITECTURE.md) and std atomics. Under
+//! `RUSTFLAGS="--cfg vlmem_loom"` they are loom's, so loom models explore every interleaving
+//! of the real code. The loom wrappers keep parking_lot's shape (`lock()` returns the guard),
+//! so call sites compile unchanged.
+
+#[cfg(not(vlmem_loom))]
+mod imp {
+    pub use parking_lot::{
+        Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    };
+    pub use std::sync::Arc;
+    /// Atomic integer types and orderings.
+    pub mod atomic {
+        pub use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    }
+    /// Thread spawning and yielding.
+    pub mod thread {
+        pub use std::thread::{JoinHandle, spawn, yield_now};
+    }
+}
+
+#[cfg(vlmem_loom)]
+mod imp {
+    pub use loom::sync::Arc;
+
+    /// A parking_lot-shaped mutex over loom's (no poisoning in the API).
+    #[derive(Debug, Default)]
+    pub struct Mutex<T>(loom::sync::Mutex<T>);
+    /// The guard of [`Mutex`].
+    pub type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        /// A new mutex holding `value`.
+        pub fn new(value: T) -> Self {
+            Mutex(loom::sync::Mutex::new(value))
+        }
+        /// Locks, blocking until the lock is free.
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+        /// Locks if free.
+        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            self.0.try_lock().ok()
+        }
+        /// The inner value, consuming the mutex.
+        pub fn into_inner(self) -> T {
+            self.0.into_inner().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    /// A parking_lot-shaped reader-writer lock over loom's.
+    #[derive(Debug, Default)]
+    pub struct RwLock<T>(loom::sync::RwLock<T>);
+    /// Read guard of [`RwLock`].
+    pub type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+    /// Write guard of [`RwLock`].
+    pub type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+
+    impl<T> RwLock<T> {
+        /// A new lock holding `value`.
+        pub fn new(value: T) -> Self {
+            RwLock(loom::sync::RwLock::new(value))
+        }
+        /// Shared access.
+        pub fn read(&self) -> RwLockReadGuard<'_, T> {
+            self.0.read().unwrap_or_else(|e| e.into_inner())
+        }
+        /// Exclusive access.
+        pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+            self.0.write().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    /// A parking_lot-shaped condition variable over loom's.
+    #[derive(Debug, Default)]
+    pub struct Condvar(loom::sync::Condvar);
+
+    impl Condvar {
+        /// A new condition variable.
+        pub fn new() -> Self {
+            Condvar(loom::sync::Condvar::new())
+        }
+        /// Wakes one waiter.
+        pub fn notify_one(&self) {
+            self.0.notify_one();
+        }
+        /// Wakes every waiter.
+        pub fn notify_all(&self) {
+            self.0.notify_all();
+        }
+        /// Waits, taking and returning the guard. Shared code calls [`super::wait_guard`].
+        pub fn wait_guard<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+            self.0.wait(guard).unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    /// Atomic integer types and orderings.
+    pub mod atomic {
+        pub use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    }
+    /// Thread spawning and yielding.
+    pub mod thread {
+        pub use loom::thread::{JoinHandle, spawn, yield_now};
+    }
+}
+
+pub use imp::*;
+
+/// Waits on `condvar`, taking and returning the guard; the same call under loom and
+/// parking_lot, so code that waits compiles in both worlds.
+#[cfg(not(vlmem_loom))]
+pub fn wait_guard<'a, T>(condvar: &Condvar, mut guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar.wait(&mut guard);
+    guard
+}
+
+/// Waits on `condvar`, taking and returning the guard; the same call under loom and
+/// parking_lot, so code that waits compiles in both worlds.
+#[cfg(vlmem_loom)]
+pub fn wait_guard<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar.wait_guard(guard)
+}
