@@ -45,6 +45,9 @@ pub fn parse_bytes(input: &str) -> Result<u64, ParseBytesError> {
     let (num, unit) = s.split_at(split);
     let num = num.replace('_', "");
     let unit = unit.trim();
+    if num.is_empty() || num.chars().filter(|&c| c == '.').count() > 1 || num == "." {
+        return Err(ParseBytesError::BadNumber(input.to_string()));
+    }
     let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -62,9 +65,6 @@ pub fn parse_bytes(input: &str) -> Result<u64, ParseBytesError> {
             });
         }
     };
-    if num.is_empty() || num.chars().filter(|&c| c == '.').count() > 1 || num == "." {
-        return Err(ParseBytesError::BadNumber(input.to_string()));
-    }
     if let Some((int_part, frac_part)) = num.split_once('.') {
         let int: u64 = if int_part.is_empty() {
             0
