@@ -5,9 +5,11 @@
 //! ([`profile`]), and which lock and atomic types are in use ([`sync`], switched to loom
 //! under `--cfg vlmem_loom`).
 
+pub mod block;
 pub mod bytes;
 pub mod kind;
 pub mod profile;
 pub mod sync;
 
+pub use block::{AllocError, ArenaUsage, Block, OffsetAllocator};
 pub use kind::{TensorKind, Tier};
