@@ -134,11 +134,26 @@ mod tests {
     #[test]
     fn rejects_bad_sizes() {
         assert_eq!(parse_bytes(""), Err(ParseBytesError::Empty));
-        assert!(matches!(parse_bytes("-1"), Err(ParseBytesError::BadNumber(_))));
-        assert!(matches!(parse_bytes("abc"), Err(ParseBytesError::BadNumber(_))));
-        assert!(matches!(parse_bytes("1.2.3GiB"), Err(ParseBytesError::BadNumber(_))));
-        assert!(matches!(parse_bytes("5 parsecs"), Err(ParseBytesError::BadUnit { .. })));
-        assert!(matches!(parse_bytes("99999999999TiB"), Err(ParseBytesError::Overflow(_))));
+        assert!(matches!(
+            parse_bytes("-1"),
+            Err(ParseBytesError::BadNumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("abc"),
+            Err(ParseBytesError::BadNumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("1.2.3GiB"),
+            Err(ParseBytesError::BadNumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("5 parsecs"),
+            Err(ParseBytesError::BadUnit { .. })
+        ));
+        assert!(matches!(
+            parse_bytes("99999999999TiB"),
+            Err(ParseBytesError::Overflow(_))
+        ));
         assert!(matches!(
             parse_bytes("99999999999999999999999"),
             Err(ParseBytesError::Overflow(_))

@@ -9,9 +9,7 @@
 
 #[cfg(not(vlmem_loom))]
 mod imp {
-    pub use parking_lot::{
-        Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
-    };
+    pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
     pub use std::sync::Arc;
     /// Atomic integer types and orderings.
     pub mod atomic {
