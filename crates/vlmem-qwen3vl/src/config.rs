@@ -208,9 +208,8 @@ impl Qwen3VlConfig {
                 v.depth
             ));
         }
-        if v.deepstack_visual_indexes.len() as u64 > t.num_hidden_layers {
-            return Err("more DeepStack features than text layers to add them to".into());
-        }
+        // More DeepStack features than text layers is allowed: as in the reference, feature
+        // K is added after layer K only where that layer exists (truncated models).
         let grid = (v.num_position_embeddings as f64).sqrt() as u64;
         if grid * grid != v.num_position_embeddings {
             return Err("vision_config.num_position_embeddings must be a square".into());

@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::fmt;
 
 /// Element type of a stored tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Dtype {
     /// bfloat16 (the released checkpoints' type).
