@@ -1,0 +1,108 @@
+//! Page-aligned heap buffers for O_DIRECT I/O (which needs the buffer address, the file
+//! offset and the length aligned to the logical block size; 4096 covers every device here).
+#![allow(unsafe_code)]
+
+use crate::error::TierError;
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+/// Alignment of every I/O buffer and of every disk offset and length, in bytes.
+pub const IO_ALIGN_BYTES: usize = 4096;
+
+/// Rounds `n` up to a multiple of `align` (a power of two); `None` on overflow.
+pub const fn round_up(n: u64, align: u64) -> Option<u64> {
+    match n.checked_add(align - 1) {
+        Some(v) => Some(v & !(align - 1)),
+        None => None,
+    }
+}
+
+/// A zero-initialised heap buffer whose address is aligned to [`IO_ALIGN_BYTES`].
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len_bytes: usize,
+    layout: Layout,
+}
+
+// SAFETY: the buffer owns its allocation exclusively, like a `Vec<u8>`.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only allow reads, like `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of `len_bytes` bytes (its allocation is rounded up to the alignment).
+    pub fn new(len_bytes: usize) -> Result<Self, TierError> {
+        let alloc_bytes = round_up(len_bytes.max(1) as u64, IO_ALIGN_BYTES as u64)
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| TierError::InvalidConfig(format!("buffer of {len_bytes} bytes")))?;
+        let layout = Layout::from_size_align(alloc_bytes, IO_ALIGN_BYTES)
+            .map_err(|e| TierError::InvalidConfig(format!("buffer layout: {e}")))?;
+        // SAFETY: the layout has a non-zero size (at least one alignment unit).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            TierError::InvalidConfig(format!("cannot allocate a {alloc_bytes}-byte I/O buffer"))
+        })?;
+        Ok(AlignedBuf {
+            ptr,
+            len_bytes,
+            layout,
+        })
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len_bytes
+    }
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len_bytes == 0
+    }
+    /// Bytes allocated (the length rounded up to the alignment); all of them may be used.
+    pub fn capacity_bytes(&self) -> usize {
+        self.layout.size()
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `layout.size() >= len_bytes` initialised (zeroed) bytes
+        // owned by `self`; the borrow ties the slice to `&self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len_bytes) }
+    }
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len_bytes) }
+    }
+    /// The whole allocation (length rounded up to the alignment), mutably.
+    pub fn full_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation holds `layout.size()` initialised bytes; exclusive borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+    /// Changes the length, up to the allocation's capacity (returns false when too long).
+    pub fn set_len(&mut self, len_bytes: usize) -> bool {
+        if len_bytes <= self.layout.size() {
+            self.len_bytes = len_bytes;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly this layout, freed once here.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len_bytes", &self.len_bytes)
+            .finish()
+    }
+}
+
+/// Whether `buf` may be handed to O_DIRECT as is (address and length aligned).
+pub fn is_io_aligned(buf: &[u8]) -> bool {
+    (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES) && buf.len().is_multiple_of(IO_ALIGN_BYTES)
+}

@@ -1,0 +1,178 @@
+//! The one backend trait of the three tiers, and the reservations it hands out.
+
+use crate::error::{Result, TierError};
+use vlmem_core::{ArenaUsage, Block, Tier};
+
+/// Space reserved on one tier for one tensor: the arena block, and the tensor's own length
+/// (the block may be larger, rounded up to the allocator's granule or the I/O alignment).
+/// Made only by a [`TierBackend`]; given back with [`TierBackend::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Reservation {
+    tier: Tier,
+    block: Block,
+    len_bytes: u64,
+    in_place: bool,
+}
+
+impl Reservation {
+    pub(crate) fn new(tier: Tier, block: Block, len_bytes: u64, in_place: bool) -> Self {
+        Reservation {
+            tier,
+            block,
+            len_bytes,
+            in_place,
+        }
+    }
+    /// The tier holding it.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+    /// The arena block (for a read-only extent: the extent's file offset and aligned span).
+    pub fn block(&self) -> Block {
+        self.block
+    }
+    /// The tensor's length in bytes.
+    pub fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+    /// Offset of the block in the tier's arena.
+    pub fn offset_bytes(&self) -> u64 {
+        self.block.offset_bytes()
+    }
+    /// Whether this is a read-only extent registered in place in an existing file.
+    pub fn is_in_place(&self) -> bool {
+        self.in_place
+    }
+    /// The key of this reservation in its tier's table.
+    pub(crate) fn key(&self) -> u64 {
+        if self.in_place {
+            u64::from(self.block.slot())
+        } else {
+            self.block.offset_bytes()
+        }
+    }
+}
+
+/// A tier: an arena of bytes (device memory, host memory, swap files) whose space is managed
+/// by an [`vlmem_core::OffsetAllocator`], with reads and writes of byte ranges.
+///
+/// Thread-safe. No implementation holds a lock across a copy or an I/O: concurrent
+/// operations on different reservations run in parallel; a write to a reservation that is
+/// being read or written elsewhere is refused with [`TierError::Busy`] (the manager never
+/// does that: an entry being moved is in its Moving state).
+pub trait TierBackend: Send + Sync + std::fmt::Debug {
+    /// Which tier this is.
+    fn tier(&self) -> Tier;
+    /// A one-line description for reports, e.g. "simulated device (host memory), 2.0 GiB".
+    fn describe(&self) -> String;
+    /// Whether this backend simulates hardware that is not there (the simulated device).
+    fn is_simulated(&self) -> bool {
+        false
+    }
+    /// Size of the arena in bytes.
+    fn capacity_bytes(&self) -> u64;
+    /// Usage of the arena.
+    fn usage(&self) -> ArenaUsage;
+    /// Reserves space for a tensor of `len_bytes` bytes named `name` (the name is used in
+    /// error messages, e.g. a checksum mismatch).
+    fn reserve(&self, len_bytes: u64, name: &str) -> Result<Reservation>;
+    /// Gives the space back. Refused with [`TierError::Busy`] while the reservation is being
+    /// read or written.
+    fn release(&self, res: Reservation) -> Result<()>;
+    /// Writes `src` at `offset_bytes` inside the reservation.
+    fn write(&self, res: &Reservation, offset_bytes: u64, src: &[u8]) -> Result<()>;
+    /// Reads `dst.len()` bytes from `offset_bytes` inside the reservation.
+    fn read(&self, res: &Reservation, offset_bytes: u64, dst: &mut [u8]) -> Result<()>;
+    /// Copies `len_bytes` from one reservation of this tier to another (compaction,
+    /// duplication). The default goes through a bounded staging buffer.
+    fn copy_range(
+        &self,
+        src: &Reservation,
+        src_offset_bytes: u64,
+        dst: &Reservation,
+        dst_offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<()> {
+        const STAGE_BYTES: u64 = 4 << 20;
+        let mut buf = crate::align::AlignedBuf::new(len_bytes.min(STAGE_BYTES) as usize)?;
+        let mut done = 0u64;
+        while done < len_bytes {
+            let n = (len_bytes - done).min(STAGE_BYTES);
+            let _ = buf.set_len(n as usize);
+            self.read(src, src_offset_bytes + done, buf.as_mut_slice())?;
+            self.write(dst, dst_offset_bytes + done, buf.as_slice())?;
+            done += n;
+        }
+        Ok(())
+    }
+    /// For CPU-addressable tiers: lends `len_bytes` bytes at `offset_bytes` of the
+    /// reservation to `f` for reading, with no copy. `None` when the tier cannot (the engine
+    /// then stages through a buffer).
+    fn read_with(
+        &self,
+        _res: &Reservation,
+        _offset_bytes: u64,
+        _len_bytes: u64,
+        _f: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        None
+    }
+    /// For CPU-addressable tiers: lends `len_bytes` bytes at `offset_bytes` to `f` for
+    /// writing, with no copy. `None` when the tier cannot.
+    fn write_with(
+        &self,
+        _res: &Reservation,
+        _offset_bytes: u64,
+        _len_bytes: u64,
+        _f: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        None
+    }
+    /// Writes whole small tensors (each `src` covers its reservation from offset 0). The
+    /// disk tier coalesces adjacent ones into few large I/Os; the default writes one by one.
+    fn write_batch(&self, items: &[(Reservation, &[u8])]) -> Result<()> {
+        for (res, src) in items {
+            self.write(res, 0, src)?;
+        }
+        Ok(())
+    }
+    /// Reads whole small tensors; the disk tier coalesces adjacent ones.
+    fn read_batch(&self, items: &mut [(Reservation, &mut [u8])]) -> Result<()> {
+        for (res, dst) in items.iter_mut() {
+            self.read(res, 0, dst)?;
+        }
+        Ok(())
+    }
+    /// Makes finished writes durable and surfaces deferred write errors (fdatasync on
+    /// buffered disk files). A failure invalidates everything written since the last good
+    /// flush (fsyncgate: a retried sync cannot be trusted).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether writes need a [`TierBackend::flush`] to be known good.
+    fn needs_flush(&self) -> bool {
+        false
+    }
+    /// The unit that chunked writes and reads must align to (the disk tier's integrity unit;
+    /// 1 for memory tiers).
+    fn io_unit_bytes(&self) -> u64 {
+        1
+    }
+}
+
+pub(crate) fn check_range(
+    tier: Tier,
+    res: &Reservation,
+    offset_bytes: u64,
+    len_bytes: u64,
+) -> Result<()> {
+    match offset_bytes.checked_add(len_bytes) {
+        Some(end) if end <= res.len_bytes() => Ok(()),
+        _ => Err(TierError::OutOfRange {
+            tier,
+            offset_bytes,
+            len_bytes,
+            limit_bytes: res.len_bytes(),
+        }),
+    }
+}

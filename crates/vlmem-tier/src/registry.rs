@@ -1,0 +1,166 @@
+//! The table of live reservations of one tier, with per-reservation access states
+//! (readers / one writer). A leaf lock: held only to look up or flip a state, never across a
+//! copy or an I/O.
+
+use crate::backend::Reservation;
+use crate::error::{Result, TierError};
+use crate::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use vlmem_core::Tier;
+
+#[derive(Debug)]
+pub(crate) struct Entry<M> {
+    pub(crate) res: Reservation,
+    pub(crate) name: Arc<str>,
+    readers: u32,
+    writer: bool,
+    pub(crate) meta: M,
+}
+
+#[derive(Debug)]
+pub(crate) struct Registry<M> {
+    tier: Tier,
+    entries: Mutex<BTreeMap<u64, Entry<M>>>,
+}
+
+/// A granted access; dropping it ends the access.
+#[derive(Debug)]
+pub(crate) struct Access<'a, M> {
+    reg: &'a Registry<M>,
+    key: u64,
+    write: bool,
+}
+
+impl<M> Drop for Access<'_, M> {
+    fn drop(&mut self) {
+        let mut entries = self.reg.entries.lock();
+        if let Some(e) = entries.get_mut(&self.key) {
+            if self.write {
+                e.writer = false;
+            } else {
+                e.readers = e.readers.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl<M> Registry<M> {
+    pub(crate) fn new(tier: Tier) -> Self {
+        Registry {
+            tier,
+            entries: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn invalid(&self, res: &Reservation) -> TierError {
+        TierError::InvalidReservation {
+            tier: self.tier,
+            offset_bytes: res.offset_bytes(),
+        }
+    }
+
+    /// Adds a reservation; for arena blocks, refuses one that overlaps a live block (a
+    /// defence against a faulty allocator: overlapping blocks would alias memory).
+    pub(crate) fn insert(&self, res: Reservation, name: &str, meta: M) -> Result<()> {
+        let key = res.key();
+        let mut entries = self.entries.lock();
+        if !res.is_in_place() {
+            let start = res.block().offset_bytes();
+            let end = res.block().end_bytes();
+            let prev_overlaps = entries
+                .range(..=start)
+                .next_back()
+                .is_some_and(|(_, e)| e.res.block().end_bytes() > start);
+            let next_overlaps = entries
+                .range(start..)
+                .next()
+                .is_some_and(|(k, _)| *k < end);
+            if prev_overlaps || next_overlaps {
+                return Err(TierError::InvalidConfig(format!(
+                    "the {:?} allocator returned block {start}..{end}, which overlaps a live block",
+                    self.tier
+                )));
+            }
+        } else if entries.contains_key(&key) {
+            return Err(self.invalid(&res));
+        }
+        entries.insert(
+            key,
+            Entry {
+                res,
+                name: Arc::from(name),
+                readers: 0,
+                writer: false,
+                meta,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a reservation that nobody is accessing.
+    pub(crate) fn remove(&self, res: &Reservation) -> Result<Entry<M>> {
+        let mut entries = self.entries.lock();
+        match entries.get(&res.key()) {
+            Some(e) if e.res == *res => {
+                if e.readers > 0 || e.writer {
+                    return Err(TierError::Busy {
+                        tier: self.tier,
+                        offset_bytes: res.offset_bytes(),
+                    });
+                }
+            }
+            _ => return Err(self.invalid(res)),
+        }
+        entries.remove(&res.key()).ok_or_else(|| self.invalid(res))
+    }
+
+    /// Begins a read (shared) or write (exclusive) access to a live reservation.
+    pub(crate) fn access(&self, res: &Reservation, write: bool) -> Result<Access<'_, M>> {
+        let mut entries = self.entries.lock();
+        let e = match entries.get_mut(&res.key()) {
+            Some(e) if e.res == *res => e,
+            _ => return Err(self.invalid(res)),
+        };
+        if e.writer || (write && e.readers > 0) {
+            return Err(TierError::Busy {
+                tier: self.tier,
+                offset_bytes: res.offset_bytes(),
+            });
+        }
+        if write {
+            e.writer = true;
+        } else {
+            e.readers += 1;
+        }
+        Ok(Access {
+            reg: self,
+            key: res.key(),
+            write,
+        })
+    }
+
+    /// Runs `f` on the live entry of `res` under the table lock (keep `f` short: no I/O).
+    pub(crate) fn with_entry<R>(
+        &self,
+        res: &Reservation,
+        f: impl FnOnce(&mut Entry<M>) -> R,
+    ) -> Result<R> {
+        let mut entries = self.entries.lock();
+        match entries.get_mut(&res.key()) {
+            Some(e) if e.res == *res => Ok(f(e)),
+            _ => Err(self.invalid(res)),
+        }
+    }
+
+    /// Runs `f` on every entry (under the lock; keep it short).
+    pub(crate) fn for_each_mut(&self, mut f: impl FnMut(&mut Entry<M>)) {
+        let mut entries = self.entries.lock();
+        for e in entries.values_mut() {
+            f(e);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+}

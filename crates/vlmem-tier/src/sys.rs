@@ -1,0 +1,161 @@
+//! The few system calls std does not wrap: O_TMPFILE swap files, fallocate, anonymous
+//! mappings and madvise. The only module of the crate besides [`crate::align`] that holds
+//! `unsafe`; each block says why its contract holds.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static NAME_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Creates an unnamed 0600 file in `dir` (O_TMPFILE), or a named one unlinked at once.
+pub(crate) fn open_swap(dir: &Path, direct: bool) -> io::Result<File> {
+    let direct_flag = if direct { libc::O_DIRECT } else { 0 };
+    let tmp = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | direct_flag)
+        .open(dir);
+    match tmp {
+        Ok(f) => return Ok(f),
+        Err(e) => {
+            // O_TMPFILE unsupported by the kernel or the file system: fall back below.
+            // Anything else (EINVAL for O_DIRECT on tmpfs, EACCES, ENOSPC) is the answer.
+            let unsupported = matches!(
+                e.raw_os_error(),
+                Some(libc::EISDIR) | Some(libc::EOPNOTSUPP)
+            );
+            if !unsupported {
+                return Err(e);
+            }
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let name = format!(
+        ".vlmem-swap-{}-{}-{}",
+        std::process::id(),
+        nanos,
+        NAME_COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let path = dir.join(name);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | direct_flag)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(f)
+}
+
+/// Opens `path` read-only, O_DIRECT when asked.
+pub(crate) fn open_read_only(path: &Path, direct: bool) -> io::Result<File> {
+    let direct_flag = if direct { libc::O_DIRECT } else { 0 };
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(direct_flag)
+        .open(path)
+}
+
+/// Preallocates `len_bytes` of `file`; a sparse `set_len` where fallocate is unsupported.
+pub(crate) fn allocate(file: &File, len_bytes: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len_bytes)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: the descriptor belongs to `file`, which outlives the call; fallocate takes no
+    // pointers.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return file.set_len(len_bytes);
+    }
+    Err(e)
+}
+
+/// An anonymous private mapping of `len_bytes` (page-aligned, zero-filled, lazily
+/// committed). Optionally advised to use transparent huge pages and kept out of core dumps.
+pub(crate) struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len_bytes: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access to its bytes is
+// synchronised by the users (see `crate::mem`), the pointer itself is immutable.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only exposes the pointer and length.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len_bytes` (> 0, already rounded to the page size by the caller).
+    pub(crate) fn new(len_bytes: usize, huge_pages: bool) -> io::Result<Mapping> {
+        if len_bytes == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: an anonymous private mapping with a null hint touches no existing memory;
+        // the result is checked against MAP_FAILED before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // Advice is best-effort: failures (no THP, old kernel) change nothing we rely on.
+        // SAFETY: `p..p+len_bytes` is the mapping just created.
+        unsafe {
+            libc::madvise(p, len_bytes, libc::MADV_DONTDUMP);
+        }
+        if huge_pages {
+            // SAFETY: as above.
+            unsafe {
+                libc::madvise(p, len_bytes, libc::MADV_HUGEPAGE);
+            }
+        }
+        Ok(Mapping { ptr, len_bytes })
+    }
+    /// First byte.
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// Length in bytes.
+    pub(crate) fn len_bytes(&self) -> usize {
+        self.len_bytes
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr+len_bytes` is a mapping made by `Mapping::new` and unmapped only
+        // here, once; no borrow of its bytes outlives `self` (guards borrow the arena).
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len_bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("len_bytes", &self.len_bytes)
+            .finish()
+    }
+}
