@@ -1,1 +1,86 @@
-fn main() {}
+//! `vlmem`: plan, synthesize and (later) run Qwen3-VL on machines whose GPU cannot hold it.
+//!
+//! Exit codes: 0 success (a plan that says a model cannot run is still an answer), 1 a
+//! failure while working (I/O), 2 bad input (unknown model or profile, malformed files,
+//! impossible sizes). Errors are one line on stderr.
+
+mod plan_cmd;
+mod profile_cmd;
+mod synth_cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "vlmem", version, about = "Run Qwen3-VL on hardware whose GPU cannot hold it: plan, synthesize, benchmark.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Where each part of a model goes on a machine, and how fast decode can be.
+    Plan(plan_cmd::PlanArgs),
+    /// Write a checkpoint folder with a catalog model's real tensor names and shapes (random bf16).
+    Synth(synth_cmd::SynthArgs),
+    /// Show hardware profiles.
+    Profile(profile_cmd::ProfileArgs),
+}
+
+/// An error and the exit code it maps to.
+pub struct CliError {
+    code: u8,
+    message: String,
+}
+
+impl CliError {
+    /// Bad input: exit 2.
+    pub fn bad_input(message: impl ToString) -> Self {
+        CliError {
+            code: 2,
+            message: message.to_string(),
+        }
+    }
+    /// A failure while working: exit 1.
+    pub fn failure(message: impl ToString) -> Self {
+        CliError {
+            code: 1,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<vlmem_qwen3vl::Error> for CliError {
+    fn from(e: vlmem_qwen3vl::Error) -> Self {
+        use vlmem_qwen3vl::Error as E;
+        match &e {
+            E::Io { source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
+                CliError::failure(e)
+            }
+            _ => CliError::bad_input(e),
+        }
+    }
+}
+
+impl From<vlmem_core::profile::ProfileError> for CliError {
+    fn from(e: vlmem_core::profile::ProfileError) -> Self {
+        CliError::bad_input(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(a) => plan_cmd::run(a),
+        Command::Synth(a) => synth_cmd::run(a),
+        Command::Profile(a) => profile_cmd::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message.replace('\n', " "));
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -2,23 +2,27 @@
 //! disk at each token; where the KV cache goes; and the decode-speed bound that follows from
 //! the profile's bandwidths.
 //!
-//! The model (documented in docs/PLAN.md):
+//! The model (also in docs/ARCHITECTURE.md, "The placement plan"):
 //! - Decode reads, per token, every decoder layer and the output projection (lm_head, or the
 //!   embedding matrix when tied) once, plus the KV cache of the context. MoE layers read only
 //!   top-k of their experts (k / E of the expert bytes, on average).
 //! - The embedding is a row gather (one row per token) and the vision tower runs only at
 //!   prefill, so neither is worth fast memory during decode: they go to host RAM after the
 //!   streamed text units, else stay on disk (read in place from the checkpoint).
-//! - With a GPU: activations, then the KV cache (if it takes at most half of what is left),
-//!   then decoder layers in order are placed on the GPU; if not all fit, a double-buffered
-//!   staging area of two of the largest streamed units is kept and the remaining units stream
-//!   over the link from host RAM (while the host budget lasts) or from disk.
-//! - Without a usable GPU the CPU computes: units resident in host RAM are read at host
-//!   memory bandwidth, the rest from disk.
+//! - Each unit is computed where it lives, as llama.cpp does with `-ngl` and as every profile
+//!   here favours (DDR4 at ~43 GB/s beats any PCIe 3.0 link at 3.9-15.8 GB/s): units on the
+//!   GPU are computed there; units in host RAM by the CPU; units on disk are streamed into a
+//!   double-buffered host staging area (two of the largest streamed units) and computed by
+//!   the CPU, with the next unit's read overlapping the current one's compute.
+//! - GPU memory is filled with activations, then the KV cache (if it takes at most half of
+//!   what is left, else it lives in host RAM), then decoder layers in order, then lm_head.
 //! - Placement is exclusive: a unit has one home tier.
-//! - tokens/s <= 1 / max(link bytes / link bandwidth, disk bytes / disk bandwidth,
-//!   device bytes / device memory bandwidth, host bytes / host memory bandwidth), over the
-//!   terms that apply.
+//! - Per token, GPU and CPU units run one after the other and disk reads overlap compute:
+//!   tokens/s <= 1 / max(disk bytes / disk bandwidth,
+//!                       device bytes / device memory bandwidth + host bytes / host memory
+//!                       bandwidth, link bytes / link bandwidth).
+//!   The link carries only the hidden state between GPU and CPU units (and KV slices of
+//!   CPU-computed layers when the KV cache lives on the GPU, which this plan avoids).
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Qwen3VlConfig;
@@ -29,6 +33,7 @@ use crate::catalog;
 use serde::Serialize;
 use std::path::Path;
 use vlmem_core::Tier;
+use vlmem_core::bytes::format_bytes;
 use vlmem_core::profile::HardwareProfile;
 
 /// What to plan for.
@@ -165,12 +170,10 @@ pub struct Placement {
     pub kv_bytes: u64,
     /// GPU bytes kept for activations (text prefill, the vision tower's working set).
     pub gpu_activation_bytes: u64,
-    /// GPU bytes kept for double-buffered staging of streamed units.
-    pub gpu_staging_bytes: u64,
-    /// Decoder layers fully resident on the GPU.
+    /// Host bytes kept for double-buffered staging of units streamed from disk.
+    pub host_staging_bytes: u64,
+    /// Decoder layers fully resident (and computed) on the GPU.
     pub gpu_layers: u64,
-    /// Whether the GPU computes (false: the CPU does).
-    pub gpu_compute: bool,
     /// Every unit.
     pub units: Vec<PlacedUnit>,
 }
@@ -309,23 +312,17 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
 
     let gpu_usable = profile.gpu_usable_bytes();
     let host_usable = profile.host.usable_bytes();
-    let largest_per_token_unit = text_units.iter().map(|u| u.2).max().unwrap_or(0);
-    let staging = 2 * largest_per_token_unit;
-    let gpu_compute = profile.gpu.is_some() && activation_bytes + staging <= gpu_usable;
-    if profile.gpu.is_some() && !gpu_compute {
+    let has_gpu = profile.gpu.is_some() && activation_bytes < gpu_usable;
+    if profile.gpu.is_some() && !has_gpu {
         notes.push(format!(
-            "the GPU's {} usable bytes cannot hold activations ({activation_bytes}) plus two staged units ({staging}): the CPU computes",
-            gpu_usable
+            "the GPU's {gpu_usable} usable bytes cannot hold the activations ({activation_bytes}): the CPU computes everything"
         ));
     }
-
-    let mut units: Vec<PlacedUnit> = Vec::new();
-    let mut gpu_left = if gpu_compute { gpu_usable - activation_bytes } else { 0 };
+    let mut gpu_left = if has_gpu { gpu_usable - activation_bytes } else { 0 };
     let mut host_left = host_usable;
-    let total_text: u64 = text_units.iter().map(|u| u.1).sum();
 
     // KV cache: on the GPU if it takes at most half of what is left there, else host.
-    let kv_tier = if gpu_compute && kv_bytes <= gpu_left / 2 {
+    let kv_tier = if has_gpu && kv_bytes <= gpu_left / 2 {
         gpu_left -= kv_bytes;
         Tier::Device
     } else if kv_bytes <= host_left {
@@ -333,21 +330,57 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         Tier::Host
     } else {
         reason.get_or_insert(format!(
-            "the KV cache for {} tokens x {} sequences needs {kv_bytes} bytes, more than the GPU and host budgets",
-            req.context_tokens, req.batch
+            "the KV cache for {} tokens x {} sequences needs {}, more than the GPU and host budgets",
+            req.context_tokens,
+            req.batch,
+            format_bytes(kv_bytes)
         ));
         Tier::Disk
     };
-    let mut staging_bytes = 0;
-    let all_on_gpu = gpu_compute && total_text <= gpu_left;
-    if gpu_compute && !all_on_gpu {
-        staging_bytes = staging.min(gpu_left);
-        gpu_left -= staging_bytes;
-    }
-    let mut gpu_layers = 0;
-    let mut layer_all_gpu = true;
+    // What does not fit GPU and host streams from disk through a double buffer in host RAM.
+    let gpu_fit: u64 = {
+        let mut left = gpu_left;
+        text_units
+            .iter()
+            .take_while(|u| {
+                let fits = u.1 <= left;
+                left = left.saturating_sub(u.1);
+                fits
+            })
+            .map(|u| u.1)
+            .sum()
+    };
+    let total_text: u64 = text_units.iter().map(|u| u.1).sum();
+    // lm_head is a row-split matrix-vector product: it streams in chunks of a layer's size.
+    // An experts unit streams only the experts a token is routed to.
+    let largest_unit = text_units
+        .iter()
+        .filter(|u| u.0.starts_with("layer "))
+        .map(|u| u.2)
+        .max()
+        .unwrap_or(0);
+    let host_staging_bytes = if total_text - gpu_fit > host_left {
+        let staging = 2 * largest_unit;
+        if staging > host_left {
+            reason.get_or_insert(format!(
+                "host RAM ({} usable) cannot hold the double buffer ({}) that streams units from disk",
+                format_bytes(host_usable),
+                format_bytes(staging)
+            ));
+            0
+        } else {
+            host_left -= staging;
+            staging
+        }
+    } else {
+        0
+    };
+
+    let mut units: Vec<PlacedUnit> = Vec::new();
+    let mut gpu_layers: u64 = 0;
+    let mut prefix_on_gpu = true;
     for (name, bytes, per_token) in &text_units {
-        let tier = if gpu_compute && *bytes <= gpu_left {
+        let tier = if prefix_on_gpu && has_gpu && *bytes <= gpu_left {
             gpu_left -= bytes;
             Tier::Device
         } else if *bytes <= host_left {
@@ -356,15 +389,16 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         } else {
             Tier::Disk
         };
+        // Only a prefix of layers lives on the GPU (one GPU -> CPU hand-over per token);
+        // lm_head may still go to the GPU if it fits there.
         if name.starts_with("layer ") {
-            if !name.ends_with("experts") {
-                if layer_all_gpu && tier == Tier::Device {
-                    gpu_layers += 1;
+            if tier != Tier::Device {
+                if prefix_on_gpu && name.ends_with("experts") {
+                    gpu_layers = gpu_layers.saturating_sub(1);
                 }
-                layer_all_gpu = tier == Tier::Device;
-            } else if tier != Tier::Device && gpu_layers > 0 && layer_all_gpu {
-                gpu_layers -= 1;
-                layer_all_gpu = false;
+                prefix_on_gpu = false;
+            } else if !name.ends_with("experts") {
+                gpu_layers += 1;
             }
         }
         units.push(PlacedUnit {
@@ -373,6 +407,15 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             bytes_per_token: *per_token,
             tier,
         });
+    }
+    // lm_head comes last in text_units: let it onto the GPU even after the layer prefix.
+    if let Some(head) = units.last_mut() {
+        if head.tier != Tier::Device && has_gpu && head.bytes <= gpu_left {
+            if head.tier == Tier::Host {
+                host_left += head.bytes;
+            }
+            head.tier = Tier::Device;
+        }
     }
     for (name, bytes) in cold_units {
         let tier = if bytes <= host_left {
@@ -404,43 +447,49 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
     let total_held = scale(w.total_bytes);
     if !model.on_disk && total_held > profile.disk.free_bytes.saturating_add(host_usable) {
         reason.get_or_insert(format!(
-            "the weights take {total_held} bytes, more than the profile's free disk ({}) and usable RAM ({host_usable}) together",
-            profile.disk.free_bytes
+            "the weights take {}, more than the profile's free disk ({}) and usable RAM ({}) together",
+            format_bytes(total_held),
+            format_bytes(profile.disk.free_bytes),
+            format_bytes(host_usable)
         ));
     }
 
     // The bound. KV of the context is read once per token from its tier.
     let kv_read = kv_per_token * req.context_tokens * req.batch;
-    let mut terms = Vec::new();
-    let mut term = |name: &str, bytes: u64, bytes_per_s: f64| {
-        if bytes > 0 && bytes_per_s > 0.0 {
-            terms.push(BoundTerm {
-                name: name.into(),
-                bytes_per_token: bytes,
-                bytes_per_s,
-                seconds_per_token: bytes as f64 / bytes_per_s,
-            });
-        }
+    let kv_on = |t: Tier| if kv_tier == t { kv_read } else { 0 };
+    let bw_term = |name: &str, bytes: u64, bytes_per_s: f64| BoundTerm {
+        name: name.into(),
+        bytes_per_token: bytes,
+        bytes_per_s,
+        seconds_per_token: if bytes_per_s > 0.0 { bytes as f64 / bytes_per_s } else { f64::INFINITY },
     };
-    let disk_read = per_token_from(Tier::Disk) + if kv_tier == Tier::Disk { kv_read } else { 0 };
-    term("disk", disk_read, profile.disk.read.bytes_per_s);
-    let host_resident = per_token_from(Tier::Host) + if kv_tier == Tier::Host { kv_read } else { 0 };
-    match (&profile.gpu, gpu_compute) {
-        (Some(gpu), true) => {
-            // Host- and disk-resident units cross the link to be computed on the GPU.
-            term("gpu_link", host_resident + disk_read, gpu.link.bytes_per_s);
-            let device_read = per_token_from(Tier::Device)
-                + host_resident
-                + disk_read
-                + if kv_tier == Tier::Device { kv_read } else { 0 };
-            term("gpu_memory", device_read, gpu.memory_bandwidth.bytes_per_s);
-        }
-        _ => {
-            term("host_memory", host_resident + disk_read, profile.host.bandwidth.bytes_per_s);
-        }
+    let disk_read = per_token_from(Tier::Disk) + kv_on(Tier::Disk);
+    let cpu_read = per_token_from(Tier::Host) + kv_on(Tier::Host) + disk_read;
+    let mut terms = vec![bw_term("disk", disk_read, profile.disk.read.bytes_per_s)];
+    let mut compute = vec![bw_term("host_memory", cpu_read, profile.host.bandwidth.bytes_per_s)];
+    if let (Some(gpu), true) = (&profile.gpu, has_gpu) {
+        compute.push(bw_term(
+            "gpu_memory",
+            per_token_from(Tier::Device) + kv_on(Tier::Device),
+            gpu.memory_bandwidth.bytes_per_s,
+        ));
+        // The hidden state crosses the link to the CPU and back once per token per sequence.
+        let crossings = if gpu_layers > 0 && cpu_read > 0 { 2 } else { 0 };
+        terms.push(bw_term("gpu_link", crossings * h * act_bytes * req.batch, gpu.link.bytes_per_s));
     }
+    let compute_s: f64 = compute.iter().map(|t| t.seconds_per_token).sum();
+    terms.push(BoundTerm {
+        name: "compute_memory".into(),
+        bytes_per_token: compute.iter().map(|t| t.bytes_per_token).sum(),
+        bytes_per_s: compute.iter().map(|t| t.bytes_per_token).sum::<u64>() as f64 / compute_s.max(f64::MIN_POSITIVE),
+        seconds_per_token: compute_s,
+    });
+    terms.extend(compute);
+    terms.retain(|t| t.bytes_per_token > 0);
+    // host_memory and gpu_memory are parts of compute_memory, which adds them.
     let worst = terms
         .iter()
+        .filter(|t| t.name != "host_memory" && t.name != "gpu_memory")
         .map(|t| t.seconds_per_token)
         .fold(0.0f64, f64::max);
     let fits = reason.is_none();
@@ -480,10 +529,9 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             disk_bytes,
             kv_tier,
             kv_bytes,
-            gpu_activation_bytes: if gpu_compute { activation_bytes } else { 0 },
-            gpu_staging_bytes: staging_bytes,
+            gpu_activation_bytes: if has_gpu { activation_bytes } else { 0 },
+            host_staging_bytes,
             gpu_layers,
-            gpu_compute,
             units,
         },
         fits,
@@ -492,4 +540,104 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         bound_terms: terms,
         notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vlmem_core::bytes::GIB;
+    use vlmem_core::profile::{Overrides, builtin};
+
+    fn laptop() -> HardwareProfile {
+        builtin("laptop-i5-10210u-mx250").unwrap()
+    }
+
+    #[test]
+    fn every_size_places_every_byte_exactly_once() {
+        for name in catalog::NAMES {
+            let m = ModelSource::resolve(name).unwrap();
+            let p = plan(&m, &laptop(), &PlanRequest::default()).unwrap();
+            let pl = &p.placement;
+            assert_eq!(pl.gpu_bytes + pl.host_bytes + pl.disk_bytes, p.weights.total_bytes, "{name}");
+            assert_eq!(p.weights.total_bytes, 2 * p.weights.total_params, "{name}");
+            let gpu_total = pl.gpu_bytes + pl.gpu_activation_bytes + if pl.kv_tier == Tier::Device { pl.kv_bytes } else { 0 };
+            assert!(gpu_total <= laptop().gpu_usable_bytes(), "{name}: GPU overcommitted");
+            let host_total = pl.host_bytes + pl.host_staging_bytes + if pl.kv_tier == Tier::Host { pl.kv_bytes } else { 0 };
+            assert!(host_total <= laptop().host.usable_bytes(), "{name}: host overcommitted");
+        }
+    }
+
+    #[test]
+    fn the_235b_cannot_run_on_the_laptop_and_says_why() {
+        let m = ModelSource::resolve("qwen3-vl-235b-a22b").unwrap();
+        let p = plan(&m, &laptop(), &PlanRequest::default()).unwrap();
+        assert!(!p.fits);
+        assert_eq!(p.decode_tokens_per_s_bound, 0.0);
+        assert!(p.reason.unwrap().contains("free disk"));
+        // The 2B runs.
+        let m = ModelSource::resolve("qwen3-vl-2b").unwrap();
+        assert!(plan(&m, &laptop(), &PlanRequest::default()).unwrap().fits);
+    }
+
+    #[test]
+    fn cpu_only_bound_by_hand() {
+        // No GPU, RAM for everything: the CPU reads every text layer, lm_head (the tied
+        // embedding) and the KV cache from RAM once per token.
+        let mut profile = laptop();
+        profile.gpu = None;
+        profile.host.memory_bytes = 64 * GIB;
+        let m = ModelSource::resolve("qwen3-vl-2b").unwrap();
+        let req = PlanRequest { context_tokens: 1000, ..Default::default() };
+        let p = plan(&m, &profile, &req).unwrap();
+        assert_eq!(p.placement.disk_bytes, 0);
+        assert_eq!(p.placement.gpu_bytes, 0);
+        // 28 layers x 100,672,000 B + tied embedding 622,329,856 B + final norm 4,096 B,
+        // + KV 114,688 B x 1000 tokens.
+        let per_token = 28 * 100_672_000u64 + 622_329_856 + 4_096 + 114_688 * 1000;
+        let expect = profile.host.bandwidth.bytes_per_s / per_token as f64;
+        assert!((p.decode_tokens_per_s_bound - expect).abs() < 1e-9, "{} vs {expect}", p.decode_tokens_per_s_bound);
+    }
+
+    #[test]
+    fn disk_bound_by_hand() {
+        // 0 bytes of GPU and host for weights: every text unit streams from disk.
+        let profile = laptop().with_overrides(Overrides {
+            gpu_bytes: Some(0),
+            host_bytes: Some(2 * GIB),
+            disk_bytes: None,
+        });
+        let m = ModelSource::resolve("qwen3-vl-8b").unwrap();
+        let req = PlanRequest { context_tokens: 0, ..Default::default() };
+        let p = plan(&m, &profile, &req).unwrap();
+        assert!(p.fits);
+        let disk = p.bound_terms.iter().find(|t| t.name == "disk").unwrap();
+        let on_disk: u64 = p.placement.units.iter().filter(|u| u.tier == Tier::Disk).map(|u| u.bytes_per_token).sum();
+        assert_eq!(disk.bytes_per_token, on_disk);
+        assert!(p.decode_tokens_per_s_bound <= profile.disk.read.bytes_per_s / on_disk as f64 + 1e-12);
+    }
+
+    #[test]
+    fn moe_streams_only_routed_experts() {
+        let m = ModelSource::resolve("qwen3-vl-30b-a3b").unwrap();
+        let p = plan(&m, &laptop(), &PlanRequest::default()).unwrap();
+        let experts = p.placement.units.iter().find(|u| u.name == "layer 47 experts").unwrap();
+        // 128 experts of 9 MiB; a token reads 8 of them.
+        assert_eq!(experts.bytes, 128 * 9 << 20);
+        assert_eq!(experts.bytes_per_token, 8 * 9 << 20);
+    }
+
+    #[test]
+    fn bad_requests_and_limits() {
+        let m = ModelSource::resolve("qwen3-vl-2b").unwrap();
+        let bad = PlanRequest { batch: 0, ..Default::default() };
+        assert!(matches!(plan(&m, &laptop(), &bad), Err(Error::BadRequest(_))));
+        let img = PlanRequest { images: vec![(0, 0)], ..Default::default() };
+        assert!(matches!(plan(&m, &laptop(), &img), Err(Error::BadRequest(_))));
+        let long = PlanRequest { context_tokens: 1_000_000, ..Default::default() };
+        let p = plan(&m, &laptop(), &long).unwrap();
+        assert!(!p.fits);
+        assert!(p.reason.unwrap().contains("max_position_embeddings"));
+        assert!(matches!(ModelSource::resolve("qwen3-vl-7b"), Err(Error::UnknownModel(_))));
+        assert!(matches!(ModelSource::resolve("./no/such/dir"), Err(Error::Missing { .. })));
+    }
 }
