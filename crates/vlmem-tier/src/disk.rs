@@ -566,7 +566,7 @@ impl DiskTier {
         if len == 0 {
             return Ok(());
         }
-        let access = self.extents.access(res, false)?;
+        let access = self.extents.access(res, offset_bytes, len, false)?;
         let (file, base) = self
             .extents
             .with_entry(res, |e| (e.meta.file.clone(), e.meta.file_offset_bytes))?;
@@ -736,7 +736,7 @@ impl TierBackend for DiskTier {
                 unit_bytes: self.unit_bytes,
             });
         }
-        let access = self.swap.access(res, true)?;
+        let access = self.swap.access(res, offset_bytes, len, true)?;
         let units = self.unit_range(offset_bytes, len);
         // The units are invalid until this write is known good.
         self.clear_units(res, units.clone());
@@ -780,11 +780,11 @@ impl TierBackend for DiskTier {
         if len == 0 {
             return Ok(());
         }
-        let access = self.swap.access(res, false)?;
         let span_start = offset_bytes - offset_bytes % self.unit_bytes;
         let span_end = round_up(offset_bytes + len, self.unit_bytes)
             .unwrap_or(u64::MAX)
             .min(res.len_bytes());
+        let access = self.swap.access(res, span_start, span_end - span_start, false)?;
         let units = self.unit_range(span_start, span_end - span_start);
         let (name, states) = self.swap.with_entry(res, |e| {
             (
@@ -852,7 +852,7 @@ impl TierBackend for DiskTier {
             let mut accesses = Vec::with_capacity(group.len());
             for &i in &group {
                 if let Some((res, _)) = items.get(i) {
-                    accesses.push(self.swap.access(res, true)?);
+                    accesses.push(self.swap.access(res, 0, res.len_bytes(), true)?);
                     self.clear_units(res, self.unit_range(0, res.len_bytes()));
                 }
             }
@@ -913,7 +913,7 @@ impl TierBackend for DiskTier {
             let mut metas = Vec::with_capacity(group.len());
             for &i in &group {
                 if let Some(res) = reservations.get(i) {
-                    accesses.push(self.swap.access(res, false)?);
+                    accesses.push(self.swap.access(res, 0, res.len_bytes(), false)?);
                     metas.push(self.swap.with_entry(res, |e| (e.name.clone(), e.meta.clone()))?);
                 }
             }

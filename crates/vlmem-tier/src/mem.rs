@@ -141,11 +141,11 @@ impl MemoryTier {
     ) -> Result<()> {
         check_range(self.tier, res, offset_bytes, len_bytes)?;
         let started = Instant::now();
-        let access = self.reg.access(res, false)?;
+        let access = self.reg.access(res, offset_bytes, len_bytes, false)?;
         // SAFETY: the range lies inside the reservation (checked above), whose block lies
         // inside the mapping (checked in `reserve`) and overlaps no other live block
-        // (registry). The registry granted a shared access: no writer of this block exists
-        // until `access` drops, after the slice's last use.
+        // (registry). The registry granted a shared access to this range: no write access to
+        // an overlapping range exists until `access` drops, after the slice's last use.
         let s = unsafe {
             std::slice::from_raw_parts(self.addr(res, offset_bytes), len_bytes as usize)
         };
@@ -170,9 +170,9 @@ impl MemoryTier {
         }
         check_range(self.tier, res, offset_bytes, len_bytes)?;
         let started = Instant::now();
-        let access = self.reg.access(res, true)?;
-        // SAFETY: as in `lend_read`, and the access is exclusive: no other reader or writer
-        // of this block exists until `access` drops, after the slice's last use.
+        let access = self.reg.access(res, offset_bytes, len_bytes, true)?;
+        // SAFETY: as in `lend_read`, and the access is exclusive: no other access to an
+        // overlapping range exists until `access` drops, after the slice's last use.
         let s = unsafe {
             std::slice::from_raw_parts_mut(self.addr(res, offset_bytes), len_bytes as usize)
         };
@@ -270,7 +270,9 @@ impl TierBackend for MemoryTier {
         check_range(self.tier, src, src_offset_bytes, len_bytes)?;
         check_range(self.tier, dst, dst_offset_bytes, len_bytes)?;
         if src == dst {
-            let access = self.reg.access(dst, true)?;
+            let lo = src_offset_bytes.min(dst_offset_bytes);
+            let hi = src_offset_bytes.max(dst_offset_bytes) + len_bytes;
+            let access = self.reg.access(dst, lo, hi - lo, true)?;
             // SAFETY: both ranges lie inside the same live block (checked above), to which
             // the registry granted exclusive access; `ptr::copy` allows overlap.
             unsafe {
@@ -283,11 +285,11 @@ impl TierBackend for MemoryTier {
             drop(access);
             return Ok(());
         }
-        let read = self.reg.access(src, false)?;
-        let write = self.reg.access(dst, true)?;
+        let read = self.reg.access(src, src_offset_bytes, len_bytes, false)?;
+        let write = self.reg.access(dst, dst_offset_bytes, len_bytes, true)?;
         // SAFETY: the two ranges lie in two distinct live blocks, which never overlap
-        // (registry), so they do not overlap; shared access to the source and exclusive
-        // access to the destination are held until after the copy.
+        // (registry), so they do not overlap; shared access to the source range and
+        // exclusive access to the destination range are held until after the copy.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.addr(src, src_offset_bytes),

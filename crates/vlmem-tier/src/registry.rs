@@ -12,8 +12,8 @@ use vlmem_core::Tier;
 pub(crate) struct Entry<M> {
     pub(crate) res: Reservation,
     pub(crate) name: Arc<str>,
-    readers: u32,
-    writer: bool,
+    /// Accesses in progress: (id, start, end, write).
+    accesses: Vec<(u64, u64, u64, bool)>,
     pub(crate) meta: M,
 }
 
@@ -21,6 +21,7 @@ pub(crate) struct Entry<M> {
 pub(crate) struct Registry<M> {
     tier: Tier,
     entries: Mutex<BTreeMap<u64, Entry<M>>>,
+    next_access: crate::sync::atomic::AtomicU64,
 }
 
 /// A granted access; dropping it ends the access.
@@ -28,18 +29,14 @@ pub(crate) struct Registry<M> {
 pub(crate) struct Access<'a, M> {
     reg: &'a Registry<M>,
     key: u64,
-    write: bool,
+    id: u64,
 }
 
 impl<M> Drop for Access<'_, M> {
     fn drop(&mut self) {
         let mut entries = self.reg.entries.lock();
         if let Some(e) = entries.get_mut(&self.key) {
-            if self.write {
-                e.writer = false;
-            } else {
-                e.readers = e.readers.saturating_sub(1);
-            }
+            e.accesses.retain(|a| a.0 != self.id);
         }
     }
 }
@@ -49,6 +46,7 @@ impl<M> Registry<M> {
         Registry {
             tier,
             entries: Mutex::new(BTreeMap::new()),
+            next_access: crate::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -89,8 +87,7 @@ impl<M> Registry<M> {
             Entry {
                 res,
                 name: Arc::from(name),
-                readers: 0,
-                writer: false,
+                accesses: Vec::new(),
                 meta,
             },
         );
@@ -102,7 +99,7 @@ impl<M> Registry<M> {
         let mut entries = self.entries.lock();
         match entries.get(&res.key()) {
             Some(e) if e.res == *res => {
-                if e.readers > 0 || e.writer {
+                if !e.accesses.is_empty() {
                     return Err(TierError::Busy {
                         tier: self.tier,
                         offset_bytes: res.offset_bytes(),
@@ -114,28 +111,40 @@ impl<M> Registry<M> {
         entries.remove(&res.key()).ok_or_else(|| self.invalid(res))
     }
 
-    /// Begins a read (shared) or write (exclusive) access to a live reservation.
-    pub(crate) fn access(&self, res: &Reservation, write: bool) -> Result<Access<'_, M>> {
+    /// Begins a read (shared) or write (exclusive) access to bytes
+    /// `offset_bytes..offset_bytes + len_bytes` of a live reservation. Disjoint ranges (the
+    /// chunks of one transfer) are accessed in parallel; an overlapping write is refused.
+    pub(crate) fn access(
+        &self,
+        res: &Reservation,
+        offset_bytes: u64,
+        len_bytes: u64,
+        write: bool,
+    ) -> Result<Access<'_, M>> {
+        let (start, end) = (offset_bytes, offset_bytes.saturating_add(len_bytes.max(1)));
         let mut entries = self.entries.lock();
         let e = match entries.get_mut(&res.key()) {
             Some(e) if e.res == *res => e,
             _ => return Err(self.invalid(res)),
         };
-        if e.writer || (write && e.readers > 0) {
+        let conflict = e
+            .accesses
+            .iter()
+            .any(|&(_, s, x, w)| (w || write) && s < end && start < x);
+        if conflict {
             return Err(TierError::Busy {
                 tier: self.tier,
                 offset_bytes: res.offset_bytes(),
             });
         }
-        if write {
-            e.writer = true;
-        } else {
-            e.readers += 1;
-        }
+        let id = self
+            .next_access
+            .fetch_add(1, crate::sync::atomic::Ordering::Relaxed);
+        e.accesses.push((id, start, end, write));
         Ok(Access {
             reg: self,
             key: res.key(),
-            write,
+            id,
         })
     }
 

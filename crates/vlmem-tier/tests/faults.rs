@@ -1,0 +1,391 @@
+//! Every fault kind at every I/O point: the operation fails with a typed error (or, for a
+//! delay, succeeds late), the source copy stays valid, and the engine goes on serving.
+//!
+//! Disk faults are injected at the system calls (`FaultyFileIo`), device and host faults at
+//! the tier's copies (`FaultyTier`). Each test: write or read a multi-chunk tensor through the
+//! engine with the fault armed, check the outcome, check the source bytes, then disarm and
+//! redo the same move and check the bytes arrive intact.
+mod common;
+
+use common::*;
+use std::sync::Arc;
+use std::time::Duration;
+use vlmem_tier::io::{FaultyFileIo, FileIo, RealFileIo};
+use vlmem_tier::{
+    DiskOptions, DiskTier, FaultKind, FaultPlan, FaultRule, FaultyTier, IoPoint, Move, Priority,
+    TierBackend, TierError,
+};
+
+const LEN: u64 = 9 * MIB + 4321; // three engine chunks, an unaligned tail
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    NoSpace,
+    Io,
+    Short,
+    /// The write "succeeds"; the corruption is caught when the tensor is read back.
+    CorruptOnReadBack,
+    Corrupt,
+    Ok,
+}
+
+fn expect_for(point: IoPoint, kind: FaultKind) -> Expect {
+    match (point, kind) {
+        (_, FaultKind::NoSpace) => Expect::NoSpace,
+        (_, FaultKind::Eio) => Expect::Io,
+        (IoPoint::Sync, FaultKind::Short | FaultKind::BitFlip) => Expect::Ok, // no data at a sync
+        (_, FaultKind::Short) => Expect::Short,
+        (IoPoint::Write, FaultKind::BitFlip) => Expect::CorruptOnReadBack,
+        (_, FaultKind::BitFlip) => Expect::Corrupt,
+        (_, FaultKind::Slow(_)) => Expect::Ok,
+    }
+}
+
+fn check(expect: Expect, r: &Result<vlmem_tier::TransferReport, TierError>, tensor: &str) {
+    match (expect, r) {
+        (Expect::NoSpace, Err(TierError::NoSpace { .. })) => {}
+        (Expect::Io, Err(TierError::Io { .. })) => {}
+        (Expect::Short, Err(TierError::ShortRead { .. } | TierError::ShortWrite { .. })) => {}
+        (Expect::Corrupt, Err(TierError::Corrupt { tensor: t, .. })) => assert_eq!(t, tensor),
+        (Expect::Ok | Expect::CorruptOnReadBack, Ok(rep)) => assert_eq!(rep.bytes, LEN),
+        (e, r) => panic!("expected {e:?}, got {r:?}"),
+    }
+}
+
+fn rule(point: IoPoint, kind: FaultKind) -> FaultRule {
+    match kind {
+        // A single short transfer is retried and recovers; a persistent one must fail.
+        FaultKind::Short => FaultRule::always(point, kind),
+        _ => FaultRule::once(point, kind),
+    }
+}
+
+/// Disk fault at `point` (Write, Read or Sync).
+fn disk_case(point: IoPoint, kind: FaultKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::new());
+    let io = Arc::new(FaultyFileIo::new(Arc::new(RealFileIo), plan.clone()));
+    // Sync faults need a buffered tier (O_DIRECT writes need no sync to be known good).
+    let opts = DiskOptions {
+        dir: Some(dir.path().to_path_buf()),
+        direct_io: point != IoPoint::Sync,
+        ..DiskOptions::default()
+    };
+    let d = Arc::new(DiskTier::with_io(alloc(64 * MIB), opts, io).unwrap());
+    let h = host(64 * MIB);
+    let e = engine(&[h.clone(), d.clone()]);
+    let data = pattern(LEN as usize, 42);
+    let src = h.reserve(LEN, "layer.3.k_proj").unwrap();
+    h.write(&src, 0, &data).unwrap();
+    let on_disk = d.reserve(LEN, "layer.3.k_proj").unwrap();
+    let expect = expect_for(point, kind);
+    match point {
+        IoPoint::Write | IoPoint::Sync => {
+            plan.add(rule(point, kind));
+            let r = e.submit(Move { src, dst: on_disk }, Priority::WriteBack).unwrap().wait();
+            check(expect, &r, "layer.3.k_proj");
+            assert!(plan.fired() >= 1, "the fault never fired");
+            plan.clear();
+            // The source is intact.
+            assert_eq!(read_all(&*h, &src), data);
+            let back = h.reserve(LEN, "back").unwrap();
+            let rb = e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait();
+            match expect {
+                Expect::Ok => {
+                    rb.unwrap();
+                    assert_eq!(read_all(&*h, &back), data);
+                }
+                Expect::CorruptOnReadBack => {
+                    check(Expect::Corrupt, &rb, "layer.3.k_proj");
+                }
+                // A failed write leaves no readable (stale or torn) data behind.
+                _ => assert!(
+                    matches!(rb, Err(TierError::NotWritten { .. })),
+                    "read after failed write: {rb:?}"
+                ),
+            }
+            // Redo the write without faults: the bytes arrive intact.
+            e.submit(Move { src, dst: on_disk }, Priority::WriteBack).unwrap().wait().unwrap();
+            e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait().unwrap();
+            assert_eq!(read_all(&*h, &back), data);
+        }
+        IoPoint::Read => {
+            e.submit(Move { src, dst: on_disk }, Priority::WriteBack).unwrap().wait().unwrap();
+            let back = h.reserve(LEN, "back").unwrap();
+            plan.add(rule(point, kind));
+            let r = e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait();
+            check(expect, &r, "layer.3.k_proj");
+            assert!(plan.fired() >= 1, "the fault never fired");
+            plan.clear();
+            // The disk copy (the source of this move) is still valid.
+            e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait().unwrap();
+            assert_eq!(read_all(&*h, &back), data);
+        }
+        _ => unreachable!(),
+    }
+    // And the engine serves an unrelated move.
+    let (a, b) = (h.reserve(MIB, "a").unwrap(), d.reserve(MIB, "a").unwrap());
+    h.write(&a, 0, &data[..MIB as usize]).unwrap();
+    e.submit(Move { src: a, dst: b }, Priority::Demand).unwrap().wait().unwrap();
+    assert_eq!(read_all(&*d, &b), &data[..MIB as usize]);
+}
+
+/// Device (or host) fault at the tier's copies.
+fn memory_case(faulty_tier: vlmem_core::Tier, point: IoPoint, kind: FaultKind) {
+    let plan = Arc::new(FaultPlan::new());
+    let (h, dev): (Arc<dyn TierBackend>, Arc<dyn TierBackend>) = match faulty_tier {
+        vlmem_core::Tier::Device => (
+            host(64 * MIB),
+            Arc::new(FaultyTier::new(device(64 * MIB, None), plan.clone())),
+        ),
+        _ => (
+            Arc::new(FaultyTier::new(host(64 * MIB), plan.clone())),
+            device(64 * MIB, None),
+        ),
+    };
+    let e = engine(&[h.clone(), dev.clone()]);
+    let data = pattern(LEN as usize, 7);
+    // Writes go into the faulty tier, reads come out of it.
+    let (src_t, dst_t) = match (faulty_tier, point) {
+        (vlmem_core::Tier::Device, IoPoint::Write) | (vlmem_core::Tier::Host, IoPoint::Read) => {
+            (h.clone(), dev.clone())
+        }
+        _ => (dev.clone(), h.clone()),
+    };
+    let src = src_t.reserve(LEN, "vision.embed").unwrap();
+    // Seed the source without faults.
+    src_t.write(&src, 0, &data).unwrap();
+    let dst = dst_t.reserve(LEN, "vision.embed").unwrap();
+    plan.add(rule(point, kind));
+    let r = e.submit(Move { src, dst }, Priority::Demand).unwrap().wait();
+    let expect = match kind {
+        FaultKind::BitFlip => unreachable!(),
+        _ => expect_for(point, kind),
+    };
+    check(expect, &r, "vision.embed");
+    assert!(plan.fired() >= 1);
+    plan.clear();
+    assert_eq!(read_all(&*src_t, &src), data, "source changed");
+    e.submit(Move { src, dst }, Priority::Demand).unwrap().wait().unwrap();
+    assert_eq!(read_all(&*dst_t, &dst), data);
+}
+
+macro_rules! disk_tests {
+    ($($name:ident: $point:expr, $kind:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            disk_case($point, $kind);
+        }
+    )*};
+}
+
+const SLOW: FaultKind = FaultKind::Slow(Duration::from_millis(60));
+
+disk_tests! {
+    disk_write_enospc: IoPoint::Write, FaultKind::NoSpace;
+    disk_write_eio: IoPoint::Write, FaultKind::Eio;
+    disk_write_short: IoPoint::Write, FaultKind::Short;
+    disk_write_bit_flip: IoPoint::Write, FaultKind::BitFlip;
+    disk_write_slow: IoPoint::Write, SLOW;
+    disk_read_enospc: IoPoint::Read, FaultKind::NoSpace;
+    disk_read_eio: IoPoint::Read, FaultKind::Eio;
+    disk_read_short: IoPoint::Read, FaultKind::Short;
+    disk_read_bit_flip: IoPoint::Read, FaultKind::BitFlip;
+    disk_read_slow: IoPoint::Read, SLOW;
+    disk_sync_enospc: IoPoint::Sync, FaultKind::NoSpace;
+    disk_sync_eio: IoPoint::Sync, FaultKind::Eio;
+    disk_sync_short: IoPoint::Sync, FaultKind::Short;
+    disk_sync_bit_flip: IoPoint::Sync, FaultKind::BitFlip;
+    disk_sync_slow: IoPoint::Sync, SLOW;
+}
+
+macro_rules! memory_tests {
+    ($($name:ident: $tier:expr, $point:expr, $kind:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            memory_case($tier, $point, $kind);
+        }
+    )*};
+}
+
+use vlmem_core::Tier::{Device, Host};
+memory_tests! {
+    device_write_enospc: Device, IoPoint::Write, FaultKind::NoSpace;
+    device_write_eio: Device, IoPoint::Write, FaultKind::Eio;
+    device_write_short: Device, IoPoint::Write, FaultKind::Short;
+    device_write_slow: Device, IoPoint::Write, SLOW;
+    device_read_enospc: Device, IoPoint::Read, FaultKind::NoSpace;
+    device_read_eio: Device, IoPoint::Read, FaultKind::Eio;
+    device_read_short: Device, IoPoint::Read, FaultKind::Short;
+    device_read_slow: Device, IoPoint::Read, SLOW;
+    host_write_eio: Host, IoPoint::Write, FaultKind::Eio;
+    host_write_short: Host, IoPoint::Write, FaultKind::Short;
+    host_read_eio: Host, IoPoint::Read, FaultKind::Eio;
+    host_read_short: Host, IoPoint::Read, FaultKind::Short;
+}
+
+#[test]
+fn a_single_short_write_or_read_is_retried_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, plan) = faulty_disk(
+        16 * MIB,
+        DiskOptions {
+            dir: Some(dir.path().to_path_buf()),
+            ..DiskOptions::default()
+        },
+    );
+    let r = d.reserve(LEN, "t").unwrap();
+    let data = pattern(LEN as usize, 3);
+    plan.add(FaultRule::once(IoPoint::Write, FaultKind::Short));
+    plan.add(FaultRule::once(IoPoint::Read, FaultKind::Short));
+    d.write(&r, 0, &data).unwrap();
+    assert_eq!(read_all(&d, &r), data);
+    assert_eq!(plan.fired(), 2);
+}
+
+#[test]
+fn open_and_allocate_faults_fail_construction_cleanly() {
+    for (point, kind) in [
+        (IoPoint::Open, FaultKind::NoSpace),
+        (IoPoint::Open, FaultKind::Eio),
+        (IoPoint::Allocate, FaultKind::NoSpace),
+        (IoPoint::Allocate, FaultKind::Eio),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Arc::new(FaultPlan::new());
+        plan.add(FaultRule::once(point, kind));
+        let io = Arc::new(FaultyFileIo::new(Arc::new(RealFileIo), plan.clone()));
+        let r = DiskTier::with_io(
+            alloc(4 * MIB),
+            DiskOptions {
+                dir: Some(dir.path().to_path_buf()),
+                ..DiskOptions::default()
+            },
+            io,
+        );
+        match (kind, r) {
+            (FaultKind::NoSpace, Err(TierError::NoSpace { point: p, .. })) => assert_eq!(p, point),
+            (FaultKind::Eio, Err(TierError::Io { point: p, .. })) => assert_eq!(p, point),
+            (k, r) => panic!("{point:?} {k:?}: {r:?}"),
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+    // A slow open still opens.
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::new());
+    plan.add(FaultRule::once(IoPoint::Open, SLOW));
+    let io = Arc::new(FaultyFileIo::new(Arc::new(RealFileIo), plan));
+    let opts = DiskOptions { dir: Some(dir.path().to_path_buf()), ..DiskOptions::default() };
+    assert!(DiskTier::with_io(alloc(4 * MIB), opts, io).is_ok());
+}
+
+#[test]
+fn a_slow_disk_does_not_stall_other_transfers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, plan) = faulty_disk(
+        32 * MIB,
+        DiskOptions { dir: Some(dir.path().to_path_buf()), ..DiskOptions::default() },
+    );
+    let d = Arc::new(d);
+    let h = host(32 * MIB);
+    let dev = device(32 * MIB, None);
+    let e = engine(&[h.clone(), dev.clone(), d.clone()]);
+    plan.add(FaultRule::once(IoPoint::Write, FaultKind::Slow(Duration::from_millis(400))));
+    let src = h.reserve(MIB, "slow").unwrap();
+    let slow = e.submit(Move { src, dst: d.reserve(MIB, "slow").unwrap() }, Priority::WriteBack).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let t0 = std::time::Instant::now();
+    let src2 = h.reserve(MIB, "fast").unwrap();
+    e.submit(Move { src: src2, dst: dev.reserve(MIB, "fast").unwrap() }, Priority::Demand)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_millis(300));
+    assert!(!slow.is_finished());
+    slow.wait().unwrap();
+}
+
+/// /dev/full as a swap file: the kernel's own ENOSPC on every write.
+#[derive(Debug)]
+struct DevFull;
+
+impl FileIo for DevFull {
+    fn open_swap(&self, _dir: &std::path::Path, _direct: bool) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/full")
+    }
+    fn open_read_only(&self, p: &std::path::Path, direct: bool) -> std::io::Result<std::fs::File> {
+        RealFileIo.open_read_only(p, direct)
+    }
+    fn allocate(&self, _f: &std::fs::File, _len_bytes: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_at(&self, f: &std::fs::File, o: u64, b: &[u8]) -> std::io::Result<usize> {
+        RealFileIo.write_at(f, o, b)
+    }
+    fn read_at(&self, f: &std::fs::File, o: u64, b: &mut [u8]) -> std::io::Result<usize> {
+        RealFileIo.read_at(f, o, b)
+    }
+    fn sync_data(&self, f: &std::fs::File) -> std::io::Result<()> {
+        RealFileIo.sync_data(f)
+    }
+}
+
+#[test]
+fn real_enospc_from_dev_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Arc::new(disk_in(dir.path(), 16 * MIB, Arc::new(DevFull)));
+    let h = host(16 * MIB);
+    let e = engine(&[h.clone(), d.clone()]);
+    let data = pattern(LEN as usize, 5);
+    let src = h.reserve(LEN, "t").unwrap();
+    h.write(&src, 0, &data).unwrap();
+    let r = e.submit(Move { src, dst: d.reserve(LEN, "t").unwrap() }, Priority::WriteBack).unwrap().wait();
+    assert!(matches!(r, Err(TierError::NoSpace { .. })), "{r:?}");
+    assert_eq!(read_all(&*h, &src), data);
+}
+
+/// A 2 MiB tmpfs (root only; skipped elsewhere): real ENOSPC at preallocation, and at write
+/// time when the files are not preallocated.
+#[test]
+fn real_enospc_on_a_tiny_tmpfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(dir.path().to_path_buf());
+    let opts = DiskOptions { dir: Some(dir.path().to_path_buf()), ..DiskOptions::default() };
+    match DiskTier::new(alloc(8 * MIB), opts.clone()) {
+        Err(TierError::NoSpace { point: IoPoint::Allocate, .. }) => {}
+        other => panic!("expected ENOSPC at preallocation, got {other:?}"),
+    }
+    let d = Arc::new(
+        DiskTier::new(alloc(8 * MIB), DiskOptions { preallocate: false, ..opts }).unwrap(),
+    );
+    let h = host(8 * MIB);
+    let e = engine(&[h.clone(), d.clone()]);
+    let data = pattern((4 * MIB) as usize, 9);
+    let src = h.reserve(4 * MIB, "big").unwrap();
+    h.write(&src, 0, &data).unwrap();
+    let r = e.submit(Move { src, dst: d.reserve(4 * MIB, "big").unwrap() }, Priority::WriteBack).unwrap().wait();
+    assert!(matches!(r, Err(TierError::NoSpace { .. })), "{r:?}");
+    assert_eq!(read_all(&*h, &src), data);
+    // A tensor that fits still goes through.
+    let small = h.reserve(MIB, "small").unwrap();
+    h.write(&small, 0, &data[..MIB as usize]).unwrap();
+    drop(e);
+    drop(d);
+}
