@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "vlmem", version, about = "Run Qwen3-VL on hardware whose GPU cannot hold it: plan, synthesize, benchmark.")]
+#[command(
+    name = "vlmem",
+    version,
+    about = "Run Qwen3-VL on hardware whose GPU cannot hold it: plan, synthesize, benchmark."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -62,7 +62,11 @@ fn parse_image(s: &str) -> Result<(u64, u64), String> {
 }
 
 pub fn run(a: PlanArgs) -> Result<(), CliError> {
-    let overrides = Overrides::parse(a.gpu_mem.as_deref(), a.host_mem.as_deref(), a.disk_mem.as_deref())?;
+    let overrides = Overrides::parse(
+        a.gpu_mem.as_deref(),
+        a.host_mem.as_deref(),
+        a.disk_mem.as_deref(),
+    )?;
     let profile = HardwareProfile::resolve(&a.profile)?.with_overrides(overrides);
     let model = ModelSource::resolve(&a.model)?;
     let req = PlanRequest {
@@ -77,7 +81,10 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
     };
     let p = plan(&model, &profile, &req)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&p).map_err(CliError::failure)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&p).map_err(CliError::failure)?
+        );
     } else {
         print_table(&p);
     }
@@ -96,7 +103,11 @@ fn ranges(mut n: Vec<u64>) -> String {
             i += 1;
             end = n[i];
         }
-        out.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
         i += 1;
     }
     out.join(", ")
@@ -122,7 +133,11 @@ fn units_on(p: &Plan, tier: Tier) -> String {
         parts.push(format!("experts of layers {}", ranges(experts)));
     }
     parts.extend(others);
-    if parts.is_empty() { "-".into() } else { parts.join("; ") }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join("; ")
+    }
 }
 
 fn print_table(p: &Plan) {
@@ -139,11 +154,18 @@ fn print_table(p: &Plan) {
         w.layers,
         format_bytes(w.per_layer_bytes),
         format_bytes(w.embedding_bytes),
-        if w.lm_head_bytes == 0 { "tied".to_string() } else { format_bytes(w.lm_head_bytes) },
+        if w.lm_head_bytes == 0 {
+            "tied".to_string()
+        } else {
+            format_bytes(w.lm_head_bytes)
+        },
         format_bytes(w.vision_bytes),
     );
     if w.expert_bytes_per_layer > 0 {
-        println!("          of each layer {} are experts", format_bytes(w.expert_bytes_per_layer));
+        println!(
+            "          of each layer {} are experts",
+            format_bytes(w.expert_bytes_per_layer)
+        );
     }
     println!(
         "kv cache  {} per token; {} for the context, on {}",
@@ -173,13 +195,21 @@ fn print_table(p: &Plan) {
             n => format!("layers 0-{}", n - 1),
         }
     );
-    for (tier, bytes) in [(Tier::Device, pl.gpu_bytes), (Tier::Host, pl.host_bytes), (Tier::Disk, pl.disk_bytes)] {
+    for (tier, bytes) in [
+        (Tier::Device, pl.gpu_bytes),
+        (Tier::Host, pl.host_bytes),
+        (Tier::Disk, pl.disk_bytes),
+    ] {
         let label = match tier {
             Tier::Device => "gpu ",
             Tier::Host => "host",
             Tier::Disk => "disk",
         };
-        println!("  {label}  {:>11}  {}", format_bytes(bytes), units_on(p, tier));
+        println!(
+            "  {label}  {:>11}  {}",
+            format_bytes(bytes),
+            units_on(p, tier)
+        );
     }
     println!(
         "  gpu also keeps {} for activations; host keeps {} to stream units from disk",
@@ -187,7 +217,10 @@ fn print_table(p: &Plan) {
         format_bytes(pl.host_staging_bytes)
     );
     if p.fits {
-        println!("decode    at most {:.2} tokens/s", p.decode_tokens_per_s_bound);
+        println!(
+            "decode    at most {:.2} tokens/s",
+            p.decode_tokens_per_s_bound
+        );
         for t in &p.bound_terms {
             println!(
                 "  {:12} {:>11} per token at {:6.2} GB/s = {:.4} s",

@@ -41,7 +41,10 @@ pub fn run(a: ProfileArgs) -> Result<(), CliError> {
         return Ok(());
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&p).map_err(CliError::failure)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&p).map_err(CliError::failure)?
+        );
         return Ok(());
     }
     println!("{}: {}", p.name, p.description);
@@ -67,7 +70,11 @@ pub fn run(a: ProfileArgs) -> Result<(), CliError> {
             source(g.memory_bandwidth.source),
             format_bytes(g.shared_mem_per_block_bytes),
             g.max_threads_per_block,
-            if g.bf16_arithmetic { "yes" } else { "no, computed in f32" },
+            if g.bf16_arithmetic {
+                "yes"
+            } else {
+                "no, computed in f32"
+            },
             g.link_name,
             g.link.bytes_per_s / 1e9,
             source(g.link.source),

@@ -12,11 +12,17 @@ fn vlmem(args: &[&str]) -> Output {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("valid JSON")
 }
 
@@ -42,28 +48,62 @@ fn plan_json_matches_fixture_safetensors_byte_for_byte() {
         let st = std::fs::read(dir.join("model.safetensors")).unwrap();
         let header_len = u64::from_le_bytes(st[..8].try_into().unwrap());
         let data_bytes = st.len() as u64 - 8 - header_len;
-        let v = json(&vlmem(&["plan", "--model", dir.to_str().unwrap(), "--json", "--image", "320x256"]));
-        assert_eq!(v["weights"]["total_bytes"].as_u64(), Some(data_bytes), "{name}");
+        let v = json(&vlmem(&[
+            "plan",
+            "--model",
+            dir.to_str().unwrap(),
+            "--json",
+            "--image",
+            "320x256",
+        ]));
+        assert_eq!(
+            v["weights"]["total_bytes"].as_u64(),
+            Some(data_bytes),
+            "{name}"
+        );
         let text = v["weights"]["text_bytes"].as_u64().unwrap();
         let vision = v["weights"]["vision_bytes"].as_u64().unwrap();
         assert_eq!(text + vision, data_bytes, "{name}");
         let p = &v["placement"];
-        let placed = p["gpu_bytes"].as_u64().unwrap() + p["host_bytes"].as_u64().unwrap() + p["disk_bytes"].as_u64().unwrap();
+        let placed = p["gpu_bytes"].as_u64().unwrap()
+            + p["host_bytes"].as_u64().unwrap()
+            + p["disk_bytes"].as_u64().unwrap();
         assert_eq!(placed, data_bytes);
         assert_eq!(v["fits"], true);
         // fixture: 2 layers x 2 KV heads x 16 x bf16, K and V.
         assert_eq!(v["kv_bytes_per_token"].as_u64(), Some(2 * 2 * 2 * 16 * 2));
         let img = &v["images"][0];
-        assert_eq!((img["resized_width"].as_u64(), img["resized_height"].as_u64()), (Some(320), Some(256)));
-        assert_eq!((img["patches"].as_u64(), img["tokens"].as_u64()), (Some(320), Some(80)));
+        assert_eq!(
+            (
+                img["resized_width"].as_u64(),
+                img["resized_height"].as_u64()
+            ),
+            (Some(320), Some(256))
+        );
+        assert_eq!(
+            (img["patches"].as_u64(), img["tokens"].as_u64()),
+            (Some(320), Some(80))
+        );
         assert!(v["decode_tokens_per_s_bound"].as_f64().unwrap() > 0.0);
     }
 }
 
 #[test]
 fn plan_of_catalog_sizes() {
-    let v = json(&vlmem(&["plan", "--model", "qwen3-vl-2b", "--json", "--profile", "laptop-i5-10210u-mx250", "--image", "1024x1024"]));
-    assert_eq!(v["weights"]["total_bytes"].as_u64(), Some(2 * 2_127_532_032));
+    let v = json(&vlmem(&[
+        "plan",
+        "--model",
+        "qwen3-vl-2b",
+        "--json",
+        "--profile",
+        "laptop-i5-10210u-mx250",
+        "--image",
+        "1024x1024",
+    ]));
+    assert_eq!(
+        v["weights"]["total_bytes"].as_u64(),
+        Some(2 * 2_127_532_032)
+    );
     assert_eq!(v["images"][0]["tokens"].as_u64(), Some(1024));
     assert_eq!(v["images"][0]["patches"].as_u64(), Some(4096));
     let v = json(&vlmem(&["plan", "--model", "qwen3-vl-8b", "--json"]));
@@ -77,10 +117,22 @@ fn plan_of_catalog_sizes() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("CANNOT RUN"));
     // Overrides reach the plan.
-    let v = json(&vlmem(&["plan", "--model", "qwen3-vl-2b", "--json", "--gpu-mem", "0", "--host-mem", "0"]));
+    let v = json(&vlmem(&[
+        "plan",
+        "--model",
+        "qwen3-vl-2b",
+        "--json",
+        "--gpu-mem",
+        "0",
+        "--host-mem",
+        "0",
+    ]));
     assert_eq!(v["placement"]["gpu_bytes"].as_u64(), Some(0));
     assert_eq!(v["placement"]["host_bytes"].as_u64(), Some(0));
-    assert_eq!(v["placement"]["disk_bytes"].as_u64(), Some(2 * 2_127_532_032));
+    assert_eq!(
+        v["placement"]["disk_bytes"].as_u64(),
+        Some(2 * 2_127_532_032)
+    );
 }
 
 #[test]
@@ -99,7 +151,11 @@ fn bad_input_is_one_line_and_exit_2() {
     // Truncated and garbled safetensors.
     let trunc = d.join("trunc");
     std::fs::create_dir(&trunc).unwrap();
-    std::fs::copy(fixture("qwen3-vl-tiny").join("config.json"), trunc.join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("qwen3-vl-tiny").join("config.json"),
+        trunc.join("config.json"),
+    )
+    .unwrap();
     let st = std::fs::read(fixture("qwen3-vl-tiny").join("model.safetensors")).unwrap();
     std::fs::write(trunc.join("model.safetensors"), &st[..100]).unwrap();
     assert_bad_input(&["plan", "--model", trunc.to_str().unwrap()]);
@@ -117,32 +173,76 @@ fn bad_input_is_one_line_and_exit_2() {
     assert_bad_input(&["plan", "--model", "qwen3-vl-2b", "--context", "-5"]);
     assert_bad_input(&["plan", "--model", "qwen3-vl-2b", "--batch", "0"]);
     assert_bad_input(&["plan", "--model", "qwen3-vl-2b", "--gpu-mem", "lots"]);
-    assert_bad_input(&["synth", "--model", "qwen3-vl-2b", "--layers", "0", "--out", d.join("s").to_str().unwrap()]);
-    assert_bad_input(&["synth", "--model", "nope", "--out", d.join("s").to_str().unwrap()]);
+    assert_bad_input(&[
+        "synth",
+        "--model",
+        "qwen3-vl-2b",
+        "--layers",
+        "0",
+        "--out",
+        d.join("s").to_str().unwrap(),
+    ]);
+    assert_bad_input(&[
+        "synth",
+        "--model",
+        "nope",
+        "--out",
+        d.join("s").to_str().unwrap(),
+    ]);
 }
 
 #[test]
 fn synth_2b_two_layers_writes_the_catalog_tensor_list() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("2b");
-    let o = vlmem(&["synth", "--model", "qwen3-vl-2b", "--layers", "2", "--out", out.to_str().unwrap()]);
+    let o = vlmem(&[
+        "synth",
+        "--model",
+        "qwen3-vl-2b",
+        "--layers",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Read the header back and compare names, shapes and dtypes with the catalog's list.
     let ckpt = vlmem_qwen3vl::checkpoint::Checkpoint::open(&out).unwrap();
     let mut cfg = vlmem_qwen3vl::catalog::config("qwen3-vl-2b").unwrap();
     cfg.text.num_hidden_layers = 2;
     assert_eq!(ckpt.config, cfg);
-    let expected = vlmem_qwen3vl::tensors::expected_tensors(&cfg, vlmem_qwen3vl::tensors::Dtype::BF16);
-    let mut want: Vec<_> = expected.iter().map(|t| (t.name.clone(), t.shape.clone(), t.dtype)).collect();
-    let mut got: Vec<_> = ckpt.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.dtype)).collect();
+    let expected =
+        vlmem_qwen3vl::tensors::expected_tensors(&cfg, vlmem_qwen3vl::tensors::Dtype::BF16);
+    let mut want: Vec<_> = expected
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.dtype))
+        .collect();
+    let mut got: Vec<_> = ckpt
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.dtype))
+        .collect();
     want.sort();
     got.sort();
     assert_eq!(got, want);
-    assert!(got.iter().any(|t| t.0 == "model.language_model.layers.1.mlp.down_proj.weight"));
-    assert!(!got.iter().any(|t| t.0.starts_with("model.language_model.layers.2.")));
+    assert!(
+        got.iter()
+            .any(|t| t.0 == "model.language_model.layers.1.mlp.down_proj.weight")
+    );
+    assert!(
+        !got.iter()
+            .any(|t| t.0.starts_with("model.language_model.layers.2."))
+    );
     // And the plan of it counts exactly its bytes.
-    let v = json(&vlmem(&["plan", "--model", out.to_str().unwrap(), "--json"]));
-    assert_eq!(v["weights"]["total_bytes"].as_u64(), Some(ckpt.total_bytes()));
+    let v = json(&vlmem(&[
+        "plan",
+        "--model",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(
+        v["weights"]["total_bytes"].as_u64(),
+        Some(ckpt.total_bytes())
+    );
 }
 
 #[test]
@@ -150,7 +250,12 @@ fn profiles_list_show_and_round_trip() {
     let out = vlmem(&["profile"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for name in ["laptop-i5-10210u-mx250", "desktop-gtx1060-6gb", "desktop-gtx1080-8gb", "detect"] {
+    for name in [
+        "laptop-i5-10210u-mx250",
+        "desktop-gtx1060-6gb",
+        "desktop-gtx1080-8gb",
+        "detect",
+    ] {
         assert!(text.contains(name), "{name}");
     }
     let out = vlmem(&["profile", "laptop-i5-10210u-mx250"]);
@@ -161,7 +266,14 @@ fn profiles_list_show_and_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("mine.toml");
     std::fs::write(&f, &toml.stdout).unwrap();
-    let v = json(&vlmem(&["plan", "--model", "qwen3-vl-4b", "--profile", f.to_str().unwrap(), "--json"]));
+    let v = json(&vlmem(&[
+        "plan",
+        "--model",
+        "qwen3-vl-4b",
+        "--profile",
+        f.to_str().unwrap(),
+        "--json",
+    ]));
     assert_eq!(v["profile"], "desktop-gtx1080-8gb");
     let out = vlmem(&["profile", "detect"]);
     assert!(out.status.success());

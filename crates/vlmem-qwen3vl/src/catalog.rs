@@ -50,7 +50,12 @@ fn vision(small: bool, out_hidden_size: u64) -> VisionConfig {
 
 fn build(t: Text, small_vision: bool) -> Qwen3VlConfig {
     Qwen3VlConfig {
-        model_type: if t.moe.is_some() { "qwen3_vl_moe" } else { "qwen3_vl" }.into(),
+        model_type: if t.moe.is_some() {
+            "qwen3_vl_moe"
+        } else {
+            "qwen3_vl"
+        }
+        .into(),
         text: TextConfig {
             hidden_size: t.hidden,
             num_hidden_layers: t.layers,
@@ -149,7 +154,10 @@ pub fn to_released_json(cfg: &Qwen3VlConfig) -> serde_json::Value {
     if let (Some(m), Some(obj)) = (&t.moe, text.as_object_mut()) {
         obj.insert("num_experts".into(), json!(m.num_experts));
         obj.insert("num_experts_per_tok".into(), json!(m.num_experts_per_tok));
-        obj.insert("moe_intermediate_size".into(), json!(m.moe_intermediate_size));
+        obj.insert(
+            "moe_intermediate_size".into(),
+            json!(m.moe_intermediate_size),
+        );
         obj.insert("norm_topk_prob".into(), json!(m.norm_topk_prob));
         obj.insert("decoder_sparse_step".into(), json!(m.decoder_sparse_step));
         obj.insert("mlp_only_layers".into(), json!(m.mlp_only_layers));

@@ -163,7 +163,10 @@ fn check_index_covers(index: &Path, tensors: &[TensorInfo]) -> Result<()> {
             Some(t) => {
                 return Err(Error::safetensors(
                     index,
-                    format!("{name} is mapped to {shard} but lies in {}", t.file.display()),
+                    format!(
+                        "{name} is mapped to {shard} but lies in {}",
+                        t.file.display()
+                    ),
                 ));
             }
             None => {
@@ -183,7 +186,10 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorInfo>> {
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_buf = [0u8; 8];
     file.read_exact(&mut len_buf).map_err(|_| {
-        Error::safetensors(path, format!("file is {file_len} bytes, too short for a header"))
+        Error::safetensors(
+            path,
+            format!("file is {file_len} bytes, too short for a header"),
+        )
     })?;
     let header_len = u64::from_le_bytes(len_buf);
     if header_len > MAX_HEADER_BYTES {
@@ -196,11 +202,14 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorInfo>> {
     if data_start > file_len {
         return Err(Error::safetensors(
             path,
-            format!("header of {header_len} bytes runs past the end of the {file_len}-byte file (truncated?)"),
+            format!(
+                "header of {header_len} bytes runs past the end of the {file_len}-byte file (truncated?)"
+            ),
         ));
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
     parse_header(&header, file_len - data_start)
         .map(|entries| {
             entries
@@ -239,11 +248,9 @@ pub struct HeaderEntry {
 /// come back sorted by offset. Never panics, whatever the bytes.
 pub fn parse_header(header: &[u8], data_len: u64) -> std::result::Result<Vec<HeaderEntry>, String> {
     let text = std::str::from_utf8(header).map_err(|_| "header is not UTF-8".to_string())?;
-    let value: serde_json::Value =
-        serde_json::from_str(text.trim_end_matches(' ')).map_err(|e| format!("header is not JSON: {e}"))?;
-    let obj = value
-        .as_object()
-        .ok_or("header is not a JSON object")?;
+    let value: serde_json::Value = serde_json::from_str(text.trim_end_matches(' '))
+        .map_err(|e| format!("header is not JSON: {e}"))?;
+    let obj = value.as_object().ok_or("header is not a JSON object")?;
     let mut entries = Vec::with_capacity(obj.len());
     for (name, v) in obj {
         if name == "__metadata__" {
@@ -263,7 +270,10 @@ pub fn parse_header(header: &[u8], data_len: u64) -> std::result::Result<Vec<Hea
             .and_then(|s| s.as_array())
             .ok_or_else(|| format!("{name}: missing shape"))?
             .iter()
-            .map(|d| d.as_u64().ok_or_else(|| format!("{name}: shape holds a non-integer")))
+            .map(|d| {
+                d.as_u64()
+                    .ok_or_else(|| format!("{name}: shape holds a non-integer"))
+            })
             .collect::<std::result::Result<_, _>>()?;
         let offsets = o
             .get("data_offsets")
@@ -271,8 +281,10 @@ pub fn parse_header(header: &[u8], data_len: u64) -> std::result::Result<Vec<Hea
             .ok_or_else(|| format!("{name}: missing data_offsets"))?;
         let (begin, end) = match offsets.as_slice() {
             [b, e] => (
-                b.as_u64().ok_or_else(|| format!("{name}: bad data_offsets"))?,
-                e.as_u64().ok_or_else(|| format!("{name}: bad data_offsets"))?,
+                b.as_u64()
+                    .ok_or_else(|| format!("{name}: bad data_offsets"))?,
+                e.as_u64()
+                    .ok_or_else(|| format!("{name}: bad data_offsets"))?,
             ),
             _ => return Err(format!("{name}: data_offsets must hold two integers")),
         };
@@ -320,7 +332,9 @@ mod tests {
 
     #[test]
     fn parses_a_valid_header() {
-        let h = header(r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"BF16","shape":[2,3],"data_offsets":[12,24]},"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}"#);
+        let h = header(
+            r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"BF16","shape":[2,3],"data_offsets":[12,24]},"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}"#,
+        );
         let e = parse_header(&h, 24).unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].name, "a");
@@ -332,14 +346,38 @@ mod tests {
         let cases = [
             (r#"not json"#, "not JSON"),
             (r#"[1,2]"#, "not a JSON object"),
-            (r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, "unsupported dtype"),
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, "is 8 bytes"),
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,400]}}"#, "outside"),
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#, "outside"),
-            (r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, "non-integer"),
-            (r#"{"a":{"dtype":"F32","shape":[1]}}"#, "missing data_offsets"),
-            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#, "overlap"),
-            (r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#, "overflows"),
+            (
+                r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#,
+                "unsupported dtype",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                "is 8 bytes",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,400]}}"#,
+                "outside",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+                "outside",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+                "non-integer",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1]}}"#,
+                "missing data_offsets",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                "overlap",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                "overflows",
+            ),
         ];
         for (json, needle) in cases {
             let err = parse_header(json.as_bytes(), 16).unwrap_err();
@@ -352,7 +390,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let short = dir.path().join("short.safetensors");
         std::fs::write(&short, [1u8, 2, 3]).unwrap();
-        assert!(matches!(read_header(&short), Err(Error::Safetensors { .. })));
+        assert!(matches!(
+            read_header(&short),
+            Err(Error::Safetensors { .. })
+        ));
         let huge = dir.path().join("huge.safetensors");
         std::fs::write(&huge, u64::MAX.to_le_bytes()).unwrap();
         assert!(matches!(read_header(&huge), Err(Error::Safetensors { .. })));

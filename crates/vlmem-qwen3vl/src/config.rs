@@ -67,7 +67,7 @@ impl MoeConfig {
     pub fn is_sparse_layer(&self, layer: u64) -> bool {
         !self.mlp_only_layers.contains(&layer)
             && self.decoder_sparse_step > 0
-            && (layer + 1) % self.decoder_sparse_step == 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 
@@ -155,7 +155,10 @@ impl Qwen3VlConfig {
             ("vision_config.temporal_patch_size", v.temporal_patch_size),
             ("vision_config.spatial_merge_size", v.spatial_merge_size),
             ("vision_config.in_channels", v.in_channels),
-            ("vision_config.num_position_embeddings", v.num_position_embeddings),
+            (
+                "vision_config.num_position_embeddings",
+                v.num_position_embeddings,
+            ),
             ("vision_config.out_hidden_size", v.out_hidden_size),
         ];
         for (name, value) in positive {
@@ -166,29 +169,49 @@ impl Qwen3VlConfig {
         // Keep every product below 2^63 with room: no real model is near these bounds.
         let bounded = [
             ("text_config.hidden_size", t.hidden_size, 1 << 20),
-            ("text_config.num_hidden_layers", t.num_hidden_layers, 1 << 12),
-            ("text_config.num_attention_heads", t.num_attention_heads, 1 << 12),
+            (
+                "text_config.num_hidden_layers",
+                t.num_hidden_layers,
+                1 << 12,
+            ),
+            (
+                "text_config.num_attention_heads",
+                t.num_attention_heads,
+                1 << 12,
+            ),
             ("text_config.head_dim", t.head_dim, 1 << 12),
-            ("text_config.intermediate_size", t.intermediate_size, 1 << 22),
+            (
+                "text_config.intermediate_size",
+                t.intermediate_size,
+                1 << 22,
+            ),
             ("text_config.vocab_size", t.vocab_size, 1 << 24),
             ("vision_config.depth", v.depth, 1 << 10),
             ("vision_config.hidden_size", v.hidden_size, 1 << 16),
-            ("vision_config.intermediate_size", v.intermediate_size, 1 << 18),
+            (
+                "vision_config.intermediate_size",
+                v.intermediate_size,
+                1 << 18,
+            ),
             ("vision_config.patch_size", v.patch_size, 1 << 10),
-            ("vision_config.num_position_embeddings", v.num_position_embeddings, 1 << 24),
+            (
+                "vision_config.num_position_embeddings",
+                v.num_position_embeddings,
+                1 << 24,
+            ),
         ];
         for (name, value, max) in bounded {
             if value > max {
                 return Err(format!("{name} = {value} is implausibly large (max {max})"));
             }
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(format!(
                 "text_config.num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 t.num_attention_heads, t.num_key_value_heads
             ));
         }
-        if v.hidden_size % v.num_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_heads) {
             return Err("vision_config.hidden_size is not a multiple of num_heads".into());
         }
         let rotary: u64 = t.mrope_section.iter().sum();
@@ -331,15 +354,24 @@ impl RawConfig {
             .as_ref()
             .and_then(|r| r.mrope_section.clone())
             .ok_or("missing mrope_section in text_config.rope_scaling or rope_parameters")?;
-        let mrope_interleaved = rope.as_ref().and_then(|r| r.mrope_interleaved).unwrap_or(true);
+        let mrope_interleaved = rope
+            .as_ref()
+            .and_then(|r| r.mrope_interleaved)
+            .unwrap_or(true);
         let num_experts = t.num_experts.or(t.num_local_experts);
         let is_moe = model_type == "qwen3_vl_moe"
             || self.architectures.iter().any(|a| a.contains("Moe"))
             || num_experts.is_some();
         let moe = if is_moe {
             Some(MoeConfig {
-                num_experts: need(num_experts, "text_config.num_experts (or num_local_experts)")?,
-                num_experts_per_tok: need(t.num_experts_per_tok, "text_config.num_experts_per_tok")?,
+                num_experts: need(
+                    num_experts,
+                    "text_config.num_experts (or num_local_experts)",
+                )?,
+                num_experts_per_tok: need(
+                    t.num_experts_per_tok,
+                    "text_config.num_experts_per_tok",
+                )?,
                 moe_intermediate_size: need(
                     t.moe_intermediate_size,
                     "text_config.moe_intermediate_size",

@@ -189,7 +189,12 @@ pub struct ImageCost {
 
 /// The cost of a `width x height` image under the released preprocessor limits, with
 /// activations of `act_bytes` per element (4 for f32).
-pub fn image_cost(cfg: &Qwen3VlConfig, width: u64, height: u64, act_bytes: u64) -> Result<ImageCost> {
+pub fn image_cost(
+    cfg: &Qwen3VlConfig,
+    width: u64,
+    height: u64,
+    act_bytes: u64,
+) -> Result<ImageCost> {
     let v = &cfg.vision;
     let factor = v.patch_size * v.spatial_merge_size;
     let (rh, rw) = smart_resize(height, width, factor, MIN_PIXELS, MAX_PIXELS)?;
@@ -248,7 +253,10 @@ mod tests {
     fn bad_image_sizes_are_errors() {
         let cfg = catalog::config("qwen3-vl-2b").unwrap();
         for (w, h) in [(0, 0), (0, 10), (10, 0), (1 << 30, 1), (100_000, 100)] {
-            assert!(matches!(image_cost(&cfg, w, h, 4), Err(Error::BadRequest(_))), "{w}x{h}");
+            assert!(
+                matches!(image_cost(&cfg, w, h, 4), Err(Error::BadRequest(_))),
+                "{w}x{h}"
+            );
         }
     }
 
@@ -286,12 +294,34 @@ mod tests {
             layers * layer + vocab * h + h + if tied { 0 } else { vocab * h }
         };
         let expect = [
-            ("qwen3-vl-2b", text(28, dense_layer(2048, 16, 8, 6144), 2048, true) + vision(1024, 4096, 24, 2048)),
-            ("qwen3-vl-4b", text(36, dense_layer(2560, 32, 8, 9728), 2560, true) + vision(1024, 4096, 24, 2560)),
-            ("qwen3-vl-8b", text(36, dense_layer(4096, 32, 8, 12288), 4096, false) + vision(1152, 4304, 27, 4096)),
-            ("qwen3-vl-32b", text(64, dense_layer(5120, 64, 8, 25600), 5120, false) + vision(1152, 4304, 27, 5120)),
-            ("qwen3-vl-30b-a3b", text(48, moe_layer(2048, 32, 4, 128, 768), 2048, false) + vision(1152, 4304, 27, 2048)),
-            ("qwen3-vl-235b-a22b", text(94, moe_layer(4096, 64, 4, 128, 1536), 4096, false) + vision(1152, 4304, 27, 4096)),
+            (
+                "qwen3-vl-2b",
+                text(28, dense_layer(2048, 16, 8, 6144), 2048, true) + vision(1024, 4096, 24, 2048),
+            ),
+            (
+                "qwen3-vl-4b",
+                text(36, dense_layer(2560, 32, 8, 9728), 2560, true) + vision(1024, 4096, 24, 2560),
+            ),
+            (
+                "qwen3-vl-8b",
+                text(36, dense_layer(4096, 32, 8, 12288), 4096, false)
+                    + vision(1152, 4304, 27, 4096),
+            ),
+            (
+                "qwen3-vl-32b",
+                text(64, dense_layer(5120, 64, 8, 25600), 5120, false)
+                    + vision(1152, 4304, 27, 5120),
+            ),
+            (
+                "qwen3-vl-30b-a3b",
+                text(48, moe_layer(2048, 32, 4, 128, 768), 2048, false)
+                    + vision(1152, 4304, 27, 2048),
+            ),
+            (
+                "qwen3-vl-235b-a22b",
+                text(94, moe_layer(4096, 64, 4, 128, 1536), 4096, false)
+                    + vision(1152, 4304, 27, 4096),
+            ),
         ];
         for (name, params) in expect {
             let w = WeightBytes::of_config(&catalog::config(name).unwrap(), Dtype::BF16);
@@ -310,7 +340,8 @@ mod tests {
         let w8 = WeightBytes::of_config(&catalog::config("qwen3-vl-8b").unwrap(), Dtype::BF16);
         assert_eq!(w8.lm_head_bytes, w8.embedding_bytes);
         // 30B-A3B: one expert is 3 x 2048 x 768 bf16 = 9 MiB, 128 per layer.
-        let w30 = WeightBytes::of_config(&catalog::config("qwen3-vl-30b-a3b").unwrap(), Dtype::BF16);
+        let w30 =
+            WeightBytes::of_config(&catalog::config("qwen3-vl-30b-a3b").unwrap(), Dtype::BF16);
         assert_eq!(w30.layer_expert_bytes[0], 128 * 9 * 1024 * 1024);
     }
 

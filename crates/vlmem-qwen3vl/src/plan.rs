@@ -18,18 +18,17 @@
 //!   what is left, else it lives in host RAM), then decoder layers in order, then lm_head.
 //! - Placement is exclusive: a unit has one home tier.
 //! - Per token, GPU and CPU units run one after the other and disk reads overlap compute:
-//!   tokens/s <= 1 / max(disk bytes / disk bandwidth,
-//!                       device bytes / device memory bandwidth + host bytes / host memory
-//!                       bandwidth, link bytes / link bandwidth).
+//!   tokens/s <= 1 / max(disk bytes / disk bandwidth, device bytes / device memory
+//!   bandwidth + host bytes / host memory bandwidth, link bytes / link bandwidth).
 //!   The link carries only the hidden state between GPU and CPU units (and KV slices of
 //!   CPU-computed layers when the KV cache lives on the GPU, which this plan avoids).
 
+use crate::catalog;
 use crate::checkpoint::Checkpoint;
 use crate::config::Qwen3VlConfig;
 use crate::error::{Error, Result};
 use crate::math::{ImageCost, WeightBytes, image_cost, kv_bytes_per_token};
 use crate::tensors::Dtype;
-use crate::catalog;
 use serde::Serialize;
 use std::path::Path;
 use vlmem_core::Tier;
@@ -282,7 +281,10 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
     let (head_name, head_bytes) = if w.lm_head_bytes > 0 {
         ("lm_head", scale(w.lm_head_bytes) + final_norm)
     } else {
-        ("lm_head (tied embedding)", scale(w.embedding_bytes) + final_norm)
+        (
+            "lm_head (tied embedding)",
+            scale(w.embedding_bytes) + final_norm,
+        )
     };
     text_units.push((head_name.into(), head_bytes, head_bytes));
     // Units that decode does not stream: the embedding (unless tied, where lm_head holds
@@ -318,7 +320,11 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             "the GPU's {gpu_usable} usable bytes cannot hold the activations ({activation_bytes}): the CPU computes everything"
         ));
     }
-    let mut gpu_left = if has_gpu { gpu_usable - activation_bytes } else { 0 };
+    let mut gpu_left = if has_gpu {
+        gpu_usable - activation_bytes
+    } else {
+        0
+    };
     let mut host_left = host_usable;
 
     // KV cache: on the GPU if it takes at most half of what is left there, else host.
@@ -409,13 +415,15 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         });
     }
     // lm_head comes last in text_units: let it onto the GPU even after the layer prefix.
-    if let Some(head) = units.last_mut() {
-        if head.tier != Tier::Device && has_gpu && head.bytes <= gpu_left {
-            if head.tier == Tier::Host {
-                host_left += head.bytes;
-            }
-            head.tier = Tier::Device;
+    if let Some(head) = units.last_mut()
+        && head.tier != Tier::Device
+        && has_gpu
+        && head.bytes <= gpu_left
+    {
+        if head.tier == Tier::Host {
+            host_left += head.bytes;
         }
+        head.tier = Tier::Device;
     }
     for (name, bytes) in cold_units {
         let tier = if bytes <= host_left {
@@ -424,7 +432,11 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         } else {
             Tier::Disk
         };
-        let per_token = if name == "embedding" { h * dtype.size_bytes() } else { 0 };
+        let per_token = if name == "embedding" {
+            h * dtype.size_bytes()
+        } else {
+            0
+        };
         units.push(PlacedUnit {
             name,
             bytes,
@@ -432,9 +444,18 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             tier,
         });
     }
-    let sum_tier = |t: Tier| units.iter().filter(|u| u.tier == t).map(|u| u.bytes).sum::<u64>();
-    let (gpu_bytes, host_bytes, disk_bytes) =
-        (sum_tier(Tier::Device), sum_tier(Tier::Host), sum_tier(Tier::Disk));
+    let sum_tier = |t: Tier| {
+        units
+            .iter()
+            .filter(|u| u.tier == t)
+            .map(|u| u.bytes)
+            .sum::<u64>()
+    };
+    let (gpu_bytes, host_bytes, disk_bytes) = (
+        sum_tier(Tier::Device),
+        sum_tier(Tier::Host),
+        sum_tier(Tier::Disk),
+    );
     let per_token_from = |t: Tier| {
         units
             .iter()
@@ -461,12 +482,20 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         name: name.into(),
         bytes_per_token: bytes,
         bytes_per_s,
-        seconds_per_token: if bytes_per_s > 0.0 { bytes as f64 / bytes_per_s } else { f64::INFINITY },
+        seconds_per_token: if bytes_per_s > 0.0 {
+            bytes as f64 / bytes_per_s
+        } else {
+            f64::INFINITY
+        },
     };
     let disk_read = per_token_from(Tier::Disk) + kv_on(Tier::Disk);
     let cpu_read = per_token_from(Tier::Host) + kv_on(Tier::Host) + disk_read;
     let mut terms = vec![bw_term("disk", disk_read, profile.disk.read.bytes_per_s)];
-    let mut compute = vec![bw_term("host_memory", cpu_read, profile.host.bandwidth.bytes_per_s)];
+    let mut compute = vec![bw_term(
+        "host_memory",
+        cpu_read,
+        profile.host.bandwidth.bytes_per_s,
+    )];
     if let (Some(gpu), true) = (&profile.gpu, has_gpu) {
         compute.push(bw_term(
             "gpu_memory",
@@ -475,13 +504,18 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         ));
         // The hidden state crosses the link to the CPU and back once per token per sequence.
         let crossings = if gpu_layers > 0 && cpu_read > 0 { 2 } else { 0 };
-        terms.push(bw_term("gpu_link", crossings * h * act_bytes * req.batch, gpu.link.bytes_per_s));
+        terms.push(bw_term(
+            "gpu_link",
+            crossings * h * act_bytes * req.batch,
+            gpu.link.bytes_per_s,
+        ));
     }
     let compute_s: f64 = compute.iter().map(|t| t.seconds_per_token).sum();
     terms.push(BoundTerm {
         name: "compute_memory".into(),
         bytes_per_token: compute.iter().map(|t| t.bytes_per_token).sum(),
-        bytes_per_s: compute.iter().map(|t| t.bytes_per_token).sum::<u64>() as f64 / compute_s.max(f64::MIN_POSITIVE),
+        bytes_per_s: compute.iter().map(|t| t.bytes_per_token).sum::<u64>() as f64
+            / compute_s.max(f64::MIN_POSITIVE),
         seconds_per_token: compute_s,
     });
     terms.extend(compute);
@@ -493,7 +527,11 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         .map(|t| t.seconds_per_token)
         .fold(0.0f64, f64::max);
     let fits = reason.is_none();
-    let bound = if fits && worst > 0.0 { req.batch as f64 / worst } else { 0.0 };
+    let bound = if fits && worst > 0.0 {
+        req.batch as f64 / worst
+    } else {
+        0.0
+    };
     if profile.gpu.as_ref().is_some_and(|g| !g.bf16_arithmetic) {
         notes.push("the GPU has no bf16 arithmetic: weights stay bf16 in the tiers and are computed in f32 once staged".into());
     }
@@ -501,7 +539,9 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         notes.push("no GPU in this profile: the CPU computes from host RAM".into());
     }
     if disk_bytes > 0 && model.on_disk {
-        notes.push("weights on disk are read in place from the checkpoint files (no swap copy)".into());
+        notes.push(
+            "weights on disk are read in place from the checkpoint files (no swap copy)".into(),
+        );
     }
 
     Ok(Plan {
@@ -558,12 +598,34 @@ mod tests {
             let m = ModelSource::resolve(name).unwrap();
             let p = plan(&m, &laptop(), &PlanRequest::default()).unwrap();
             let pl = &p.placement;
-            assert_eq!(pl.gpu_bytes + pl.host_bytes + pl.disk_bytes, p.weights.total_bytes, "{name}");
+            assert_eq!(
+                pl.gpu_bytes + pl.host_bytes + pl.disk_bytes,
+                p.weights.total_bytes,
+                "{name}"
+            );
             assert_eq!(p.weights.total_bytes, 2 * p.weights.total_params, "{name}");
-            let gpu_total = pl.gpu_bytes + pl.gpu_activation_bytes + if pl.kv_tier == Tier::Device { pl.kv_bytes } else { 0 };
-            assert!(gpu_total <= laptop().gpu_usable_bytes(), "{name}: GPU overcommitted");
-            let host_total = pl.host_bytes + pl.host_staging_bytes + if pl.kv_tier == Tier::Host { pl.kv_bytes } else { 0 };
-            assert!(host_total <= laptop().host.usable_bytes(), "{name}: host overcommitted");
+            let gpu_total = pl.gpu_bytes
+                + pl.gpu_activation_bytes
+                + if pl.kv_tier == Tier::Device {
+                    pl.kv_bytes
+                } else {
+                    0
+                };
+            assert!(
+                gpu_total <= laptop().gpu_usable_bytes(),
+                "{name}: GPU overcommitted"
+            );
+            let host_total = pl.host_bytes
+                + pl.host_staging_bytes
+                + if pl.kv_tier == Tier::Host {
+                    pl.kv_bytes
+                } else {
+                    0
+                };
+            assert!(
+                host_total <= laptop().host.usable_bytes(),
+                "{name}: host overcommitted"
+            );
         }
     }
 
@@ -587,7 +649,10 @@ mod tests {
         profile.gpu = None;
         profile.host.memory_bytes = 64 * GIB;
         let m = ModelSource::resolve("qwen3-vl-2b").unwrap();
-        let req = PlanRequest { context_tokens: 1000, ..Default::default() };
+        let req = PlanRequest {
+            context_tokens: 1000,
+            ..Default::default()
+        };
         let p = plan(&m, &profile, &req).unwrap();
         assert_eq!(p.placement.disk_bytes, 0);
         assert_eq!(p.placement.gpu_bytes, 0);
@@ -595,7 +660,11 @@ mod tests {
         // + KV 114,688 B x 1000 tokens.
         let per_token = 28 * 100_672_000u64 + 622_329_856 + 4_096 + 114_688 * 1000;
         let expect = profile.host.bandwidth.bytes_per_s / per_token as f64;
-        assert!((p.decode_tokens_per_s_bound - expect).abs() < 1e-9, "{} vs {expect}", p.decode_tokens_per_s_bound);
+        assert!(
+            (p.decode_tokens_per_s_bound - expect).abs() < 1e-9,
+            "{} vs {expect}",
+            p.decode_tokens_per_s_bound
+        );
     }
 
     #[test]
@@ -607,37 +676,74 @@ mod tests {
             disk_bytes: None,
         });
         let m = ModelSource::resolve("qwen3-vl-8b").unwrap();
-        let req = PlanRequest { context_tokens: 0, ..Default::default() };
+        let req = PlanRequest {
+            context_tokens: 0,
+            ..Default::default()
+        };
         let p = plan(&m, &profile, &req).unwrap();
         assert!(p.fits);
         let disk = p.bound_terms.iter().find(|t| t.name == "disk").unwrap();
-        let on_disk: u64 = p.placement.units.iter().filter(|u| u.tier == Tier::Disk).map(|u| u.bytes_per_token).sum();
+        let on_disk: u64 = p
+            .placement
+            .units
+            .iter()
+            .filter(|u| u.tier == Tier::Disk)
+            .map(|u| u.bytes_per_token)
+            .sum();
         assert_eq!(disk.bytes_per_token, on_disk);
-        assert!(p.decode_tokens_per_s_bound <= profile.disk.read.bytes_per_s / on_disk as f64 + 1e-12);
+        assert!(
+            p.decode_tokens_per_s_bound <= profile.disk.read.bytes_per_s / on_disk as f64 + 1e-12
+        );
     }
 
     #[test]
     fn moe_streams_only_routed_experts() {
         let m = ModelSource::resolve("qwen3-vl-30b-a3b").unwrap();
         let p = plan(&m, &laptop(), &PlanRequest::default()).unwrap();
-        let experts = p.placement.units.iter().find(|u| u.name == "layer 47 experts").unwrap();
+        let experts = p
+            .placement
+            .units
+            .iter()
+            .find(|u| u.name == "layer 47 experts")
+            .unwrap();
         // 128 experts of 9 MiB; a token reads 8 of them.
-        assert_eq!(experts.bytes, 128 * 9 << 20);
-        assert_eq!(experts.bytes_per_token, 8 * 9 << 20);
+        assert_eq!(experts.bytes, 128 * (9 << 20));
+        assert_eq!(experts.bytes_per_token, 8 * (9 << 20));
     }
 
     #[test]
     fn bad_requests_and_limits() {
         let m = ModelSource::resolve("qwen3-vl-2b").unwrap();
-        let bad = PlanRequest { batch: 0, ..Default::default() };
-        assert!(matches!(plan(&m, &laptop(), &bad), Err(Error::BadRequest(_))));
-        let img = PlanRequest { images: vec![(0, 0)], ..Default::default() };
-        assert!(matches!(plan(&m, &laptop(), &img), Err(Error::BadRequest(_))));
-        let long = PlanRequest { context_tokens: 1_000_000, ..Default::default() };
+        let bad = PlanRequest {
+            batch: 0,
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan(&m, &laptop(), &bad),
+            Err(Error::BadRequest(_))
+        ));
+        let img = PlanRequest {
+            images: vec![(0, 0)],
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan(&m, &laptop(), &img),
+            Err(Error::BadRequest(_))
+        ));
+        let long = PlanRequest {
+            context_tokens: 1_000_000,
+            ..Default::default()
+        };
         let p = plan(&m, &laptop(), &long).unwrap();
         assert!(!p.fits);
         assert!(p.reason.unwrap().contains("max_position_embeddings"));
-        assert!(matches!(ModelSource::resolve("qwen3-vl-7b"), Err(Error::UnknownModel(_))));
-        assert!(matches!(ModelSource::resolve("./no/such/dir"), Err(Error::Missing { .. })));
+        assert!(matches!(
+            ModelSource::resolve("qwen3-vl-7b"),
+            Err(Error::UnknownModel(_))
+        ));
+        assert!(matches!(
+            ModelSource::resolve("./no/such/dir"),
+            Err(Error::Missing { .. })
+        ));
     }
 }

@@ -65,7 +65,11 @@ pub fn synth(name: &str, out: &Path, opts: &SynthOptions) -> Result<SynthReport>
 }
 
 /// Synthesizes a checkpoint for any valid config (tests use tiny ones).
-pub fn synth_config(mut cfg: Qwen3VlConfig, out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
+pub fn synth_config(
+    mut cfg: Qwen3VlConfig,
+    out: &Path,
+    opts: &SynthOptions,
+) -> Result<SynthReport> {
     if let Some(layers) = opts.layers {
         if layers == 0 || layers > cfg.text.num_hidden_layers {
             return Err(Error::BadRequest(format!(
@@ -75,8 +79,7 @@ pub fn synth_config(mut cfg: Qwen3VlConfig, out: &Path, opts: &SynthOptions) -> 
         }
         cfg.text.num_hidden_layers = layers;
     }
-    cfg.validate()
-        .map_err(|m| Error::config("<catalog>", m))?;
+    cfg.validate().map_err(|m| Error::config("<catalog>", m))?;
     if opts.shard_max_bytes == 0 {
         return Err(Error::BadRequest("shard size must be positive".into()));
     }
@@ -113,7 +116,7 @@ pub fn synth_config(mut cfg: Qwen3VlConfig, out: &Path, opts: &SynthOptions) -> 
         ProgressBar::hidden()
     };
 
-    let mut rng = SplitMix64(opts.seed ^ 0x5EED_0F_71A4);
+    let mut rng = SplitMix64(opts.seed ^ 0x005E_ED0F_71A4);
     let mut files = Vec::new();
     let mut weight_map = BTreeMap::new();
     let n = shards.len();
@@ -159,7 +162,12 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-fn write_shard(path: &Path, tensors: &[&TensorSpec], rng: &mut SplitMix64, bar: &ProgressBar) -> Result<()> {
+fn write_shard(
+    path: &Path,
+    tensors: &[&TensorSpec],
+    rng: &mut SplitMix64,
+    bar: &ProgressBar,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0u64;
@@ -179,7 +187,8 @@ fn write_shard(path: &Path, tensors: &[&TensorSpec], rng: &mut SplitMix64, bar: 
     let io = |e| Error::io(path, e);
     let file = File::create(path).map_err(io)?;
     let mut w = BufWriter::with_capacity(8 << 20, file);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&header_bytes).map_err(io)?;
     let mut buf = vec![0u8; 4 << 20];
     for t in tensors {
@@ -194,7 +203,9 @@ fn write_shard(path: &Path, tensors: &[&TensorSpec], rng: &mut SplitMix64, bar: 
         }
     }
     w.flush().map_err(io)?;
-    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
     file.sync_all().map_err(io)
 }
 
@@ -271,11 +282,23 @@ mod tests {
         assert_ne!(a, c);
         for pair in a.chunks_exact(2) {
             let v = half::bf16::from_bits(u16::from_le_bytes([pair[0], pair[1]])).to_f32();
-            assert!(v.is_finite() && v.abs() >= 1.0 / 256.0 && v.abs() < 1.0 / 16.0, "{v}");
+            assert!(
+                v.is_finite() && v.abs() >= 1.0 / 256.0 && v.abs() < 1.0 / 16.0,
+                "{v}"
+            );
         }
-        assert!(matches!(fill_of("model.visual.blocks.0.norm1.weight"), Fill::Ones));
-        assert!(matches!(fill_of("model.visual.blocks.0.norm1.bias"), Fill::Zeros));
-        assert!(matches!(fill_of("model.language_model.layers.0.self_attn.q_norm.weight"), Fill::Ones));
+        assert!(matches!(
+            fill_of("model.visual.blocks.0.norm1.weight"),
+            Fill::Ones
+        ));
+        assert!(matches!(
+            fill_of("model.visual.blocks.0.norm1.bias"),
+            Fill::Zeros
+        ));
+        assert!(matches!(
+            fill_of("model.language_model.layers.0.self_attn.q_norm.weight"),
+            Fill::Ones
+        ));
         assert!(matches!(fill_of("lm_head.weight"), Fill::Random));
     }
 }

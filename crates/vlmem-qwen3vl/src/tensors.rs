@@ -232,7 +232,13 @@ pub fn expected_tensors(cfg: &Qwen3VlConfig, dtype: Dtype) -> Vec<TensorSpec> {
     let out_d = v.out_hidden_size;
     push(
         "model.visual.patch_embed.proj.weight".into(),
-        vec![d, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+        vec![
+            d,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        ],
     );
     push("model.visual.patch_embed.proj.bias".into(), vec![d]);
     push(
@@ -249,9 +255,18 @@ pub fn expected_tensors(cfg: &Qwen3VlConfig, dtype: Dtype) -> Vec<TensorSpec> {
         push(format!("{p}.attn.qkv.bias"), vec![3 * d]);
         push(format!("{p}.attn.proj.weight"), vec![d, d]);
         push(format!("{p}.attn.proj.bias"), vec![d]);
-        push(format!("{p}.mlp.linear_fc1.weight"), vec![v.intermediate_size, d]);
-        push(format!("{p}.mlp.linear_fc1.bias"), vec![v.intermediate_size]);
-        push(format!("{p}.mlp.linear_fc2.weight"), vec![d, v.intermediate_size]);
+        push(
+            format!("{p}.mlp.linear_fc1.weight"),
+            vec![v.intermediate_size, d],
+        );
+        push(
+            format!("{p}.mlp.linear_fc1.bias"),
+            vec![v.intermediate_size],
+        );
+        push(
+            format!("{p}.mlp.linear_fc2.weight"),
+            vec![d, v.intermediate_size],
+        );
         push(format!("{p}.mlp.linear_fc2.bias"), vec![d]);
     }
     let mut merger = |p: String, norm_width: u64| {
@@ -316,19 +331,31 @@ mod tests {
         use TensorClass::*;
         let cases = [
             ("model.language_model.embed_tokens.weight", Embedding),
-            ("model.language_model.layers.3.self_attn.q_proj.weight", Attention),
-            ("model.language_model.layers.3.self_attn.q_norm.weight", Norm),
+            (
+                "model.language_model.layers.3.self_attn.q_proj.weight",
+                Attention,
+            ),
+            (
+                "model.language_model.layers.3.self_attn.q_norm.weight",
+                Norm,
+            ),
             ("model.language_model.layers.3.input_layernorm.weight", Norm),
             ("model.language_model.layers.3.mlp.up_proj.weight", Mlp),
             ("model.language_model.layers.3.mlp.gate.weight", Router),
-            ("model.language_model.layers.3.mlp.experts.gate_up_proj", Expert),
+            (
+                "model.language_model.layers.3.mlp.experts.gate_up_proj",
+                Expert,
+            ),
             ("model.language_model.norm.weight", Norm),
             ("lm_head.weight", LmHead),
             ("model.visual.patch_embed.proj.weight", VisionEmbed),
             ("model.visual.pos_embed.weight", VisionEmbed),
             ("model.visual.blocks.0.attn.qkv.bias", VisionBlock),
             ("model.visual.merger.linear_fc1.weight", Merger),
-            ("model.visual.deepstack_merger_list.2.norm.bias", DeepstackMerger),
+            (
+                "model.visual.deepstack_merger_list.2.norm.bias",
+                DeepstackMerger,
+            ),
         ];
         for (name, class) in cases {
             assert_eq!(TensorClass::of_name(name), Some(class), "{name}");

@@ -18,7 +18,9 @@ const FIXTURES: [&str; 4] = [
 ];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
 }
 
 /// Bytes of the data section of a safetensors file: file size - 8 - header length.
@@ -42,7 +44,9 @@ fn fixtures_read_byte_for_byte() {
         assert_eq!(w.other_bytes, 0, "{name}: every tensor is classified");
         assert_eq!(w.text_bytes + w.vision_bytes, data);
         // Every tensor lies inside the file.
-        let len = std::fs::metadata(dir.join("model.safetensors")).unwrap().len();
+        let len = std::fs::metadata(dir.join("model.safetensors"))
+            .unwrap()
+            .len();
         for t in &ckpt.tensors {
             assert!(t.file_offset_bytes + t.bytes <= len);
             assert!(t.class.is_some(), "{}", t.name);
@@ -52,7 +56,10 @@ fn fixtures_read_byte_for_byte() {
         let profile = vlmem_core::profile::builtin("laptop-i5-10210u-mx250").unwrap();
         let p = plan(&model, &profile, &PlanRequest::default()).unwrap();
         assert_eq!(p.weights.total_bytes, data, "{name}");
-        assert_eq!(p.placement.gpu_bytes + p.placement.host_bytes + p.placement.disk_bytes, data);
+        assert_eq!(
+            p.placement.gpu_bytes + p.placement.host_bytes + p.placement.disk_bytes,
+            data
+        );
         assert!(p.fits);
     }
 }
@@ -75,12 +82,26 @@ fn both_layouts_give_the_same_config_and_tensor_list() {
     assert_eq!(dense.text.rope_theta, 5_000_000.0);
     // Special ids come from the config (the fixtures remap them).
     assert_eq!(
-        (dense.vision_start_token_id, dense.vision_end_token_id, dense.image_token_id, dense.video_token_id),
+        (
+            dense.vision_start_token_id,
+            dense.vision_end_token_id,
+            dense.image_token_id,
+            dense.video_token_id
+        ),
         (1000, 1001, 1002, 1003)
     );
-    let moe = Checkpoint::open(&fixture("qwen3-vl-moe-tiny")).unwrap().config;
+    let moe = Checkpoint::open(&fixture("qwen3-vl-moe-tiny"))
+        .unwrap()
+        .config;
     let m = moe.text.moe.as_ref().unwrap();
-    assert_eq!((m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size), (4, 2, 48));
+    assert_eq!(
+        (
+            m.num_experts,
+            m.num_experts_per_tok,
+            m.moe_intermediate_size
+        ),
+        (4, 2, 48)
+    );
     assert!(!moe.text.tie_word_embeddings);
 }
 
@@ -91,12 +112,19 @@ fn fixture_tensors_match_the_catalog_tensor_list() {
         let expected = expected_tensors(&ckpt.config, Dtype::BF16);
         assert_eq!(expected.len(), ckpt.tensors.len(), "{name}");
         for e in &expected {
-            let t = ckpt.tensor(&e.name).unwrap_or_else(|| panic!("{name}: {} missing", e.name));
+            let t = ckpt
+                .tensor(&e.name)
+                .unwrap_or_else(|| panic!("{name}: {} missing", e.name));
             assert_eq!(t.dtype, e.dtype, "{}", e.name);
             assert_eq!(t.class, Some(e.class), "{}", e.name);
             if e.class == TensorClass::Expert && !name.ends_with("released-layout") {
                 // transformers 5.x stores experts transposed: [E, 2I, H] and [E, H, I].
-                assert_eq!(t.shape, vec![e.shape[0], e.shape[2], e.shape[1]], "{}", e.name);
+                assert_eq!(
+                    t.shape,
+                    vec![e.shape[0], e.shape[2], e.shape[1]],
+                    "{}",
+                    e.name
+                );
             } else {
                 assert_eq!(t.shape, e.shape, "{}", e.name);
             }
@@ -106,7 +134,9 @@ fn fixture_tensors_match_the_catalog_tensor_list() {
 
 #[test]
 fn sharded_synth_reads_back_exactly() {
-    let cfg = Checkpoint::open(&fixture("qwen3-vl-moe-tiny-released-layout")).unwrap().config;
+    let cfg = Checkpoint::open(&fixture("qwen3-vl-moe-tiny-released-layout"))
+        .unwrap()
+        .config;
     let dir = tempfile::tempdir().unwrap();
     let opts = SynthOptions {
         shard_max_bytes: 100_000,
@@ -114,14 +144,25 @@ fn sharded_synth_reads_back_exactly() {
         ..Default::default()
     };
     let report = synth_config(cfg.clone(), dir.path(), &opts).unwrap();
-    assert!(report.files.len() > 3, "sharded into {} files", report.files.len());
+    assert!(
+        report.files.len() > 3,
+        "sharded into {} files",
+        report.files.len()
+    );
     let ckpt = Checkpoint::open(dir.path()).unwrap();
     assert_eq!(ckpt.config, cfg);
     assert_eq!(ckpt.files.len(), report.files.len());
     assert_eq!(ckpt.total_bytes(), report.data_bytes);
     let expected = expected_tensors(&cfg, Dtype::BF16);
-    let mut got: Vec<_> = ckpt.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.dtype)).collect();
-    let mut want: Vec<_> = expected.iter().map(|t| (t.name.clone(), t.shape.clone(), t.dtype)).collect();
+    let mut got: Vec<_> = ckpt
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.dtype))
+        .collect();
+    let mut want: Vec<_> = expected
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.dtype))
+        .collect();
     got.sort();
     want.sort();
     assert_eq!(got, want);
@@ -138,9 +179,15 @@ fn sharded_synth_reads_back_exactly() {
 fn bad_checkpoints_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     // Missing folder.
-    assert!(matches!(Checkpoint::open(&dir.path().join("nope")), Err(Error::Missing { .. })));
+    assert!(matches!(
+        Checkpoint::open(&dir.path().join("nope")),
+        Err(Error::Missing { .. })
+    ));
     // Folder without config.json.
-    assert!(matches!(Checkpoint::open(dir.path()), Err(Error::Missing { .. })));
+    assert!(matches!(
+        Checkpoint::open(dir.path()),
+        Err(Error::Missing { .. })
+    ));
     // A config that is not Qwen3-VL.
     let cfg_path = dir.path().join("config.json");
     std::fs::write(&cfg_path, r#"{"model_type": "llama", "hidden_size": 4096}"#).unwrap();
@@ -149,10 +196,16 @@ fn bad_checkpoints_are_typed_errors() {
     assert!(err.to_string().contains("llama"));
     // Malformed JSON.
     std::fs::write(&cfg_path, "{ not json").unwrap();
-    assert!(matches!(Checkpoint::open(dir.path()), Err(Error::Config { .. })));
+    assert!(matches!(
+        Checkpoint::open(dir.path()),
+        Err(Error::Config { .. })
+    ));
     // A valid config but no weights.
     std::fs::copy(fixture("qwen3-vl-tiny").join("config.json"), &cfg_path).unwrap();
-    assert!(matches!(Checkpoint::open(dir.path()), Err(Error::Missing { .. })));
+    assert!(matches!(
+        Checkpoint::open(dir.path()),
+        Err(Error::Missing { .. })
+    ));
     // A truncated safetensors file.
     let good = std::fs::read(fixture("qwen3-vl-tiny").join("model.safetensors")).unwrap();
     let st = dir.path().join("model.safetensors");
@@ -171,14 +224,23 @@ fn bad_checkpoints_are_typed_errors() {
         r#"{"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}"#,
     )
     .unwrap();
-    assert!(matches!(Checkpoint::open(dir.path()), Err(Error::Missing { .. })));
+    assert!(matches!(
+        Checkpoint::open(dir.path()),
+        Err(Error::Missing { .. })
+    ));
     // Zero or impossible config values.
     let text = std::fs::read_to_string(fixture("qwen3-vl-tiny").join("config.json")).unwrap();
     for (from, to) in [
         ("\"num_attention_heads\": 4", "\"num_attention_heads\": 0"),
         ("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
-        ("\"hidden_size\": 64,\n    \"initializer_range\": 0.05,\n    \"intermediate_size\": 128,\n    \"max", "\"hidden_size\": 0,\n    \"initializer_range\": 0.05,\n    \"intermediate_size\": 128,\n    \"max"),
-        ("\"vision_start_token_id\": 1000", "\"vision_start_token_id\": -1"),
+        (
+            "\"hidden_size\": 64,\n    \"initializer_range\": 0.05,\n    \"intermediate_size\": 128,\n    \"max",
+            "\"hidden_size\": 0,\n    \"initializer_range\": 0.05,\n    \"intermediate_size\": 128,\n    \"max",
+        ),
+        (
+            "\"vision_start_token_id\": 1000",
+            "\"vision_start_token_id\": -1",
+        ),
     ] {
         assert!(text.contains(from), "{from}");
         let bad = text.replace(from, to);
