@@ -1,0 +1,145 @@
+//! How a manager is built: tier capacities, per-kind budgets per tier, and the allocator that
+//! manages each tier's arena.
+
+use std::sync::Arc;
+use vlmem_core::bytes::MIB;
+use vlmem_core::profile::HardwareProfile;
+use vlmem_core::{AllocError, OffsetAllocator, TensorKind, Tier};
+use vlmem_tier::{DiskOptions, EngineConfig, FirstFitAllocator};
+
+/// Makes the allocator of one tier's arena: `(capacity_bytes, granule_bytes)`.
+pub type AllocatorFactory =
+    Arc<dyn Fn(u64, u64) -> Result<Arc<dyn OffsetAllocator>, AllocError> + Send + Sync>;
+
+/// Byte budgets: for each tier, how many bytes each kind may hold there. A kind over its
+/// budget evicts only its own tensors, so one class cannot flush another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budgets {
+    /// `bytes[tier.index()][kind.index()]`.
+    pub bytes: [[u64; 5]; 3],
+}
+
+impl Budgets {
+    /// Splits each tier's capacity by fractions per kind (in [`TensorKind::ALL`] order).
+    pub fn split(capacity_bytes: [u64; 3], fractions: [[f64; 5]; 3]) -> Self {
+        let mut bytes = [[0u64; 5]; 3];
+        for t in 0..3 {
+            for k in 0..5 {
+                bytes[t][k] = (capacity_bytes[t] as f64 * fractions[t][k]) as u64;
+            }
+        }
+        Budgets { bytes }
+    }
+
+    /// The default split. Device: weights 55%, KV 25%, activations 10%, vision 5%, scratch 5%.
+    /// Host: weights 65%, KV 15%, activations 5%, vision 10%, scratch 5%. Disk: weights 50%,
+    /// KV 40%, vision 10%; activations and scratch are never swapped.
+    pub fn default_split(capacity_bytes: [u64; 3]) -> Self {
+        Budgets::split(
+            capacity_bytes,
+            [
+                [0.55, 0.25, 0.10, 0.05, 0.05],
+                [0.65, 0.15, 0.05, 0.10, 0.05],
+                [0.50, 0.40, 0.0, 0.10, 0.0],
+            ],
+        )
+    }
+
+    /// The budget of `kind` on `tier`.
+    pub fn get(&self, tier: Tier, kind: TensorKind) -> u64 {
+        self.bytes[tier.index()][kind.index()]
+    }
+}
+
+/// Everything a [`crate::MemoryManager`] is built from.
+#[derive(Clone)]
+pub struct ManagerConfig {
+    /// Bytes of the device tier (simulated in host memory where there is no GPU).
+    pub device_bytes: u64,
+    /// Bandwidth cap of the simulated device's link, bytes/s (`None`: uncapped).
+    pub device_link_bytes_per_s: Option<u64>,
+    /// Bytes of the host tier.
+    pub host_bytes: u64,
+    /// Bytes of swap on the disk tier.
+    pub disk_bytes: u64,
+    /// Disk tier options (swap directory, O_DIRECT, encryption).
+    pub disk: DiskOptions,
+    /// Per-kind budgets per tier.
+    pub budgets: Budgets,
+    /// Handle-table shards (lock striping).
+    pub shards: usize,
+    /// Transfer engine settings.
+    pub engine: EngineConfig,
+    /// Pending prefetch hints kept before new ones are dropped.
+    pub prefetch_queue: usize,
+    /// The allocator of each tier's arena.
+    pub allocator: AllocatorFactory,
+}
+
+impl std::fmt::Debug for ManagerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerConfig")
+            .field("device_bytes", &self.device_bytes)
+            .field("device_link_bytes_per_s", &self.device_link_bytes_per_s)
+            .field("host_bytes", &self.host_bytes)
+            .field("disk_bytes", &self.disk_bytes)
+            .field("disk", &self.disk)
+            .field("budgets", &self.budgets)
+            .field("shards", &self.shards)
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default arena allocator: first fit over granules.
+pub fn default_allocator() -> AllocatorFactory {
+    Arc::new(|capacity_bytes, granule_bytes| {
+        FirstFitAllocator::new(capacity_bytes, granule_bytes)
+            .map(|a| Arc::new(a) as Arc<dyn OffsetAllocator>)
+    })
+}
+
+/// Swap preallocated by [`ManagerConfig::from_profile`] unless told otherwise.
+pub const DEFAULT_MAX_SWAP_BYTES: u64 = 8 << 30;
+
+/// Rounds down to a multiple of 1 MiB (arenas are whole MiB so every granule divides them).
+fn whole_mib(bytes: u64) -> u64 {
+    bytes / MIB * MIB
+}
+
+impl ManagerConfig {
+    /// Tiers of the given sizes with the default budget split.
+    pub fn with_capacities(device_bytes: u64, host_bytes: u64, disk_bytes: u64) -> Self {
+        let caps = [
+            whole_mib(device_bytes),
+            whole_mib(host_bytes),
+            whole_mib(disk_bytes),
+        ];
+        ManagerConfig {
+            device_bytes: caps[0],
+            device_link_bytes_per_s: None,
+            host_bytes: caps[1],
+            disk_bytes: caps[2],
+            disk: DiskOptions::default(),
+            budgets: Budgets::default_split(caps),
+            shards: 16,
+            engine: EngineConfig::default(),
+            prefetch_queue: 256,
+            allocator: default_allocator(),
+        }
+    }
+
+    /// Tiers sized from a hardware profile: the GPU's usable memory (simulated, with the
+    /// profile's link bandwidth, when no CUDA device backs it), usable RAM, and swap of the
+    /// free disk but at most [`DEFAULT_MAX_SWAP_BYTES`] (swap files are preallocated; weights
+    /// on disk are read in place and need no swap).
+    pub fn from_profile(profile: &HardwareProfile) -> Self {
+        let mut c = ManagerConfig::with_capacities(
+            profile.gpu_usable_bytes(),
+            profile.host.usable_bytes(),
+            profile.disk.free_bytes.min(DEFAULT_MAX_SWAP_BYTES),
+        );
+        c.device_link_bytes_per_s = profile.gpu.as_ref().map(|g| g.link.bytes_per_s as u64);
+        c
+    }
+}

@@ -1,0 +1,15 @@
+//! vlmem: the unified memory manager for running Qwen3-VL on hardware whose GPU cannot hold
+//! it. One thread-safe [`MemoryManager`] owns every tensor (weights, KV cache, activations,
+//! vision embeddings, scratch) and keeps each in the right tier: L1 device (GPU memory, or a
+//! simulated device), L2 host RAM, L3 disk. See docs/ARCHITECTURE.md.
+
+pub mod config;
+pub mod error;
+mod manager;
+pub mod stats;
+
+pub use config::{Budgets, ManagerConfig};
+pub use error::{ManagerError, Result};
+pub use manager::{MemoryManager, PinGuard, TensorHandle};
+pub use stats::ManagerStats;
+pub use vlmem_core::{TensorKind, Tier};

@@ -1,0 +1,1008 @@
+//! The memory manager: one thread-safe front for every tensor, over the device, host and
+//! disk tiers.
+//!
+//! ## State
+//! A sharded handle table (lock striping: a tensor's slot picks its shard). Each entry holds
+//! up to one copy per tier, each with a pin count and a validity flag, and a `busy` flag set
+//! while a move or a write is in flight. Threads that need a busy entry wait on its shard's
+//! condition variable; no lock is held across a copy or an I/O (moves go through the
+//! transfer engine with the shard unlocked).
+//!
+//! ## Cache levels: inclusive for clean copies
+//! Promoting a tensor to a faster tier keeps the slower copy: weights, which dominate and are
+//! read-only, can then be demoted by just dropping the fast copy. A write goes to the host
+//! copy and drops every other copy, so written data has exactly one home until it is
+//! promoted again. Demotion of a tensor whose only copy is on the tier being freed writes it
+//! back one tier down first. The disk copy of a checkpoint weight is the file itself (a
+//! read-only extent), never a swap copy.
+//!
+//! ## Locks (docs/ARCHITECTURE.md)
+//! Level 1: the budgets `RwLock`. Level 3: one shard `Mutex` at a time, except the stats
+//! recount, which takes all shards in ascending index order. Tier and engine locks are
+//! leaves. Every public method locks its shard once and passes `&mut` state to helpers.
+
+use crate::config::{Budgets, ManagerConfig};
+use crate::error::{ManagerError, Result};
+use crate::stats::{Counters, ManagerStats, TierKindBytes};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc as StdArc;
+use std::time::Instant;
+use vlmem_core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use vlmem_core::sync::{Arc, Condvar, Mutex, RwLock, wait_guard};
+use vlmem_core::{TensorKind, Tier};
+use vlmem_tier::{
+    DiskTier, MemoryTier, Move, Priority, Reservation, TierBackend, TierError, TransferEngine,
+};
+
+static NEXT_MANAGER_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A tensor owned by a [`MemoryManager`]. Copyable; checked on every use: a handle of a
+/// deallocated tensor is refused as stale, a handle of another manager as foreign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TensorHandle {
+    manager_id: u32,
+    slot: u32,
+    generation: u32,
+}
+
+impl TensorHandle {
+    /// The handle's slot (for display).
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Copy {
+    res: Reservation,
+    pins: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    kind: TensorKind,
+    len_bytes: u64,
+    /// One copy per tier at most; every present copy holds the tensor's current bytes.
+    copies: [Option<Copy>; 3],
+    /// A move or a write is in flight: others wait.
+    busy: bool,
+    /// Whether any bytes were ever written (an unwritten tensor moves without a copy).
+    written: bool,
+    /// A checkpoint extent: never written, its disk copy is the file.
+    read_only: bool,
+    last_use: u64,
+}
+
+impl Entry {
+    fn pins(&self) -> u32 {
+        self.copies.iter().flatten().map(|c| c.pins).sum()
+    }
+    /// The fastest tier holding a copy.
+    fn fastest(&self) -> Option<Tier> {
+        Tier::ALL
+            .into_iter()
+            .find(|t| self.copies[t.index()].is_some())
+    }
+    /// A copy on a tier other than `tier`.
+    fn has_other_copy(&self, tier: Tier) -> bool {
+        Tier::ALL
+            .into_iter()
+            .any(|t| t != tier && self.copies[t.index()].is_some())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+#[derive(Debug, Default)]
+struct ShardState {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    state: Mutex<ShardState>,
+    cond: Condvar,
+}
+
+/// Where weights are used next: a cyclic access order (layer order), for the weights policy.
+#[derive(Debug, Default)]
+struct AccessPlan {
+    position: HashMap<(u32, u32), usize>,
+    len: usize,
+}
+
+pub(crate) struct Inner {
+    id: u32,
+    tiers: [StdArc<dyn TierBackend>; 3],
+    disk: StdArc<DiskTier>,
+    engine: TransferEngine,
+    shards: Box<[Shard]>,
+    next_shard: AtomicU64,
+    budgets: RwLock<Budgets>,
+    used: [[AtomicU64; 5]; 3],
+    clock: AtomicU64,
+    plan: RwLock<AccessPlan>,
+    plan_cursor: AtomicU64,
+    pub(crate) counters: Counters,
+}
+
+/// The unified memory manager. Cheap to clone (an `Arc`); every method takes `&self` and is
+/// safe to call from many threads.
+#[derive(Clone)]
+pub struct MemoryManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryManager")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pin: the tensor stays on its tier until the guard drops. Reads see its bytes.
+#[must_use = "a pin is released when the guard drops"]
+pub struct PinGuard {
+    inner: Arc<Inner>,
+    handle: TensorHandle,
+    tier: Tier,
+    res: Reservation,
+    len_bytes: u64,
+}
+
+impl std::fmt::Debug for PinGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinGuard")
+            .field("handle", &self.handle)
+            .field("tier", &self.tier)
+            .field("len_bytes", &self.len_bytes)
+            .finish()
+    }
+}
+
+impl PinGuard {
+    /// The tier the tensor is pinned on.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+    /// The tensor's size.
+    pub fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+    /// Copies `dst.len()` bytes from `offset_bytes` of the tensor.
+    pub fn read(&self, offset_bytes: u64, dst: &mut [u8]) -> Result<()> {
+        check_range(offset_bytes, dst.len() as u64, self.len_bytes)?;
+        self.inner.tiers[self.tier.index()].read(&self.res, offset_bytes, dst)?;
+        Ok(())
+    }
+    /// Lends the tensor's bytes to `f` without a copy where the tier allows it (host and
+    /// simulated device), else through a buffer.
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let tier = &self.inner.tiers[self.tier.index()];
+        let mut f = Some(f);
+        let mut out = None;
+        let lent = tier.read_with(&self.res, 0, self.len_bytes, &mut |bytes| {
+            if let Some(f) = f.take() {
+                out = Some(f(bytes));
+            }
+            Ok(())
+        });
+        match (lent, out) {
+            (Some(Ok(())), Some(r)) => Ok(r),
+            (Some(Err(e)), _) => Err(e.into()),
+            _ => {
+                let mut buf = vec![0u8; self.len_bytes as usize];
+                tier.read(&self.res, 0, &mut buf)?;
+                let f = f.ok_or_else(|| {
+                    ManagerError::InvalidConfig("tier lent bytes without calling back".into())
+                })?;
+                Ok(f(&buf))
+            }
+        }
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.inner.unpin(self.handle, self.tier);
+    }
+}
+
+fn check_range(offset_bytes: u64, len_bytes: u64, tensor_bytes: u64) -> Result<()> {
+    match offset_bytes.checked_add(len_bytes) {
+        Some(end) if end <= tensor_bytes => Ok(()),
+        _ => Err(ManagerError::OutOfRange {
+            offset_bytes,
+            len_bytes,
+            tensor_bytes,
+        }),
+    }
+}
+
+impl MemoryManager {
+    /// Builds the tiers and the engine.
+    pub fn new(config: ManagerConfig) -> Result<Self> {
+        if config.shards == 0 {
+            return Err(ManagerError::InvalidConfig(
+                "shards must be at least 1".into(),
+            ));
+        }
+        let mk = |cap: u64, granule: u64| (config.allocator)(cap, granule);
+        let device: StdArc<dyn TierBackend> = StdArc::new(MemoryTier::simulated_device(
+            mk(config.device_bytes, 256)?,
+            config.device_link_bytes_per_s,
+        )?);
+        let host: StdArc<dyn TierBackend> = StdArc::new(MemoryTier::host(
+            mk(config.host_bytes, 256)?,
+            Default::default(),
+        )?);
+        let disk = StdArc::new(DiskTier::new(
+            mk(config.disk_bytes, 4096)?,
+            config.disk.clone(),
+        )?);
+        let disk_dyn: StdArc<dyn TierBackend> = disk.clone();
+        let tiers = [device, host, disk_dyn];
+        let engine = TransferEngine::new(&tiers, config.engine)?;
+        let shards = (0..config.shards).map(|_| Shard::default()).collect();
+        Ok(MemoryManager {
+            inner: Arc::new(Inner {
+                id: NEXT_MANAGER_ID.fetch_add(1, Ordering::Relaxed),
+                tiers,
+                disk,
+                engine,
+                shards,
+                next_shard: AtomicU64::new(0),
+                budgets: RwLock::new(config.budgets),
+                used: Default::default(),
+                clock: AtomicU64::new(1),
+                plan: RwLock::new(AccessPlan::default()),
+                plan_cursor: AtomicU64::new(0),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// A tensor of `bytes` bytes of `kind`, named `id` (for errors and traces), placed on the
+    /// host tier (or, when the kind's host budget is full of pinned tensors, refused).
+    pub fn allocate(&self, bytes: u64, kind: TensorKind, id: u64) -> Result<TensorHandle> {
+        self.allocate_on(bytes, kind, id, Tier::Host)
+    }
+
+    /// Like [`MemoryManager::allocate`], on a chosen tier.
+    pub fn allocate_on(
+        &self,
+        bytes: u64,
+        kind: TensorKind,
+        id: u64,
+        tier: Tier,
+    ) -> Result<TensorHandle> {
+        if bytes == 0 {
+            return Err(ManagerError::ZeroSize);
+        }
+        let res = self.inner.reserve_on(tier, kind, bytes, id)?;
+        Ok(self.inner.insert(Entry {
+            id,
+            kind,
+            len_bytes: bytes,
+            copies: copies_with(tier, res),
+            busy: false,
+            written: false,
+            read_only: false,
+            last_use: self.inner.tick(),
+        }))
+    }
+
+    /// Registers a tensor that already lies in a file (a checkpoint weight) as resident on the
+    /// disk tier, read in place: no copy, no swap space.
+    pub fn register_extent(
+        &self,
+        path: &Path,
+        file_offset_bytes: u64,
+        len_bytes: u64,
+        kind: TensorKind,
+        id: u64,
+    ) -> Result<TensorHandle> {
+        if len_bytes == 0 {
+            return Err(ManagerError::ZeroSize);
+        }
+        let res = self.inner.disk.register_extent(
+            path,
+            file_offset_bytes,
+            len_bytes,
+            &format!("tensor {id}"),
+        )?;
+        Ok(self.inner.insert(Entry {
+            id,
+            kind,
+            len_bytes,
+            copies: copies_with(Tier::Disk, res),
+            busy: false,
+            written: true,
+            read_only: true,
+            last_use: self.inner.tick(),
+        }))
+    }
+
+    /// Frees a tensor and every copy of it. Refused while it is pinned; a stale or
+    /// double-freed handle is an error and changes nothing.
+    pub fn deallocate(&self, handle: TensorHandle) -> Result<()> {
+        let inner = &self.inner;
+        let shard = inner.shard_of(handle)?;
+        let mut st = shard.state.lock();
+        let entry = loop {
+            let e = inner.entry(&mut st, handle)?;
+            if e.busy {
+                st = wait_guard(&shard.cond, st);
+                continue;
+            }
+            let pins = e.pins();
+            if pins > 0 {
+                return Err(ManagerError::Pinned { id: e.id, pins });
+            }
+            let local = (handle.slot as usize) / inner.shards.len();
+            let slot = &mut st.slots[local];
+            slot.generation = slot.generation.wrapping_add(1);
+            let entry = slot.entry.take();
+            st.free.push(local as u32);
+            break entry;
+        };
+        drop(st);
+        if let Some(e) = entry {
+            for t in Tier::ALL {
+                if let Some(c) = e.copies[t.index()] {
+                    inner.release(t, e.kind, c.res);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the tensor to `tier` (swapping in if needed, making room by demoting unpinned
+    /// tensors of the same kind) and holds it there until the guard drops. When everything
+    /// of that kind on the tier is pinned, returns [`ManagerError::OutOfMemory`] at once.
+    pub fn pin(&self, handle: TensorHandle, tier: Tier) -> Result<PinGuard> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let res = inner.bring(handle, tier, Priority::Demand, true)?;
+        inner.counters.add_pin_wait(started.elapsed());
+        inner.note_plan_use(handle);
+        let len_bytes = res.len_bytes();
+        Ok(PinGuard {
+            inner: inner.clone(),
+            handle,
+            tier,
+            res,
+            len_bytes,
+        })
+    }
+
+    /// A hint: start bringing the tensor to `tier` now. Runs on a new thread (the caller
+    /// never waits); errors are counted, not returned.
+    pub fn prefetch(&self, handle: TensorHandle, tier: Tier) {
+        let inner = self.inner.clone();
+        inner.counters.prefetches.fetch_add(1, Ordering::Relaxed);
+        std::thread::spawn(move || {
+            if inner
+                .bring(handle, tier, Priority::Prefetch, false)
+                .is_err()
+            {
+                inner
+                    .counters
+                    .prefetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// The order in which weights are used, cyclically (layer order). Under pressure the
+    /// weights policy then evicts the weight whose next use is farthest (Belady's choice for
+    /// a known order) instead of the least recently used one.
+    pub fn set_access_plan(&self, order: &[TensorHandle]) {
+        let mut plan = self.inner.plan.write();
+        plan.position = order
+            .iter()
+            .enumerate()
+            .map(|(i, h)| ((h.slot, h.generation), i))
+            .collect();
+        plan.len = order.len();
+    }
+
+    /// Writes `src` at `offset_bytes`. The write lands on the host copy (brought there if
+    /// needed) and every other copy is dropped. Refused while the tensor is pinned.
+    pub fn write(&self, handle: TensorHandle, offset_bytes: u64, src: &[u8]) -> Result<()> {
+        self.inner.write(handle, offset_bytes, src)
+    }
+
+    /// Reads `dst.len()` bytes at `offset_bytes` from the fastest copy, without moving it.
+    pub fn read(&self, handle: TensorHandle, offset_bytes: u64, dst: &mut [u8]) -> Result<()> {
+        let inner = &self.inner;
+        let (tier, res, len, written, id) = inner.pin_fastest(handle)?;
+        let r = if !written {
+            Err(ManagerError::Uninitialized { id })
+        } else {
+            check_range(offset_bytes, dst.len() as u64, len).and_then(|()| {
+                inner.tiers[tier.index()]
+                    .read(&res, offset_bytes, dst)
+                    .map_err(Into::into)
+            })
+        };
+        inner.unpin(handle, tier);
+        r
+    }
+
+    /// Demotes unpinned tensors from `tier` until `bytes` are free or nothing more can go.
+    /// Returns the bytes freed.
+    pub fn evict(&self, tier: Tier, bytes: u64) -> Result<u64> {
+        let mut freed = 0;
+        for kind in TensorKind::ALL {
+            if freed >= bytes {
+                break;
+            }
+            freed += self.inner.evict_kind(tier, kind, bytes - freed)?;
+        }
+        Ok(freed)
+    }
+
+    /// Where the tensor has copies now (fastest first), and its pin count.
+    pub fn residency(&self, handle: TensorHandle) -> Result<(Vec<Tier>, u32)> {
+        let inner = &self.inner;
+        let shard = inner.shard_of(handle)?;
+        let mut st = shard.state.lock();
+        let e = inner.entry(&mut st, handle)?;
+        let tiers = Tier::ALL
+            .into_iter()
+            .filter(|t| e.copies[t.index()].is_some())
+            .collect();
+        Ok((tiers, e.pins()))
+    }
+
+    /// Sets the byte budget of `kind` on `tier`. Lowering it below what is in use takes
+    /// effect as tensors leave.
+    pub fn set_budget(&self, tier: Tier, kind: TensorKind, bytes: u64) {
+        self.inner.budgets.write().bytes[tier.index()][kind.index()] = bytes;
+    }
+
+    /// A consistent snapshot of the manager's state and counters (see [`ManagerStats`]).
+    pub fn stats(&self) -> ManagerStats {
+        self.inner.stats()
+    }
+
+    /// The transfer engine's counters.
+    pub fn engine_stats(&self) -> vlmem_tier::EngineStats {
+        self.inner.engine.stats()
+    }
+
+    /// One line per tier describing its backend ("simulated device ..." where simulated).
+    pub fn describe_tiers(&self) -> Vec<String> {
+        self.inner.tiers.iter().map(|t| t.describe()).collect()
+    }
+}
+
+fn copies_with(tier: Tier, res: Reservation) -> [Option<Copy>; 3] {
+    let mut copies = [None, None, None];
+    copies[tier.index()] = Some(Copy { res, pins: 0 });
+    copies
+}
+
+/// What [`Inner::bring`] finds when it looks at an entry.
+enum Step {
+    /// The copy is there (pinned if asked).
+    Done(Reservation),
+    /// A move is needed from this source.
+    Move {
+        src: Reservation,
+        kind: TensorKind,
+        len_bytes: u64,
+        written: bool,
+        id: u64,
+    },
+}
+
+impl Inner {
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn shard_of(&self, h: TensorHandle) -> Result<&Shard> {
+        if h.manager_id != self.id {
+            return Err(ManagerError::Foreign { slot: h.slot });
+        }
+        Ok(&self.shards[h.slot as usize % self.shards.len()])
+    }
+
+    /// The live entry of `h` in its (locked) shard.
+    fn entry<'a>(&self, st: &'a mut ShardState, h: TensorHandle) -> Result<&'a mut Entry> {
+        let local = h.slot as usize / self.shards.len();
+        match st.slots.get_mut(local) {
+            Some(slot) if slot.generation == h.generation => {
+                slot.entry.as_mut().ok_or(ManagerError::Stale {
+                    slot: h.slot,
+                    generation: h.generation,
+                })
+            }
+            Some(_) => Err(ManagerError::Stale {
+                slot: h.slot,
+                generation: h.generation,
+            }),
+            None => Err(ManagerError::Foreign { slot: h.slot }),
+        }
+    }
+
+    fn insert(&self, entry: Entry) -> TensorHandle {
+        let n = self.shards.len();
+        let shard_index = (self.next_shard.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
+        let shard = &self.shards[shard_index];
+        let mut st = shard.state.lock();
+        let local = match st.free.pop() {
+            Some(l) => l as usize,
+            None => {
+                st.slots.push(Slot::default());
+                st.slots.len() - 1
+            }
+        };
+        let slot = &mut st.slots[local];
+        slot.entry = Some(entry);
+        TensorHandle {
+            manager_id: self.id,
+            slot: (local * n + shard_index) as u32,
+            generation: slot.generation,
+        }
+    }
+
+    /// Charges `bytes` to the budget of `kind` on `tier`; false if it would exceed it.
+    fn charge(&self, tier: Tier, kind: TensorKind, bytes: u64) -> bool {
+        let budget = self.budgets.read().get(tier, kind);
+        self.used[tier.index()][kind.index()]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&n| n <= budget)
+            })
+            .is_ok()
+    }
+
+    fn uncharge(&self, tier: Tier, kind: TensorKind, bytes: u64) {
+        self.used[tier.index()][kind.index()].fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Gives a copy's space back (extents cost no budget: they live in the checkpoint file).
+    fn release(&self, tier: Tier, kind: TensorKind, res: Reservation) {
+        if !res.is_in_place() {
+            self.uncharge(tier, kind, res.len_bytes());
+        }
+        if let Err(e) = self.tiers[tier.index()].release(res) {
+            tracing::warn!(%tier, error = %e, "release failed; the space stays reserved");
+        }
+    }
+
+    /// Reserves `bytes` of `kind` on `tier`, demoting unpinned tensors of that kind when its
+    /// budget or the arena is full. No lock is held on entry or exit.
+    fn reserve_on(&self, tier: Tier, kind: TensorKind, bytes: u64, id: u64) -> Result<Reservation> {
+        let budget = self.budgets.read().get(tier, kind);
+        if bytes > budget {
+            return Err(ManagerError::TooLarge {
+                tier,
+                kind,
+                requested_bytes: bytes,
+                budget_bytes: budget,
+            });
+        }
+        loop {
+            if self.charge(tier, kind, bytes) {
+                match self.tiers[tier.index()].reserve(bytes, &format!("tensor {id}")) {
+                    Ok(res) => return Ok(res),
+                    Err(TierError::Alloc { .. }) => self.uncharge(tier, kind, bytes),
+                    Err(e) => {
+                        self.uncharge(tier, kind, bytes);
+                        return Err(e.into());
+                    }
+                }
+            }
+            // Not enough room: demote the kind's unpinned tensors from this tier.
+            if self.evict_kind(tier, kind, bytes)? == 0 {
+                let used = self.used[tier.index()][kind.index()].load(Ordering::Acquire);
+                return Err(ManagerError::OutOfMemory {
+                    tier,
+                    kind,
+                    requested_bytes: bytes,
+                    free_bytes: budget.saturating_sub(used),
+                    pinned_bytes: self.pinned_bytes(tier, kind),
+                });
+            }
+        }
+    }
+
+    /// Copies a tensor between reservations through the engine (nothing to copy if it was
+    /// never written).
+    fn copy(
+        &self,
+        src: Reservation,
+        dst: Reservation,
+        written: bool,
+        priority: Priority,
+    ) -> Result<()> {
+        if !written {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let ticket = self.engine.submit(Move { src, dst }, priority)?;
+        let report = ticket.wait()?;
+        self.counters
+            .record_move(src.tier(), dst.tier(), report.bytes, started.elapsed());
+        Ok(())
+    }
+
+    /// Brings `h` to `tier`; pins it there when `pin`. Waits (on the shard's condition
+    /// variable, never spinning) while another thread moves or writes the tensor.
+    fn bring(
+        &self,
+        h: TensorHandle,
+        tier: Tier,
+        priority: Priority,
+        pin: bool,
+    ) -> Result<Reservation> {
+        let shard = self.shard_of(h)?;
+        let step = {
+            let mut st = shard.state.lock();
+            loop {
+                let tick = self.tick();
+                let e = self.entry(&mut st, h)?;
+                if e.busy {
+                    st = wait_guard(&shard.cond, st);
+                    continue;
+                }
+                e.last_use = tick;
+                if let Some(c) = e.copies[tier.index()].as_mut() {
+                    if pin {
+                        c.pins += 1;
+                    }
+                    self.counters.hit(tier);
+                    break Step::Done(c.res);
+                }
+                let Some(from) = e.fastest() else {
+                    return Err(ManagerError::InvalidConfig(format!(
+                        "tensor {} has no copy (invariant broken)",
+                        e.id
+                    )));
+                };
+                let src = e.copies[from.index()]
+                    .map(|c| c.res)
+                    .ok_or_else(|| ManagerError::InvalidConfig("copy vanished".into()))?;
+                e.busy = true;
+                self.counters.miss(tier);
+                break Step::Move {
+                    src,
+                    kind: e.kind,
+                    len_bytes: e.len_bytes,
+                    written: e.written,
+                    id: e.id,
+                };
+            }
+        };
+        let (src, kind, len_bytes, written, id) = match step {
+            Step::Done(res) => return Ok(res),
+            Step::Move {
+                src,
+                kind,
+                len_bytes,
+                written,
+                id,
+            } => (src, kind, len_bytes, written, id),
+        };
+        // Unlocked: reserve (maybe demoting others) and copy.
+        let moved = self.reserve_on(tier, kind, len_bytes, id).and_then(|dst| {
+            match self.copy(src, dst, written, priority) {
+                Ok(()) => Ok(dst),
+                Err(e) => {
+                    self.release(tier, kind, dst);
+                    Err(e)
+                }
+            }
+        });
+        let mut st = shard.state.lock();
+        let e = self.entry(&mut st, h)?;
+        e.busy = false;
+        shard.cond.notify_all();
+        let dst = moved?;
+        e.copies[tier.index()] = Some(Copy {
+            res: dst,
+            pins: u32::from(pin),
+        });
+        Ok(dst)
+    }
+
+    fn unpin(&self, h: TensorHandle, tier: Tier) {
+        let Ok(shard) = self.shard_of(h) else { return };
+        let mut st = shard.state.lock();
+        if let Ok(e) = self.entry(&mut st, h)
+            && let Some(c) = e.copies[tier.index()].as_mut()
+        {
+            c.pins = c.pins.saturating_sub(1);
+        }
+        shard.cond.notify_all();
+    }
+
+    /// Pins the fastest copy where it is: (tier, reservation, length, written, id).
+    fn pin_fastest(&self, h: TensorHandle) -> Result<(Tier, Reservation, u64, bool, u64)> {
+        let shard = self.shard_of(h)?;
+        let mut st = shard.state.lock();
+        loop {
+            let e = self.entry(&mut st, h)?;
+            if e.busy {
+                st = wait_guard(&shard.cond, st);
+                continue;
+            }
+            let tier = e
+                .fastest()
+                .ok_or_else(|| ManagerError::InvalidConfig("no copy".into()))?;
+            let (len, written, id) = (e.len_bytes, e.written, e.id);
+            let c = e.copies[tier.index()]
+                .as_mut()
+                .ok_or_else(|| ManagerError::InvalidConfig("no copy".into()))?;
+            c.pins += 1;
+            return Ok((tier, c.res, len, written, id));
+        }
+    }
+
+    fn write(&self, h: TensorHandle, offset_bytes: u64, src: &[u8]) -> Result<()> {
+        let shard = self.shard_of(h)?;
+        // Phase 1: claim the entry.
+        let (host_res, kind, len_bytes, written, id, from) = {
+            let mut st = shard.state.lock();
+            loop {
+                let e = self.entry(&mut st, h)?;
+                if e.busy {
+                    st = wait_guard(&shard.cond, st);
+                    continue;
+                }
+                if e.read_only {
+                    return Err(ManagerError::ReadOnly { id: e.id });
+                }
+                check_range(offset_bytes, src.len() as u64, e.len_bytes)?;
+                let pins = e.pins();
+                if pins > 0 {
+                    return Err(ManagerError::Pinned { id: e.id, pins });
+                }
+                e.busy = true;
+                let from = e.fastest();
+                let host = e.copies[Tier::Host.index()].map(|c| c.res);
+                let from_res = from.and_then(|t| e.copies[t.index()].map(|c| c.res));
+                break (host, e.kind, e.len_bytes, e.written, e.id, from_res);
+            }
+        };
+        // Phase 2, unlocked: make sure there is a host copy, then write into it.
+        let result = (|| -> Result<(Reservation, bool)> {
+            let (res, fresh) = match host_res {
+                Some(r) => (r, false),
+                None => {
+                    let dst = self.reserve_on(Tier::Host, kind, len_bytes, id)?;
+                    let src_res = from.ok_or_else(|| ManagerError::InvalidConfig("no copy".into()));
+                    let copied = src_res.and_then(|s| self.copy(s, dst, written, Priority::Demand));
+                    if let Err(e) = copied {
+                        self.release(Tier::Host, kind, dst);
+                        return Err(e);
+                    }
+                    (dst, true)
+                }
+            };
+            if let Err(e) = self.tiers[Tier::Host.index()].write(&res, offset_bytes, src) {
+                if fresh {
+                    self.release(Tier::Host, kind, res);
+                }
+                return Err(e.into());
+            }
+            Ok((res, fresh))
+        })();
+        // Phase 3: install the host copy as the only one.
+        let mut dropped = Vec::new();
+        {
+            let mut st = shard.state.lock();
+            let e = self.entry(&mut st, h)?;
+            e.busy = false;
+            shard.cond.notify_all();
+            let (res, _) = result?;
+            for t in [Tier::Device, Tier::Disk] {
+                if let Some(c) = e.copies[t.index()].take() {
+                    dropped.push((t, c.res));
+                }
+            }
+            e.copies[Tier::Host.index()] = Some(Copy { res, pins: 0 });
+            e.written = true;
+            e.last_use = self.tick();
+        }
+        for (t, res) in dropped {
+            self.release(t, kind, res);
+        }
+        Ok(())
+    }
+
+    fn pinned_bytes(&self, tier: Tier, kind: TensorKind) -> u64 {
+        let mut total = 0;
+        for shard in self.shards.iter() {
+            let st = shard.state.lock();
+            for e in st.slots.iter().filter_map(|s| s.entry.as_ref()) {
+                if e.kind == kind
+                    && let Some(c) = e.copies[tier.index()]
+                    && c.pins > 0
+                {
+                    total += e.len_bytes;
+                }
+            }
+        }
+        total
+    }
+
+    /// Records a use of a planned weight: the cursor of the cyclic access plan.
+    fn note_plan_use(&self, h: TensorHandle) {
+        let plan = self.plan.read();
+        if let Some(&pos) = plan.position.get(&(h.slot, h.generation)) {
+            self.plan_cursor.store(pos as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Eviction order of `kind`'s unpinned tensors on `tier`: weights with an access plan by
+    /// farthest next use (Belady's choice for a known cyclic order), everything else least
+    /// recently used first.
+    fn victims(&self, tier: Tier, kind: TensorKind) -> Vec<(TensorHandle, u64)> {
+        let mut found: Vec<(TensorHandle, u64, u64)> = Vec::new();
+        let n = self.shards.len();
+        for (si, shard) in self.shards.iter().enumerate() {
+            let st = shard.state.lock();
+            for (local, slot) in st.slots.iter().enumerate() {
+                let Some(e) = slot.entry.as_ref() else {
+                    continue;
+                };
+                if e.kind != kind || e.busy {
+                    continue;
+                }
+                let Some(c) = e.copies[tier.index()] else {
+                    continue;
+                };
+                // The disk keeps a tensor's last copy; in-place extents cost nothing to keep.
+                let last_on_disk = tier == Tier::Disk && !e.has_other_copy(tier);
+                if c.pins > 0 || last_on_disk || c.res.is_in_place() {
+                    continue;
+                }
+                let h = TensorHandle {
+                    manager_id: self.id,
+                    slot: (local * n + si) as u32,
+                    generation: slot.generation,
+                };
+                found.push((h, e.last_use, e.len_bytes));
+            }
+        }
+        let plan = self.plan.read();
+        if kind == TensorKind::Weight && plan.len > 0 {
+            let cursor = self.plan_cursor.load(Ordering::Relaxed) as usize;
+            let len = plan.len;
+            // Distance to next use; unplanned weights go first.
+            let dist = |h: &TensorHandle| match plan.position.get(&(h.slot, h.generation)) {
+                Some(&p) => (p + len - cursor - 1) % len,
+                None => usize::MAX,
+            };
+            found.sort_by_key(|(h, _, _)| std::cmp::Reverse(dist(h)));
+        } else {
+            found.sort_by_key(|&(_, last_use, _)| last_use);
+        }
+        found.into_iter().map(|(h, _, len)| (h, len)).collect()
+    }
+
+    /// Demotes `kind`'s tensors from `tier` until `bytes` are freed; returns bytes freed.
+    fn evict_kind(&self, tier: Tier, kind: TensorKind, bytes: u64) -> Result<u64> {
+        let mut freed = 0;
+        for (h, _) in self.victims(tier, kind) {
+            if freed >= bytes {
+                break;
+            }
+            match self.demote(h, tier) {
+                Ok(n) => freed += n,
+                // A victim that went away or failed to write back keeps its data; try others.
+                Err(ManagerError::Stale { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(%tier, error = %e, "demotion failed; data stays in place");
+                    self.counters
+                        .demote_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Drops `h`'s copy on `tier`, writing it back one tier down first when it is the only
+    /// copy. Returns the bytes freed on `tier` (0 if it became pinned or busy meanwhile).
+    fn demote(&self, h: TensorHandle, tier: Tier) -> Result<u64> {
+        let shard = self.shard_of(h)?;
+        let (src, kind, len_bytes, written, id) = {
+            let mut st = shard.state.lock();
+            let e = self.entry(&mut st, h)?;
+            let Some(c) = e.copies[tier.index()] else {
+                return Ok(0);
+            };
+            if e.busy || c.pins > 0 {
+                return Ok(0);
+            }
+            if e.has_other_copy(tier) {
+                e.copies[tier.index()] = None;
+                let kind = e.kind;
+                drop(st);
+                self.release(tier, kind, c.res);
+                self.counters.eviction(tier, c.res.len_bytes(), false);
+                return Ok(c.res.len_bytes());
+            }
+            if tier == Tier::Disk {
+                return Ok(0);
+            }
+            e.busy = true;
+            (c.res, e.kind, e.len_bytes, e.written, e.id)
+        };
+        let below = tier.below().unwrap_or(Tier::Disk);
+        let moved = self.reserve_on(below, kind, len_bytes, id).and_then(|dst| {
+            match self.copy(src, dst, written, Priority::WriteBack) {
+                Ok(()) => Ok(dst),
+                Err(e) => {
+                    self.release(below, kind, dst);
+                    Err(e)
+                }
+            }
+        });
+        let mut st = shard.state.lock();
+        let e = self.entry(&mut st, h)?;
+        e.busy = false;
+        shard.cond.notify_all();
+        let dst = moved?;
+        e.copies[below.index()] = Some(Copy { res: dst, pins: 0 });
+        e.copies[tier.index()] = None;
+        drop(st);
+        self.release(tier, kind, src);
+        self.counters.eviction(tier, len_bytes, true);
+        Ok(len_bytes)
+    }
+
+    /// Recounts every copy under all shard locks (taken in ascending order) and compares with
+    /// the budget counters.
+    fn stats(&self) -> ManagerStats {
+        let guards: Vec<_> = self.shards.iter().map(|s| s.state.lock()).collect();
+        let mut resident = TierKindBytes::default();
+        let mut tensors = 0u64;
+        let mut pinned = 0u64;
+        for st in &guards {
+            for e in st.slots.iter().filter_map(|s| s.entry.as_ref()) {
+                tensors += 1;
+                for t in Tier::ALL {
+                    if let Some(c) = e.copies[t.index()] {
+                        if !c.res.is_in_place() {
+                            resident.add(t, e.kind, c.res.len_bytes());
+                        }
+                        pinned += u64::from(c.pins);
+                    }
+                }
+            }
+        }
+        let mut charged = TierKindBytes::default();
+        for t in Tier::ALL {
+            for k in TensorKind::ALL {
+                charged.add(
+                    t,
+                    k,
+                    self.used[t.index()][k.index()].load(Ordering::Acquire),
+                );
+            }
+        }
+        drop(guards);
+        ManagerStats {
+            tensors,
+            pins: pinned,
+            resident,
+            charged,
+            budgets: *self.budgets.read(),
+            counters: self.counters.snapshot(),
+        }
+    }
+}
