@@ -209,7 +209,7 @@ fn compaction_under_concurrent_churn() {
                     || moved_total.load(Ordering::Acquire) < 100 && started.elapsed() < Duration::from_secs(10)
                 {
                     ops += 1;
-                    if ops % 64 == 0 {
+                    if ops.is_multiple_of(64) {
                         std::thread::yield_now();
                     }
                     if rng.gen_bool(0.5) {

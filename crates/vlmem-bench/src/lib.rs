@@ -2,6 +2,8 @@
 //! the same process and returns a [`SuiteReport`]; the CLI prints it as a table or as JSON
 //! (`{"suite": "...", "results": [{"name", "value", "unit"}, ...]}`, see docs/CLI.md).
 
+pub mod alloc;
+
 use serde::Serialize;
 
 /// One measured figure. Baselines carry `@baseline` in their name, e.g. `kv_churn_ns_per_op@mimalloc`.
