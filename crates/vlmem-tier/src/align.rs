@@ -104,5 +104,6 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// Whether `buf` may be handed to O_DIRECT as is (address and length aligned).
 pub fn is_io_aligned(buf: &[u8]) -> bool {
-    (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES) && buf.len().is_multiple_of(IO_ALIGN_BYTES)
+    (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES)
+        && buf.len().is_multiple_of(IO_ALIGN_BYTES)
 }

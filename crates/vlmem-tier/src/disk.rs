@@ -461,15 +461,12 @@ impl DiskTier {
     fn locate(&self, arena_offset: u64) -> Result<(&File, u64, u64)> {
         let idx = arena_offset / self.file_bytes;
         let in_file = arena_offset % self.file_bytes;
-        let file = self
-            .files
-            .get(idx as usize)
-            .ok_or(TierError::OutOfRange {
-                tier: Tier::Disk,
-                offset_bytes: arena_offset,
-                len_bytes: 0,
-                limit_bytes: self.capacity_bytes,
-            })?;
+        let file = self.files.get(idx as usize).ok_or(TierError::OutOfRange {
+            tier: Tier::Disk,
+            offset_bytes: arena_offset,
+            len_bytes: 0,
+            limit_bytes: self.capacity_bytes,
+        })?;
         Ok((file, in_file, self.file_bytes - in_file))
     }
 
@@ -491,7 +488,11 @@ impl DiskTier {
                     let counter = self.nonce_counter.fetch_add(1, Ordering::Relaxed);
                     let a = aad(block, first + i as u64, chunk.len() as u64);
                     let tag = c
-                        .encrypt_in_place_detached(Nonce::from_slice(&nonce_bytes(counter)), &a, chunk)
+                        .encrypt_in_place_detached(
+                            Nonce::from_slice(&nonce_bytes(counter)),
+                            &a,
+                            chunk,
+                        )
                         .map_err(|_| TierError::InvalidConfig("encryption failed".into()))?;
                     let mut t = [0u8; 16];
                     t.copy_from_slice(tag.as_slice());
@@ -683,10 +684,13 @@ impl TierBackend for DiskTier {
                 capacity_bytes: self.capacity_bytes,
             },
         })?;
-        let block = self.alloc.allocate(padded).map_err(|source| TierError::Alloc {
-            tier: Tier::Disk,
-            source,
-        })?;
+        let block = self
+            .alloc
+            .allocate(padded)
+            .map_err(|source| TierError::Alloc {
+                tier: Tier::Disk,
+                source,
+            })?;
         if block.offset_bytes() % ALIGN != 0
             || block.len_bytes() < padded
             || block.end_bytes() > self.capacity_bytes
@@ -713,10 +717,12 @@ impl TierBackend for DiskTier {
             return Ok(());
         }
         self.swap.remove(&res)?;
-        self.alloc.free(res.block()).map_err(|source| TierError::Alloc {
-            tier: Tier::Disk,
-            source,
-        })
+        self.alloc
+            .free(res.block())
+            .map_err(|source| TierError::Alloc {
+                tier: Tier::Disk,
+                source,
+            })
     }
     fn write(&self, res: &Reservation, offset_bytes: u64, src: &[u8]) -> Result<()> {
         if res.is_in_place() {
@@ -784,12 +790,17 @@ impl TierBackend for DiskTier {
         let span_end = round_up(offset_bytes + len, self.unit_bytes)
             .unwrap_or(u64::MAX)
             .min(res.len_bytes());
-        let access = self.swap.access(res, span_start, span_end - span_start, false)?;
+        let access = self
+            .swap
+            .access(res, span_start, span_end - span_start, false)?;
         let units = self.unit_range(span_start, span_end - span_start);
         let (name, states) = self.swap.with_entry(res, |e| {
             (
                 e.name.clone(),
-                e.meta.get(units.clone()).map(<[Unit]>::to_vec).unwrap_or_default(),
+                e.meta
+                    .get(units.clone())
+                    .map(<[Unit]>::to_vec)
+                    .unwrap_or_default(),
             )
         })?;
         if let Some(i) = states.iter().position(|u| *u == Unit::Empty) {
@@ -914,7 +925,10 @@ impl TierBackend for DiskTier {
             for &i in &group {
                 if let Some(res) = reservations.get(i) {
                     accesses.push(self.swap.access(res, 0, res.len_bytes(), false)?);
-                    metas.push(self.swap.with_entry(res, |e| (e.name.clone(), e.meta.clone()))?);
+                    metas.push(
+                        self.swap
+                            .with_entry(res, |e| (e.name.clone(), e.meta.clone()))?,
+                    );
                 }
             }
             let mut buf = self.take_buf(span)?;
@@ -926,7 +940,10 @@ impl TierBackend for DiskTier {
                     };
                     let rel = (res.offset_bytes() - start) as usize;
                     let len = dst.len();
-                    let data = buf.as_mut_slice().get_mut(rel..rel + len).unwrap_or_default();
+                    let data = buf
+                        .as_mut_slice()
+                        .get_mut(rel..rel + len)
+                        .unwrap_or_default();
                     self.unseal(name, &res.block(), 0, data, states)?;
                     dst.copy_from_slice(data);
                 }

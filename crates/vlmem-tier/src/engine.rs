@@ -220,7 +220,10 @@ impl Ticket {
                 Some(pos) => {
                     q.remove(pos);
                     sched.queued_jobs -= 1;
-                    let next = self.job.next_chunk.swap(self.job.total_chunks, Ordering::AcqRel);
+                    let next = self
+                        .job
+                        .next_chunk
+                        .swap(self.job.total_chunks, Ordering::AcqRel);
                     self.shared.space_ready.notify_one();
                     self.job.total_chunks - next
                 }
@@ -394,7 +397,10 @@ impl TransferEngine {
         sched.queues[job.priority.index()].push_back(job.clone());
         sched.queued_jobs += 1;
         drop(sched);
-        self.shared.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .submitted
+            .fetch_add(1, Ordering::Relaxed);
         self.shared.work_ready.notify_one();
         tracing::debug!(bytes = job.len_bytes, priority = ?job.priority, "transfer submitted");
         Ok(Ticket {
@@ -533,7 +539,10 @@ impl Shared {
         match &job.work {
             Work::Single(mv) => {
                 let off = idx * self.config.chunk_bytes;
-                let len = self.config.chunk_bytes.min(job.len_bytes.saturating_sub(off));
+                let len = self
+                    .config
+                    .chunk_bytes
+                    .min(job.len_bytes.saturating_sub(off));
                 self.copy(mv, off, len, staging)?;
                 Ok(len)
             }
@@ -637,7 +646,10 @@ impl Shared {
                 bytes: st.bytes_done,
                 chunks: job.total_chunks,
                 priority: job.priority,
-                queued: st.started.unwrap_or(now).saturating_duration_since(job.submitted),
+                queued: st
+                    .started
+                    .unwrap_or(now)
+                    .saturating_duration_since(job.submitted),
                 elapsed: now.saturating_duration_since(job.submitted),
             })
         };

@@ -31,7 +31,9 @@ pub enum TierError {
         len_bytes: u64,
     },
     /// An I/O error other than ENOSPC (EIO, EINVAL, ...).
-    #[error("{tier:?} tier I/O error at {point:?}, offset {offset_bytes}, {len_bytes} bytes: {source}")]
+    #[error(
+        "{tier:?} tier I/O error at {point:?}, offset {offset_bytes}, {len_bytes} bytes: {source}"
+    )]
     Io {
         /// The tier.
         tier: Tier,
@@ -46,7 +48,9 @@ pub enum TierError {
         source: std::io::Error,
     },
     /// A read returned fewer bytes than asked for (and retrying made no progress).
-    #[error("{tier:?} tier short read at offset {offset_bytes}: {got_bytes} of {expected_bytes} bytes")]
+    #[error(
+        "{tier:?} tier short read at offset {offset_bytes}: {got_bytes} of {expected_bytes} bytes"
+    )]
     ShortRead {
         /// The tier.
         tier: Tier,
@@ -58,7 +62,9 @@ pub enum TierError {
         got_bytes: u64,
     },
     /// A write stored fewer bytes than asked for (and retrying made no progress).
-    #[error("{tier:?} tier short write at offset {offset_bytes}: {got_bytes} of {expected_bytes} bytes")]
+    #[error(
+        "{tier:?} tier short write at offset {offset_bytes}: {got_bytes} of {expected_bytes} bytes"
+    )]
     ShortWrite {
         /// The tier.
         tier: Tier,
@@ -71,7 +77,9 @@ pub enum TierError {
     },
     /// The bytes read back are not the bytes written: a CRC32C mismatch or a failed AEAD
     /// tag. The data is refused; the tensor must be fetched from another copy.
-    #[error("tensor `{tensor}` is corrupt on the {tier:?} tier at byte {offset_in_tensor_bytes}: {detail}")]
+    #[error(
+        "tensor `{tensor}` is corrupt on the {tier:?} tier at byte {offset_in_tensor_bytes}: {detail}"
+    )]
     Corrupt {
         /// The tier.
         tier: Tier,
@@ -83,7 +91,9 @@ pub enum TierError {
         detail: String,
     },
     /// A read of bytes that were never written, or whose write failed.
-    #[error("tensor `{tensor}` on the {tier:?} tier has no valid data at byte {offset_in_tensor_bytes} (never written, or its write failed)")]
+    #[error(
+        "tensor `{tensor}` on the {tier:?} tier has no valid data at byte {offset_in_tensor_bytes} (never written, or its write failed)"
+    )]
     NotWritten {
         /// The tier.
         tier: Tier,
@@ -93,7 +103,9 @@ pub enum TierError {
         offset_in_tensor_bytes: u64,
     },
     /// The reservation is not live on this tier (released, stale, or from another tier).
-    #[error("{tier:?} tier: no live reservation at offset {offset_bytes} (released, stale or foreign)")]
+    #[error(
+        "{tier:?} tier: no live reservation at offset {offset_bytes} (released, stale or foreign)"
+    )]
     InvalidReservation {
         /// The tier asked.
         tier: Tier,
@@ -101,7 +113,9 @@ pub enum TierError {
         offset_bytes: u64,
     },
     /// A range outside the reservation.
-    #[error("{tier:?} tier: range {offset_bytes}+{len_bytes} exceeds the reservation's {limit_bytes} bytes")]
+    #[error(
+        "{tier:?} tier: range {offset_bytes}+{len_bytes} exceeds the reservation's {limit_bytes} bytes"
+    )]
     OutOfRange {
         /// The tier.
         tier: Tier,
@@ -114,7 +128,9 @@ pub enum TierError {
     },
     /// A disk write that does not start on an integrity unit or does not end on one (or at
     /// the tensor's end).
-    #[error("disk write at {offset_bytes}+{len_bytes} is not aligned to the {unit_bytes}-byte integrity unit")]
+    #[error(
+        "disk write at {offset_bytes}+{len_bytes} is not aligned to the {unit_bytes}-byte integrity unit"
+    )]
     Misaligned {
         /// Offset inside the tensor.
         offset_bytes: u64,
@@ -124,7 +140,9 @@ pub enum TierError {
         unit_bytes: u64,
     },
     /// Another thread is writing these bytes (or reading them while this is a write).
-    #[error("{tier:?} tier: reservation at offset {offset_bytes} is busy with a conflicting access")]
+    #[error(
+        "{tier:?} tier: reservation at offset {offset_bytes} is busy with a conflicting access"
+    )]
     Busy {
         /// The tier.
         tier: Tier,

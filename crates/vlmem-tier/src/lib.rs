@@ -36,9 +36,29 @@ pub(crate) use vlmem_core::sync;
 pub use align::AlignedBuf;
 pub use backend::{Reservation, TierBackend};
 pub use disk::{DiskOptions, DiskTier};
-pub use engine::{EngineConfig, EngineStats, Move, Priority, Ticket, TransferEngine, TransferReport};
+pub use engine::{
+    EngineConfig, EngineStats, Move, Priority, Ticket, TransferEngine, TransferReport,
+};
 pub use error::{Result, TierError};
 pub use fault::{FaultKind, FaultPlan, FaultRule, IoPoint};
 pub use faulty::FaultyTier;
 pub use mem::{HostOptions, MemoryTier};
 pub use simple::FirstFitAllocator;
+
+#[cfg(feature = "cuda")]
+pub use cuda::detect_device;
+
+/// The device tier to use: with feature `cuda`, GPU `ordinal` when a driver and a GPU are
+/// present; otherwise (and always without the feature) the simulated device with the
+/// allocator's capacity and `bandwidth_bytes_per_s` as its link cap.
+#[cfg(not(feature = "cuda"))]
+pub fn detect_device(
+    alloc: std::sync::Arc<dyn vlmem_core::OffsetAllocator>,
+    bandwidth_bytes_per_s: Option<u64>,
+    _ordinal: usize,
+) -> Result<std::sync::Arc<dyn TierBackend>> {
+    Ok(std::sync::Arc::new(MemoryTier::simulated_device(
+        alloc,
+        bandwidth_bytes_per_s,
+    )?))
+}

@@ -66,9 +66,8 @@ fn map_for(alloc: &Arc<dyn OffsetAllocator>, huge_pages: bool) -> Result<Mapping
     let mapped = crate::align::round_up(cap.max(1), 4096)
         .and_then(|v| usize::try_from(v).ok())
         .ok_or_else(|| TierError::InvalidConfig(format!("arena of {cap} bytes is too large")))?;
-    Mapping::new(mapped, huge_pages).map_err(|e| {
-        TierError::InvalidConfig(format!("cannot map a {mapped}-byte arena: {e}"))
-    })
+    Mapping::new(mapped, huge_pages)
+        .map_err(|e| TierError::InvalidConfig(format!("cannot map a {mapped}-byte arena: {e}")))
 }
 
 impl MemoryTier {
@@ -146,9 +145,8 @@ impl MemoryTier {
         // inside the mapping (checked in `reserve`) and overlaps no other live block
         // (registry). The registry granted a shared access to this range: no write access to
         // an overlapping range exists until `access` drops, after the slice's last use.
-        let s = unsafe {
-            std::slice::from_raw_parts(self.addr(res, offset_bytes), len_bytes as usize)
-        };
+        let s =
+            unsafe { std::slice::from_raw_parts(self.addr(res, offset_bytes), len_bytes as usize) };
         let r = f(s);
         drop(access);
         self.charge(started, len_bytes);
@@ -218,10 +216,13 @@ impl TierBackend for MemoryTier {
         self.alloc.usage()
     }
     fn reserve(&self, len_bytes: u64, name: &str) -> Result<Reservation> {
-        let block = self.alloc.allocate(len_bytes).map_err(|source| TierError::Alloc {
-            tier: self.tier,
-            source,
-        })?;
+        let block = self
+            .alloc
+            .allocate(len_bytes)
+            .map_err(|source| TierError::Alloc {
+                tier: self.tier,
+                source,
+            })?;
         if block.end_bytes() > self.map.len_bytes() as u64 || block.len_bytes() < len_bytes {
             let _ = self.alloc.free(block);
             return Err(TierError::InvalidConfig(format!(
@@ -241,10 +242,12 @@ impl TierBackend for MemoryTier {
     }
     fn release(&self, res: Reservation) -> Result<()> {
         self.reg.remove(&res)?;
-        self.alloc.free(res.block()).map_err(|source| TierError::Alloc {
-            tier: self.tier,
-            source,
-        })
+        self.alloc
+            .free(res.block())
+            .map_err(|source| TierError::Alloc {
+                tier: self.tier,
+                source,
+            })
     }
     fn write(&self, res: &Reservation, offset_bytes: u64, src: &[u8]) -> Result<()> {
         self.lend_write(res, offset_bytes, src.len() as u64, &mut |d| {

@@ -69,10 +69,7 @@ impl<M> Registry<M> {
                 .range(..=start)
                 .next_back()
                 .is_some_and(|(_, e)| e.res.block().end_bytes() > start);
-            let next_overlaps = entries
-                .range(start..)
-                .next()
-                .is_some_and(|(k, _)| *k < end);
+            let next_overlaps = entries.range(start..).next().is_some_and(|(k, _)| *k < end);
             if prev_overlaps || next_overlaps {
                 return Err(TierError::InvalidConfig(format!(
                     "the {:?} allocator returned block {start}..{end}, which overlaps a live block",

@@ -65,7 +65,11 @@ impl OffsetAllocator for FirstFitAllocator {
         }
         let len = bytes.div_ceil(self.granule_bytes) * self.granule_bytes;
         let mut s = self.state.lock();
-        let found = s.free.iter().find(|(_, l)| **l >= len).map(|(o, l)| (*o, *l));
+        let found = s
+            .free
+            .iter()
+            .find(|(_, l)| **l >= len)
+            .map(|(o, l)| (*o, *l));
         let Some((off, run)) = found else {
             let free_bytes = self.capacity_bytes - s.in_use_bytes;
             let largest_free_bytes = s.free.values().copied().max().unwrap_or(0);
@@ -116,10 +120,11 @@ impl OffsetAllocator for FirstFitAllocator {
                 s.in_use_bytes -= len;
                 let (mut start, mut end) = (off, off + len);
                 if let Some((&po, &pl)) = s.free.range(..start).next_back()
-                    && po + pl == start {
-                        s.free.remove(&po);
-                        start = po;
-                    }
+                    && po + pl == start
+                {
+                    s.free.remove(&po);
+                    start = po;
+                }
                 if let Some(&nl) = s.free.get(&end) {
                     s.free.remove(&end);
                     end += nl;

@@ -68,8 +68,8 @@ pub(crate) fn open_read_only(path: &Path, direct: bool) -> io::Result<File> {
 
 /// Preallocates `len_bytes` of `file`; a sparse `set_len` where fallocate is unsupported.
 pub(crate) fn allocate(file: &File, len_bytes: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len_bytes)
-        .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let len =
+        libc::off_t::try_from(len_bytes).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: the descriptor belongs to `file`, which outlives the call; fallocate takes no
     // pointers.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };

@@ -11,7 +11,12 @@ use vlmem_tier::{
     TierBackend, TierError, TransferEngine,
 };
 
-fn fill(t: &dyn TierBackend, len: u64, seed: u64, name: &str) -> (vlmem_tier::Reservation, Vec<u8>) {
+fn fill(
+    t: &dyn TierBackend,
+    len: u64,
+    seed: u64,
+    name: &str,
+) -> (vlmem_tier::Reservation, Vec<u8>) {
     let r = t.reserve(len, name).unwrap();
     let d = pattern(len as usize, seed);
     t.write(&r, 0, &d).unwrap();
@@ -23,26 +28,70 @@ fn moves_between_all_tiers_preserve_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let h = host(64 * MIB);
     let dev = device(64 * MIB, None);
-    let d = Arc::new(disk_in(dir.path(), 64 * MIB, Arc::new(vlmem_tier::io::RealFileIo)));
+    let d = Arc::new(disk_in(
+        dir.path(),
+        64 * MIB,
+        Arc::new(vlmem_tier::io::RealFileIo),
+    ));
     let e = engine(&[h.clone(), dev.clone(), d.clone()]);
     let len = 13 * MIB + 12_345; // 4 chunks, an unaligned tail
     let (src, data) = fill(&*h, len, 1, "w");
     // host -> disk -> device -> host
     let on_disk = d.reserve(len, "w").unwrap();
-    let rep = e.submit(Move { src, dst: on_disk }, Priority::WriteBack).unwrap().wait().unwrap();
+    let rep = e
+        .submit(Move { src, dst: on_disk }, Priority::WriteBack)
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(rep.bytes, len);
     assert_eq!(rep.chunks, 4);
     let on_dev = dev.reserve(len, "w").unwrap();
-    e.submit(Move { src: on_disk, dst: on_dev }, Priority::Demand).unwrap().wait().unwrap();
+    e.submit(
+        Move {
+            src: on_disk,
+            dst: on_dev,
+        },
+        Priority::Demand,
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
     let back = h.reserve(len, "w2").unwrap();
-    e.submit(Move { src: on_dev, dst: back }, Priority::Prefetch).unwrap().wait().unwrap();
+    e.submit(
+        Move {
+            src: on_dev,
+            dst: back,
+        },
+        Priority::Prefetch,
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
     assert_eq!(read_all(&*h, &back), data);
     // disk -> host directly, and device -> disk.
     let back2 = h.reserve(len, "w3").unwrap();
-    e.submit(Move { src: on_disk, dst: back2 }, Priority::Demand).unwrap().wait().unwrap();
+    e.submit(
+        Move {
+            src: on_disk,
+            dst: back2,
+        },
+        Priority::Demand,
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
     assert_eq!(read_all(&*h, &back2), data);
     let disk2 = d.reserve(len, "w4").unwrap();
-    e.submit(Move { src: on_dev, dst: disk2 }, Priority::WriteBack).unwrap().wait().unwrap();
+    e.submit(
+        Move {
+            src: on_dev,
+            dst: disk2,
+        },
+        Priority::WriteBack,
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
     assert_eq!(read_all(&*d, &disk2), data);
     let s = e.stats();
     assert_eq!(s.jobs_submitted, 5);
@@ -93,17 +142,32 @@ fn a_small_demand_fetch_overtakes_a_huge_write_back() {
     let (small_dev, small_data) = fill(&*dev, 64 * 1024, 2, "small");
     let small_host = h.reserve(64 * 1024, "small").unwrap();
     let wb = e
-        .submit(Move { src: big_dev, dst: big_host }, Priority::WriteBack)
+        .submit(
+            Move {
+                src: big_dev,
+                dst: big_host,
+            },
+            Priority::WriteBack,
+        )
         .unwrap();
     std::thread::sleep(Duration::from_millis(20));
     let t0 = Instant::now();
     let demand = e
-        .submit(Move { src: small_dev, dst: small_host }, Priority::Demand)
+        .submit(
+            Move {
+                src: small_dev,
+                dst: small_host,
+            },
+            Priority::Demand,
+        )
         .unwrap();
     let rep = demand.wait().unwrap();
     let waited = t0.elapsed();
     assert!(!wb.is_finished(), "the write-back should still be running");
-    assert!(waited < Duration::from_millis(200), "demand waited {waited:?}");
+    assert!(
+        waited < Duration::from_millis(200),
+        "demand waited {waited:?}"
+    );
     assert_eq!(rep.priority, Priority::Demand);
     assert_eq!(read_all(&*h, &small_host), small_data);
     wb.wait().unwrap();
@@ -121,7 +185,10 @@ fn priorities_order_demand_prefetch_write_back() {
     };
     let e = TransferEngine::new(&[h.clone(), dev.clone()], cfg).unwrap();
     // The first device write is slow: it holds the only worker while the others queue.
-    plan.add(FaultRule::once(IoPoint::Write, FaultKind::Slow(Duration::from_millis(150))));
+    plan.add(FaultRule::once(
+        IoPoint::Write,
+        FaultKind::Slow(Duration::from_millis(150)),
+    ));
     let mk = |name: &str, seed| {
         let (src, _) = fill(&*h, 4096, seed, name);
         let dst = dev.reserve(4096, name).unwrap();
@@ -135,11 +202,21 @@ fn priorities_order_demand_prefetch_write_back() {
     let d = e.submit(mk("d", 4), Priority::Demand).unwrap();
     blocker.wait().unwrap();
     let end_of = |r: vlmem_tier::TransferReport| r.elapsed;
-    let (dw, dp, dd) = (end_of(w.wait().unwrap()), end_of(p.wait().unwrap()), end_of(d.wait().unwrap()));
+    let (dw, dp, dd) = (
+        end_of(w.wait().unwrap()),
+        end_of(p.wait().unwrap()),
+        end_of(d.wait().unwrap()),
+    );
     // Submission order was w, p, d (each a little later): compare completion instants.
     let _ = start;
-    assert!(dd < dp, "demand {dd:?} should finish before prefetch {dp:?}");
-    assert!(dp < dw, "prefetch {dp:?} should finish before write-back {dw:?}");
+    assert!(
+        dd < dp,
+        "demand {dd:?} should finish before prefetch {dp:?}"
+    );
+    assert!(
+        dp < dw,
+        "prefetch {dp:?} should finish before write-back {dw:?}"
+    );
 }
 
 #[test]
@@ -153,17 +230,26 @@ fn bounded_queue_gives_back_pressure() {
         ..EngineConfig::default()
     };
     let e = Arc::new(TransferEngine::new(&[h.clone(), dev.clone()], cfg).unwrap());
-    plan.add(FaultRule::once(IoPoint::Write, FaultKind::Slow(Duration::from_millis(200))));
+    plan.add(FaultRule::once(
+        IoPoint::Write,
+        FaultKind::Slow(Duration::from_millis(200)),
+    ));
     let mk = |i: u64| {
         let (src, _) = fill(&*h, 4096, i, "x");
-        Move { src, dst: dev.reserve(4096, "x").unwrap() }
+        Move {
+            src,
+            dst: dev.reserve(4096, "x").unwrap(),
+        }
     };
     let t1 = e.submit(mk(1), Priority::Demand).unwrap();
     std::thread::sleep(Duration::from_millis(30)); // the worker holds t1
     let t2 = e.try_submit(mk(2), Priority::Demand).unwrap();
     let t3 = e.try_submit(mk(3), Priority::Demand).unwrap();
     match e.try_submit(mk(4), Priority::Demand) {
-        Err(TierError::QueueFull { queued_jobs: 2, max_queued_jobs: 2 }) => {}
+        Err(TierError::QueueFull {
+            queued_jobs: 2,
+            max_queued_jobs: 2,
+        }) => {}
         other => panic!("expected QueueFull, got {other:?}"),
     }
     // A blocking submit waits for room instead.
@@ -173,7 +259,10 @@ fn bounded_queue_gives_back_pressure() {
     let blocked = std::thread::spawn(move || e2.submit(mv, Priority::Demand).map(|t| t.wait()));
     let r = blocked.join().unwrap().unwrap();
     assert!(r.is_ok());
-    assert!(t0.elapsed() >= Duration::from_millis(100), "submit should have blocked");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(100),
+        "submit should have blocked"
+    );
     for t in [t1, t2, t3] {
         t.wait().unwrap();
     }
@@ -191,14 +280,21 @@ fn cancellation_stops_a_transfer_and_the_engine_goes_on() {
     let t0 = Instant::now();
     t.cancel();
     assert!(matches!(t.wait(), Err(TierError::Cancelled)));
-    assert!(t0.elapsed() < Duration::from_millis(300), "cancel took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(300),
+        "cancel took {:?}",
+        t0.elapsed()
+    );
     assert_eq!(e.stats().jobs_cancelled, 1);
     // Source intact; the destination can be released and the engine serves the next move.
     assert_eq!(read_all(&*h, &src), data);
     dev.release(dst).unwrap();
     let dst = dev.reserve(MIB, "next").unwrap();
     let (src2, data2) = fill(&*h, MIB, 2, "next");
-    e.submit(Move { src: src2, dst }, Priority::Demand).unwrap().wait().unwrap();
+    e.submit(Move { src: src2, dst }, Priority::Demand)
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(read_all(&*dev, &dst), data2);
 }
 
@@ -207,14 +303,36 @@ fn cancel_before_start_and_after_finish() {
     let h = host(16 * MIB);
     let plan = Arc::new(FaultPlan::new());
     let dev = Arc::new(FaultyTier::new(device(16 * MIB, None), plan.clone()));
-    let cfg = EngineConfig { workers: 1, ..EngineConfig::default() };
+    let cfg = EngineConfig {
+        workers: 1,
+        ..EngineConfig::default()
+    };
     let e = TransferEngine::new(&[h.clone(), dev.clone()], cfg).unwrap();
-    plan.add(FaultRule::once(IoPoint::Write, FaultKind::Slow(Duration::from_millis(100))));
+    plan.add(FaultRule::once(
+        IoPoint::Write,
+        FaultKind::Slow(Duration::from_millis(100)),
+    ));
     let (s1, _) = fill(&*h, 4096, 1, "a");
     let (s2, _) = fill(&*h, 4096, 2, "b");
-    let t1 = e.submit(Move { src: s1, dst: dev.reserve(4096, "a").unwrap() }, Priority::Demand).unwrap();
+    let t1 = e
+        .submit(
+            Move {
+                src: s1,
+                dst: dev.reserve(4096, "a").unwrap(),
+            },
+            Priority::Demand,
+        )
+        .unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    let t2 = e.submit(Move { src: s2, dst: dev.reserve(4096, "b").unwrap() }, Priority::Demand).unwrap();
+    let t2 = e
+        .submit(
+            Move {
+                src: s2,
+                dst: dev.reserve(4096, "b").unwrap(),
+            },
+            Priority::Demand,
+        )
+        .unwrap();
     t2.cancel(); // still queued: finishes at once
     assert!(t2.is_finished());
     assert!(matches!(t2.wait(), Err(TierError::Cancelled)));
@@ -226,29 +344,52 @@ fn cancel_before_start_and_after_finish() {
 fn batched_small_tensors_move_as_one_job() {
     let dir = tempfile::tempdir().unwrap();
     let h = host(32 * MIB);
-    let d = Arc::new(disk_in(dir.path(), 32 * MIB, Arc::new(vlmem_tier::io::RealFileIo)));
+    let d = Arc::new(disk_in(
+        dir.path(),
+        32 * MIB,
+        Arc::new(vlmem_tier::io::RealFileIo),
+    ));
     let e = engine(&[h.clone(), d.clone()]);
     let n = 64;
     let mut moves = Vec::new();
     let mut datas = Vec::new();
     for i in 0..n {
         let (src, data) = fill(&*h, 65_536, i, &format!("kv{i}"));
-        moves.push(Move { src, dst: d.reserve(65_536, &format!("kv{i}")).unwrap() });
+        moves.push(Move {
+            src,
+            dst: d.reserve(65_536, &format!("kv{i}")).unwrap(),
+        });
         datas.push(data);
     }
-    let rep = e.submit_batch(moves.clone(), Priority::WriteBack).unwrap().wait().unwrap();
+    let rep = e
+        .submit_batch(moves.clone(), Priority::WriteBack)
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(rep.bytes, n * 65_536);
     assert_eq!(rep.chunks, 1);
     let back: Vec<Move> = moves
         .iter()
-        .map(|m| Move { src: m.dst, dst: h.reserve(65_536, "back").unwrap() })
+        .map(|m| Move {
+            src: m.dst,
+            dst: h.reserve(65_536, "back").unwrap(),
+        })
         .collect();
-    e.submit_batch(back.clone(), Priority::Demand).unwrap().wait().unwrap();
+    e.submit_batch(back.clone(), Priority::Demand)
+        .unwrap()
+        .wait()
+        .unwrap();
     for (m, data) in back.iter().zip(&datas) {
         assert_eq!(&read_all(&*h, &m.dst), data);
     }
     // Mixed tiers in one batch are refused.
-    let mixed = vec![moves[0], Move { src: back[0].dst, dst: back[1].dst }];
+    let mixed = vec![
+        moves[0],
+        Move {
+            src: back[0].dst,
+            dst: back[1].dst,
+        },
+    ];
     assert!(e.submit_batch(mixed, Priority::Demand).is_err());
 }
 
@@ -257,7 +398,11 @@ fn concurrent_submitters_all_get_their_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let h = host(64 * MIB);
     let dev = device(64 * MIB, None);
-    let d = Arc::new(disk_in(dir.path(), 64 * MIB, Arc::new(vlmem_tier::io::RealFileIo)));
+    let d = Arc::new(disk_in(
+        dir.path(),
+        64 * MIB,
+        Arc::new(vlmem_tier::io::RealFileIo),
+    ));
     let e = Arc::new(engine(&[h.clone(), dev.clone(), d.clone()]));
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
@@ -268,12 +413,25 @@ fn concurrent_submitters_all_get_their_bytes() {
                     let (src, data) = fill(&*h, len, t * 100 + i, "c");
                     let on_disk = d.reserve(len, "c").unwrap();
                     let on_dev = dev.reserve(len, "c").unwrap();
-                    let tk1 = e.submit(Move { src, dst: on_disk }, Priority::WriteBack).unwrap();
-                    let tk2 = e.submit(Move { src, dst: on_dev }, Priority::Prefetch).unwrap();
+                    let tk1 = e
+                        .submit(Move { src, dst: on_disk }, Priority::WriteBack)
+                        .unwrap();
+                    let tk2 = e
+                        .submit(Move { src, dst: on_dev }, Priority::Prefetch)
+                        .unwrap();
                     tk1.wait().unwrap();
                     tk2.wait().unwrap();
                     let back = h.reserve(len, "c").unwrap();
-                    e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait().unwrap();
+                    e.submit(
+                        Move {
+                            src: on_disk,
+                            dst: back,
+                        },
+                        Priority::Demand,
+                    )
+                    .unwrap()
+                    .wait()
+                    .unwrap();
                     assert_eq!(read_all(&*h, &back), data);
                     assert_eq!(read_all(&*dev, &on_dev), data);
                     for r in [src, back] {
@@ -300,7 +458,16 @@ fn dropping_the_engine_finishes_queued_work() {
     let mut tickets = Vec::new();
     for i in 0..8 {
         let (src, _) = fill(&*h, MIB, i, "x");
-        tickets.push(e.submit(Move { src, dst: dev.reserve(MIB, "x").unwrap() }, Priority::Prefetch).unwrap());
+        tickets.push(
+            e.submit(
+                Move {
+                    src,
+                    dst: dev.reserve(MIB, "x").unwrap(),
+                },
+                Priority::Prefetch,
+            )
+            .unwrap(),
+        );
     }
     drop(e);
     for t in tickets {

@@ -82,14 +82,26 @@ fn disk_case(point: IoPoint, kind: FaultKind) {
     match point {
         IoPoint::Write | IoPoint::Sync => {
             plan.add(rule(point, kind));
-            let r = e.submit(Move { src, dst: on_disk }, Priority::WriteBack).unwrap().wait();
+            let r = e
+                .submit(Move { src, dst: on_disk }, Priority::WriteBack)
+                .unwrap()
+                .wait();
             check(expect, &r, "layer.3.k_proj");
             assert!(plan.fired() >= 1, "the fault never fired");
             plan.clear();
             // The source is intact.
             assert_eq!(read_all(&*h, &src), data);
             let back = h.reserve(LEN, "back").unwrap();
-            let rb = e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait();
+            let rb = e
+                .submit(
+                    Move {
+                        src: on_disk,
+                        dst: back,
+                    },
+                    Priority::Demand,
+                )
+                .unwrap()
+                .wait();
             match expect {
                 Expect::Ok => {
                     rb.unwrap();
@@ -105,20 +117,53 @@ fn disk_case(point: IoPoint, kind: FaultKind) {
                 ),
             }
             // Redo the write without faults: the bytes arrive intact.
-            e.submit(Move { src, dst: on_disk }, Priority::WriteBack).unwrap().wait().unwrap();
-            e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait().unwrap();
+            e.submit(Move { src, dst: on_disk }, Priority::WriteBack)
+                .unwrap()
+                .wait()
+                .unwrap();
+            e.submit(
+                Move {
+                    src: on_disk,
+                    dst: back,
+                },
+                Priority::Demand,
+            )
+            .unwrap()
+            .wait()
+            .unwrap();
             assert_eq!(read_all(&*h, &back), data);
         }
         IoPoint::Read => {
-            e.submit(Move { src, dst: on_disk }, Priority::WriteBack).unwrap().wait().unwrap();
+            e.submit(Move { src, dst: on_disk }, Priority::WriteBack)
+                .unwrap()
+                .wait()
+                .unwrap();
             let back = h.reserve(LEN, "back").unwrap();
             plan.add(rule(point, kind));
-            let r = e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait();
+            let r = e
+                .submit(
+                    Move {
+                        src: on_disk,
+                        dst: back,
+                    },
+                    Priority::Demand,
+                )
+                .unwrap()
+                .wait();
             check(expect, &r, "layer.3.k_proj");
             assert!(plan.fired() >= 1, "the fault never fired");
             plan.clear();
             // The disk copy (the source of this move) is still valid.
-            e.submit(Move { src: on_disk, dst: back }, Priority::Demand).unwrap().wait().unwrap();
+            e.submit(
+                Move {
+                    src: on_disk,
+                    dst: back,
+                },
+                Priority::Demand,
+            )
+            .unwrap()
+            .wait()
+            .unwrap();
             assert_eq!(read_all(&*h, &back), data);
         }
         _ => unreachable!(),
@@ -126,7 +171,10 @@ fn disk_case(point: IoPoint, kind: FaultKind) {
     // And the engine serves an unrelated move.
     let (a, b) = (h.reserve(MIB, "a").unwrap(), d.reserve(MIB, "a").unwrap());
     h.write(&a, 0, &data[..MIB as usize]).unwrap();
-    e.submit(Move { src: a, dst: b }, Priority::Demand).unwrap().wait().unwrap();
+    e.submit(Move { src: a, dst: b }, Priority::Demand)
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(read_all(&*d, &b), &data[..MIB as usize]);
 }
 
@@ -157,7 +205,10 @@ fn memory_case(faulty_tier: vlmem_core::Tier, point: IoPoint, kind: FaultKind) {
     src_t.write(&src, 0, &data).unwrap();
     let dst = dst_t.reserve(LEN, "vision.embed").unwrap();
     plan.add(rule(point, kind));
-    let r = e.submit(Move { src, dst }, Priority::Demand).unwrap().wait();
+    let r = e
+        .submit(Move { src, dst }, Priority::Demand)
+        .unwrap()
+        .wait();
     let expect = match kind {
         FaultKind::BitFlip => unreachable!(),
         _ => expect_for(point, kind),
@@ -166,7 +217,10 @@ fn memory_case(faulty_tier: vlmem_core::Tier, point: IoPoint, kind: FaultKind) {
     assert!(plan.fired() >= 1);
     plan.clear();
     assert_eq!(read_all(&*src_t, &src), data, "source changed");
-    e.submit(Move { src, dst }, Priority::Demand).unwrap().wait().unwrap();
+    e.submit(Move { src, dst }, Priority::Demand)
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(read_all(&*dst_t, &dst), data);
 }
 
@@ -275,7 +329,10 @@ fn open_and_allocate_faults_fail_construction_cleanly() {
     let plan = Arc::new(FaultPlan::new());
     plan.add(FaultRule::once(IoPoint::Open, SLOW));
     let io = Arc::new(FaultyFileIo::new(Arc::new(RealFileIo), plan));
-    let opts = DiskOptions { dir: Some(dir.path().to_path_buf()), ..DiskOptions::default() };
+    let opts = DiskOptions {
+        dir: Some(dir.path().to_path_buf()),
+        ..DiskOptions::default()
+    };
     assert!(DiskTier::with_io(alloc(4 * MIB), opts, io).is_ok());
 }
 
@@ -284,22 +341,42 @@ fn a_slow_disk_does_not_stall_other_transfers() {
     let dir = tempfile::tempdir().unwrap();
     let (d, plan) = faulty_disk(
         32 * MIB,
-        DiskOptions { dir: Some(dir.path().to_path_buf()), ..DiskOptions::default() },
+        DiskOptions {
+            dir: Some(dir.path().to_path_buf()),
+            ..DiskOptions::default()
+        },
     );
     let d = Arc::new(d);
     let h = host(32 * MIB);
     let dev = device(32 * MIB, None);
     let e = engine(&[h.clone(), dev.clone(), d.clone()]);
-    plan.add(FaultRule::once(IoPoint::Write, FaultKind::Slow(Duration::from_millis(400))));
+    plan.add(FaultRule::once(
+        IoPoint::Write,
+        FaultKind::Slow(Duration::from_millis(400)),
+    ));
     let src = h.reserve(MIB, "slow").unwrap();
-    let slow = e.submit(Move { src, dst: d.reserve(MIB, "slow").unwrap() }, Priority::WriteBack).unwrap();
+    let slow = e
+        .submit(
+            Move {
+                src,
+                dst: d.reserve(MIB, "slow").unwrap(),
+            },
+            Priority::WriteBack,
+        )
+        .unwrap();
     std::thread::sleep(Duration::from_millis(20));
     let t0 = std::time::Instant::now();
     let src2 = h.reserve(MIB, "fast").unwrap();
-    e.submit(Move { src: src2, dst: dev.reserve(MIB, "fast").unwrap() }, Priority::Demand)
-        .unwrap()
-        .wait()
-        .unwrap();
+    e.submit(
+        Move {
+            src: src2,
+            dst: dev.reserve(MIB, "fast").unwrap(),
+        },
+        Priority::Demand,
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
     assert!(t0.elapsed() < Duration::from_millis(300));
     assert!(!slow.is_finished());
     slow.wait().unwrap();
@@ -311,7 +388,10 @@ struct DevFull;
 
 impl FileIo for DevFull {
     fn open_swap(&self, _dir: &std::path::Path, _direct: bool) -> std::io::Result<std::fs::File> {
-        std::fs::OpenOptions::new().read(true).write(true).open("/dev/full")
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/full")
     }
     fn open_read_only(&self, p: &std::path::Path, direct: bool) -> std::io::Result<std::fs::File> {
         RealFileIo.open_read_only(p, direct)
@@ -339,7 +419,16 @@ fn real_enospc_from_dev_full() {
     let data = pattern(LEN as usize, 5);
     let src = h.reserve(LEN, "t").unwrap();
     h.write(&src, 0, &data).unwrap();
-    let r = e.submit(Move { src, dst: d.reserve(LEN, "t").unwrap() }, Priority::WriteBack).unwrap().wait();
+    let r = e
+        .submit(
+            Move {
+                src,
+                dst: d.reserve(LEN, "t").unwrap(),
+            },
+            Priority::WriteBack,
+        )
+        .unwrap()
+        .wait();
     assert!(matches!(r, Err(TierError::NoSpace { .. })), "{r:?}");
     assert_eq!(read_all(&*h, &src), data);
 }
@@ -367,20 +456,42 @@ fn real_enospc_on_a_tiny_tmpfs() {
         }
     }
     let _guard = Unmount(dir.path().to_path_buf());
-    let opts = DiskOptions { dir: Some(dir.path().to_path_buf()), ..DiskOptions::default() };
+    let opts = DiskOptions {
+        dir: Some(dir.path().to_path_buf()),
+        ..DiskOptions::default()
+    };
     match DiskTier::new(alloc(8 * MIB), opts.clone()) {
-        Err(TierError::NoSpace { point: IoPoint::Allocate, .. }) => {}
+        Err(TierError::NoSpace {
+            point: IoPoint::Allocate,
+            ..
+        }) => {}
         other => panic!("expected ENOSPC at preallocation, got {other:?}"),
     }
     let d = Arc::new(
-        DiskTier::new(alloc(8 * MIB), DiskOptions { preallocate: false, ..opts }).unwrap(),
+        DiskTier::new(
+            alloc(8 * MIB),
+            DiskOptions {
+                preallocate: false,
+                ..opts
+            },
+        )
+        .unwrap(),
     );
     let h = host(8 * MIB);
     let e = engine(&[h.clone(), d.clone()]);
     let data = pattern((4 * MIB) as usize, 9);
     let src = h.reserve(4 * MIB, "big").unwrap();
     h.write(&src, 0, &data).unwrap();
-    let r = e.submit(Move { src, dst: d.reserve(4 * MIB, "big").unwrap() }, Priority::WriteBack).unwrap().wait();
+    let r = e
+        .submit(
+            Move {
+                src,
+                dst: d.reserve(4 * MIB, "big").unwrap(),
+            },
+            Priority::WriteBack,
+        )
+        .unwrap()
+        .wait();
     assert!(matches!(r, Err(TierError::NoSpace { .. })), "{r:?}");
     assert_eq!(read_all(&*h, &src), data);
     // A tensor that fits still goes through.

@@ -34,7 +34,10 @@ fn host_round_trip_and_capacity_is_not_rounded_to_a_power_of_two() {
         h.read(&r, 0, &mut part),
         Err(TierError::InvalidReservation { .. })
     ));
-    assert!(matches!(h.release(r), Err(TierError::InvalidReservation { .. })));
+    assert!(matches!(
+        h.release(r),
+        Err(TierError::InvalidReservation { .. })
+    ));
     assert_eq!(h.usage().in_use_bytes, 0);
 }
 
@@ -43,7 +46,9 @@ fn host_out_of_memory_is_a_typed_error() {
     let h = host(MIB);
     let _a = h.reserve(MIB, "a").unwrap();
     match h.reserve(4096, "b") {
-        Err(TierError::Alloc { tier: Tier::Host, .. }) => {}
+        Err(TierError::Alloc {
+            tier: Tier::Host, ..
+        }) => {}
         other => panic!("expected Alloc error, got {other:?}"),
     }
 }
@@ -54,7 +59,10 @@ fn conflicting_access_is_refused_not_raced() {
     let r = h.reserve(4096, "t").unwrap();
     // While a lent read is running, a write to the same block is Busy and a release too.
     let res = h.read_with(&r, 0, 4096, &mut |_s| {
-        assert!(matches!(h.write(&r, 0, &[1u8; 16]), Err(TierError::Busy { .. })));
+        assert!(matches!(
+            h.write(&r, 0, &[1u8; 16]),
+            Err(TierError::Busy { .. })
+        ));
         assert!(matches!(h.release(r), Err(TierError::Busy { .. })));
         Ok(())
     });
@@ -91,7 +99,10 @@ fn simulated_device_says_simulated_and_caps_bandwidth() {
     d.write(&r, 0, &data).unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let expected = (20 * MIB) as f64 / cap_bytes_per_s as f64; // ~0.105 s
-    assert!(secs >= expected * 0.95, "write took {secs} s, cap implies {expected} s");
+    assert!(
+        secs >= expected * 0.95,
+        "write took {secs} s, cap implies {expected} s"
+    );
     assert_eq!(read_all(&*d, &r), data);
     // Zero cap is refused.
     assert!(vlmem_tier::MemoryTier::simulated_device(alloc(MIB), Some(0)).is_err());
@@ -254,7 +265,9 @@ fn read_only_extent_reads_in_place_at_unaligned_offsets() {
     let used_before = d.usage().in_use_bytes;
     let off = 12_345u64;
     let len = 2 * MIB + 4321;
-    let r = d.register_extent(&path, off, len, "model.layers.0.mlp.up_proj.weight").unwrap();
+    let r = d
+        .register_extent(&path, off, len, "model.layers.0.mlp.up_proj.weight")
+        .unwrap();
     assert!(r.is_in_place());
     assert_eq!(d.usage().in_use_bytes, used_before, "no copy into swap");
     let got = read_all(&d, &r);
@@ -265,8 +278,14 @@ fn read_only_extent_reads_in_place_at_unaligned_offsets() {
         .unwrap();
     assert_eq!(read_all(&d, &tail), &file_data[file_data.len() - 10..]);
     // Writes are refused; out-of-file extents too.
-    assert!(matches!(d.write(&r, 0, &[0u8; 4]), Err(TierError::ReadOnly { .. })));
-    assert!(d.register_extent(&path, file_data.len() as u64, 1, "x").is_err());
+    assert!(matches!(
+        d.write(&r, 0, &[0u8; 4]),
+        Err(TierError::ReadOnly { .. })
+    ));
+    assert!(
+        d.register_extent(&path, file_data.len() as u64, 1, "x")
+            .is_err()
+    );
     d.release(r).unwrap();
     assert!(d.read(&r, 0, &mut [0u8; 4]).is_err());
 }
@@ -281,14 +300,22 @@ fn batched_small_tensors_round_trip() {
         .enumerate()
         .map(|(i, &l)| d.reserve(l as u64, &format!("t{i}")).unwrap())
         .collect();
-    let datas: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| pattern(l, 10 + i as u64)).collect();
+    let datas: Vec<Vec<u8>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| pattern(l, 10 + i as u64))
+        .collect();
     let items: Vec<_> = res.iter().zip(&datas).map(|(r, v)| (*r, &v[..])).collect();
     d.write_batch(&items).unwrap();
     for (r, v) in res.iter().zip(&datas) {
         assert_eq!(&read_all(&d, r), v);
     }
     let mut outs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0u8; l]).collect();
-    let mut reads: Vec<_> = res.iter().zip(outs.iter_mut()).map(|(r, o)| (*r, &mut o[..])).collect();
+    let mut reads: Vec<_> = res
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(r, o)| (*r, &mut o[..]))
+        .collect();
     d.read_batch(&mut reads).unwrap();
     assert_eq!(outs, datas);
 }
