@@ -128,6 +128,24 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
     ) -> Option<Result<()>> {
         None
     }
+    /// For CPU-addressable tiers: lends the whole bytes of every reservation in `items` at
+    /// once (a batch), for reading. `None` when the tier cannot.
+    fn read_many_with(
+        &self,
+        _items: &[Reservation],
+        _f: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        None
+    }
+    /// For CPU-addressable tiers: lends the whole bytes of every reservation in `items` at
+    /// once, for writing. The same reservation twice is refused ([`TierError::Busy`]).
+    fn write_many_with(
+        &self,
+        _items: &[Reservation],
+        _f: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        None
+    }
     /// Writes whole small tensors (each `src` covers its reservation from offset 0). The
     /// disk tier coalesces adjacent ones into few large I/Os; the default writes one by one.
     fn write_batch(&self, items: &[(Reservation, &[u8])]) -> Result<()> {

@@ -181,6 +181,21 @@ impl MemoryTier {
     }
 }
 
+/// Accesses held for a batch, and the address and length of each reservation.
+type Lent<'a> = (Vec<crate::registry::Access<'a, ()>>, Vec<(*mut u8, usize)>);
+
+impl MemoryTier {
+    fn lend_many(&self, items: &[Reservation], write: bool) -> Result<Lent<'_>> {
+        let mut accesses = Vec::with_capacity(items.len());
+        let mut spans = Vec::with_capacity(items.len());
+        for res in items {
+            accesses.push(self.reg.access(res, 0, res.len_bytes(), write)?);
+            spans.push((self.addr(res, 0), res.len_bytes() as usize));
+        }
+        Ok((accesses, spans))
+    }
+}
+
 impl TierBackend for MemoryTier {
     fn tier(&self) -> Tier {
         self.tier
@@ -321,5 +336,57 @@ impl TierBackend for MemoryTier {
         f: &mut dyn FnMut(&mut [u8]) -> Result<()>,
     ) -> Option<Result<()>> {
         Some(self.lend_write(res, offset_bytes, len_bytes, f))
+    }
+    fn read_many_with(
+        &self,
+        items: &[Reservation],
+        f: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let started = Instant::now();
+        let (accesses, spans) = match self.lend_many(items, false) {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        };
+        let slices: Vec<&[u8]> = spans
+            .iter()
+            .map(|&(p, n)| {
+                // SAFETY: each span is a whole live reservation inside the mapping (checked
+                // at reserve time); the registry granted shared access to each, held in
+                // `accesses` until after the slices' last use below.
+                unsafe { std::slice::from_raw_parts(p.cast_const(), n) }
+            })
+            .collect();
+        let r = f(&slices);
+        drop(slices);
+        drop(accesses);
+        self.charge(started, items.iter().map(Reservation::len_bytes).sum());
+        Some(r)
+    }
+    fn write_many_with(
+        &self,
+        items: &[Reservation],
+        f: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let started = Instant::now();
+        let (accesses, spans) = match self.lend_many(items, true) {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut slices: Vec<&mut [u8]> = spans
+            .iter()
+            .map(|&(p, n)| {
+                // SAFETY: each span is a whole live reservation inside the mapping; distinct
+                // live reservations never overlap (registry), and a reservation listed twice
+                // was refused above (its second exclusive access is Busy), so these mutable
+                // slices are disjoint; the exclusive accesses are held until after their
+                // last use below.
+                unsafe { std::slice::from_raw_parts_mut(p, n) }
+            })
+            .collect();
+        let r = f(&mut slices);
+        drop(slices);
+        drop(accesses);
+        self.charge(started, items.iter().map(Reservation::len_bytes).sum());
+        Some(r)
     }
 }

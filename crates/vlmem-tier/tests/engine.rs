@@ -474,3 +474,26 @@ fn dropping_the_engine_finishes_queued_work() {
         t.wait().unwrap();
     }
 }
+
+#[test]
+fn a_batch_naming_one_destination_twice_is_refused() {
+    let h = host(4 * MIB);
+    let dev = device(4 * MIB, None);
+    let e = engine(&[h.clone(), dev.clone()]);
+    let (a, _) = fill(&*h, 4096, 1, "a");
+    let (b, _) = fill(&*h, 4096, 2, "b");
+    let d = dev.reserve(4096, "d").unwrap();
+    let r = e
+        .submit_batch(
+            vec![Move { src: a, dst: d }, Move { src: b, dst: d }],
+            Priority::Demand,
+        )
+        .unwrap()
+        .wait();
+    assert!(matches!(r, Err(TierError::Busy { .. })), "{r:?}");
+    // The engine goes on.
+    e.submit(Move { src: a, dst: d }, Priority::Demand)
+        .unwrap()
+        .wait()
+        .unwrap();
+}

@@ -500,3 +500,67 @@ fn real_enospc_on_a_tiny_tmpfs() {
     drop(e);
     drop(d);
 }
+
+#[test]
+fn a_failed_batch_write_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, plan) = faulty_disk(
+        16 * MIB,
+        DiskOptions {
+            dir: Some(dir.path().to_path_buf()),
+            ..DiskOptions::default()
+        },
+    );
+    let d = Arc::new(d);
+    let h = host(16 * MIB);
+    let e = engine(&[h.clone(), d.clone()]);
+    let mut moves = Vec::new();
+    let mut datas = Vec::new();
+    for i in 0..32u64 {
+        let data = pattern(65_536, i);
+        let s = h.reserve(65_536, "kv").unwrap();
+        h.write(&s, 0, &data).unwrap();
+        moves.push(Move {
+            src: s,
+            dst: d.reserve(65_536, &format!("kv{i}")).unwrap(),
+        });
+        datas.push(data);
+    }
+    plan.add(FaultRule::once(IoPoint::Write, FaultKind::Eio));
+    let r = e
+        .submit_batch(moves.clone(), Priority::WriteBack)
+        .unwrap()
+        .wait();
+    assert!(matches!(r, Err(TierError::Io { .. })), "{r:?}");
+    for (m, data) in moves.iter().zip(&datas) {
+        assert_eq!(&read_all(&*h, &m.src), data);
+    }
+    // Bit flip on the batched read names the damaged tensor.
+    e.submit_batch(moves.clone(), Priority::WriteBack)
+        .unwrap()
+        .wait()
+        .unwrap();
+    plan.add(FaultRule::once(IoPoint::Read, FaultKind::BitFlip));
+    let back: Vec<Move> = moves
+        .iter()
+        .map(|m| Move {
+            src: m.dst,
+            dst: m.src,
+        })
+        .collect();
+    match e
+        .submit_batch(back.clone(), Priority::Demand)
+        .unwrap()
+        .wait()
+    {
+        Err(TierError::Corrupt { tensor, .. }) => assert!(tensor.starts_with("kv"), "{tensor}"),
+        other => panic!("{other:?}"),
+    }
+    e.submit_batch(back, Priority::Demand)
+        .unwrap()
+        .wait()
+        .unwrap();
+    for (m, data) in moves.iter().zip(&datas) {
+        assert_eq!(&read_all(&*h, &m.src), data);
+    }
+}
