@@ -6,7 +6,10 @@
 pub mod config;
 pub mod error;
 mod manager;
+pub mod policy;
+pub mod replay;
 pub mod stats;
+pub mod vision_cache;
 
 pub use config::{Budgets, ManagerConfig};
 pub use error::{ManagerError, Result};
