@@ -214,8 +214,7 @@ impl BinnedAllocator {
     /// A binned allocator over `config.capacity_bytes`.
     pub fn new(config: BinnedConfig) -> Result<Self, AllocError> {
         let shift = unit_shift("granule_bytes", config.granule_bytes)?;
-        if config.capacity_bytes == 0 || config.capacity_bytes & (config.granule_bytes - 1) != 0
-        {
+        if config.capacity_bytes == 0 || config.capacity_bytes & (config.granule_bytes - 1) != 0 {
             return Err(AllocError::InvalidConfig(format!(
                 "capacity_bytes ({}) must be a non-zero multiple of granule_bytes ({})",
                 config.capacity_bytes, config.granule_bytes
@@ -271,7 +270,10 @@ impl BinnedAllocator {
             return None;
         }
         let units = units_for(bytes, self.unit_shift);
-        Some(bin_size(bin_round_up(units)).min(self.capacity_bytes >> self.unit_shift) << self.unit_shift)
+        Some(
+            bin_size(bin_round_up(units)).min(self.capacity_bytes >> self.unit_shift)
+                << self.unit_shift,
+        )
     }
 
     /// Reserves a block of at least `bytes`.
@@ -520,7 +522,9 @@ impl BinnedInner {
 
     /// Unlinks `i` from the address chain.
     fn unlink(&mut self, i: u32) {
-        let Node { nb_prev, nb_next, .. } = self.nodes[i as usize];
+        let Node {
+            nb_prev, nb_next, ..
+        } = self.nodes[i as usize];
         if nb_prev != NIL {
             self.nodes[nb_prev as usize].nb_next = nb_next;
         }
@@ -758,7 +762,11 @@ impl BinnedInner {
         })
     }
 
-    fn finish_plan_locked(&mut self, apply_moves: bool, outer: &BinnedAllocator) -> CompactionOutcome {
+    fn finish_plan_locked(
+        &mut self,
+        apply_moves: bool,
+        outer: &BinnedAllocator,
+    ) -> CompactionOutcome {
         let mut outcome = CompactionOutcome::default();
         let Some(plan) = self.plan.take() else {
             return self.outcome_locked(outer.unit_shift);
@@ -770,7 +778,11 @@ impl BinnedInner {
         for &(i, dest) in &plan.dests {
             match self.nodes[i as usize].state {
                 NodeState::Moving => {
-                    let to = if apply_moves { dest } else { self.nodes[i as usize].offset };
+                    let to = if apply_moves {
+                        dest
+                    } else {
+                        self.nodes[i as usize].offset
+                    };
                     lives.push((i, to));
                 }
                 NodeState::MovingFreed => {
@@ -848,7 +860,8 @@ impl BinnedInner {
     }
 
     fn audit_locked(&self, capacity_bytes: u64, shift: u32) -> Result<Audit, String> {
-        let (mut live, mut in_use, mut free, mut reserved, mut free_nodes) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut live, mut in_use, mut free, mut reserved, mut free_nodes) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
         let mut expect = 0u64;
         let mut cur = self.head;
         let mut prev = NIL;
@@ -861,7 +874,10 @@ impl BinnedInner {
             }
             let n = &self.nodes[cur as usize];
             if n.offset != expect || n.size == 0 || n.nb_prev != prev {
-                return Err(format!("node {cur} at {} (size {}) breaks the chain at {expect}", n.offset, n.size));
+                return Err(format!(
+                    "node {cur} at {} (size {}) breaks the chain at {expect}",
+                    n.offset, n.size
+                ));
             }
             match n.state {
                 NodeState::Free => {
@@ -884,7 +900,10 @@ impl BinnedInner {
             cur = n.nb_next;
         }
         if expect << shift != capacity_bytes {
-            return Err(format!("chain covers {} of {capacity_bytes} bytes", expect << shift));
+            return Err(format!(
+                "chain covers {} of {capacity_bytes} bytes",
+                expect << shift
+            ));
         }
         let mut listed = 0u64;
         for bin in 0..BINS {
@@ -976,7 +995,10 @@ mod tests {
     fn allocate_free_merge_errors() {
         let a = binned(1 << 20, 256);
         assert_eq!(a.allocate(0), Err(AllocError::ZeroSize));
-        assert!(matches!(a.allocate((1 << 20) + 1), Err(AllocError::TooLarge { .. })));
+        assert!(matches!(
+            a.allocate((1 << 20) + 1),
+            Err(AllocError::TooLarge { .. })
+        ));
         let x = a.allocate(1000).unwrap();
         assert_eq!((x.offset_bytes(), x.len_bytes()), (0, 1024));
         let y = a.allocate(33 * 256 + 1).unwrap(); // 34 granules -> bin size 34
@@ -984,10 +1006,20 @@ mod tests {
         let z = a.allocate(65 * 256).unwrap(); // 65 granules -> rounds up to 66
         assert_eq!(z.len_bytes(), 66 * 256);
         a.free(y).unwrap();
-        assert_eq!(a.free(y), Err(AllocError::DoubleFree { offset_bytes: y.offset_bytes() }));
+        assert_eq!(
+            a.free(y),
+            Err(AllocError::DoubleFree {
+                offset_bytes: y.offset_bytes()
+            })
+        );
         let y2 = a.allocate(34 * 256).unwrap();
         assert_eq!(y2.offset_bytes(), y.offset_bytes(), "same-size hole reused");
-        assert_eq!(a.free(y), Err(AllocError::Stale { offset_bytes: y.offset_bytes() }));
+        assert_eq!(
+            a.free(y),
+            Err(AllocError::Stale {
+                offset_bytes: y.offset_bytes()
+            })
+        );
         let other = binned(1 << 20, 256);
         assert!(matches!(other.free(x), Err(AllocError::Foreign { .. })));
         let forged = Block::from_parts(a.id(), x.slot(), x.generation(), x.offset_bytes(), 256);
@@ -1010,7 +1042,14 @@ mod tests {
         let all = a.allocate(1000 * 256).unwrap();
         assert_eq!(all.len_bytes(), 1000 * 256);
         let e = a.allocate(1).unwrap_err();
-        assert!(matches!(e, AllocError::OutOfMemory { kind: Some(TensorKind::Activation), free_bytes: 0, .. }));
+        assert!(matches!(
+            e,
+            AllocError::OutOfMemory {
+                kind: Some(TensorKind::Activation),
+                free_bytes: 0,
+                ..
+            }
+        ));
         a.free(all).unwrap();
         let b = a.allocate(999 * 256).unwrap();
         a.free(b).unwrap();
@@ -1043,7 +1082,11 @@ mod tests {
                 live.push(b);
             }
             let used = live.len() as u64 * 4097;
-            assert!(used as f64 / cap_units as f64 >= 0.95, "round {round}: {}", used as f64 / cap_units as f64);
+            assert!(
+                used as f64 / cap_units as f64 >= 0.95,
+                "round {round}: {}",
+                used as f64 / cap_units as f64
+            );
         }
         a.audit().unwrap();
     }
@@ -1060,11 +1103,18 @@ mod tests {
         assert_eq!(before.free_extents, 5);
         assert!(before.external_fragmentation > 0.0);
         let plan = a.plan_compaction().unwrap();
-        assert!(matches!(a.plan_compaction(), Err(CompactionError::PlanInProgress)));
+        assert!(matches!(
+            a.plan_compaction(),
+            Err(CompactionError::PlanInProgress)
+        ));
         assert_eq!(plan.moves().len(), 4);
         assert_eq!(plan.bytes_to_copy(), 4 * 4 * 256);
         // While the plan is in flight, allocations cannot land in the region.
-        let region_end = plan.moves().last().map(|m| m.from_offset_bytes + m.len_bytes).unwrap();
+        let region_end = plan
+            .moves()
+            .last()
+            .map(|m| m.from_offset_bytes + m.len_bytes)
+            .unwrap();
         let during = a.allocate(256).unwrap();
         assert!(during.offset_bytes() >= region_end);
         let s = a.stats();
@@ -1074,7 +1124,12 @@ mod tests {
         // The owner of one moving block frees it meanwhile.
         let gone = plan.moves()[1].block;
         a.free(gone).unwrap();
-        assert_eq!(a.free(gone), Err(AllocError::DoubleFree { offset_bytes: gone.offset_bytes() }));
+        assert_eq!(
+            a.free(gone),
+            Err(AllocError::DoubleFree {
+                offset_bytes: gone.offset_bytes()
+            })
+        );
         let out = a.commit_compaction(plan).unwrap();
         assert_eq!(out.moved.len(), 3);
         assert_eq!(out.freed_during_plan, vec![gone]);
@@ -1096,7 +1151,12 @@ mod tests {
         assert!(empty.is_empty());
         a.commit_compaction(empty).unwrap();
         for (_, new) in out.moved {
-            let cur = out2.moved.iter().find(|(o, _)| *o == new).map(|(_, n)| *n).unwrap_or(new);
+            let cur = out2
+                .moved
+                .iter()
+                .find(|(o, _)| *o == new)
+                .map(|(_, n)| *n)
+                .unwrap_or(new);
             a.free(cur).unwrap();
         }
         assert_eq!(a.stats().in_use_bytes, 0);
@@ -1115,8 +1175,15 @@ mod tests {
         assert!(out.moved.is_empty());
         a.audit().unwrap();
         a.free(y).unwrap();
-        let stale = CompactionPlan { allocator_id: a.id(), plan_id: 42, moves: vec![] };
-        assert!(matches!(a.commit_compaction(stale), Err(CompactionError::UnknownPlan { .. })));
+        let stale = CompactionPlan {
+            allocator_id: a.id(),
+            plan_id: 42,
+            moves: vec![],
+        };
+        assert!(matches!(
+            a.commit_compaction(stale),
+            Err(CompactionError::UnknownPlan { .. })
+        ));
         assert_eq!(a.fragmentation().free_extents, 1);
     }
 }

@@ -17,11 +17,11 @@
 //! `&mut BuddyInner` to private helpers (`*_locked`); no helper ever locks, so a lock can
 //! never be taken twice by one thread (no reentrant lock is needed, or possible).
 
+use crate::Audit;
 use crate::handle::{
     classify_bad_free, decode_generation, encode_generation, new_identity, unit_shift, units_for,
 };
 use crate::stats::{AllocStats, Counters, FragmentationReport};
-use crate::Audit;
 use vlmem_core::sync::Mutex;
 use vlmem_core::{AllocError, ArenaUsage, Block, OffsetAllocator, TensorKind};
 
@@ -78,8 +78,7 @@ impl BuddyAllocator {
     /// A buddy allocator over `config.capacity_bytes`.
     pub fn new(config: BuddyConfig) -> Result<Self, AllocError> {
         let shift = unit_shift("min_block_bytes", config.min_block_bytes)?;
-        if config.capacity_bytes == 0 || config.capacity_bytes & (config.min_block_bytes - 1) != 0
-        {
+        if config.capacity_bytes == 0 || config.capacity_bytes & (config.min_block_bytes - 1) != 0 {
             return Err(AllocError::InvalidConfig(format!(
                 "capacity_bytes ({}) must be a non-zero multiple of min_block_bytes ({})",
                 config.capacity_bytes, config.min_block_bytes
@@ -174,7 +173,8 @@ impl BuddyAllocator {
             allocator_id: block.allocator_id(),
             offset_bytes: block.offset_bytes(),
         };
-        if block.allocator_id() != self.id || block.slot() as u64 >= self.capacity_bytes >> self.unit_shift
+        if block.allocator_id() != self.id
+            || block.slot() as u64 >= self.capacity_bytes >> self.unit_shift
         {
             return Err(foreign);
         }
@@ -203,9 +203,8 @@ impl BuddyAllocator {
     /// order, from one consistent view.
     pub fn fragmentation(&self) -> FragmentationReport {
         let inner = self.inner.lock();
-        let extents = (0..=inner.max_order).flat_map(|k| {
-            std::iter::repeat_n(1u64 << k, inner.free_count[k as usize] as usize)
-        });
+        let extents = (0..=inner.max_order)
+            .flat_map(|k| std::iter::repeat_n(1u64 << k, inner.free_count[k as usize] as usize));
         FragmentationReport::from_free_extents(self.capacity_bytes, self.unit_shift, extents)
     }
 
@@ -409,7 +408,9 @@ impl BuddyInner {
                     && start + 2 * len <= u64::from(self.units)
                     && self.state[buddy as usize] == order as u8
                 {
-                    return Err(format!("free buddies at units {u} and {buddy} were not merged"));
+                    return Err(format!(
+                        "free buddies at units {u} and {buddy} were not merged"
+                    ));
                 }
             }
             covered += len;
@@ -423,13 +424,19 @@ impl BuddyInner {
             let mut cur = self.heads[k as usize];
             while cur != NIL {
                 if self.state[cur as usize] != k as u8 {
-                    return Err(format!("unit {cur} in free list {k} has state {}", self.state[cur as usize]));
+                    return Err(format!(
+                        "unit {cur} in free list {k} has state {}",
+                        self.state[cur as usize]
+                    ));
                 }
                 n += 1;
                 cur = self.next[cur as usize];
             }
             if n != self.free_count[k as usize] {
-                return Err(format!("free list {k} holds {n} blocks, counted {}", self.free_count[k as usize]));
+                return Err(format!(
+                    "free list {k} holds {n} blocks, counted {}",
+                    self.free_count[k as usize]
+                ));
             }
             if (n > 0) != (self.nonempty & (1 << k) != 0) {
                 return Err(format!("non-empty bitmap wrong at order {k}"));
@@ -483,7 +490,13 @@ mod tests {
 
     #[test]
     fn config_errors() {
-        let bad = |c, m| BuddyAllocator::new(BuddyConfig { capacity_bytes: c, min_block_bytes: m, kind: None });
+        let bad = |c, m| {
+            BuddyAllocator::new(BuddyConfig {
+                capacity_bytes: c,
+                min_block_bytes: m,
+                kind: None,
+            })
+        };
         assert!(matches!(bad(1024, 3), Err(AllocError::InvalidConfig(_))));
         assert!(matches!(bad(1000, 64), Err(AllocError::InvalidConfig(_))));
         assert!(matches!(bad(0, 64), Err(AllocError::InvalidConfig(_))));
@@ -494,8 +507,14 @@ mod tests {
     fn split_merge_and_errors() {
         let b = buddy(16 * 64, 64);
         assert_eq!(b.allocate(0), Err(AllocError::ZeroSize));
-        assert!(matches!(b.allocate(16 * 64 + 1), Err(AllocError::TooLarge { .. })));
-        assert!(matches!(b.allocate(u64::MAX), Err(AllocError::TooLarge { .. })));
+        assert!(matches!(
+            b.allocate(16 * 64 + 1),
+            Err(AllocError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            b.allocate(u64::MAX),
+            Err(AllocError::TooLarge { .. })
+        ));
         let a = b.allocate(1).unwrap();
         assert_eq!((a.offset_bytes(), a.len_bytes()), (0, 64));
         let c = b.allocate(65).unwrap();
@@ -517,8 +536,15 @@ mod tests {
         let a2 = b.allocate(64).unwrap();
         assert_eq!(a2.offset_bytes(), 0);
         assert_eq!(b.free(a), Err(AllocError::Stale { offset_bytes: 0 }));
+        // A made-up generation is refused (as foreign or stale: generations are salted, so
+        // which one depends on the salt) and changes nothing.
         let forged = Block::from_parts(b.id(), 0, 12345, 0, 64);
-        assert!(matches!(b.free(forged), Err(AllocError::Foreign { .. })));
+        let before = b.stats();
+        assert!(matches!(
+            b.free(forged),
+            Err(AllocError::Foreign { .. }) | Err(AllocError::Stale { .. })
+        ));
+        assert_eq!(b.stats(), before);
         let other = buddy(1024, 64);
         assert!(matches!(other.free(a2), Err(AllocError::Foreign { .. })));
         let wrong_len = Block::from_parts(b.id(), a2.slot(), a2.generation(), 0, 128);
@@ -530,7 +556,10 @@ mod tests {
         assert_eq!(f.largest_free_bytes, 1024);
         assert_eq!(f.free_extents, 1);
         let s = b.stats();
-        assert_eq!((s.allocations, s.frees, s.failures, s.in_use_bytes), (4, 4, 1, 0));
+        assert_eq!(
+            (s.allocations, s.frees, s.failures, s.in_use_bytes),
+            (4, 4, 1, 0)
+        );
         assert_eq!(s.peak_in_use_bytes, 64 + 128 + 512);
         b.audit().unwrap();
     }
@@ -541,9 +570,15 @@ mod tests {
         let b = buddy(7 * 4096, 4096);
         let blocks: Vec<Block> = (0..7).map(|_| b.allocate(4096).unwrap()).collect();
         assert!(matches!(b.allocate(1), Err(AllocError::OutOfMemory { .. })));
-        assert!(matches!(b.allocate(8 * 4096), Err(AllocError::TooLarge { .. })));
+        assert!(matches!(
+            b.allocate(8 * 4096),
+            Err(AllocError::TooLarge { .. })
+        ));
         // 5 units can never fit (would need an 8-unit block).
-        assert!(matches!(b.allocate(5 * 4096), Err(AllocError::TooLarge { .. })));
+        assert!(matches!(
+            b.allocate(5 * 4096),
+            Err(AllocError::TooLarge { .. })
+        ));
         let mut offs: Vec<u64> = blocks.iter().map(|b| b.offset_bytes()).collect();
         offs.sort_unstable();
         assert_eq!(offs, (0..7).map(|i| i * 4096).collect::<Vec<_>>());
@@ -551,7 +586,10 @@ mod tests {
             b.free(blk).unwrap();
         }
         let f = b.fragmentation();
-        assert_eq!((f.free_bytes, f.largest_free_bytes, f.free_extents), (7 * 4096, 4 * 4096, 3));
+        assert_eq!(
+            (f.free_bytes, f.largest_free_bytes, f.free_extents),
+            (7 * 4096, 4 * 4096, 3)
+        );
         b.audit().unwrap();
         assert_eq!(b.allocate(4 * 4096).unwrap().offset_bytes(), 0);
     }

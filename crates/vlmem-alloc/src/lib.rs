@@ -39,7 +39,7 @@ pub use binned::{
 pub use buddy::{BuddyAllocator, BuddyConfig};
 pub use pools::{PoolAllocator, PoolConfig, PoolsStats, Strategy, TypedPools};
 pub use slab::{Released, SlabConfig, SlabPool};
-pub use stats::{external_fragmentation, AllocStats, FragmentationReport, UnusableIndex};
+pub use stats::{AllocStats, FragmentationReport, UnusableIndex, external_fragmentation};
 
 use thiserror::Error;
 use vlmem_core::TensorKind;
@@ -58,7 +58,9 @@ pub enum CompactionError {
         plan_id: u64,
     },
     /// The pool's strategy does not compact.
-    #[error("the {kind} pool uses the {strategy} strategy, which does not compact (only binned pools do)")]
+    #[error(
+        "the {kind} pool uses the {strategy} strategy, which does not compact (only binned pools do)"
+    )]
     Unsupported {
         /// The pool's kind.
         kind: TensorKind,

@@ -32,13 +32,19 @@ fn overlap(a: &Block, b: &Block) -> bool {
 fn loom_slab_free_stack_cache_exchange() {
     loom::model(|| {
         let pool = Arc::new(slab(3, 1));
-        let first = pool.allocate_with_cache(0, 64).unwrap_or_else(|e| panic!("{e}"));
+        let first = pool
+            .allocate_with_cache(0, 64)
+            .unwrap_or_else(|e| panic!("{e}"));
         let p1 = pool.clone();
         let t1 = thread::spawn(move || {
             // Cross-thread free into cache 1 (over its bound of 1 after a second free: flush).
-            p1.release_with_cache(1, first).unwrap_or_else(|e| panic!("{e}"));
-            let b = p1.allocate_with_cache(1, 64).unwrap_or_else(|e| panic!("{e}"));
-            p1.release_with_cache(1, b).unwrap_or_else(|e| panic!("{e}"));
+            p1.release_with_cache(1, first)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let b = p1
+                .allocate_with_cache(1, 64)
+                .unwrap_or_else(|e| panic!("{e}"));
+            p1.release_with_cache(1, b)
+                .unwrap_or_else(|e| panic!("{e}"));
         });
         let p2 = pool.clone();
         let t2 = thread::spawn(move || {
@@ -50,7 +56,8 @@ fn loom_slab_free_stack_cache_exchange() {
             for r in [a, b] {
                 match r {
                     Ok(blk) => {
-                        p2.release_with_cache(0, blk).unwrap_or_else(|e| panic!("{e}"));
+                        p2.release_with_cache(0, blk)
+                            .unwrap_or_else(|e| panic!("{e}"));
                     }
                     // Capacity 3: t1's block plus two here can never exhaust it.
                     Err(e) => panic!("unexpected {e}"),
@@ -104,7 +111,10 @@ fn loom_buddy_split_merge_two_threads() {
             h.join().unwrap_or_else(|_| panic!("join"));
         }
         let f = buddy.fragmentation();
-        assert_eq!((f.free_bytes, f.largest_free_bytes, f.free_extents), (256, 256, 1));
+        assert_eq!(
+            (f.free_bytes, f.largest_free_bytes, f.free_extents),
+            (256, 256, 1)
+        );
         buddy.audit().unwrap_or_else(|e| panic!("{e}"));
     });
 }
@@ -128,9 +138,14 @@ fn loom_buddy_double_free_race_exactly_one_wins() {
                 thread::spawn(move || buddy.free(b))
             })
             .collect();
-        let rs: Vec<_> = hs.into_iter().map(|h| h.join().unwrap_or_else(|_| panic!("join"))).collect();
+        let rs: Vec<_> = hs
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| panic!("join")))
+            .collect();
         assert_eq!(rs.iter().filter(|r| r.is_ok()).count(), 1);
-        assert!(rs.contains(&Err(AllocError::DoubleFree { offset_bytes: b.offset_bytes() })));
+        assert!(rs.contains(&Err(AllocError::DoubleFree {
+            offset_bytes: b.offset_bytes()
+        })));
         assert_eq!(buddy.stats().in_use_bytes, 0);
     });
 }
@@ -141,7 +156,9 @@ fn loom_buddy_double_free_race_exactly_one_wins() {
 fn loom_slab_shared_refcount_release() {
     loom::model(|| {
         let pool = Arc::new(slab(2, 1));
-        let b = pool.allocate_with_cache(0, 1).unwrap_or_else(|e| panic!("{e}"));
+        let b = pool
+            .allocate_with_cache(0, 1)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(pool.retain(b), Ok(2));
         let hs: Vec<_> = (0..2)
             .map(|i| {
@@ -151,11 +168,20 @@ fn loom_slab_shared_refcount_release() {
             .collect();
         let rs: Vec<_> = hs
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| panic!("join")).unwrap_or_else(|e| panic!("{e}")))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| panic!("join"))
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
             .collect();
         assert_eq!(rs.iter().filter(|r| **r == Released::Freed).count(), 1);
         assert!(rs.contains(&Released::StillShared { refs_left: 1 }));
-        assert_eq!(pool.release(b), Err(AllocError::DoubleFree { offset_bytes: b.offset_bytes() }));
+        assert_eq!(
+            pool.release(b),
+            Err(AllocError::DoubleFree {
+                offset_bytes: b.offset_bytes()
+            })
+        );
         let audit = pool.audit().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((audit.walked_live_blocks, audit.stats.frees), (0, 1));
     });
@@ -168,10 +194,14 @@ fn loom_slab_shared_refcount_release() {
 fn loom_slab_retain_races_last_release() {
     loom::model(|| {
         let pool = Arc::new(slab(1, 1));
-        let b = pool.allocate_with_cache(0, 1).unwrap_or_else(|e| panic!("{e}"));
+        let b = pool
+            .allocate_with_cache(0, 1)
+            .unwrap_or_else(|e| panic!("{e}"));
         let p1 = pool.clone();
         let t = thread::spawn(move || p1.retain(b));
-        let released = pool.release_with_cache(1, b).unwrap_or_else(|e| panic!("{e}"));
+        let released = pool
+            .release_with_cache(1, b)
+            .unwrap_or_else(|e| panic!("{e}"));
         let retained = t.join().unwrap_or_else(|_| panic!("join"));
         match (released, retained) {
             (Released::StillShared { refs_left: 1 }, Ok(2)) => {
@@ -209,7 +239,12 @@ fn loom_stats_snapshot_consistent() {
         for _ in 0..2 {
             let audit = a.audit().unwrap_or_else(|e| panic!("{e}"));
             let s = audit.stats;
-            assert!(s.in_use_bytes == 0 || s.in_use_bytes == 256 || s.in_use_bytes == 768 || s.in_use_bytes == 512);
+            assert!(
+                s.in_use_bytes == 0
+                    || s.in_use_bytes == 256
+                    || s.in_use_bytes == 768
+                    || s.in_use_bytes == 512
+            );
             assert!(s.is_consistent());
         }
         t.join().unwrap_or_else(|_| panic!("join"));
@@ -225,8 +260,11 @@ fn loom_slab_stats_snapshot_across_caches() {
         let pool = Arc::new(slab(2, 1));
         let p1 = pool.clone();
         let t = thread::spawn(move || {
-            let b = p1.allocate_with_cache(0, 1).unwrap_or_else(|e| panic!("{e}"));
-            p1.release_with_cache(1, b).unwrap_or_else(|e| panic!("{e}"));
+            let b = p1
+                .allocate_with_cache(0, 1)
+                .unwrap_or_else(|e| panic!("{e}"));
+            p1.release_with_cache(1, b)
+                .unwrap_or_else(|e| panic!("{e}"));
         });
         let s = pool.stats();
         assert!(s.live_blocks <= 1 && s.is_consistent());

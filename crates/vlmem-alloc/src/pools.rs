@@ -83,11 +83,13 @@ impl PoolAllocator {
     fn build(config: &PoolConfig) -> Result<Self, AllocError> {
         let kind = Some(config.kind);
         Ok(match config.strategy {
-            Strategy::Buddy { min_block_bytes } => PoolAllocator::Buddy(BuddyAllocator::new(BuddyConfig {
-                capacity_bytes: config.arena_bytes,
-                min_block_bytes,
-                kind,
-            })?),
+            Strategy::Buddy { min_block_bytes } => {
+                PoolAllocator::Buddy(BuddyAllocator::new(BuddyConfig {
+                    capacity_bytes: config.arena_bytes,
+                    min_block_bytes,
+                    kind,
+                })?)
+            }
             Strategy::Slab {
                 block_bytes,
                 cache_blocks,
@@ -105,11 +107,13 @@ impl PoolAllocator {
                     kind,
                 })?)
             }
-            Strategy::Binned { granule_bytes } => PoolAllocator::Binned(BinnedAllocator::new(BinnedConfig {
-                capacity_bytes: config.arena_bytes,
-                granule_bytes,
-                kind,
-            })?),
+            Strategy::Binned { granule_bytes } => {
+                PoolAllocator::Binned(BinnedAllocator::new(BinnedConfig {
+                    capacity_bytes: config.arena_bytes,
+                    granule_bytes,
+                    kind,
+                })?)
+            }
         })
     }
 
@@ -211,7 +215,10 @@ impl TypedPools {
         for c in configs {
             let i = c.kind.index();
             if pools[i].is_some() {
-                return Err(AllocError::InvalidConfig(format!("two pools for {}", c.kind)));
+                return Err(AllocError::InvalidConfig(format!(
+                    "two pools for {}",
+                    c.kind
+                )));
             }
             if c.budget_bytes > c.arena_bytes {
                 return Err(AllocError::InvalidConfig(format!(
@@ -255,7 +262,9 @@ impl TypedPools {
 
     /// Where `kind`'s arena starts when all pools share one address space.
     pub fn base_offset_bytes(&self, kind: TensorKind) -> Option<u64> {
-        self.pools[kind.index()].as_ref().map(|p| p.base_offset_bytes)
+        self.pools[kind.index()]
+            .as_ref()
+            .map(|p| p.base_offset_bytes)
     }
 
     /// Reserves at least `bytes` in `kind`'s pool, within its budget.
@@ -395,9 +404,32 @@ mod tests {
 
     fn pools() -> TypedPools {
         TypedPools::new(&[
-            PoolConfig { kind: TensorKind::Weight, arena_bytes: 64 * MIB, budget_bytes: 64 * MIB, strategy: Strategy::Buddy { min_block_bytes: MIB } },
-            PoolConfig { kind: TensorKind::KvCache, arena_bytes: 16 * MIB, budget_bytes: 8 * MIB, strategy: Strategy::Slab { block_bytes: MIB / 16, cache_blocks: 8, caches: 4 } },
-            PoolConfig { kind: TensorKind::VisionEmbedding, arena_bytes: 32 * MIB, budget_bytes: 32 * MIB, strategy: Strategy::Binned { granule_bytes: 4096 } },
+            PoolConfig {
+                kind: TensorKind::Weight,
+                arena_bytes: 64 * MIB,
+                budget_bytes: 64 * MIB,
+                strategy: Strategy::Buddy {
+                    min_block_bytes: MIB,
+                },
+            },
+            PoolConfig {
+                kind: TensorKind::KvCache,
+                arena_bytes: 16 * MIB,
+                budget_bytes: 8 * MIB,
+                strategy: Strategy::Slab {
+                    block_bytes: MIB / 16,
+                    cache_blocks: 8,
+                    caches: 4,
+                },
+            },
+            PoolConfig {
+                kind: TensorKind::VisionEmbedding,
+                arena_bytes: 32 * MIB,
+                budget_bytes: 32 * MIB,
+                strategy: Strategy::Binned {
+                    granule_bytes: 4096,
+                },
+            },
         ])
         .unwrap()
     }
@@ -406,15 +438,34 @@ mod tests {
     fn routes_budgets_and_stats() {
         let p = pools();
         assert_eq!(p.base_offset_bytes(TensorKind::KvCache), Some(64 * MIB));
-        assert!(matches!(p.allocate(TensorKind::Scratch, 1), Err(AllocError::InvalidConfig(_))));
+        assert!(matches!(
+            p.allocate(TensorKind::Scratch, 1),
+            Err(AllocError::InvalidConfig(_))
+        ));
         let w = p.allocate(TensorKind::Weight, 3 * MIB).unwrap();
         assert_eq!(w.len_bytes(), 4 * MIB);
-        let kv: Vec<Block> = (0..128).map(|_| p.allocate(TensorKind::KvCache, 1).unwrap()).collect();
+        let kv: Vec<Block> = (0..128)
+            .map(|_| p.allocate(TensorKind::KvCache, 1).unwrap())
+            .collect();
         // The KV budget is 8 MiB = 128 blocks of 64 KiB, half the arena.
         let e = p.allocate(TensorKind::KvCache, 1).unwrap_err();
-        assert!(matches!(e, AllocError::OutOfMemory { kind: Some(TensorKind::KvCache), .. }), "{e:?}");
-        assert!(matches!(p.allocate(TensorKind::VisionEmbedding, 33 * MIB), Err(AllocError::TooLarge { .. })));
-        let v = p.allocate(TensorKind::VisionEmbedding, 5 * MIB + 1).unwrap();
+        assert!(
+            matches!(
+                e,
+                AllocError::OutOfMemory {
+                    kind: Some(TensorKind::KvCache),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(matches!(
+            p.allocate(TensorKind::VisionEmbedding, 33 * MIB),
+            Err(AllocError::TooLarge { .. })
+        ));
+        let v = p
+            .allocate(TensorKind::VisionEmbedding, 5 * MIB + 1)
+            .unwrap();
         assert_eq!(p.retain(kv[0]), Ok(2));
         assert!(p.retain(v).is_err());
         assert_eq!(p.release(kv[0]), Ok(Released::StillShared { refs_left: 1 }));
@@ -435,21 +486,42 @@ mod tests {
         let foreign = Block::from_parts(u32::MAX, 0, 0, 0, 1);
         assert!(matches!(p.free(foreign), Err(AllocError::Foreign { .. })));
         assert_eq!(p.stats_all().total.in_use_bytes, 0);
-        assert!(matches!(p.plan_compaction(TensorKind::Weight), Err(CompactionError::Unsupported { .. })));
-        assert!(matches!(p.plan_compaction(TensorKind::Scratch), Err(CompactionError::NoPool { .. })));
+        assert!(matches!(
+            p.plan_compaction(TensorKind::Weight),
+            Err(CompactionError::Unsupported { .. })
+        ));
+        assert!(matches!(
+            p.plan_compaction(TensorKind::Scratch),
+            Err(CompactionError::NoPool { .. })
+        ));
         let plan = p.plan_compaction(TensorKind::VisionEmbedding).unwrap();
         assert!(plan.is_empty());
-        p.commit_compaction(TensorKind::VisionEmbedding, plan).unwrap();
-        for k in [TensorKind::Weight, TensorKind::KvCache, TensorKind::VisionEmbedding] {
+        p.commit_compaction(TensorKind::VisionEmbedding, plan)
+            .unwrap();
+        for k in [
+            TensorKind::Weight,
+            TensorKind::KvCache,
+            TensorKind::VisionEmbedding,
+        ] {
             p.allocator(k).unwrap().audit().unwrap();
         }
     }
 
     #[test]
     fn config_errors() {
-        let c = PoolConfig { kind: TensorKind::Weight, arena_bytes: MIB, budget_bytes: 2 * MIB, strategy: Strategy::Buddy { min_block_bytes: 4096 } };
+        let c = PoolConfig {
+            kind: TensorKind::Weight,
+            arena_bytes: MIB,
+            budget_bytes: 2 * MIB,
+            strategy: Strategy::Buddy {
+                min_block_bytes: 4096,
+            },
+        };
         assert!(TypedPools::new(&[c]).is_err());
-        let ok = PoolConfig { budget_bytes: MIB, ..c };
+        let ok = PoolConfig {
+            budget_bytes: MIB,
+            ..c
+        };
         assert!(TypedPools::new(&[ok, ok]).is_err());
         assert!(TypedPools::new(&[ok]).is_ok());
     }

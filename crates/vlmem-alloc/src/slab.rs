@@ -24,9 +24,9 @@
 //! (slow path and snapshots). Each public method locks once at the top and passes the guards'
 //! `&mut` contents to helpers.
 
+use crate::Audit;
 use crate::handle::{classify_bad_free, decode_generation, encode_generation, new_identity};
 use crate::stats::{AllocStats, FragmentationReport};
-use crate::Audit;
 use vlmem_core::sync::atomic::{AtomicU64, Ordering};
 use vlmem_core::sync::{Mutex, MutexGuard};
 use vlmem_core::{AllocError, ArenaUsage, Block, OffsetAllocator, TensorKind};
@@ -106,7 +106,10 @@ impl SlabPool {
             return bad("block_bytes must be at least 1".into());
         }
         if config.capacity_blocks == 0 || config.capacity_blocks == u32::MAX {
-            return bad(format!("capacity_blocks must be 1..2^32-1, got {}", config.capacity_blocks));
+            return bad(format!(
+                "capacity_blocks must be 1..2^32-1, got {}",
+                config.capacity_blocks
+            ));
         }
         if u64::from(config.capacity_blocks)
             .checked_mul(config.block_bytes)
@@ -252,7 +255,13 @@ impl SlabPool {
         loop {
             let (generation, refs) = ((w >> 32) as u32, w & REFS);
             if generation != claimed || refs == 0 {
-                return Err(classify_bad_free(self.id, block.offset_bytes(), claimed, generation, refs > 0));
+                return Err(classify_bad_free(
+                    self.id,
+                    block.offset_bytes(),
+                    claimed,
+                    generation,
+                    refs > 0,
+                ));
             }
             if refs == REFS - 1 {
                 return Err(AllocError::InvalidConfig("reference count overflow".into()));
@@ -274,7 +283,11 @@ impl SlabPool {
         let slot = self.check_block(block)?;
         let mut c = self.caches[cache % self.caches.len()].0.lock();
         let r = self.release_locked(&mut c, slot, block);
-        self.flush_if_over_locked(&mut c);
+        if r == Ok(Released::Freed) {
+            // Still under the cache lock: the live count moves with the free list.
+            self.live_blocks.fetch_sub(1, Ordering::AcqRel);
+            self.flush_if_over_locked(&mut c);
+        }
         r
     }
 
@@ -287,14 +300,23 @@ impl SlabPool {
     ) -> Result<(), (usize, AllocError)> {
         let mut c = self.caches[cache % self.caches.len()].0.lock();
         let mut result = Ok(());
+        let mut freed = 0u64;
         for (i, &b) in blocks.iter().enumerate() {
-            let r = self
+            match self
                 .check_block(b)
-                .and_then(|slot| self.release_locked(&mut c, slot, b));
-            if let Err(e) = r {
-                result = Err((i, e));
-                break;
+                .and_then(|slot| self.release_locked(&mut c, slot, b))
+            {
+                Ok(Released::Freed) => freed += 1,
+                Ok(Released::StillShared { .. }) => {}
+                Err(e) => {
+                    result = Err((i, e));
+                    break;
+                }
             }
+        }
+        // One atomic for the whole batch, still under the cache lock.
+        if freed > 0 {
+            self.live_blocks.fetch_sub(freed, Ordering::AcqRel);
         }
         self.flush_if_over_locked(&mut c);
         result
@@ -353,7 +375,11 @@ impl SlabPool {
         let caches = self.lock_all_caches();
         let shared = self.shared.lock();
         let mut listed = vec![false; self.capacity_blocks as usize];
-        for list in caches.iter().map(|c| &c.free).chain(std::iter::once(&shared.free)) {
+        for list in caches
+            .iter()
+            .map(|c| &c.free)
+            .chain(std::iter::once(&shared.free))
+        {
             for &i in list {
                 if std::mem::replace(&mut listed[i as usize], true) {
                     return Err(format!("block {i} is listed free twice"));
@@ -367,12 +393,17 @@ impl SlabPool {
                 (true, false) => live += 1,
                 (false, true) => {}
                 (true, true) => return Err(format!("block {i} is live and listed free")),
-                (false, false) => return Err(format!("block {i} is neither live nor free (leaked)")),
+                (false, false) => {
+                    return Err(format!("block {i} is neither live nor free (leaked)"));
+                }
             }
         }
         let stats = self.stats_locked(&caches, &shared);
         if self.live_blocks.load(Ordering::Acquire) != live {
-            return Err(format!("live counter {} != walked {live}", self.live_blocks.load(Ordering::Acquire)));
+            return Err(format!(
+                "live counter {} != walked {live}",
+                self.live_blocks.load(Ordering::Acquire)
+            ));
         }
         let audit = Audit {
             stats,
@@ -448,20 +479,27 @@ impl SlabPool {
         }
     }
 
-    /// Adds `count` to the live counter if the budget allows; updates the peak.
+    /// Adds `count` to the live counter if the budget allows; updates the peak. One atomic
+    /// read-modify-write when no budget below the capacity is set (the free lists then
+    /// enforce the capacity), a CAS loop otherwise; the peak is written only when it rises.
     fn reserve_live(&self, count: u64) -> bool {
         let limit = self.limit_blocks.load(Ordering::Acquire);
-        match self
-            .live_blocks
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
-                live.checked_add(count).filter(|&n| n <= limit)
-            }) {
-            Ok(before) => {
-                self.peak_blocks.fetch_max(before + count, Ordering::AcqRel);
-                true
+        let before = if limit >= u64::from(self.capacity_blocks) {
+            self.live_blocks.fetch_add(count, Ordering::AcqRel)
+        } else {
+            match self
+                .live_blocks
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                    live.checked_add(count).filter(|&n| n <= limit)
+                }) {
+                Ok(before) => before,
+                Err(_) => return false,
             }
-            Err(_) => false,
+        };
+        if before + count > self.peak_blocks.load(Ordering::Acquire) {
+            self.peak_blocks.fetch_max(before + count, Ordering::AcqRel);
         }
+        true
     }
 
     /// Makes sure the cache holds `count` free blocks (refilling from the shared stack) and
@@ -501,14 +539,25 @@ impl SlabPool {
         )
     }
 
-    fn release_locked(&self, c: &mut Cache, slot: u32, block: Block) -> Result<Released, AllocError> {
+    fn release_locked(
+        &self,
+        c: &mut Cache,
+        slot: u32,
+        block: Block,
+    ) -> Result<Released, AllocError> {
         let claimed = decode_generation(block.generation(), self.salt);
         let state = &self.states[slot as usize];
         let mut w = state.load(Ordering::Acquire);
         loop {
             let (generation, refs) = ((w >> 32) as u32, w & REFS);
             if generation != claimed || refs == 0 {
-                return Err(classify_bad_free(self.id, block.offset_bytes(), claimed, generation, refs > 0));
+                return Err(classify_bad_free(
+                    self.id,
+                    block.offset_bytes(),
+                    claimed,
+                    generation,
+                    refs > 0,
+                ));
             }
             match state.compare_exchange_weak(w, w - 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) if refs == 1 => break,
@@ -522,7 +571,6 @@ impl SlabPool {
         }
         c.free.push(slot);
         c.frees += 1;
-        self.live_blocks.fetch_sub(1, Ordering::AcqRel);
         Ok(Released::Freed)
     }
 
@@ -599,7 +647,11 @@ impl OffsetAllocator for SlabPool {
             capacity_bytes: s.capacity_bytes,
             in_use_bytes: s.in_use_bytes,
             free_bytes: s.free_bytes,
-            largest_free_bytes: if s.free_bytes > 0 { self.block_bytes } else { 0 },
+            largest_free_bytes: if s.free_bytes > 0 {
+                self.block_bytes
+            } else {
+                0
+            },
         }
     }
 }
@@ -621,38 +673,83 @@ mod tests {
 
     #[test]
     fn config_errors() {
-        let cfg = SlabConfig { block_bytes: 64, capacity_blocks: 4, cache_blocks: 2, caches: 2, kind: None };
-        assert!(SlabPool::new(SlabConfig { block_bytes: 0, ..cfg }).is_err());
-        assert!(SlabPool::new(SlabConfig { capacity_blocks: 0, ..cfg }).is_err());
+        let cfg = SlabConfig {
+            block_bytes: 64,
+            capacity_blocks: 4,
+            cache_blocks: 2,
+            caches: 2,
+            kind: None,
+        };
+        assert!(
+            SlabPool::new(SlabConfig {
+                block_bytes: 0,
+                ..cfg
+            })
+            .is_err()
+        );
+        assert!(
+            SlabPool::new(SlabConfig {
+                capacity_blocks: 0,
+                ..cfg
+            })
+            .is_err()
+        );
         assert!(SlabPool::new(SlabConfig { caches: 0, ..cfg }).is_err());
-        assert!(SlabPool::new(SlabConfig { block_bytes: u64::MAX, ..cfg }).is_err());
+        assert!(
+            SlabPool::new(SlabConfig {
+                block_bytes: u64::MAX,
+                ..cfg
+            })
+            .is_err()
+        );
         assert!(SlabPool::new(cfg).is_ok());
     }
 
     #[test]
     fn fills_exactly_and_reports_oom() {
         let p = slab(10, 4, 3);
-        let blocks: Vec<Block> = (0..10).map(|i| p.allocate_with_cache(i, 65536).unwrap()).collect();
+        let blocks: Vec<Block> = (0..10)
+            .map(|i| p.allocate_with_cache(i, 65536).unwrap())
+            .collect();
         let mut offs: Vec<u64> = blocks.iter().map(|b| b.offset_bytes()).collect();
         offs.sort_unstable();
         offs.dedup();
         assert_eq!(offs.len(), 10);
         assert_eq!(
             p.allocate(1),
-            Err(AllocError::OutOfMemory { kind: Some(TensorKind::KvCache), requested_bytes: 1, free_bytes: 0, largest_free_bytes: 0 })
+            Err(AllocError::OutOfMemory {
+                kind: Some(TensorKind::KvCache),
+                requested_bytes: 1,
+                free_bytes: 0,
+                largest_free_bytes: 0
+            })
         );
         assert_eq!(p.allocate(0), Err(AllocError::ZeroSize));
-        assert!(matches!(p.allocate(65537), Err(AllocError::TooLarge { .. })));
+        assert!(matches!(
+            p.allocate(65537),
+            Err(AllocError::TooLarge { .. })
+        ));
         // Free everything into cache 2: the cache flushes its overflow to the shared stack.
         for b in &blocks {
             assert_eq!(p.release_with_cache(2, *b), Ok(Released::Freed));
         }
         let s = p.stats();
-        assert_eq!((s.allocations, s.frees, s.failures, s.live_blocks, s.in_use_bytes), (10, 10, 1, 0, 0));
+        assert_eq!(
+            (
+                s.allocations,
+                s.frees,
+                s.failures,
+                s.live_blocks,
+                s.in_use_bytes
+            ),
+            (10, 10, 1, 0, 0)
+        );
         assert_eq!(s.peak_in_use_bytes, 10 * 65536);
         p.audit().unwrap();
         // Blocks parked in cache 2 are found by a thread using cache 0 (slow path).
-        let again: Vec<Block> = (0..10).map(|_| p.allocate_with_cache(0, 1).unwrap()).collect();
+        let again: Vec<Block> = (0..10)
+            .map(|_| p.allocate_with_cache(0, 1).unwrap())
+            .collect();
         assert_eq!(p.stats().live_blocks, 10);
         p.release_batch_with_cache(1, &again).unwrap();
         p.audit().unwrap();
@@ -664,26 +761,55 @@ mod tests {
         let b = p.allocate(100).unwrap();
         assert_eq!(p.retain(b), Ok(2));
         assert_eq!(p.refs(b), 2);
-        assert_eq!(p.release_with_cache(1, b), Ok(Released::StillShared { refs_left: 1 }));
+        assert_eq!(
+            p.release_with_cache(1, b),
+            Ok(Released::StillShared { refs_left: 1 })
+        );
         assert_eq!(p.stats().live_blocks, 1);
         assert_eq!(p.release_with_cache(0, b), Ok(Released::Freed));
-        assert_eq!(p.release(b), Err(AllocError::DoubleFree { offset_bytes: b.offset_bytes() }));
-        assert_eq!(p.retain(b), Err(AllocError::DoubleFree { offset_bytes: b.offset_bytes() }));
+        assert_eq!(
+            p.release(b),
+            Err(AllocError::DoubleFree {
+                offset_bytes: b.offset_bytes()
+            })
+        );
+        assert_eq!(
+            p.retain(b),
+            Err(AllocError::DoubleFree {
+                offset_bytes: b.offset_bytes()
+            })
+        );
         // Reuse the same slot: the old handle is now stale.
         let mut out = Vec::new();
         p.allocate_batch_with_cache(0, 4, &mut out).unwrap();
         assert!(out.iter().any(|x| x.slot() == b.slot()));
-        assert_eq!(p.release(b), Err(AllocError::Stale { offset_bytes: b.offset_bytes() }));
+        assert_eq!(
+            p.release(b),
+            Err(AllocError::Stale {
+                offset_bytes: b.offset_bytes()
+            })
+        );
         assert_eq!(p.refs(b), 0);
         let other = slab(4, 2, 2);
-        assert!(matches!(p.release(other.allocate(1).unwrap()), Err(AllocError::Foreign { .. })));
+        assert!(matches!(
+            p.release(other.allocate(1).unwrap()),
+            Err(AllocError::Foreign { .. })
+        ));
         let forged = Block::from_parts(p.id(), 1, 77, 65536, 65536);
-        assert!(matches!(p.release(forged), Err(AllocError::Foreign { .. }) | Err(AllocError::Stale { .. })));
+        assert!(matches!(
+            p.release(forged),
+            Err(AllocError::Foreign { .. }) | Err(AllocError::Stale { .. })
+        ));
         let mut more = Vec::new();
-        assert!(matches!(p.allocate_batch_with_cache(1, 1, &mut more), Err(AllocError::OutOfMemory { .. })));
+        assert!(matches!(
+            p.allocate_batch_with_cache(1, 1, &mut more),
+            Err(AllocError::OutOfMemory { .. })
+        ));
         assert!(more.is_empty());
         // A batch release stops at the first bad block.
-        let err = p.release_batch_with_cache(0, &[out[0], out[0]]).unwrap_err();
+        let err = p
+            .release_batch_with_cache(0, &[out[0], out[0]])
+            .unwrap_err();
         assert_eq!(err.0, 1);
         p.release_batch_with_cache(0, &out[1..]).unwrap();
         p.audit().unwrap();

@@ -185,7 +185,11 @@ mod tests {
         assert_eq!(r.largest_free_bytes, 4 << 12);
         assert_eq!(r.free_extents, 3);
         assert!((r.external_fragmentation - (1.0 - 4.0 / 6.0)).abs() < 1e-12);
-        let idx: Vec<f64> = r.unusable_free_index.iter().map(|u| u.unusable_fraction).collect();
+        let idx: Vec<f64> = r
+            .unusable_free_index
+            .iter()
+            .map(|u| u.unusable_fraction)
+            .collect();
         // orders 0..=4: request 1, 2, 4, 8, 16 units
         assert_eq!(idx.len(), 5);
         assert_eq!(idx[0], 0.0);
@@ -203,7 +207,10 @@ mod tests {
         c.on_alloc(10);
         c.on_alloc(5);
         c.on_free(10);
-        assert_eq!((c.in_use_bytes, c.peak_in_use_bytes, c.live_blocks), (5, 15, 1));
+        assert_eq!(
+            (c.in_use_bytes, c.peak_in_use_bytes, c.live_blocks),
+            (5, 15, 1)
+        );
         let s = AllocStats {
             capacity_bytes: 100,
             in_use_bytes: 5,
@@ -216,6 +223,12 @@ mod tests {
         t.accumulate(&s);
         assert_eq!(t.capacity_bytes, 200);
         assert!(t.is_consistent());
-        assert!(!AllocStats { capacity_bytes: 1, ..Default::default() }.is_consistent());
+        assert!(
+            !AllocStats {
+                capacity_bytes: 1,
+                ..Default::default()
+            }
+            .is_consistent()
+        );
     }
 }

@@ -38,7 +38,12 @@ struct Model {
 
 impl Model {
     fn new(units: usize, unit_bytes: u64) -> Self {
-        Model { unit_bytes, taken: vec![false; units], live: Vec::new(), dead: Vec::new() }
+        Model {
+            unit_bytes,
+            taken: vec![false; units],
+            live: Vec::new(),
+            dead: Vec::new(),
+        }
     }
     fn units(&self, b: &Block) -> std::ops::Range<usize> {
         (b.offset_bytes() / self.unit_bytes) as usize..(b.end_bytes() / self.unit_bytes) as usize
@@ -49,7 +54,10 @@ impl Model {
         let r = self.units(&b);
         assert!(r.end <= self.taken.len(), "block {b:?} past the arena");
         for u in r {
-            assert!(!self.taken[u], "block {b:?} overlaps a live block at unit {u}");
+            assert!(
+                !self.taken[u],
+                "block {b:?} overlaps a live block at unit {u}"
+            );
             self.taken[u] = true;
         }
         self.live.push(b);

@@ -4,22 +4,43 @@
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use vlmem_core::sync::Mutex as FairMutex;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use vlmem_alloc::{
-    BinnedAllocator, BinnedConfig, PoolConfig, Strategy, TypedPools,
-};
+use vlmem_alloc::{BinnedAllocator, BinnedConfig, PoolConfig, Strategy, TypedPools};
+use vlmem_core::sync::Mutex as FairMutex;
 use vlmem_core::{AllocError, Block, TensorKind};
 
 const MIB: u64 = 1 << 20;
 
 fn pools() -> TypedPools {
     TypedPools::new(&[
-        PoolConfig { kind: TensorKind::KvCache, arena_bytes: 64 * MIB, budget_bytes: 64 * MIB, strategy: Strategy::Slab { block_bytes: 64 << 10, cache_blocks: 32, caches: 4 } },
-        PoolConfig { kind: TensorKind::Activation, arena_bytes: 64 * MIB, budget_bytes: 48 * MIB, strategy: Strategy::Binned { granule_bytes: 4096 } },
-        PoolConfig { kind: TensorKind::Weight, arena_bytes: 64 * MIB, budget_bytes: 64 * MIB, strategy: Strategy::Buddy { min_block_bytes: 64 << 10 } },
+        PoolConfig {
+            kind: TensorKind::KvCache,
+            arena_bytes: 64 * MIB,
+            budget_bytes: 64 * MIB,
+            strategy: Strategy::Slab {
+                block_bytes: 64 << 10,
+                cache_blocks: 32,
+                caches: 4,
+            },
+        },
+        PoolConfig {
+            kind: TensorKind::Activation,
+            arena_bytes: 64 * MIB,
+            budget_bytes: 48 * MIB,
+            strategy: Strategy::Binned {
+                granule_bytes: 4096,
+            },
+        },
+        PoolConfig {
+            kind: TensorKind::Weight,
+            arena_bytes: 64 * MIB,
+            budget_bytes: 64 * MIB,
+            strategy: Strategy::Buddy {
+                min_block_bytes: 64 << 10,
+            },
+        },
     ])
     .unwrap()
 }
@@ -30,7 +51,11 @@ fn pools() -> TypedPools {
 #[test]
 fn eight_threads_on_one_pool_all_make_progress() {
     let p = Arc::new(pools());
-    for kind in [TensorKind::KvCache, TensorKind::Activation, TensorKind::Weight] {
+    for kind in [
+        TensorKind::KvCache,
+        TensorKind::Activation,
+        TensorKind::Weight,
+    ] {
         let quota = 20_000u32;
         let start = Instant::now();
         let hs: Vec<_> = (0..8)
@@ -41,7 +66,11 @@ fn eight_threads_on_one_pool_all_make_progress() {
                     let mut worst = Duration::ZERO;
                     let mut held = Vec::new();
                     for _ in 0..quota {
-                        let max_bytes = if kind == TensorKind::KvCache { 64 << 10 } else { 256 << 10 };
+                        let max_bytes = if kind == TensorKind::KvCache {
+                            64 << 10
+                        } else {
+                            256 << 10
+                        };
                         let bytes = rng.gen_range(1..=max_bytes);
                         let t0 = Instant::now();
                         let r = p.allocate(kind, bytes);
@@ -74,8 +103,14 @@ fn eight_threads_on_one_pool_all_make_progress() {
             "{kind}: 8 x {quota} ops in {elapsed:?}; worst single op {worst:?}; finish spread {:?}",
             last_done - first_done
         );
-        assert!(elapsed < Duration::from_secs(60), "{kind}: took {elapsed:?}");
-        assert!(worst < Duration::from_secs(2), "{kind}: an op waited {worst:?}");
+        assert!(
+            elapsed < Duration::from_secs(60),
+            "{kind}: took {elapsed:?}"
+        );
+        assert!(
+            worst < Duration::from_secs(2),
+            "{kind}: an op waited {worst:?}"
+        );
         let s = p.stats(kind).unwrap();
         assert_eq!((s.in_use_bytes, s.live_blocks), (0, 0));
         assert_eq!(s.allocations, s.frees);
@@ -95,8 +130,16 @@ fn pool_stats_exact_under_churn() {
         std::thread::spawn(move || {
             let mut n = 0;
             while !stop.load(Ordering::Acquire) {
-                for k in [TensorKind::KvCache, TensorKind::Activation, TensorKind::Weight] {
-                    let a = p.allocator(k).unwrap().audit().unwrap_or_else(|e| panic!("{k}: {e}"));
+                for k in [
+                    TensorKind::KvCache,
+                    TensorKind::Activation,
+                    TensorKind::Weight,
+                ] {
+                    let a = p
+                        .allocator(k)
+                        .unwrap()
+                        .audit()
+                        .unwrap_or_else(|e| panic!("{k}: {e}"));
                     assert!(a.stats.is_consistent());
                     assert!(a.stats.in_use_bytes <= a.stats.limit_bytes);
                 }
@@ -111,7 +154,11 @@ fn pool_stats_exact_under_churn() {
             let p = p.clone();
             std::thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(100 + t);
-                let kinds = [TensorKind::KvCache, TensorKind::Activation, TensorKind::Weight];
+                let kinds = [
+                    TensorKind::KvCache,
+                    TensorKind::Activation,
+                    TensorKind::Weight,
+                ];
                 let mut held: Vec<Block> = Vec::new();
                 let mut allocs = [0u64; 5];
                 for _ in 0..20_000 {
@@ -157,7 +204,14 @@ fn pool_stats_exact_under_churn() {
 #[test]
 fn compaction_under_concurrent_churn() {
     let unit = 4096u64;
-    let a = Arc::new(BinnedAllocator::new(BinnedConfig { capacity_bytes: 2048 * unit, granule_bytes: unit, kind: None }).unwrap());
+    let a = Arc::new(
+        BinnedAllocator::new(BinnedConfig {
+            capacity_bytes: 2048 * unit,
+            granule_bytes: unit,
+            kind: None,
+        })
+        .unwrap(),
+    );
     // parking_lot (through the sync switch): eventually fair, so the compactor gets the table.
     let table: Arc<FairMutex<HashMap<u64, Block>>> = Arc::new(FairMutex::new(HashMap::new()));
     let moved_total = Arc::new(AtomicU64::new(0));
@@ -166,11 +220,17 @@ fn compaction_under_concurrent_churn() {
         let mut v: Vec<Block> = t.values().copied().collect();
         v.sort_by_key(|b| b.offset_bytes());
         for w in v.windows(2) {
-            assert!(w[0].end_bytes() <= w[1].offset_bytes(), "overlap {:?} {:?}", w[0], w[1]);
+            assert!(
+                w[0].end_bytes() <= w[1].offset_bytes(),
+                "overlap {:?} {:?}",
+                w[0],
+                w[1]
+            );
         }
     };
     let compactor = {
-        let (a, table, stop, moved_total) = (a.clone(), table.clone(), stop.clone(), moved_total.clone());
+        let (a, table, stop, moved_total) =
+            (a.clone(), table.clone(), stop.clone(), moved_total.clone());
         std::thread::spawn(move || {
             let (mut plans, mut moved, mut skipped, mut nonempty) = (0u64, 0u64, 0u64, 0u64);
             while !stop.load(Ordering::Acquire) {
@@ -182,7 +242,11 @@ fn compaction_under_concurrent_churn() {
                 let out = a.commit_compaction(plan).unwrap();
                 moved_total.fetch_add(out.moved.len() as u64, Ordering::AcqRel);
                 for (old, new) in &out.moved {
-                    let id = t.iter().find(|(_, b)| *b == old).map(|(id, _)| *id).expect("moved block is in the table");
+                    let id = t
+                        .iter()
+                        .find(|(_, b)| *b == old)
+                        .map(|(id, _)| *id)
+                        .expect("moved block is in the table");
                     t.insert(id, *new);
                 }
                 check_no_overlap(&t);
@@ -206,7 +270,8 @@ fn compaction_under_concurrent_churn() {
                 let mut ops = 0u64;
                 // At least 20,000 ops, and on until the compactor has moved 100 blocks (10 s cap).
                 while ops < 20_000
-                    || moved_total.load(Ordering::Acquire) < 100 && started.elapsed() < Duration::from_secs(10)
+                    || moved_total.load(Ordering::Acquire) < 100
+                        && started.elapsed() < Duration::from_secs(10)
                 {
                     ops += 1;
                     if ops.is_multiple_of(64) {
@@ -247,9 +312,14 @@ fn compaction_under_concurrent_churn() {
     }
     stop.store(true, Ordering::Release);
     let (plans, moved, skipped) = compactor.join().unwrap();
-    eprintln!("compaction under churn: {plans} plans, {moved} blocks moved, {skipped} freed mid-plan");
+    eprintln!(
+        "compaction under churn: {plans} plans, {moved} blocks moved, {skipped} freed mid-plan"
+    );
     assert!(plans > 0);
-    assert!(moved > 0, "no block was ever moved: the test did not exercise compaction");
+    assert!(
+        moved > 0,
+        "no block was ever moved: the test did not exercise compaction"
+    );
     let audit = a.audit().unwrap();
     assert_eq!(audit.walked_live_blocks, 0);
     assert_eq!(a.fragmentation().free_extents, 1);

@@ -4,7 +4,7 @@
 //! thread audits the allocator (counters equal the walked live blocks under churn). At the
 //! end every block is freed: zero leaks, all space merged.
 //!
-//! Operations per thread: `VLMEM_STRESS_OPS` (default 100,000; the full run is
+//! Operations per thread: `VLMEM_STRESS_OPS` (default 200,000; the full run is
 //! 1,000,000: `VLMEM_STRESS_OPS=1000000 cargo test -p vlmem-alloc --release --test stress`, or
 //! the ignored `stress_full_million_*` tests).
 #![cfg(not(vlmem_loom))]
@@ -24,7 +24,7 @@ fn ops_per_thread() -> u64 {
     std::env::var("VLMEM_STRESS_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000)
+        .unwrap_or(200_000)
 }
 
 struct Ledger {
@@ -57,7 +57,9 @@ fn stress(
     let capacity = alloc.capacity_bytes();
     let ledger = Arc::new(Ledger {
         unit_bytes,
-        owner: (0..capacity / unit_bytes).map(|_| AtomicU64::new(0)).collect(),
+        owner: (0..capacity / unit_bytes)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
     });
     let exchange: Arc<Mutex<Vec<(Block, u64)>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -109,7 +111,9 @@ fn stress(
                         let theirs = exchange.lock().unwrap().pop();
                         if let Some((b, tag)) = theirs {
                             ledger.unclaim(&b, tag);
-                            alloc.free(b).unwrap_or_else(|e| panic!("cross-thread free: {e}"));
+                            alloc
+                                .free(b)
+                                .unwrap_or_else(|e| panic!("cross-thread free: {e}"));
                         }
                     }
                 }
@@ -141,30 +145,61 @@ fn stress(
 
 fn run_buddy(ops: u64) {
     let unit = 4096;
-    let b = Arc::new(BuddyAllocator::new(BuddyConfig { capacity_bytes: 3000 * unit, min_block_bytes: unit, kind: None }).unwrap());
+    let b = Arc::new(
+        BuddyAllocator::new(BuddyConfig {
+            capacity_bytes: 3000 * unit,
+            min_block_bytes: unit,
+            kind: None,
+        })
+        .unwrap(),
+    );
     let b2 = b.clone();
     let started = Instant::now();
     stress(b.clone(), Arc::new(move || b2.audit()), unit, 16, ops);
     let f = b.fragmentation();
     assert_eq!(f.free_bytes, 3000 * unit);
-    assert_eq!(f.free_extents, u64::from(3000u32.count_ones()), "not fully merged");
+    assert_eq!(
+        f.free_extents,
+        u64::from(3000u32.count_ones()),
+        "not fully merged"
+    );
     eprintln!("buddy: {THREADS} x {ops} ops in {:?}", started.elapsed());
 }
 
 fn run_binned(ops: u64) {
     let unit = 256;
-    let b = Arc::new(BinnedAllocator::new(BinnedConfig { capacity_bytes: 4000 * unit, granule_bytes: unit, kind: None }).unwrap());
+    let b = Arc::new(
+        BinnedAllocator::new(BinnedConfig {
+            capacity_bytes: 4000 * unit,
+            granule_bytes: unit,
+            kind: None,
+        })
+        .unwrap(),
+    );
     let b2 = b.clone();
     let started = Instant::now();
     stress(b.clone(), Arc::new(move || b2.audit()), unit, 40, ops);
     let f = b.fragmentation();
-    assert_eq!((f.free_bytes, f.free_extents), (4000 * unit, 1), "not fully merged");
+    assert_eq!(
+        (f.free_bytes, f.free_extents),
+        (4000 * unit, 1),
+        "not fully merged"
+    );
     eprintln!("binned: {THREADS} x {ops} ops in {:?}", started.elapsed());
 }
 
 fn run_slab(ops: u64) {
     let unit = 65536;
-    let s = Arc::new(SlabPool::new(SlabConfig { block_bytes: unit, capacity_blocks: 300, cache_blocks: 16, caches: 4, kind: None }).unwrap());
+    let s = Arc::new(
+        SlabPool::new(SlabConfig {
+            block_bytes: unit,
+            capacity_blocks: 300,
+            cache_blocks: 16,
+            caches: 4,
+            kind: None,
+        })
+        .unwrap(),
+    );
     let s2 = s.clone();
     let started = Instant::now();
     stress(s.clone(), Arc::new(move || s2.audit()), unit, 1, ops);

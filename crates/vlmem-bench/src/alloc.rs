@@ -39,10 +39,13 @@ const GRANULE: u64 = 4096;
 /// Runs the suite.
 pub fn run(opts: BenchOptions) -> SuiteReport {
     let mut results = Vec::new();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut notes = vec![
         "all figures measured in one process; baselines beside ours".to_string(),
+        format!("load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
         "latencies are single-op Instant pairs minus an empty pair's cost; no multi-core scaling is claimed".to_string(),
     ];
+    floors(&mut results);
     kv_churn(opts, &mut results, &mut notes);
     mixed(opts, &mut results, &mut notes);
     contention(opts, &mut results);
@@ -51,6 +54,39 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
         results,
         notes,
     }
+}
+
+// ---------------------------------------------------------------- machine floors
+
+/// What this machine gives right now: the cost of one uncontended atomic read-modify-write
+/// (a mutex lock plus unlock is two), and of a `Vec<u32>` pop plus push (a free stack's
+/// floor). Allocator figures are judged against these, measured in the same run.
+fn floors(results: &mut Vec<BenchResult>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let n = 5_000_000u32;
+    let a = AtomicU64::new(0);
+    let t = Instant::now();
+    for _ in 0..n {
+        a.fetch_add(1, Ordering::AcqRel);
+    }
+    let rmw = t.elapsed().as_nanos() as f64 / f64::from(n);
+    std::hint::black_box(a.load(Ordering::Relaxed));
+    let mut v: Vec<u32> = (0..1024).collect();
+    let t = Instant::now();
+    for i in 0..n {
+        let x = v.pop().unwrap_or(i);
+        v.push(std::hint::black_box(x ^ (i & 1)));
+    }
+    let stack = t.elapsed().as_nanos() as f64 / f64::from(n);
+    let m = Mutex::new(0u64);
+    let t = Instant::now();
+    for _ in 0..n {
+        *m.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+    let lock = t.elapsed().as_nanos() as f64 / f64::from(n);
+    results.push(BenchResult::new("floor_atomic_rmw_ns", rmw, "ns"));
+    results.push(BenchResult::new("floor_mutex_lock_unlock_ns", lock, "ns"));
+    results.push(BenchResult::new("floor_vec_pop_push_ns", stack, "ns"));
 }
 
 // ---------------------------------------------------------------- KV churn
@@ -69,7 +105,10 @@ fn kv_trace(steps: usize, seed: u64) -> (Vec<KvStep>, u64) {
     let mut ops = 0u64;
     let mut blocks = vec![0u32; KV_SEQUENCES];
     for _ in 0..steps {
-        let mut step = KvStep { finish: Vec::new(), grow: Vec::new() };
+        let mut step = KvStep {
+            finish: Vec::new(),
+            grow: Vec::new(),
+        };
         for (i, s) in seqs.iter_mut().enumerate() {
             if s.0 >= s.1 {
                 if s.1 > 0 {
@@ -125,7 +164,11 @@ struct SlabBatched(SlabPool);
 impl KvBackend for SlabBatched {
     type H = Block;
     fn alloc_n(&mut self, n: u32, out: &mut Vec<Block>) {
-        if self.0.allocate_batch_with_cache(0, n as usize, out).is_err() {
+        if self
+            .0
+            .allocate_batch_with_cache(0, n as usize, out)
+            .is_err()
+        {
             panic!("KV pool too small for the trace");
         }
     }
@@ -153,6 +196,23 @@ impl KvBackend for SlabSingle {
             if self.0.release_with_cache(0, b).is_err() {
                 panic!("KV release refused");
             }
+        }
+    }
+}
+
+/// No allocator at all: the replay's own cost (trace walk, per-sequence handle vectors).
+struct NullHarness(usize);
+impl KvBackend for NullHarness {
+    type H = usize;
+    fn alloc_n(&mut self, n: u32, out: &mut Vec<usize>) {
+        for _ in 0..n {
+            self.0 += 1;
+            out.push(std::hint::black_box(self.0));
+        }
+    }
+    fn free_all(&mut self, blocks: &mut Vec<usize>) {
+        while let Some(b) = blocks.pop() {
+            std::hint::black_box(b);
         }
     }
 }
@@ -203,7 +263,9 @@ fn replay_system(trace: &[KvStep]) -> Duration {
         for &(s, n) in &step.grow {
             let v = &mut sb.seqs_boxes[s as usize];
             for _ in 0..n {
-                v.push(std::hint::black_box(Box::new_uninit_slice(KV_BLOCK_BYTES as usize)));
+                v.push(std::hint::black_box(Box::new_uninit_slice(
+                    KV_BLOCK_BYTES as usize,
+                )));
             }
         }
     }
@@ -246,7 +308,8 @@ mod mi {
 }
 
 fn replay_mimalloc(trace: &[KvStep]) -> Duration {
-    let mut seqs: Vec<Vec<mi::MiBlock>> = (0..KV_SEQUENCES).map(|_| Vec::with_capacity(64)).collect();
+    let mut seqs: Vec<Vec<mi::MiBlock>> =
+        (0..KV_SEQUENCES).map(|_| Vec::with_capacity(64)).collect();
     let start = Instant::now();
     for step in trace {
         for &s in &step.finish {
@@ -292,14 +355,44 @@ fn kv_churn(opts: BenchOptions, results: &mut Vec<BenchResult>, notes: &mut Vec<
     let mut mv = MutexVec(Mutex::new((0..65_536usize).rev().collect()));
     let mutex_vec = per_op(best_of(reps, || replay(&mut mv, &trace)));
     let mimalloc = per_op(best_of(reps, || replay_mimalloc(&trace)));
+    let null = per_op(best_of(reps, || replay(&mut NullHarness(0), &trace)));
     let system = per_op(best_of(reps, || replay_system(&trace)));
     results.push(BenchResult::new("kv_churn_ns_per_op", ours, "ns/op"));
-    results.push(BenchResult::new("kv_churn_single_op_ns_per_op", ours_single, "ns/op"));
-    results.push(BenchResult::new("kv_churn_ns_per_op@mimalloc", mimalloc, "ns/op"));
-    results.push(BenchResult::new("kv_churn_ns_per_op@system", system, "ns/op"));
-    results.push(BenchResult::new("kv_churn_ns_per_op@mutex_vec", mutex_vec, "ns/op"));
-    results.push(BenchResult::new("kv_churn_speedup_vs_mimalloc", mimalloc / ours, "ratio"));
-    results.push(BenchResult::new("kv_churn_single_op_speedup_vs_mimalloc", mimalloc / ours_single, "ratio"));
+    results.push(BenchResult::new(
+        "kv_churn_single_op_ns_per_op",
+        ours_single,
+        "ns/op",
+    ));
+    results.push(BenchResult::new(
+        "kv_churn_ns_per_op@mimalloc",
+        mimalloc,
+        "ns/op",
+    ));
+    results.push(BenchResult::new(
+        "kv_churn_ns_per_op@system",
+        system,
+        "ns/op",
+    ));
+    results.push(BenchResult::new(
+        "kv_churn_ns_per_op@mutex_vec",
+        mutex_vec,
+        "ns/op",
+    ));
+    results.push(BenchResult::new(
+        "kv_churn_ns_per_op@null_harness",
+        null,
+        "ns/op",
+    ));
+    results.push(BenchResult::new(
+        "kv_churn_speedup_vs_mimalloc",
+        mimalloc / ours,
+        "ratio",
+    ));
+    results.push(BenchResult::new(
+        "kv_churn_single_op_speedup_vs_mimalloc",
+        mimalloc / ours_single,
+        "ratio",
+    ));
     notes.push(format!(
         "kv churn: {KV_SEQUENCES} sequences, {steps} decode steps, {ops} ops (allocs + frees) of 64 KiB blocks; best of {reps}"
     ));
@@ -340,19 +433,42 @@ impl VarAlloc for Oa {
     }
 }
 
+/// The offset-allocator crate behind a mutex, as a thread-safe allocator would need it.
+struct OaMutex(Mutex<offset_allocator::Allocator>);
+impl VarAlloc for OaMutex {
+    type H = offset_allocator::Allocation;
+    fn alloc(&mut self, bytes: u64) -> Option<Self::H> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate(bytes.div_ceil(GRANULE) as u32)
+    }
+    fn free(&mut self, h: Self::H) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).free(h);
+    }
+}
+
 fn new_oa() -> Oa {
     let units = (MIXED_ARENA / GRANULE) as u32;
     Oa(offset_allocator::Allocator::with_max_allocs(units, 1 << 16))
 }
 
 fn new_binned() -> BinnedAllocator {
-    BinnedAllocator::new(BinnedConfig { capacity_bytes: MIXED_ARENA, granule_bytes: GRANULE, kind: None })
-        .unwrap_or_else(|e| panic!("{e}"))
+    BinnedAllocator::new(BinnedConfig {
+        capacity_bytes: MIXED_ARENA,
+        granule_bytes: GRANULE,
+        kind: None,
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn new_buddy() -> BuddyAllocator {
-    BuddyAllocator::new(BuddyConfig { capacity_bytes: MIXED_ARENA, min_block_bytes: GRANULE, kind: None })
-        .unwrap_or_else(|e| panic!("{e}"))
+    BuddyAllocator::new(BuddyConfig {
+        capacity_bytes: MIXED_ARENA,
+        min_block_bytes: GRANULE,
+        kind: None,
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn mixed_size(rng: &mut StdRng) -> u64 {
@@ -423,7 +539,12 @@ fn timer_overhead_ns() -> f64 {
 }
 
 /// Mean utilization at first failure over `rounds` rounds of "free 10%, refill to failure".
-fn utilization<A: VarAlloc>(a: &mut A, mut size: impl FnMut(&mut StdRng) -> u64, rounds: usize, seed: u64) -> f64 {
+fn utilization<A: VarAlloc>(
+    a: &mut A,
+    mut size: impl FnMut(&mut StdRng) -> u64,
+    rounds: usize,
+    seed: u64,
+) -> f64 {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut live: Vec<(A::H, u64)> = Vec::new();
     let mut live_bytes = 0u64;
@@ -456,7 +577,10 @@ fn utilization<A: VarAlloc>(a: &mut A, mut size: impl FnMut(&mut StdRng) -> u64,
 const SAME_SIZES: [u64; 4] = [3_274_752, 2_359_297, 8_392_704, 16_781_313];
 
 fn min_over_same_sizes(mut f: impl FnMut(u64) -> f64) -> f64 {
-    SAME_SIZES.iter().map(|&s| f(s)).fold(f64::INFINITY, f64::min)
+    SAME_SIZES
+        .iter()
+        .map(|&s| f(s))
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn mixed(opts: BenchOptions, results: &mut Vec<BenchResult>, notes: &mut Vec<String>) {
@@ -468,23 +592,58 @@ fn mixed(opts: BenchOptions, results: &mut Vec<BenchResult>, notes: &mut Vec<Str
     let mut lat_ours = latencies(&mut Ours(&binned), ops, 1, timer);
     let mut lat_buddy = latencies(&mut Ours(&buddy), ops, 1, timer);
     let mut lat_oa = latencies(&mut new_oa(), ops, 1, timer);
-    for (suffix, v) in [("", &mut lat_ours), ("@buddy", &mut lat_buddy), ("@offset_allocator", &mut lat_oa)] {
-        results.push(BenchResult::new(format!("mixed_p50_ns{suffix}"), percentile(v, 0.5), "ns"));
-        results.push(BenchResult::new(format!("mixed_p99_ns{suffix}"), percentile(v, 0.99), "ns"));
-        results.push(BenchResult::new(format!("mixed_p999_ns{suffix}"), percentile(v, 0.999), "ns"));
+    let mut lat_oa_mutex = latencies(&mut OaMutex(Mutex::new(new_oa().0)), ops, 1, timer);
+    for (suffix, v) in [
+        ("", &mut lat_ours),
+        ("@buddy", &mut lat_buddy),
+        ("@offset_allocator", &mut lat_oa),
+        ("@offset_allocator_mutex", &mut lat_oa_mutex),
+    ] {
+        results.push(BenchResult::new(
+            format!("mixed_p50_ns{suffix}"),
+            percentile(v, 0.5),
+            "ns",
+        ));
+        results.push(BenchResult::new(
+            format!("mixed_p99_ns{suffix}"),
+            percentile(v, 0.99),
+            "ns",
+        ));
+        results.push(BenchResult::new(
+            format!("mixed_p999_ns{suffix}"),
+            percentile(v, 0.999),
+            "ns",
+        ));
     }
     let u_same = min_over_same_sizes(|s| utilization(&mut Ours(&new_binned()), |_| s, rounds, 7));
-    let u_same_buddy = min_over_same_sizes(|s| utilization(&mut Ours(&new_buddy()), |_| s, rounds, 7));
+    let u_same_buddy =
+        min_over_same_sizes(|s| utilization(&mut Ours(&new_buddy()), |_| s, rounds, 7));
     let u_same_oa = min_over_same_sizes(|s| utilization(&mut new_oa(), |_| s, rounds, 7));
     let u_mixed = utilization(&mut Ours(&binned), mixed_size, rounds, 9);
     let u_mixed_buddy = utilization(&mut Ours(&buddy), mixed_size, rounds, 9);
     let u_mixed_oa = utilization(&mut new_oa(), mixed_size, rounds, 9);
     results.push(BenchResult::new("utilization_same_size", u_same, "ratio"));
-    results.push(BenchResult::new("utilization_same_size@buddy", u_same_buddy, "ratio"));
-    results.push(BenchResult::new("utilization_same_size@offset_allocator", u_same_oa, "ratio"));
+    results.push(BenchResult::new(
+        "utilization_same_size@buddy",
+        u_same_buddy,
+        "ratio",
+    ));
+    results.push(BenchResult::new(
+        "utilization_same_size@offset_allocator",
+        u_same_oa,
+        "ratio",
+    ));
     results.push(BenchResult::new("utilization_mixed", u_mixed, "ratio"));
-    results.push(BenchResult::new("utilization_mixed@buddy", u_mixed_buddy, "ratio"));
-    results.push(BenchResult::new("utilization_mixed@offset_allocator", u_mixed_oa, "ratio"));
+    results.push(BenchResult::new(
+        "utilization_mixed@buddy",
+        u_mixed_buddy,
+        "ratio",
+    ));
+    results.push(BenchResult::new(
+        "utilization_mixed@offset_allocator",
+        u_mixed_oa,
+        "ratio",
+    ));
     notes.push(format!(
         "mixed: 4 GiB arena, 4 KiB granules, {ops} free+alloc pairs at ~60% occupancy; timer pair cost {timer:.0} ns subtracted; utilization over {rounds} rounds, same-size = min over {SAME_SIZES:?} bytes"
     ));
@@ -505,8 +664,16 @@ fn contention(opts: BenchOptions, results: &mut Vec<BenchResult>) {
             if threads == 1 {
                 base = mops;
             }
-            results.push(BenchResult::new(format!("contention_{name}_{threads}t_mops"), mops, "Mops/s"));
-            results.push(BenchResult::new(format!("contention_{name}_{threads}t_ratio"), mops / base, "ratio"));
+            results.push(BenchResult::new(
+                format!("contention_{name}_{threads}t_mops"),
+                mops,
+                "Mops/s",
+            ));
+            results.push(BenchResult::new(
+                format!("contention_{name}_{threads}t_ratio"),
+                mops / base,
+                "ratio",
+            ));
         }
     }
 }
@@ -594,7 +761,10 @@ mod tests {
         }
         assert_eq!(r.value("contention_slab_1t_ratio"), Some(1.0));
         // Rounding to bins must beat the raw offset allocator on same-size runs.
-        assert!(r.value("utilization_same_size").unwrap() > r.value("utilization_same_size@offset_allocator").unwrap());
+        assert!(
+            r.value("utilization_same_size").unwrap()
+                > r.value("utilization_same_size@offset_allocator").unwrap()
+        );
     }
 
     /// The full run, printed: `cargo test -p vlmem-bench --release -- --ignored print_alloc_report --nocapture`.
