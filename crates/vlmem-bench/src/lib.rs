@@ -6,6 +6,8 @@ pub mod alloc;
 
 pub mod io;
 
+pub mod replay;
+
 use serde::Serialize;
 
 /// One measured figure. Baselines carry `@baseline` in their name, e.g. `kv_churn_ns_per_op@mimalloc`.
