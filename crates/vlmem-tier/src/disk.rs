@@ -125,7 +125,9 @@ impl std::fmt::Debug for DiskTier {
     }
 }
 
-static DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Process-wide name counter (std atomics: a `static` needs a const constructor, and no
+/// model checks names).
+static DIR_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn io_err(point: IoPoint, offset_bytes: u64, len_bytes: u64, e: std::io::Error) -> TierError {
     TierError::from_io(Tier::Disk, point, offset_bytes, len_bytes, e)

@@ -4,14 +4,14 @@
 
 use crate::backend::Reservation;
 use crate::error::{Result, TierError};
-use crate::sync::{Arc, Mutex};
+use crate::sync::Mutex;
 use std::collections::BTreeMap;
 use vlmem_core::Tier;
 
 #[derive(Debug)]
 pub(crate) struct Entry<M> {
     pub(crate) res: Reservation,
-    pub(crate) name: Arc<str>,
+    pub(crate) name: std::sync::Arc<str>,
     /// Accesses in progress: (id, start, end, write).
     accesses: Vec<(u64, u64, u64, bool)>,
     pub(crate) meta: M,
@@ -83,7 +83,7 @@ impl<M> Registry<M> {
             key,
             Entry {
                 res,
-                name: Arc::from(name),
+                name: std::sync::Arc::from(name),
                 accesses: Vec::new(),
                 meta,
             },
@@ -168,5 +168,54 @@ impl<M> Registry<M> {
 
     pub(crate) fn len(&self) -> usize {
         self.entries.lock().len()
+    }
+}
+
+#[cfg(all(test, vlmem_loom))]
+mod loom_models {
+    use super::*;
+    use crate::sync::Arc;
+    use crate::sync::atomic::{AtomicU32, Ordering};
+    use vlmem_core::Block;
+
+    fn conflicting_pair(a: (u64, u64, bool), b: (u64, u64, bool)) {
+        loom::model(move || {
+            let reg = Arc::new(Registry::<()>::new(Tier::Host));
+            let res =
+                Reservation::new(Tier::Host, Block::from_parts(1, 0, 1, 0, 8192), 8192, false);
+            reg.insert(res, "t", ()).unwrap();
+            let inside = Arc::new(AtomicU32::new(0));
+            let handles: Vec<_> = [a, b]
+                .into_iter()
+                .map(|(off, len, write)| {
+                    let (reg, inside) = (reg.clone(), inside.clone());
+                    crate::sync::thread::spawn(move || {
+                        if let Ok(access) = reg.access(&res, off, len, write) {
+                            // The two ranges conflict: nobody else may be inside.
+                            assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
+                            inside.fetch_sub(1, Ordering::SeqCst);
+                            drop(access);
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+            // Every access was released: the reservation can be removed.
+            assert!(reg.remove(&res).is_ok());
+        });
+    }
+
+    /// Overlapping writes never hold access at the same time.
+    #[test]
+    fn overlapping_writes_are_exclusive() {
+        conflicting_pair((0, 4096, true), (2048, 4096, true));
+    }
+
+    /// A write and an overlapping read never hold access at the same time.
+    #[test]
+    fn a_write_excludes_overlapping_reads() {
+        conflicting_pair((0, 8192, false), (4096, 4096, true));
     }
 }

@@ -3,11 +3,12 @@
 //! free runs are coalesced. O(free runs) per call: not for hot paths.
 
 use crate::sync::Mutex;
-use crate::sync::atomic::{AtomicU32, Ordering};
+use crate::sync::atomic::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use vlmem_core::{AllocError, ArenaUsage, Block, OffsetAllocator};
 
-static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+/// Process-wide allocator ids (std atomics: a `static` needs a const constructor).
+static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 #[derive(Debug, Default)]
 struct State {
