@@ -96,6 +96,43 @@ fn cuda_err(
     }
 }
 
+/// The host arena registered with the driver as page-locked ("pinned") memory, in chunks, so
+/// copies to and from it are true DMA. Unregisters on drop; holds the arena alive meanwhile.
+pub struct PinnedHost {
+    ctx: Arc<CudaContext>,
+    host: Arc<crate::mem::MemoryTier>,
+    chunks: Vec<(usize, usize)>,
+}
+
+impl std::fmt::Debug for PinnedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedHost")
+            .field("chunks", &self.chunks.len())
+            .finish()
+    }
+}
+
+impl PinnedHost {
+    /// Bytes registered.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.1 as u64).sum()
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        let (base, _) = self.host.raw_region();
+        for &(off, _) in &self.chunks {
+            // SAFETY: each chunk was registered by `CudaDevice::pin_host` at this address and
+            // is unregistered once, here, while `self.host` keeps the mapping alive.
+            unsafe {
+                let _ = cudarc::driver::sys::cuMemHostUnregister(base.wrapping_add(off).cast());
+            }
+        }
+    }
+}
+
 /// Device memory of one GPU, as a tier.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -158,6 +195,48 @@ impl CudaDevice {
     /// The GPU's compute capability (e.g. (6, 1) for an MX250).
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
+    }
+
+    /// Registers the host arena as pinned memory in chunks of `chunk_bytes` (the driver limits
+    /// one registration's size, and a chunk that fails leaves the others in place). The
+    /// arena is never rounded up: the last chunk is shorter.
+    pub fn pin_host(
+        &self,
+        host: Arc<crate::mem::MemoryTier>,
+        chunk_bytes: usize,
+    ) -> Result<PinnedHost> {
+        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(4096) {
+            return Err(TierError::InvalidConfig(format!(
+                "pinning chunk of {chunk_bytes} bytes: a non-zero multiple of 4096"
+            )));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err(IoPoint::Open, 0, 0, e))?;
+        let (base, len) = host.raw_region();
+        let mut pinned = PinnedHost {
+            ctx: self.ctx.clone(),
+            host: host.clone(),
+            chunks: Vec::new(),
+        };
+        let mut off = 0usize;
+        while off < len {
+            let n = chunk_bytes.min(len - off);
+            // SAFETY: `base+off .. +n` lies inside the arena's live mapping, which `pinned`
+            // keeps alive (it holds the tier) until it unregisters the chunk on drop.
+            let r = unsafe {
+                cudarc::driver::sys::cuMemHostRegister_v2(
+                    base.wrapping_add(off).cast(),
+                    n,
+                    cudarc::driver::sys::CU_MEMHOSTREGISTER_PORTABLE,
+                )
+            }
+            .result();
+            r.map_err(|e| cuda_err(IoPoint::Open, off as u64, n as u64, e))?;
+            pinned.chunks.push((off, n));
+            off += n;
+        }
+        Ok(pinned)
     }
 
     fn take_stream(&self) -> Result<Arc<CudaStream>> {

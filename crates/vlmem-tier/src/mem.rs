@@ -113,6 +113,12 @@ impl MemoryTier {
         })
     }
 
+    /// The arena's first byte and mapped length (for registering it with a GPU driver).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn raw_region(&self) -> (*mut u8, usize) {
+        (self.map.ptr(), self.map.len_bytes())
+    }
+
     /// The bandwidth cap of the simulated link, if any.
     pub fn bandwidth_bytes_per_s(&self) -> Option<u64> {
         self.link.as_ref().map(|l| l.bandwidth_bytes_per_s)

@@ -27,11 +27,13 @@ fn cuda_round_trip_when_a_gpu_is_present() {
         eprintln!("skipped: no CUDA driver or GPU here");
         return;
     }
-    let dev: Arc<dyn TierBackend> =
-        Arc::new(vlmem_tier::cuda::CudaDevice::new(alloc(64 * MIB), 0).unwrap());
+    let cuda = Arc::new(vlmem_tier::cuda::CudaDevice::new(alloc(64 * MIB), 0).unwrap());
+    let dev: Arc<dyn TierBackend> = cuda.clone();
     assert!(!dev.is_simulated());
     eprintln!("{}", dev.describe());
     let h = host(64 * MIB);
+    let pinned = cuda.pin_host(h.clone(), 16 << 20).unwrap();
+    assert_eq!(pinned.pinned_bytes(), 64 * MIB);
     let e = engine(&[h.clone(), dev.clone()]);
     let len = 9 * MIB + 77;
     let data = pattern(len as usize, 1);
