@@ -4,10 +4,11 @@
 //! `std::sync` or `parking_lot` directly. Normally these are parking_lot 0.12 locks (eventually
 //! fair: a waiting thread cannot starve, see docs/ARCHITECTURE.md) and std atomics. Under
 //! `RUSTFLAGS="--cfg vlmem_loom"` they are loom's, so loom models explore every interleaving
-//! of the real code. The loom wrappers keep parking_lot's shape (`lock()` returns the guard),
-//! so call sites compile unchanged.
+//! of the real code; under `--cfg vlmem_shuttle` they are shuttle's, so randomized and PCT
+//! schedules drive whole harnesses (the manager with its engine threads). The wrappers keep
+//! parking_lot's shape (`lock()` returns the guard), so call sites compile unchanged.
 
-#[cfg(not(vlmem_loom))]
+#[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
 mod imp {
     pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
     pub use std::sync::Arc;
@@ -21,20 +22,25 @@ mod imp {
     }
 }
 
-#[cfg(vlmem_loom)]
+#[cfg(any(vlmem_loom, vlmem_shuttle))]
 mod imp {
-    pub use loom::sync::Arc;
+    #[cfg(vlmem_loom)]
+    use loom as backend;
+    #[cfg(all(vlmem_shuttle, not(vlmem_loom)))]
+    use shuttle as backend;
 
-    /// A parking_lot-shaped mutex over loom's (no poisoning in the API).
+    pub use backend::sync::Arc;
+
+    /// A parking_lot-shaped mutex over loom's or shuttle's (no poisoning in the API).
     #[derive(Debug, Default)]
-    pub struct Mutex<T>(loom::sync::Mutex<T>);
+    pub struct Mutex<T>(backend::sync::Mutex<T>);
     /// The guard of [`Mutex`].
-    pub type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+    pub type MutexGuard<'a, T> = backend::sync::MutexGuard<'a, T>;
 
     impl<T> Mutex<T> {
         /// A new mutex holding `value`.
         pub fn new(value: T) -> Self {
-            Mutex(loom::sync::Mutex::new(value))
+            Mutex(backend::sync::Mutex::new(value))
         }
         /// Locks, blocking until the lock is free.
         pub fn lock(&self) -> MutexGuard<'_, T> {
@@ -52,16 +58,16 @@ mod imp {
 
     /// A parking_lot-shaped reader-writer lock over loom's.
     #[derive(Debug, Default)]
-    pub struct RwLock<T>(loom::sync::RwLock<T>);
+    pub struct RwLock<T>(backend::sync::RwLock<T>);
     /// Read guard of [`RwLock`].
-    pub type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+    pub type RwLockReadGuard<'a, T> = backend::sync::RwLockReadGuard<'a, T>;
     /// Write guard of [`RwLock`].
-    pub type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+    pub type RwLockWriteGuard<'a, T> = backend::sync::RwLockWriteGuard<'a, T>;
 
     impl<T> RwLock<T> {
         /// A new lock holding `value`.
         pub fn new(value: T) -> Self {
-            RwLock(loom::sync::RwLock::new(value))
+            RwLock(backend::sync::RwLock::new(value))
         }
         /// Shared access.
         pub fn read(&self) -> RwLockReadGuard<'_, T> {
@@ -75,12 +81,12 @@ mod imp {
 
     /// A parking_lot-shaped condition variable over loom's.
     #[derive(Debug, Default)]
-    pub struct Condvar(loom::sync::Condvar);
+    pub struct Condvar(backend::sync::Condvar);
 
     impl Condvar {
         /// A new condition variable.
         pub fn new() -> Self {
-            Condvar(loom::sync::Condvar::new())
+            Condvar(backend::sync::Condvar::new())
         }
         /// Wakes one waiter.
         pub fn notify_one(&self) {
@@ -98,11 +104,13 @@ mod imp {
 
     /// Atomic integer types and orderings.
     pub mod atomic {
-        pub use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+        pub use super::backend::sync::atomic::{
+            AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+        };
     }
     /// Thread spawning and yielding.
     pub mod thread {
-        pub use loom::thread::{JoinHandle, spawn, yield_now};
+        pub use super::backend::thread::{JoinHandle, spawn, yield_now};
     }
 }
 
@@ -110,7 +118,7 @@ pub use imp::*;
 
 /// Waits on `condvar`, taking and returning the guard; the same call under loom and
 /// parking_lot, so code that waits compiles in both worlds.
-#[cfg(not(vlmem_loom))]
+#[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
 pub fn wait_guard<'a, T>(condvar: &Condvar, mut guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     condvar.wait(&mut guard);
     guard
@@ -118,7 +126,7 @@ pub fn wait_guard<'a, T>(condvar: &Condvar, mut guard: MutexGuard<'a, T>) -> Mut
 
 /// Waits on `condvar`, taking and returning the guard; the same call under loom and
 /// parking_lot, so code that waits compiles in both worlds.
-#[cfg(vlmem_loom)]
+#[cfg(any(vlmem_loom, vlmem_shuttle))]
 pub fn wait_guard<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     condvar.wait_guard(guard)
 }

@@ -28,14 +28,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc as StdArc;
 use std::time::Instant;
-use vlmem_core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use vlmem_core::sync::atomic::{AtomicU64, Ordering};
 use vlmem_core::sync::{Arc, Condvar, Mutex, RwLock, wait_guard};
 use vlmem_core::{TensorKind, Tier};
 use vlmem_tier::{
     DiskTier, MemoryTier, Move, Priority, Reservation, TierBackend, TierError, TransferEngine,
 };
 
-static NEXT_MANAGER_ID: AtomicU32 = AtomicU32::new(1);
+// A plain std atomic: ids need no model checking, and loom atomics cannot live in a static.
+static NEXT_MANAGER_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// A tensor owned by a [`MemoryManager`]. Copyable; checked on every use: a handle of a
 /// deallocated tensor is refused as stale, a handle of another manager as foreign.
@@ -254,7 +255,7 @@ impl MemoryManager {
         let shards = (0..config.shards).map(|_| Shard::default()).collect();
         Ok(MemoryManager {
             inner: Arc::new(Inner {
-                id: NEXT_MANAGER_ID.fetch_add(1, Ordering::Relaxed),
+                id: NEXT_MANAGER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 tiers,
                 disk,
                 engine,

@@ -1,0 +1,109 @@
+//! Shuttle: the real manager (handle table, tiers, transfer-engine threads) under randomized
+//! and PCT schedules from 4 threads, each schedule ending with the ledger check: every
+//! tensor's bytes, no pin left, budget counters equal to the recount.
+//!
+//! Run: `RUSTFLAGS="--cfg vlmem_shuttle" cargo test -p vlmem --release --test shuttle`.
+#![cfg(vlmem_shuttle)]
+
+use vlmem::{ManagerConfig, ManagerError, MemoryManager, TensorKind, Tier};
+use vlmem_core::sync::Arc;
+use vlmem_core::sync::thread;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const LEN: usize = 128 * KIB as usize;
+
+fn pattern(seed: u64) -> Vec<u8> {
+    (0..LEN)
+        .map(|i| (seed as usize * 31 + i * 7) as u8)
+        .collect()
+}
+
+fn harness() {
+    let mut c = ManagerConfig::with_capacities(MIB, 2 * MIB, 4 * MIB);
+    for t in Tier::ALL {
+        for k in TensorKind::ALL {
+            c.budgets.bytes[t.index()][k.index()] = [MIB, 2 * MIB, 4 * MIB][t.index()];
+        }
+    }
+    c.shards = 2;
+    c.engine.workers = 2;
+    c.disk.direct_io = false;
+    c.disk.preallocate = false;
+    c.disk.unit_bytes = 64 * KIB;
+    let m = Arc::new(MemoryManager::new(c).expect("manager"));
+    // 10 shared tensors of 128 KiB: more than the device (1 MiB = 8), less than the host.
+    let shared: Arc<Vec<_>> = Arc::new(
+        (0..10u64)
+            .map(|i| {
+                let h = m
+                    .allocate(LEN as u64, TensorKind::Weight, i)
+                    .expect("allocate");
+                m.write(h, 0, &pattern(i)).expect("write");
+                h
+            })
+            .collect(),
+    );
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let m = m.clone();
+            let shared = shared.clone();
+            thread::spawn(move || {
+                for op in 0..4u64 {
+                    let i = ((t * 3 + op * 5) % 10) as usize;
+                    match (t + op) % 4 {
+                        0 | 1 => {
+                            let tier =
+                                [Tier::Device, Tier::Host, Tier::Disk][((t + op) % 3) as usize];
+                            match m.pin(shared[i], tier) {
+                                Ok(g) => {
+                                    let mut buf = vec![0u8; LEN];
+                                    g.read(0, &mut buf).expect("read pinned");
+                                    assert_eq!(buf, pattern(i as u64), "tensor {i} on {tier}");
+                                }
+                                Err(ManagerError::OutOfMemory { .. }) => {}
+                                Err(e) => panic!("pin: {e}"),
+                            }
+                        }
+                        2 => {
+                            let id = 100 + t * 10 + op;
+                            let h = m
+                                .allocate(LEN as u64, TensorKind::Activation, id)
+                                .expect("allocate own");
+                            m.write(h, 0, &pattern(id)).expect("write own");
+                            let mut buf = vec![0u8; LEN];
+                            m.read(h, 0, &mut buf).expect("read own");
+                            assert_eq!(buf, pattern(id));
+                            m.deallocate(h).expect("free own");
+                        }
+                        _ => {
+                            m.evict(Tier::Device, 256 * KIB).expect("evict");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    for (i, &h) in shared.iter().enumerate() {
+        let mut buf = vec![0u8; LEN];
+        m.read(h, 0, &mut buf).expect("final read");
+        assert_eq!(buf, pattern(i as u64), "ledger: tensor {i}");
+    }
+    let s = m.stats();
+    assert_eq!(s.tensors, 10);
+    assert_eq!(s.pins, 0);
+    assert_eq!(s.resident, s.charged);
+}
+
+#[test]
+fn shuttle_manager_random_1000_schedules() {
+    shuttle::check_random(harness, 1000);
+}
+
+#[test]
+fn shuttle_manager_pct_300_schedules() {
+    shuttle::check_pct(harness, 300, 3);
+}
