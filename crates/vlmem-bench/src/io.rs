@@ -495,7 +495,10 @@ fn copy_suite(opts: BenchOptions, report: &mut SuiteReport) -> Result<(), TierEr
     let mut mc = 0.0f64;
     for _ in 0..3 {
         let t0 = Instant::now();
-        for (d, s) in b.chunks_mut((4 * MIB) as usize).zip(a.chunks((4 * MIB) as usize)) {
+        for (d, s) in b
+            .chunks_mut((4 * MIB) as usize)
+            .zip(a.chunks((4 * MIB) as usize))
+        {
             d.copy_from_slice(std::hint::black_box(s));
         }
         std::hint::black_box(&b);
@@ -537,4 +540,47 @@ fn copy_suite(opts: BenchOptions, report: &mut SuiteReport) -> Result<(), TierEr
         .notes
         .push(format!("{} (the capped figure)", dev.describe()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quick suite runs and reports every figure the issue names (the dd baselines when
+    /// dd is installed), with sane values, and leaves no file behind.
+    #[test]
+    fn quick_suite_reports_every_named_figure() {
+        let dir = std::env::temp_dir().join(format!("vlmem-io-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let report = run_in(&dir, BenchOptions { quick: true });
+        assert_eq!(report.suite, "io");
+        for name in [
+            "disk_write_gbps",
+            "disk_read_gbps",
+            "host_copy_gbps",
+            "host_copy_gbps@memcpy",
+            "small_64kib_write_gbps",
+            "small_64kib_write_gbps@one_by_one",
+        ] {
+            let v = report.value(name);
+            assert!(
+                v.is_some_and(|v| v > 0.0),
+                "{name}: {v:?}; notes {:?}",
+                report.notes
+            );
+        }
+        let dd = Command::new("dd").arg("--version").output().is_ok();
+        if dd && !report.notes.iter().any(|n| n.contains("dd baseline")) {
+            assert!(report.value("disk_write_gbps@dd").is_some());
+            assert!(report.value("disk_read_gbps@dd").is_some());
+        }
+        assert!(report.notes.iter().any(|n| n.contains("simulated")));
+        let capped = report.value("host_copy_gbps_capped").unwrap_or(0.0);
+        assert!(
+            capped > 0.0 && capped <= 3.0 * 1.05,
+            "capped copy at {capped} GB/s"
+        );
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        let _ = std::fs::remove_dir(&dir);
+    }
 }
