@@ -497,3 +497,66 @@ fn a_batch_naming_one_destination_twice_is_refused() {
         .wait()
         .unwrap();
 }
+
+#[test]
+fn a_checkpoint_extent_streams_to_the_device_through_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model-00001-of-00002.safetensors");
+    let file = pattern((11 * MIB + 3333) as usize, 5);
+    std::fs::write(&path, &file).unwrap();
+    let d = Arc::new(disk_in(
+        dir.path(),
+        MIB,
+        Arc::new(vlmem_tier::io::RealFileIo),
+    ));
+    let dev = device(32 * MIB, None);
+    let h = host(32 * MIB);
+    let e = engine(&[h.clone(), dev.clone(), d.clone()]);
+    let (off, len) = (8 + 777, 9 * MIB + 5); // a header, then an unaligned tensor
+    let w = d
+        .register_extent(&path, off, len, "model.layers.1.self_attn.o_proj.weight")
+        .unwrap();
+    let on_dev = dev.reserve(len, "o_proj").unwrap();
+    let rep = e
+        .submit(
+            Move {
+                src: w,
+                dst: on_dev,
+            },
+            Priority::Prefetch,
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(rep.bytes, len);
+    assert_eq!(
+        read_all(&*dev, &on_dev),
+        &file[off as usize..(off + len) as usize]
+    );
+    let on_host = h.reserve(len, "o_proj").unwrap();
+    e.submit(
+        Move {
+            src: w,
+            dst: on_host,
+        },
+        Priority::Demand,
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
+    assert_eq!(
+        read_all(&*h, &on_host),
+        &file[off as usize..(off + len) as usize]
+    );
+    // An extent is never a destination.
+    assert!(matches!(
+        e.submit(
+            Move {
+                src: on_host,
+                dst: w
+            },
+            Priority::WriteBack
+        ),
+        Err(TierError::ReadOnly { .. })
+    ));
+}
