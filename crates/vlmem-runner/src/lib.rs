@@ -1,0 +1,35 @@
+//! Qwen3-VL on candle: the numerical core of `vlmem run`.
+//!
+//! - [`weights`]: the [`WeightSource`] trait, the one door weights come through, and its
+//!   checkpoint-file and resident implementations (bf16 on disk, f32 when staged);
+//! - [`preprocess`]: the released image processor (smart_resize, PIL bicubic, normalise,
+//!   merge-block patch order);
+//! - [`prompt`]: `tokenizer.json` and the chat template;
+//! - [`rope`]: multimodal positions (`get_rope_index`), interleaved M-RoPE, 2-D vision rotary;
+//! - [`vision`]: the vision tower with DeepStack mergers;
+//! - [`text`]: the decoder (GQA, QK-norm, SwiGLU or MoE, DeepStack injection, lm_head);
+//! - [`kv`]: the KV cache behind [`KvStore`];
+//! - [`model`]: prefill and greedy generation; [`runner`]: a checkpoint folder ready to run.
+//!
+//! All arithmetic is f32, matching the reference implementation (bf16 weights upcast to f32,
+//! eager attention) to about 1e-5 on the bundled fixtures.
+
+pub mod error;
+pub mod kv;
+pub mod model;
+pub mod nn;
+pub mod preprocess;
+pub mod prompt;
+pub mod rope;
+pub mod runner;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+pub use error::{Result, RunnerError};
+pub use kv::{KvCache, KvStore};
+pub use model::{GenerateOptions, Generation, Prefill, PrefillOptions, Qwen3Vl};
+pub use preprocess::{ImageInput, PreprocessConfig};
+pub use runner::Runner;
+pub use text::LogitsFor;
+pub use weights::{CachedWeights, CheckpointWeights, WeightSource};

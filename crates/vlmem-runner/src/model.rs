@@ -1,0 +1,339 @@
+//! The whole model: vision tower + text decoder over one [`WeightSource`], the prompt's
+//! forward pass (prefill) and greedy generation with a KV cache.
+
+use crate::error::{Result, RunnerError};
+use crate::kv::{KvCache, KvStore};
+use crate::nn::Params;
+use crate::preprocess::ImageInput;
+use crate::rope::{MropePositions, rope_index};
+use crate::text::{Deepstack, LogitsFor, Outputs, TextDecoder};
+use crate::vision::{VisionOutput, VisionTower};
+use crate::weights::WeightSource;
+use candle_core::{Device, Tensor};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vlmem_qwen3vl::Qwen3VlConfig;
+
+/// What the prompt's forward pass should return besides filling the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillOptions {
+    /// Which positions get logits.
+    pub logits: LogitsFor,
+    /// Keep the decoder's hidden states (embedding output, each layer, final norm).
+    pub hidden_states: bool,
+    /// Keep the vision tower's intermediates.
+    pub vision_trace: bool,
+}
+
+impl Default for PrefillOptions {
+    fn default() -> Self {
+        PrefillOptions {
+            logits: LogitsFor::Last,
+            hidden_states: false,
+            vision_trace: false,
+        }
+    }
+}
+
+/// The prompt's forward pass.
+#[derive(Debug, Clone)]
+pub struct Prefill {
+    /// Logits as asked for: `[tokens, vocab]` or `[1, vocab]`.
+    pub logits: Option<Tensor>,
+    /// `layers + 1` tensors `[tokens, hidden]` when asked for.
+    pub hidden_states: Vec<Tensor>,
+    /// Per image: merged embeddings, DeepStack features, optional trace.
+    pub vision: Vec<VisionOutput>,
+    /// The prompt's multimodal RoPE positions.
+    pub positions: MropePositions,
+}
+
+/// Greedy-generation settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GenerateOptions {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Ids that end generation (kept as the last generated id).
+    pub stop_ids: Vec<u32>,
+}
+
+/// The result of greedy generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The prompt as the model received it.
+    pub prompt_ids: Vec<u32>,
+    /// The generated ids, in order.
+    pub generated_ids: Vec<u32>,
+    /// `[generated, vocab]`: the logits each generated id was chosen from.
+    pub generated_logits: Vec<Vec<f32>>,
+    /// From the call to the first generated id (vision tower + prefill + argmax).
+    pub time_to_first_token: Duration,
+    /// Time spent on the remaining tokens.
+    pub decode_time: Duration,
+}
+
+impl Generation {
+    /// Decode speed after the first token, in tokens per second (0 when fewer than 2).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let n = self.generated_ids.len().saturating_sub(1);
+        let secs = self.decode_time.as_secs_f64();
+        if n == 0 || secs == 0.0 {
+            0.0
+        } else {
+            n as f64 / secs
+        }
+    }
+}
+
+/// Qwen3-VL (dense or MoE) over a weight source.
+pub struct Qwen3Vl {
+    config: Qwen3VlConfig,
+    weights: Arc<dyn WeightSource>,
+    vision: VisionTower,
+    text: TextDecoder,
+    device: Device,
+}
+
+impl std::fmt::Debug for Qwen3Vl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qwen3Vl")
+            .field("model_type", &self.config.model_type)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+impl Qwen3Vl {
+    /// A model for `config` reading weights from `weights`; checks that every weight exists
+    /// with the shape the config implies (shapes only: no data is read).
+    pub fn new(
+        config: Qwen3VlConfig,
+        weights: Arc<dyn WeightSource>,
+        device: &Device,
+    ) -> Result<Self> {
+        let vision = VisionTower::new(&config.vision, device);
+        let text = TextDecoder::new(&config.text, device)?;
+        let m = Qwen3Vl {
+            config,
+            weights,
+            vision,
+            text,
+            device: device.clone(),
+        };
+        let p = m.params();
+        m.vision.check_weights(&p)?;
+        m.text.check_weights(&p)?;
+        Ok(m)
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &Qwen3VlConfig {
+        &self.config
+    }
+
+    /// The compute device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weight source.
+    pub fn weights(&self) -> &Arc<dyn WeightSource> {
+        &self.weights
+    }
+
+    fn params(&self) -> Params<'_> {
+        Params::new(self.weights.as_ref())
+    }
+
+    /// A KV cache sized for this model's layers.
+    pub fn new_kv_cache(&self) -> KvCache {
+        KvCache::new(self.text.num_layers())
+    }
+
+    /// Runs the vision tower over one image.
+    pub fn encode_image(&self, image: &ImageInput, trace: bool) -> Result<VisionOutput> {
+        self.vision.forward(&self.params(), image, trace)
+    }
+
+    /// Checks `ids` against the vocabulary and the images, and computes their positions.
+    pub fn positions(&self, ids: &[u32], images: &[ImageInput]) -> Result<MropePositions> {
+        if ids.is_empty() {
+            return Err(RunnerError::BadRequest("the prompt is empty".into()));
+        }
+        let vocab = self.text.vocab_size();
+        if let Some((position, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id as usize >= vocab)
+        {
+            return Err(RunnerError::TokenOutOfVocab {
+                id,
+                position,
+                vocab_size: vocab,
+            });
+        }
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        rope_index(
+            ids,
+            &grids,
+            self.config.vision.spatial_merge_size as usize,
+            self.config.image_token_id,
+            self.config.video_token_id,
+        )
+    }
+
+    /// The prompt's forward pass: vision tower per image, embeddings with the image rows
+    /// substituted at the image pads, the decoder with DeepStack, filling `kv`.
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        images: &[ImageInput],
+        kv: &mut dyn KvStore,
+        opts: PrefillOptions,
+    ) -> Result<Prefill> {
+        let positions = self.positions(ids, images)?;
+        let p = self.params();
+        let mut vision = Vec::with_capacity(images.len());
+        for img in images {
+            vision.push(self.vision.forward(&p, img, opts.vision_trace)?);
+        }
+        let text_embeds = self.text.embed(&p, ids)?;
+        let (embeds, deepstack) = if vision.is_empty() {
+            (text_embeds, None)
+        } else {
+            let pads: Vec<u32> = ids
+                .iter()
+                .enumerate()
+                .filter(|(_, id)| **id == self.config.image_token_id)
+                .map(|(i, _)| i as u32)
+                .collect();
+            let image_rows: Vec<&Tensor> = vision.iter().map(|v| &v.image_embeds).collect();
+            let image_rows = Tensor::cat(&image_rows, 0)?;
+            // Gather from [text rows; image rows]: position i takes its own text row unless
+            // it is the k-th image pad, which takes image row k.
+            let n = ids.len();
+            let mut gather: Vec<u32> = (0..n as u32).collect();
+            for (k, &pos) in pads.iter().enumerate() {
+                gather[pos as usize] = (n + k) as u32;
+            }
+            let table = Tensor::cat(&[&text_embeds, &image_rows], 0)?;
+            let gather = Tensor::from_vec(gather, n, &self.device)?;
+            let embeds = table.index_select(&gather, 0)?;
+            let levels = vision.iter().map(|v| v.deepstack.len()).min().unwrap_or(0);
+            let mut features = Vec::with_capacity(levels);
+            for level in 0..levels {
+                let parts: Vec<&Tensor> = vision.iter().map(|v| &v.deepstack[level]).collect();
+                features.push(Tensor::cat(&parts, 0)?);
+            }
+            let ds = Deepstack {
+                positions: Tensor::from_vec(pads.clone(), pads.len(), &self.device)?,
+                features,
+            };
+            (embeds, Some(ds))
+        };
+        let out = self.text.forward(
+            &p,
+            &embeds,
+            &positions,
+            kv,
+            deepstack.as_ref(),
+            Outputs {
+                logits: opts.logits,
+                hidden_states: opts.hidden_states,
+            },
+        )?;
+        Ok(Prefill {
+            logits: out.logits,
+            hidden_states: out.hidden_states,
+            vision,
+            positions,
+        })
+    }
+
+    /// One decode step: `token` at multimodal position `(position, position, position)`
+    /// after the tokens in `kv`; returns the next-token logits `[vocab]`.
+    pub fn decode_step(&self, token: u32, position: i64, kv: &mut dyn KvStore) -> Result<Tensor> {
+        let p = self.params();
+        let embeds = self.text.embed(&p, &[token])?;
+        let positions = MropePositions::text(position, 1);
+        let out = self.text.forward(
+            &p,
+            &embeds,
+            &positions,
+            kv,
+            None,
+            Outputs {
+                logits: LogitsFor::Last,
+                hidden_states: false,
+            },
+        )?;
+        let logits = out
+            .logits
+            .ok_or_else(|| RunnerError::BadRequest("decoder returned no logits".into()))?;
+        Ok(logits.squeeze(0)?)
+    }
+
+    /// Greedy generation: prefill, then pick the arg-max id and feed it back until
+    /// `max_new_tokens` or a stop id. `on_token` sees each id as it is chosen.
+    pub fn generate(
+        &self,
+        ids: &[u32],
+        images: &[ImageInput],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        let mut kv = self.new_kv_cache();
+        let mut generation = Generation {
+            prompt_ids: ids.to_vec(),
+            generated_ids: Vec::new(),
+            generated_logits: Vec::new(),
+            time_to_first_token: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        };
+        if opts.max_new_tokens == 0 {
+            self.positions(ids, images)?;
+            return Ok(generation);
+        }
+        let prefill = self.prefill(ids, images, &mut kv, PrefillOptions::default())?;
+        let mut logits = prefill
+            .logits
+            .ok_or_else(|| RunnerError::BadRequest("prefill returned no logits".into()))?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        let mut position = prefill.positions.next_position;
+        let mut decode_start = start;
+        loop {
+            let next = argmax(&logits);
+            generation.generated_ids.push(next);
+            generation.generated_logits.push(logits);
+            on_token(next);
+            if generation.generated_ids.len() == 1 {
+                generation.time_to_first_token = start.elapsed();
+                decode_start = Instant::now();
+            }
+            if generation.generated_ids.len() >= opts.max_new_tokens
+                || opts.stop_ids.contains(&next)
+            {
+                break;
+            }
+            logits = self
+                .decode_step(next, position, &mut kv)?
+                .to_vec1::<f32>()?;
+            position += 1;
+        }
+        generation.decode_time = decode_start.elapsed();
+        Ok(generation)
+    }
+}
+
+/// Index of the largest value (the first one on ties, as torch's argmax).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,107 @@
+//! A checkpoint folder ready to run: config, weights, tokenizer and preprocessor together.
+
+use crate::error::Result;
+use crate::model::{GenerateOptions, Generation, Qwen3Vl};
+use crate::preprocess::{ImageInput, PreprocessConfig, load_image, preprocess};
+use crate::prompt::ChatTokenizer;
+use crate::weights::{CachedWeights, CheckpointWeights, WeightSource};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vlmem_qwen3vl::checkpoint::Checkpoint;
+
+/// A loaded checkpoint folder.
+#[derive(Debug)]
+pub struct Runner {
+    dir: PathBuf,
+    model: Qwen3Vl,
+    tokenizer: ChatTokenizer,
+    preprocess: PreprocessConfig,
+}
+
+impl Runner {
+    /// Opens `dir` (config.json, model.safetensors or shards, tokenizer.json) on the CPU,
+    /// keeping each weight resident after its first use. No weight data is read here.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let device = Device::Cpu;
+        let checkpoint = Checkpoint::open(dir)?;
+        let weights = CachedWeights::new(CheckpointWeights::new(&checkpoint, &device)?);
+        Self::with_weights(&checkpoint, Arc::new(weights), &device)
+    }
+
+    /// Opens `checkpoint` with weights from `weights` (for example a tiered source) computing
+    /// on `device`.
+    pub fn with_weights(
+        checkpoint: &Checkpoint,
+        weights: Arc<dyn WeightSource>,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = checkpoint.config.clone();
+        let tokenizer = ChatTokenizer::from_file(&checkpoint.dir.join("tokenizer.json"), &config)?;
+        let preprocess = PreprocessConfig::for_vision(&config.vision);
+        let model = Qwen3Vl::new(config, weights, device)?;
+        Ok(Runner {
+            dir: checkpoint.dir.clone(),
+            model,
+            tokenizer,
+            preprocess,
+        })
+    }
+
+    /// The checkpoint folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Qwen3Vl {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ChatTokenizer {
+        &self.tokenizer
+    }
+
+    /// The image preprocessor's settings.
+    pub fn preprocess_config(&self) -> &PreprocessConfig {
+        &self.preprocess
+    }
+
+    /// Loads and preprocesses image files (PNG or JPEG).
+    pub fn load_images(&self, paths: &[PathBuf]) -> Result<Vec<ImageInput>> {
+        paths
+            .iter()
+            .map(|p| preprocess(&load_image(p)?, &self.preprocess))
+            .collect()
+    }
+
+    /// The chat-template ids of one user turn with `images`.
+    pub fn chat_ids(&self, user_text: &str, images: &[ImageInput]) -> Result<Vec<u32>> {
+        let counts: Vec<usize> = images
+            .iter()
+            .map(|i| i.num_tokens(self.preprocess.merge_size))
+            .collect();
+        self.tokenizer.encode_chat(user_text, &counts)
+    }
+
+    /// Greedy generation from full prompt ids (image pads already expanded).
+    pub fn generate_ids(
+        &self,
+        ids: &[u32],
+        images: &[ImageInput],
+        max_new_tokens: usize,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation> {
+        let opts = GenerateOptions {
+            max_new_tokens,
+            stop_ids: self.tokenizer.stop_ids(),
+        };
+        self.model.generate(ids, images, &opts, on_token)
+    }
+
+    /// Decodes generated ids to text (special tokens dropped).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true)
+    }
+}

@@ -1,0 +1,264 @@
+//! Where weights come from: the [`WeightSource`] trait, the one door through which the model
+//! reads every parameter. The model never holds a weight itself; it asks the source for a
+//! tensor by its checkpoint name each time it needs one, so whoever implements the trait
+//! decides residency: [`CheckpointWeights`] reads the exact byte range from the checkpoint
+//! file on every call (nothing resident), [`CachedWeights`] keeps converted tensors after the
+//! first use (everything resident), and the memory manager (issue 5) will implement the same
+//! trait over its tiers.
+//!
+//! Weights stay in their stored type (bf16 for the released checkpoints) on disk and are
+//! widened to f32 only when a tensor is staged for compute.
+
+use crate::error::{Result, RunnerError};
+use candle_core::{Device, Tensor};
+use half::{bf16, f16};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
+use vlmem_qwen3vl::tensors::Dtype;
+
+/// A source of model weights, staged as f32 tensors on the compute device.
+///
+/// Object-safe and shareable across threads. Implementations must return exactly the
+/// checkpoint's values (widened to f32) in the checkpoint's shape.
+pub trait WeightSource: Send + Sync {
+    /// The tensor `name` (a checkpoint name such as
+    /// `model.language_model.layers.0.self_attn.q_proj.weight`) as an f32 tensor in its stored
+    /// shape; [`RunnerError::MissingTensor`] if the checkpoint has no such tensor.
+    fn tensor_f32(&self, name: &str) -> Result<Tensor>;
+
+    /// The stored shape of `name`, without reading its data; `None` if absent.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+
+    /// Rows `ids` of the 2-D tensor `name` (an embedding gather), as `[ids.len(), cols]`.
+    /// The default stages the whole tensor; a tiered source can read only the rows.
+    fn rows_f32(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
+        let table = self.tensor_f32(name)?;
+        let idx = Tensor::from_slice(ids, ids.len(), table.device())?;
+        Ok(table.index_select(&idx, 0)?)
+    }
+}
+
+/// Reads weights straight from the checkpoint's safetensors files: one positioned read of the
+/// tensor's exact byte range per call, converted to f32. Nothing is kept between calls.
+#[derive(Debug)]
+pub struct CheckpointWeights {
+    index: HashMap<String, TensorInfo>,
+    files: HashMap<PathBuf, File>,
+    device: Device,
+}
+
+impl CheckpointWeights {
+    /// Opens every weight file of `checkpoint` (headers already checked by
+    /// [`Checkpoint::open`]); tensors are staged on `device`.
+    pub fn new(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
+        let mut files = HashMap::new();
+        for path in &checkpoint.files {
+            let file = File::open(path).map_err(|e| RunnerError::io(path, e))?;
+            files.insert(path.clone(), file);
+        }
+        let index = checkpoint
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
+        Ok(CheckpointWeights {
+            index,
+            files,
+            device: device.clone(),
+        })
+    }
+
+    /// Opens the checkpoint folder `dir` and its weight files.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        let checkpoint = Checkpoint::open(dir)?;
+        Self::new(&checkpoint, device)
+    }
+
+    /// Number of tensors in the checkpoint.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether the checkpoint holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.index
+            .get(name)
+            .ok_or_else(|| RunnerError::MissingTensor {
+                name: name.to_string(),
+            })
+    }
+
+    /// The stored bytes of `name`, read with one positioned read.
+    pub fn raw_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let info = self.info(name)?;
+        let file = self
+            .files
+            .get(&info.file)
+            .ok_or_else(|| RunnerError::MissingFile {
+                path: info.file.clone(),
+                message: "weight file not opened".into(),
+            })?;
+        let len_bytes = usize::try_from(info.bytes).map_err(|_| {
+            RunnerError::BadRequest(format!("tensor {name} is too large for this machine"))
+        })?;
+        let mut buf = vec![0u8; len_bytes];
+        file.read_exact_at(&mut buf, info.file_offset_bytes)
+            .map_err(|e| RunnerError::io(&info.file, e))?;
+        Ok(buf)
+    }
+}
+
+/// Widens stored little-endian `bytes` of type `dtype` to f32.
+pub fn widen_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    let out = match dtype {
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        other => {
+            return Err(RunnerError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: other.safetensors_name().to_string(),
+            });
+        }
+    };
+    Ok(out)
+}
+
+fn usize_shape(shape: &[u64]) -> Vec<usize> {
+    shape.iter().map(|&d| d as usize).collect()
+}
+
+impl WeightSource for CheckpointWeights {
+    fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        let info = self.info(name)?;
+        let bytes = self.raw_bytes(name)?;
+        let values = widen_to_f32(name, info.dtype, &bytes)?;
+        Ok(Tensor::from_vec(
+            values,
+            usize_shape(&info.shape),
+            &self.device,
+        )?)
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.index.get(name).map(|t| usize_shape(&t.shape))
+    }
+
+    fn rows_f32(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
+        let info = self.info(name)?;
+        let shape = usize_shape(&info.shape);
+        let (rows, cols) = match shape.as_slice() {
+            [r, c] => (*r, *c),
+            _ => {
+                return Err(RunnerError::TensorShape {
+                    name: name.to_string(),
+                    expected: "a 2-D table".into(),
+                    found: shape,
+                });
+            }
+        };
+        let elem_bytes = info.dtype.size_bytes() as usize;
+        let row_bytes = cols * elem_bytes;
+        let file = self
+            .files
+            .get(&info.file)
+            .ok_or_else(|| RunnerError::MissingFile {
+                path: info.file.clone(),
+                message: "weight file not opened".into(),
+            })?;
+        let mut values = Vec::with_capacity(ids.len() * cols);
+        let mut buf = vec![0u8; row_bytes];
+        for (position, &id) in ids.iter().enumerate() {
+            if id as usize >= rows {
+                return Err(RunnerError::TokenOutOfVocab {
+                    id,
+                    position,
+                    vocab_size: rows,
+                });
+            }
+            let offset = info.file_offset_bytes + (id as u64) * row_bytes as u64;
+            file.read_exact_at(&mut buf, offset)
+                .map_err(|e| RunnerError::io(&info.file, e))?;
+            values.extend(widen_to_f32(name, info.dtype, &buf)?);
+        }
+        Ok(Tensor::from_vec(values, (ids.len(), cols), &self.device)?)
+    }
+}
+
+/// Keeps every tensor after its first staging: the "all resident in host RAM" policy, on top
+/// of any other source.
+pub struct CachedWeights<S> {
+    inner: S,
+    cache: Mutex<HashMap<String, Tensor>>,
+}
+
+impl<S: WeightSource> CachedWeights<S> {
+    /// Wraps `inner`; nothing is staged until first asked for.
+    pub fn new(inner: S) -> Self {
+        CachedWeights {
+            inner,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The wrapped source.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// f32 bytes held by the cache.
+    pub fn resident_bytes(&self) -> usize {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.values().map(|t| t.elem_count() * 4).sum()
+    }
+}
+
+impl<S: WeightSource> WeightSource for CachedWeights<S> {
+    fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = cache.get(name) {
+                return Ok(t.clone());
+            }
+        }
+        let t = self.inner.tensor_f32(name)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.inner.shape(name)
+    }
+}
+
+impl<S: WeightSource + ?Sized> WeightSource for Arc<S> {
+    fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        (**self).tensor_f32(name)
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        (**self).shape(name)
+    }
+
+    fn rows_f32(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
+        (**self).rows_f32(name, ids)
+    }
+}

@@ -1,0 +1,269 @@
+//! The runner against the reference implementation's outputs on the four bundled fixtures
+//! (dense and MoE, transformers-5.x and released layouts): preprocessing, positions, chat
+//! ids, every intermediate the reference recorded, the logits and greedy generation.
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use vlmem_runner::preprocess::{load_image, preprocess};
+use vlmem_runner::{GenerateOptions, LogitsFor, PrefillOptions, Runner};
+
+/// Logits, hidden states and embeddings: the bound.
+const TOL_ACTIVATIONS: f32 = 1e-4;
+/// Preprocessed pixels.
+const TOL_PIXELS: f32 = 1e-5;
+
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+fn reference(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixture_dir(name).join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("reference.safetensors loads")
+}
+
+fn ids_of(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| u32::try_from(x).expect("id fits u32"))
+        .collect()
+}
+
+/// Max |a - b| over all elements; the element counts must agree.
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(
+        a.elem_count(),
+        b.elem_count(),
+        "{:?} vs {:?}",
+        a.shape(),
+        b.shape()
+    );
+    let a = a.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+    let b = b.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn check(report: &mut Vec<String>, what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let err = max_abs(got, want);
+    report.push(format!("{what}: max-abs {err:.3e}"));
+    assert!(err <= tol, "{what}: max-abs error {err:e} exceeds {tol:e}");
+}
+
+fn run_fixture(name: &str) {
+    let dir = fixture_dir(name);
+    let r = reference(name);
+    let runner = Runner::open(&dir).expect("fixture opens");
+    let model = runner.model();
+    let mut report = Vec::new();
+
+    // Preprocessing.
+    let img = preprocess(
+        &load_image(&dir.join("image0.png")).unwrap(),
+        runner.preprocess_config(),
+    )
+    .unwrap();
+    let grid: Vec<u32> = ids_of(&r["image_grid_thw"]);
+    assert_eq!(
+        img.grid_thw.iter().map(|&x| x as u32).collect::<Vec<_>>(),
+        grid
+    );
+    let pixels = Tensor::from_slice(
+        &img.pixel_values,
+        (img.num_patches(), img.patch_len),
+        &Device::Cpu,
+    )
+    .unwrap();
+    check(
+        &mut report,
+        "pixel_values",
+        &pixels,
+        &r["pixel_values"],
+        TOL_PIXELS,
+    );
+
+    // Positions.
+    let ids = ids_of(&r["input_ids"]);
+    let images = vec![img];
+    let pos = model.positions(&ids, &images).unwrap();
+    let want_pos = r["position_ids"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap();
+    let got_pos: Vec<i64> = pos.thw.iter().flatten().copied().collect();
+    assert_eq!(got_pos, want_pos, "position_ids");
+
+    // The prompt's forward pass with every intermediate.
+    let mut kv = model.new_kv_cache();
+    let pre = model
+        .prefill(
+            &ids,
+            &images,
+            &mut kv,
+            PrefillOptions {
+                logits: LogitsFor::All,
+                hidden_states: true,
+                vision_trace: true,
+            },
+        )
+        .unwrap();
+    let v = &pre.vision[0];
+    let trace = v.trace.as_ref().unwrap();
+    check(
+        &mut report,
+        "vision.patch_embed",
+        &trace.patch_embed,
+        &r["vision.patch_embed"],
+        TOL_ACTIVATIONS,
+    );
+    check(
+        &mut report,
+        "vision.embeddings",
+        &trace.embeddings,
+        &r["vision.embeddings"],
+        TOL_ACTIVATIONS,
+    );
+    for (b, t) in trace.blocks.iter().enumerate() {
+        let key = format!("vision.block.{b}");
+        check(&mut report, &key, t, &r[&key], TOL_ACTIVATIONS);
+    }
+    check(
+        &mut report,
+        "image_embeds",
+        &v.image_embeds,
+        &r["image_embeds"],
+        TOL_ACTIVATIONS,
+    );
+    let n_ds = r
+        .keys()
+        .filter(|k| k.starts_with("deepstack_embeds."))
+        .count();
+    assert_eq!(v.deepstack.len(), n_ds);
+    for (k, t) in v.deepstack.iter().enumerate() {
+        let key = format!("deepstack_embeds.{k}");
+        check(&mut report, &key, t, &r[&key], TOL_ACTIVATIONS);
+    }
+    let n_hidden = r.keys().filter(|k| k.starts_with("hidden_states.")).count();
+    assert_eq!(pre.hidden_states.len(), n_hidden);
+    for (n, t) in pre.hidden_states.iter().enumerate() {
+        let key = format!("hidden_states.{n}");
+        check(&mut report, &key, t, &r[&key], TOL_ACTIVATIONS);
+    }
+    check(
+        &mut report,
+        "logits",
+        pre.logits.as_ref().unwrap(),
+        &r["logits"],
+        TOL_ACTIVATIONS,
+    );
+
+    // Greedy generation with the KV cache.
+    let want_ids = ids_of(&r["generated_ids"]);
+    let gen_ = model
+        .generate(
+            &ids,
+            &images,
+            &GenerateOptions {
+                max_new_tokens: want_ids.len(),
+                stop_ids: Vec::new(),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(gen_.generated_ids, want_ids, "generated_ids");
+    let flat: Vec<f32> = gen_.generated_logits.concat();
+    let got = Tensor::from_vec(
+        flat,
+        (want_ids.len(), gen_.generated_logits[0].len()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    check(
+        &mut report,
+        "generated_logits",
+        &got,
+        &r["generated_logits"],
+        TOL_ACTIVATIONS,
+    );
+
+    eprintln!("{name}:\n  {}", report.join("\n  "));
+}
+
+#[test]
+fn dense_transformers5_layout_matches_reference() {
+    run_fixture("qwen3-vl-tiny");
+}
+
+#[test]
+fn dense_released_layout_matches_reference() {
+    run_fixture("qwen3-vl-tiny-released-layout");
+}
+
+#[test]
+fn moe_transformers5_layout_matches_reference() {
+    run_fixture("qwen3-vl-moe-tiny");
+}
+
+#[test]
+fn moe_released_layout_matches_reference() {
+    run_fixture("qwen3-vl-moe-tiny-released-layout");
+}
+
+#[test]
+fn chat_prompt_ids_match_reference() {
+    for name in [
+        "qwen3-vl-tiny",
+        "qwen3-vl-tiny-released-layout",
+        "qwen3-vl-moe-tiny",
+        "qwen3-vl-moe-tiny-released-layout",
+    ] {
+        let dir = fixture_dir(name);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let chat = &json["chat_prompt"];
+        let want: Vec<u32> = chat["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let runner = Runner::open(&dir).unwrap();
+        let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
+        let got = runner
+            .chat_ids(chat["user_text"].as_str().unwrap(), &images)
+            .unwrap();
+        assert_eq!(got, want, "{name}: chat prompt ids");
+        // The reference's decode of its greedy ids, special tokens kept.
+        let check = &chat["decode_check"];
+        let ids: Vec<u32> = check["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let text = runner.tokenizer().decode(&ids, false).unwrap();
+        assert_eq!(text, check["text"].as_str().unwrap(), "{name}: decode");
+        // The chat prompt is a valid model input with this image.
+        runner.model().positions(&got, &images).unwrap();
+    }
+}
