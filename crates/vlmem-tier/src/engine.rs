@@ -42,7 +42,8 @@ pub enum Priority {
 }
 
 impl Priority {
-    const ALL: [Priority; 3] = [Priority::Demand, Priority::Prefetch, Priority::WriteBack];
+    /// Every priority, most urgent first.
+    pub const ALL: [Priority; 3] = [Priority::Demand, Priority::Prefetch, Priority::WriteBack];
     fn index(self) -> usize {
         match self {
             Priority::Demand => 0,
@@ -72,6 +73,10 @@ pub struct EngineConfig {
     pub max_queued_jobs: usize,
     /// Largest batch of small tensors (sum of their lengths).
     pub max_batch_bytes: u64,
+    /// Anti-starvation: a lower-priority job that has not been served for this long gets
+    /// the next chunk even while more urgent jobs wait (strict priority could otherwise
+    /// starve write-backs for ever under a steady stream of demand fetches).
+    pub max_starve: Duration,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +86,7 @@ impl Default for EngineConfig {
             chunk_bytes: 4 << 20,
             max_queued_jobs: 256,
             max_batch_bytes: 16 << 20,
+            max_starve: Duration::from_millis(200),
         }
     }
 }
@@ -141,6 +147,9 @@ struct Job {
     cancelled: AtomicBool,
     failed: AtomicBool,
     submitted: Instant,
+    /// When a chunk of this job was last handed out, in nanoseconds since `submitted`
+    /// (0: never); read and written under the scheduler lock.
+    last_served_ns: AtomicU64,
     status: Mutex<Status>,
     done: Condvar,
 }
@@ -432,6 +441,7 @@ impl Job {
             cancelled: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             submitted: Instant::now(),
+            last_served_ns: AtomicU64::new(0),
             status: Mutex::new(Status::default()),
             done: Condvar::new(),
         }
@@ -491,7 +501,27 @@ impl Shared {
         loop {
             let mut skipped: Vec<(Arc<Job>, u64)> = Vec::new();
             let mut picked = None;
-            'outer: for p in Priority::ALL {
+            // A starved lower-priority queue goes first; otherwise strict priority.
+            let now = Instant::now();
+            let starved = [Priority::WriteBack, Priority::Prefetch]
+                .into_iter()
+                .find(|p| {
+                    sched.queues[p.index()].front().is_some_and(|j| {
+                        let served = j.submitted
+                            + Duration::from_nanos(j.last_served_ns.load(Ordering::Relaxed));
+                        now.saturating_duration_since(served) > self.config.max_starve
+                    })
+                });
+            let order = match starved {
+                Some(p) => [p, Priority::Demand, Priority::Prefetch, Priority::WriteBack],
+                None => [
+                    Priority::Demand,
+                    Priority::Prefetch,
+                    Priority::WriteBack,
+                    Priority::WriteBack,
+                ],
+            };
+            'outer: for p in order {
                 let q = p.index();
                 while let Some(job) = sched.queues[q].pop_front() {
                     if job.stopped() {
@@ -502,6 +532,11 @@ impl Shared {
                         continue;
                     }
                     let idx = job.next_chunk.fetch_add(1, Ordering::AcqRel);
+                    let served_ns = now.saturating_duration_since(job.submitted).as_nanos();
+                    job.last_served_ns.store(
+                        u64::try_from(served_ns).unwrap_or(u64::MAX).max(1),
+                        Ordering::Relaxed,
+                    );
                     if idx + 1 < job.total_chunks {
                         sched.queues[q].push_back(job.clone());
                     } else {

@@ -181,6 +181,7 @@ fn priorities_order_demand_prefetch_write_back() {
     let dev = Arc::new(FaultyTier::new(dev_inner, plan.clone()));
     let cfg = EngineConfig {
         workers: 1,
+        max_starve: Duration::from_secs(10), // strict priority for this test
         ..EngineConfig::default()
     };
     let e = TransferEngine::new(&[h.clone(), dev.clone()], cfg).unwrap();
@@ -559,4 +560,66 @@ fn a_checkpoint_extent_streams_to_the_device_through_the_engine() {
         ),
         Err(TierError::ReadOnly { .. })
     ));
+}
+
+#[test]
+fn a_steady_demand_stream_does_not_starve_a_write_back() {
+    // One worker, a 100 MB/s link: each 1 MiB demand copy holds the worker ~10 ms, and the
+    // feeder keeps demand jobs queued for ~1.5 s. The write-back must still finish early.
+    let h = host(64 * MIB);
+    let dev = device(64 * MIB, Some(100_000_000));
+    let cfg = EngineConfig {
+        workers: 1,
+        max_starve: Duration::from_millis(100),
+        ..EngineConfig::default()
+    };
+    let e = Arc::new(TransferEngine::new(&[h.clone(), dev.clone()], cfg).unwrap());
+    let (src, _) = fill(&*h, MIB, 1, "d");
+    let dsts: Vec<_> = (0..8).map(|_| dev.reserve(MIB, "d").unwrap()).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = {
+        let (e, stop) = (e.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            let mut tickets = std::collections::VecDeque::new();
+            let t0 = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && t0.elapsed() < Duration::from_millis(1500)
+            {
+                // Keep three demand jobs queued at all times (each to its own destination).
+                while tickets.len() < 3 {
+                    let dst = dsts[i % dsts.len()];
+                    i += 1;
+                    tickets.push_back(e.submit(Move { src, dst }, Priority::Demand).unwrap());
+                }
+                if let Some(t) = tickets.pop_front() {
+                    let _ = t.wait();
+                }
+            }
+            for t in tickets {
+                let _ = t.wait();
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let (wsrc, _) = fill(&*h, MIB, 2, "w");
+    let wdst = h.reserve(MIB, "w2").unwrap();
+    let t0 = Instant::now();
+    e.submit(
+        Move {
+            src: wsrc,
+            dst: wdst,
+        },
+        Priority::WriteBack,
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
+    let waited = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().unwrap();
+    assert!(
+        waited < Duration::from_millis(800),
+        "write-back starved for {waited:?}"
+    );
 }
