@@ -4,12 +4,10 @@
 //! simulated device), L2 host RAM, L3 disk. See docs/ARCHITECTURE.md.
 
 pub mod config;
+mod entry;
 pub mod error;
 mod manager;
-pub mod policy;
-pub mod replay;
 pub mod stats;
-pub mod vision_cache;
 
 pub use config::{Budgets, ManagerConfig};
 pub use error::{ManagerError, Result};

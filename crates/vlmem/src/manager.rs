@@ -22,6 +22,7 @@
 //! leaves. Every public method locks its shard once and passes `&mut` state to helpers.
 
 use crate::config::{Budgets, ManagerConfig};
+use crate::entry::{Copy, DemoteStep, PinStep};
 use crate::error::{ManagerError, Result};
 use crate::stats::{Counters, ManagerStats, TierKindBytes};
 use std::collections::HashMap;
@@ -54,45 +55,7 @@ impl TensorHandle {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Copy {
-    res: Reservation,
-    pins: u32,
-}
-
-#[derive(Debug)]
-struct Entry {
-    id: u64,
-    kind: TensorKind,
-    len_bytes: u64,
-    /// One copy per tier at most; every present copy holds the tensor's current bytes.
-    copies: [Option<Copy>; 3],
-    /// A move or a write is in flight: others wait.
-    busy: bool,
-    /// Whether any bytes were ever written (an unwritten tensor moves without a copy).
-    written: bool,
-    /// A checkpoint extent: never written, its disk copy is the file.
-    read_only: bool,
-    last_use: u64,
-}
-
-impl Entry {
-    fn pins(&self) -> u32 {
-        self.copies.iter().flatten().map(|c| c.pins).sum()
-    }
-    /// The fastest tier holding a copy.
-    fn fastest(&self) -> Option<Tier> {
-        Tier::ALL
-            .into_iter()
-            .find(|t| self.copies[t.index()].is_some())
-    }
-    /// A copy on a tier other than `tier`.
-    fn has_other_copy(&self, tier: Tier) -> bool {
-        Tier::ALL
-            .into_iter()
-            .any(|t| t != tier && self.copies[t.index()].is_some())
-    }
-}
+type Entry = crate::entry::Entry<Reservation>;
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -289,16 +252,9 @@ impl MemoryManager {
             return Err(ManagerError::ZeroSize);
         }
         let res = self.inner.reserve_on(tier, kind, bytes, id)?;
-        Ok(self.inner.insert(Entry {
-            id,
-            kind,
-            len_bytes: bytes,
-            copies: copies_with(tier, res),
-            busy: false,
-            written: false,
-            read_only: false,
-            last_use: self.inner.tick(),
-        }))
+        let mut e = Entry::new(id, kind, bytes, tier, res);
+        e.last_use = self.inner.tick();
+        Ok(self.inner.insert(e))
     }
 
     /// Registers a tensor that already lies in a file (a checkpoint weight) as resident on the
@@ -320,16 +276,11 @@ impl MemoryManager {
             len_bytes,
             &format!("tensor {id}"),
         )?;
-        Ok(self.inner.insert(Entry {
-            id,
-            kind,
-            len_bytes,
-            copies: copies_with(Tier::Disk, res),
-            busy: false,
-            written: true,
-            read_only: true,
-            last_use: self.inner.tick(),
-        }))
+        let mut e = Entry::new(id, kind, len_bytes, Tier::Disk, res);
+        e.written = true;
+        e.read_only = true;
+        e.last_use = self.inner.tick();
+        Ok(self.inner.insert(e))
     }
 
     /// Frees a tensor and every copy of it. Refused while it is pinned; a stale or
@@ -487,26 +438,6 @@ impl MemoryManager {
     }
 }
 
-fn copies_with(tier: Tier, res: Reservation) -> [Option<Copy>; 3] {
-    let mut copies = [None, None, None];
-    copies[tier.index()] = Some(Copy { res, pins: 0 });
-    copies
-}
-
-/// What [`Inner::bring`] finds when it looks at an entry.
-enum Step {
-    /// The copy is there (pinned if asked).
-    Done(Reservation),
-    /// A move is needed from this source.
-    Move {
-        src: Reservation,
-        kind: TensorKind,
-        len_bytes: u64,
-        written: bool,
-        id: u64,
-    },
-}
-
 impl Inner {
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed)
@@ -649,54 +580,33 @@ impl Inner {
         pin: bool,
     ) -> Result<Reservation> {
         let shard = self.shard_of(h)?;
-        let step = {
+        let (src, kind, len_bytes, written, id) = {
             let mut st = shard.state.lock();
             loop {
                 let tick = self.tick();
                 let e = self.entry(&mut st, h)?;
-                if e.busy {
-                    st = wait_guard(&shard.cond, st);
-                    continue;
-                }
-                e.last_use = tick;
-                if let Some(c) = e.copies[tier.index()].as_mut() {
-                    if pin {
-                        c.pins += 1;
-                    }
-                    self.counters.hit(tier);
-                    break Step::Done(c.res);
-                }
-                let Some(from) = e.fastest() else {
+                if e.fastest().is_none() {
                     return Err(ManagerError::InvalidConfig(format!(
                         "tensor {} has no copy (invariant broken)",
                         e.id
                     )));
-                };
-                let src = e.copies[from.index()]
-                    .map(|c| c.res)
-                    .ok_or_else(|| ManagerError::InvalidConfig("copy vanished".into()))?;
-                e.busy = true;
-                self.counters.miss(tier);
-                break Step::Move {
-                    src,
-                    kind: e.kind,
-                    len_bytes: e.len_bytes,
-                    written: e.written,
-                    id: e.id,
-                };
+                }
+                match e.begin_bring(tier, pin) {
+                    PinStep::Wait => st = wait_guard(&shard.cond, st),
+                    PinStep::Hit(res) => {
+                        e.last_use = tick;
+                        self.counters.hit(tier);
+                        return Ok(res);
+                    }
+                    PinStep::Miss { src } => {
+                        e.last_use = tick;
+                        self.counters.miss(tier);
+                        break (src, e.kind, e.len_bytes, e.written, e.id);
+                    }
+                }
             }
         };
-        let (src, kind, len_bytes, written, id) = match step {
-            Step::Done(res) => return Ok(res),
-            Step::Move {
-                src,
-                kind,
-                len_bytes,
-                written,
-                id,
-            } => (src, kind, len_bytes, written, id),
-        };
-        // Unlocked: reserve (maybe demoting others) and copy.
+        // Unlocked (the entry is busy): reserve, maybe demoting others, and copy.
         let moved = self.reserve_on(tier, kind, len_bytes, id).and_then(|dst| {
             match self.copy(src, dst, written, priority) {
                 Ok(()) => Ok(dst),
@@ -708,23 +618,16 @@ impl Inner {
         });
         let mut st = shard.state.lock();
         let e = self.entry(&mut st, h)?;
-        e.busy = false;
+        e.finish_bring(tier, moved.as_ref().ok().copied(), pin);
         shard.cond.notify_all();
-        let dst = moved?;
-        e.copies[tier.index()] = Some(Copy {
-            res: dst,
-            pins: u32::from(pin),
-        });
-        Ok(dst)
+        moved
     }
 
     fn unpin(&self, h: TensorHandle, tier: Tier) {
         let Ok(shard) = self.shard_of(h) else { return };
         let mut st = shard.state.lock();
-        if let Ok(e) = self.entry(&mut st, h)
-            && let Some(c) = e.copies[tier.index()].as_mut()
-        {
-            c.pins = c.pins.saturating_sub(1);
+        if let Ok(e) = self.entry(&mut st, h) {
+            e.unpin(tier);
         }
         shard.cond.notify_all();
     }
@@ -923,25 +826,17 @@ impl Inner {
         let (src, kind, len_bytes, written, id) = {
             let mut st = shard.state.lock();
             let e = self.entry(&mut st, h)?;
-            let Some(c) = e.copies[tier.index()] else {
-                return Ok(0);
-            };
-            if e.busy || c.pins > 0 {
-                return Ok(0);
+            match e.begin_demote(tier) {
+                DemoteStep::Skip => return Ok(0),
+                DemoteStep::Dropped(res) => {
+                    let kind = e.kind;
+                    drop(st);
+                    self.release(tier, kind, res);
+                    self.counters.eviction(tier, res.len_bytes(), false);
+                    return Ok(res.len_bytes());
+                }
+                DemoteStep::WriteBack { src } => (src, e.kind, e.len_bytes, e.written, e.id),
             }
-            if e.has_other_copy(tier) {
-                e.copies[tier.index()] = None;
-                let kind = e.kind;
-                drop(st);
-                self.release(tier, kind, c.res);
-                self.counters.eviction(tier, c.res.len_bytes(), false);
-                return Ok(c.res.len_bytes());
-            }
-            if tier == Tier::Disk {
-                return Ok(0);
-            }
-            e.busy = true;
-            (c.res, e.kind, e.len_bytes, e.written, e.id)
         };
         let below = tier.below().unwrap_or(Tier::Disk);
         let moved = self.reserve_on(below, kind, len_bytes, id).and_then(|dst| {
@@ -953,15 +848,17 @@ impl Inner {
                 }
             }
         });
-        let mut st = shard.state.lock();
-        let e = self.entry(&mut st, h)?;
-        e.busy = false;
-        shard.cond.notify_all();
-        let dst = moved?;
-        e.copies[below.index()] = Some(Copy { res: dst, pins: 0 });
-        e.copies[tier.index()] = None;
-        drop(st);
-        self.release(tier, kind, src);
+        let old = {
+            let mut st = shard.state.lock();
+            let e = self.entry(&mut st, h)?;
+            let old = e.finish_demote(tier, below, moved.as_ref().ok().copied());
+            shard.cond.notify_all();
+            old
+        };
+        moved?;
+        if let Some(old) = old {
+            self.release(tier, kind, old);
+        }
         self.counters.eviction(tier, len_bytes, true);
         Ok(len_bytes)
     }

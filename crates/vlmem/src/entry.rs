@@ -1,0 +1,310 @@
+//! One tensor's entry in the handle table and its state machine, kept apart from the
+//! manager's I/O so loom can check it (see the `loom` tests below).
+//!
+//! Invariants (each transition keeps them; the manager changes entries only through these
+//! methods or under the same shard lock):
+//! 1. A live entry has at least one copy, and every copy holds the tensor's current bytes.
+//! 2. A copy with `pins > 0` is never removed.
+//! 3. While `busy` (a move or a write in flight, with the shard unlocked), no other thread
+//!    changes the entry: pins, demotions and writes wait on the shard's condition variable.
+//! 4. The last copy is never dropped: demoting it means writing it back one tier down first.
+
+use vlmem_core::{TensorKind, Tier};
+
+/// One tier's copy of a tensor; `R` is the tier's reservation (generic for the models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Copy<R> {
+    pub res: R,
+    pub pins: u32,
+}
+
+/// A tensor in the handle table.
+#[derive(Debug)]
+pub(crate) struct Entry<R> {
+    pub id: u64,
+    pub kind: TensorKind,
+    pub len_bytes: u64,
+    /// One copy per tier at most.
+    pub copies: [Option<Copy<R>>; 3],
+    /// A move or a write is in flight: others wait.
+    pub busy: bool,
+    /// Whether any bytes were ever written (an unwritten tensor moves without a copy).
+    pub written: bool,
+    /// A checkpoint extent: never written, its disk copy is the file.
+    pub read_only: bool,
+    pub last_use: u64,
+}
+
+/// What a pin finds.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PinStep<R> {
+    /// Another thread moves or writes the entry: wait and look again.
+    Wait,
+    /// The copy is on the tier (and pinned, if asked).
+    Hit(R),
+    /// The entry is now busy; copy from `src`, then call [`Entry::finish_bring`].
+    Miss { src: R },
+}
+
+/// What a demotion finds.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum DemoteStep<R> {
+    /// Nothing to do: no copy there, pinned, busy, or the last copy on the slowest tier.
+    Skip,
+    /// The copy was removed (another copy holds the bytes): release `R`.
+    Dropped(R),
+    /// The entry is now busy; write `src` back one tier down, then call
+    /// [`Entry::finish_demote`].
+    WriteBack { src: R },
+}
+
+impl<R: std::marker::Copy> Entry<R> {
+    pub fn new(id: u64, kind: TensorKind, len_bytes: u64, tier: Tier, res: R) -> Self {
+        let mut copies = [None, None, None];
+        copies[tier.index()] = Some(Copy { res, pins: 0 });
+        Entry {
+            id,
+            kind,
+            len_bytes,
+            copies,
+            busy: false,
+            written: false,
+            read_only: false,
+            last_use: 0,
+        }
+    }
+
+    /// Pins held on all copies.
+    pub fn pins(&self) -> u32 {
+        self.copies.iter().flatten().map(|c| c.pins).sum()
+    }
+
+    /// The fastest tier holding a copy.
+    pub fn fastest(&self) -> Option<Tier> {
+        Tier::ALL
+            .into_iter()
+            .find(|t| self.copies[t.index()].is_some())
+    }
+
+    /// A copy on a tier other than `tier`.
+    pub fn has_other_copy(&self, tier: Tier) -> bool {
+        Tier::ALL
+            .into_iter()
+            .any(|t| t != tier && self.copies[t.index()].is_some())
+    }
+
+    /// First half of bringing the tensor to `tier` (pinning it when `pin`).
+    pub fn begin_bring(&mut self, tier: Tier, pin: bool) -> PinStep<R> {
+        if self.busy {
+            return PinStep::Wait;
+        }
+        if let Some(c) = self.copies[tier.index()].as_mut() {
+            if pin {
+                c.pins += 1;
+            }
+            return PinStep::Hit(c.res);
+        }
+        match self.fastest().and_then(|t| self.copies[t.index()]) {
+            Some(src) => {
+                self.busy = true;
+                PinStep::Miss { src: src.res }
+            }
+            // Invariant 1 makes this unreachable; waiting would hang, so report a hit-less
+            // wait and let the caller's invariant check fire.
+            None => PinStep::Wait,
+        }
+    }
+
+    /// Second half: installs the new copy (`Some`) or gives up (`None`); clears `busy`.
+    pub fn finish_bring(&mut self, tier: Tier, dst: Option<R>, pin: bool) {
+        self.busy = false;
+        if let Some(res) = dst {
+            self.copies[tier.index()] = Some(Copy {
+                res,
+                pins: u32::from(pin),
+            });
+        }
+    }
+
+    /// Drops one pin on `tier`.
+    pub fn unpin(&mut self, tier: Tier) {
+        if let Some(c) = self.copies[tier.index()].as_mut() {
+            c.pins = c.pins.saturating_sub(1);
+        }
+    }
+
+    /// First half of demoting the copy on `tier`.
+    pub fn begin_demote(&mut self, tier: Tier) -> DemoteStep<R> {
+        let Some(c) = self.copies[tier.index()] else {
+            return DemoteStep::Skip;
+        };
+        if self.busy || c.pins > 0 {
+            return DemoteStep::Skip;
+        }
+        if self.has_other_copy(tier) {
+            self.copies[tier.index()] = None;
+            return DemoteStep::Dropped(c.res);
+        }
+        if tier.below().is_none() {
+            return DemoteStep::Skip;
+        }
+        self.busy = true;
+        DemoteStep::WriteBack { src: c.res }
+    }
+
+    /// Second half: on success (`Some(dst)` on `below`) the copy on `tier` moves down and its
+    /// old reservation is returned for release; on failure the entry is unchanged.
+    pub fn finish_demote(&mut self, tier: Tier, below: Tier, dst: Option<R>) -> Option<R> {
+        self.busy = false;
+        let res = dst?;
+        self.copies[below.index()] = Some(Copy { res, pins: 0 });
+        self.copies[tier.index()].take().map(|c| c.res)
+    }
+}
+
+#[cfg(all(test, vlmem_loom))]
+mod loom {
+    //! Loom models of the entry state machine under its shard lock, with the real
+    //! transitions. Run: `RUSTFLAGS="--cfg vlmem_loom" cargo test -p vlmem --release loom`.
+
+    use super::*;
+    use vlmem_core::sync::atomic::{AtomicBool, Ordering};
+    use vlmem_core::sync::{Arc, Condvar, Mutex, thread, wait_guard};
+
+    struct Shard {
+        entry: Mutex<Entry<u32>>,
+        cond: Condvar,
+        /// Reservations released so far (bit per reservation id).
+        freed: [AtomicBool; 4],
+    }
+
+    fn shard(entry: Entry<u32>) -> Arc<Shard> {
+        Arc::new(Shard {
+            entry: Mutex::new(entry),
+            cond: Condvar::new(),
+            freed: Default::default(),
+        })
+    }
+
+    /// Pins on `tier` like `Inner::bring`, "copying" into reservation `dst_id`.
+    fn pin(s: &Shard, tier: Tier, dst_id: u32) -> u32 {
+        let mut e = s.entry.lock();
+        loop {
+            match e.begin_bring(tier, true) {
+                PinStep::Wait => e = wait_guard(&s.cond, e),
+                PinStep::Hit(res) => return res,
+                PinStep::Miss { src } => {
+                    drop(e);
+                    assert!(!s.freed[src as usize].load(Ordering::SeqCst), "copying from a freed copy");
+                    let mut e2 = s.entry.lock();
+                    e2.finish_bring(tier, Some(dst_id), true);
+                    s.cond.notify_all();
+                    return dst_id;
+                }
+            }
+        }
+    }
+
+    fn unpin(s: &Shard, tier: Tier) {
+        let mut e = s.entry.lock();
+        e.unpin(tier);
+        s.cond.notify_all();
+    }
+
+    /// Demotes like `Inner::demote`, writing back into reservation `dst_id`.
+    fn demote(s: &Shard, tier: Tier, dst_id: u32) {
+        let mut e = s.entry.lock();
+        match e.begin_demote(tier) {
+            DemoteStep::Skip => {}
+            DemoteStep::Dropped(res) => {
+                drop(e);
+                s.freed[res as usize].store(true, Ordering::SeqCst);
+            }
+            DemoteStep::WriteBack { src } => {
+                drop(e);
+                assert!(!s.freed[src as usize].load(Ordering::SeqCst));
+                let below = tier.below().unwrap_or(Tier::Disk);
+                let old = {
+                    let mut e = s.entry.lock();
+                    let old = e.finish_demote(tier, below, Some(dst_id));
+                    s.cond.notify_all();
+                    old
+                };
+                if let Some(old) = old {
+                    s.freed[old as usize].store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    fn check_invariants(e: &Entry<u32>, freed: &[AtomicBool; 4]) {
+        assert!(!e.busy);
+        assert!(e.fastest().is_some(), "the entry lost its last copy");
+        for c in e.copies.iter().flatten() {
+            assert!(!freed[c.res as usize].load(Ordering::SeqCst), "a live copy was freed");
+        }
+    }
+
+    #[test]
+    fn loom_pin_versus_evict_never_frees_a_pinned_copy() {
+        loom::model(|| {
+            // Device copy 0 and host copy 1.
+            let mut e = Entry::new(1, TensorKind::Weight, 64, Tier::Device, 0u32);
+            e.copies[Tier::Host.index()] = Some(Copy { res: 1, pins: 0 });
+            let s = shard(e);
+            let s2 = s.clone();
+            let pinner = thread::spawn(move || {
+                let res = pin(&s2, Tier::Device, 2);
+                // While pinned, the copy we read must not be freed.
+                assert!(!s2.freed[res as usize].load(Ordering::SeqCst), "pinned copy freed");
+                unpin(&s2, Tier::Device);
+            });
+            demote(&s, Tier::Device, 3);
+            pinner.join().unwrap();
+            check_invariants(&s.entry.lock(), &s.freed);
+        });
+    }
+
+    #[test]
+    fn loom_miss_and_write_back_race_keep_one_valid_copy() {
+        loom::model(|| {
+            // Only a host copy: a device pin misses (busy) while the host copy is demoted
+            // (write-back to disk, busy too).
+            let e = Entry::new(1, TensorKind::KvCache, 64, Tier::Host, 0u32);
+            let s = shard(e);
+            let s2 = s.clone();
+            let pinner = thread::spawn(move || {
+                let res = pin(&s2, Tier::Device, 1);
+                assert!(!s2.freed[res as usize].load(Ordering::SeqCst));
+                unpin(&s2, Tier::Device);
+            });
+            demote(&s, Tier::Host, 2);
+            pinner.join().unwrap();
+            let e = s.entry.lock();
+            check_invariants(&e, &s.freed);
+            assert_eq!(e.pins(), 0);
+        });
+    }
+
+    #[test]
+    fn loom_two_pins_on_a_miss_install_one_copy() {
+        loom::model(|| {
+            let e = Entry::new(1, TensorKind::Weight, 64, Tier::Disk, 0u32);
+            let s = shard(e);
+            let s2 = s.clone();
+            let t = thread::spawn(move || {
+                let r = pin(&s2, Tier::Host, 1);
+                unpin(&s2, Tier::Host);
+                r
+            });
+            let mine = pin(&s, Tier::Host, 2);
+            unpin(&s, Tier::Host);
+            let theirs = t.join().unwrap();
+            // Whoever missed first installed the copy; the other hit it.
+            assert_eq!(mine, theirs);
+            let e = s.entry.lock();
+            assert_eq!(e.copies[Tier::Host.index()].map(|c| c.pins), Some(0));
+            check_invariants(&e, &s.freed);
+        });
+    }
+}
