@@ -7,7 +7,10 @@ pub mod config;
 mod entry;
 pub mod error;
 mod manager;
+pub mod policy;
+pub mod replay;
 pub mod stats;
+pub mod vision_cache;
 
 pub use config::{Budgets, ManagerConfig};
 pub use error::{ManagerError, Result};
