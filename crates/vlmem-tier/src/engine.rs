@@ -207,6 +207,32 @@ impl Ticket {
         }
     }
 
+    /// Waits at most `timeout`: the outcome, or the ticket back if still running.
+    #[cfg(not(vlmem_loom))]
+    pub fn wait_timeout(
+        self,
+        timeout: Duration,
+    ) -> std::result::Result<Result<TransferReport>, Ticket> {
+        let deadline = Instant::now() + timeout;
+        let outcome = {
+            let mut st = self.job.status.lock();
+            loop {
+                if let Some(outcome) = st.outcome.take() {
+                    break Some(outcome);
+                }
+                if self.job.done.wait_until(&mut st, deadline).timed_out() {
+                    break st.outcome.take();
+                }
+            }
+        };
+        outcome.ok_or(self)
+    }
+
+    /// Bytes moved so far, and the transfer's total.
+    pub fn progress_bytes(&self) -> (u64, u64) {
+        (self.job.status.lock().bytes_done, self.job.len_bytes)
+    }
+
     /// Whether the transfer has finished (successfully or not).
     pub fn is_finished(&self) -> bool {
         self.job.status.lock().outcome.is_some()

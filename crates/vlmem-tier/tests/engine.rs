@@ -623,3 +623,27 @@ fn a_steady_demand_stream_does_not_starve_a_write_back() {
         "write-back starved for {waited:?}"
     );
 }
+
+#[test]
+fn wait_timeout_hands_the_ticket_back_until_done() {
+    let h = host(64 * MIB);
+    let dev = device(64 * MIB, Some(200_000_000));
+    let e = engine(&[h.clone(), dev.clone()]);
+    let (src, data) = fill(&*h, 40 * MIB, 1, "x"); // ~0.2 s over the link
+    let dst = dev.reserve(40 * MIB, "x").unwrap();
+    let t = e.submit(Move { src, dst }, Priority::Prefetch).unwrap();
+    let mut t = match t.wait_timeout(Duration::from_millis(10)) {
+        Err(t) => t,
+        Ok(r) => panic!("finished too early: {r:?}"),
+    };
+    let (done, total) = t.progress_bytes();
+    assert!(done <= total && total == 40 * MIB);
+    let r = loop {
+        match t.wait_timeout(Duration::from_millis(50)) {
+            Ok(r) => break r,
+            Err(back) => t = back,
+        }
+    };
+    assert_eq!(r.unwrap().bytes, 40 * MIB);
+    assert_eq!(read_all(&*dev, &dst), data);
+}
