@@ -247,6 +247,11 @@ impl TextDecoder {
     ) -> Result<DecoderOutput> {
         let collect_hidden = outputs.hidden_states;
         let (n, _) = embeds.dims2()?;
+        if n == 0 {
+            return Err(RunnerError::BadRequest(
+                "the decoder needs at least one token".into(),
+            ));
+        }
         if positions.len() != n {
             return Err(RunnerError::BadRequest(format!(
                 "{n} embeddings but {} positions",
