@@ -326,11 +326,9 @@ impl VisionCache {
             return Err(ManagerError::ZeroSize);
         }
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let handle = self.manager.allocate(
-            bytes.len() as u64,
-            TensorKind::VisionEmbedding,
-            id,
-        )?;
+        let handle = self
+            .manager
+            .allocate(bytes.len() as u64, TensorKind::VisionEmbedding, id)?;
         let share = Share {
             manager: self.manager.clone(),
             handle,

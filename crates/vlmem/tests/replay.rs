@@ -29,10 +29,18 @@ fn weights_stream_quick_matches_opt_and_verifies() {
     println!("{}", r.to_text());
     let w = r.weights.as_ref().unwrap();
     assert!(r.ok() && r.checksums_verified as usize == w.chunks);
-    assert_eq!(w.lru.hits, 0, "LRU gets nothing on a cyclic scan larger than the cache");
+    assert_eq!(
+        w.lru.hits, 0,
+        "LRU gets nothing on a cyclic scan larger than the cache"
+    );
     assert!(w.opt.hit_ratio > 0.1);
     assert!(w.hit_ratio <= w.opt.hit_ratio + 1e-9);
-    assert!(w.hit_ratio > w.opt.hit_ratio - 0.05, "{} vs {}", w.hit_ratio, w.opt.hit_ratio);
+    assert!(
+        w.hit_ratio > w.opt.hit_ratio - 0.05,
+        "{} vs {}",
+        w.hit_ratio,
+        w.opt.hit_ratio
+    );
     assert!(w.step_s > 0.0 && w.bound_step_s > 0.0);
     let json = r.to_json();
     assert!(json.contains("\"workload\": \"weights-stream\""));
@@ -96,4 +104,30 @@ fn mixed_quick_verifies_and_draws() {
 fn svg_of_no_samples_is_still_an_svg() {
     let t = render_svg(&[], [1, 1, 1], "empty & <odd>");
     assert!(t.contains("empty &amp; &lt;odd&gt;"));
+}
+
+/// Full-size runs for tuning: `VLMEM_REPLAY=weights-stream cargo test --test replay -- --ignored`.
+#[test]
+#[ignore]
+fn full_run_from_env() {
+    let w = std::env::var("VLMEM_REPLAY").unwrap_or_else(|_| "weights-stream".into());
+    let mut o = opts(Workload::parse(&w).unwrap());
+    o.quick = false;
+    if let Ok(c) = std::env::var("VLMEM_CHUNK_MIB") {
+        o.chunk_bytes = c.parse::<u64>().unwrap() << 20;
+    }
+    if let Ok(l) = std::env::var("VLMEM_LOOKAHEAD") {
+        o.lookahead = l.parse().unwrap();
+    }
+    if let Ok(sc) = std::env::var("VLMEM_SCALE") {
+        o.scale = parse_scale(&sc).unwrap();
+    }
+    if let Ok(sc) = std::env::var("VLMEM_STEPS") {
+        o.steps = Some(sc.parse().unwrap());
+    }
+    if let Ok(m) = std::env::var("VLMEM_MODEL") {
+        o.model = m;
+    }
+    let r = run(&o).unwrap();
+    println!("{}", r.to_text());
 }

@@ -1,10 +1,15 @@
 //! Belady's OPT (MIN): evict the object whose next use is farthest in the future.
 //!
-//! With bypass: a missed object whose next use is later than every candidate victim's is not
+//! [`Belady::new`] is OPT with bypass: a missed object whose next use is later than every candidate victim's is not
 //! admitted at all. For unit sizes this is exactly optimal. For variable sizes exact OPT is
 //! NP-hard; this is the standard farthest-next-use heuristic: evict from the farthest next use
 //! down until the object fits, unless one of those victims is used before the object is, in
 //! which case the object bypasses the cache.
+//!
+//! [`Belady::demand_paging`] is Belady's MIN as defined for paging: every object must enter
+//! the cache to be used (a weight must be on the device to be computed on), so a miss always
+//! admits it, evicting the farthest next uses. On a cyclic scan of `n` equal objects through
+//! `k` slots it keeps `k - 1` and cycles one slot: `k - 1` hits per cycle (with bypass, `k`).
 
 use super::{Access, HitStats};
 use std::collections::{BTreeSet, HashMap};
@@ -18,6 +23,7 @@ pub struct Belady<'a> {
     trace: &'a [Access],
     capacity_bytes: u64,
     next_use: Vec<usize>,
+    bypass: bool,
 }
 
 impl<'a> Belady<'a> {
@@ -35,7 +41,14 @@ impl<'a> Belady<'a> {
             trace,
             capacity_bytes,
             next_use,
+            bypass: true,
         }
+    }
+
+    /// MIN without bypass: every missed object is admitted (if it fits the capacity at all).
+    pub fn demand_paging(mut self) -> Self {
+        self.bypass = false;
+        self
     }
 
     /// Runs the trace; every request counts.
@@ -54,7 +67,7 @@ impl<'a> Belady<'a> {
                 continue;
             }
             stats.record(false, a.bytes);
-            if next == NEVER || a.bytes > self.capacity_bytes {
+            if a.bytes > self.capacity_bytes || (self.bypass && next == NEVER) {
                 continue;
             }
             // Victims from the farthest next use down until the object fits.
@@ -66,7 +79,7 @@ impl<'a> Belady<'a> {
                 if freed >= need {
                     break;
                 }
-                if n < next {
+                if self.bypass && n < next {
                     bypass = true;
                     break;
                 }

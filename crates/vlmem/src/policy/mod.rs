@@ -8,7 +8,8 @@
 //! - [`Fifo`]: first in, first out, by bytes.
 //! - [`S3Fifo`]: small FIFO (10% of the bytes) + main FIFO + ghost queue, 2-bit frequency
 //!   (Yang et al., SOSP'23); generic over the key so [`crate::vision_cache`] uses it directly.
-//! - [`Belady`]: offline OPT (farthest next use, with bypass). With unit sizes it is exactly
+//! - [`Belady`]: offline OPT (farthest next use, with bypass, or without it as demand-paging
+//!   MIN). With unit sizes it is exactly
 //!   optimal; with variable sizes exact OPT is NP-hard and this is the standard
 //!   farthest-next-use heuristic (evict the farthest next uses until the object fits, and
 //!   bypass the object instead when one of those would be used before it).
@@ -18,7 +19,7 @@
 //!
 //! Hand-worked references (tests/policy.rs): a cyclic scan of `n` equal items through a cache
 //! of `k < n` items gets 0 hits from LRU, FIFO and S3-FIFO's main queue, and `k - 1` hits per
-//! cycle from OPT once warm.
+//! cycle from MIN once warm (`k` with bypass).
 
 mod belady;
 mod fifo;
@@ -113,8 +114,10 @@ pub enum PolicyKind {
     Fifo,
     /// [`S3Fifo`] with the default 10% small queue.
     S3Fifo,
-    /// [`Belady`] (OPT) over the whole trace.
+    /// [`Belady`] (OPT, with bypass) over the whole trace.
     Belady,
+    /// [`Belady::demand_paging`]: MIN where every object must enter the cache to be used.
+    BeladyDemand,
     /// [`PlannedStream`] with the plan taken as the order of first uses in the trace.
     PlannedStream {
         /// Chunks fetched ahead of use (the staging ring holds `lookahead + 1`).
@@ -130,6 +133,7 @@ impl PolicyKind {
             PolicyKind::Fifo => "fifo",
             PolicyKind::S3Fifo => "s3fifo",
             PolicyKind::Belady => "opt",
+            PolicyKind::BeladyDemand => "opt_demand",
             PolicyKind::PlannedStream { .. } => "planned",
         }
     }
@@ -143,6 +147,7 @@ pub fn simulate(policy: PolicyKind, trace: &[Access], capacity_bytes: u64) -> Hi
         PolicyKind::Fifo => simulate_with(&mut Fifo::new(capacity_bytes), trace),
         PolicyKind::S3Fifo => simulate_with(&mut S3Fifo::<u64>::new(capacity_bytes), trace),
         PolicyKind::Belady => Belady::new(trace, capacity_bytes).run(),
+        PolicyKind::BeladyDemand => Belady::new(trace, capacity_bytes).demand_paging().run(),
         PolicyKind::PlannedStream { lookahead } => {
             let plan = trace::first_uses(trace);
             simulate_with(

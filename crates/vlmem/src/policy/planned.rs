@@ -71,7 +71,10 @@ impl CachePolicy for PlannedStream {
     }
 
     fn resident_bytes(&self) -> u64 {
-        self.loaded.iter().map(|k| self.sizes.get(k).copied().unwrap_or(0)).sum::<u64>()
+        self.loaded
+            .iter()
+            .map(|k| self.sizes.get(k).copied().unwrap_or(0))
+            .sum::<u64>()
             + self.ring_bytes
     }
 }

@@ -189,10 +189,11 @@ impl<K: Hash + Eq + Copy> S3Fifo<K> {
         if self.small.is_empty() && self.main.is_empty() {
             return None;
         }
-        if !self.small.is_empty() && (self.small_bytes > self.small_capacity_bytes || self.main.is_empty()) {
-            if let Some(k) = self.evict_small() {
-                return Some(k);
-            }
+        if !self.small.is_empty()
+            && (self.small_bytes > self.small_capacity_bytes || self.main.is_empty())
+            && let Some(k) = self.evict_small()
+        {
+            return Some(k);
         }
         self.evict_main()
     }

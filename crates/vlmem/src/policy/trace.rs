@@ -62,7 +62,9 @@ impl Zipf {
     /// A rank.
     pub fn sample(&self, rng: &mut SplitMix64) -> usize {
         let u = rng.next_f64();
-        self.cdf.partition_point(|&c| c <= u).min(self.cdf.len() - 1)
+        self.cdf
+            .partition_point(|&c| c <= u)
+            .min(self.cdf.len() - 1)
     }
 }
 
@@ -101,5 +103,9 @@ pub fn zipf(sizes: &[u64], s: f64, len: usize, seed: u64) -> Vec<Access> {
 /// Each key once, in the order of its first use.
 pub fn first_uses(trace: &[Access]) -> Vec<Access> {
     let mut seen = HashSet::new();
-    trace.iter().copied().filter(|a| seen.insert(a.key)).collect()
+    trace
+        .iter()
+        .copied()
+        .filter(|a| seen.insert(a.key))
+        .collect()
 }

@@ -126,7 +126,10 @@ fn decode_one(m: &MemoryManager, s: &mut Seq, block_bytes: u64) -> Result<(u64, 
             misses += 1;
         }
         let g = m.pin(h, Tier::Device)?;
-        std::hint::black_box(g.with_bytes(|b| b[0])?);
+        // Attention runs on the device: read back one byte only (device reads cost link time).
+        let mut b = [0u8; 1];
+        g.read(0, &mut b)?;
+        std::hint::black_box(b);
     }
     Ok((hits, misses))
 }
@@ -151,7 +154,11 @@ fn verify(m: &MemoryManager, s: &Seq, block_bytes: u64) -> Result<(u64, u64)> {
     Ok((s.blocks.len() as u64, bad))
 }
 
-pub(crate) fn run(m: &MemoryManager, cfg: &Qwen3VlConfig, opts: &ReplayOptions) -> Result<KvReport> {
+pub(crate) fn run(
+    m: &MemoryManager,
+    cfg: &Qwen3VlConfig,
+    opts: &ReplayOptions,
+) -> Result<KvReport> {
     let started = Instant::now();
     let block_bytes = scaled(kv_bytes_per_token(cfg, 2) * BLOCK_TOKENS, opts.scale, 4096)
         .div_ceil(BLOCK_TOKENS * 256)
@@ -172,7 +179,9 @@ pub(crate) fn run(m: &MemoryManager, cfg: &Qwen3VlConfig, opts: &ReplayOptions) 
             let mut prompt = rng.range(64, prompt_max);
             for _ in 0..rng.range(0, 2) {
                 let side = sides[rng.range(0, 3) as usize];
-                prompt += image_cost(cfg, side, side, 2).map(|c| c.tokens).unwrap_or(256);
+                prompt += image_cost(cfg, side, side, 2)
+                    .map(|c| c.tokens)
+                    .unwrap_or(256);
             }
             // Every sequence must fit the device budget on its own.
             let decode = rng.range(decode_max / 4, decode_max);
@@ -221,7 +230,9 @@ pub(crate) fn run(m: &MemoryManager, cfg: &Qwen3VlConfig, opts: &ReplayOptions) 
             let Some(next) = preempted.front().or(waiting.front()) else {
                 break;
             };
-            let need = next.next_blocks().max((next.prompt + 1).div_ceil(BLOCK_TOKENS));
+            let need = next
+                .next_blocks()
+                .max((next.prompt + 1).div_ceil(BLOCK_TOKENS));
             if used + need > max_blocks {
                 break;
             }
@@ -279,7 +290,9 @@ pub(crate) fn run(m: &MemoryManager, cfg: &Qwen3VlConfig, opts: &ReplayOptions) 
             hs.into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(crate::ManagerError::InvalidConfig("kv worker panicked".into()))
+                        Err(crate::ManagerError::InvalidConfig(
+                            "kv worker panicked".into(),
+                        ))
                     })
                 })
                 .collect()

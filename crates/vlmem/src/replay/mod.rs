@@ -126,6 +126,8 @@ pub struct ReplayOptions {
     pub steps: Option<usize>,
     /// Chunks prefetched ahead of use (default 1).
     pub lookahead: usize,
+    /// Real (unscaled) bytes of a weights chunk (default 8 MiB; scaled like every size).
+    pub chunk_bytes: u64,
 }
 
 impl ReplayOptions {
@@ -143,6 +145,7 @@ impl ReplayOptions {
             progress: true,
             steps: None,
             lookahead: 1,
+            chunk_bytes: 8 << 20,
         }
     }
 }
@@ -259,9 +262,10 @@ impl ReplayReport {
                 w.steps
             ));
             o.push_str(&format!(
-                "  hit ratio {:.2}% (opt {:.2}%, planned {:.2}%, lru {:.2}%); demand hits {:.2}%\n",
+                "  hit ratio {:.2}% (opt {:.2}%, opt with bypass {:.2}%, planned {:.2}%, lru {:.2}%); demand hits {:.2}%\n",
                 pct(w.hit_ratio),
                 pct(w.opt.hit_ratio),
+                pct(w.opt_bypass.hit_ratio),
                 pct(w.planned.hit_ratio),
                 pct(w.lru.hit_ratio),
                 pct(w.demand_hit_ratio)
@@ -306,9 +310,10 @@ impl ReplayReport {
                 mib(i.working_set_bytes)
             ));
             o.push_str(&format!(
-                "  hit ratio {:.2}% (opt {:.2}%, s3fifo sim {:.2}%, lru {:.2}%), vision tower skipped {} times\n",
+                "  hit ratio {:.2}% (opt {:.2}%, static oracle {:.2}%, s3fifo sim {:.2}%, lru {:.2}%), vision tower skipped {} times\n",
                 pct(i.hit_ratio),
                 pct(i.opt.hit_ratio),
+                pct(i.static_oracle.hit_ratio),
                 pct(i.s3fifo_sim.hit_ratio),
                 pct(i.lru.hit_ratio),
                 i.hits
@@ -462,11 +467,7 @@ fn model_config(name: &str) -> Result<Qwen3VlConfig> {
     })
 }
 
-fn summary(
-    m: &MemoryManager,
-    c: &ManagerConfig,
-    before: &CounterSnapshot,
-) -> ManagerSummary {
+fn summary(m: &MemoryManager, c: &ManagerConfig, before: &CounterSnapshot) -> ManagerSummary {
     let s = m.stats();
     let a = &s.counters;
     let d = |x: [u64; 3], y: [u64; 3]| [x[0] - y[0], x[1] - y[1], x[2] - y[2]];
@@ -555,9 +556,18 @@ pub fn run(opts: &ReplayOptions) -> Result<ReplayReport> {
     report.wall_s = started.elapsed().as_secs_f64();
     report.manager = summary(&m, &mcfg, &before);
     for (v, f) in [
-        report.weights.as_ref().map(|w| (w.checksums_verified, w.checksum_failures)),
-        report.kv.as_ref().map(|k| (k.checksums_verified, k.checksum_failures)),
-        report.images.as_ref().map(|i| (i.checksums_verified, i.checksum_failures)),
+        report
+            .weights
+            .as_ref()
+            .map(|w| (w.checksums_verified, w.checksum_failures)),
+        report
+            .kv
+            .as_ref()
+            .map(|k| (k.checksums_verified, k.checksum_failures)),
+        report
+            .images
+            .as_ref()
+            .map(|i| (i.checksums_verified, i.checksum_failures)),
     ]
     .into_iter()
     .flatten()

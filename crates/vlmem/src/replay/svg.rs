@@ -62,7 +62,13 @@ impl Sampler {
     }
 }
 
-const KIND_NAMES: [&str; 5] = ["weight", "kv_cache", "activation", "vision_embedding", "scratch"];
+const KIND_NAMES: [&str; 5] = [
+    "weight",
+    "kv_cache",
+    "activation",
+    "vision_embedding",
+    "scratch",
+];
 const KIND_COLOURS: [&str; 5] = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#9c755f"];
 const TIER_NAMES: [&str; 3] = ["device (L1)", "host (L2)", "disk (L3)"];
 
