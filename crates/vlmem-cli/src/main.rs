@@ -4,6 +4,7 @@
 //! failure while working (I/O), 2 bad input (unknown model or profile, malformed files,
 //! impossible sizes). Errors are one line on stderr.
 
+mod bench_cmd;
 mod plan_cmd;
 mod profile_cmd;
 mod synth_cmd;
@@ -30,6 +31,8 @@ enum Command {
     Synth(synth_cmd::SynthArgs),
     /// Show hardware profiles.
     Profile(profile_cmd::ProfileArgs),
+    /// Measure a suite (alloc, io, replay) beside its baselines, in the same run.
+    Bench(bench_cmd::BenchArgs),
 }
 
 /// An error and the exit code it maps to.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan_cmd::run(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Profile(a) => profile_cmd::run(a),
+        Command::Bench(a) => bench_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

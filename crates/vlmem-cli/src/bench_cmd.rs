@@ -1,0 +1,53 @@
+//! `vlmem bench SUITE`: each suite measures vlmem's figures and their baselines in the same
+//! process and prints a table, or `{"suite": ..., "results": [{"name", "value", "unit"}]}`.
+
+use crate::CliError;
+use clap::{Args, ValueEnum};
+use vlmem_bench::{BenchOptions, SuiteReport};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Which suite.
+    #[arg(value_enum)]
+    suite: Suite,
+    /// Smaller sizes and fewer repetitions (a smoke run; figures are rougher).
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Suite {
+    /// Offset allocators against mimalloc, the system allocator and offset-allocator.
+    Alloc,
+    /// The disk tier against dd, host-to-device copies against memcpy.
+    Io,
+    /// Standard replays through the manager against Belady's OPT, LRU and the bandwidth bound.
+    Replay,
+}
+
+pub fn run(a: BenchArgs) -> Result<(), CliError> {
+    let opts = BenchOptions { quick: a.quick };
+    let report: SuiteReport = match a.suite {
+        Suite::Alloc => vlmem_bench::alloc::run(opts),
+        Suite::Io => vlmem_bench::io::run(opts),
+        Suite::Replay => vlmem_bench::replay::run(opts),
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(CliError::failure)?
+        );
+        return Ok(());
+    }
+    println!("suite {}", report.suite);
+    for r in &report.results {
+        println!("  {:48} {:>14.3} {}", r.name, r.value, r.unit);
+    }
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    Ok(())
+}
