@@ -341,3 +341,18 @@ fn disk_arena_rejects_bad_configs() {
     );
     assert!(matches!(bad_unit, Err(TierError::InvalidConfig(_))));
 }
+
+#[test]
+fn host_arena_with_huge_pages_advised_works_and_says_so() {
+    let t = vlmem_tier::MemoryTier::host(
+        alloc(6 * MIB + 8192),
+        vlmem_tier::HostOptions { huge_pages: true },
+    )
+    .unwrap();
+    assert!(t.describe().contains("2 MiB pages"), "{}", t.describe());
+    assert_eq!(t.capacity_bytes(), 6 * MIB + 8192);
+    let r = t.reserve(5 * MIB, "x").unwrap();
+    let data = pattern((5 * MIB) as usize, 3);
+    t.write(&r, 0, &data).unwrap();
+    assert_eq!(read_all(&t, &r), data);
+}
