@@ -163,7 +163,7 @@ impl<R: std::marker::Copy> Entry<R> {
 }
 
 #[cfg(all(test, vlmem_loom))]
-mod loom {
+mod loom_models {
     //! Loom models of the entry state machine under its shard lock, with the real
     //! transitions. Run: `RUSTFLAGS="--cfg vlmem_loom" cargo test -p vlmem --release loom`.
 
