@@ -70,8 +70,8 @@ pub struct ManagerConfig {
     pub shards: usize,
     /// Transfer engine settings.
     pub engine: EngineConfig,
-    /// Pending prefetch hints kept before new ones are dropped.
-    pub prefetch_queue: usize,
+    /// Prefetches in flight at most; further hints are dropped (and counted).
+    pub max_prefetches_in_flight: usize,
     /// The allocator of each tier's arena.
     pub allocator: AllocatorFactory,
 }
@@ -124,7 +124,7 @@ impl ManagerConfig {
             budgets: Budgets::default_split(caps),
             shards: 16,
             engine: EngineConfig::default(),
-            prefetch_queue: 256,
+            max_prefetches_in_flight: 8,
             allocator: default_allocator(),
         }
     }

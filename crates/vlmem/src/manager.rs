@@ -94,6 +94,8 @@ pub(crate) struct Inner {
     clock: AtomicU64,
     plan: RwLock<AccessPlan>,
     plan_cursor: AtomicU64,
+    prefetches_in_flight: AtomicU64,
+    max_prefetches_in_flight: u64,
     pub(crate) counters: Counters,
 }
 
@@ -229,6 +231,8 @@ impl MemoryManager {
                 clock: AtomicU64::new(1),
                 plan: RwLock::new(AccessPlan::default()),
                 plan_cursor: AtomicU64::new(0),
+                prefetches_in_flight: AtomicU64::new(0),
+                max_prefetches_in_flight: config.max_prefetches_in_flight as u64,
                 counters: Counters::default(),
             }),
         })
@@ -336,12 +340,26 @@ impl MemoryManager {
         })
     }
 
-    /// A hint: start bringing the tensor to `tier` now. Runs on a new thread (the caller
-    /// never waits); errors are counted, not returned.
+    /// A hint: start bringing the tensor to `tier` now, on a helper thread (the caller
+    /// never waits). At most `max_prefetches_in_flight` run at once; further hints are
+    /// dropped. Errors are counted, not returned: the tensor stays where it was.
     pub fn prefetch(&self, handle: TensorHandle, tier: Tier) {
         let inner = self.inner.clone();
+        let admitted = inner
+            .prefetches_in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < inner.max_prefetches_in_flight).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            inner
+                .counters
+                .prefetches_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         inner.counters.prefetches.fetch_add(1, Ordering::Relaxed);
-        std::thread::spawn(move || {
+        vlmem_core::sync::thread::spawn(move || {
             if inner
                 .bring(handle, tier, Priority::Prefetch, false)
                 .is_err()
@@ -351,6 +369,7 @@ impl MemoryManager {
                     .prefetch_failures
                     .fetch_add(1, Ordering::Relaxed);
             }
+            inner.prefetches_in_flight.fetch_sub(1, Ordering::AcqRel);
         });
     }
 

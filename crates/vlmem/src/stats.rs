@@ -44,6 +44,7 @@ pub(crate) struct Counters {
     moves: AtomicU64,
     pin_wait_ns: AtomicU64,
     pub(crate) prefetches: AtomicU64,
+    pub(crate) prefetches_dropped: AtomicU64,
     pub(crate) prefetch_failures: AtomicU64,
     pub(crate) demote_failures: AtomicU64,
     latency_us: [AtomicU64; LATENCY_BUCKETS],
@@ -93,6 +94,7 @@ impl Counters {
             moves: self.moves.load(Ordering::Relaxed),
             pin_wait_ns: self.pin_wait_ns.load(Ordering::Relaxed),
             prefetches: self.prefetches.load(Ordering::Relaxed),
+            prefetches_dropped: self.prefetches_dropped.load(Ordering::Relaxed),
             prefetch_failures: self.prefetch_failures.load(Ordering::Relaxed),
             demote_failures: self.demote_failures.load(Ordering::Relaxed),
             latency_us: std::array::from_fn(|i| self.latency_us[i].load(Ordering::Relaxed)),
@@ -121,6 +123,8 @@ pub struct CounterSnapshot {
     pub pin_wait_ns: u64,
     /// Prefetch hints taken.
     pub prefetches: u64,
+    /// Prefetch hints dropped because too many were in flight.
+    pub prefetches_dropped: u64,
     /// Prefetches that failed (no room, I/O error); the tensor stayed where it was.
     pub prefetch_failures: u64,
     /// Demotions that failed; the tensor kept its copy.
