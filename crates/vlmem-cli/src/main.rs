@@ -7,6 +7,7 @@
 mod bench_cmd;
 mod plan_cmd;
 mod profile_cmd;
+mod replay_cmd;
 mod synth_cmd;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ enum Command {
     Profile(profile_cmd::ProfileArgs),
     /// Measure a suite (alloc, io, replay) beside its baselines, in the same run.
     Bench(bench_cmd::BenchArgs),
+    /// Replay a Qwen3-VL-shaped workload through the memory manager (real bytes, scaled).
+    Replay(replay_cmd::ReplayArgs),
 }
 
 /// An error and the exit code it maps to.
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => synth_cmd::run(a),
         Command::Profile(a) => profile_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
+        Command::Replay(a) => replay_cmd::run_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
