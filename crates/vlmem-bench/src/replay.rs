@@ -5,13 +5,16 @@
 //!
 //! Figures (baselines measured or simulated in the same run, on the same trace):
 //! - `weights_stream_hit_ratio` (1 - loads / accesses of the device) beside
-//!   `weights_stream_hit_ratio@opt` (Belady), `@planned` (pinned prefix + ring model) and
-//!   `@lru`;
+//!   `weights_stream_hit_ratio@opt` (Belady's MIN as demand paging: every chunk must be on
+//!   the device to be used), `@opt_bypass` (OPT allowed to skip loading), `@planned`
+//!   (pinned prefix + ring model) and `@lru`;
 //! - `weights_stream_step_s` (seconds per decode step with prefetch) and
 //!   `weights_stream_step_s@bound` (bytes over the link / link bandwidth and bytes from disk
 //!   / disk bandwidth, whichever is larger, both measured in the same run);
 //!   `weights_stream_stall_s` (time in `pin` per step);
-//! - `image_cache_hit_ratio` beside `image_cache_hit_ratio@opt` and `@lru`;
+//! - `image_cache_hit_ratio` beside `image_cache_hit_ratio@opt` and `@lru`, and
+//!   `@static_oracle` (the most-used-per-byte embeddings kept from the start: about the best
+//!   an online policy can do on independent Zipf draws);
 //! - `weights_stream_hit_ratio_no_prefetch`, `weights_stream_step_s_no_prefetch` (and its
 //!   `@bound`): the same stream with the plan alone, no prefetch hints;
 //! - `kv_growth_tokens_per_s`, `kv_growth_preemptions`, `kv_growth_device_hit_ratio`.
@@ -33,10 +36,10 @@ fn options(w: Workload, opts: BenchOptions) -> Option<ReplayOptions> {
     let mut o = ReplayOptions::new(w, MODEL, p);
     o.quick = opts.quick;
     if w == Workload::WeightsStream && !opts.quick {
-        // Weights at 1/16 in 16 MiB chunks (1 MiB moved each): per-move overhead is then
-        // small beside the transfer; 206 chunks keep the staging ring near 0.5% of the model.
+        // Weights at 1/16 in 8 MiB chunks (512 KiB moved each): per-move overhead is then
+        // smaller beside the transfer, and 411 chunks keep the staging ring near 1% of the
+        // model.
         o.scale = 1.0 / 16.0;
-        o.chunk_bytes = 16 << 20;
         o.steps = Some(32);
     }
     o.progress = false;
@@ -138,9 +141,10 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                 push(&mut report, "weights_stream_link_gbps", w.link_gbps, "GB/s");
                 let gap = (w.opt.hit_ratio - w.hit_ratio) * 100.0;
                 report.notes.push(format!(
-                    "weights: {} chunks of {} KiB, {} steps, lookahead {}; {:.2} points below OPT (target <= 1): {}",
+                    "weights: {} chunks of {} KiB ({} pinned), {} steps, lookahead {}; {:.2} points below OPT (target <= 1): {}",
                     w.chunks,
                     w.chunk_bytes / 1024,
+                    w.pinned_prefix_chunks,
                     w.steps,
                     w.lookahead,
                     gap,

@@ -380,3 +380,31 @@ fn demand_paging_min_gets_k_minus_1_per_cycle() {
     assert!(min.hits < warm * k, "{}", min.hits);
     assert_eq!(min.hits, simulate(PolicyKind::Belady, &t, k).hits - 2);
 }
+
+/// A sweep of S3-FIFO's parameters on an image-like trace (variable sizes, Zipf 1.0, budget
+/// ~6% of the working set): `cargo test --test policy -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn s3fifo_parameter_sweep() {
+    let mut rng = SplitMix64::new(3);
+    let sizes: Vec<u64> = (0..2000)
+        .map(|_| [50u64, 77, 200, 256, 220][rng.range(0, 4) as usize])
+        .collect();
+    let ws: u64 = sizes.iter().sum();
+    let t = zipf(&sizes, 1.0, 40_000, 5);
+    let cap = ws / 16;
+    let opt = simulate(PolicyKind::Belady, &t, cap);
+    let lru = simulate(PolicyKind::Lru, &t, cap);
+    println!("opt {:.4} lru {:.4}", opt.hit_ratio, lru.hit_ratio);
+    for frac in [0.01, 0.1, 0.2] {
+        for th in [1u8, 2] {
+            for g in [1.0, 4.0, 16.0] {
+                let mut p = S3Fifo::<u64>::with_small_fraction(cap, frac)
+                    .with_move_threshold(th)
+                    .with_ghost_factor(g);
+                let s = simulate_with(&mut p, &t);
+                println!("small {frac} threshold {th} ghost {g}: {:.4}", s.hit_ratio);
+            }
+        }
+    }
+}

@@ -76,6 +76,20 @@ impl<K: Hash + Eq + Copy> S3Fifo<K> {
         }
     }
 
+    /// Sets the frequency at which an object leaves the small queue for the main one
+    /// (default 1: used once more while in the small queue).
+    pub fn with_move_threshold(mut self, threshold: u8) -> Self {
+        self.move_threshold = threshold.clamp(1, 3);
+        self
+    }
+
+    /// Sizes the ghost queue at `factor` times the main queue's bytes (default 1).
+    pub fn with_ghost_factor(mut self, factor: f64) -> Self {
+        let main = self.capacity_bytes - self.small_capacity_bytes;
+        self.ghost_capacity_bytes = (main as f64 * factor.max(0.0)) as u64;
+        self
+    }
+
     /// The capacity.
     pub fn capacity_bytes(&self) -> u64 {
         self.capacity_bytes

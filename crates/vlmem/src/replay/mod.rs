@@ -128,6 +128,9 @@ pub struct ReplayOptions {
     pub lookahead: usize,
     /// Real (unscaled) bytes of a weights chunk (default 8 MiB; scaled like every size).
     pub chunk_bytes: u64,
+    /// Pins the plan's prefix on the device for the whole run (default true); false leaves
+    /// every chunk to the manager's weights policy.
+    pub pin_prefix: bool,
 }
 
 impl ReplayOptions {
@@ -146,6 +149,7 @@ impl ReplayOptions {
             steps: None,
             lookahead: 1,
             chunk_bytes: 8 << 20,
+            pin_prefix: true,
         }
     }
 }
@@ -254,12 +258,14 @@ impl ReplayReport {
         ));
         if let Some(w) = &self.weights {
             o.push_str(&format!(
-                "weights-stream: {} chunks ({:.1} MiB) from {}, device weights budget {:.1} MiB, {} steps\n",
+                "weights-stream: {} chunks ({:.1} MiB, {} pinned) from {}, device weights budget {:.1} MiB, {} steps, lookahead {}\n",
                 w.chunks,
                 mib(w.model_bytes),
+                w.pinned_prefix_chunks,
                 w.source,
                 mib(w.device_budget_bytes),
-                w.steps
+                w.steps,
+                w.lookahead
             ));
             o.push_str(&format!(
                 "  hit ratio {:.2}% (opt {:.2}%, opt with bypass {:.2}%, planned {:.2}%, lru {:.2}%); demand hits {:.2}%\n",

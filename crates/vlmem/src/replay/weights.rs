@@ -27,6 +27,8 @@ pub struct WeightsReport {
     pub steps: usize,
     /// Chunks prefetched ahead.
     pub lookahead: usize,
+    /// Chunks of the pinned prefix (0 when the plan is left to the eviction policy alone).
+    pub pinned_prefix_chunks: usize,
     /// The weights' device budget (the cache capacity of the simulations).
     pub device_budget_bytes: u64,
     /// Pins (one per chunk per step).
@@ -152,6 +154,22 @@ fn calibrate(
     Ok((link, disk))
 }
 
+/// Pins on the device, retrying while the only evictable chunks are still being moved (the
+/// manager answers OutOfMemory at once when every other chunk is pinned or busy; busy ones
+/// free up when their move lands).
+fn pin_retrying(m: &MemoryManager, h: TensorHandle) -> Result<crate::PinGuard> {
+    let mut tries = 0;
+    loop {
+        match m.pin(h, Tier::Device) {
+            Err(ManagerError::OutOfMemory { .. }) if tries < 1000 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub(crate) fn run(
     m: &MemoryManager,
     c: &ManagerConfig,
@@ -245,6 +263,24 @@ pub(crate) fn run(
     let mut missed_after_first = 0u64;
     let mut checksum_touch = 0u8;
     let total = steps * n;
+    // The plan: the longest prefix that fits beside a staging ring of `2 (lookahead + 1)`
+    // chunks (half of it slack for hints that land late) stays pinned from its first use to the end; the rest streams, and
+    // the manager's weights policy (farthest next use) only ever evicts streamed chunks.
+    let ring = 2 * (lookahead as u64 + 1);
+    let prefix = if opts.pin_prefix {
+        let room = device_budget.saturating_sub(ring * chunk_bytes);
+        sizes
+            .iter()
+            .scan(0u64, |acc, &b| {
+                *acc += b;
+                Some(*acc)
+            })
+            .take_while(|&acc| acc <= room)
+            .count()
+    } else {
+        0
+    };
+    let mut pinned: Vec<crate::PinGuard> = Vec::with_capacity(prefix);
     // One hint in flight at a time, none for chunks already on the device: concurrent
     // evictions pick the same farthest victim, and the loser then evicts the next farthest
     // (a chunk the plan keeps), which erodes the kept set (see the report to the lead).
@@ -262,8 +298,11 @@ pub(crate) fn run(
         for i in 0..n {
             let a = step * n + i;
             while lookahead > 0 && next_hint <= a + lookahead && next_hint < total {
+                // The previous hint must have landed (a hint whose thread starts after its
+                // chunk was used and evicted would load it again for nothing), unless the
+                // decode loop is well past it.
                 if let Some(f) = in_flight
-                    && f > a
+                    && a < f + 4
                     && !on_device(f)?
                 {
                     break;
@@ -284,7 +323,7 @@ pub(crate) fn run(
                 demand_missed_bytes += sizes[i];
             }
             let tp = Instant::now();
-            let g = m.pin(h, Tier::Device)?;
+            let g = pin_retrying(m, h)?;
             stall_ns += tp.elapsed().as_nanos();
             // "Compute" happens on the device: read back only the first and last bytes (a
             // read from the simulated device is charged to its link like a real D2H copy).
@@ -293,7 +332,11 @@ pub(crate) fn run(
             checksum_touch ^= b[0];
             g.read(sizes[i] - 1, &mut b)?;
             checksum_touch ^= b[0];
-            drop(g);
+            if step == 0 && i < prefix {
+                pinned.push(g);
+            } else {
+                drop(g);
+            }
         }
         step_times.push(t0.elapsed().as_secs_f64());
         bar.inc(1);
@@ -302,6 +345,7 @@ pub(crate) fn run(
     std::hint::black_box(checksum_touch);
     // Let the last prefetch hints land before the counters are read.
     std::thread::sleep(std::time::Duration::from_millis(20));
+    drop(pinned);
     let c2 = m.stats().counters;
     let d = Tier::Device.index();
     let accesses = (steps * n) as u64;
@@ -362,6 +406,7 @@ pub(crate) fn run(
         chunk_bytes,
         steps,
         lookahead,
+        pinned_prefix_chunks: prefix,
         device_budget_bytes: device_budget,
         accesses,
         loads,
