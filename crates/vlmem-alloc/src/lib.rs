@@ -9,7 +9,7 @@
 //!   counts for shared (prefix) blocks.
 //! - [`BinnedAllocator`]: a TLSF-like O(1) allocator for variable sizes, rounding requests
 //!   to its bins, with compaction that runs while other threads allocate and free.
-//! - [`TypedPools`]: one of those per [`TensorKind`](vlmem_core::TensorKind), each with its
+//! - [`TypedPools`]: one of those per [`TensorKind`], each with its
 //!   own budget and stats.
 //!
 //! All three implement [`vlmem_core::OffsetAllocator`]. Errors are values
