@@ -115,6 +115,12 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                 );
                 push(
                     &mut report,
+                    "weights_stream_hit_ratio@opt_bypass",
+                    w.opt_bypass.hit_ratio,
+                    "ratio",
+                );
+                push(
+                    &mut report,
                     "weights_stream_hit_ratio@planned",
                     w.planned.hit_ratio,
                     "ratio",
@@ -181,6 +187,12 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                     &mut report,
                     "image_cache_hit_ratio@lru",
                     i.lru.hit_ratio,
+                    "ratio",
+                );
+                push(
+                    &mut report,
+                    "image_cache_hit_ratio@static_oracle",
+                    i.static_oracle.hit_ratio,
                     "ratio",
                 );
                 let below = (i.opt.hit_ratio - i.hit_ratio) * 100.0;

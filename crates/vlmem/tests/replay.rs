@@ -125,6 +125,12 @@ fn full_run_from_env() {
     if let Ok(sc) = std::env::var("VLMEM_STEPS") {
         o.steps = Some(sc.parse().unwrap());
     }
+    if let Ok(svg) = std::env::var("VLMEM_SVG") {
+        o.svg = Some(svg.into());
+    }
+    if std::env::var("VLMEM_QUICK").is_ok() {
+        o.quick = true;
+    }
     if std::env::var("VLMEM_NO_PIN").is_ok() {
         o.pin_prefix = false;
     }

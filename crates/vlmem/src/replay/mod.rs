@@ -124,7 +124,7 @@ pub struct ReplayOptions {
     pub progress: bool,
     /// Decode steps of `weights-stream` (default 48, quick 6).
     pub steps: Option<usize>,
-    /// Chunks prefetched ahead of use (default 1).
+    /// Chunks prefetched ahead of use (default 3).
     pub lookahead: usize,
     /// Real (unscaled) bytes of a weights chunk (default 8 MiB; scaled like every size).
     pub chunk_bytes: u64,
@@ -147,7 +147,7 @@ impl ReplayOptions {
             svg: None,
             progress: true,
             steps: None,
-            lookahead: 1,
+            lookahead: 3,
             chunk_bytes: 8 << 20,
             pin_prefix: true,
         }
@@ -268,8 +268,13 @@ impl ReplayReport {
                 w.lookahead
             ));
             o.push_str(&format!(
-                "  hit ratio {:.2}% (opt {:.2}%, opt with bypass {:.2}%, planned {:.2}%, lru {:.2}%); demand hits {:.2}%\n",
+                "  hit ratio {:.2}%{} (opt {:.2}%, opt with bypass {:.2}%, planned {:.2}%, lru {:.2}%); demand hits {:.2}%\n",
                 pct(w.hit_ratio),
+                if w.loads_exact {
+                    ""
+                } else {
+                    " [demand pins only: prefetched loads uncounted, not comparable with opt]"
+                },
                 pct(w.opt.hit_ratio),
                 pct(w.opt_bypass.hit_ratio),
                 pct(w.planned.hit_ratio),
