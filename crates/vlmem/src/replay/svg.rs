@@ -82,7 +82,7 @@ fn esc(s: &str) -> String {
 /// The chart: one panel per tier, its capacity as the top of the y axis, the bytes of each
 /// kind stacked, time on the x axis.
 pub fn render_svg(samples: &[OccupancySample], capacity_bytes: [u64; 3], title: &str) -> String {
-    let (w, panel_h, left, right, top, gap) = (900.0, 170.0, 80.0, 170.0, 40.0, 40.0);
+    let (w, panel_h, left, right, top, gap) = (900.0, 170.0, 80.0, 170.0, 58.0, 40.0);
     let plot_w = w - left - right;
     let h = top + 3.0 * (panel_h + gap) + 10.0;
     let t_max = samples.last().map_or(1.0, |s| s.t_s).max(1e-6);
