@@ -14,6 +14,8 @@
 //! All arithmetic is f32, matching the reference implementation (bf16 weights upcast to f32,
 //! eager attention) to about 1e-5 on the bundled fixtures.
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod kv;
 pub mod model;

@@ -212,6 +212,13 @@ impl VisionTower {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let side = (self.cfg.num_position_embeddings as f64).sqrt().round() as usize;
+        if side == 0 || table.len() != side * side * d {
+            return Err(RunnerError::TensorShape {
+                name: format!("{PREFIX}.pos_embed.weight"),
+                expected: format!("[{}, {d}]", side * side),
+                found: vec![table.len() / d.max(1), d],
+            });
+        }
         let [t, gh, gw] = grid_thw;
         let hs = linspace_f32(0.0, (side - 1) as f32, gh);
         let ws = linspace_f32(0.0, (side - 1) as f32, gw);
