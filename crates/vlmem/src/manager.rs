@@ -327,9 +327,12 @@ impl MemoryManager {
     pub fn pin(&self, handle: TensorHandle, tier: Tier) -> Result<PinGuard> {
         let inner = &self.inner;
         let started = Instant::now();
+        // The plan's cursor moves to this weight before any eviction its pin causes, so
+        // "next use" is measured from the demand position (a weight used early must not make
+        // the one needed next look farthest).
+        inner.note_plan_use(handle);
         let res = inner.bring(handle, tier, Priority::Demand, true)?;
         inner.counters.add_pin_wait(started.elapsed());
-        inner.note_plan_use(handle);
         let len_bytes = res.len_bytes();
         Ok(PinGuard {
             inner: inner.clone(),

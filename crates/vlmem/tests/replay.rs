@@ -35,11 +35,25 @@ fn weights_stream_quick_matches_opt_and_verifies() {
     );
     assert!(w.opt.hit_ratio > 0.1);
     assert!(w.hit_ratio <= w.opt.hit_ratio + 1e-9);
+    // With prefetch the hit ratio depends on timing (a late hint reloads a used chunk), so
+    // under load it is only loosely bounded here; the deterministic check is below.
     assert!(
-        w.hit_ratio > w.opt.hit_ratio - 0.05,
+        w.hit_ratio > w.opt.hit_ratio - 0.15,
         "{} vs {}",
         w.hit_ratio,
         w.opt.hit_ratio
+    );
+    // Without prefetch the manager's plan-driven eviction is Belady's choice: within a point.
+    let mut o = opts(Workload::WeightsStream);
+    o.lookahead = 0;
+    let r0 = run(&o).unwrap();
+    let w0 = r0.weights.as_ref().unwrap();
+    assert!(r0.ok());
+    assert!(
+        (w0.hit_ratio - w0.opt.hit_ratio).abs() <= 0.01,
+        "no prefetch: {} vs OPT {}",
+        w0.hit_ratio,
+        w0.opt.hit_ratio
     );
     assert!(w.step_s > 0.0 && w.bound_step_s > 0.0);
     let json = r.to_json();
@@ -141,14 +155,10 @@ fn full_run_from_env() {
     println!("{}", r.to_text());
 }
 
-/// Manager limitation found by the weights replay (manager.rs is the lead's; not fixed here).
-/// The weights policy measures "next use" from a cursor that is simply the last pinned
-/// planned weight. A pin ahead of the plan (a worker that pins the next layer early, as a
-/// prefetcher built on `pin` would) moves the cursor past weights not yet used, and the next
-/// eviction then takes exactly the weight needed next. Expected: the cursor follows plan
-/// order (e.g. the demand position, or the earliest position in use), so weight 4 survives.
+/// Found by the weights replay: the weights policy measured "next use" from the last pinned
+/// weight, so after a pin ahead of the plan the next eviction took exactly the weight needed
+/// next. The cursor now moves to the weight being pinned before its eviction runs.
 #[test]
-#[ignore = "manager bug: a pin ahead of the plan moves the weights policy's cursor"]
 fn pin_ahead_of_the_plan_does_not_evict_the_next_weight() {
     use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
     const MIB: u64 = 1 << 20;
