@@ -47,7 +47,10 @@ pub struct SuiteReport {
 impl SuiteReport {
     /// The value of the figure called `name`, if measured.
     pub fn value(&self, name: &str) -> Option<f64> {
-        self.results.iter().find(|r| r.name == name).map(|r| r.value)
+        self.results
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.value)
     }
 }
 

@@ -195,7 +195,10 @@ mod loom_models {
                 PinStep::Hit(res) => return res,
                 PinStep::Miss { src } => {
                     drop(e);
-                    assert!(!s.freed[src as usize].load(Ordering::SeqCst), "copying from a freed copy");
+                    assert!(
+                        !s.freed[src as usize].load(Ordering::SeqCst),
+                        "copying from a freed copy"
+                    );
                     let mut e2 = s.entry.lock();
                     e2.finish_bring(tier, Some(dst_id), true);
                     s.cond.notify_all();
@@ -241,7 +244,10 @@ mod loom_models {
         assert!(!e.busy);
         assert!(e.fastest().is_some(), "the entry lost its last copy");
         for c in e.copies.iter().flatten() {
-            assert!(!freed[c.res as usize].load(Ordering::SeqCst), "a live copy was freed");
+            assert!(
+                !freed[c.res as usize].load(Ordering::SeqCst),
+                "a live copy was freed"
+            );
         }
     }
 
@@ -256,7 +262,10 @@ mod loom_models {
             let pinner = thread::spawn(move || {
                 let res = pin(&s2, Tier::Device, 2);
                 // While pinned, the copy we read must not be freed.
-                assert!(!s2.freed[res as usize].load(Ordering::SeqCst), "pinned copy freed");
+                assert!(
+                    !s2.freed[res as usize].load(Ordering::SeqCst),
+                    "pinned copy freed"
+                );
                 unpin(&s2, Tier::Device);
             });
             demote(&s, Tier::Device, 3);
