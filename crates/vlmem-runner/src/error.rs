@@ -80,6 +80,9 @@ pub enum RunnerError {
     /// A request that makes no sense (empty prompt, zero-size image, ...).
     #[error("{0}")]
     BadRequest(String),
+    /// The memory manager could not provide a weight (I/O error, corrupt data, no room).
+    #[error("weight {0}")]
+    Weights(String),
     /// The tensor library failed (shape bugs, device errors).
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -18,6 +18,7 @@
 
 pub mod error;
 pub mod kv;
+pub mod managed;
 pub mod model;
 pub mod nn;
 pub mod preprocess;
@@ -30,6 +31,7 @@ pub mod weights;
 
 pub use error::{Result, RunnerError};
 pub use kv::{KvCache, KvStore};
+pub use managed::ManagedWeights;
 pub use model::{GenerateOptions, Generation, Prefill, PrefillOptions, Qwen3Vl};
 pub use preprocess::{ImageInput, PreprocessConfig};
 pub use runner::Runner;
