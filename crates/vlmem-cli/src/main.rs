@@ -8,6 +8,7 @@ mod bench_cmd;
 mod plan_cmd;
 mod profile_cmd;
 mod replay_cmd;
+mod run_cmd;
 mod synth_cmd;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a Qwen3-VL checkpoint through the memory manager (greedy, CPU).
+    Run(run_cmd::RunArgs),
     /// Where each part of a model goes on a machine, and how fast decode can be.
     Plan(plan_cmd::PlanArgs),
     /// Write a checkpoint folder with a catalog model's real tensor names and shapes (random bf16).
@@ -82,6 +85,7 @@ impl From<vlmem_core::profile::ProfileError> for CliError {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(a) => run_cmd::run(a),
         Command::Plan(a) => plan_cmd::run(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Profile(a) => profile_cmd::run(a),

@@ -1,0 +1,201 @@
+//! `vlmem run`: a Qwen3-VL checkpoint through the memory manager, greedy, on the CPU.
+
+use crate::CliError;
+use candle_core::{Device, Tensor};
+use clap::Args;
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
+use vlmem_core::bytes::format_bytes;
+use vlmem_core::profile::{HardwareProfile, Overrides};
+use vlmem_qwen3vl::checkpoint::Checkpoint;
+use vlmem_runner::{LogitsFor, ManagedWeights, PrefillOptions, Runner, RunnerError};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The user's message, wrapped in Qwen's chat template with the images.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// The full prompt as ids, image pads already expanded (comma-separated).
+    #[arg(long)]
+    prompt_ids: Option<String>,
+    /// An image (PNG or JPEG); repeatable, in prompt order.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    /// A built-in profile, `detect`, or a .toml file: sizes the tiers.
+    #[arg(long, default_value = "detect")]
+    profile: String,
+    /// Usable GPU memory (the simulated device without a GPU), e.g. 0 or 512MiB.
+    #[arg(long)]
+    gpu_mem: Option<String>,
+    /// Usable host memory; 0 streams every weight from the checkpoint on disk.
+    #[arg(long)]
+    host_mem: Option<String>,
+    /// Where swap files go (default: a private temp folder, removed at exit).
+    #[arg(long)]
+    disk_path: Option<PathBuf>,
+    /// Write `logits` [1, prompt_len, vocab] and `generated_logits` [new_tokens, vocab] (f32)
+    /// to this safetensors file.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Print one JSON object instead of text and a report.
+    #[arg(long)]
+    json: bool,
+}
+
+impl From<RunnerError> for CliError {
+    fn from(e: RunnerError) -> Self {
+        match e {
+            RunnerError::Candle(_) | RunnerError::Weights(_) => CliError::failure(e),
+            RunnerError::Io { ref source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
+                CliError::failure(e)
+            }
+            _ => CliError::bad_input(e),
+        }
+    }
+}
+
+fn parse_ids(text: &str) -> Result<Vec<u32>, CliError> {
+    text.split(',')
+        .map(|s| {
+            s.trim().parse::<u32>().map_err(|_| {
+                CliError::bad_input(format!("--prompt-ids: '{}' is not a token id", s.trim()))
+            })
+        })
+        .collect()
+}
+
+pub fn run(a: RunArgs) -> Result<(), CliError> {
+    let started = Instant::now();
+    let overrides = Overrides::parse(a.gpu_mem.as_deref(), a.host_mem.as_deref(), None)?;
+    let profile = HardwareProfile::resolve(&a.profile)?.with_overrides(overrides);
+    let mut config = ManagerConfig::from_profile(&profile);
+    // Swap is for KV and activations; the weights are read in place from the checkpoint.
+    config.disk_bytes = config.disk_bytes.min(1 << 30);
+    config.budgets =
+        vlmem::Budgets::default_split([config.device_bytes, config.host_bytes, config.disk_bytes]);
+    config.disk.dir = a.disk_path.clone();
+    let manager = MemoryManager::new(config).map_err(CliError::failure)?;
+    let checkpoint = Checkpoint::open(&a.model)?;
+    let weights = ManagedWeights::register(manager.clone(), &checkpoint, Tier::Host, &Device::Cpu)?;
+    let runner = Runner::with_weights(&checkpoint, Arc::new(weights), &Device::Cpu)?;
+    let images = runner.load_images(&a.images)?;
+    let ids = match (&a.prompt_ids, &a.prompt) {
+        (Some(text), _) => parse_ids(text)?,
+        (None, Some(text)) => runner.chat_ids(text, &images)?,
+        (None, None) => {
+            return Err(CliError::bad_input(
+                "give --prompt TEXT or --prompt-ids IDS",
+            ));
+        }
+    };
+    let open_s = started.elapsed().as_secs_f64();
+
+    let mut streamed = Vec::new();
+    let mut printed = 0usize;
+    let gen_ = runner.generate_ids(&ids, &images, a.max_new_tokens, &mut |id| {
+        streamed.push(id);
+        if !a.json
+            && let Ok(text) = runner.decode(&streamed)
+            && text.len() > printed
+            && text.is_char_boundary(printed)
+        {
+            print!("{}", &text[printed..]);
+            let _ = std::io::stdout().flush();
+            printed = text.len();
+        }
+    })?;
+    let text = runner.decode(&gen_.generated_ids)?;
+    if let Some(path) = &a.dump {
+        dump(&runner, &ids, &images, &gen_.generated_logits, path)?;
+    }
+    let stats = manager.stats();
+    let tokens = gen_.generated_ids.len().max(1) as f64;
+    let host = Tier::Host.index();
+    if a.json {
+        let v = json!({
+            "prompt_ids": ids,
+            "generated_ids": gen_.generated_ids,
+            "text": text,
+            "tokens_per_s": gen_.decode_tokens_per_s(),
+            "time_to_first_token_s": gen_.time_to_first_token.as_secs_f64(),
+            "open_s": open_s,
+            "memory": {
+                "host_weight_bytes": stats.resident.get(Tier::Host, TensorKind::Weight),
+                "device_weight_bytes": stats.resident.get(Tier::Device, TensorKind::Weight),
+                "bytes_into_host_per_token": stats.counters.bytes_in[host] as f64 / tokens,
+                "host_hit_ratio": stats.counters.hit_ratio(Tier::Host),
+                "tiers": manager.describe_tiers(),
+            },
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(CliError::failure)?
+        );
+        return Ok(());
+    }
+    println!();
+    println!("---");
+    println!(
+        "{} prompt ids, {} image(s), {} generated; open {:.2} s, time to first token {:.2} s, decode {:.2} tokens/s",
+        ids.len(),
+        images.len(),
+        gen_.generated_ids.len(),
+        open_s,
+        gen_.time_to_first_token.as_secs_f64(),
+        gen_.decode_tokens_per_s()
+    );
+    println!(
+        "memory: weights resident in RAM {}, on the device {}; {} into RAM per token; RAM hit ratio {:.3}",
+        format_bytes(stats.resident.get(Tier::Host, TensorKind::Weight)),
+        format_bytes(stats.resident.get(Tier::Device, TensorKind::Weight)),
+        format_bytes((stats.counters.bytes_in[host] as f64 / tokens) as u64),
+        stats.counters.hit_ratio(Tier::Host)
+    );
+    for t in manager.describe_tiers() {
+        println!("tier: {t}");
+    }
+    Ok(())
+}
+
+/// The prompt's logits and the generated logits, as safetensors.
+fn dump(
+    runner: &Runner,
+    ids: &[u32],
+    images: &[vlmem_runner::ImageInput],
+    generated_logits: &[Vec<f32>],
+    path: &PathBuf,
+) -> Result<(), CliError> {
+    let model = runner.model();
+    let mut kv = model.new_kv_cache();
+    let opts = PrefillOptions {
+        logits: LogitsFor::All,
+        ..PrefillOptions::default()
+    };
+    let pre = model.prefill(ids, images, &mut kv, opts)?;
+    let logits = pre
+        .logits
+        .ok_or_else(|| CliError::failure("prefill returned no logits"))?
+        .unsqueeze(0)
+        .map_err(CliError::failure)?;
+    let vocab = logits.dim(2).map_err(CliError::failure)?;
+    let flat: Vec<f32> = generated_logits.iter().flatten().copied().collect();
+    let generated = Tensor::from_vec(flat, (generated_logits.len(), vocab), &Device::Cpu)
+        .map_err(CliError::failure)?;
+    let mut tensors = HashMap::new();
+    tensors.insert("logits".to_string(), logits);
+    tensors.insert("generated_logits".to_string(), generated);
+    candle_core::safetensors::save(&tensors, path)
+        .map_err(|e| CliError::failure(format!("{}: {e}", path.display())))?;
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! `vlmem run` end to end on the bundled fixtures: the reference prompt (ids as the reference
+//! received them) with the fixture image, dumped logits within 1e-4 of the reference and the
+//! greedy ids equal, whatever the tiering (`--host-mem 0 --gpu-mem 0` streams every weight
+//! from the checkpoint on disk). Bad input: exit 2, one line, no panic.
+
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vlmem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vlmem"))
+        .args(args)
+        .output()
+        .expect("run vlmem")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+fn max_abs(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn run_matches_the_reference_in_every_tiering() {
+    for name in ["qwen3-vl-tiny", "qwen3-vl-moe-tiny-released-layout"] {
+        let dir = fixture(name);
+        let reference =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .unwrap();
+        let prompt: Vec<i64> = reference["input_ids"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let prompt = prompt
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let expected_ids: Vec<i64> = reference["generated_ids"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for tiering in [
+            &[][..],
+            &["--gpu-mem", "0", "--host-mem", "0"][..],
+            &["--host-mem", "64KiB"][..],
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dump = tmp.path().join("dump.safetensors");
+            let mut args = vec![
+                "run",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt-ids",
+                &prompt,
+                "--image",
+                dir.join("image0.png").to_str().unwrap(),
+                "--max-new-tokens",
+                "16",
+                "--profile",
+                "laptop-i5-10210u-mx250",
+                "--disk-path",
+                tmp.path().to_str().unwrap(),
+                "--dump",
+                dump.to_str().unwrap(),
+                "--json",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+            args.extend(tiering.iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = vlmem(&refs);
+            assert!(
+                out.status.success(),
+                "{name} {tiering:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let got: Vec<i64> = v["generated_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect();
+            assert_eq!(got, expected_ids, "{name} {tiering:?}");
+            let dumped = candle_core::safetensors::load(&dump, &Device::Cpu).unwrap();
+            let logits_err = max_abs(&dumped["logits"], &reference["logits"]);
+            let gen_err = max_abs(&dumped["generated_logits"], &reference["generated_logits"]);
+            assert!(
+                logits_err < 1e-4,
+                "{name} {tiering:?}: logits max-abs {logits_err}"
+            );
+            assert!(
+                gen_err < 1e-4,
+                "{name} {tiering:?}: generated_logits max-abs {gen_err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn run_bad_input_is_exit_2() {
+    let dir = fixture("qwen3-vl-tiny");
+    let d = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let not_image = tmp.path().join("not.png");
+    std::fs::write(&not_image, b"this is not a png").unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["run", "--model", "/no/such/folder", "--prompt", "hi"],
+        vec![
+            "run",
+            "--model",
+            d,
+            "--prompt",
+            "hi",
+            "--image",
+            not_image.to_str().unwrap(),
+        ],
+        vec!["run", "--model", d, "--prompt-ids", "1,2,999999"],
+        vec!["run", "--model", d, "--prompt-ids", "1,x,3"],
+        // Two image pads' worth of prompt, no image given.
+        vec!["run", "--model", d, "--prompt-ids", "1000,1002,1002,1001"],
+        vec!["run", "--model", d],
+    ];
+    for args in cases {
+        let mut full = args.clone();
+        full.extend([
+            "--profile",
+            "laptop-i5-10210u-mx250",
+            "--disk-path",
+            tmp.path().to_str().unwrap(),
+        ]);
+        let out = vlmem(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
