@@ -9,6 +9,7 @@ mod plan_cmd;
 mod profile_cmd;
 mod replay_cmd;
 mod run_cmd;
+mod stress_cmd;
 mod synth_cmd;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,8 @@ enum Command {
     Profile(profile_cmd::ProfileArgs),
     /// Measure a suite (alloc, io, replay) beside its baselines, in the same run.
     Bench(bench_cmd::BenchArgs),
+    /// Hammer one manager from many threads; every tensor checksummed, a ledger check at the end.
+    Stress(stress_cmd::StressArgs),
     /// Replay a Qwen3-VL-shaped workload through the memory manager (real bytes, scaled).
     Replay(replay_cmd::ReplayArgs),
 }
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
         Command::Profile(a) => profile_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
         Command::Replay(a) => replay_cmd::run_cmd(a),
+        Command::Stress(a) => stress_cmd::run_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

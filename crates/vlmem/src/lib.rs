@@ -10,10 +10,11 @@ mod manager;
 pub mod policy;
 pub mod replay;
 pub mod stats;
+pub mod stress;
 pub mod vision_cache;
 
 pub use config::{Budgets, ManagerConfig};
 pub use error::{ManagerError, Result};
-pub use manager::{MemoryManager, PinGuard, TensorHandle};
+pub use manager::{Audit, MemoryManager, PinGuard, TensorHandle};
 pub use stats::ManagerStats;
 pub use vlmem_core::{TensorKind, Tier};
