@@ -92,60 +92,81 @@ fn laptop() -> HardwareProfile {
     }
 }
 
-fn gtx1060() -> HardwareProfile {
+/// A Pascal desktop: a 6-core Intel CPU, dual-channel DDR4-2666, an NVMe SSD, the GPU on
+/// PCIe 3.0 x16. The CPU and RAM are a typical pairing, not part of the GPU (an assumption).
+struct Desktop {
+    name: &'static str,
+    cpu: &'static str,
+    threads: u32,
+    l3_bytes: u64,
+    gpu: &'static str,
+    gpu_bytes: u64,
+    gpu_gbps: f64,
+    ram_bytes: u64,
+    free_disk_bytes: u64,
+}
+
+fn desktop(d: Desktop) -> HardwareProfile {
+    let ram_gib = d.ram_bytes / GIB;
+    let disk_gib = d.free_disk_bytes / GIB;
     HardwareProfile {
-        name: "desktop-gtx1060-6gb".into(),
-        description: "Desktop: Intel i5-8400, NVIDIA GTX 1060 6 GB on PCIe 3.0 x16, 16 GiB DDR4-2666, NVMe SSD".into(),
+        name: d.name.into(),
+        description: format!(
+            "Desktop: {}, {} on PCIe 3.0 x16, {ram_gib} GiB DDR4-2666, NVMe SSD",
+            d.cpu, d.gpu
+        ),
         cpu: CpuSpec {
-            model: "Intel Core i5-8400".into(),
+            model: d.cpu.into(),
             cores: 6,
-            threads: 6,
+            threads: d.threads,
             l1d_bytes_per_core: 32 * KIB,
             l2_bytes_per_core: 256 * KIB,
-            l3_bytes: 9 * MIB,
+            l3_bytes: d.l3_bytes,
         },
-        gpu: Some(pascal_gpu("NVIDIA GeForce GTX 1060 6GB", 6 * GIB, 192.0, 16)),
+        gpu: Some(pascal_gpu(d.gpu, d.gpu_bytes, d.gpu_gbps, 16)),
         host: HostSpec {
-            memory_bytes: 16 * GIB,
+            memory_bytes: d.ram_bytes,
             reserved_bytes: 4 * GIB,
             memory_name: "DDR4-2666, 2 channels".into(),
             bandwidth: Bandwidth::gbps(2.0 * DDR4_2666_CHANNEL_GBPS, Source::Assumption),
         },
-        disk: nvme(200 * GIB),
+        disk: nvme(d.free_disk_bytes),
         assumptions: vec![
-            "CPU i5-8400 and 16 GiB dual-channel DDR4-2666 are a typical pairing, not part of the GPU".into(),
+            format!(
+                "CPU {} and {ram_gib} GiB dual-channel DDR4-2666 are a typical pairing, not part of the GPU",
+                d.cpu
+            ),
             "256 MiB of GPU memory kept by the driver and CUDA context".into(),
             "4 GiB of RAM kept by the OS and desktop".into(),
-            "NVMe 3.0 GB/s read, 1.5 GB/s write; 200 GiB free".into(),
+            format!("NVMe 3.0 GB/s read, 1.5 GB/s write; {disk_gib} GiB free"),
         ],
     }
 }
 
+fn gtx1060() -> HardwareProfile {
+    desktop(Desktop {
+        name: "desktop-gtx1060-6gb",
+        cpu: "Intel Core i5-8400",
+        threads: 6,
+        l3_bytes: 9 * MIB,
+        gpu: "NVIDIA GeForce GTX 1060 6GB",
+        gpu_bytes: 6 * GIB,
+        gpu_gbps: 192.0,
+        ram_bytes: 16 * GIB,
+        free_disk_bytes: 200 * GIB,
+    })
+}
+
 fn gtx1080() -> HardwareProfile {
-    HardwareProfile {
-        name: "desktop-gtx1080-8gb".into(),
-        description: "Desktop: Intel i7-8700, NVIDIA GTX 1080 8 GB on PCIe 3.0 x16, 32 GiB DDR4-2666, NVMe SSD".into(),
-        cpu: CpuSpec {
-            model: "Intel Core i7-8700".into(),
-            cores: 6,
-            threads: 12,
-            l1d_bytes_per_core: 32 * KIB,
-            l2_bytes_per_core: 256 * KIB,
-            l3_bytes: 12 * MIB,
-        },
-        gpu: Some(pascal_gpu("NVIDIA GeForce GTX 1080 8GB", 8 * GIB, 320.0, 16)),
-        host: HostSpec {
-            memory_bytes: 32 * GIB,
-            reserved_bytes: 4 * GIB,
-            memory_name: "DDR4-2666, 2 channels".into(),
-            bandwidth: Bandwidth::gbps(2.0 * DDR4_2666_CHANNEL_GBPS, Source::Assumption),
-        },
-        disk: nvme(400 * GIB),
-        assumptions: vec![
-            "CPU i7-8700 and 32 GiB dual-channel DDR4-2666 are a typical pairing, not part of the GPU".into(),
-            "256 MiB of GPU memory kept by the driver and CUDA context".into(),
-            "4 GiB of RAM kept by the OS and desktop".into(),
-            "NVMe 3.0 GB/s read, 1.5 GB/s write; 400 GiB free".into(),
-        ],
-    }
+    desktop(Desktop {
+        name: "desktop-gtx1080-8gb",
+        cpu: "Intel Core i7-8700",
+        threads: 12,
+        l3_bytes: 12 * MIB,
+        gpu: "NVIDIA GeForce GTX 1080 8GB",
+        gpu_bytes: 8 * GIB,
+        gpu_gbps: 320.0,
+        ram_bytes: 32 * GIB,
+        free_disk_bytes: 400 * GIB,
+    })
 }
