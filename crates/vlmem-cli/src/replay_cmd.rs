@@ -57,12 +57,9 @@ pub fn run_cmd(a: ReplayArgs) -> Result<(), CliError> {
     opts.progress = std::io::stderr().is_terminal() && !a.json;
     let report = run(&opts).map_err(CliError::failure)?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(CliError::failure)?
-        );
+        println!("{}", report.to_json());
     } else {
-        print_summary(&report);
+        print!("{}", report.to_text());
     }
     if report.checksum_failures > 0 {
         return Err(CliError::failure(format!(
@@ -71,74 +68,4 @@ pub fn run_cmd(a: ReplayArgs) -> Result<(), CliError> {
         )));
     }
     Ok(())
-}
-
-fn print_summary(r: &vlmem::replay::ReplayReport) {
-    use vlmem_core::bytes::format_bytes;
-    println!(
-        "{} on {} with {}, sizes x {:.4}{}: {:.2} s",
-        r.workload,
-        r.profile,
-        r.model,
-        r.scale,
-        if r.quick { " (quick)" } else { "" },
-        r.wall_s
-    );
-    if let Some(w) = &r.weights {
-        println!(
-            "weights   hit ratio {:.3} (OPT {:.3}, planned {:.3}, LRU {:.3}); step {:.4} s vs bound {:.4} s; stall {:.4} s per step",
-            w.hit_ratio,
-            w.opt.hit_ratio,
-            w.planned.hit_ratio,
-            w.lru.hit_ratio,
-            w.step_s,
-            w.bound_step_s,
-            w.stall_s_per_step
-        );
-    }
-    if let Some(k) = &r.kv {
-        println!(
-            "kv        {} requests, {} tokens at {:.0} tokens/s; {} preemptions, {} resumes; device hit ratio {:.3}",
-            k.requests,
-            k.tokens_generated,
-            k.tokens_per_s,
-            k.preemptions,
-            k.resumes,
-            k.device_hit_ratio
-        );
-    }
-    if let Some(i) = &r.images {
-        println!(
-            "images    hit ratio {:.3} (OPT {:.3}, LRU {:.3}) over {} lookups of {} images, budget {}",
-            i.hit_ratio,
-            i.opt.hit_ratio,
-            i.lru.hit_ratio,
-            i.lookups,
-            i.distinct_images,
-            format_bytes(i.budget_bytes)
-        );
-    }
-    let m = &r.manager;
-    for (t, name) in ["device", "host", "disk"].iter().enumerate() {
-        println!(
-            "{name:9} hits {} misses {}; in {} out {}; evictions {} ({} written back)",
-            m.hits[t],
-            m.misses[t],
-            format_bytes(m.bytes_in[t]),
-            format_bytes(m.bytes_out[t]),
-            m.evictions[t],
-            m.write_backs[t]
-        );
-    }
-    println!(
-        "moves     p50 {} us, p99 {} us; pin wait {:.3} s; checksums verified {}, failed {}",
-        m.move_latency_p50_us,
-        m.move_latency_p99_us,
-        m.pin_wait_s,
-        r.checksums_verified,
-        r.checksum_failures
-    );
-    for t in &m.tiers {
-        println!("tier      {t}");
-    }
 }
