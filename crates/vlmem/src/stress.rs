@@ -16,6 +16,7 @@
 use crate::config::ManagerConfig;
 use crate::error::ManagerError;
 use crate::manager::{MemoryManager, TensorHandle};
+use crate::policy::trace::SplitMix64;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -90,19 +91,9 @@ impl StressReport {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// Uniform in `0..n` (0 when `n` is 0).
+fn below(rng: &mut SplitMix64, n: u64) -> u64 {
+    rng.next_u64() % n.max(1)
 }
 
 /// The content of tensor `seed`: a cheap pattern every byte of which depends on the seed.
@@ -200,7 +191,7 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
             let stop = stop.clone();
             let seed0 = opts.seed ^ ((t as u64 + 1) << 32);
             std::thread::spawn(move || {
-                let mut rng = Rng(seed0);
+                let mut rng = SplitMix64::new(seed0);
                 let mut tally = Tally::default();
                 let mut own: Vec<(TensorHandle, u64, usize)> = Vec::new();
                 let mut next_seed = seed0;
@@ -213,11 +204,11 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
                     {
                         break;
                     }
-                    let tier = Tier::ALL[rng.below(3) as usize];
-                    match rng.below(8) {
+                    let tier = Tier::ALL[below(&mut rng, 3) as usize];
+                    match below(&mut rng, 8) {
                         0 | 1 if own.len() < 16 => {
-                            let kind = TensorKind::ALL[rng.below(5) as usize];
-                            let len = (4096 + rng.below(252 * 1024)) as usize;
+                            let kind = TensorKind::ALL[below(&mut rng, 5) as usize];
+                            let len = (4096 + below(&mut rng, 252 * 1024)) as usize;
                             next_seed = next_seed.wrapping_add(0x1_0000_0001);
                             match m.allocate(len as u64, kind, next_seed) {
                                 Ok(h) => {
@@ -239,12 +230,12 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
                             }
                         }
                         2 if !own.is_empty() => {
-                            let (h, seed, len) = own[rng.below(own.len() as u64) as usize];
+                            let (h, seed, len) = own[below(&mut rng, own.len() as u64) as usize];
                             tally.verify(&m, h, seed, len);
                         }
                         3 if !own.is_empty() => {
                             // Rewrite with a new pattern.
-                            let i = rng.below(own.len() as u64) as usize;
+                            let i = below(&mut rng, own.len() as u64) as usize;
                             let (h, _, len) = own[i];
                             next_seed = next_seed.wrapping_add(0x1_0000_0001);
                             let mut buf = vec![0u8; len];
@@ -256,7 +247,7 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
                             }
                         }
                         4 if !own.is_empty() => {
-                            let i = rng.below(own.len() as u64) as usize;
+                            let i = below(&mut rng, own.len() as u64) as usize;
                             let (h, seed, len) = own.swap_remove(i);
                             tally.verify(&m, h, seed, len);
                             if let Err(e) = m.deallocate(h) {
@@ -264,7 +255,7 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
                             }
                         }
                         5 => {
-                            let (h, seed) = shared[rng.below(shared.len() as u64) as usize];
+                            let (h, seed) = shared[below(&mut rng, shared.len() as u64) as usize];
                             match m.pin(h, tier) {
                                 Ok(g) => {
                                     let mut got = vec![0u8; len_shared];
@@ -281,7 +272,7 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
                             }
                         }
                         6 => {
-                            let (h, _) = shared[rng.below(shared.len() as u64) as usize];
+                            let (h, _) = shared[below(&mut rng, shared.len() as u64) as usize];
                             m.prefetch(h, tier);
                         }
                         _ => {
