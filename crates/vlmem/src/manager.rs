@@ -731,7 +731,10 @@ impl Inner {
                 None => {
                     let dst = self.reserve_on(Tier::Host, kind, len_bytes, id)?;
                     let src_res = from.ok_or_else(|| ManagerError::InvalidConfig("no copy".into()));
-                    let copied = src_res.and_then(|s| self.copy(s, dst, written, Priority::Demand));
+                    // A write that covers the whole tensor needs none of its old bytes.
+                    let whole = offset_bytes == 0 && src.len() as u64 == len_bytes;
+                    let copied = src_res
+                        .and_then(|s| self.copy(s, dst, written && !whole, Priority::Demand));
                     if let Err(e) = copied {
                         self.release(Tier::Host, kind, dst);
                         return Err(e);
