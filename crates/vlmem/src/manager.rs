@@ -229,6 +229,24 @@ impl MemoryManager {
             mk(config.disk_bytes, 4096)?,
             config.disk.clone(),
         )?);
+        Self::with_tiers(config, device, host, disk)
+    }
+
+    /// Builds the manager over tiers made by the caller (for fault injection: wrap a tier in
+    /// `vlmem_tier::FaultyTier`, or give the disk tier a faulty file layer). The tiers'
+    /// arenas are theirs; `config`'s capacities and allocator are not used here, its budgets,
+    /// shards, engine and prefetch settings are.
+    pub fn with_tiers(
+        config: ManagerConfig,
+        device: StdArc<dyn TierBackend>,
+        host: StdArc<dyn TierBackend>,
+        disk: StdArc<DiskTier>,
+    ) -> Result<Self> {
+        if config.shards == 0 {
+            return Err(ManagerError::InvalidConfig(
+                "shards must be at least 1".into(),
+            ));
+        }
         let disk_dyn: StdArc<dyn TierBackend> = disk.clone();
         let tiers = [device, host, disk_dyn];
         let engine = TransferEngine::new(&tiers, config.engine)?;
