@@ -141,15 +141,20 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The `weight_map` of an index file: tensor name to shard file name.
 pub fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_index(&text).map_err(|m| Error::safetensors(path, m))
+}
+
+/// Parses the text of a `model.safetensors.index.json`: its `weight_map` (tensor name to
+/// shard file name). Never panics, whatever the text.
+pub fn parse_index(text: &str) -> std::result::Result<BTreeMap<String, String>, String> {
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let idx: Index = serde_json::from_str(&text)
-        .map_err(|e| Error::safetensors(path, format!("index is not valid: {e}")))?;
+    let idx: Index = serde_json::from_str(text).map_err(|e| format!("index is not valid: {e}"))?;
     if idx.weight_map.is_empty() {
-        return Err(Error::safetensors(path, "index has an empty weight_map"));
+        return Err("index has an empty weight_map".into());
     }
     Ok(idx.weight_map)
 }
@@ -227,6 +232,30 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorInfo>> {
                 .collect()
         })
         .map_err(|m| Error::safetensors(path, m))
+}
+
+/// Parses a whole safetensors file held in memory (8-byte little-endian header length, the
+/// header, the data section) with the same checks as [`read_header`]. Entries' offsets are
+/// relative to the data section. Never panics, whatever the bytes (fuzzed: fuzz/).
+pub fn parse_file(bytes: &[u8]) -> std::result::Result<Vec<HeaderEntry>, String> {
+    let file_len = bytes.len() as u64;
+    let len_buf: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("file is {file_len} bytes, too short for a header"))?;
+    let header_len = u64::from_le_bytes(len_buf);
+    if header_len > MAX_HEADER_BYTES {
+        return Err(format!(
+            "header length {header_len} exceeds the 100 MiB limit"
+        ));
+    }
+    let data_start = 8 + header_len;
+    let header = bytes.get(8..data_start as usize).ok_or_else(|| {
+        format!(
+            "header of {header_len} bytes runs past the end of the {file_len}-byte file (truncated?)"
+        )
+    })?;
+    parse_header(header, file_len - data_start)
 }
 
 /// One checked header entry; offsets are relative to the data section.

@@ -195,6 +195,18 @@ impl Qwen3VlConfig {
             ),
             ("vision_config.patch_size", v.patch_size, 1 << 10),
             (
+                "vision_config.temporal_patch_size",
+                v.temporal_patch_size,
+                1 << 6,
+            ),
+            (
+                "vision_config.spatial_merge_size",
+                v.spatial_merge_size,
+                1 << 6,
+            ),
+            ("vision_config.in_channels", v.in_channels, 1 << 8),
+            ("vision_config.out_hidden_size", v.out_hidden_size, 1 << 20),
+            (
                 "vision_config.num_position_embeddings",
                 v.num_position_embeddings,
                 1 << 24,
@@ -214,8 +226,12 @@ impl Qwen3VlConfig {
         if !v.hidden_size.is_multiple_of(v.num_heads) {
             return Err("vision_config.hidden_size is not a multiple of num_heads".into());
         }
-        let rotary: u64 = t.mrope_section.iter().sum();
-        if t.mrope_section.len() != 3 || rotary != t.head_dim / 2 {
+        // Checked: sections summing past 2^64 are an error, not an overflow panic.
+        let rotary = t
+            .mrope_section
+            .iter()
+            .try_fold(0u64, |acc, &s| acc.checked_add(s));
+        if t.mrope_section.len() != 3 || rotary != Some(t.head_dim / 2) {
             return Err(format!(
                 "mrope_section {:?} must have 3 entries summing to head_dim / 2 = {}",
                 t.mrope_section,
