@@ -19,6 +19,13 @@ pub struct StressArgs {
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Host tier size (e.g. 8MiB; default 32MiB). Smaller means more swapping to disk.
+    #[arg(long, value_name = "BYTES")]
+    host_mem: Option<String>,
+    /// Swap folder (created 0700 if missing; default a private temp folder). Swap files
+    /// are unlinked (O_TMPFILE): nothing is left in it after the run, even after kill -9.
+    #[arg(long, value_name = "DIR")]
+    disk_path: Option<std::path::PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -31,13 +38,25 @@ pub fn run_cmd(a: StressArgs) -> Result<(), CliError> {
     if a.seconds.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
         return Err(CliError::bad_input("--seconds must be a positive number"));
     }
-    let opts = StressOptions {
+    let mut opts = StressOptions {
         threads: a.threads,
         ops: a.ops,
         seconds: a.seconds,
         seed: a.seed,
+        disk_dir: a.disk_path,
         ..Default::default()
     };
+    if let Some(s) = &a.host_mem {
+        let bytes = vlmem_core::bytes::parse_bytes(s)
+            .map_err(|e| CliError::bad_input(format!("--host-mem: {e}")))?;
+        // The manager rounds tiers down to whole MiB; the shared weights need 4 MiB.
+        if !(4 * vlmem_core::bytes::MIB..=1 << 40).contains(&bytes) {
+            return Err(CliError::bad_input(
+                "--host-mem must be between 4MiB and 1TiB",
+            ));
+        }
+        opts.host_bytes = bytes;
+    }
     let r = run(&opts).map_err(CliError::failure)?;
     if a.json {
         println!(
@@ -46,7 +65,7 @@ pub fn run_cmd(a: StressArgs) -> Result<(), CliError> {
         );
     } else {
         println!(
-            "{} threads, {} ops in {:.2} s: overlaps {}, lost {}, corrupted {}, stats_mismatch {}, deadlocks {}",
+            "{} threads, {} ops in {:.2} s: overlaps {}, lost {}, corrupted {}, stats_mismatch {}, deadlocks {} ({}), stalls {}, swap-outs {}",
             r.threads,
             r.ops,
             r.wall_ms as f64 / 1e3,
@@ -54,7 +73,14 @@ pub fn run_cmd(a: StressArgs) -> Result<(), CliError> {
             r.lost,
             r.corrupted,
             r.stats_mismatch,
-            r.deadlocks
+            r.deadlocks,
+            if r.deadlock_detector {
+                "parking_lot detector on"
+            } else {
+                "detector off: build with --features deadlock-detection"
+            },
+            r.stalls,
+            r.swap_outs
         );
         println!("expected refusals: {:?}", r.refusals);
         if !r.errors.is_empty() {

@@ -130,3 +130,106 @@ pub fn wait_guard<'a, T>(condvar: &Condvar, mut guard: MutexGuard<'a, T>) -> Mut
 pub fn wait_guard<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     condvar.wait_guard(guard)
 }
+
+/// parking_lot's deadlock detector, behind the `deadlock-detection` feature (which turns on
+/// `parking_lot/deadlock_detection`: every lock then records who waits for whom, at some
+/// cost). Without the feature, or under loom or shuttle (which find deadlocks themselves),
+/// [`deadlock::ENABLED`] is false and [`deadlock::check`] finds nothing.
+pub mod deadlock {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// Whether this build runs parking_lot's detector.
+    pub const ENABLED: bool = cfg!(all(
+        feature = "deadlock-detection",
+        not(any(vlmem_loom, vlmem_shuttle))
+    ));
+
+    /// One pass of the detector: the cycles of threads blocked on each other's parking_lot
+    /// locks found now, each described as one line per thread (its id and backtrace).
+    #[cfg(all(feature = "deadlock-detection", not(any(vlmem_loom, vlmem_shuttle))))]
+    pub fn check() -> Vec<Vec<String>> {
+        parking_lot::deadlock::check_deadlock()
+            .into_iter()
+            .map(|cycle| {
+                cycle
+                    .iter()
+                    .map(|t| format!("thread {:?}:\n{:?}", t.thread_id(), t.backtrace()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// One pass of the detector (off in this build: finds nothing).
+    #[cfg(not(all(feature = "deadlock-detection", not(any(vlmem_loom, vlmem_shuttle)))))]
+    pub fn check() -> Vec<Vec<String>> {
+        Vec::new()
+    }
+
+    /// A thread running [`check`] every `interval` until dropped; counts the cycles found
+    /// (a cycle that persists is reported by parking_lot once).
+    #[derive(Debug)]
+    pub struct Detector {
+        found: Arc<AtomicU64>,
+        first: Arc<parking_lot::Mutex<Option<Vec<String>>>>,
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Detector {
+        /// Starts the detector thread (a thread that does nothing when [`ENABLED`] is false).
+        pub fn start(interval: Duration) -> Self {
+            let found = Arc::new(AtomicU64::new(0));
+            let first = Arc::new(parking_lot::Mutex::new(None));
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = ENABLED.then(|| {
+                let (found, first, stop) = (found.clone(), first.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(interval);
+                        for cycle in check() {
+                            found.fetch_add(1, Ordering::Relaxed);
+                            first.lock().get_or_insert(cycle);
+                        }
+                    }
+                })
+            });
+            Detector {
+                found,
+                first,
+                stop,
+                thread,
+            }
+        }
+
+        /// Deadlock cycles found so far.
+        pub fn found(&self) -> u64 {
+            self.found.load(Ordering::Relaxed)
+        }
+
+        /// The threads of the first cycle found (id and backtrace each), if any.
+        pub fn first_cycle(&self) -> Option<Vec<String>> {
+            self.first.lock().clone()
+        }
+
+        /// Runs one last pass, stops the thread and returns the cycles found in all.
+        pub fn finish(mut self) -> u64 {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+                for cycle in check() {
+                    self.found.fetch_add(1, Ordering::Relaxed);
+                    self.first.lock().get_or_insert(cycle);
+                }
+            }
+            self.found()
+        }
+    }
+
+    impl Drop for Detector {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}

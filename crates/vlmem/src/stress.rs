@@ -5,13 +5,17 @@
 //! its seed) and shares a set of weights with the others. Operations: allocate and write,
 //! read back and verify, rewrite, pin on a random tier and verify, prefetch, evict, free. A
 //! `OutOfMemory` while every byte of a tier is pinned by others is an expected answer, not
-//! a failure. A watchdog counts a deadlock when no operation completes for
-//! [`StressOptions::stall_limit`] while threads still run.
+//! a failure. Two checks for deadlocks: parking_lot's deadlock detector (a thread calling
+//! `check_deadlock()` every 100 ms; only in builds with the `deadlock-detection` feature,
+//! which `deadlock_detector` reports), and a watchdog that counts a stall when no operation
+//! completes for [`StressOptions::stall_limit`] while threads still run (a deadlock on a
+//! condition variable, or a livelock, which the detector cannot see).
 //!
 //! The report: `ops`, `overlaps` (pairs of live copies on one tier whose blocks overlap),
 //! `lost` (a tensor that could not be read back, or that has no copy), `corrupted` (read back
 //! with other bytes), `stats_mismatch` (budget counters differ from the recount at the end),
-//! `deadlocks` (watchdog stalls), and the error counts by kind.
+//! `deadlocks` (cycles found by parking_lot's detector; always 0 when `deadlock_detector` is
+//! false), `stalls` (watchdog), and the error counts by kind.
 
 use crate::config::ManagerConfig;
 use crate::error::ManagerError;
@@ -19,10 +23,12 @@ use crate::manager::{MemoryManager, TensorHandle};
 use crate::policy::trace::SplitMix64;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vlmem_core::bytes::MIB;
+use vlmem_core::sync::deadlock::{self, Detector};
 use vlmem_core::{TensorKind, Tier};
 
 /// How to stress.
@@ -36,8 +42,12 @@ pub struct StressOptions {
     pub seconds: Option<f64>,
     /// Seed of every random choice.
     pub seed: u64,
-    /// No operation completing for this long counts as a deadlock.
+    /// No operation completing for this long counts as a stall.
     pub stall_limit: Duration,
+    /// Host tier bytes (default 32 MiB; less means more swapping to disk).
+    pub host_bytes: u64,
+    /// Swap folder (created 0700 if missing; default: a private temp folder).
+    pub disk_dir: Option<PathBuf>,
 }
 
 impl Default for StressOptions {
@@ -48,6 +58,8 @@ impl Default for StressOptions {
             seconds: None,
             seed: 1,
             stall_limit: Duration::from_secs(20),
+            host_bytes: 32 * MIB,
+            disk_dir: None,
         }
     }
 }
@@ -69,8 +81,17 @@ pub struct StressReport {
     pub corrupted: u64,
     /// 1 if the budget counters differ from the recount of live copies at the end.
     pub stats_mismatch: u64,
-    /// Watchdog stalls: no operation completed for the stall limit while threads ran.
+    /// Deadlock cycles found by parking_lot's detector (0 when it is off: see
+    /// `deadlock_detector`).
     pub deadlocks: u64,
+    /// Whether parking_lot's deadlock detector ran (builds with `deadlock-detection`).
+    pub deadlock_detector: bool,
+    /// Watchdog stalls: no operation completed for the stall limit while threads ran.
+    pub stalls: u64,
+    /// Tensors written back from the host to the disk tier (swap-outs).
+    pub swap_outs: u64,
+    /// Bytes moved into the disk tier.
+    pub swap_out_bytes: u64,
     /// Tensors checked at the end.
     pub tensors_verified: u64,
     /// Expected refusals (`OutOfMemory` with everything pinned, `Pinned`) by kind.
@@ -87,6 +108,7 @@ impl StressReport {
             && self.corrupted == 0
             && self.stats_mismatch == 0
             && self.deadlocks == 0
+            && self.stalls == 0
             && self.errors.is_empty()
     }
 }
@@ -148,11 +170,13 @@ impl Tally {
     }
 }
 
-/// Runs the stress workload on a manager of small tiers (device 8 MiB, host 32 MiB, disk
-/// 128 MiB, swap in a private temp folder).
+/// Runs the stress workload on a manager of small tiers (device 8 MiB, host
+/// [`StressOptions::host_bytes`], disk 128 MiB, swap in [`StressOptions::disk_dir`] or a
+/// private temp folder).
 pub fn run(opts: &StressOptions) -> Result<StressReport, ManagerError> {
-    let mut config = ManagerConfig::with_capacities(8 * MIB, 32 * MIB, 128 * MIB);
+    let mut config = ManagerConfig::with_capacities(8 * MIB, opts.host_bytes, 128 * MIB);
     config.disk.preallocate = false;
+    config.disk.dir = opts.disk_dir.clone();
     run_with(config, opts)
 }
 
@@ -176,6 +200,7 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
     let done_ops = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let detector = Detector::start(Duration::from_millis(100));
     let deadline = match (opts.ops, opts.seconds) {
         (None, None) => Some(Duration::from_secs(5)),
         (_, Some(s)) => Some(Duration::from_secs_f64(s.max(0.0))),
@@ -297,8 +322,8 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
         })
         .collect();
 
-    // Watchdog: stop at the deadline; count a deadlock when no op completes for the limit.
-    let mut deadlocks = 0u64;
+    // Watchdog: stop at the deadline; count a stall when no op completes for the limit.
+    let mut stalls = 0u64;
     let mut last_ops = 0u64;
     let mut last_change = Instant::now();
     while !workers.iter().all(|w| w.is_finished()) {
@@ -311,10 +336,10 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
             last_ops = now_ops;
             last_change = Instant::now();
         } else if last_change.elapsed() >= opts.stall_limit {
-            deadlocks += 1;
+            stalls += 1;
             stop.store(true, Ordering::Relaxed);
             last_change = Instant::now();
-            if deadlocks > 3 {
+            if stalls > 3 {
                 // Threads that never come back: report rather than hang forever.
                 break;
             }
@@ -350,6 +375,8 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
         tally.verify(&m, h, seed, len_shared);
     }
     let audit = m.audit();
+    let deadlocks = detector.finish();
+    let counters = m.stats().counters;
     let ops = match budget_ops {
         Some(limit) => done_ops.load(Ordering::Relaxed).min(limit),
         None => done_ops.load(Ordering::Relaxed),
@@ -363,6 +390,10 @@ pub fn run_with(config: ManagerConfig, opts: &StressOptions) -> Result<StressRep
         corrupted: tally.corrupted,
         stats_mismatch: u64::from(!audit.charged_matches_resident && joined_all),
         deadlocks,
+        deadlock_detector: deadlock::ENABLED,
+        stalls,
+        swap_outs: counters.write_backs[Tier::Host.index()],
+        swap_out_bytes: counters.bytes_in[Tier::Disk.index()],
         tensors_verified: shared.len() as u64,
         refusals: tally.refusals,
         errors: tally.errors,
