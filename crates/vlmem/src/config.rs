@@ -74,6 +74,9 @@ pub struct ManagerConfig {
     pub max_prefetches_in_flight: usize,
     /// The allocator of each tier's arena.
     pub allocator: AllocatorFactory,
+    /// Overwrite a block with zeros when it is freed (deallocation, demotion, relocation), so
+    /// no tensor's bytes reach the block's next owner. Costs one write of the block.
+    pub zero_on_free: bool,
 }
 
 impl std::fmt::Debug for ManagerConfig {
@@ -87,6 +90,7 @@ impl std::fmt::Debug for ManagerConfig {
             .field("budgets", &self.budgets)
             .field("shards", &self.shards)
             .field("engine", &self.engine)
+            .field("zero_on_free", &self.zero_on_free)
             .finish_non_exhaustive()
     }
 }
@@ -126,6 +130,7 @@ impl ManagerConfig {
             engine: EngineConfig::default(),
             max_prefetches_in_flight: 8,
             allocator: default_allocator(),
+            zero_on_free: false,
         }
     }
 

@@ -160,6 +160,27 @@ impl<R: std::marker::Copy> Entry<R> {
         self.copies[below.index()] = Some(Copy { res, pins: 0 });
         self.copies[tier.index()].take().map(|c| c.res)
     }
+
+    /// First half of relocating the copy on `tier` inside that tier (compaction): the copy
+    /// must be unpinned, the entry idle, and the copy its own (not a checkpoint extent,
+    /// which `movable` rules out). Marks the entry busy and returns the copy to move from.
+    pub fn begin_relocate(&mut self, tier: Tier, movable: impl Fn(&R) -> bool) -> Option<R> {
+        let c = self.copies[tier.index()]?;
+        if self.busy || c.pins > 0 || !movable(&c.res) {
+            return None;
+        }
+        self.busy = true;
+        Some(c.res)
+    }
+
+    /// Second half: on success (`Some(dst)`) the copy on `tier` now lives in `dst` and the
+    /// old reservation is returned for release; on failure the entry is unchanged.
+    pub fn finish_relocate(&mut self, tier: Tier, dst: Option<R>) -> Option<R> {
+        self.busy = false;
+        let res = dst?;
+        let c = self.copies[tier.index()].as_mut()?;
+        Some(std::mem::replace(&mut c.res, res))
+    }
 }
 
 #[cfg(all(test, vlmem_loom))]
@@ -175,7 +196,7 @@ mod loom_models {
         entry: Mutex<Entry<u32>>,
         cond: Condvar,
         /// Reservations released so far (bit per reservation id).
-        freed: [AtomicBool; 4],
+        freed: [AtomicBool; 6],
     }
 
     fn shard(entry: Entry<u32>) -> Arc<Shard> {
@@ -240,7 +261,7 @@ mod loom_models {
         }
     }
 
-    fn check_invariants(e: &Entry<u32>, freed: &[AtomicBool; 4]) {
+    fn check_invariants(e: &Entry<u32>, freed: &[AtomicBool; 6]) {
         assert!(!e.busy);
         assert!(e.fastest().is_some(), "the entry lost its last copy");
         for c in e.copies.iter().flatten() {
@@ -314,6 +335,52 @@ mod loom_models {
             let e = s.entry.lock();
             assert_eq!(e.copies[Tier::Host.index()].map(|c| c.pins), Some(0));
             check_invariants(&e, &s.freed);
+        });
+    }
+
+    /// Relocates the copy on `tier` into reservation `dst_id` like `Inner::relocate`.
+    fn relocate(s: &Shard, tier: Tier, dst_id: u32) {
+        let src = {
+            let mut e = s.entry.lock();
+            match e.begin_relocate(tier, |_| true) {
+                Some(src) => src,
+                None => return,
+            }
+        };
+        assert!(!s.freed[src as usize].load(Ordering::SeqCst));
+        let old = {
+            let mut e = s.entry.lock();
+            let old = e.finish_relocate(tier, Some(dst_id));
+            s.cond.notify_all();
+            old
+        };
+        if let Some(old) = old {
+            s.freed[old as usize].store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn loom_pin_versus_compaction_never_reads_a_moved_away_copy() {
+        loom::model(|| {
+            // A host copy 0 is relocated to 1 while another thread pins it and a third
+            // demotes it (write-back to disk copy 2).
+            let e = Entry::new(1, TensorKind::Activation, 64, Tier::Host, 0u32);
+            let s = shard(e);
+            let s2 = s.clone();
+            let pinner = thread::spawn(move || {
+                let res = pin(&s2, Tier::Host, 3);
+                assert!(
+                    !s2.freed[res as usize].load(Ordering::SeqCst),
+                    "pinned a relocated-away copy"
+                );
+                unpin(&s2, Tier::Host);
+            });
+            let s3 = s.clone();
+            let evictor = thread::spawn(move || demote(&s3, Tier::Host, 2));
+            relocate(&s, Tier::Host, 1);
+            pinner.join().unwrap();
+            evictor.join().unwrap();
+            check_invariants(&s.entry.lock(), &s.freed);
         });
     }
 }

@@ -15,6 +15,6 @@ pub mod vision_cache;
 
 pub use config::{Budgets, ManagerConfig};
 pub use error::{ManagerError, Result};
-pub use manager::{Audit, MemoryManager, PinGuard, TensorHandle};
+pub use manager::{Audit, CompactionReport, MemoryManager, PinGuard, TensorHandle, fragmentation};
 pub use stats::ManagerStats;
 pub use vlmem_core::{TensorKind, Tier};

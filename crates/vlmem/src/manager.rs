@@ -96,6 +96,7 @@ pub(crate) struct Inner {
     plan_cursor: AtomicU64,
     prefetches_in_flight: AtomicU64,
     max_prefetches_in_flight: u64,
+    zero_on_free: bool,
     pub(crate) counters: Counters,
 }
 
@@ -112,6 +113,71 @@ impl std::fmt::Debug for MemoryManager {
             .field("id", &self.inner.id)
             .finish_non_exhaustive()
     }
+}
+
+/// What one compaction pass did on one tier.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CompactionReport {
+    /// The tier compacted.
+    pub tier: Tier,
+    /// Arena usage before the pass.
+    pub before: vlmem_core::ArenaUsage,
+    /// Arena usage after it (other threads may have allocated meanwhile).
+    pub after: vlmem_core::ArenaUsage,
+    /// Copies considered.
+    pub candidates: u64,
+    /// Copies relocated to a lower block.
+    pub moved: u64,
+    /// Bytes those relocations copied.
+    pub bytes_moved: u64,
+    /// Copies left in place because they were pinned or moving.
+    pub skipped: u64,
+    /// Relocations whose read-back did not match (the tensor kept its old block).
+    pub verify_failures: u64,
+    /// Wall time of the pass.
+    pub elapsed: std::time::Duration,
+}
+
+/// External fragmentation of an arena: 1 - largest free run / free bytes (0 when nothing
+/// or everything is free in one run).
+pub fn fragmentation(usage: &vlmem_core::ArenaUsage) -> f64 {
+    if usage.free_bytes == 0 {
+        0.0
+    } else {
+        1.0 - usage.largest_free_bytes as f64 / usage.free_bytes as f64
+    }
+}
+
+/// What relocating one copy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relocation {
+    Moved(u64),
+    /// The allocator had no lower block that fits.
+    Stayed,
+    /// Pinned, moving, or an extent.
+    Skipped,
+    VerifyFailed,
+}
+
+/// Copies `src` to `dst` (same tier) in 4 MiB pieces, reading each piece back and comparing
+/// it. `Ok(false)` when a read-back differs.
+fn copy_verified(backend: &dyn TierBackend, src: &Reservation, dst: &Reservation) -> Result<bool> {
+    const PIECE_BYTES: u64 = 4 << 20;
+    let len = src.len_bytes();
+    let mut a = vec![0u8; len.min(PIECE_BYTES) as usize];
+    let mut b = vec![0u8; a.len()];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(PIECE_BYTES) as usize;
+        backend.read(src, done, &mut a[..n])?;
+        backend.write(dst, done, &a[..n])?;
+        backend.read(dst, done, &mut b[..n])?;
+        if a[..n] != b[..n] {
+            return Ok(false);
+        }
+        done += n as u64;
+    }
+    Ok(true)
 }
 
 /// The result of [`MemoryManager::audit`].
@@ -197,6 +263,20 @@ impl Drop for PinGuard {
     }
 }
 
+/// How many times a reservation waits for moving tensors before it reports OutOfMemory
+/// (about 1 s in all with [`pause_for_moves`]'s real pause).
+#[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
+const MAX_MOVING_WAITS: u32 = 2000;
+#[cfg(any(vlmem_loom, vlmem_shuttle))]
+const MAX_MOVING_WAITS: u32 = 20;
+
+/// Lets the threads that move tensors run (no lock is held by the caller).
+fn pause_for_moves() {
+    vlmem_core::sync::thread::yield_now();
+    #[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
+    std::thread::sleep(std::time::Duration::from_micros(500));
+}
+
 fn check_range(offset_bytes: u64, len_bytes: u64, tensor_bytes: u64) -> Result<()> {
     match offset_bytes.checked_add(len_bytes) {
         Some(end) if end <= tensor_bytes => Ok(()),
@@ -266,6 +346,7 @@ impl MemoryManager {
                 plan_cursor: AtomicU64::new(0),
                 prefetches_in_flight: AtomicU64::new(0),
                 max_prefetches_in_flight: config.max_prefetches_in_flight as u64,
+                zero_on_free: config.zero_on_free,
                 counters: Counters::default(),
             }),
         })
@@ -458,6 +539,58 @@ impl MemoryManager {
         Ok(freed)
     }
 
+    /// Compacts every tier (see [`MemoryManager::compact_tier`]).
+    pub fn compact(&self) -> Result<Vec<CompactionReport>> {
+        Tier::ALL.iter().map(|&t| self.compact_tier(t)).collect()
+    }
+
+    /// Compaction under load: slides the tier's live, unpinned copies into lower free space
+    /// while other threads go on working. Copies are taken highest address first; for each,
+    /// the arena's allocator places a new block (first fit: the lowest hole that fits), and
+    /// when that block lies below the old one the bytes are copied, read back and compared,
+    /// and the entry switches blocks. Pinned copies, moving entries and checkpoint extents
+    /// stay put. Each relocation holds the tensor busy (pins of it wait) and no lock across
+    /// the copy.
+    pub fn compact_tier(&self, tier: Tier) -> Result<CompactionReport> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let before = inner.tiers[tier.index()].usage();
+        let mut candidates = inner.copies_on(tier);
+        // Highest address first: those are the ones that can slide the farthest.
+        candidates.sort_unstable_by_key(|&(_, offset)| std::cmp::Reverse(offset));
+        let mut report = CompactionReport {
+            tier,
+            before,
+            after: before,
+            candidates: candidates.len() as u64,
+            moved: 0,
+            bytes_moved: 0,
+            skipped: 0,
+            verify_failures: 0,
+            elapsed: std::time::Duration::ZERO,
+        };
+        for (h, _) in candidates {
+            match inner.relocate(h, tier) {
+                Ok(Relocation::Moved(bytes)) => {
+                    report.moved += 1;
+                    report.bytes_moved += bytes;
+                }
+                Ok(Relocation::Stayed) => {}
+                Ok(Relocation::Skipped) | Err(ManagerError::Stale { .. }) => report.skipped += 1,
+                Ok(Relocation::VerifyFailed) => report.verify_failures += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        report.after = inner.tiers[tier.index()].usage();
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    /// The tier's arena usage now (free bytes and the largest free run: fragmentation).
+    pub fn tier_usage(&self, tier: Tier) -> vlmem_core::ArenaUsage {
+        self.inner.tiers[tier.index()].usage()
+    }
+
     /// Where the tensor has copies now (fastest first), and its pin count.
     pub fn residency(&self, handle: TensorHandle) -> Result<(Vec<Tier>, u32)> {
         let inner = &self.inner;
@@ -570,7 +703,27 @@ impl Inner {
         if !res.is_in_place() {
             self.uncharge(tier, kind, res.len_bytes());
         }
-        if let Err(e) = self.tiers[tier.index()].release(res) {
+        self.free_block(tier, res);
+    }
+
+    /// Returns a reservation to its tier's arena, zeroing it first when so configured. A
+    /// block that cannot be zeroed is not freed (it stays reserved, so its bytes cannot
+    /// reach a new owner).
+    fn free_block(&self, tier: Tier, res: Reservation) {
+        let backend = &self.tiers[tier.index()];
+        if self.zero_on_free && !res.is_in_place() {
+            static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+            let mut done = 0u64;
+            while done < res.len_bytes() {
+                let n = (res.len_bytes() - done).min(ZEROS.len() as u64);
+                if let Err(e) = backend.write(&res, done, &ZEROS[..n as usize]) {
+                    tracing::warn!(%tier, error = %e, "zeroing a freed block failed; it stays reserved");
+                    return;
+                }
+                done += n;
+            }
+        }
+        if let Err(e) = backend.release(res) {
             tracing::warn!(%tier, error = %e, "release failed; the space stays reserved");
         }
     }
@@ -587,6 +740,7 @@ impl Inner {
                 budget_bytes: budget,
             });
         }
+        let mut waits = 0u32;
         loop {
             if self.charge(tier, kind, bytes) {
                 match self.tiers[tier.index()].reserve(bytes, &format!("tensor {id}")) {
@@ -598,8 +752,21 @@ impl Inner {
                     }
                 }
             }
-            // Not enough room: demote the kind's unpinned tensors from this tier.
-            if self.evict_kind(tier, kind, bytes)? == 0 {
+            // Not enough room: demote the kind's unpinned tensors from this tier. When the
+            // only candidates are moving (another thread is bringing them up, writing them
+            // back or compacting them), wait a little for them rather than fail at once; the
+            // wait is bounded, so two threads waiting on each other's moves end in
+            // OutOfMemory, never in a hang.
+            let (freed, moving) = self.evict_kind_counting(tier, kind, bytes)?;
+            if freed == 0 && moving > 0 && waits < MAX_MOVING_WAITS {
+                if waits == 0 {
+                    self.counters.oom_waits.fetch_add(1, Ordering::Relaxed);
+                }
+                waits += 1;
+                pause_for_moves();
+                continue;
+            }
+            if freed == 0 {
                 let used = self.used[tier.index()][kind.index()].load(Ordering::Acquire);
                 return Err(ManagerError::OutOfMemory {
                     tier,
@@ -818,8 +985,11 @@ impl Inner {
     /// Eviction order of `kind`'s unpinned tensors on `tier`: weights with an access plan by
     /// farthest next use (Belady's choice for a known cyclic order), everything else least
     /// recently used first.
-    fn victims(&self, tier: Tier, kind: TensorKind) -> Vec<(TensorHandle, u64)> {
+    /// Also returns how many of the kind's copies on the tier belong to entries that are
+    /// moving right now (they may become evictable in a moment).
+    fn victims(&self, tier: Tier, kind: TensorKind) -> (Vec<(TensorHandle, u64)>, u64) {
         let mut found: Vec<(TensorHandle, u64, u64)> = Vec::new();
+        let mut moving = 0u64;
         let n = self.shards.len();
         for (si, shard) in self.shards.iter().enumerate() {
             let st = shard.state.lock();
@@ -827,12 +997,16 @@ impl Inner {
                 let Some(e) = slot.entry.as_ref() else {
                     continue;
                 };
-                if e.kind != kind || e.busy {
+                if e.kind != kind {
                     continue;
                 }
                 let Some(c) = e.copies[tier.index()] else {
                     continue;
                 };
+                if e.busy {
+                    moving += u64::from(!c.res.is_in_place());
+                    continue;
+                }
                 // The disk keeps a tensor's last copy; in-place extents cost nothing to keep.
                 let last_on_disk = tier == Tier::Disk && !e.has_other_copy(tier);
                 if c.pins > 0 || last_on_disk || c.res.is_in_place() {
@@ -859,13 +1033,119 @@ impl Inner {
         } else {
             found.sort_by_key(|&(_, last_use, _)| last_use);
         }
-        found.into_iter().map(|(h, _, len)| (h, len)).collect()
+        let order = found.into_iter().map(|(h, _, len)| (h, len)).collect();
+        (order, moving)
+    }
+
+    /// Every movable copy on `tier` (not a checkpoint extent): handle and block offset.
+    fn copies_on(&self, tier: Tier) -> Vec<(TensorHandle, u64)> {
+        let n = self.shards.len();
+        let mut found = Vec::new();
+        for (si, shard) in self.shards.iter().enumerate() {
+            let st = shard.state.lock();
+            for (local, slot) in st.slots.iter().enumerate() {
+                let Some(e) = slot.entry.as_ref() else {
+                    continue;
+                };
+                if let Some(c) = e.copies[tier.index()]
+                    && !c.res.is_in_place()
+                {
+                    let h = TensorHandle {
+                        manager_id: self.id,
+                        slot: (local * n + si) as u32,
+                        generation: slot.generation,
+                    };
+                    found.push((h, c.res.offset_bytes()));
+                }
+            }
+        }
+        found
+    }
+
+    /// Moves `h`'s copy on `tier` to a lower block of the same tier, if the allocator has one.
+    fn relocate(&self, h: TensorHandle, tier: Tier) -> Result<Relocation> {
+        let shard = self.shard_of(h)?;
+        let (src, written, id) = {
+            let mut st = shard.state.lock();
+            let e = self.entry(&mut st, h)?;
+            match e.begin_relocate(tier, |r: &Reservation| !r.is_in_place()) {
+                Some(src) => (src, e.written, e.id),
+                None => return Ok(Relocation::Skipped),
+            }
+        };
+        let started = Instant::now();
+        let backend = &self.tiers[tier.index()];
+        // Unlocked (the entry is busy): place, copy, verify.
+        let outcome = (|| -> Result<(Option<Reservation>, Relocation)> {
+            let dst = match backend.reserve(src.len_bytes(), &format!("tensor {id} (compaction)")) {
+                Ok(d) => d,
+                Err(TierError::Alloc { .. }) => return Ok((None, Relocation::Stayed)),
+                Err(e) => return Err(e.into()),
+            };
+            if dst.offset_bytes() >= src.offset_bytes() {
+                backend.release(dst)?;
+                return Ok((None, Relocation::Stayed));
+            }
+            if written {
+                match copy_verified(backend.as_ref(), &src, &dst) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.free_block(tier, dst);
+                        return Ok((None, Relocation::VerifyFailed));
+                    }
+                    Err(e) => {
+                        self.free_block(tier, dst);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok((Some(dst), Relocation::Moved(src.len_bytes())))
+        })();
+        let dst = outcome.as_ref().ok().and_then(|(d, _)| *d);
+        let old = {
+            let mut st = shard.state.lock();
+            let e = self.entry(&mut st, h)?;
+            let old = e.finish_relocate(tier, dst);
+            shard.cond.notify_all();
+            old
+        };
+        if let Some(old) = old {
+            // Same length, same kind: the budget charge carries over to the new block.
+            self.free_block(tier, old);
+        }
+        let (_, outcome) = outcome?;
+        match outcome {
+            Relocation::Moved(bytes) => {
+                self.counters
+                    .compaction_moves
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .compaction_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+            }
+            Relocation::VerifyFailed => {
+                self.counters
+                    .compaction_verify_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.counters
+            .compaction_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(outcome)
     }
 
     /// Demotes `kind`'s tensors from `tier` until `bytes` are freed; returns bytes freed.
     fn evict_kind(&self, tier: Tier, kind: TensorKind, bytes: u64) -> Result<u64> {
+        Ok(self.evict_kind_counting(tier, kind, bytes)?.0)
+    }
+
+    /// [`Self::evict_kind`], also returning how many candidates were moving (skipped).
+    fn evict_kind_counting(&self, tier: Tier, kind: TensorKind, bytes: u64) -> Result<(u64, u64)> {
         let mut freed = 0;
-        for (h, _) in self.victims(tier, kind) {
+        let (victims, moving) = self.victims(tier, kind);
+        for (h, _) in victims {
             if freed >= bytes {
                 break;
             }
@@ -881,7 +1161,7 @@ impl Inner {
                 }
             }
         }
-        Ok(freed)
+        Ok((freed, moving))
     }
 
     /// Drops `h`'s copy on `tier`, writing it back one tier down first when it is the only

@@ -47,6 +47,11 @@ pub(crate) struct Counters {
     pub(crate) prefetches_dropped: AtomicU64,
     pub(crate) prefetch_failures: AtomicU64,
     pub(crate) demote_failures: AtomicU64,
+    pub(crate) compaction_moves: AtomicU64,
+    pub(crate) compaction_bytes: AtomicU64,
+    pub(crate) compaction_ns: AtomicU64,
+    pub(crate) compaction_verify_failures: AtomicU64,
+    pub(crate) oom_waits: AtomicU64,
     latency_us: [AtomicU64; LATENCY_BUCKETS],
 }
 
@@ -97,6 +102,11 @@ impl Counters {
             prefetches_dropped: self.prefetches_dropped.load(Ordering::Relaxed),
             prefetch_failures: self.prefetch_failures.load(Ordering::Relaxed),
             demote_failures: self.demote_failures.load(Ordering::Relaxed),
+            compaction_moves: self.compaction_moves.load(Ordering::Relaxed),
+            compaction_bytes: self.compaction_bytes.load(Ordering::Relaxed),
+            compaction_ns: self.compaction_ns.load(Ordering::Relaxed),
+            compaction_verify_failures: self.compaction_verify_failures.load(Ordering::Relaxed),
+            oom_waits: self.oom_waits.load(Ordering::Relaxed),
             latency_us: std::array::from_fn(|i| self.latency_us[i].load(Ordering::Relaxed)),
         }
     }
@@ -129,6 +139,16 @@ pub struct CounterSnapshot {
     pub prefetch_failures: u64,
     /// Demotions that failed; the tensor kept its copy.
     pub demote_failures: u64,
+    /// Live copies relocated by compaction.
+    pub compaction_moves: u64,
+    /// Bytes those relocations copied.
+    pub compaction_bytes: u64,
+    /// Time spent relocating (copy and verification), nanoseconds.
+    pub compaction_ns: u64,
+    /// Relocations whose copy did not verify (the tensor kept its old block).
+    pub compaction_verify_failures: u64,
+    /// Reservations that found only moving tensors to evict and waited for them.
+    pub oom_waits: u64,
     /// Move latency histogram (bucket i: [2^i, 2^(i+1)) microseconds).
     pub latency_us: [u64; LATENCY_BUCKETS],
 }
@@ -228,10 +248,22 @@ impl ManagerStats {
             "# TYPE vlmem_pin_wait_seconds_total counter\nvlmem_pin_wait_seconds_total {}\n",
             c.pin_wait_ns as f64 / 1e9
         ));
-        out.push_str(&format!(
-            "# TYPE vlmem_moves_total counter\nvlmem_moves_total {}\n",
-            c.moves
-        ));
+        for (name, value) in [
+            ("vlmem_moves_total", c.moves),
+            ("vlmem_prefetches_total", c.prefetches),
+            ("vlmem_prefetches_dropped_total", c.prefetches_dropped),
+            ("vlmem_compaction_moves_total", c.compaction_moves),
+            ("vlmem_compaction_bytes_total", c.compaction_bytes),
+        ] {
+            out.push_str(&format!("# TYPE {name} counter\n{name} {value}\n"));
+        }
+        out.push_str("# TYPE vlmem_swap_latency_us summary\n");
+        for q in [0.5, 0.9, 0.99] {
+            out.push_str(&format!(
+                "vlmem_swap_latency_us{{quantile=\"{q}\"}} {}\n",
+                c.latency_percentile_us(q)
+            ));
+        }
         out
     }
 }

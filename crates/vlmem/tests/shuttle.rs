@@ -76,8 +76,16 @@ fn harness() {
                             assert_eq!(buf, pattern(id));
                             m.deallocate(h).expect("free own");
                         }
-                        _ => {
+                        _ if t % 2 == 0 => {
                             m.evict(Tier::Device, 256 * KIB).expect("evict");
+                        }
+                        _ => {
+                            // Compaction of the host and device arenas under the others'
+                            // pins, moves and frees.
+                            for tier in [Tier::Host, Tier::Device] {
+                                let r = m.compact_tier(tier).expect("compact");
+                                assert_eq!(r.verify_failures, 0);
+                            }
                         }
                     }
                 }
@@ -96,6 +104,7 @@ fn harness() {
     assert_eq!(s.tensors, 10);
     assert_eq!(s.pins, 0);
     assert_eq!(s.resident, s.charged);
+    assert_eq!(m.audit().overlaps, 0);
 }
 
 #[test]
