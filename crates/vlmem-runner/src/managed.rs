@@ -7,12 +7,18 @@
 //! kept: the outputs are the same whatever the tiering.
 
 use crate::error::{Result, RunnerError};
-use crate::weights::{WeightSource, widen_to_f32};
+use crate::kernels::{self, WeightType};
+use crate::text::{EMBED_TOKENS, LM_HEAD};
+use crate::weights::{WeightSource, check_expert, widen_to_f32};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use vlmem::{ManagerError, MemoryManager, TensorHandle, TensorKind, Tier};
 use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
 use vlmem_qwen3vl::tensors::expected_tensors;
+
+/// Layers prefetched ahead of the one computing, unless told otherwise.
+pub const DEFAULT_PREFETCH_LAYERS: usize = 2;
 
 /// A [`WeightSource`] over a [`MemoryManager`].
 pub struct ManagedWeights {
@@ -20,6 +26,14 @@ pub struct ManagedWeights {
     index: HashMap<String, (TensorHandle, TensorInfo)>,
     compute_tier: Tier,
     device: Device,
+    /// Per decoder layer, then one unit for the final norm and lm_head: the handles a
+    /// prefetch of that unit hints (fused expert stacks excluded: decode reads only the
+    /// routed experts' slices of them).
+    units: Vec<Vec<TensorHandle>>,
+    prefetch_layers: AtomicUsize,
+    staged_bytes: AtomicU64,
+    expert_bytes: AtomicU64,
+    prefetch_hints: AtomicU64,
 }
 
 impl std::fmt::Debug for ManagedWeights {
@@ -27,6 +41,7 @@ impl std::fmt::Debug for ManagedWeights {
         f.debug_struct("ManagedWeights")
             .field("tensors", &self.index.len())
             .field("compute_tier", &self.compute_tier)
+            .field("prefetch_layers", &self.prefetch_layers())
             .finish_non_exhaustive()
     }
 }
@@ -35,10 +50,30 @@ fn manager_error(name: &str, e: ManagerError) -> RunnerError {
     RunnerError::Weights(format!("{name}: {e}"))
 }
 
+fn weight_type(name: &str, info: &TensorInfo) -> Result<WeightType> {
+    WeightType::from_dtype(info.dtype).ok_or_else(|| RunnerError::UnsupportedDtype {
+        name: name.to_string(),
+        dtype: info.dtype.safetensors_name().to_string(),
+    })
+}
+
+fn usize_of(name: &str, v: u64) -> Result<usize> {
+    usize::try_from(v).map_err(|_| {
+        RunnerError::BadRequest(format!("tensor {name} is too large for this machine"))
+    })
+}
+
+/// The decoder layer a tensor name belongs to (`model.language_model.layers.N.`).
+fn text_layer(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("model.language_model.layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
 impl ManagedWeights {
     /// Registers every weight of `checkpoint` with `manager` (in place, on the disk tier) and
     /// gives the manager the model's access order. Tensors are pinned on `compute_tier`
-    /// (the host tier for CPU compute) and staged on `device`.
+    /// (the host tier for CPU compute) and staged on `device`. Prefetch of the next
+    /// [`DEFAULT_PREFETCH_LAYERS`] layers is on ([`ManagedWeights::set_prefetch_layers`]).
     pub fn register(
         manager: MemoryManager,
         checkpoint: &Checkpoint,
@@ -65,17 +100,77 @@ impl ManagedWeights {
                 .filter_map(|spec| index.get(&spec.name).map(|(h, _)| *h))
                 .collect();
         manager.set_access_plan(&plan);
+        let layers = checkpoint.config.text.num_hidden_layers as usize;
+        let mut units: Vec<Vec<TensorHandle>> = vec![Vec::new(); layers + 1];
+        let mut names: Vec<&String> = index.keys().collect();
+        names.sort();
+        for name in names {
+            let (h, _) = &index[name];
+            match text_layer(name) {
+                Some(l) if l < layers && !name.contains(".mlp.experts.") => units[l].push(*h),
+                _ => {}
+            }
+        }
+        let head = if checkpoint.config.text.tie_word_embeddings {
+            EMBED_TOKENS
+        } else {
+            LM_HEAD
+        };
+        for name in ["model.language_model.norm.weight", head] {
+            if let Some((h, _)) = index.get(name) {
+                units[layers].push(*h);
+            }
+        }
         Ok(ManagedWeights {
             manager,
             index,
             compute_tier,
             device: device.clone(),
+            units,
+            prefetch_layers: AtomicUsize::new(DEFAULT_PREFETCH_LAYERS),
+            staged_bytes: AtomicU64::new(0),
+            expert_bytes: AtomicU64::new(0),
+            prefetch_hints: AtomicU64::new(0),
         })
+    }
+
+    /// The manager's handle of weight `name`.
+    pub fn handle(&self, name: &str) -> Option<TensorHandle> {
+        self.index.get(name).map(|(h, _)| *h)
     }
 
     /// The manager (for stats).
     pub fn manager(&self) -> &MemoryManager {
         &self.manager
+    }
+
+    /// Prefetch the weights of the next `layers` layers (the final norm and lm_head count as
+    /// one, and the first layers follow them, as decode cycles) when a layer starts; 0 turns
+    /// prefetch off.
+    pub fn set_prefetch_layers(&self, layers: usize) {
+        self.prefetch_layers.store(layers, Ordering::Relaxed);
+    }
+
+    /// How many layers ahead are prefetched (0: off).
+    pub fn prefetch_layers(&self) -> usize {
+        self.prefetch_layers.load(Ordering::Relaxed)
+    }
+
+    /// Bytes read from a weight's fastest copy into a staging buffer without being kept on
+    /// the compute tier (tensors that do not fit it, embedding rows, expert slices). With
+    /// the manager's `bytes_in` of the compute tier, this is what was streamed.
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of fused expert tensors read (routed experts' slices only).
+    pub fn expert_bytes(&self) -> u64 {
+        self.expert_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Prefetch hints given to the manager.
+    pub fn prefetch_hints(&self) -> u64 {
+        self.prefetch_hints.load(Ordering::Relaxed)
     }
 
     fn entry(&self, name: &str) -> Result<&(TensorHandle, TensorInfo)> {
@@ -86,30 +181,62 @@ impl ManagedWeights {
             })
     }
 
-    /// The tensor's values widened to f32: pinned on the compute tier when it fits there,
-    /// else streamed from its fastest copy.
-    fn values(&self, name: &str) -> Result<Vec<f32>> {
+    /// Lends the tensor's stored bytes to `f`: pinned on the compute tier when it fits
+    /// there (no copy), else read from its fastest copy into a staging buffer the size of
+    /// the tensor, which is dropped afterwards.
+    fn with_stored<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
         let (h, info) = self.entry(name)?;
         match self.manager.pin(*h, self.compute_tier) {
-            Ok(guard) => guard
-                .with_bytes(|bytes| widen_to_f32(name, info.dtype, bytes))
-                .map_err(|e| manager_error(name, e))?,
+            Ok(guard) => guard.with_bytes(f).map_err(|e| manager_error(name, e))?,
             Err(ManagerError::TooLarge { .. } | ManagerError::OutOfMemory { .. }) => {
-                let mut staging = vec![0u8; info.bytes as usize];
+                let mut staging = vec![0u8; usize_of(name, info.bytes)?];
                 self.manager
                     .read(*h, 0, &mut staging)
                     .map_err(|e| manager_error(name, e))?;
-                widen_to_f32(name, info.dtype, &staging)
+                self.staged_bytes.fetch_add(info.bytes, Ordering::Relaxed);
+                f(&staging)
             }
             Err(e) => Err(manager_error(name, e)),
         }
+    }
+
+    /// Reads `len` bytes at `offset` of `name` from its fastest copy (nothing moves).
+    fn read_range(&self, name: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let (h, _) = self.entry(name)?;
+        let mut buf = vec![0u8; len];
+        self.manager
+            .read(*h, offset, &mut buf)
+            .map_err(|e| manager_error(name, e))?;
+        self.staged_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    /// The stored bytes of matrix `expert` of the stack `name`, and its two dimensions.
+    fn expert_slice(
+        &self,
+        name: &str,
+        expert: usize,
+    ) -> Result<(Vec<u8>, WeightType, usize, usize)> {
+        let (_, info) = self.entry(name)?;
+        let shape: Vec<usize> = info
+            .shape
+            .iter()
+            .map(|&d| usize_of(name, d))
+            .collect::<Result<_>>()?;
+        check_expert(name, &shape, expert)?;
+        let ty = weight_type(name, info)?;
+        let (a, b) = (shape[1], shape[2]);
+        let slice = a * b * ty.size_bytes();
+        let bytes = self.read_range(name, (expert * slice) as u64, slice)?;
+        self.expert_bytes.fetch_add(slice as u64, Ordering::Relaxed);
+        Ok((bytes, ty, a, b))
     }
 }
 
 impl WeightSource for ManagedWeights {
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
-        let values = self.values(name)?;
         let (_, info) = self.entry(name)?;
+        let values = self.with_stored(name, |bytes| widen_to_f32(name, info.dtype, bytes))?;
         let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
         Ok(Tensor::from_vec(values, shape, &self.device)?)
     }
@@ -118,5 +245,95 @@ impl WeightSource for ManagedWeights {
         self.index
             .get(name)
             .map(|(_, t)| t.shape.iter().map(|&d| d as usize).collect())
+    }
+
+    /// Reads only the rows asked for, from the table's fastest copy.
+    fn rows_f32(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
+        let (_, info) = self.entry(name)?;
+        let (rows, cols) = match info.shape.as_slice() {
+            [r, c] => (usize_of(name, *r)?, usize_of(name, *c)?),
+            _ => {
+                return Err(RunnerError::TensorShape {
+                    name: name.to_string(),
+                    expected: "a 2-D table".into(),
+                    found: info.shape.iter().map(|&d| d as usize).collect(),
+                });
+            }
+        };
+        let row_bytes = cols * weight_type(name, info)?.size_bytes();
+        let mut values = Vec::with_capacity(ids.len() * cols);
+        for (position, &id) in ids.iter().enumerate() {
+            if id as usize >= rows {
+                return Err(RunnerError::TokenOutOfVocab {
+                    id,
+                    position,
+                    vocab_size: rows,
+                });
+            }
+            let bytes = self.read_range(name, id as u64 * row_bytes as u64, row_bytes)?;
+            values.extend(widen_to_f32(name, info.dtype, &bytes)?);
+        }
+        Ok(Tensor::from_vec(values, (ids.len(), cols), &self.device)?)
+    }
+
+    /// The bf16 kernel on the stored bytes (pinned in place, or staged when they do not fit).
+    fn matvec(&self, name: &str, x: &[f32]) -> Result<Vec<f32>> {
+        let (_, info) = self.entry(name)?;
+        let (rows, cols) = match info.shape.as_slice() {
+            [r, c] => (usize_of(name, *r)?, usize_of(name, *c)?),
+            _ => {
+                return Err(RunnerError::TensorShape {
+                    name: name.to_string(),
+                    expected: "a 2-D matrix".into(),
+                    found: info.shape.iter().map(|&d| d as usize).collect(),
+                });
+            }
+        };
+        let ty = weight_type(name, info)?;
+        self.with_stored(name, |bytes| kernels::matvec(bytes, ty, rows, cols, x))
+    }
+
+    fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {
+        let (_, info) = self.entry(name)?;
+        let (bytes, _, a, b) = self.expert_slice(name, expert)?;
+        let values = widen_to_f32(name, info.dtype, &bytes)?;
+        Ok(Tensor::from_vec(values, (a, b), &self.device)?)
+    }
+
+    fn expert_matvec(
+        &self,
+        name: &str,
+        expert: usize,
+        transposed: bool,
+        x: &[f32],
+    ) -> Result<Vec<f32>> {
+        let (bytes, ty, a, b) = self.expert_slice(name, expert)?;
+        if transposed {
+            kernels::matvec(&bytes, ty, a, b, x)
+        } else {
+            kernels::vecmat(&bytes, ty, a, b, x)
+        }
+    }
+
+    /// Hints the manager to bring the next layers' weights to the compute tier (those not
+    /// there yet), so their disk reads overlap this layer's compute.
+    fn begin_layer(&self, layer: usize, layers: usize) {
+        let ahead = self.prefetch_layers();
+        let units = self.units.len();
+        if ahead == 0 || units == 0 || layers + 1 != units {
+            return;
+        }
+        for step in 1..=ahead.min(units - 1) {
+            for h in &self.units[(layer + step) % units] {
+                let there = self
+                    .manager
+                    .residency(*h)
+                    .is_ok_and(|(tiers, _)| tiers.contains(&self.compute_tier));
+                if !there {
+                    self.manager.prefetch(*h, self.compute_tier);
+                    self.prefetch_hints.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 }

@@ -89,6 +89,26 @@ impl<'a> Params<'a> {
     pub fn rows(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
         self.src.rows_f32(name, ids)
     }
+
+    /// The weight source.
+    pub fn source(&self) -> &'a dyn WeightSource {
+        self.src
+    }
+
+    /// `x @ W^T` for the 2-D weight `name` (`[out, in]`): a one-row `x` goes through
+    /// [`WeightSource::matvec`] (the bf16 kernel on tiered sources), more rows through
+    /// candle on the staged f32 tensor.
+    pub fn linear(&self, name: &str, x: &Tensor) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        if n == 1 {
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let y = self.src.matvec(name, &xs)?;
+            let len = y.len();
+            Ok(Tensor::from_vec(y, (1, len), x.device())?)
+        } else {
+            linear(x, &self.src.tensor_f32(name)?, None)
+        }
+    }
 }
 
 /// Errors unless `name` exists with exactly `shape`.

@@ -271,7 +271,9 @@ impl TextDecoder {
         if collect_hidden {
             hidden_states.push(h.clone());
         }
-        for l in 0..self.num_layers() {
+        let layers = self.num_layers();
+        for l in 0..layers {
+            p.source().begin_layer(l, layers);
             let pre = format!("{PREFIX}.layers.{l}");
             let x = rms_norm(
                 &h,
@@ -300,16 +302,18 @@ impl TextDecoder {
                 h = h.index_add(&ds.positions, feat, 0)?;
             }
         }
+        p.source().begin_layer(layers, layers);
         let normed = rms_norm(&h, &p.get_any(&format!("{PREFIX}.norm.weight"))?, eps)?;
         if collect_hidden {
             hidden_states.push(normed.clone());
         }
         let logits = match outputs.logits {
             LogitsFor::Skip => None,
-            LogitsFor::All => Some(linear(&normed, &p.get_any(self.lm_head_name())?, None)?),
+            LogitsFor::All => Some(p.linear(self.lm_head_name(), &normed)?),
             LogitsFor::Last => {
+                // One row: the matrix-vector path, even after a long prompt.
                 let last = normed.narrow(0, n - 1, 1)?;
-                Some(linear(&last, &p.get_any(self.lm_head_name())?, None)?)
+                Some(p.linear(self.lm_head_name(), &last)?)
             }
         };
         Ok(DecoderOutput {
@@ -339,6 +343,7 @@ impl TextDecoder {
         );
         let eps = c.rms_norm_eps;
         let w = |name: &str| p.get_any(&format!("{pre}.self_attn.{name}"));
+        let lin = |name: &str, x: &Tensor| p.linear(&format!("{pre}.self_attn.{name}"), x);
         // [n, heads*hd] -> [n, heads, hd] -> per-head RMSNorm -> [1, heads, n, hd]
         let heads = |proj: Tensor, count: usize, norm: Option<Tensor>| -> Result<Tensor> {
             let t = proj.reshape((n, count, hd))?;
@@ -348,17 +353,9 @@ impl TextDecoder {
             };
             Ok(t.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
         };
-        let q = heads(
-            linear(x, &w("q_proj.weight")?, None)?,
-            nh,
-            Some(w("q_norm.weight")?),
-        )?;
-        let k = heads(
-            linear(x, &w("k_proj.weight")?, None)?,
-            nkv,
-            Some(w("k_norm.weight")?),
-        )?;
-        let v = heads(linear(x, &w("v_proj.weight")?, None)?, nkv, None)?;
+        let q = heads(lin("q_proj.weight", x)?, nh, Some(w("q_norm.weight")?))?;
+        let k = heads(lin("k_proj.weight", x)?, nkv, Some(w("k_norm.weight")?))?;
+        let v = heads(lin("v_proj.weight", x)?, nkv, None)?;
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let (k_all, v_all) = kv.append(layer, &k, &v)?;
@@ -372,14 +369,14 @@ impl TextDecoder {
         let probs = softmax_last_dim(&scores)?;
         let out = probs.matmul(&v_all)?; // [1, nh, n, hd]
         let out = out.squeeze(0)?.transpose(0, 1)?.reshape((n, nh * hd))?;
-        linear(&out, &w("o_proj.weight")?, None)
+        lin("o_proj.weight", &out)
     }
 
     fn swiglu(&self, p: &Params, pre: &str, x: &Tensor) -> Result<Tensor> {
-        let w = |name: &str| p.get_any(&format!("{pre}.mlp.{name}"));
-        let gate = linear(x, &w("gate_proj.weight")?, None)?.silu()?;
-        let up = linear(x, &w("up_proj.weight")?, None)?;
-        linear(&(gate * up)?, &w("down_proj.weight")?, None)
+        let lin = |name: &str, x: &Tensor| p.linear(&format!("{pre}.mlp.{name}"), x);
+        let gate = lin("gate_proj.weight", x)?.silu()?;
+        let up = lin("up_proj.weight", x)?;
+        lin("down_proj.weight", &(gate * up)?)
     }
 
     /// Softmax router, top-k experts per token (ties to the lower index), optional
@@ -394,7 +391,7 @@ impl TextDecoder {
         let e = moe.num_experts as usize;
         let k = moe.num_experts_per_tok as usize;
         let inter = moe.moe_intermediate_size as usize;
-        let router = linear(x, &p.get_any(&format!("{pre}.mlp.gate.weight"))?, None)?;
+        let router = p.linear(&format!("{pre}.mlp.gate.weight"), x)?;
         let probs = softmax_last_dim(&router)?.to_vec2::<f32>()?;
         // Per expert: (token, weight).
         let mut routed: Vec<Vec<(u32, f32)>> = vec![Vec::new(); e];
@@ -413,8 +410,39 @@ impl TextDecoder {
             }
         }
         let layout = self.expert_layout(p, layer)?;
-        let gate_up = p.get_any(&format!("{pre}.mlp.experts.gate_up_proj"))?;
-        let down = p.get_any(&format!("{pre}.mlp.experts.down_proj"))?;
+        let transposed = layout == ExpertLayout::Transposed;
+        let gu_name = format!("{pre}.mlp.experts.gate_up_proj");
+        let down_name = format!("{pre}.mlp.experts.down_proj");
+        let src = p.source();
+        if n == 1 {
+            // Decode: only the routed experts' slices are read, each through the
+            // matrix-vector kernel.
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut acc = vec![0f32; h];
+            for (expert, tokens) in routed.iter().enumerate() {
+                let Some(&(_, wgt)) = tokens.first() else {
+                    continue;
+                };
+                let gu = src.expert_matvec(&gu_name, expert, transposed, &xs)?;
+                if gu.len() != 2 * inter {
+                    return Err(RunnerError::BadRequest(format!(
+                        "{gu_name}: expert output has {} values, expected {}",
+                        gu.len(),
+                        2 * inter
+                    )));
+                }
+                let act: Vec<f32> = gu[..inter]
+                    .iter()
+                    .zip(&gu[inter..])
+                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
+                let y = src.expert_matvec(&down_name, expert, transposed, &act)?;
+                for (a, v) in acc.iter_mut().zip(&y) {
+                    *a += wgt * v;
+                }
+            }
+            return Ok(Tensor::from_vec(acc, (1, h), &self.device)?);
+        }
         let mut out = Tensor::zeros((n, h), candle_core::DType::F32, &self.device)?;
         for (expert, tokens) in routed.iter().enumerate() {
             if tokens.is_empty() {
@@ -425,8 +453,8 @@ impl TextDecoder {
             let idx = Tensor::from_vec(idx, tokens.len(), &self.device)?;
             let wts = Tensor::from_vec(wts, (tokens.len(), 1), &self.device)?;
             let xs = x.index_select(&idx, 0)?;
-            let gu_w = gate_up.get(expert)?;
-            let dn_w = down.get(expert)?;
+            let gu_w = src.expert_f32(&gu_name, expert)?;
+            let dn_w = src.expert_f32(&down_name, expert)?;
             let gu = match layout {
                 ExpertLayout::Released => xs.matmul(&gu_w)?,
                 ExpertLayout::Transposed => linear(&xs, &gu_w, None)?,

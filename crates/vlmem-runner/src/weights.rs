@@ -40,6 +40,61 @@ pub trait WeightSource: Send + Sync {
         let idx = Tensor::from_slice(ids, ids.len(), table.device())?;
         Ok(table.index_select(&idx, 0)?)
     }
+
+    /// `W x` for the 2-D weight `name` (`[out, in]`, a linear layer) and one input row `x`
+    /// (`in` values): the decode path. The default stages the tensor as f32 and multiplies
+    /// with candle; a source holding the stored bytes runs [`crate::kernels::matvec`] on
+    /// them instead (no widened copy).
+    fn matvec(&self, name: &str, x: &[f32]) -> Result<Vec<f32>> {
+        let w = self.tensor_f32(name)?;
+        let xt = Tensor::from_slice(x, (1, x.len()), w.device())?;
+        Ok(crate::nn::linear(&xt, &w, None)?.flatten_all()?.to_vec1()?)
+    }
+
+    /// Matrix `expert` of the fused 3-D tensor `name` (`[experts, a, b]`) as f32 `[a, b]`.
+    /// The default stages the whole tensor; a tiered source reads only that expert's slice.
+    fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {
+        let t = self.tensor_f32(name)?;
+        check_expert(name, t.dims(), expert)?;
+        Ok(t.get(expert)?)
+    }
+
+    /// One input row through matrix `expert` of the fused 3-D tensor `name`: `x W_e` when
+    /// `transposed` is false (`W_e: [in, out]`, the released layout), `W_e x` when it is true
+    /// (`W_e: [out, in]`). The default goes through [`WeightSource::expert_f32`] and candle.
+    fn expert_matvec(
+        &self,
+        name: &str,
+        expert: usize,
+        transposed: bool,
+        x: &[f32],
+    ) -> Result<Vec<f32>> {
+        let w = self.expert_f32(name, expert)?;
+        let xt = Tensor::from_slice(x, (1, x.len()), w.device())?;
+        let y = if transposed {
+            crate::nn::linear(&xt, &w, None)?
+        } else {
+            xt.matmul(&w)?
+        };
+        Ok(y.flatten_all()?.to_vec1()?)
+    }
+
+    /// Told by the decoder as it starts layer `layer` of `layers` (`layer == layers`: the
+    /// final norm and lm_head), so a tiered source can prefetch what comes next. The default
+    /// does nothing.
+    fn begin_layer(&self, _layer: usize, _layers: usize) {}
+}
+
+/// Errors unless `shape` is a 3-D stack with a matrix `expert`.
+pub(crate) fn check_expert(name: &str, shape: &[usize], expert: usize) -> Result<()> {
+    match shape {
+        [e, _, _] if expert < *e => Ok(()),
+        _ => Err(RunnerError::TensorShape {
+            name: name.to_string(),
+            expected: format!("a 3-D stack of experts with expert {expert}"),
+            found: shape.to_vec(),
+        }),
+    }
 }
 
 /// Reads weights straight from the checkpoint's safetensors files: one positioned read of the
@@ -247,6 +302,23 @@ impl<S: WeightSource> WeightSource for CachedWeights<S> {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.inner.shape(name)
     }
+
+    /// The matrix-vector kernel on the resident f32 tensor (no candle matmul, no copy).
+    fn matvec(&self, name: &str, x: &[f32]) -> Result<Vec<f32>> {
+        let w = self.tensor_f32(name)?;
+        let (rows, cols) = w.dims2()?;
+        let (storage, layout) = w.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((a, b))) => {
+                crate::kernels::matvec_f32(&values[a..b], rows, cols, x)
+            }
+            _ => {
+                drop(storage);
+                let xt = Tensor::from_slice(x, (1, x.len()), w.device())?;
+                Ok(crate::nn::linear(&xt, &w, None)?.flatten_all()?.to_vec1()?)
+            }
+        }
+    }
 }
 
 impl<S: WeightSource + ?Sized> WeightSource for Arc<S> {
@@ -260,5 +332,27 @@ impl<S: WeightSource + ?Sized> WeightSource for Arc<S> {
 
     fn rows_f32(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
         (**self).rows_f32(name, ids)
+    }
+
+    fn matvec(&self, name: &str, x: &[f32]) -> Result<Vec<f32>> {
+        (**self).matvec(name, x)
+    }
+
+    fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {
+        (**self).expert_f32(name, expert)
+    }
+
+    fn expert_matvec(
+        &self,
+        name: &str,
+        expert: usize,
+        transposed: bool,
+        x: &[f32],
+    ) -> Result<Vec<f32>> {
+        (**self).expert_matvec(name, expert, transposed, x)
+    }
+
+    fn begin_layer(&self, layer: usize, layers: usize) {
+        (**self).begin_layer(layer, layers)
     }
 }

@@ -1,0 +1,317 @@
+//! Matrix-vector kernels for decode: one input row against a weight matrix read in its stored
+//! type (bf16, f16 or f32 little-endian bytes, e.g. a tensor pinned in the manager's host
+//! tier), accumulated in f32. Decode is bound by reading weights, so the weights are never
+//! widened into a second buffer: each element is widened in registers as it is used.
+//!
+//! - [`matvec`]: `y = W x` for `W: [out, in]` (a linear layer, `x @ W^T`);
+//! - [`vecmat`]: `y = x W` for `W: [in, out]` (the released layout's fused experts, `x @ W`);
+//! - [`read_bandwidth_probe`]: a vectorized read of a buffer on all cores, to measure the
+//!   machine's memory read bandwidth.
+//!
+//! AVX2 + FMA is used when the CPU has it (detected at run time), else a portable scalar loop.
+//! Rows (or, for [`vecmat`], output columns) are split across rayon's pool, the pool candle
+//! itself uses. The only `unsafe` of the crate lives in this module's [`bf16`] submodule.
+
+pub mod bf16;
+
+use crate::error::{Result, RunnerError};
+use rayon::prelude::*;
+use vlmem_qwen3vl::tensors::Dtype;
+
+/// Elements of weight below which a call stays on the calling thread (the fork costs more).
+const MIN_ELEMS_PER_TASK: usize = 1 << 16;
+
+/// Element types the kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightType {
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// f32.
+    F32,
+}
+
+impl WeightType {
+    /// The kernel type for a checkpoint dtype; `None` for types the runner does not read.
+    pub fn from_dtype(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::BF16 => Some(WeightType::Bf16),
+            Dtype::F16 => Some(WeightType::F16),
+            Dtype::F32 => Some(WeightType::F32),
+            _ => None,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            WeightType::Bf16 | WeightType::F16 => 2,
+            WeightType::F32 => 4,
+        }
+    }
+}
+
+/// Which instruction set the kernels use on this machine.
+pub fn isa() -> &'static str {
+    if bf16::has_avx2_fma() {
+        "avx2+fma"
+    } else {
+        "scalar"
+    }
+}
+
+fn check(
+    what: &str,
+    w: &[u8],
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    x_len: usize,
+    x_want: usize,
+) -> Result<()> {
+    let want = rows
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(ty.size_bytes()))
+        .ok_or_else(|| RunnerError::BadRequest(format!("{what}: {rows} x {cols} overflows")))?;
+    if w.len() != want {
+        return Err(RunnerError::BadRequest(format!(
+            "{what}: weight has {} bytes, a {rows} x {cols} {ty:?} matrix needs {want}",
+            w.len()
+        )));
+    }
+    if x_len != x_want {
+        return Err(RunnerError::BadRequest(format!(
+            "{what}: input has {x_len} values, the matrix takes {x_want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Rows per parallel task: a multiple of 4 (the AVX2 kernel's row block) holding at least
+/// [`MIN_ELEMS_PER_TASK`] weights, and about four tasks per thread for balance.
+fn rows_per_task(rows: usize, cols: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_balance = rows.div_ceil(threads * 4);
+    let by_size = MIN_ELEMS_PER_TASK.div_ceil(cols.max(1));
+    by_balance.max(by_size).max(1).div_ceil(4) * 4
+}
+
+/// `y = W x`: `w` holds `W` as `rows x cols` row-major elements of `ty` (little-endian),
+/// `x` has `cols` values; returns `rows` values, each accumulated in f32.
+pub fn matvec(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
+    check("matvec", w, ty, rows, cols, x.len(), cols)?;
+    let mut y = vec![0f32; rows];
+    if rows == 0 || cols == 0 {
+        return Ok(y);
+    }
+    let row_bytes = cols * ty.size_bytes();
+    let per_task = rows_per_task(rows, cols);
+    if per_task >= rows {
+        bf16::matvec_rows(w, ty, cols, x, &mut y);
+    } else {
+        y.par_chunks_mut(per_task)
+            .zip(w.par_chunks(per_task * row_bytes))
+            .for_each(|(y, w)| bf16::matvec_rows(w, ty, cols, x, y));
+    }
+    Ok(y)
+}
+
+/// [`matvec`] on f32 values in memory (a resident f32 tensor).
+pub fn matvec_f32(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
+    matvec(bf16::f32_bytes(w), WeightType::F32, rows, cols, x)
+}
+
+/// `y = x W`: `w` holds `W` as `rows x cols` row-major elements of `ty` (`rows` inputs,
+/// `cols` outputs), `x` has `rows` values; returns `cols` values accumulated in f32.
+pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
+    check("vecmat", w, ty, rows, cols, x.len(), rows)?;
+    let mut y = vec![0f32; cols];
+    if rows == 0 || cols == 0 {
+        return Ok(y);
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // Column blocks: multiples of 8 (one AVX2 vector), at least MIN_ELEMS_PER_TASK weights.
+    let by_balance = cols.div_ceil(threads * 2);
+    let by_size = MIN_ELEMS_PER_TASK.div_ceil(rows);
+    let per_task = (by_balance.max(by_size).max(1).div_ceil(8) * 8).min(cols);
+    if per_task >= cols {
+        bf16::vecmat_cols(w, ty, rows, cols, 0, x, &mut y);
+    } else {
+        y.par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(i, y)| bf16::vecmat_cols(w, ty, rows, cols, i * per_task, x, y));
+    }
+    Ok(y)
+}
+
+/// Reads every byte of `buf` with vector loads, split across all of rayon's threads, and
+/// returns a checksum (so the reads cannot be optimised away). Time it to get the memory
+/// read bandwidth.
+pub fn read_bandwidth_probe(buf: &[u8]) -> u64 {
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = buf.len().div_ceil(threads).div_ceil(4096).max(1) * 4096;
+    buf.par_chunks(per_task)
+        .map(bf16::read_sum)
+        .reduce(|| 0u64, u64::wrapping_add)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16 as Bf16, f16 as F16};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn uniform(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    /// The matrix as stored bytes of `ty` and as the exact values those bytes hold.
+    fn matrix(rng: &mut Rng, ty: WeightType, n: usize) -> (Vec<u8>, Vec<f64>) {
+        let mut bytes = Vec::with_capacity(n * ty.size_bytes());
+        let mut values = Vec::with_capacity(n);
+        for _ in 0..n {
+            let v = rng.uniform();
+            match ty {
+                WeightType::Bf16 => {
+                    let b = Bf16::from_f32(v);
+                    bytes.extend_from_slice(&b.to_le_bytes());
+                    values.push(b.to_f64());
+                }
+                WeightType::F16 => {
+                    let b = F16::from_f32(v);
+                    bytes.extend_from_slice(&b.to_le_bytes());
+                    values.push(b.to_f64());
+                }
+                WeightType::F32 => {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                    values.push(f64::from(v));
+                }
+            }
+        }
+        (bytes, values)
+    }
+
+    /// Tolerance: f32 accumulation of `n` products of magnitude <= 1.
+    fn tol(n: usize) -> f64 {
+        1e-6 * (n as f64).max(16.0)
+    }
+
+    const SHAPES: [(usize, usize); 12] = [
+        (1, 1),
+        (1, 7),
+        (3, 5),
+        (4, 8),
+        (5, 17),
+        (9, 33),
+        (13, 63),
+        (31, 129),
+        (64, 64),
+        (257, 1001),
+        (1030, 72),
+        (2053, 1024),
+    ];
+
+    #[test]
+    fn matvec_matches_f64_reference_on_odd_shapes() {
+        let mut rng = Rng(7);
+        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+            for (rows, cols) in SHAPES {
+                let (w, wv) = matrix(&mut rng, ty, rows * cols);
+                let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
+                let y = matvec(&w, ty, rows, cols, &x).unwrap();
+                assert_eq!(y.len(), rows);
+                for r in 0..rows {
+                    let want: f64 = (0..cols).map(|c| wv[r * cols + c] * f64::from(x[c])).sum();
+                    let err = (f64::from(y[r]) - want).abs();
+                    assert!(
+                        err <= tol(cols),
+                        "{ty:?} {rows}x{cols} row {r}: {} vs {want} (err {err:e})",
+                        y[r]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vecmat_matches_f64_reference_on_odd_shapes() {
+        let mut rng = Rng(11);
+        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+            for (rows, cols) in SHAPES {
+                let (w, wv) = matrix(&mut rng, ty, rows * cols);
+                let x: Vec<f32> = (0..rows).map(|_| rng.uniform()).collect();
+                let y = vecmat(&w, ty, rows, cols, &x).unwrap();
+                assert_eq!(y.len(), cols);
+                for c in 0..cols {
+                    let want: f64 = (0..rows).map(|r| wv[r * cols + c] * f64::from(x[r])).sum();
+                    let err = (f64::from(y[c]) - want).abs();
+                    assert!(
+                        err <= tol(rows),
+                        "{ty:?} {rows}x{cols} col {c}: {} vs {want} (err {err:e})",
+                        y[c]
+                    );
+                }
+            }
+        }
+    }
+
+    /// The vector path and the scalar path agree (the scalar path is what machines without
+    /// AVX2 run), on unaligned weight bytes too.
+    #[test]
+    fn vector_and_scalar_paths_agree_on_unaligned_bytes() {
+        let mut rng = Rng(3);
+        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+            let (rows, cols) = (37, 203);
+            let (w, _) = matrix(&mut rng, ty, rows * cols);
+            let mut shifted = vec![0u8; 1];
+            shifted.extend_from_slice(&w);
+            let w = &shifted[1..];
+            let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
+            let mut fast = vec![0f32; rows];
+            let mut slow = vec![0f32; rows];
+            bf16::matvec_rows(w, ty, cols, &x, &mut fast);
+            bf16::matvec_rows_scalar(w, ty, cols, &x, &mut slow);
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!((a - b).abs() <= 1e-4, "{ty:?}: {a} vs {b}");
+            }
+            let xr: Vec<f32> = (0..rows).map(|_| rng.uniform()).collect();
+            let mut fast = vec![0f32; cols];
+            let mut slow = vec![0f32; cols];
+            bf16::vecmat_cols(w, ty, rows, cols, 0, &xr, &mut fast);
+            bf16::vecmat_cols_scalar(w, ty, rows, cols, 0, &xr, &mut slow);
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!((a - b).abs() <= 1e-4, "{ty:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        let w = vec![0u8; 2 * 3 * 4];
+        assert!(matvec(&w, WeightType::Bf16, 3, 4, &[0.0; 4]).is_ok());
+        assert!(matvec(&w, WeightType::Bf16, 3, 4, &[0.0; 3]).is_err());
+        assert!(matvec(&w, WeightType::Bf16, 4, 4, &[0.0; 4]).is_err());
+        assert!(matvec(&w, WeightType::F32, 3, 4, &[0.0; 4]).is_err());
+        assert!(vecmat(&w, WeightType::Bf16, 3, 4, &[0.0; 3]).is_ok());
+        assert!(vecmat(&w, WeightType::Bf16, 3, 4, &[0.0; 4]).is_err());
+        assert!(matvec(&w, WeightType::Bf16, usize::MAX, 4, &[0.0; 4]).is_err());
+    }
+
+    #[test]
+    fn read_probe_sums_every_byte() {
+        let buf: Vec<u8> = (0..100_003u32).map(|i| (i % 251) as u8).collect();
+        let want: u64 = buf.iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(read_bandwidth_probe(&buf), want);
+        assert_eq!(read_bandwidth_probe(&[]), 0);
+    }
+}
