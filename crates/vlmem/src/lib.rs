@@ -6,6 +6,7 @@
 pub mod config;
 mod entry;
 pub mod error;
+pub mod kv_pool;
 mod manager;
 pub mod policy;
 pub mod replay;
@@ -15,6 +16,7 @@ pub mod vision_cache;
 
 pub use config::{Budgets, ManagerConfig};
 pub use error::{ManagerError, Result};
+pub use kv_pool::{KvError, KvPool, KvPoolConfig, KvPoolStats, SeqId};
 pub use manager::{Audit, CompactionReport, MemoryManager, PinGuard, TensorHandle, fragmentation};
 pub use stats::ManagerStats;
 pub use vlmem_core::{TensorKind, Tier};

@@ -539,6 +539,14 @@ impl MemoryManager {
         Ok(freed)
     }
 
+    /// Demotes one tensor's copy on `tier` (written back one tier down when it is the only
+    /// copy), as a swap-out chosen by the caller rather than by the eviction policy. Returns
+    /// the bytes freed on `tier`: 0 when the tensor has no copy there, is pinned or moving,
+    /// or its last copy is on the disk.
+    pub fn swap_out(&self, handle: TensorHandle, tier: Tier) -> Result<u64> {
+        self.inner.demote(handle, tier)
+    }
+
     /// Compacts every tier (see [`MemoryManager::compact_tier`]).
     pub fn compact(&self) -> Result<Vec<CompactionReport>> {
         Tier::ALL.iter().map(|&t| self.compact_tier(t)).collect()

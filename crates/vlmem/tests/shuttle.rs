@@ -116,3 +116,73 @@ fn shuttle_manager_random_1000_schedules() {
 fn shuttle_manager_pct_300_schedules() {
     shuttle::check_pct(harness, 300, 3);
 }
+
+/// The paged KV pool: 3 threads start sequences over one shared system prompt (sharing
+/// sealed blocks), append, read back and finish, with room for fewer blocks than they need
+/// (whole-sequence swaps). The ledger: every token's KV reads back, and at the end no block,
+/// reference or sequence is left.
+fn kv_harness() {
+    use vlmem::{KvPool, KvPoolConfig};
+    const BPT: u64 = 64;
+    let mut c = ManagerConfig::with_capacities(MIB, 2 * MIB, 4 * MIB);
+    for t in Tier::ALL {
+        for k in TensorKind::ALL {
+            c.budgets.bytes[t.index()][k.index()] = [MIB, 2 * MIB, 4 * MIB][t.index()];
+        }
+    }
+    // Room for 4 blocks of 4 tokens x 64 bytes on the host.
+    c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = 4 * 4 * BPT;
+    c.shards = 2;
+    c.engine.workers = 2;
+    c.disk.direct_io = false;
+    c.disk.preallocate = false;
+    c.disk.unit_bytes = 64 * KIB;
+    let m = MemoryManager::new(c).expect("manager");
+    let pool = Arc::new(
+        KvPool::new(
+            m,
+            KvPoolConfig {
+                block_tokens: 4,
+                bytes_per_token: BPT,
+                compute_tier: Tier::Host,
+            },
+        )
+        .expect("pool"),
+    );
+    let kv = |pos: usize, tok: u32| -> Vec<u8> {
+        (0..BPT as usize)
+            .map(|i| (pos * 13 + tok as usize * 7 + i) as u8)
+            .collect()
+    };
+    let threads: Vec<_> = (0..3u32)
+        .map(|t| {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let mut prompt: Vec<u32> = (0..9).collect();
+                prompt.push(100 + t);
+                let (s, reused) = pool.start(&prompt).expect("start");
+                let mut bytes = Vec::new();
+                for (i, &tok) in prompt.iter().enumerate().skip(reused) {
+                    bytes.extend(kv(i, tok));
+                }
+                pool.append(s, &prompt[reused..], &bytes).expect("append");
+                let mut buf = vec![0u8; BPT as usize];
+                for (i, &tok) in prompt.iter().enumerate() {
+                    pool.read_token(s, i, &mut buf).expect("read");
+                    assert_eq!(buf, kv(i, tok), "thread {t} token {i}");
+                }
+                pool.finish(s).expect("finish");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let s = pool.stats();
+    assert_eq!((s.sequences, s.blocks, s.block_refs), (0, 0, 0), "{s:?}");
+}
+
+#[test]
+fn shuttle_kv_pool_random_500_schedules() {
+    shuttle::check_random(kv_harness, 500);
+}

@@ -1,0 +1,643 @@
+//! The paged KV cache: fixed-size blocks owned per sequence, full blocks shared between
+//! sequences by a hash of their content, and whole sequences swapped out under pressure.
+//!
+//! ## Blocks
+//! A block holds the keys and values of `block_tokens` consecutive tokens
+//! (`block_tokens * bytes_per_token` bytes, laid out as the caller likes, token by token).
+//! Each block is one [`TensorKind::KvCache`] tensor of the [`MemoryManager`], so it lives in
+//! the manager's tiers and counts against the KV budget of each tier. A sequence owns a table
+//! of blocks; its last block fills as tokens are appended.
+//!
+//! ## Prefix sharing
+//! When a block is full it is sealed under a chained hash of every token up to its end
+//! (the hash of the previous block and this block's token ids), as vLLM's prefix cache does.
+//! A new sequence whose prompt starts with the same tokens takes the sealed blocks by
+//! reference (a count per block) instead of recomputing them: [`KvPool::start`] says how
+//! many prompt tokens are already there. Sealed blocks are immutable; a block is freed when
+//! its last sequence finishes. Two sequences that fill identical blocks independently keep
+//! both until one finishes (the index points at the first).
+//!
+//! ## Pressure: whole sequences move
+//! The pool keeps at most `budget / block bytes` blocks on the compute tier (the manager's KV
+//! budget there). A new block beyond that first swaps out a whole other sequence (the most
+//! recently started idle one, as vLLM preempts the latest arrival): each block it owns alone
+//! is demoted one tier down. A swapped sequence comes back whole the next time it is used.
+//! Blocks shared with a resident sequence stay.
+//!
+//! ## Locks
+//! One mutex over the tables (level 2 in docs/ARCHITECTURE.md: above the manager's shard
+//! locks, never held across a manager call, since those may do I/O). A sequence is used by one
+//! thread at a time; a second thread gets [`KvError::SequenceBusy`].
+
+use crate::error::ManagerError;
+use crate::manager::{MemoryManager, TensorHandle};
+use std::collections::HashMap;
+use vlmem_core::sync::atomic::{AtomicU64, Ordering};
+use vlmem_core::sync::{Condvar, Mutex, wait_guard};
+use vlmem_core::{TensorKind, Tier};
+
+/// Errors of the KV pool.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// No such sequence (never started, or finished).
+    #[error("unknown KV sequence {0}")]
+    UnknownSequence(u64),
+    /// Another thread is using the sequence.
+    #[error("KV sequence {0} is in use by another thread")]
+    SequenceBusy(u64),
+    /// KV bytes that do not match the tokens given.
+    #[error("{bytes} bytes of KV for {tokens} tokens; expected {bytes_per_token} per token")]
+    BadLength {
+        /// Bytes given.
+        bytes: usize,
+        /// Tokens given.
+        tokens: usize,
+        /// Bytes one token's KV takes.
+        bytes_per_token: u64,
+    },
+    /// A position past the sequence's end.
+    #[error("token {position} is past the end of sequence {seq} ({len} tokens)")]
+    OutOfRange {
+        /// The sequence.
+        seq: u64,
+        /// The position asked for.
+        position: usize,
+        /// Tokens in the sequence.
+        len: usize,
+    },
+    /// A bad pool configuration.
+    #[error("invalid KV pool configuration: {0}")]
+    InvalidConfig(String),
+    /// The manager refused (no room even after swapping, I/O error, ...).
+    #[error(transparent)]
+    Manager(#[from] ManagerError),
+}
+
+/// Result of the KV pool.
+pub type KvResult<T> = std::result::Result<T, KvError>;
+
+/// How the pool is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvPoolConfig {
+    /// Tokens per block (vLLM's default is 16).
+    pub block_tokens: u32,
+    /// KV bytes of one token (all layers, keys and values).
+    pub bytes_per_token: u64,
+    /// Where attention reads the cache (host for CPU compute, device for GPU).
+    pub compute_tier: Tier,
+}
+
+impl KvPoolConfig {
+    /// Bytes of one block.
+    pub fn block_bytes(&self) -> u64 {
+        u64::from(self.block_tokens) * self.bytes_per_token
+    }
+}
+
+/// A sequence of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SeqId(u64);
+
+impl SeqId {
+    /// The number (for display).
+    pub fn get(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Counters of the pool at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvPoolStats {
+    /// Live sequences.
+    pub sequences: u64,
+    /// Live blocks.
+    pub blocks: u64,
+    /// Blocks referenced by more than one sequence.
+    pub shared_blocks: u64,
+    /// Block references held by sequences (>= blocks; the difference is what sharing saves).
+    pub block_refs: u64,
+    /// Blocks counted on the compute tier.
+    pub resident_blocks: u64,
+    /// Prompt tokens served from shared blocks instead of being computed.
+    pub prefix_hit_tokens: u64,
+    /// Whole-sequence swap-outs.
+    pub swap_outs: u64,
+    /// Whole-sequence swap-ins.
+    pub swap_ins: u64,
+}
+
+#[derive(Debug)]
+struct BlockMeta {
+    handle: TensorHandle,
+    refs: u32,
+    /// Chained content hash once the block is full.
+    sealed: Option<u64>,
+    /// Once sealed: the block before it in its sequence and its own token ids, so a hash
+    /// match is checked against the real content (a collision never shares wrong KV).
+    parent: Option<u64>,
+    tokens: Vec<u32>,
+    /// Counted on the compute tier.
+    resident: bool,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    tokens: Vec<u32>,
+    blocks: Vec<u64>,
+    /// Tokens whose KV is stored (the prompt's shared prefix counts from the start).
+    stored: usize,
+    /// A caller's call is using it.
+    busy: bool,
+    /// Another caller's call is swapping it out to make room (its owner waits).
+    swapping: bool,
+    swapped: bool,
+    started: u64,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    seqs: HashMap<u64, Sequence>,
+    blocks: HashMap<u64, BlockMeta>,
+    prefix: HashMap<u64, u64>,
+    resident_blocks: u64,
+    next_block: u64,
+    next_seq: u64,
+}
+
+/// The paged KV cache over a [`MemoryManager`]. Cheap to share by reference; every method
+/// takes `&self`.
+#[derive(Debug)]
+pub struct KvPool {
+    manager: MemoryManager,
+    config: KvPoolConfig,
+    max_resident_blocks: u64,
+    tables: Mutex<Tables>,
+    /// Signalled when a swap made for room ends (its sequence's owner waits for it).
+    swapped_for_room: Condvar,
+    prefix_hit_tokens: AtomicU64,
+    swap_outs: AtomicU64,
+    swap_ins: AtomicU64,
+}
+
+/// FNV-1a over the previous block's hash and this block's token ids.
+fn chain_hash(previous: u64, tokens: &[u32]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ previous;
+    for t in tokens {
+        for b in t.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    h
+}
+
+/// Marks a sequence busy for the duration of one call.
+struct Claim<'a> {
+    pool: &'a KvPool,
+    seq: u64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.pool.tables.lock().seqs.get_mut(&self.seq) {
+            s.busy = false;
+        }
+    }
+}
+
+impl KvPool {
+    /// A pool over `manager`, keeping at most the manager's KV budget on the compute tier.
+    pub fn new(manager: MemoryManager, config: KvPoolConfig) -> KvResult<Self> {
+        if config.block_tokens == 0 || config.bytes_per_token == 0 {
+            return Err(KvError::InvalidConfig(
+                "block_tokens and bytes_per_token must be at least 1".into(),
+            ));
+        }
+        let budget = manager
+            .stats()
+            .budgets
+            .get(config.compute_tier, TensorKind::KvCache);
+        let max_resident_blocks = budget / config.block_bytes();
+        if max_resident_blocks == 0 {
+            return Err(KvError::InvalidConfig(format!(
+                "the KV budget on {} ({budget} bytes) is smaller than one block ({} bytes)",
+                config.compute_tier,
+                config.block_bytes()
+            )));
+        }
+        Ok(KvPool {
+            manager,
+            config,
+            max_resident_blocks,
+            tables: Mutex::new(Tables::default()),
+            swapped_for_room: Condvar::new(),
+            prefix_hit_tokens: AtomicU64::new(0),
+            swap_outs: AtomicU64::new(0),
+            swap_ins: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> KvPoolConfig {
+        self.config
+    }
+
+    /// Blocks the pool keeps on the compute tier at most.
+    pub fn max_resident_blocks(&self) -> u64 {
+        self.max_resident_blocks
+    }
+
+    /// Starts a sequence for `prompt`. Returns it and how many leading prompt tokens already
+    /// have their KV in shared blocks (the caller computes and appends the rest, from that
+    /// position on).
+    pub fn start(&self, prompt: &[u32]) -> KvResult<(SeqId, usize)> {
+        let bt = self.config.block_tokens as usize;
+        let mut t = self.tables.lock();
+        let id = t.next_seq;
+        t.next_seq += 1;
+        let mut blocks = Vec::new();
+        let mut hash = 0u64;
+        // Only whole blocks strictly before the last prompt token are shared, so the caller
+        // always computes at least one token (it needs that token's logits).
+        for chunk in prompt.chunks_exact(bt) {
+            if (blocks.len() + 1) * bt >= prompt.len() {
+                break;
+            }
+            hash = chain_hash(hash, chunk);
+            let Some(&b) = t.prefix.get(&hash) else {
+                break;
+            };
+            let parent = blocks.last().copied();
+            match t.blocks.get_mut(&b) {
+                Some(meta) if meta.parent == parent && meta.tokens == chunk => {
+                    meta.refs += 1;
+                    blocks.push(b);
+                }
+                _ => break,
+            }
+        }
+        let stored = blocks.len() * bt;
+        t.seqs.insert(
+            id,
+            Sequence {
+                tokens: prompt[..stored].to_vec(),
+                blocks,
+                stored,
+                busy: false,
+                swapping: false,
+                swapped: false,
+                started: id,
+            },
+        );
+        drop(t);
+        self.prefix_hit_tokens
+            .fetch_add(stored as u64, Ordering::Relaxed);
+        Ok((SeqId(id), stored))
+    }
+
+    /// Marks the sequence in use by this call; waits while another call swaps it out for
+    /// room (that never waits on this one), refuses a second user.
+    fn claim(&self, seq: SeqId) -> KvResult<Claim<'_>> {
+        let mut t = self.tables.lock();
+        loop {
+            let s = t
+                .seqs
+                .get_mut(&seq.0)
+                .ok_or(KvError::UnknownSequence(seq.0))?;
+            if s.swapping {
+                t = wait_guard(&self.swapped_for_room, t);
+                continue;
+            }
+            if s.busy {
+                return Err(KvError::SequenceBusy(seq.0));
+            }
+            s.busy = true;
+            return Ok(Claim {
+                pool: self,
+                seq: seq.0,
+            });
+        }
+    }
+
+    /// Appends tokens and their KV (`kv.len() == tokens.len() * bytes_per_token`), taking new
+    /// blocks as needed (which may swap out another sequence). Sealed full blocks become
+    /// shareable.
+    pub fn append(&self, seq: SeqId, tokens: &[u32], kv: &[u8]) -> KvResult<()> {
+        let bpt = self.config.bytes_per_token;
+        if kv.len() as u64 != tokens.len() as u64 * bpt {
+            return Err(KvError::BadLength {
+                bytes: kv.len(),
+                tokens: tokens.len(),
+                bytes_per_token: bpt,
+            });
+        }
+        let _claim = self.claim(seq)?;
+        self.ensure_resident(seq)?;
+        let bt = self.config.block_tokens as usize;
+        for (i, &token) in tokens.iter().enumerate() {
+            let (position, block) = {
+                let t = self.tables.lock();
+                let s = t.seqs.get(&seq.0).ok_or(KvError::UnknownSequence(seq.0))?;
+                let position = s.stored;
+                (position, s.blocks.get(position / bt).copied())
+            };
+            let block = match block {
+                Some(b) => b,
+                None => self.new_block(seq)?,
+            };
+            let handle = self.handle_of(block)?;
+            let src = &kv[i * bpt as usize..(i + 1) * bpt as usize];
+            self.manager
+                .write(handle, (position % bt) as u64 * bpt, src)?;
+            let mut t = self.tables.lock();
+            let s = t
+                .seqs
+                .get_mut(&seq.0)
+                .ok_or(KvError::UnknownSequence(seq.0))?;
+            s.tokens.push(token);
+            s.stored += 1;
+            if s.stored % bt == 0 {
+                // Sealed: index it under the chained hash of its content.
+                let n = s.stored / bt;
+                let mut hash = 0u64;
+                for chunk in s.tokens[..n * bt].chunks_exact(bt) {
+                    hash = chain_hash(hash, chunk);
+                }
+                let parent = n.checked_sub(2).map(|i| s.blocks[i]);
+                let content = s.tokens[(n - 1) * bt..n * bt].to_vec();
+                if let Some(meta) = t.blocks.get_mut(&block) {
+                    meta.sealed = Some(hash);
+                    meta.parent = parent;
+                    meta.tokens = content;
+                }
+                t.prefix.entry(hash).or_insert(block);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the KV of the token at `position` into `dst` (`bytes_per_token` bytes), from the
+    /// compute tier (swapping the sequence in if it was out).
+    pub fn read_token(&self, seq: SeqId, position: usize, dst: &mut [u8]) -> KvResult<()> {
+        let bpt = self.config.bytes_per_token;
+        if dst.len() as u64 != bpt {
+            return Err(KvError::BadLength {
+                bytes: dst.len(),
+                tokens: 1,
+                bytes_per_token: bpt,
+            });
+        }
+        let _claim = self.claim(seq)?;
+        self.ensure_resident(seq)?;
+        let bt = self.config.block_tokens as usize;
+        let block = {
+            let t = self.tables.lock();
+            let s = t.seqs.get(&seq.0).ok_or(KvError::UnknownSequence(seq.0))?;
+            if position >= s.stored {
+                return Err(KvError::OutOfRange {
+                    seq: seq.0,
+                    position,
+                    len: s.stored,
+                });
+            }
+            s.blocks[position / bt]
+        };
+        let handle = self.handle_of(block)?;
+        let guard = self.manager.pin(handle, self.config.compute_tier)?;
+        guard.read((position % bt) as u64 * bpt, dst)?;
+        Ok(())
+    }
+
+    /// Tokens stored for the sequence.
+    pub fn len(&self, seq: SeqId) -> KvResult<usize> {
+        let t = self.tables.lock();
+        t.seqs
+            .get(&seq.0)
+            .map(|s| s.stored)
+            .ok_or(KvError::UnknownSequence(seq.0))
+    }
+
+    /// Whether the sequence is swapped out now.
+    pub fn is_swapped(&self, seq: SeqId) -> KvResult<bool> {
+        let t = self.tables.lock();
+        t.seqs
+            .get(&seq.0)
+            .map(|s| s.swapped)
+            .ok_or(KvError::UnknownSequence(seq.0))
+    }
+
+    /// Ends a sequence: its references go, and blocks nobody else holds are freed.
+    pub fn finish(&self, seq: SeqId) -> KvResult<()> {
+        let mut freed = Vec::new();
+        {
+            let mut t = self.tables.lock();
+            loop {
+                let s = t.seqs.get(&seq.0).ok_or(KvError::UnknownSequence(seq.0))?;
+                if s.busy {
+                    return Err(KvError::SequenceBusy(seq.0));
+                }
+                if !s.swapping {
+                    break;
+                }
+                t = wait_guard(&self.swapped_for_room, t);
+            }
+            let s = t
+                .seqs
+                .remove(&seq.0)
+                .ok_or(KvError::UnknownSequence(seq.0))?;
+            for b in s.blocks {
+                let Some(meta) = t.blocks.get_mut(&b) else {
+                    continue;
+                };
+                meta.refs -= 1;
+                if meta.refs == 0 {
+                    let meta = t.blocks.remove(&b).expect("present");
+                    if let Some(h) = meta.sealed
+                        && t.prefix.get(&h) == Some(&b)
+                    {
+                        t.prefix.remove(&h);
+                    }
+                    if meta.resident {
+                        t.resident_blocks -= 1;
+                    }
+                    freed.push(meta.handle);
+                }
+            }
+        }
+        for h in freed {
+            self.manager.deallocate(h)?;
+        }
+        Ok(())
+    }
+
+    /// Swaps the whole sequence out of the compute tier: every block it holds alone moves
+    /// one tier down. Returns the bytes freed on the compute tier.
+    pub fn swap_out(&self, seq: SeqId) -> KvResult<u64> {
+        let _claim = self.claim(seq)?;
+        self.swap_out_claimed(seq.0)
+    }
+
+    fn swap_out_claimed(&self, seq: u64) -> KvResult<u64> {
+        let own: Vec<(u64, TensorHandle)> = {
+            let mut t = self.tables.lock();
+            let s = t.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
+            if s.swapped {
+                return Ok(0);
+            }
+            s.swapped = true;
+            let blocks = s.blocks.clone();
+            blocks
+                .into_iter()
+                .filter_map(|b| {
+                    let m = t.blocks.get(&b)?;
+                    (m.refs == 1 && m.resident).then_some((b, m.handle))
+                })
+                .collect()
+        };
+        let mut freed = 0;
+        for (b, h) in own {
+            freed += self.manager.swap_out(h, self.config.compute_tier)?;
+            let mut t = self.tables.lock();
+            if let Some(m) = t.blocks.get_mut(&b)
+                && m.resident
+            {
+                m.resident = false;
+                t.resident_blocks -= 1;
+            }
+        }
+        self.swap_outs.fetch_add(1, Ordering::Relaxed);
+        Ok(freed)
+    }
+
+    /// Brings a swapped sequence back whole (making room by swapping out others).
+    fn ensure_resident(&self, seq: SeqId) -> KvResult<()> {
+        let away: Vec<(u64, TensorHandle)> = {
+            let t = self.tables.lock();
+            let s = t.seqs.get(&seq.0).ok_or(KvError::UnknownSequence(seq.0))?;
+            if !s.swapped {
+                return Ok(());
+            }
+            s.blocks
+                .iter()
+                .filter_map(|b| {
+                    let m = t.blocks.get(b)?;
+                    (!m.resident).then_some((*b, m.handle))
+                })
+                .collect()
+        };
+        for (b, h) in away {
+            self.make_room(seq.0)?;
+            drop(self.manager.pin(h, self.config.compute_tier)?);
+            let mut t = self.tables.lock();
+            if let Some(m) = t.blocks.get_mut(&b)
+                && !m.resident
+            {
+                m.resident = true;
+                t.resident_blocks += 1;
+            }
+        }
+        if let Some(s) = self.tables.lock().seqs.get_mut(&seq.0) {
+            s.swapped = false;
+        }
+        self.swap_ins.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Swaps out whole idle sequences (latest started first) until one more block fits on
+    /// the compute tier. With nothing left to swap, the manager's own eviction decides.
+    fn make_room(&self, for_seq: u64) -> KvResult<()> {
+        loop {
+            let victim = {
+                let mut t = self.tables.lock();
+                if t.resident_blocks < self.max_resident_blocks {
+                    return Ok(());
+                }
+                let victim = t
+                    .seqs
+                    .iter()
+                    .filter(|(id, s)| **id != for_seq && !s.busy && !s.swapping && !s.swapped)
+                    .max_by_key(|(_, s)| s.started)
+                    .map(|(id, _)| *id);
+                match victim {
+                    Some(v) => {
+                        if let Some(s) = t.seqs.get_mut(&v) {
+                            s.swapping = true;
+                        }
+                        v
+                    }
+                    None => return Ok(()),
+                }
+            };
+            let r = self.swap_out_claimed(victim);
+            if let Some(s) = self.tables.lock().seqs.get_mut(&victim) {
+                s.swapping = false;
+            }
+            self.swapped_for_room.notify_all();
+            r?;
+        }
+    }
+
+    /// A new empty block at the end of the sequence.
+    fn new_block(&self, seq: SeqId) -> KvResult<u64> {
+        self.make_room(seq.0)?;
+        let id = {
+            let mut t = self.tables.lock();
+            t.next_block += 1;
+            t.next_block
+        };
+        let handle = self.manager.allocate_on(
+            self.config.block_bytes(),
+            TensorKind::KvCache,
+            id,
+            self.config.compute_tier,
+        )?;
+        let mut t = self.tables.lock();
+        t.blocks.insert(
+            id,
+            BlockMeta {
+                handle,
+                refs: 1,
+                sealed: None,
+                parent: None,
+                tokens: Vec::new(),
+                resident: true,
+            },
+        );
+        t.resident_blocks += 1;
+        match t.seqs.get_mut(&seq.0) {
+            Some(s) => {
+                s.blocks.push(id);
+                Ok(id)
+            }
+            None => {
+                drop(t);
+                self.manager.deallocate(handle)?;
+                Err(KvError::UnknownSequence(seq.0))
+            }
+        }
+    }
+
+    fn handle_of(&self, block: u64) -> KvResult<TensorHandle> {
+        self.tables
+            .lock()
+            .blocks
+            .get(&block)
+            .map(|m| m.handle)
+            .ok_or_else(|| KvError::InvalidConfig(format!("block {block} vanished")))
+    }
+
+    /// The pool's counters now.
+    pub fn stats(&self) -> KvPoolStats {
+        let t = self.tables.lock();
+        KvPoolStats {
+            sequences: t.seqs.len() as u64,
+            blocks: t.blocks.len() as u64,
+            shared_blocks: t.blocks.values().filter(|m| m.refs > 1).count() as u64,
+            block_refs: t.blocks.values().map(|m| u64::from(m.refs)).sum(),
+            resident_blocks: t.resident_blocks,
+            prefix_hit_tokens: self.prefix_hit_tokens.load(Ordering::Relaxed),
+            swap_outs: self.swap_outs.load(Ordering::Relaxed),
+            swap_ins: self.swap_ins.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The paged KV pool: prefix blocks shared by content with reference counts, whole-sequence
+//! swap-out under pressure with every byte kept, typed errors, and eight threads of
+//! sequences ending with a ledger of every token's KV.
+
+use std::sync::Arc;
+use vlmem::{KvError, KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+/// 256 bytes of KV per token, 16 tokens per block: 4 KiB blocks.
+const BPT: u64 = 256;
+
+fn pool(host_kv_bytes: u64) -> KvPool {
+    let caps = [4 * MIB, 16 * MIB, 64 * MIB];
+    let mut c = ManagerConfig::with_capacities(caps[0], caps[1], caps[2]);
+    for t in Tier::ALL {
+        for k in TensorKind::ALL {
+            c.budgets.bytes[t.index()][k.index()] = caps[t.index()];
+        }
+    }
+    c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = host_kv_bytes;
+    c.shards = 4;
+    let m = MemoryManager::new(c).unwrap();
+    KvPool::new(
+        m,
+        KvPoolConfig {
+            block_tokens: 16,
+            bytes_per_token: BPT,
+            compute_tier: Tier::Host,
+        },
+    )
+    .unwrap()
+}
+
+/// The KV bytes of `token` at `position` (what a model would compute: a function of the
+/// prefix, here of the position and the token).
+fn kv_of(position: usize, token: u32) -> Vec<u8> {
+    let mut x = (position as u64) << 32 | u64::from(token) | 1;
+    (0..BPT)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn append_all(p: &KvPool, seq: vlmem::SeqId, from: usize, tokens: &[u32]) {
+    let mut kv = Vec::new();
+    for (i, &t) in tokens.iter().enumerate() {
+        kv.extend(kv_of(from + i, t));
+    }
+    p.append(seq, tokens, &kv).unwrap();
+}
+
+fn check_all(p: &KvPool, seq: vlmem::SeqId, tokens: &[u32]) {
+    assert_eq!(p.len(seq).unwrap(), tokens.len());
+    let mut buf = vec![0u8; BPT as usize];
+    for (i, &t) in tokens.iter().enumerate() {
+        p.read_token(seq, i, &mut buf).unwrap();
+        assert_eq!(buf, kv_of(i, t), "token {i}");
+    }
+}
+
+#[test]
+fn prompts_with_a_common_prefix_share_full_blocks() {
+    let p = pool(MIB);
+    let system: Vec<u32> = (0..40).collect(); // 2 full blocks + 8 tokens
+    let mut a = system.clone();
+    a.extend([900, 901, 902]);
+    let (sa, reused) = p.start(&a).unwrap();
+    assert_eq!(reused, 0, "nothing cached yet");
+    append_all(&p, sa, 0, &a);
+    // Same 40-token prefix, different tail: the two full blocks (32 tokens) are shared.
+    let mut b = system.clone();
+    b.extend([700, 701]);
+    let (sb, reused) = p.start(&b).unwrap();
+    assert_eq!(reused, 32);
+    append_all(&p, sb, 32, &b[32..]);
+    let s = p.stats();
+    assert_eq!(s.shared_blocks, 2);
+    assert_eq!(s.blocks, 3 + 1, "a: 3 blocks; b: a's 2 full ones + 1 own");
+    assert_eq!(s.block_refs, 3 + 3);
+    assert_eq!(s.prefix_hit_tokens, 32);
+    check_all(&p, sa, &a);
+    check_all(&p, sb, &b);
+    // A prompt that differs inside the first block shares nothing.
+    let mut c = system.clone();
+    c[3] = 12345;
+    let (sc, reused) = p.start(&c).unwrap();
+    assert_eq!(reused, 0);
+    // A prompt that is exactly two blocks long reuses only the first: its last token must
+    // be computed for its logits.
+    let (sd, reused) = p.start(&system[..32]).unwrap();
+    assert_eq!(reused, 16);
+    // Finishing a keeps what b still references.
+    p.finish(sa).unwrap();
+    check_all(&p, sb, &b);
+    assert_eq!(
+        p.stats().shared_blocks,
+        1,
+        "b and d still share block 0; b alone holds block 1"
+    );
+    for s in [sb, sc, sd] {
+        p.finish(s).unwrap();
+    }
+    let s = p.stats();
+    assert_eq!((s.sequences, s.blocks, s.block_refs), (0, 0, 0));
+}
+
+#[test]
+fn pressure_swaps_out_whole_sequences_and_nothing_is_lost() {
+    // Room for 8 blocks (32 KiB) on the host; three sequences of 5 blocks each.
+    let p = pool(32 * KIB);
+    assert_eq!(p.max_resident_blocks(), 8);
+    let prompts: Vec<Vec<u32>> = (0..3u32)
+        .map(|s| (0..80).map(|i| s * 1000 + i).collect())
+        .collect();
+    let mut seqs = Vec::new();
+    for pr in &prompts {
+        let (s, reused) = p.start(pr).unwrap();
+        assert_eq!(reused, 0);
+        append_all(&p, s, 0, pr);
+        seqs.push(s);
+    }
+    let st = p.stats();
+    assert!(st.swap_outs >= 1, "{st:?}");
+    assert!(st.resident_blocks <= 8, "{st:?}");
+    // The first sequence went out whole when the second needed room, and the second when
+    // the third did (latest idle sequence first).
+    let swapped: Vec<bool> = seqs.iter().map(|&s| p.is_swapped(s).unwrap()).collect();
+    assert!(swapped.iter().any(|&x| x));
+    assert!(!swapped[2], "the sequence being appended to stays in");
+    // Every byte comes back, swapping sequences in and out as each is read.
+    for (s, pr) in seqs.iter().zip(&prompts) {
+        check_all(&p, *s, pr);
+    }
+    let st = p.stats();
+    assert!(st.swap_ins >= 1, "{st:?}");
+    assert!(st.resident_blocks <= 8, "{st:?}");
+    let m = p.stats();
+    assert_eq!(m.blocks, 15);
+}
+
+#[test]
+fn bad_input_is_typed() {
+    let p = pool(MIB);
+    let (s, _) = p.start(&[1, 2, 3]).unwrap();
+    assert!(matches!(
+        p.append(s, &[1, 2], &[0u8; 10]),
+        Err(KvError::BadLength { .. })
+    ));
+    append_all(&p, s, 0, &[1, 2, 3]);
+    let mut buf = vec![0u8; BPT as usize];
+    assert!(matches!(
+        p.read_token(s, 3, &mut buf),
+        Err(KvError::OutOfRange { position: 3, .. })
+    ));
+    assert!(matches!(
+        p.read_token(s, 0, &mut [0u8; 3]),
+        Err(KvError::BadLength { .. })
+    ));
+    p.finish(s).unwrap();
+    assert!(matches!(p.finish(s), Err(KvError::UnknownSequence(_))));
+    assert!(matches!(
+        p.append(s, &[1], &vec![0u8; BPT as usize]),
+        Err(KvError::UnknownSequence(_))
+    ));
+    // A budget below one block is refused at construction.
+    let caps = [4 * MIB, 16 * MIB, 64 * MIB];
+    let mut c = ManagerConfig::with_capacities(caps[0], caps[1], caps[2]);
+    c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = KIB;
+    let m = MemoryManager::new(c).unwrap();
+    let cfg = KvPoolConfig {
+        block_tokens: 16,
+        bytes_per_token: BPT,
+        compute_tier: Tier::Host,
+    };
+    assert!(matches!(
+        KvPool::new(m.clone(), cfg),
+        Err(KvError::InvalidConfig(_))
+    ));
+    assert!(matches!(
+        KvPool::new(
+            m,
+            KvPoolConfig {
+                block_tokens: 0,
+                ..cfg
+            }
+        ),
+        Err(KvError::InvalidConfig(_))
+    ));
+}
+
+#[test]
+fn eight_threads_of_sequences_with_shared_prefixes_keep_every_token() {
+    // 24 blocks of room; 8 threads each run 6 sequences of up to 70 tokens over one of two
+    // system prompts, so sharing, sealing, swapping and freeing all interleave.
+    let p = Arc::new(pool(96 * KIB));
+    let threads: Vec<_> = (0..8u32)
+        .map(|t| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                for r in 0..6u32 {
+                    let system: Vec<u32> = (0..33).map(|i| (t % 2) * 100_000 + i).collect();
+                    let mut prompt = system.clone();
+                    prompt.extend((0..(5 + (t + r) % 7)).map(|i| t * 1000 + r * 10 + i));
+                    let (s, reused) = p.start(&prompt).unwrap();
+                    assert!(reused == 0 || reused == 32, "reused {reused}");
+                    append_all(&p, s, reused, &prompt[reused..]);
+                    // Decode a few tokens one by one.
+                    let mut all = prompt.clone();
+                    for k in 0..(10 + r) {
+                        let tok = 50_000 + t * 100 + k;
+                        append_all(&p, s, all.len(), &[tok]);
+                        all.push(tok);
+                    }
+                    check_all(&p, s, &all);
+                    p.finish(s).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = p.stats();
+    assert_eq!((s.sequences, s.blocks, s.block_refs), (0, 0, 0), "{s:?}");
+    assert!(s.prefix_hit_tokens > 0, "{s:?}");
+}
