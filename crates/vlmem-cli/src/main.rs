@@ -42,6 +42,8 @@ enum Command {
     Stress(stress_cmd::StressArgs),
     /// Replay a Qwen3-VL-shaped workload through the memory manager (real bytes, scaled).
     Replay(replay_cmd::ReplayArgs),
+    /// Run a workload through the manager, compact it, and show every statistic it keeps.
+    Inspect(replay_cmd::InspectArgs),
 }
 
 /// An error and the exit code it maps to.
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
         Command::Profile(a) => profile_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
         Command::Replay(a) => replay_cmd::run_cmd(a),
+        Command::Inspect(a) => replay_cmd::inspect_cmd(a),
         Command::Stress(a) => stress_cmd::run_cmd(a),
     };
     match result {

@@ -279,3 +279,28 @@ fn profiles_list_show_and_round_trip() {
     assert!(out.status.success());
     assert_bad_input(&["profile", "no-such"]);
 }
+
+#[test]
+fn inspect_shows_stats_and_compaction_under_load() {
+    let out = vlmem(&["inspect", "--quick", "--json"]);
+    let v = json(&out);
+    let table = v["table"].as_str().unwrap();
+    for needle in [
+        "resident / budget",
+        "hit %",
+        "swap latency p50",
+        "compaction:",
+    ] {
+        assert!(table.contains(needle), "{needle} missing from\n{table}");
+    }
+    let prom = v["prometheus"].as_str().unwrap();
+    assert!(prom.contains("vlmem_swap_latency_us{quantile=\"0.99\"}"));
+    assert!(prom.contains("vlmem_compaction_moves_total"));
+    let lines = v["compaction"].as_array().unwrap();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["passes"].as_u64().unwrap() >= 1));
+    // The mixed workload frees and reallocates while it runs: compaction finds work.
+    let moved: u64 = lines.iter().map(|l| l["moved"].as_u64().unwrap()).sum();
+    assert!(moved > 0, "{v}");
+    assert_bad_input(&["inspect", "--workload", "nope"]);
+}

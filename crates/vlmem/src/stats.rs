@@ -201,6 +201,77 @@ pub struct ManagerStats {
 }
 
 impl ManagerStats {
+    /// A table for people (`vlmem inspect`): bytes per tier and kind against the budgets,
+    /// then per tier pins, hit ratio, bytes moved and evictions, then waits, swap latency,
+    /// prefetch and compaction figures.
+    pub fn to_text(&self) -> String {
+        use vlmem_core::bytes::format_bytes as b;
+        let c = &self.counters;
+        let charged: u64 = Tier::ALL.iter().map(|&t| self.charged.tier_total(t)).sum();
+        let resident: u64 = Tier::ALL.iter().map(|&t| self.resident.tier_total(t)).sum();
+        let mut out = format!(
+            "tensors {}   pins held {}   budget charges beyond the recount (moves in flight): {}\n\nresident / budget\n{:8}",
+            self.tensors,
+            self.pins,
+            b(charged.saturating_sub(resident)),
+            "tier"
+        );
+        for k in TensorKind::ALL {
+            out.push_str(&format!(" {:>21}", k.to_string()));
+        }
+        out.push('\n');
+        for t in Tier::ALL {
+            out.push_str(&format!("{:8}", t.to_string()));
+            for k in TensorKind::ALL {
+                let cell = format!(
+                    "{} / {}",
+                    b(self.resident.get(t, k)),
+                    b(self.budgets.get(t, k))
+                );
+                out.push_str(&format!(" {cell:>21}"));
+            }
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "\n{:8} {:>10} {:>10} {:>9} {:>12} {:>12} {:>10} {:>11}\n",
+            "tier", "hits", "misses", "hit %", "bytes in", "bytes out", "evictions", "write-backs"
+        ));
+        for t in Tier::ALL {
+            let i = t.index();
+            out.push_str(&format!(
+                "{:8} {:>10} {:>10} {:>8.1}% {:>12} {:>12} {:>10} {:>11}\n",
+                t.to_string(),
+                c.hits[i],
+                c.misses[i],
+                100.0 * c.hit_ratio(t),
+                b(c.bytes_in[i]),
+                b(c.bytes_out[i]),
+                c.evictions[i],
+                c.write_backs[i]
+            ));
+        }
+        out.push_str(&format!(
+            "\nmoves {}   time in pin {:.3} s   swap latency p50 {} us, p90 {} us, p99 {} us (bucket bounds)\n",
+            c.moves,
+            c.pin_wait_ns as f64 / 1e9,
+            c.latency_percentile_us(0.5),
+            c.latency_percentile_us(0.9),
+            c.latency_percentile_us(0.99)
+        ));
+        out.push_str(&format!(
+            "prefetches {} (dropped {}, failed {})   demotion failures {}   waits for moving victims {}\n",
+            c.prefetches, c.prefetches_dropped, c.prefetch_failures, c.demote_failures, c.oom_waits
+        ));
+        out.push_str(&format!(
+            "compaction: {} copies moved, {} copied in {:.3} s, {} verify failures\n",
+            c.compaction_moves,
+            b(c.compaction_bytes),
+            c.compaction_ns as f64 / 1e9,
+            c.compaction_verify_failures
+        ));
+        out
+    }
+
     /// Prometheus text exposition format.
     pub fn to_prometheus(&self) -> String {
         let mut out = String::new();

@@ -131,6 +131,9 @@ pub struct ReplayOptions {
     /// Pins the plan's prefix on the device for the whole run (default true); false leaves
     /// every chunk to the manager's weights policy.
     pub pin_prefix: bool,
+    /// At the end, compact every tier and keep the manager's full statistics in the report
+    /// (`vlmem inspect`).
+    pub inspect: bool,
 }
 
 impl ReplayOptions {
@@ -150,7 +153,111 @@ impl ReplayOptions {
             lookahead: 3,
             chunk_bytes: 8 << 20,
             pin_prefix: true,
+            inspect: false,
         }
+    }
+}
+
+/// The manager's statistics during a run (at the moment the most bytes were resident; the
+/// Prometheus text at the end), and the compaction passes made while it ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// [`crate::ManagerStats::to_text`].
+    pub table: String,
+    /// [`crate::ManagerStats::to_prometheus`].
+    pub prometheus: String,
+    /// Per tier: compaction passes, mean fragmentation before and after them, copies moved,
+    /// bytes copied, seconds spent.
+    pub compaction: Vec<CompactionLine>,
+}
+
+/// One tier's compaction pass in an [`Inspection`].
+#[derive(Debug, Clone, Serialize)]
+pub struct CompactionLine {
+    /// The tier.
+    pub tier: String,
+    /// Passes made.
+    pub passes: u64,
+    /// 1 - largest free run / free bytes, before a pass (mean over passes).
+    pub fragmentation_before: f64,
+    /// The same after.
+    pub fragmentation_after: f64,
+    /// Copies relocated.
+    pub moved: u64,
+    /// Bytes copied.
+    pub bytes_moved: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Compacts every tier periodically while a workload runs (compaction under load) and keeps
+/// the manager's statistics at the moment the most bytes were resident.
+struct Compactor {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Inspection>>,
+}
+
+impl Compactor {
+    fn start(m: &MemoryManager, every: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (m, flag) = (m.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut lines: Vec<CompactionLine> = crate::Tier::ALL
+                .iter()
+                .map(|t| CompactionLine {
+                    tier: t.to_string(),
+                    passes: 0,
+                    fragmentation_before: 0.0,
+                    fragmentation_after: 0.0,
+                    moved: 0,
+                    bytes_moved: 0,
+                    seconds: 0.0,
+                })
+                .collect();
+            let mut peak: Option<(u64, crate::ManagerStats)> = None;
+            loop {
+                let last = flag.load(std::sync::atomic::Ordering::Relaxed);
+                let stats = m.stats();
+                let resident: u64 = crate::Tier::ALL
+                    .iter()
+                    .map(|&t| stats.resident.tier_total(t))
+                    .sum();
+                if peak.as_ref().is_none_or(|(r, _)| resident >= *r) {
+                    peak = Some((resident, stats));
+                }
+                for (line, r) in lines.iter_mut().zip(m.compact()?) {
+                    // Running means of the fragmentation seen before and left after.
+                    let n = line.passes as f64;
+                    line.fragmentation_before = (line.fragmentation_before * n
+                        + crate::fragmentation(&r.before))
+                        / (n + 1.0);
+                    line.fragmentation_after =
+                        (line.fragmentation_after * n + crate::fragmentation(&r.after)) / (n + 1.0);
+                    line.passes += 1;
+                    line.moved += r.moved;
+                    line.bytes_moved += r.bytes_moved;
+                    line.seconds += r.elapsed.as_secs_f64();
+                }
+                if last {
+                    break;
+                }
+                std::thread::sleep(every);
+            }
+            let (_, at_peak) =
+                peak.ok_or_else(|| ManagerError::InvalidConfig("no sample".into()))?;
+            let end = m.stats();
+            Ok(Inspection {
+                table: at_peak.to_text(),
+                prometheus: end.to_prometheus(),
+                compaction: lines,
+            })
+        });
+        Compactor { stop, thread }
+    }
+
+    fn stop(self) -> Result<Inspection> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        join(self.thread.join())
     }
 }
 
@@ -220,6 +327,8 @@ pub struct ReplayReport {
     pub occupancy_samples: usize,
     /// The SVG written, if any.
     pub svg: Option<PathBuf>,
+    /// With [`ReplayOptions::inspect`]: the manager's statistics after the run.
+    pub inspection: Option<Inspection>,
     /// Assumptions and caveats.
     pub notes: Vec<String>,
 }
@@ -523,6 +632,9 @@ pub fn run(opts: &ReplayOptions) -> Result<ReplayReport> {
     let started = Instant::now();
     let before = m.stats().counters;
     let sampler = svg::Sampler::start(&m, Duration::from_millis(if opts.quick { 5 } else { 20 }));
+    let compactor = opts
+        .inspect
+        .then(|| Compactor::start(&m, Duration::from_millis(if opts.quick { 10 } else { 50 })));
     let exclusive = opts.workload != Workload::Mixed;
     let mut report = ReplayReport {
         workload: opts.workload,
@@ -539,6 +651,7 @@ pub fn run(opts: &ReplayOptions) -> Result<ReplayReport> {
         checksum_failures: 0,
         occupancy_samples: 0,
         svg: None,
+        inspection: None,
         notes: Vec::new(),
     };
     let run_weights = |m: &MemoryManager| weights::run(m, &mcfg, &cfg, opts, dir.path(), exclusive);
@@ -607,6 +720,9 @@ pub fn run(opts: &ReplayOptions) -> Result<ReplayReport> {
             "the device tier is simulated in host memory with its link capped at the profile's {:.2} GB/s",
             opts.profile.gpu.as_ref().map_or(0.0, |g| g.link.bytes_per_s / 1e9)
         ));
+    }
+    if let Some(c) = compactor {
+        report.inspection = Some(c.stop()?);
     }
     report.notes = notes;
     drop(m);
