@@ -335,11 +335,17 @@ impl DiskTier {
             )));
         }
         let file = self.extent_file(path)?;
-        let file_len = file
+        let meta = file
             .file
             .metadata()
-            .map_err(|e| io_err(IoPoint::Open, file_offset_bytes, len_bytes, e))?
-            .len();
+            .map_err(|e| io_err(IoPoint::Open, file_offset_bytes, len_bytes, e))?;
+        if !meta.is_file() {
+            return Err(TierError::InvalidConfig(format!(
+                "extent `{name}`: {} is not a regular file",
+                path.display()
+            )));
+        }
+        let file_len = meta.len();
         match file_offset_bytes.checked_add(len_bytes) {
             Some(end) if end <= file_len => {}
             _ => {

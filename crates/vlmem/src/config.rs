@@ -77,6 +77,10 @@ pub struct ManagerConfig {
     /// Overwrite a block with zeros when it is freed (deallocation, demotion, relocation), so
     /// no tensor's bytes reach the block's next owner. Costs one write of the block.
     pub zero_on_free: bool,
+    /// Read every write-back to the disk tier back and compare it with its source before
+    /// dropping the source (on by default: it costs one disk read per swap-out, and keeps a
+    /// swap-out corrupted on its way down from losing the tensor).
+    pub verify_write_backs: bool,
 }
 
 impl std::fmt::Debug for ManagerConfig {
@@ -91,6 +95,7 @@ impl std::fmt::Debug for ManagerConfig {
             .field("shards", &self.shards)
             .field("engine", &self.engine)
             .field("zero_on_free", &self.zero_on_free)
+            .field("verify_write_backs", &self.verify_write_backs)
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +136,7 @@ impl ManagerConfig {
             max_prefetches_in_flight: 8,
             allocator: default_allocator(),
             zero_on_free: false,
+            verify_write_backs: true,
         }
     }
 

@@ -97,6 +97,7 @@ pub(crate) struct Inner {
     prefetches_in_flight: AtomicU64,
     max_prefetches_in_flight: u64,
     zero_on_free: bool,
+    verify_write_backs: bool,
     pub(crate) counters: Counters,
 }
 
@@ -203,6 +204,9 @@ pub struct PinGuard {
     tier: Tier,
     res: Reservation,
     len_bytes: u64,
+    /// The tensor's bytes were written (a pin cannot outlive a write: writes wait for pins).
+    written: bool,
+    id: u64,
 }
 
 impl std::fmt::Debug for PinGuard {
@@ -216,6 +220,14 @@ impl std::fmt::Debug for PinGuard {
 }
 
 impl PinGuard {
+    fn check_written(&self) -> Result<()> {
+        if self.written {
+            Ok(())
+        } else {
+            Err(ManagerError::Uninitialized { id: self.id })
+        }
+    }
+
     /// The tier the tensor is pinned on.
     pub fn tier(&self) -> Tier {
         self.tier
@@ -224,15 +236,18 @@ impl PinGuard {
     pub fn len_bytes(&self) -> u64 {
         self.len_bytes
     }
-    /// Copies `dst.len()` bytes from `offset_bytes` of the tensor.
+    /// Copies `dst.len()` bytes from `offset_bytes` of the tensor. A tensor never written
+    /// has no bytes to read: [`ManagerError::Uninitialized`].
     pub fn read(&self, offset_bytes: u64, dst: &mut [u8]) -> Result<()> {
         check_range(offset_bytes, dst.len() as u64, self.len_bytes)?;
+        self.check_written()?;
         self.inner.tiers[self.tier.index()].read(&self.res, offset_bytes, dst)?;
         Ok(())
     }
     /// Lends the tensor's bytes to `f` without a copy where the tier allows it (host and
     /// simulated device), else through a buffer.
     pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        self.check_written()?;
         let tier = &self.inner.tiers[self.tier.index()];
         let mut f = Some(f);
         let mut out = None;
@@ -347,6 +362,7 @@ impl MemoryManager {
                 prefetches_in_flight: AtomicU64::new(0),
                 max_prefetches_in_flight: config.max_prefetches_in_flight as u64,
                 zero_on_free: config.zero_on_free,
+                verify_write_backs: config.verify_write_backs,
                 counters: Counters::default(),
             }),
         })
@@ -448,12 +464,21 @@ impl MemoryManager {
         let res = inner.bring(handle, tier, Priority::Demand, true)?;
         inner.counters.add_pin_wait(started.elapsed());
         let len_bytes = res.len_bytes();
+        let (written, id) = match inner.written_and_id(handle) {
+            Ok(x) => x,
+            Err(e) => {
+                inner.unpin(handle, tier);
+                return Err(e);
+            }
+        };
         Ok(PinGuard {
             inner: inner.clone(),
             handle,
             tier,
             res,
             len_bytes,
+            written,
+            id,
         })
     }
 
@@ -845,7 +870,11 @@ impl Inner {
         };
         // Unlocked (the entry is busy): reserve, maybe demoting others, and copy.
         let moved = self.reserve_on(tier, kind, len_bytes, id).and_then(|dst| {
-            match self.copy(src, dst, written, priority) {
+            // A copy made on the disk may later be the only one: check it like a write-back.
+            let copied = self
+                .copy(src, dst, written, priority)
+                .and_then(|()| self.verify_write_back(&src, &dst, written, id));
+            match copied {
                 Ok(()) => Ok(dst),
                 Err(e) => {
                     self.release(tier, kind, dst);
@@ -858,6 +887,13 @@ impl Inner {
         e.finish_bring(tier, moved.as_ref().ok().copied(), pin);
         shard.cond.notify_all();
         moved
+    }
+
+    fn written_and_id(&self, h: TensorHandle) -> Result<(bool, u64)> {
+        let shard = self.shard_of(h)?;
+        let mut st = shard.state.lock();
+        let e = self.entry(&mut st, h)?;
+        Ok((e.written, e.id))
     }
 
     fn unpin(&self, h: TensorHandle, tier: Tier) {
@@ -1045,6 +1081,46 @@ impl Inner {
         (order, moving)
     }
 
+    /// Reads a write-back to the disk back and compares it with its source before the
+    /// source copy may be dropped (a swap-out corrupted on its way down must not cost the
+    /// only good copy). Off with `ManagerConfig::verify_write_backs = false`.
+    fn verify_write_back(
+        &self,
+        src: &Reservation,
+        dst: &Reservation,
+        written: bool,
+        id: u64,
+    ) -> Result<()> {
+        if !self.verify_write_backs || !written || dst.tier() != Tier::Disk {
+            return Ok(());
+        }
+        const PIECE_BYTES: u64 = 4 << 20;
+        let (from, to) = (
+            &self.tiers[src.tier().index()],
+            &self.tiers[dst.tier().index()],
+        );
+        let len = src.len_bytes();
+        let mut a = vec![0u8; len.min(PIECE_BYTES) as usize];
+        let mut b = vec![0u8; a.len()];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(PIECE_BYTES) as usize;
+            from.read(src, done, &mut a[..n])?;
+            to.read(dst, done, &mut b[..n])?;
+            if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
+                return Err(TierError::Corrupt {
+                    tier: dst.tier(),
+                    tensor: format!("tensor {id}"),
+                    offset_in_tensor_bytes: done + i as u64,
+                    detail: "the write-back read back differently; the upper copy is kept".into(),
+                }
+                .into());
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     /// Every movable copy on `tier` (not a checkpoint extent): handle and block offset.
     fn copies_on(&self, tier: Tier) -> Vec<(TensorHandle, u64)> {
         let n = self.shards.len();
@@ -1166,6 +1242,10 @@ impl Inner {
                     self.counters
                         .demote_failures
                         .fetch_add(1, Ordering::Relaxed);
+                    // The tier below is failing (I/O error, or full of pinned data): other
+                    // victims would fail the same way, and trying them all from nested
+                    // evictions multiplies the failing I/O. Stop here.
+                    break;
                 }
             }
         }
@@ -1193,7 +1273,10 @@ impl Inner {
         };
         let below = tier.below().unwrap_or(Tier::Disk);
         let moved = self.reserve_on(below, kind, len_bytes, id).and_then(|dst| {
-            match self.copy(src, dst, written, Priority::WriteBack) {
+            let copied = self
+                .copy(src, dst, written, Priority::WriteBack)
+                .and_then(|()| self.verify_write_back(&src, &dst, written, id));
+            match copied {
                 Ok(()) => Ok(dst),
                 Err(e) => {
                     self.release(below, kind, dst);

@@ -198,6 +198,16 @@ fn eight_threads_of_sequences_with_shared_prefixes_keep_every_token() {
     // 24 blocks of room; 8 threads each run 6 sequences of up to 70 tokens over one of two
     // system prompts, so sharing, sealing, swapping and freeing all interleave.
     let p = Arc::new(pool(96 * KIB));
+    // One long-lived sequence per system prompt keeps its sealed blocks shareable.
+    let anchors: Vec<_> = (0..2u32)
+        .map(|k| {
+            let mut prompt: Vec<u32> = (0..33).map(|i| k * 100_000 + i).collect();
+            prompt.push(7);
+            let (s, _) = p.start(&prompt).unwrap();
+            append_all(&p, s, 0, &prompt);
+            (s, prompt)
+        })
+        .collect();
     let threads: Vec<_> = (0..8u32)
         .map(|t| {
             let p = p.clone();
@@ -207,7 +217,7 @@ fn eight_threads_of_sequences_with_shared_prefixes_keep_every_token() {
                     let mut prompt = system.clone();
                     prompt.extend((0..(5 + (t + r) % 7)).map(|i| t * 1000 + r * 10 + i));
                     let (s, reused) = p.start(&prompt).unwrap();
-                    assert!(reused == 0 || reused == 32, "reused {reused}");
+                    assert_eq!(reused, 32, "the anchor's two sealed blocks");
                     append_all(&p, s, reused, &prompt[reused..]);
                     // Decode a few tokens one by one.
                     let mut all = prompt.clone();
@@ -225,7 +235,11 @@ fn eight_threads_of_sequences_with_shared_prefixes_keep_every_token() {
     for t in threads {
         t.join().unwrap();
     }
+    for (s, prompt) in anchors {
+        check_all(&p, s, &prompt);
+        p.finish(s).unwrap();
+    }
     let s = p.stats();
     assert_eq!((s.sequences, s.blocks, s.block_refs), (0, 0, 0), "{s:?}");
-    assert!(s.prefix_hit_tokens > 0, "{s:?}");
+    assert_eq!(s.prefix_hit_tokens, 8 * 6 * 32, "{s:?}");
 }
