@@ -28,6 +28,7 @@ mod buddy;
 mod handle;
 mod pools;
 mod slab;
+mod split;
 mod stats;
 
 #[cfg(all(test, vlmem_loom))]
@@ -39,6 +40,7 @@ pub use binned::{
 pub use buddy::{BuddyAllocator, BuddyConfig};
 pub use pools::{PoolAllocator, PoolConfig, PoolsStats, Strategy, TypedPools};
 pub use slab::{Released, SlabConfig, SlabPool};
+pub use split::SplitAllocator;
 pub use stats::{AllocStats, FragmentationReport, UnusableIndex, external_fragmentation};
 
 use thiserror::Error;

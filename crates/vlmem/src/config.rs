@@ -81,6 +81,11 @@ pub struct ManagerConfig {
     /// dropping the source (on by default: it costs one disk read per swap-out, and keeps a
     /// swap-out corrupted on its way down from losing the tensor).
     pub verify_write_backs: bool,
+    /// The paged KV cache's block size, if known when the manager is built: the device and
+    /// host arenas then keep a slab region of that many-byte blocks at their bottom, as large
+    /// as the tier's KV budget, and KV blocks come from it (O(1), never scattered among
+    /// variable tensors, never taken by another kind). A multiple of 256.
+    pub kv_block_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for ManagerConfig {
@@ -96,6 +101,7 @@ impl std::fmt::Debug for ManagerConfig {
             .field("engine", &self.engine)
             .field("zero_on_free", &self.zero_on_free)
             .field("verify_write_backs", &self.verify_write_backs)
+            .field("kv_block_bytes", &self.kv_block_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -137,6 +143,7 @@ impl ManagerConfig {
             allocator: default_allocator(),
             zero_on_free: false,
             verify_write_backs: true,
+            kv_block_bytes: None,
         }
     }
 

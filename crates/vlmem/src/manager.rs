@@ -312,12 +312,42 @@ impl MemoryManager {
             ));
         }
         let mk = |cap: u64, granule: u64| (config.allocator)(cap, granule);
+        // Device and host arenas: a slab region for KV blocks at the bottom when the block
+        // size is known, the configured allocator above it.
+        let mk_memory = |tier: Tier,
+                         cap: u64|
+         -> Result<vlmem_core::sync::Arc<dyn vlmem_core::OffsetAllocator>> {
+            const GRANULE: u64 = 256;
+            let kv_budget = config.budgets.get(tier, TensorKind::KvCache).min(cap);
+            match config.kv_block_bytes {
+                Some(bb) if bb > 0 && bb % GRANULE == 0 && kv_budget >= bb => {
+                    let blocks = (kv_budget / bb).min(u64::from(u32::MAX - 1)) as u32;
+                    let slab = vlmem_alloc::SlabPool::new(vlmem_alloc::SlabConfig {
+                        block_bytes: bb,
+                        capacity_blocks: blocks,
+                        cache_blocks: 8,
+                        caches: 4,
+                        kind: Some(TensorKind::KvCache),
+                    })?;
+                    let rest_bytes = cap - u64::from(blocks) * bb;
+                    let rest = match rest_bytes {
+                        0 => StdArc::new(vlmem_tier::FirstFitAllocator::new(0, GRANULE)?) as _,
+                        n => mk(n, GRANULE)?,
+                    };
+                    Ok(StdArc::new(vlmem_alloc::SplitAllocator::new(slab, rest)))
+                }
+                Some(bb) if bb % GRANULE != 0 => Err(ManagerError::InvalidConfig(format!(
+                    "kv_block_bytes {bb} is not a multiple of {GRANULE}"
+                ))),
+                _ => Ok(mk(cap, GRANULE)?),
+            }
+        };
         let device: StdArc<dyn TierBackend> = StdArc::new(MemoryTier::simulated_device(
-            mk(config.device_bytes, 256)?,
+            mk_memory(Tier::Device, config.device_bytes)?,
             config.device_link_bytes_per_s,
         )?);
         let host: StdArc<dyn TierBackend> = StdArc::new(MemoryTier::host(
-            mk(config.host_bytes, 256)?,
+            mk_memory(Tier::Host, config.host_bytes)?,
             Default::default(),
         )?);
         let disk = StdArc::new(DiskTier::new(

@@ -243,3 +243,69 @@ fn eight_threads_of_sequences_with_shared_prefixes_keep_every_token() {
     assert_eq!((s.sequences, s.blocks, s.block_refs), (0, 0, 0), "{s:?}");
     assert_eq!(s.prefix_hit_tokens, 8 * 6 * 32, "{s:?}");
 }
+
+/// A 4 MiB host whose budgets are oversubscribed: KV may take 1 MiB, activations 4 MiB.
+fn crowded_pool(slab: bool) -> (KvPool, MemoryManager) {
+    let caps = [4 * MIB, 4 * MIB, 64 * MIB];
+    let mut c = ManagerConfig::with_capacities(caps[0], caps[1], caps[2]);
+    for t in Tier::ALL {
+        for k in TensorKind::ALL {
+            c.budgets.bytes[t.index()][k.index()] = caps[t.index()];
+        }
+    }
+    c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = MIB;
+    c.shards = 4;
+    if slab {
+        c.kv_block_bytes = Some(16 * BPT);
+    }
+    let m = MemoryManager::new(c).unwrap();
+    let cfg = KvPoolConfig {
+        block_tokens: 16,
+        bytes_per_token: BPT,
+        compute_tier: Tier::Host,
+    };
+    (KvPool::new(m.clone(), cfg).unwrap(), m)
+}
+
+/// Fills the host with activations, then asks for 200 KV blocks.
+fn kv_after_activations_fill_the_host(slab: bool) -> Result<(), KvError> {
+    let (p, m) = crowded_pool(slab);
+    let len = 64 * KIB as usize;
+    let acts: Vec<_> = (0..64u64)
+        .map(|i| {
+            let h = m.allocate(len as u64, TensorKind::Activation, i).unwrap();
+            m.write(h, 0, &vec![i as u8; len]).unwrap();
+            h
+        })
+        .collect();
+    let tokens: Vec<u32> = (0..200 * 16).collect();
+    let (s, _) = p.start(&tokens[..1]).unwrap();
+    let mut kv = Vec::new();
+    for (i, &t) in tokens.iter().enumerate() {
+        kv.extend(kv_of(i, t));
+    }
+    let r = p.append(s, &tokens, &kv);
+    if r.is_ok() {
+        check_all(&p, s, &tokens);
+    }
+    // Whatever happened, no activation lost a byte.
+    for (i, h) in acts.into_iter().enumerate() {
+        let mut buf = vec![0u8; len];
+        m.read(h, 0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == i as u8));
+    }
+    r
+}
+
+#[test]
+fn kv_blocks_come_from_their_slab_region_which_no_other_kind_can_take() {
+    // With the slab region the KV cache keeps its 1 MiB whatever the activations do (they
+    // spill to the disk instead) ...
+    kv_after_activations_fill_the_host(true).unwrap();
+    // ... without it the activations took the whole arena and KV blocks find no room (KV
+    // eviction can only evict KV). This is what the region prevents.
+    assert!(matches!(
+        kv_after_activations_fill_the_host(false),
+        Err(KvError::Manager(vlmem::ManagerError::OutOfMemory { .. }))
+    ));
+}

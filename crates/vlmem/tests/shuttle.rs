@@ -132,6 +132,8 @@ fn kv_harness() {
     }
     // Room for 4 blocks of 4 tokens x 64 bytes on the host.
     c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = 4 * 4 * BPT;
+    // KV blocks from the slab region of the host arena.
+    c.kv_block_bytes = Some(4 * BPT);
     c.shards = 2;
     c.engine.workers = 2;
     c.disk.direct_io = false;
