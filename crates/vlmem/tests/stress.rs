@@ -14,6 +14,8 @@ fn stress_8_threads_loses_nothing() {
     assert!(r.ok(), "{r:#?}");
     assert_eq!(r.ops, 4_000);
     assert_eq!(r.tensors_verified, 32);
+    // parking_lot's detector ran exactly when built with the feature.
+    assert_eq!(r.deadlock_detector, cfg!(feature = "deadlock-detection"));
 }
 
 #[test]
