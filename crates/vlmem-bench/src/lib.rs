@@ -4,6 +4,8 @@
 
 pub mod alloc;
 
+pub mod e2e;
+
 pub mod io;
 
 pub mod replay;

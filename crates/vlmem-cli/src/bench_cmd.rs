@@ -26,6 +26,9 @@ enum Suite {
     Io,
     /// Standard replays through the manager against Belady's OPT, LRU and the bandwidth bound.
     Replay,
+    /// Text decode of a synthesized full-size qwen3-vl-2b: resident, streamed from disk with
+    /// and without prefetch, beside the disk and memory bandwidth bounds of the same run.
+    E2e,
 }
 
 pub fn run(a: BenchArgs) -> Result<(), CliError> {
@@ -34,6 +37,7 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
         Suite::Alloc => vlmem_bench::alloc::run(opts),
         Suite::Io => vlmem_bench::io::run(opts),
         Suite::Replay => vlmem_bench::replay::run(opts),
+        Suite::E2e => vlmem_bench::e2e::run(opts),
     };
     if a.json {
         println!(

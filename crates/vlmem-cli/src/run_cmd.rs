@@ -51,6 +51,9 @@ pub struct RunArgs {
     /// Print one JSON object instead of text and a report.
     #[arg(long)]
     json: bool,
+    /// Layers whose weights are prefetched while one computes (0 turns prefetch off).
+    #[arg(long, default_value_t = vlmem_runner::managed::DEFAULT_PREFETCH_LAYERS)]
+    prefetch_layers: usize,
 }
 
 impl From<RunnerError> for CliError {
@@ -87,8 +90,14 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     config.disk.dir = a.disk_path.clone();
     let manager = MemoryManager::new(config).map_err(CliError::failure)?;
     let checkpoint = Checkpoint::open(&a.model)?;
-    let weights = ManagedWeights::register(manager.clone(), &checkpoint, Tier::Host, &Device::Cpu)?;
-    let runner = Runner::with_weights(&checkpoint, Arc::new(weights), &Device::Cpu)?;
+    let weights = Arc::new(ManagedWeights::register(
+        manager.clone(),
+        &checkpoint,
+        Tier::Host,
+        &Device::Cpu,
+    )?);
+    weights.set_prefetch_layers(a.prefetch_layers);
+    let runner = Runner::with_weights(&checkpoint, weights.clone(), &Device::Cpu)?;
     let images = runner.load_images(&a.images)?;
     let ids = match (&a.prompt_ids, &a.prompt) {
         (Some(text), _) => parse_ids(text)?,
@@ -101,9 +110,16 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     };
     let open_s = started.elapsed().as_secs_f64();
 
+    let host = Tier::Host.index();
+    // Bytes brought into RAM or read past it (staged), counted from the first token on.
+    let streamed_now = || manager.stats().counters.bytes_in[host] + weights.staged_bytes();
+    let mut at_first_token = None;
     let mut streamed = Vec::new();
     let mut printed = 0usize;
     let gen_ = runner.generate_ids(&ids, &images, a.max_new_tokens, &mut |id| {
+        if at_first_token.is_none() {
+            at_first_token = Some(streamed_now());
+        }
         streamed.push(id);
         if !a.json
             && let Ok(text) = runner.decode(&streamed)
@@ -121,7 +137,19 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     }
     let stats = manager.stats();
     let tokens = gen_.generated_ids.len().max(1) as f64;
-    let host = Tier::Host.index();
+    let decode_steps = gen_.generated_ids.len().saturating_sub(1);
+    let streamed_per_decode_token = match at_first_token {
+        Some(b0) if decode_steps > 0 => {
+            (stats.counters.bytes_in[host] + weights.staged_bytes()).saturating_sub(b0) as f64
+                / decode_steps as f64
+        }
+        _ => 0.0,
+    };
+    let weight_bytes = checkpoint.total_bytes();
+    let device_w = stats.resident.get(Tier::Device, TensorKind::Weight);
+    let host_w = stats.resident.get(Tier::Host, TensorKind::Weight);
+    // Weights with no faster copy are read in place from the checkpoint (the disk tier).
+    let disk_only_w = weight_bytes.saturating_sub(device_w + host_w);
     if a.json {
         let v = json!({
             "prompt_ids": ids,
@@ -136,7 +164,23 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 "bytes_into_host_per_token": stats.counters.bytes_in[host] as f64 / tokens,
                 "host_hit_ratio": stats.counters.hit_ratio(Tier::Host),
                 "tiers": manager.describe_tiers(),
+                "tier_bytes": {
+                    "device": stats.resident.tier_total(Tier::Device),
+                    "host": stats.resident.tier_total(Tier::Host),
+                    "disk": stats.resident.tier_total(Tier::Disk),
+                },
+                "weight_bytes": {
+                    "total": weight_bytes,
+                    "device": device_w,
+                    "host": host_w,
+                    "disk_only": disk_only_w,
+                },
+                "bytes_streamed_per_decode_token": streamed_per_decode_token,
+                "staged_bytes": weights.staged_bytes(),
+                "prefetch_layers": weights.prefetch_layers(),
+                "prefetch_hints": weights.prefetch_hints(),
             },
+            "kernel": vlmem_runner::kernels::isa(),
         });
         println!(
             "{}",
@@ -161,6 +205,17 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         format_bytes(stats.resident.get(Tier::Device, TensorKind::Weight)),
         format_bytes((stats.counters.bytes_in[host] as f64 / tokens) as u64),
         stats.counters.hit_ratio(Tier::Host)
+    );
+    println!(
+        "weights by tier: device {}, host {}, read in place from disk {} (of {}); streamed per decode token {}; prefetch {} layer(s) ahead, {} hint(s); decode kernel {}",
+        format_bytes(device_w),
+        format_bytes(host_w),
+        format_bytes(disk_only_w),
+        format_bytes(weight_bytes),
+        format_bytes(streamed_per_decode_token as u64),
+        weights.prefetch_layers(),
+        weights.prefetch_hints(),
+        vlmem_runner::kernels::isa(),
     );
     for t in manager.describe_tiers() {
         println!("tier: {t}");

@@ -200,10 +200,21 @@ impl ManagedWeights {
         }
     }
 
-    /// Reads `len` bytes at `offset` of `name` from its fastest copy (nothing moves).
+    /// Reads `len` bytes at `offset` of `name`: from its copy on the compute tier when it has
+    /// one, else from its fastest copy into the buffer (counted as staged). Nothing moves.
     fn read_range(&self, name: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let (h, _) = self.entry(name)?;
         let mut buf = vec![0u8; len];
+        let on_compute_tier = self
+            .manager
+            .residency(*h)
+            .is_ok_and(|(tiers, _)| tiers.contains(&self.compute_tier));
+        if on_compute_tier && let Ok(guard) = self.manager.pin(*h, self.compute_tier) {
+            guard
+                .read(offset, &mut buf)
+                .map_err(|e| manager_error(name, e))?;
+            return Ok(buf);
+        }
         self.manager
             .read(*h, offset, &mut buf)
             .map_err(|e| manager_error(name, e))?;
