@@ -75,6 +75,16 @@ struct Shard {
     cond: Condvar,
 }
 
+/// Prefetch workers at most (each brings one tensor at a time through the transfer engine).
+pub const PREFETCH_WORKERS: usize = 2;
+
+#[derive(Debug, Default)]
+struct PrefetchQueue {
+    /// (tensor, tier, clock tick when hinted).
+    jobs: std::collections::VecDeque<(TensorHandle, Tier, u64)>,
+    workers: usize,
+}
+
 /// Where weights are used next: a cyclic access order (layer order), for the weights policy.
 #[derive(Debug, Default)]
 struct AccessPlan {
@@ -96,6 +106,10 @@ pub(crate) struct Inner {
     plan_cursor: AtomicU64,
     prefetches_in_flight: AtomicU64,
     max_prefetches_in_flight: u64,
+    /// Prefetch hints waiting for a worker, and the number of workers running (level 3, a
+    /// leaf: never held with a shard lock or across a move).
+    prefetch_queue: Mutex<PrefetchQueue>,
+    prefetch_ready: Condvar,
     zero_on_free: bool,
     verify_write_backs: bool,
     pub(crate) counters: Counters,
@@ -390,6 +404,8 @@ impl MemoryManager {
                 plan: RwLock::new(AccessPlan::default()),
                 plan_cursor: AtomicU64::new(0),
                 prefetches_in_flight: AtomicU64::new(0),
+                prefetch_queue: Mutex::new(PrefetchQueue::default()),
+                prefetch_ready: Condvar::new(),
                 max_prefetches_in_flight: config.max_prefetches_in_flight as u64,
                 zero_on_free: config.zero_on_free,
                 verify_write_backs: config.verify_write_backs,
@@ -512,11 +528,15 @@ impl MemoryManager {
         })
     }
 
-    /// A hint: start bringing the tensor to `tier` now, on a helper thread (the caller
-    /// never waits). At most `max_prefetches_in_flight` run at once; further hints are
-    /// dropped. Errors are counted, not returned: the tensor stays where it was.
+    /// A hint: start bringing the tensor to `tier` soon, on a prefetch worker (the caller
+    /// never waits). Hints queue in order for at most [`PREFETCH_WORKERS`] workers, which
+    /// start on demand and stop when the queue stays empty; at most
+    /// `max_prefetches_in_flight` hints are queued or running, further ones are dropped. A
+    /// hint whose tensor was used after the hint was given, or is already on the tier, is
+    /// skipped (a late hint must not load again what the caller already loaded and may have
+    /// let go). Errors are counted, not returned: the tensor stays where it was.
     pub fn prefetch(&self, handle: TensorHandle, tier: Tier) {
-        let inner = self.inner.clone();
+        let inner = &self.inner;
         let admitted = inner
             .prefetches_in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -531,18 +551,18 @@ impl MemoryManager {
             return;
         }
         inner.counters.prefetches.fetch_add(1, Ordering::Relaxed);
-        vlmem_core::sync::thread::spawn(move || {
-            if inner
-                .bring(handle, tier, Priority::Prefetch, false)
-                .is_err()
-            {
-                inner
-                    .counters
-                    .prefetch_failures
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            inner.prefetches_in_flight.fetch_sub(1, Ordering::AcqRel);
-        });
+        let tick = inner.tick();
+        let mut q = inner.prefetch_queue.lock();
+        q.jobs.push_back((handle, tier, tick));
+        if q.workers < PREFETCH_WORKERS {
+            q.workers += 1;
+            drop(q);
+            let inner = inner.clone();
+            vlmem_core::sync::thread::spawn(move || inner.prefetch_worker());
+        } else {
+            drop(q);
+            inner.prefetch_ready.notify_one();
+        }
     }
 
     /// The order in which weights are used, cyclically (layer order). Under pressure the
@@ -917,6 +937,51 @@ impl Inner {
         e.finish_bring(tier, moved.as_ref().ok().copied(), pin);
         shard.cond.notify_all();
         moved
+    }
+
+    /// A prefetch worker: takes hints in order until the queue stays empty, then stops (a
+    /// worker holds the manager alive, so it must not outlive the queue's work).
+    fn prefetch_worker(&self) {
+        loop {
+            let job = {
+                let mut q = self.prefetch_queue.lock();
+                if q.jobs.is_empty() {
+                    // Hints come in bursts (a layer's tensors): linger briefly for the next.
+                    #[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
+                    self.prefetch_ready
+                        .wait_for(&mut q, std::time::Duration::from_millis(2));
+                }
+                match q.jobs.pop_front() {
+                    Some(job) => job,
+                    None => {
+                        q.workers -= 1;
+                        return;
+                    }
+                }
+            };
+            let (h, tier, hinted_at) = job;
+            let failed = match self.prefetch_is_stale(h, tier, hinted_at) {
+                Ok(true) => false,
+                Ok(false) => self.bring(h, tier, Priority::Prefetch, false).is_err(),
+                // A foreign, stale or freed handle: the hint fails (and changes nothing).
+                Err(_) => true,
+            };
+            if failed {
+                self.counters
+                    .prefetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            self.prefetches_in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether a hint has nothing left to do: the tensor is gone, already on the tier, or
+    /// was used after the hint (its demand pin brought it, and may have let it go since).
+    fn prefetch_is_stale(&self, h: TensorHandle, tier: Tier, hinted_at: u64) -> Result<bool> {
+        let shard = self.shard_of(h)?;
+        let mut st = shard.state.lock();
+        let e = self.entry(&mut st, h)?;
+        Ok(e.copies[tier.index()].is_some() || e.last_use > hinted_at)
     }
 
     fn written_and_id(&self, h: TensorHandle) -> Result<(bool, u64)> {

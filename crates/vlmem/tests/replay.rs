@@ -133,6 +133,9 @@ fn full_run_from_env() {
     if let Ok(l) = std::env::var("VLMEM_LOOKAHEAD") {
         o.lookahead = l.parse().unwrap();
     }
+    if let Ok(l) = std::env::var("VLMEM_INFLIGHT") {
+        o.hints_in_flight = l.parse().unwrap();
+    }
     if let Ok(sc) = std::env::var("VLMEM_SCALE") {
         o.scale = parse_scale(&sc).unwrap();
     }

@@ -126,6 +126,9 @@ pub struct ReplayOptions {
     pub steps: Option<usize>,
     /// Chunks prefetched ahead of use (default 3).
     pub lookahead: usize,
+    /// weights-stream: prefetch hints outstanding at once (1: the next is given once the
+    /// previous landed).
+    pub hints_in_flight: usize,
     /// Real (unscaled) bytes of a weights chunk (default 8 MiB; scaled like every size).
     pub chunk_bytes: u64,
     /// Pins the plan's prefix on the device for the whole run (default true); false leaves
@@ -151,6 +154,7 @@ impl ReplayOptions {
             progress: true,
             steps: None,
             lookahead: 3,
+            hints_in_flight: 1,
             chunk_bytes: 8 << 20,
             pin_prefix: true,
             inspect: false,

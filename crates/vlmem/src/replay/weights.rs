@@ -282,11 +282,12 @@ pub(crate) fn run(
         0
     };
     let mut pinned: Vec<crate::PinGuard> = Vec::with_capacity(prefix);
-    // One hint in flight at a time, none for chunks already on the device: concurrent
-    // evictions pick the same farthest victim, and the loser then evicts the next farthest
-    // (a chunk the plan keeps), which erodes the kept set (see the report to the lead).
+    // `hints_in_flight` hints at a time (default one), none for chunks already on the
+    // device: concurrent evictions pick the same farthest victim, and the loser then evicts
+    // the next farthest (a chunk the plan keeps), which erodes the kept set.
     let mut next_hint = 1usize;
-    let mut in_flight: Option<usize> = None;
+    let mut in_flight: std::collections::VecDeque<usize> = Default::default();
+    let max_in_flight = opts.hints_in_flight.max(1);
     let on_device =
         |j: usize| -> Result<bool> { Ok(m.residency(handles[j % n])?.0.contains(&Tier::Device)) };
     for step in 0..steps {
@@ -302,20 +303,23 @@ pub(crate) fn run(
                 // The previous hint must have landed (a hint whose thread starts after its
                 // chunk was used and evicted would load it again for nothing), unless the
                 // decode loop is well past it.
-                if let Some(f) = in_flight
-                    && a < f + 4
-                    && !on_device(f)?
-                {
+                while let Some(&f) = in_flight.front() {
+                    if a >= f + 4 || on_device(f)? {
+                        in_flight.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+                if in_flight.len() >= max_in_flight {
                     break;
                 }
-                in_flight = None;
                 let j = next_hint;
                 next_hint += 1;
                 if j <= a || on_device(j)? {
                     continue;
                 }
                 m.prefetch(handles[j % n], Tier::Device);
-                in_flight = Some(j);
+                in_flight.push_back(j);
             }
             let h = handles[i];
             if m.residency(h)?.0.contains(&Tier::Device) {
