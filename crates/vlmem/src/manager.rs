@@ -328,9 +328,7 @@ impl MemoryManager {
         let mk = |cap: u64, granule: u64| (config.allocator)(cap, granule);
         // Device and host arenas: a slab region for KV blocks at the bottom when the block
         // size is known, the configured allocator above it.
-        let mk_memory = |tier: Tier,
-                         cap: u64|
-         -> Result<vlmem_core::sync::Arc<dyn vlmem_core::OffsetAllocator>> {
+        let mk_memory = |tier: Tier, cap: u64| -> Result<StdArc<dyn vlmem_core::OffsetAllocator>> {
             const GRANULE: u64 = 256;
             let kv_budget = config.budgets.get(tier, TensorKind::KvCache).min(cap);
             match config.kv_block_bytes {
