@@ -87,6 +87,12 @@ pub enum ManagerError {
         /// The tensor's id.
         id: u64,
     },
+    /// A write through a pin needs the pinned copy to be the tensor's only one.
+    #[error("tensor {id} has copies on other tiers; write it with MemoryManager::write")]
+    NotExclusive {
+        /// The tensor's id.
+        id: u64,
+    },
     /// A tier or the transfer engine failed; the source copy is intact.
     #[error(transparent)]
     Tier(#[from] TierError),

@@ -3,6 +3,7 @@
 //! vision embeddings, scratch) and keeps each in the right tier: L1 device (GPU memory, or a
 //! simulated device), L2 host RAM, L3 disk. See docs/ARCHITECTURE.md.
 
+pub mod arena;
 pub mod config;
 mod entry;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod stats;
 pub mod stress;
 pub mod vision_cache;
 
+pub use arena::{ArenaSlice, StepArena};
 pub use config::{Budgets, ManagerConfig};
 pub use error::{ManagerError, Result};
 pub use kv_pool::{KvError, KvPool, KvPoolConfig, KvPoolStats, SeqId};

@@ -218,8 +218,9 @@ pub struct PinGuard {
     tier: Tier,
     res: Reservation,
     len_bytes: u64,
-    /// The tensor's bytes were written (a pin cannot outlive a write: writes wait for pins).
-    written: bool,
+    /// The tensor's bytes were written (a pin cannot outlive a `MemoryManager::write`: those
+    /// wait for pins; a write through this guard sets it).
+    written: std::sync::atomic::AtomicBool,
     id: u64,
 }
 
@@ -235,7 +236,7 @@ impl std::fmt::Debug for PinGuard {
 
 impl PinGuard {
     fn check_written(&self) -> Result<()> {
-        if self.written {
+        if self.written.load(std::sync::atomic::Ordering::Acquire) {
             Ok(())
         } else {
             Err(ManagerError::Uninitialized { id: self.id })
@@ -258,6 +259,19 @@ impl PinGuard {
         self.inner.tiers[self.tier.index()].read(&self.res, offset_bytes, dst)?;
         Ok(())
     }
+    /// Writes `src` at `offset_bytes` into the pinned copy, in place. Only for a tensor whose
+    /// pinned copy is its only one (one allocated on this tier and never copied elsewhere,
+    /// such as a step arena): otherwise [`ManagerError::NotExclusive`], since the other copies
+    /// would go stale. Other threads' pins and moves of the tensor wait while it runs.
+    pub fn write(&self, offset_bytes: u64, src: &[u8]) -> Result<()> {
+        check_range(offset_bytes, src.len() as u64, self.len_bytes)?;
+        self.inner
+            .write_pinned(self.handle, self.tier, &self.res, offset_bytes, src)?;
+        self.written
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
     /// Lends the tensor's bytes to `f` without a copy where the tier allows it (host and
     /// simulated device), else through a buffer.
     pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
@@ -521,7 +535,7 @@ impl MemoryManager {
             tier,
             res,
             len_bytes,
-            written,
+            written: std::sync::atomic::AtomicBool::new(written),
             id,
         })
     }
@@ -980,6 +994,49 @@ impl Inner {
         let mut st = shard.state.lock();
         let e = self.entry(&mut st, h)?;
         Ok(e.copies[tier.index()].is_some() || e.last_use > hinted_at)
+    }
+
+    /// A write into the pinned (and only) copy on `tier`; the entry is busy meanwhile.
+    fn write_pinned(
+        &self,
+        h: TensorHandle,
+        tier: Tier,
+        res: &Reservation,
+        offset_bytes: u64,
+        src: &[u8],
+    ) -> Result<()> {
+        let shard = self.shard_of(h)?;
+        {
+            let mut st = shard.state.lock();
+            loop {
+                let e = self.entry(&mut st, h)?;
+                if e.busy {
+                    st = wait_guard(&shard.cond, st);
+                    continue;
+                }
+                if e.read_only {
+                    return Err(ManagerError::ReadOnly { id: e.id });
+                }
+                if Tier::ALL
+                    .iter()
+                    .any(|&t| t != tier && e.copies[t.index()].is_some())
+                {
+                    return Err(ManagerError::NotExclusive { id: e.id });
+                }
+                e.busy = true;
+                break;
+            }
+        }
+        let r = self.tiers[tier.index()].write(res, offset_bytes, src);
+        let mut st = shard.state.lock();
+        let e = self.entry(&mut st, h)?;
+        e.busy = false;
+        if r.is_ok() {
+            e.written = true;
+            e.last_use = self.tick();
+        }
+        shard.cond.notify_all();
+        r.map_err(Into::into)
     }
 
     fn written_and_id(&self, h: TensorHandle) -> Result<(bool, u64)> {
