@@ -165,7 +165,7 @@ fn mem_read_gbps(len: usize) -> f64 {
     let buf: Vec<u8> = (0..len).map(|i| (i as u8) | 1).collect();
     let mut best = 0f64;
     let mut check = 0u64;
-    for _ in 0..5 {
+    for _ in 0..10 {
         let t = Instant::now();
         check = check.wrapping_add(kernels::read_bandwidth_probe(&buf));
         let s = t.elapsed().as_secs_f64();

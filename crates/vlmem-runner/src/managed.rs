@@ -13,6 +13,10 @@ use crate::weights::{WeightSource, check_expert, widen_to_f32};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use vlmem::{ManagerError, MemoryManager, TensorHandle, TensorKind, Tier};
 use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
 use vlmem_qwen3vl::tensors::expected_tensors;
@@ -26,14 +30,113 @@ pub struct ManagedWeights {
     index: HashMap<String, (TensorHandle, TensorInfo)>,
     compute_tier: Tier,
     device: Device,
-    /// Per decoder layer, then one unit for the final norm and lm_head: the handles a
-    /// prefetch of that unit hints (fused expert stacks excluded: decode reads only the
-    /// routed experts' slices of them).
-    units: Vec<Vec<TensorHandle>>,
-    prefetch_layers: AtomicUsize,
+    prefetch: Arc<PrefetchShared>,
+    prefetcher: Mutex<Option<(Sender<usize>, JoinHandle<()>)>>,
     staged_bytes: AtomicU64,
     expert_bytes: AtomicU64,
-    prefetch_hints: AtomicU64,
+}
+
+/// What the prefetch thread shares with the compute thread.
+struct PrefetchShared {
+    manager: MemoryManager,
+    tier: Tier,
+    /// Per decoder layer, then one unit for the final norm and lm_head, in use order: the
+    /// handles (and sizes) a prefetch of that unit hints. Fused expert stacks are left out:
+    /// decode reads only the routed experts' slices of them.
+    units: Vec<Vec<(TensorHandle, u64)>>,
+    /// The compute tier's weight budget when registered: larger tensors are never hinted.
+    budget_bytes: u64,
+    ahead: AtomicUsize,
+    /// The unit the compute thread is in.
+    current: AtomicUsize,
+    hints: AtomicU64,
+}
+
+impl PrefetchShared {
+    fn on_tier(&self, h: TensorHandle) -> bool {
+        self.manager
+            .residency(h)
+            .is_ok_and(|(tiers, _)| tiers.contains(&self.tier))
+    }
+
+    /// Whether unit `u` is still ahead of the compute thread, within the lookahead.
+    fn still_ahead(&self, u: usize) -> bool {
+        let n = self.units.len();
+        let cur = self.current.load(Ordering::Acquire);
+        let dist = (u + n - cur % n) % n;
+        dist > 0 && dist <= self.ahead.load(Ordering::Relaxed)
+    }
+
+    /// The prefetch thread: for each layer start (the latest one when several queued), hints
+    /// the next layers' tensors one at a time, each after checking the compute thread has
+    /// not reached its layer yet and that it is not on the tier already, and waits for it to
+    /// land before the next. One hint in flight keeps a late hint from loading a tensor that
+    /// was already used (and evicted), and prefetches from racing each other's evictions.
+    fn run(&self, rx: &Receiver<usize>) {
+        while let Ok(mut layer) = rx.recv() {
+            while let Ok(l) = rx.try_recv() {
+                layer = l;
+            }
+            let n = self.units.len();
+            let ahead = self.ahead.load(Ordering::Relaxed).min(n.saturating_sub(1));
+            'units: for step in 1..=ahead {
+                let u = (layer + step) % n;
+                for &(h, bytes) in &self.units[u] {
+                    if !self.still_ahead(u) {
+                        break 'units;
+                    }
+                    if bytes > self.budget_bytes || self.on_tier(h) {
+                        continue;
+                    }
+                    self.manager.prefetch(h, self.tier);
+                    self.hints.fetch_add(1, Ordering::Relaxed);
+                    let started = Instant::now();
+                    while !self.on_tier(h)
+                        && self.still_ahead(u)
+                        && started.elapsed() < Duration::from_millis(500)
+                    {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Use order of a decoder layer's tensors (attention, then the MLP).
+fn use_order(name: &str) -> usize {
+    const ORDER: [&str; 12] = [
+        "input_layernorm",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "q_norm",
+        "k_norm",
+        "o_proj",
+        "post_attention_layernorm",
+        "mlp.gate.",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    ORDER
+        .iter()
+        .position(|k| name.contains(k))
+        .unwrap_or(ORDER.len())
+}
+
+impl Drop for ManagedWeights {
+    fn drop(&mut self) {
+        let worker = self
+            .prefetcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((tx, handle)) = worker {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for ManagedWeights {
@@ -101,13 +204,15 @@ impl ManagedWeights {
                 .collect();
         manager.set_access_plan(&plan);
         let layers = checkpoint.config.text.num_hidden_layers as usize;
-        let mut units: Vec<Vec<TensorHandle>> = vec![Vec::new(); layers + 1];
+        let mut units: Vec<Vec<(TensorHandle, u64)>> = vec![Vec::new(); layers + 1];
         let mut names: Vec<&String> = index.keys().collect();
-        names.sort();
+        names.sort_by_key(|n| (use_order(n), n.to_string()));
         for name in names {
-            let (h, _) = &index[name];
+            let (h, info) = &index[name];
             match text_layer(name) {
-                Some(l) if l < layers && !name.contains(".mlp.experts.") => units[l].push(*h),
+                Some(l) if l < layers && !name.contains(".mlp.experts.") => {
+                    units[l].push((*h, info.bytes))
+                }
                 _ => {}
             }
         }
@@ -117,20 +222,32 @@ impl ManagedWeights {
             LM_HEAD
         };
         for name in ["model.language_model.norm.weight", head] {
-            if let Some((h, _)) = index.get(name) {
-                units[layers].push(*h);
+            if let Some((h, info)) = index.get(name) {
+                units[layers].push((*h, info.bytes));
             }
         }
+        let budget_bytes = manager
+            .stats()
+            .budgets
+            .get(compute_tier, TensorKind::Weight);
+        let prefetch = Arc::new(PrefetchShared {
+            manager: manager.clone(),
+            tier: compute_tier,
+            units,
+            budget_bytes,
+            ahead: AtomicUsize::new(DEFAULT_PREFETCH_LAYERS),
+            current: AtomicUsize::new(0),
+            hints: AtomicU64::new(0),
+        });
         Ok(ManagedWeights {
             manager,
             index,
             compute_tier,
             device: device.clone(),
-            units,
-            prefetch_layers: AtomicUsize::new(DEFAULT_PREFETCH_LAYERS),
+            prefetch,
+            prefetcher: Mutex::new(None),
             staged_bytes: AtomicU64::new(0),
             expert_bytes: AtomicU64::new(0),
-            prefetch_hints: AtomicU64::new(0),
         })
     }
 
@@ -148,12 +265,12 @@ impl ManagedWeights {
     /// one, and the first layers follow them, as decode cycles) when a layer starts; 0 turns
     /// prefetch off.
     pub fn set_prefetch_layers(&self, layers: usize) {
-        self.prefetch_layers.store(layers, Ordering::Relaxed);
+        self.prefetch.ahead.store(layers, Ordering::Relaxed);
     }
 
     /// How many layers ahead are prefetched (0: off).
     pub fn prefetch_layers(&self) -> usize {
-        self.prefetch_layers.load(Ordering::Relaxed)
+        self.prefetch.ahead.load(Ordering::Relaxed)
     }
 
     /// Bytes read from a weight's fastest copy into a staging buffer without being kept on
@@ -170,7 +287,7 @@ impl ManagedWeights {
 
     /// Prefetch hints given to the manager.
     pub fn prefetch_hints(&self) -> u64 {
-        self.prefetch_hints.load(Ordering::Relaxed)
+        self.prefetch.hints.load(Ordering::Relaxed)
     }
 
     fn entry(&self, name: &str) -> Result<&(TensorHandle, TensorInfo)> {
@@ -326,25 +443,29 @@ impl WeightSource for ManagedWeights {
         }
     }
 
-    /// Hints the manager to bring the next layers' weights to the compute tier (those not
-    /// there yet), so their disk reads overlap this layer's compute.
+    /// Tells the prefetch thread (started on first use) that `layer` starts, so it brings
+    /// the next layers' weights to the compute tier while this one computes.
     fn begin_layer(&self, layer: usize, layers: usize) {
-        let ahead = self.prefetch_layers();
-        let units = self.units.len();
-        if ahead == 0 || units == 0 || layers + 1 != units {
+        let shared = &self.prefetch;
+        shared.current.store(layer, Ordering::Release);
+        if self.prefetch_layers() == 0 || layers + 1 != shared.units.len() {
             return;
         }
-        for step in 1..=ahead.min(units - 1) {
-            for h in &self.units[(layer + step) % units] {
-                let there = self
-                    .manager
-                    .residency(*h)
-                    .is_ok_and(|(tiers, _)| tiers.contains(&self.compute_tier));
-                if !there {
-                    self.manager.prefetch(*h, self.compute_tier);
-                    self.prefetch_hints.fetch_add(1, Ordering::Relaxed);
-                }
+        let mut worker = self.prefetcher.lock().unwrap_or_else(|p| p.into_inner());
+        if worker.is_none() {
+            let (tx, rx) = channel();
+            let s = shared.clone();
+            match std::thread::Builder::new()
+                .name("vlmem-prefetch".into())
+                .spawn(move || s.run(&rx))
+            {
+                Ok(handle) => *worker = Some((tx, handle)),
+                // No thread, no prefetch: demand loads still serve every weight.
+                Err(_) => return,
             }
+        }
+        if let Some((tx, _)) = worker.as_ref() {
+            let _ = tx.send(layer);
         }
     }
 }

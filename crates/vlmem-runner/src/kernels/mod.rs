@@ -149,8 +149,9 @@ pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
 /// returns a checksum (so the reads cannot be optimised away). Time it to get the memory
 /// read bandwidth.
 pub fn read_bandwidth_probe(buf: &[u8]) -> u64 {
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = buf.len().div_ceil(threads).div_ceil(4096).max(1) * 4096;
+    // 4 MiB tasks: many more than threads, so work stealing evens out a thread that the OS
+    // descheduled (a shared machine) instead of the whole read waiting for it.
+    let per_task = 4 << 20;
     buf.par_chunks(per_task)
         .map(bf16::read_sum)
         .reduce(|| 0u64, u64::wrapping_add)
