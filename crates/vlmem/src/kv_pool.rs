@@ -136,12 +136,15 @@ struct BlockMeta {
     /// match is checked against the real content (a collision never shares wrong KV).
     parent: Option<u64>,
     tokens: Vec<u32>,
+    salt: u64,
     /// Counted on the compute tier.
     resident: bool,
 }
 
 #[derive(Debug)]
 struct Sequence {
+    /// The namespace of its prefix hashes.
+    salt: u64,
     tokens: Vec<u32>,
     blocks: Vec<u64>,
     /// Tokens whose KV is stored (the prompt's shared prefix counts from the start).
@@ -251,12 +254,19 @@ impl KvPool {
     /// have their KV in shared blocks (the caller computes and appends the rest, from that
     /// position on).
     pub fn start(&self, prompt: &[u32]) -> KvResult<(SeqId, usize)> {
+        self.start_salted(0, prompt)
+    }
+
+    /// [`KvPool::start`] in a namespace: sequences share blocks only with sequences of the
+    /// same `salt` (e.g. one per decoder layer, whose KV differs for the same tokens, or a
+    /// fresh one per request when the token ids are not known).
+    pub fn start_salted(&self, salt: u64, prompt: &[u32]) -> KvResult<(SeqId, usize)> {
         let bt = self.config.block_tokens as usize;
         let mut t = self.tables.lock();
         let id = t.next_seq;
         t.next_seq += 1;
         let mut blocks = Vec::new();
-        let mut hash = 0u64;
+        let mut hash = salt;
         // Only whole blocks strictly before the last prompt token are shared, so the caller
         // always computes at least one token (it needs that token's logits).
         for chunk in prompt.chunks_exact(bt) {
@@ -269,7 +279,9 @@ impl KvPool {
             };
             let parent = blocks.last().copied();
             match t.blocks.get_mut(&b) {
-                Some(meta) if meta.parent == parent && meta.tokens == chunk => {
+                Some(meta)
+                    if meta.parent == parent && meta.tokens == chunk && meta.salt == salt =>
+                {
                     meta.refs += 1;
                     blocks.push(b);
                 }
@@ -280,6 +292,7 @@ impl KvPool {
         t.seqs.insert(
             id,
             Sequence {
+                salt,
                 tokens: prompt[..stored].to_vec(),
                 blocks,
                 stored,
@@ -359,16 +372,18 @@ impl KvPool {
             if s.stored % bt == 0 {
                 // Sealed: index it under the chained hash of its content.
                 let n = s.stored / bt;
-                let mut hash = 0u64;
+                let mut hash = s.salt;
                 for chunk in s.tokens[..n * bt].chunks_exact(bt) {
                     hash = chain_hash(hash, chunk);
                 }
                 let parent = n.checked_sub(2).map(|i| s.blocks[i]);
                 let content = s.tokens[(n - 1) * bt..n * bt].to_vec();
+                let salt = s.salt;
                 if let Some(meta) = t.blocks.get_mut(&block) {
                     meta.sealed = Some(hash);
                     meta.parent = parent;
                     meta.tokens = content;
+                    meta.salt = salt;
                 }
                 t.prefix.entry(hash).or_insert(block);
             }
@@ -405,6 +420,54 @@ impl KvPool {
         let handle = self.handle_of(block)?;
         let guard = self.manager.pin(handle, self.config.compute_tier)?;
         guard.read((position % bt) as u64 * bpt, dst)?;
+        Ok(())
+    }
+
+    /// Reads the KV of tokens `start..start + n` into `dst` (`n * bytes_per_token` bytes),
+    /// one pin per block, from the compute tier (swapping the sequence in if it was out).
+    pub fn read_range(&self, seq: SeqId, start: usize, dst: &mut [u8]) -> KvResult<()> {
+        let bpt = self.config.bytes_per_token as usize;
+        if dst.len() % bpt != 0 {
+            return Err(KvError::BadLength {
+                bytes: dst.len(),
+                tokens: dst.len() / bpt,
+                bytes_per_token: bpt as u64,
+            });
+        }
+        let n = dst.len() / bpt;
+        let _claim = self.claim(seq)?;
+        self.ensure_resident(seq)?;
+        let bt = self.config.block_tokens as usize;
+        let blocks = {
+            let t = self.tables.lock();
+            let s = t.seqs.get(&seq.0).ok_or(KvError::UnknownSequence(seq.0))?;
+            match start.checked_add(n) {
+                Some(end) if end <= s.stored => {}
+                _ => {
+                    return Err(KvError::OutOfRange {
+                        seq: seq.0,
+                        position: start.saturating_add(n),
+                        len: s.stored,
+                    });
+                }
+            }
+            s.blocks.clone()
+        };
+        let mut pos = start;
+        let mut out = 0usize;
+        while pos < start + n {
+            let block = blocks[pos / bt];
+            let in_block = pos % bt;
+            let take = (bt - in_block).min(start + n - pos);
+            let handle = self.handle_of(block)?;
+            let guard = self.manager.pin(handle, self.config.compute_tier)?;
+            guard.read(
+                (in_block * bpt) as u64,
+                &mut dst[out * bpt..(out + take) * bpt],
+            )?;
+            pos += take;
+            out += take;
+        }
         Ok(())
     }
 
@@ -600,6 +663,7 @@ impl KvPool {
                 sealed: None,
                 parent: None,
                 tokens: Vec::new(),
+                salt: 0,
                 resident: true,
             },
         );

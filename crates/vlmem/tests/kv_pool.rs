@@ -309,3 +309,38 @@ fn kv_blocks_come_from_their_slab_region_which_no_other_kind_can_take() {
         Err(KvError::Manager(vlmem::ManagerError::OutOfMemory { .. }))
     ));
 }
+
+#[test]
+fn ranges_read_across_blocks_and_salts_keep_namespaces_apart() {
+    let p = pool(MIB);
+    let prompt: Vec<u32> = (0..50).collect();
+    let (a, _) = p.start_salted(1, &prompt).unwrap();
+    append_all(&p, a, 0, &prompt);
+    // Another namespace with the same tokens shares nothing; the same namespace does.
+    let (b, reused) = p.start_salted(2, &prompt).unwrap();
+    assert_eq!(reused, 0);
+    let (c, reused) = p.start_salted(1, &prompt).unwrap();
+    assert_eq!(reused, 48);
+    // A range over three blocks equals the token-by-token reads.
+    let mut range = vec![0u8; 30 * BPT as usize];
+    p.read_range(a, 10, &mut range).unwrap();
+    for (k, chunk) in range.chunks(BPT as usize).enumerate() {
+        assert_eq!(
+            chunk,
+            kv_of(10 + k, prompt[10 + k]).as_slice(),
+            "token {}",
+            10 + k
+        );
+    }
+    assert!(matches!(
+        p.read_range(a, 40, &mut vec![0u8; 11 * BPT as usize]),
+        Err(KvError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        p.read_range(a, 0, &mut [0u8; 3]),
+        Err(KvError::BadLength { .. })
+    ));
+    for s in [a, b, c] {
+        p.finish(s).unwrap();
+    }
+}
