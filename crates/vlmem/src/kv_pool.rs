@@ -427,7 +427,7 @@ impl KvPool {
     /// one pin per block, from the compute tier (swapping the sequence in if it was out).
     pub fn read_range(&self, seq: SeqId, start: usize, dst: &mut [u8]) -> KvResult<()> {
         let bpt = self.config.bytes_per_token as usize;
-        if dst.len() % bpt != 0 {
+        if !dst.len().is_multiple_of(bpt) {
             return Err(KvError::BadLength {
                 bytes: dst.len(),
                 tokens: dst.len() / bpt,
