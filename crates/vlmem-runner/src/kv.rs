@@ -112,6 +112,162 @@ impl KvStore for KvCache {
     }
 }
 
+/// The KV cache in the memory manager's paged pool ([`vlmem::KvPool`]): one pool sequence
+/// per decoder layer, each token's keys and values (f32, `[kv_heads, head_dim]` each) one
+/// entry of `2 * kv_heads * head_dim * 4` bytes. Blocks live in the manager's tiers under its
+/// KV budget; whole layers' sequences swap out under pressure and come back when read.
+///
+/// The decoder does not pass token ids to the cache, so each store takes a fresh namespace
+/// (salt) and shares no blocks with other requests: prefix sharing needs the ids.
+pub struct PagedKv {
+    pool: std::sync::Arc<vlmem::KvPool>,
+    salt: u64,
+    layers: Vec<Option<(vlmem::SeqId, usize)>>,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl std::fmt::Debug for PagedKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagedKv")
+            .field("layers", &self.layers.len())
+            .field("tokens", &self.len_tokens())
+            .finish_non_exhaustive()
+    }
+}
+
+static NEXT_SALT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl PagedKv {
+    /// A store for `layers` layers of `kv_heads x head_dim` over `pool`, whose
+    /// `bytes_per_token` must be `2 * kv_heads * head_dim * 4`.
+    pub fn new(
+        pool: std::sync::Arc<vlmem::KvPool>,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let want = (2 * kv_heads * head_dim * 4) as u64;
+        if pool.config().bytes_per_token != want {
+            return Err(crate::error::RunnerError::BadRequest(format!(
+                "the KV pool stores {} bytes per token; this model needs {want}",
+                pool.config().bytes_per_token
+            )));
+        }
+        Ok(PagedKv {
+            pool,
+            salt: NEXT_SALT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 16,
+            layers: vec![None; layers],
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    fn kv_err(e: vlmem::KvError) -> crate::error::RunnerError {
+        crate::error::RunnerError::BadRequest(format!("KV cache: {e}"))
+    }
+}
+
+impl KvStore for PagedKv {
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, n, d) = k.dims4()?;
+        if b != 1 || h != self.kv_heads || d != self.head_dim || v.dims4()? != (b, h, n, d) {
+            return Err(crate::error::RunnerError::BadRequest(format!(
+                "KV of shape {:?} / {:?} for a cache of {} heads x {}",
+                k.dims(),
+                v.dims(),
+                self.kv_heads,
+                self.head_dim
+            )));
+        }
+        if layer >= self.layers.len() {
+            self.layers.resize(layer + 1, None);
+        }
+        let (seq, len) = match self.layers[layer] {
+            Some(x) => x,
+            None => {
+                let (seq, _) = self
+                    .pool
+                    .start_salted(self.salt + layer as u64, &[])
+                    .map_err(Self::kv_err)?;
+                (seq, 0)
+            }
+        };
+        // [1, h, n, d] -> [n, h, d] for keys and values, then per token K then V.
+        let to_rows = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let (kr, vr) = (to_rows(k)?, to_rows(v)?);
+        let row = h * d;
+        let mut bytes = Vec::with_capacity(2 * kr.len() * 4);
+        for t in 0..n {
+            for x in kr[t * row..(t + 1) * row]
+                .iter()
+                .chain(&vr[t * row..(t + 1) * row])
+            {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        // Token ids are positions here (the namespace keeps requests apart).
+        let ids: Vec<u32> = (len..len + n).map(|p| p as u32).collect();
+        self.pool.append(seq, &ids, &bytes).map_err(Self::kv_err)?;
+        let total = len + n;
+        self.layers[layer] = Some((seq, total));
+        let mut all = vec![0u8; total * 2 * row * 4];
+        self.pool
+            .read_range(seq, 0, &mut all)
+            .map_err(Self::kv_err)?;
+        let mut ks = Vec::with_capacity(total * row);
+        let mut vs = Vec::with_capacity(total * row);
+        for (t, chunk) in all.chunks_exact(2 * row * 4).enumerate() {
+            let _ = t;
+            let vals = chunk
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            for (i, x) in vals.enumerate() {
+                if i < row {
+                    ks.push(x);
+                } else {
+                    vs.push(x);
+                }
+            }
+        }
+        let dev = k.device();
+        let shape = |xs: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(xs, (total, h, d), dev)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?)
+        };
+        Ok((shape(ks)?, shape(vs)?))
+    }
+
+    fn len_tokens(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((_, len))) => *len,
+            _ => 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        for l in &mut self.layers {
+            if let Some((seq, _)) = l.take() {
+                let _ = self.pool.finish(seq);
+            }
+        }
+    }
+}
+
+impl Drop for PagedKv {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +304,56 @@ mod tests {
         assert_eq!(kv.bytes(), 2 * 2 * 219 * 3 * 4);
         kv.clear();
         assert_eq!(kv.bytes(), 0);
+    }
+
+    #[test]
+    fn the_paged_store_returns_what_the_simple_one_does() {
+        use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
+        let mut c = ManagerConfig::with_capacities(1 << 20, 16 << 20, 64 << 20);
+        // Room for 4 blocks of 16 tokens on the host: later layers push earlier ones out.
+        c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = 4 * 16 * 48;
+        let m = MemoryManager::new(c).unwrap();
+        let pool = std::sync::Arc::new(
+            KvPool::new(
+                m.clone(),
+                KvPoolConfig {
+                    block_tokens: 16,
+                    bytes_per_token: 2 * 2 * 3 * 4,
+                    compute_tier: Tier::Host,
+                },
+            )
+            .unwrap(),
+        );
+        let mut paged = PagedKv::new(pool.clone(), 2, 2, 3).unwrap();
+        let mut simple = KvCache::new(2);
+        let mut start = 0.0;
+        for step in 0..40 {
+            let n = if step == 0 { 21 } else { 1 };
+            for layer in 0..2 {
+                let t = block(start, n);
+                start += 100.0;
+                let v = (&t * -1.0).unwrap();
+                let (pk, pv) = paged.append(layer, &t, &v).unwrap();
+                let (sk, sv) = simple.append(layer, &t, &v).unwrap();
+                let flat = |x: &Tensor| -> Vec<f32> { x.flatten_all().unwrap().to_vec1().unwrap() };
+                assert_eq!(pk.dims(), sk.dims());
+                assert_eq!(flat(&pk), flat(&sk), "keys, step {step} layer {layer}");
+                assert_eq!(flat(&pv), flat(&sv), "values, step {step} layer {layer}");
+            }
+        }
+        assert_eq!(paged.len_tokens(), 60);
+        assert!(pool.stats().swap_outs > 0, "{:?}", pool.stats());
+        // A wrong shape is an error, not a panic.
+        assert!(paged.append(0, &block(0.0, 1), &block(0.0, 2)).is_err());
+        drop(paged);
+        assert_eq!(
+            pool.stats().blocks,
+            0,
+            "dropping the store frees its blocks"
+        );
+        assert!(
+            PagedKv::new(pool, 2, 4, 3).is_err(),
+            "bytes per token must match"
+        );
     }
 }

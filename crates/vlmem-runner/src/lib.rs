@@ -31,7 +31,7 @@ pub mod vision;
 pub mod weights;
 
 pub use error::{Result, RunnerError};
-pub use kv::{KvCache, KvStore};
+pub use kv::{KvCache, KvStore, PagedKv};
 pub use managed::ManagedWeights;
 pub use model::{GenerateOptions, Generation, Prefill, PrefillOptions, Qwen3Vl};
 pub use preprocess::{ImageInput, PreprocessConfig};

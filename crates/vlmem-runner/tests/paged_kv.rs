@@ -1,0 +1,85 @@
+//! The KV cache in the manager's paged pool gives the same logits, bit for bit, as the
+//! simple growable cache: with room for every block, and with room for only a few blocks
+//! (whole layers' sequences swapped out to the disk tier and back at every step).
+
+use candle_core::Tensor;
+use std::path::PathBuf;
+use std::sync::Arc;
+use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
+use vlmem_runner::model::argmax;
+use vlmem_runner::{KvStore, PagedKv, PrefillOptions, Runner};
+
+const MIB: u64 = 1 << 20;
+
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+/// Prefill and 5 greedy decode steps through `kv`; every step's logits.
+fn run(runner: &Runner, kv: &mut dyn KvStore) -> Vec<Vec<f32>> {
+    let dir = runner.dir().to_path_buf();
+    let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
+    let ids = runner.chat_ids("Describe this image.", &images).unwrap();
+    let model = runner.model();
+    let pre = model
+        .prefill(&ids, &images, kv, PrefillOptions::default())
+        .unwrap();
+    let first = pre.positions.next_position;
+    let last = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let mut all = vec![last(pre.logits.unwrap())];
+    for position in first..first + 5 {
+        let next = argmax(all.last().unwrap());
+        all.push(last(model.decode_step(next, position, kv).unwrap()));
+    }
+    all
+}
+
+#[test]
+fn paged_kv_matches_the_simple_cache_whatever_the_room() {
+    for name in ["qwen3-vl-tiny", "qwen3-vl-moe-tiny"] {
+        let runner = Runner::open(&fixture_dir(name)).unwrap();
+        let expected = run(&runner, &mut runner.model().new_kv_cache());
+        let text = &runner.model().config().text;
+        let (layers, kv_heads, head_dim) = (
+            text.num_hidden_layers as usize,
+            text.num_key_value_heads as usize,
+            text.head_dim as usize,
+        );
+        let bytes_per_token = (2 * kv_heads * head_dim * 4) as u64;
+        let block_bytes = 16 * bytes_per_token;
+        // Ample room, then room for 3 blocks: most layers live on the disk between uses.
+        for host_kv_bytes in [8 * MIB, 3 * block_bytes] {
+            let mut c = ManagerConfig::with_capacities(0, 16 * MIB, 16 * MIB);
+            c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = host_kv_bytes;
+            c.disk.preallocate = false;
+            let m = MemoryManager::new(c).unwrap();
+            let pool = Arc::new(
+                KvPool::new(
+                    m.clone(),
+                    KvPoolConfig {
+                        block_tokens: 16,
+                        bytes_per_token,
+                        compute_tier: Tier::Host,
+                    },
+                )
+                .unwrap(),
+            );
+            let mut kv = PagedKv::new(pool.clone(), layers, kv_heads, head_dim).unwrap();
+            let got = run(&runner, &mut kv);
+            assert_eq!(
+                got, expected,
+                "{name} with {host_kv_bytes} bytes of KV room"
+            );
+            let s = pool.stats();
+            assert!(s.blocks as usize >= layers, "{s:?}");
+            if host_kv_bytes < MIB {
+                assert!(s.swap_outs > 0 && s.swap_ins > 0, "{s:?}");
+                assert!(m.stats().counters.write_backs[Tier::Host.index()] > 0);
+            }
+            drop(kv);
+            assert_eq!(pool.stats().blocks, 0);
+        }
+    }
+}
