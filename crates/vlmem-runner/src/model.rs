@@ -92,6 +92,8 @@ pub struct Qwen3Vl {
     vision: VisionTower,
     text: TextDecoder,
     device: Device,
+    /// Image embeddings by content, in the memory manager (set once, optional).
+    vision_cache: std::sync::OnceLock<Arc<vlmem::vision_cache::VisionCache>>,
 }
 
 impl std::fmt::Debug for Qwen3Vl {
@@ -119,6 +121,7 @@ impl Qwen3Vl {
             vision,
             text,
             device: device.clone(),
+            vision_cache: std::sync::OnceLock::new(),
         };
         let p = m.params();
         m.vision.check_weights(&p)?;
@@ -153,6 +156,54 @@ impl Qwen3Vl {
     /// Runs the vision tower over one image.
     pub fn encode_image(&self, image: &ImageInput, trace: bool) -> Result<VisionOutput> {
         self.vision.forward(&self.params(), image, trace)
+    }
+
+    /// Keeps image embeddings (and DeepStack features) in `cache`, keyed by the preprocessed
+    /// pixels: a repeated image skips the vision tower. Set once; false if one was set.
+    pub fn use_vision_cache(&self, cache: Arc<vlmem::vision_cache::VisionCache>) -> bool {
+        self.vision_cache.set(cache).is_ok()
+    }
+
+    /// The vision cache, if one is in use.
+    pub fn vision_cache(&self) -> Option<&Arc<vlmem::vision_cache::VisionCache>> {
+        self.vision_cache.get()
+    }
+
+    /// [`Qwen3Vl::encode_image`] through the vision cache when there is one (and no trace
+    /// is asked for: traces are never cached).
+    fn encode_image_cached(&self, image: &ImageInput, trace: bool) -> Result<VisionOutput> {
+        let Some(cache) = self.vision_cache.get().filter(|_| !trace) else {
+            return self.encode_image(image, trace);
+        };
+        let mut key = Vec::with_capacity(image.pixel_values.len() * 4 + 32);
+        for d in image.grid_thw.iter().chain([&image.patch_len]) {
+            key.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        for v in &image.pixel_values {
+            key.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut failed = None;
+        let got = cache.get_or_try_insert_with(&key, || match self.encode_image(image, false) {
+            Ok(out) => encode_vision(&out).map_err(|e| {
+                let msg = e.to_string();
+                failed = Some(e);
+                vlmem::ManagerError::InvalidConfig(msg)
+            }),
+            Err(e) => {
+                let msg = e.to_string();
+                failed = Some(e);
+                Err(vlmem::ManagerError::InvalidConfig(msg))
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (embedding, _hit) =
+            got.map_err(|e| RunnerError::Weights(format!("vision cache: {e}")))?;
+        let bytes = embedding
+            .to_vec()
+            .map_err(|e| RunnerError::Weights(format!("vision cache: {e}")))?;
+        decode_vision(&bytes, &self.device)
     }
 
     /// Checks `ids` against the vocabulary and the images, and computes their positions.
@@ -195,7 +246,7 @@ impl Qwen3Vl {
         let p = self.params();
         let mut vision = Vec::with_capacity(images.len());
         for img in images {
-            vision.push(self.vision.forward(&p, img, opts.vision_trace)?);
+            vision.push(self.encode_image_cached(img, opts.vision_trace)?);
         }
         let text_embeds = self.text.embed(&p, ids)?;
         let (embeds, deepstack) = if vision.is_empty() {
@@ -325,6 +376,62 @@ impl Qwen3Vl {
         generation.decode_time = decode_start.elapsed();
         Ok(generation)
     }
+}
+
+/// A vision output as bytes: `[rows, cols, levels]` as u64, then the image embedding and
+/// each DeepStack feature, f32 little-endian.
+fn encode_vision(out: &VisionOutput) -> Result<Vec<u8>> {
+    let (rows, cols) = out.image_embeds.dims2()?;
+    let mut bytes = Vec::with_capacity(24 + (1 + out.deepstack.len()) * rows * cols * 4);
+    for x in [rows, cols, out.deepstack.len()] {
+        bytes.extend_from_slice(&(x as u64).to_le_bytes());
+    }
+    for t in std::iter::once(&out.image_embeds).chain(&out.deepstack) {
+        if t.dims2()? != (rows, cols) {
+            return Err(RunnerError::BadRequest(format!(
+                "a DeepStack feature of shape {:?} beside an embedding of {rows}x{cols}",
+                t.dims()
+            )));
+        }
+        for v in t.flatten_all()?.to_vec1::<f32>()? {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(bytes)
+}
+
+/// The inverse of [`encode_vision`]; a malformed buffer is an error.
+fn decode_vision(bytes: &[u8], device: &Device) -> Result<VisionOutput> {
+    let bad = || RunnerError::Weights("vision cache: malformed embedding".into());
+    let word = |i: usize| -> Result<usize> {
+        let b = bytes.get(i * 8..i * 8 + 8).ok_or_else(bad)?;
+        Ok(u64::from_le_bytes(b.try_into().map_err(|_| bad())?) as usize)
+    };
+    let (rows, cols, levels) = (word(0)?, word(1)?, word(2)?);
+    let each = rows.checked_mul(cols).ok_or_else(bad)?;
+    let want = each
+        .checked_mul(4)
+        .and_then(|b| b.checked_mul(levels + 1))
+        .and_then(|b| b.checked_add(24))
+        .ok_or_else(bad)?;
+    if bytes.len() != want {
+        return Err(bad());
+    }
+    let mut tensors = (0..=levels).map(|k| {
+        let start = 24 + k * each * 4;
+        let vals: Vec<f32> = bytes[start..start + each * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Tensor::from_vec(vals, (rows, cols), device)
+    });
+    let image_embeds = tensors.next().ok_or_else(bad)??;
+    let deepstack = tensors.collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(VisionOutput {
+        image_embeds,
+        deepstack,
+        trace: None,
+    })
 }
 
 /// Index of the largest value (the first one on ties, as torch's argmax).
