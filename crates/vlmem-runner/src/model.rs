@@ -333,8 +333,20 @@ impl Qwen3Vl {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
+        self.generate_in(ids, images, opts, &mut self.new_kv_cache(), on_token)
+    }
+
+    /// [`Qwen3Vl::generate`] with the KV cache given (e.g. a [`crate::PagedKv`] in the
+    /// memory manager's paged pool); `kv` should be empty.
+    pub fn generate_in(
+        &self,
+        ids: &[u32],
+        images: &[ImageInput],
+        opts: &GenerateOptions,
+        kv: &mut dyn KvStore,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation> {
         let start = Instant::now();
-        let mut kv = self.new_kv_cache();
         let mut generation = Generation {
             prompt_ids: ids.to_vec(),
             generated_ids: Vec::new(),
@@ -346,7 +358,7 @@ impl Qwen3Vl {
             self.positions(ids, images)?;
             return Ok(generation);
         }
-        let prefill = self.prefill(ids, images, &mut kv, PrefillOptions::default())?;
+        let prefill = self.prefill(ids, images, kv, PrefillOptions::default())?;
         let mut logits = prefill
             .logits
             .ok_or_else(|| RunnerError::BadRequest("prefill returned no logits".into()))?
@@ -368,9 +380,7 @@ impl Qwen3Vl {
             {
                 break;
             }
-            logits = self
-                .decode_step(next, position, &mut kv)?
-                .to_vec1::<f32>()?;
+            logits = self.decode_step(next, position, kv)?.to_vec1::<f32>()?;
             position += 1;
         }
         generation.decode_time = decode_start.elapsed();

@@ -83,3 +83,41 @@ fn paged_kv_matches_the_simple_cache_whatever_the_room() {
         }
     }
 }
+
+#[test]
+fn generation_through_the_paged_pool_matches() {
+    let dir = fixture_dir("qwen3-vl-tiny");
+    let runner = Runner::open(&dir).unwrap();
+    let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
+    let ids = runner.chat_ids("Describe this image.", &images).unwrap();
+    let opts = vlmem_runner::GenerateOptions {
+        max_new_tokens: 6,
+        stop_ids: vec![],
+    };
+    let model = runner.model();
+    let plain = model.generate(&ids, &images, &opts, &mut |_| {}).unwrap();
+    let text = &model.config().text;
+    let (layers, heads, dim) = (
+        text.num_hidden_layers as usize,
+        text.num_key_value_heads as usize,
+        text.head_dim as usize,
+    );
+    let m = MemoryManager::new(ManagerConfig::with_capacities(0, 16 * MIB, 16 * MIB)).unwrap();
+    let pool = Arc::new(
+        KvPool::new(
+            m,
+            KvPoolConfig {
+                block_tokens: 16,
+                bytes_per_token: (2 * heads * dim * 4) as u64,
+                compute_tier: Tier::Host,
+            },
+        )
+        .unwrap(),
+    );
+    let mut kv = PagedKv::new(pool, layers, heads, dim).unwrap();
+    let paged = model
+        .generate_in(&ids, &images, &opts, &mut kv, &mut |_| {})
+        .unwrap();
+    assert_eq!(paged.generated_ids, plain.generated_ids);
+    assert_eq!(paged.generated_logits, plain.generated_logits);
+}
