@@ -9,11 +9,18 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
+use vlmem::vision_cache::VisionCache;
+use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
 use vlmem_core::bytes::format_bytes;
 use vlmem_core::profile::{HardwareProfile, Overrides};
 use vlmem_qwen3vl::checkpoint::Checkpoint;
-use vlmem_runner::{LogitsFor, ManagedWeights, PrefillOptions, Runner, RunnerError};
+use vlmem_runner::{
+    GenerateOptions, KvStore, LogitsFor, ManagedWeights, PagedKv, PrefillOptions, Runner,
+    RunnerError,
+};
+
+/// Tokens per KV block (vLLM's default).
+const KV_BLOCK_TOKENS: u32 = 16;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -88,8 +95,21 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     config.budgets =
         vlmem::Budgets::default_split([config.device_bytes, config.host_bytes, config.disk_bytes]);
     config.disk.dir = a.disk_path.clone();
-    let manager = MemoryManager::new(config).map_err(CliError::failure)?;
     let checkpoint = Checkpoint::open(&a.model)?;
+    // The KV cache's blocks: 16 tokens of every layer's f32 keys and values per layer
+    // sequence, from a slab region of the host arena.
+    let text_cfg = &checkpoint.config.text;
+    let (kv_layers, kv_heads, head_dim) = (
+        text_cfg.num_hidden_layers as usize,
+        text_cfg.num_key_value_heads as usize,
+        text_cfg.head_dim as usize,
+    );
+    let kv_bytes_per_token = (2 * kv_heads * head_dim * 4) as u64;
+    let kv_block_bytes = KV_BLOCK_TOKENS as u64 * kv_bytes_per_token;
+    if kv_block_bytes.is_multiple_of(256) {
+        config.kv_block_bytes = Some(kv_block_bytes);
+    }
+    let manager = MemoryManager::new(config).map_err(CliError::failure)?;
     let weights = Arc::new(ManagedWeights::register(
         manager.clone(),
         &checkpoint,
@@ -98,6 +118,35 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     )?);
     weights.set_prefetch_layers(a.prefetch_layers);
     let runner = Runner::with_weights(&checkpoint, weights.clone(), &Device::Cpu)?;
+    // Image embeddings by content, in the manager, under the host's vision budget.
+    let budgets = manager.stats().budgets;
+    let vision_budget = budgets.get(Tier::Host, TensorKind::VisionEmbedding);
+    let vision_cache = (vision_budget > 0).then(|| {
+        Arc::new(VisionCache::new(
+            manager.clone(),
+            &format!("{}", a.model.display()),
+            vision_budget,
+        ))
+    });
+    if let Some(c) = &vision_cache {
+        runner.model().use_vision_cache(c.clone());
+    }
+    // The KV cache in the manager's paged pool when the host's KV budget holds a block; the
+    // plain in-process cache otherwise (`--host-mem 0`).
+    let kv_pool = KvPool::new(
+        manager.clone(),
+        KvPoolConfig {
+            block_tokens: KV_BLOCK_TOKENS,
+            bytes_per_token: kv_bytes_per_token,
+            compute_tier: Tier::Host,
+        },
+    )
+    .ok()
+    .map(Arc::new);
+    let mut kv: Box<dyn KvStore> = match &kv_pool {
+        Some(pool) => Box::new(PagedKv::new(pool.clone(), kv_layers, kv_heads, head_dim)?),
+        None => Box::new(runner.model().new_kv_cache()),
+    };
     let images = runner.load_images(&a.images)?;
     let ids = match (&a.prompt_ids, &a.prompt) {
         (Some(text), _) => parse_ids(text)?,
@@ -116,21 +165,27 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     let mut at_first_token = None;
     let mut streamed = Vec::new();
     let mut printed = 0usize;
-    let gen_ = runner.generate_ids(&ids, &images, a.max_new_tokens, &mut |id| {
-        if at_first_token.is_none() {
-            at_first_token = Some(streamed_now());
-        }
-        streamed.push(id);
-        if !a.json
-            && let Ok(text) = runner.decode(&streamed)
-            && text.len() > printed
-            && text.is_char_boundary(printed)
-        {
-            print!("{}", &text[printed..]);
-            let _ = std::io::stdout().flush();
-            printed = text.len();
-        }
-    })?;
+    let generate = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        stop_ids: runner.tokenizer().stop_ids(),
+    };
+    let gen_ = runner
+        .model()
+        .generate_in(&ids, &images, &generate, kv.as_mut(), &mut |id| {
+            if at_first_token.is_none() {
+                at_first_token = Some(streamed_now());
+            }
+            streamed.push(id);
+            if !a.json
+                && let Ok(text) = runner.decode(&streamed)
+                && text.len() > printed
+                && text.is_char_boundary(printed)
+            {
+                print!("{}", &text[printed..]);
+                let _ = std::io::stdout().flush();
+                printed = text.len();
+            }
+        })?;
     let text = runner.decode(&gen_.generated_ids)?;
     if let Some(path) = &a.dump {
         dump(&runner, &ids, &images, &gen_.generated_logits, path)?;
@@ -181,6 +236,24 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 "prefetch_hints": weights.prefetch_hints(),
             },
             "kernel": vlmem_runner::kernels::isa(),
+            "kv_cache": match &kv_pool {
+                Some(pool) => {
+                    let k = pool.stats();
+                    json!({
+                        "paged": true,
+                        "block_tokens": KV_BLOCK_TOKENS,
+                        "blocks": k.blocks,
+                        "resident_blocks": k.resident_blocks,
+                        "swap_outs": k.swap_outs,
+                        "swap_ins": k.swap_ins,
+                    })
+                }
+                None => json!({ "paged": false }),
+            },
+            "vision_cache": vision_cache.as_ref().map(|c| {
+                let v = c.stats();
+                json!({ "hits": v.hits, "misses": v.misses, "resident_bytes": v.resident_bytes })
+            }),
         });
         println!(
             "{}",
@@ -217,6 +290,25 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         weights.prefetch_hints(),
         vlmem_runner::kernels::isa(),
     );
+    match &kv_pool {
+        Some(pool) => {
+            let k = pool.stats();
+            println!(
+                "KV cache: paged in the manager, {} blocks of {} tokens ({} on the host), {} whole-layer swap-outs, {} swap-ins",
+                k.blocks, KV_BLOCK_TOKENS, k.resident_blocks, k.swap_outs, k.swap_ins
+            );
+        }
+        None => println!("KV cache: in process (the host has no KV budget for one block)"),
+    }
+    if let Some(c) = &vision_cache {
+        let v = c.stats();
+        println!(
+            "vision cache: {} hit(s), {} miss(es), {} held",
+            v.hits,
+            v.misses,
+            format_bytes(v.resident_bytes)
+        );
+    }
     for t in manager.describe_tiers() {
         println!("tier: {t}");
     }

@@ -99,6 +99,13 @@ fn run_matches_the_reference_in_every_tiering() {
                 .map(|x| x.as_i64().unwrap())
                 .collect();
             assert_eq!(got, expected_ids, "{name} {tiering:?}");
+            if tiering.is_empty() {
+                // With RAM to spare, the KV cache and the image embedding live in the
+                // manager (paged blocks; one vision-cache miss for the one image).
+                assert_eq!(v["kv_cache"]["paged"], true, "{v}");
+                assert!(v["kv_cache"]["blocks"].as_u64().unwrap() > 0);
+                assert_eq!(v["vision_cache"]["misses"], 1, "{v}");
+            }
             let dumped = candle_core::safetensors::load(&dump, &Device::Cpu).unwrap();
             let logits_err = max_abs(&dumped["logits"], &reference["logits"]);
             let gen_err = max_abs(&dumped["generated_logits"], &reference["generated_logits"]);
