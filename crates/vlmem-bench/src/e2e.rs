@@ -330,7 +330,17 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
 
     // All resident: the host budget holds every weight.
     let resident = decode_run(&ckpt, total.div_ceil(MIB) * MIB, 2, s.new_tokens);
-    let streamed = decode_run(&ckpt, s.streamed_host_bytes, 2, s.new_tokens);
+    // Layers prefetched ahead in the streamed run: the runner's default unless
+    // $VLMEM_E2E_PREFETCH_LAYERS says otherwise.
+    let ahead = std::env::var("VLMEM_E2E_PREFETCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&k| k > 0)
+        .unwrap_or(vlmem_runner::managed::DEFAULT_PREFETCH_LAYERS);
+    report
+        .notes
+        .push(format!("streamed run prefetches {ahead} layer(s) ahead"));
+    let streamed = decode_run(&ckpt, s.streamed_host_bytes, ahead, s.new_tokens);
     let noprefetch = decode_run(&ckpt, s.streamed_host_bytes, 0, s.new_tokens);
     let dd_after = dd_read_gbps(&ckpt, s.dd_bytes);
 
