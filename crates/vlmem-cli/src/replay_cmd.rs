@@ -36,21 +36,32 @@ pub struct ReplayArgs {
     json: bool,
 }
 
-pub fn run_cmd(a: ReplayArgs) -> Result<(), CliError> {
-    let workload = Workload::parse(&a.workload).ok_or_else(|| {
+/// The replay options both commands share, checked: exit 2 on an unknown workload, model or
+/// profile, or a bad scale.
+fn options(
+    workload: &str,
+    model: &str,
+    profile: &str,
+    scale: Option<&str>,
+) -> Result<ReplayOptions, CliError> {
+    let workload = Workload::parse(workload).ok_or_else(|| {
         CliError::bad_input(format!(
-            "unknown workload '{}': use weights-stream, kv-growth, image-cache or mixed",
-            a.workload
+            "unknown workload '{workload}': use weights-stream, kv-growth, image-cache or mixed"
         ))
     })?;
-    if vlmem_qwen3vl::catalog::config(&a.model).is_none() {
-        return Err(vlmem_qwen3vl::Error::UnknownModel(a.model).into());
+    if vlmem_qwen3vl::catalog::config(model).is_none() {
+        return Err(vlmem_qwen3vl::Error::UnknownModel(model.to_string()).into());
     }
-    let profile = HardwareProfile::resolve(&a.profile)?;
-    let mut opts = ReplayOptions::new(workload, &a.model, profile);
-    if let Some(s) = &a.scale {
+    let profile = HardwareProfile::resolve(profile)?;
+    let mut opts = ReplayOptions::new(workload, model, profile);
+    if let Some(s) = scale {
         opts.scale = parse_scale(s).map_err(CliError::bad_input)?;
     }
+    Ok(opts)
+}
+
+pub fn run_cmd(a: ReplayArgs) -> Result<(), CliError> {
+    let mut opts = options(&a.workload, &a.model, &a.profile, a.scale.as_deref())?;
     opts.quick = a.quick;
     opts.svg = a.svg;
     opts.dir = a.dir;
@@ -100,20 +111,8 @@ pub struct InspectArgs {
 /// pins, swap latency percentiles), and one compaction pass per tier with its fragmentation
 /// before and after.
 pub fn inspect_cmd(a: InspectArgs) -> Result<(), CliError> {
-    let workload = Workload::parse(&a.workload).ok_or_else(|| {
-        CliError::bad_input(format!(
-            "unknown workload '{}': use weights-stream, kv-growth, image-cache or mixed",
-            a.workload
-        ))
-    })?;
-    if vlmem_qwen3vl::catalog::config(&a.model).is_none() {
-        return Err(vlmem_qwen3vl::Error::UnknownModel(a.model).into());
-    }
-    let profile = HardwareProfile::resolve(&a.profile)?;
-    let mut opts = ReplayOptions::new(workload, &a.model, profile);
-    if let Some(s) = &a.scale {
-        opts.scale = parse_scale(s).map_err(CliError::bad_input)?;
-    }
+    let mut opts = options(&a.workload, &a.model, &a.profile, a.scale.as_deref())?;
+    let workload = opts.workload;
     opts.quick = a.quick;
     opts.inspect = true;
     opts.progress = std::io::stderr().is_terminal() && !a.json && !a.prometheus;

@@ -4,21 +4,13 @@
 
 use std::sync::Arc;
 use vlmem::arena::ARENA_ALIGN_BYTES;
-use vlmem::{ManagerConfig, ManagerError, MemoryManager, StepArena, TensorKind, Tier};
+use vlmem::{ManagerError, MemoryManager, StepArena, TensorKind, Tier};
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{KIB, MIB};
 
 fn manager() -> MemoryManager {
-    let caps = [4 * MIB, 16 * MIB, 64 * MIB];
-    let mut c = ManagerConfig::with_capacities(caps[0], caps[1], caps[2]);
-    for t in Tier::ALL {
-        for k in TensorKind::ALL {
-            c.budgets.bytes[t.index()][k.index()] = caps[t.index()];
-        }
-    }
-    c.shards = 4;
-    MemoryManager::new(c).unwrap()
+    common::manager_with([4 * MIB, 16 * MIB, 64 * MIB])
 }
 
 #[test]

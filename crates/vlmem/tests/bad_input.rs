@@ -9,31 +9,12 @@
 use std::sync::{Arc, Barrier};
 use vlmem::{ManagerConfig, ManagerError, MemoryManager, TensorHandle, TensorKind, Tier};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{MIB, pattern};
 
 /// Device 4 MiB, host 16 MiB, disk 64 MiB; each tier's whole capacity for every kind.
 fn manager() -> MemoryManager {
-    let mut c = ManagerConfig::with_capacities(4 * MIB, 16 * MIB, 64 * MIB);
-    for t in Tier::ALL {
-        for k in TensorKind::ALL {
-            c.budgets.bytes[t.index()][k.index()] = [4 * MIB, 16 * MIB, 64 * MIB][t.index()];
-        }
-    }
-    c.shards = 4;
-    c.disk.preallocate = false;
-    MemoryManager::new(c).unwrap()
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::manager_with([4 * MIB, 16 * MIB, 64 * MIB])
 }
 
 /// A written bystander tensor whose bytes must survive every bad call.

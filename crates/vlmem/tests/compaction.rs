@@ -4,41 +4,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use vlmem::{ManagerConfig, ManagerError, MemoryManager, TensorKind, Tier, fragmentation};
+use vlmem::{ManagerError, MemoryManager, TensorKind, Tier, fragmentation};
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{KIB, MIB, pattern, read_all};
 
 /// Device 4 MiB, host `host_mib`, disk 64 MiB; each tier's whole capacity for every kind.
 fn manager(host_mib: u64, zero_on_free: bool) -> MemoryManager {
-    let caps = [4 * MIB, host_mib * MIB, 64 * MIB];
-    let mut c = ManagerConfig::with_capacities(caps[0], caps[1], caps[2]);
-    for t in Tier::ALL {
-        for k in TensorKind::ALL {
-            c.budgets.bytes[t.index()][k.index()] = caps[t.index()];
-        }
-    }
-    c.shards = 4;
+    let mut c = common::config([4 * MIB, host_mib * MIB, 64 * MIB]);
     c.zero_on_free = zero_on_free;
     MemoryManager::new(c).unwrap()
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn read_all(m: &MemoryManager, h: vlmem::TensorHandle, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    m.read(h, 0, &mut buf).unwrap();
-    buf
 }
 
 #[test]

@@ -28,7 +28,9 @@ use vlmem_tier::{
     HostOptions, IoPoint, MemoryTier, TierBackend, TierError,
 };
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{MIB, pattern};
+
 const KIND: TensorKind = TensorKind::KvCache;
 
 struct Plans {
@@ -108,18 +110,6 @@ fn with_disk(
     }
     c.shards = 4;
     MemoryManager::with_tiers(c, device, host, disk).unwrap()
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// One tensor as the test knows it: its bytes and which of them a failed write may have
