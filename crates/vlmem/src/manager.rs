@@ -519,16 +519,9 @@ impl MemoryManager {
         // "next use" is measured from the demand position (a weight used early must not make
         // the one needed next look farthest).
         inner.note_plan_use(handle);
-        let res = inner.bring(handle, tier, Priority::Demand, true)?;
+        let (res, written, id) = inner.bring(handle, tier, Priority::Demand, true)?;
         inner.counters.add_pin_wait(started.elapsed());
         let len_bytes = res.len_bytes();
-        let (written, id) = match inner.written_and_id(handle) {
-            Ok(x) => x,
-            Err(e) => {
-                inner.unpin(handle, tier);
-                return Err(e);
-            }
-        };
         Ok(PinGuard {
             inner: inner.clone(),
             handle,
@@ -894,7 +887,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Brings `h` to `tier`; pins it there when `pin`. Waits (on the shard's condition
+    /// Brings `h` to `tier`; pins it there when `pin`. Returns the copy, whether the tensor
+    /// was ever written, and its id. Waits (on the shard's condition
     /// variable, never spinning) while another thread moves or writes the tensor.
     fn bring(
         &self,
@@ -902,7 +896,7 @@ impl Inner {
         tier: Tier,
         priority: Priority,
         pin: bool,
-    ) -> Result<Reservation> {
+    ) -> Result<(Reservation, bool, u64)> {
         let shard = self.shard_of(h)?;
         let (src, kind, len_bytes, written, id) = {
             let mut st = shard.state.lock();
@@ -920,7 +914,7 @@ impl Inner {
                     PinStep::Hit(res) => {
                         e.last_use = tick;
                         self.counters.hit(tier);
-                        return Ok(res);
+                        return Ok((res, e.written, e.id));
                     }
                     PinStep::Miss { src } => {
                         e.last_use = tick;
@@ -948,7 +942,7 @@ impl Inner {
         let e = self.entry(&mut st, h)?;
         e.finish_bring(tier, moved.as_ref().ok().copied(), pin);
         shard.cond.notify_all();
-        moved
+        moved.map(|res| (res, written, id))
     }
 
     /// A prefetch worker: takes hints in order until the queue stays empty, then stops (a
@@ -1037,13 +1031,6 @@ impl Inner {
         }
         shard.cond.notify_all();
         r.map_err(Into::into)
-    }
-
-    fn written_and_id(&self, h: TensorHandle) -> Result<(bool, u64)> {
-        let shard = self.shard_of(h)?;
-        let mut st = shard.state.lock();
-        let e = self.entry(&mut st, h)?;
-        Ok((e.written, e.id))
     }
 
     fn unpin(&self, h: TensorHandle, tier: Tier) {
