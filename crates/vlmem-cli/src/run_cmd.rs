@@ -167,17 +167,17 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     let mut printed = 0usize;
     let generate = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        stop_ids: runner.tokenizer().stop_ids(),
+        stop_ids: runner.stop_ids(),
     };
     let gen_ = runner
         .model()
         .generate_in(&ids, &images, &generate, kv.as_mut(), &mut |id| {
             if at_first_token.is_none() {
-                at_first_token = Some(streamed_now());
+                at_first_token = Some((streamed_now(), weights.kernel_read()));
             }
             streamed.push(id);
             if !a.json
-                && let Ok(text) = runner.decode(&streamed)
+                && let Ok(Some(text)) = runner.decode(&streamed)
                 && text.len() > printed
                 && text.is_char_boundary(printed)
             {
@@ -187,6 +187,12 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
             }
         })?;
     let text = runner.decode(&gen_.generated_ids)?;
+    if text.is_none() && !a.json {
+        println!(
+            "(no tokenizer.json in the folder: the reply as ids) {:?}",
+            gen_.generated_ids
+        );
+    }
     if let Some(path) = &a.dump {
         dump(&runner, &ids, &images, &gen_.generated_logits, path)?;
     }
@@ -194,11 +200,24 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     let tokens = gen_.generated_ids.len().max(1) as f64;
     let decode_steps = gen_.generated_ids.len().saturating_sub(1);
     let streamed_per_decode_token = match at_first_token {
-        Some(b0) if decode_steps > 0 => {
+        Some((b0, _)) if decode_steps > 0 => {
             (stats.counters.bytes_in[host] + weights.staged_bytes()).saturating_sub(b0) as f64
                 / decode_steps as f64
         }
         _ => 0.0,
+    };
+    // The decode kernels' own read speed over the decode steps, and their share of its time.
+    let (kernel_gb_s, kernel_share) = match at_first_token {
+        Some((_, (kb0, ks0))) if decode_steps > 0 => {
+            let (kb, ks) = weights.kernel_read();
+            let (bytes, secs) = (kb.saturating_sub(kb0) as f64, ks - ks0);
+            let decode_s = gen_.decode_time.as_secs_f64();
+            (
+                if secs > 0.0 { bytes / secs / 1e9 } else { 0.0 },
+                if decode_s > 0.0 { secs / decode_s } else { 0.0 },
+            )
+        }
+        _ => (0.0, 0.0),
     };
     let weight_bytes = checkpoint.total_bytes();
     let device_w = stats.resident.get(Tier::Device, TensorKind::Weight);
@@ -206,6 +225,19 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     // Weights with no faster copy are read in place from the checkpoint (the disk tier).
     let disk_only_w = weight_bytes.saturating_sub(device_w + host_w);
     if a.json {
+        let st = weights.staging();
+        let streaming = json!({
+            "staging_area_bytes": st.capacity_bytes,
+            "kept_bytes": st.kept_bytes,
+            "streamed_bytes": st.streamed_bytes,
+            "streamed_tensors": st.streamed_tensors,
+            "read_ahead": st.stats.filled,
+            "read_ahead_bytes": st.stats.filled_bytes,
+            "taken": st.stats.hits,
+            "waited": st.stats.waits,
+            "read_on_demand": st.stats.misses,
+            "dropped_unused": st.stats.dropped,
+        });
         let v = json!({
             "prompt_ids": ids,
             "generated_ids": gen_.generated_ids,
@@ -233,9 +265,12 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 "bytes_streamed_per_decode_token": streamed_per_decode_token,
                 "staged_bytes": weights.staged_bytes(),
                 "prefetch_layers": weights.prefetch_layers(),
+                "streaming": streaming,
                 "prefetch_hints": weights.prefetch_hints(),
             },
             "kernel": vlmem_runner::kernels::isa(),
+            "kernel_read_gb_per_s": kernel_gb_s,
+            "kernel_share_of_decode": kernel_share,
             "kv_cache": match &kv_pool {
                 Some(pool) => {
                     let k = pool.stats();
@@ -280,7 +315,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         stats.counters.hit_ratio(Tier::Host)
     );
     println!(
-        "weights by tier: device {}, host {}, read in place from disk {} (of {}); streamed per decode token {}; prefetch {} layer(s) ahead, {} hint(s); decode kernel {}",
+        "weights by tier: device {}, host {}, read in place from disk {} (of {}); streamed per decode token {}; prefetch {} layer(s) ahead, {} hint(s); decode kernel {} reading {:.1} GB/s, {:.0}% of decode time",
         format_bytes(device_w),
         format_bytes(host_w),
         format_bytes(disk_only_w),
@@ -289,6 +324,8 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         weights.prefetch_layers(),
         weights.prefetch_hints(),
         vlmem_runner::kernels::isa(),
+        kernel_gb_s,
+        kernel_share * 100.0,
     );
     match &kv_pool {
         Some(pool) => {

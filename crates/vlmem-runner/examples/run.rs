@@ -83,7 +83,10 @@ fn run(args: Args) -> Result<(), RunnerError> {
         text_so_far.push(id);
     })?;
     println!("generated ids: {:?}", gen_.generated_ids);
-    println!("text: {:?}", runner.decode(&gen_.generated_ids)?);
+    println!(
+        "text: {:?}",
+        runner.decode(&gen_.generated_ids)?.unwrap_or_default()
+    );
     println!(
         "open {open_ms:.1} ms, time to first token {:.1} ms, decode {:.1} tokens/s",
         gen_.time_to_first_token.as_secs_f64() * 1e3,

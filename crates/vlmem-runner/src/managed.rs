@@ -11,18 +11,25 @@ use crate::kernels::{self, WeightType};
 use crate::text::{EMBED_TOKENS, LM_HEAD};
 use crate::weights::{WeightSource, check_expert, widen_to_f32};
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vlmem::{ManagerError, MemoryManager, TensorHandle, TensorKind, Tier};
+use vlmem::{
+    ManagerError, MemoryManager, StagingArea, StagingStats, TensorHandle, TensorKind, Tier,
+};
 use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
 use vlmem_qwen3vl::tensors::expected_tensors;
 
 /// Layers prefetched ahead of the one computing, unless told otherwise.
 pub const DEFAULT_PREFETCH_LAYERS: usize = 2;
+
+/// The staging area's smallest size when the weights do not all fit: enough for a few of a
+/// 2B model's largest layer tensors, so the disk never waits for the compute to give a
+/// buffer back.
+const MIN_STAGING_BYTES: u64 = 64 << 20;
 
 /// A [`WeightSource`] over a [`MemoryManager`].
 pub struct ManagedWeights {
@@ -34,6 +41,25 @@ pub struct ManagedWeights {
     prefetcher: Mutex<Option<(Sender<usize>, JoinHandle<()>)>>,
     staged_bytes: AtomicU64,
     expert_bytes: AtomicU64,
+    /// Weight bytes the decode kernels read and the nanoseconds they took (pin and staging
+    /// excluded): the kernels' own read speed.
+    kernel_bytes: AtomicU64,
+    kernel_ns: AtomicU64,
+}
+
+/// The streaming plan of a [`ManagedWeights`] and its staging area's counters.
+#[derive(Debug, Clone, Copy)]
+pub struct StagingReport {
+    /// The staging area's capacity (0 when every decoder weight fits the budget).
+    pub capacity_bytes: u64,
+    /// Decoder weight bytes the plan keeps on the compute tier.
+    pub kept_bytes: u64,
+    /// Decoder weight bytes the plan streams (read ahead into the area, or on demand).
+    pub streamed_bytes: u64,
+    /// How many tensors the plan streams.
+    pub streamed_tensors: usize,
+    /// The area's counters.
+    pub stats: StagingStats,
 }
 
 /// What the prefetch thread shares with the compute thread.
@@ -46,9 +72,20 @@ struct PrefetchShared {
     units: Vec<Vec<(TensorHandle, u64)>>,
     /// The compute tier's weight budget when registered: larger tensors are never hinted.
     budget_bytes: u64,
+
+    /// The bounded staging area streamed tensors are read ahead into.
+    area: StagingArea<TensorHandle>,
+    /// Bytes read into `area`.
+    area_read_bytes: AtomicU64,
     ahead: AtomicUsize,
-    /// The unit the compute thread is in.
-    current: AtomicUsize,
+    /// Where the compute thread is: its unit in the high 32 bits, and in the low 32 bits one
+    /// more than the index (within the unit) of the last streamed tensor it asked for (0:
+    /// none yet in this unit).
+    cursor: AtomicU64,
+    /// The tensors the plan does not keep on the compute tier, with their unit and index
+    /// among the unit's streamed tensors: they are read ahead into `area` (or read on
+    /// demand) and never enter the tier, so they never evict a kept tensor.
+    positions: HashMap<TensorHandle, (usize, usize)>,
     hints: AtomicU64,
 }
 
@@ -59,12 +96,62 @@ impl PrefetchShared {
             .is_ok_and(|(tiers, _)| tiers.contains(&self.tier))
     }
 
+    /// How many units unit `u` lies ahead of the compute thread (0: it is computing it), and
+    /// the compute thread's position in its unit (see `cursor`).
+    fn distance(&self, u: usize) -> (usize, usize) {
+        let n = self.units.len();
+        let c = self.cursor.load(Ordering::Acquire);
+        let (cur, at) = ((c >> 32) as usize, (c & 0xffff_ffff) as usize);
+        ((u + n - cur % n) % n, at)
+    }
+
     /// Whether unit `u` is still ahead of the compute thread, within the lookahead.
     fn still_ahead(&self, u: usize) -> bool {
-        let n = self.units.len();
-        let cur = self.current.load(Ordering::Acquire);
-        let dist = (u + n - cur % n) % n;
+        let (dist, _) = self.distance(u);
         dist > 0 && dist <= self.ahead.load(Ordering::Relaxed)
+    }
+
+    /// Whether streamed tensor `i` of unit `u` is still to be asked for by the compute
+    /// thread, within the lookahead: worth reading ahead.
+    fn wanted(&self, u: usize, i: usize) -> bool {
+        match self.distance(u) {
+            (0, at) => i >= at,
+            (dist, _) => dist <= self.ahead.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether a staged buffer of tensor `i` of unit `u` will not be taken any more: the
+    /// compute thread has passed it (the one it is asking for now is not stale).
+    fn stale(&self, u: usize, i: usize) -> bool {
+        match self.distance(u) {
+            (0, at) => i + 1 < at,
+            (dist, _) => dist > self.ahead.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Reads streamed tensor `h` (index `i` of unit `u`) into the staging area, if the area
+    /// has (or gets) room before the compute thread asks for it.
+    fn stage(&self, h: TensorHandle, u: usize, i: usize, bytes: u64) {
+        let Ok(len) = usize::try_from(bytes) else {
+            return;
+        };
+        let Some(mut buf) = self.area.begin_fill(
+            h,
+            len,
+            || self.wanted(u, i),
+            |tag| self.stale((tag >> 32) as usize, (tag & 0xffff_ffff) as usize),
+        ) else {
+            return;
+        };
+        let tag = ((u as u64) << 32) | i as u64;
+        let ok = self.manager.read(h, 0, &mut buf).is_ok();
+        if ok {
+            self.area_read_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.hints.fetch_add(1, Ordering::Relaxed);
+        }
+        // A failed read publishes nothing: the compute thread reads the tensor itself and
+        // reports the error.
+        self.area.finish_fill(h, tag, buf, ok);
     }
 
     /// The prefetch thread: for each layer start (the latest one when several queued), hints
@@ -79,9 +166,24 @@ impl PrefetchShared {
             }
             let n = self.units.len();
             let ahead = self.ahead.load(Ordering::Relaxed).min(n.saturating_sub(1));
-            'units: for step in 1..=ahead {
+            // Streamed tensors from the rest of the current unit on (the compute thread may
+            // have caught up with the reads: it then waits for each instead of reading it a
+            // second time), kept ones from the next unit on.
+            'units: for step in 0..=ahead {
                 let u = (layer + step) % n;
                 for &(h, bytes) in &self.units[u] {
+                    if self.distance(u).0 > ahead {
+                        break 'units;
+                    }
+                    if let Some(&(_, i)) = self.positions.get(&h) {
+                        if self.wanted(u, i) {
+                            self.stage(h, u, i, bytes);
+                        }
+                        continue;
+                    }
+                    if step == 0 {
+                        continue;
+                    }
                     if !self.still_ahead(u) {
                         break 'units;
                     }
@@ -103,15 +205,55 @@ impl PrefetchShared {
     }
 }
 
+/// The streaming plan for a compute-tier weight budget: when the decoder's tensors do not all
+/// fit, a staging area of `max(64 MiB, 2 x the largest layer tensor)` (at most a quarter of the
+/// budget) is set apart, and the rest of the budget keeps tensors in this order: the final
+/// unit (norm and lm_head: the largest tensor, the hardest to read ahead behind compute),
+/// then layers from the first. Everything else is streamed: read ahead into the area, or on
+/// demand. The plan does not depend on the prefetch depth, so runs with and without
+/// prefetch read the same bytes. Returns the area's capacity and the streamed handles.
+fn plan_streaming(
+    units: &[Vec<(TensorHandle, u64)>],
+    budget_bytes: u64,
+) -> (u64, HashSet<TensorHandle>) {
+    let total: u64 = units.iter().flatten().map(|&(_, b)| b).sum();
+    if total <= budget_bytes {
+        return (0, HashSet::new());
+    }
+    let layers = units.len().saturating_sub(1);
+    let largest = units[..layers]
+        .iter()
+        .flatten()
+        .map(|&(_, b)| b)
+        .max()
+        .unwrap_or(0);
+    let area = MIN_STAGING_BYTES
+        .max(largest.saturating_mul(2))
+        .min(budget_bytes / 4);
+    let mut room = budget_bytes - area;
+    let mut streamed = HashSet::new();
+    let order = units.len().checked_sub(1).into_iter().chain(0..layers);
+    for u in order {
+        for &(h, bytes) in &units[u] {
+            if bytes <= room {
+                room -= bytes;
+            } else {
+                streamed.insert(h);
+            }
+        }
+    }
+    (area, streamed)
+}
+
 /// Use order of a decoder layer's tensors (attention, then the MLP).
 fn use_order(name: &str) -> usize {
     const ORDER: [&str; 12] = [
         "input_layernorm",
         "q_proj",
-        "k_proj",
-        "v_proj",
         "q_norm",
+        "k_proj",
         "k_norm",
+        "v_proj",
         "o_proj",
         "post_attention_layernorm",
         "mlp.gate.",
@@ -132,6 +274,8 @@ impl Drop for ManagedWeights {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        // Close the area first: the thread may be waiting in it for room.
+        self.prefetch.area.close();
         if let Some((tx, handle)) = worker {
             drop(tx);
             let _ = handle.join();
@@ -230,13 +374,27 @@ impl ManagedWeights {
             .stats()
             .budgets
             .get(compute_tier, TensorKind::Weight);
+        let (area_bytes, streamed) = plan_streaming(&units, budget_bytes);
+        let mut positions = HashMap::new();
+        for (u, unit) in units.iter().enumerate() {
+            for (i, &(h, _)) in unit
+                .iter()
+                .filter(|(h, _)| streamed.contains(h))
+                .enumerate()
+            {
+                positions.insert(h, (u, i));
+            }
+        }
         let prefetch = Arc::new(PrefetchShared {
             manager: manager.clone(),
             tier: compute_tier,
             units,
             budget_bytes,
+            positions,
+            area: StagingArea::new(area_bytes),
+            area_read_bytes: AtomicU64::new(0),
             ahead: AtomicUsize::new(DEFAULT_PREFETCH_LAYERS),
-            current: AtomicUsize::new(0),
+            cursor: AtomicU64::new(0),
             hints: AtomicU64::new(0),
         });
         Ok(ManagedWeights {
@@ -248,6 +406,8 @@ impl ManagedWeights {
             prefetcher: Mutex::new(None),
             staged_bytes: AtomicU64::new(0),
             expert_bytes: AtomicU64::new(0),
+            kernel_bytes: AtomicU64::new(0),
+            kernel_ns: AtomicU64::new(0),
         })
     }
 
@@ -273,11 +433,51 @@ impl ManagedWeights {
         self.prefetch.ahead.load(Ordering::Relaxed)
     }
 
+    /// Weight bytes read by the decode kernels and the seconds they took, since registration.
+    pub fn kernel_read(&self) -> (u64, f64) {
+        (
+            self.kernel_bytes.load(Ordering::Relaxed),
+            self.kernel_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+        )
+    }
+
+    /// Runs a kernel over `bytes`, counting them and its time.
+    fn timed<R>(&self, bytes: &[u8], f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let t = Instant::now();
+        let r = f();
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.kernel_ns.fetch_add(ns, Ordering::Relaxed);
+        self.kernel_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        r
+    }
+
     /// Bytes read from a weight's fastest copy into a staging buffer without being kept on
     /// the compute tier (tensors that do not fit it, embedding rows, expert slices). With
     /// the manager's `bytes_in` of the compute tier, this is what was streamed.
     pub fn staged_bytes(&self) -> u64 {
         self.staged_bytes.load(Ordering::Relaxed)
+            + self.prefetch.area_read_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The streaming plan and the staging area's counters.
+    pub fn staging(&self) -> StagingReport {
+        let p = &self.prefetch;
+        let (mut kept_bytes, mut streamed_bytes) = (0, 0);
+        for &(h, bytes) in p.units.iter().flatten() {
+            if p.positions.contains_key(&h) {
+                streamed_bytes += bytes;
+            } else {
+                kept_bytes += bytes;
+            }
+        }
+        StagingReport {
+            capacity_bytes: p.area.capacity_bytes(),
+            kept_bytes,
+            streamed_bytes,
+            streamed_tensors: p.positions.len(),
+            stats: p.area.stats(),
+        }
     }
 
     /// Bytes of fused expert tensors read (routed experts' slices only).
@@ -303,6 +503,23 @@ impl ManagedWeights {
     /// the tensor, which is dropped afterwards.
     fn with_stored<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
         let (h, info) = self.entry(name)?;
+        if let Some(&(u, i)) = self.prefetch.positions.get(h) {
+            // Not kept: from the staging area when read ahead, else read now; either way it
+            // does not enter the compute tier. The cursor moves first, so the read-ahead
+            // thread never starts this tensor once it has been asked for.
+            self.prefetch
+                .cursor
+                .store(((u as u64) << 32) | (i as u64 + 1), Ordering::Release);
+            if let Some(staged) = self.prefetch.area.take(*h) {
+                return f(&staged);
+            }
+            let mut staging = vec![0u8; usize_of(name, info.bytes)?];
+            self.manager
+                .read(*h, 0, &mut staging)
+                .map_err(|e| manager_error(name, e))?;
+            self.staged_bytes.fetch_add(info.bytes, Ordering::Relaxed);
+            return f(&staging);
+        }
         match self.manager.pin(*h, self.compute_tier) {
             Ok(guard) => guard.with_bytes(f).map_err(|e| manager_error(name, e))?,
             Err(ManagerError::TooLarge { .. } | ManagerError::OutOfMemory { .. }) => {
@@ -418,7 +635,9 @@ impl WeightSource for ManagedWeights {
             }
         };
         let ty = weight_type(name, info)?;
-        self.with_stored(name, |bytes| kernels::matvec(bytes, ty, rows, cols, x))
+        self.with_stored(name, |bytes| {
+            self.timed(bytes, || kernels::matvec(bytes, ty, rows, cols, x))
+        })
     }
 
     fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {
@@ -436,18 +655,22 @@ impl WeightSource for ManagedWeights {
         x: &[f32],
     ) -> Result<Vec<f32>> {
         let (bytes, ty, a, b) = self.expert_slice(name, expert)?;
-        if transposed {
-            kernels::matvec(&bytes, ty, a, b, x)
-        } else {
-            kernels::vecmat(&bytes, ty, a, b, x)
-        }
+        self.timed(&bytes, || {
+            if transposed {
+                kernels::matvec(&bytes, ty, a, b, x)
+            } else {
+                kernels::vecmat(&bytes, ty, a, b, x)
+            }
+        })
     }
 
     /// Tells the prefetch thread (started on first use) that `layer` starts, so it brings
     /// the next layers' weights to the compute tier while this one computes.
     fn begin_layer(&self, layer: usize, layers: usize) {
         let shared = &self.prefetch;
-        shared.current.store(layer, Ordering::Release);
+        shared.cursor.store((layer as u64) << 32, Ordering::Release);
+        // A read-ahead waiting for room re-checks what is still wanted.
+        shared.area.wake();
         if self.prefetch_layers() == 0 || layers + 1 != shared.units.len() {
             return;
         }

@@ -1,6 +1,6 @@
 //! A checkpoint folder ready to run: config, weights, tokenizer and preprocessor together.
 
-use crate::error::Result;
+use crate::error::{Result, RunnerError};
 use crate::model::{GenerateOptions, Generation, Qwen3Vl};
 use crate::preprocess::{ImageInput, PreprocessConfig, load_image, preprocess};
 use crate::prompt::ChatTokenizer;
@@ -15,7 +15,9 @@ use vlmem_qwen3vl::checkpoint::Checkpoint;
 pub struct Runner {
     dir: PathBuf,
     model: Qwen3Vl,
-    tokenizer: ChatTokenizer,
+    /// `None` when the folder has no tokenizer.json (a synthesized checkpoint): prompts then
+    /// come as ids and replies are reported as ids.
+    tokenizer: Option<ChatTokenizer>,
     preprocess: PreprocessConfig,
 }
 
@@ -37,7 +39,14 @@ impl Runner {
         device: &Device,
     ) -> Result<Self> {
         let config = checkpoint.config.clone();
-        let tokenizer = ChatTokenizer::from_file(&checkpoint.dir.join("tokenizer.json"), &config)?;
+        let path = checkpoint.dir.join("tokenizer.json");
+        // A folder without tokenizer.json still runs from ids; a tokenizer.json that is there
+        // but broken is an error.
+        let tokenizer = if path.exists() {
+            Some(ChatTokenizer::from_file(&path, &config)?)
+        } else {
+            None
+        };
         let preprocess = PreprocessConfig::for_vision(&config.vision);
         let model = Qwen3Vl::new(config, weights, device)?;
         Ok(Runner {
@@ -58,9 +67,28 @@ impl Runner {
         &self.model
     }
 
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &ChatTokenizer {
-        &self.tokenizer
+    /// The tokenizer; `None` when the folder has no tokenizer.json.
+    pub fn tokenizer(&self) -> Option<&ChatTokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The tokenizer, or the error that says text needs one.
+    fn require_tokenizer(&self) -> Result<&ChatTokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| RunnerError::MissingFile {
+                path: self.dir.join("tokenizer.json"),
+                message: "no tokenizer.json: text prompts need one (give --prompt-ids instead)"
+                    .into(),
+            })
+    }
+
+    /// Ids that end a reply (none without a tokenizer).
+    pub fn stop_ids(&self) -> Vec<u32> {
+        self.tokenizer
+            .as_ref()
+            .map(ChatTokenizer::stop_ids)
+            .unwrap_or_default()
     }
 
     /// The image preprocessor's settings.
@@ -82,7 +110,7 @@ impl Runner {
             .iter()
             .map(|i| i.num_tokens(self.preprocess.merge_size))
             .collect();
-        self.tokenizer.encode_chat(user_text, &counts)
+        self.require_tokenizer()?.encode_chat(user_text, &counts)
     }
 
     /// Greedy generation from full prompt ids (image pads already expanded).
@@ -95,13 +123,16 @@ impl Runner {
     ) -> Result<Generation> {
         let opts = GenerateOptions {
             max_new_tokens,
-            stop_ids: self.tokenizer.stop_ids(),
+            stop_ids: self.stop_ids(),
         };
         self.model.generate(ids, images, &opts, on_token)
     }
 
-    /// Decodes generated ids to text (special tokens dropped).
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true)
+    /// Decodes generated ids to text (special tokens dropped); `None` without a tokenizer.
+    pub fn decode(&self, ids: &[u32]) -> Result<Option<String>> {
+        self.tokenizer
+            .as_ref()
+            .map(|t| t.decode(ids, true))
+            .transpose()
     }
 }

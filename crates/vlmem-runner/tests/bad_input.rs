@@ -31,11 +31,23 @@ fn missing_folder_and_files_are_errors() {
     // No config.json.
     let err = Runner::open(tmp.path()).unwrap_err();
     assert!(matches!(err, RunnerError::Checkpoint(_)), "{err}");
-    // No tokenizer.json.
+    // No tokenizer.json: the folder opens and runs from ids, a text prompt is a clear error
+    // and replies are not decoded.
     copy_fixture(tmp.path());
     fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
-    let err = Runner::open(tmp.path()).unwrap_err();
+    let runner = Runner::open(tmp.path()).unwrap();
+    assert!(runner.tokenizer().is_none());
+    let err = runner.chat_ids("hello", &[]).unwrap_err();
     assert!(matches!(err, RunnerError::MissingFile { .. }), "{err}");
+    assert_eq!(runner.decode(&[1, 2]).unwrap(), None);
+    let g = runner
+        .generate_ids(&[1, 2, 3], &[], 2, &mut |_| {})
+        .unwrap();
+    assert_eq!(g.generated_ids.len(), 2);
+    // A tokenizer.json that is there but broken is an error.
+    fs::write(tmp.path().join("tokenizer.json"), b"{ not json").unwrap();
+    let err = Runner::open(tmp.path()).unwrap_err();
+    assert!(matches!(err, RunnerError::Tokenizer(_)), "{err}");
     // No weights.
     copy_fixture(tmp.path());
     fs::remove_file(tmp.path().join("model.safetensors")).unwrap();

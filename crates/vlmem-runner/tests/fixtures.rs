@@ -261,7 +261,7 @@ fn chat_prompt_ids_match_reference() {
             .iter()
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
-        let text = runner.tokenizer().decode(&ids, false).unwrap();
+        let text = runner.tokenizer().unwrap().decode(&ids, false).unwrap();
         assert_eq!(text, check["text"].as_str().unwrap(), "{name}: decode");
         // The chat prompt is a valid model input with this image.
         runner.model().positions(&got, &images).unwrap();

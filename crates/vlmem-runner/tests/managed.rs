@@ -75,6 +75,7 @@ fn managed_weights_match_whatever_the_tiering() {
                 expected,
                 "{name} with {host_weight_bytes} bytes of host budget for weights"
             );
+            drop(runner); // stops the read-ahead thread
             let s = m.stats();
             assert_eq!(s.tensors as usize, ckpt.tensors.len());
             assert_eq!(s.pins, 0);
@@ -126,7 +127,14 @@ fn managed_decode_matches_the_reference_with_the_kernel() {
             .to_vec1::<f32>()
             .unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
-        for (host_weight_bytes, prefetch) in [(8 * MIB, 2), (8 * MIB, 0), (0, 2), (32 * 1024, 1)] {
+        for (host_weight_bytes, prefetch) in [
+            (8 * MIB, 2),
+            (8 * MIB, 0),
+            (0, 2),
+            (32 * 1024, 1),
+            (200 * 1024, 2),
+            (200 * 1024, 0),
+        ] {
             let m = manager(host_weight_bytes);
             let weights =
                 ManagedWeights::register(m.clone(), &ckpt, Tier::Host, &Device::Cpu).unwrap();
@@ -146,6 +154,9 @@ fn managed_decode_matches_the_reference_with_the_kernel() {
                 )
                 .unwrap();
             let what = format!("{name}, host {host_weight_bytes} B, prefetch {prefetch}");
+            // The read-ahead thread may still be reading for a next token: stop it (drop the
+            // weights) before counting pins.
+            drop(runner);
             assert_eq!(g.generated_ids, want_ids, "{what}");
             let got: Vec<f32> = g.generated_logits.concat();
             assert_eq!(got.len(), want_logits.len(), "{what}");
@@ -222,4 +233,85 @@ fn moe_decode_reads_only_the_routed_experts() {
             }
         }
     }
+}
+
+/// With a budget that holds part of the decoder, the plan keeps a fixed set on the host tier
+/// and streams the rest through the staging area: with prefetch the streamed tensors are
+/// read ahead and taken from the area, nothing is evicted (streamed tensors never enter the
+/// tier, so they never push a kept one out), every decode step reads the streamed bytes
+/// once, and the ids equal the run without prefetch, which reads the same bytes on demand.
+#[test]
+fn streamed_weights_bypass_the_kept_set() {
+    let dir = fixture_dir("qwen3-vl-tiny");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let prompt: Vec<u32> = vec![1, 2, 3, 4, 5];
+    let mut runs = Vec::new();
+    for prefetch in [2, 0] {
+        let m = manager(200 * 1024);
+        let weights =
+            Arc::new(ManagedWeights::register(m.clone(), &ckpt, Tier::Host, &Device::Cpu).unwrap());
+        weights.set_prefetch_layers(prefetch);
+        let plan = weights.staging();
+        assert!(
+            plan.capacity_bytes > 0 && plan.streamed_tensors > 0,
+            "{plan:?}"
+        );
+        assert!(plan.kept_bytes > 0 && plan.kept_bytes + plan.capacity_bytes <= 200 * 1024);
+        let runner = Runner::with_weights(&ckpt, weights.clone(), &Device::Cpu).unwrap();
+        let read = || m.stats().counters.bytes_in[Tier::Host.index()] + weights.staged_bytes();
+        let mut at_first = None;
+        let g = runner
+            .model()
+            .generate(
+                &prompt,
+                &[],
+                &GenerateOptions {
+                    max_new_tokens: 6,
+                    stop_ids: vec![],
+                },
+                &mut |_| {
+                    if at_first.is_none() {
+                        at_first = Some(read());
+                    }
+                },
+            )
+            .unwrap();
+        let steps = (g.generated_ids.len() - 1) as u64;
+        let per_step = (read() - at_first.unwrap()) / steps;
+        let after = weights.staging();
+        drop(runner);
+        let s = m.stats();
+        assert_eq!(s.pins, 0);
+        assert_eq!(
+            s.counters.evictions[Tier::Host.index()],
+            0,
+            "prefetch {prefetch}"
+        );
+        assert_eq!(
+            s.resident.get(Tier::Host, TensorKind::Weight),
+            plan.kept_bytes
+        );
+        // The streamed bytes once per step, plus the embedding row of the new token. With
+        // prefetch the count between the first and the last token is off by at most what
+        // the area holds (read ahead before the first, or for a token that never comes).
+        let slack = if prefetch > 0 {
+            plan.capacity_bytes / steps
+        } else {
+            0
+        };
+        assert!(
+            per_step + slack >= plan.streamed_bytes
+                && per_step <= plan.streamed_bytes + 4096 + slack,
+            "prefetch {prefetch}: {per_step} B per step for {} streamed",
+            plan.streamed_bytes
+        );
+        if prefetch > 0 {
+            assert!(after.stats.hits > 0, "{after:?}");
+            assert_eq!(after.stats.dropped, 0, "{after:?}");
+        } else {
+            assert_eq!(after.stats.hits, 0, "{after:?}");
+        }
+        runs.push(g.generated_ids);
+    }
+    assert_eq!(runs[0], runs[1]);
 }

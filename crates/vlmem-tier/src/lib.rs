@@ -44,6 +44,7 @@ pub use fault::{FaultKind, FaultPlan, FaultRule, IoPoint};
 pub use faulty::FaultyTier;
 pub use mem::{HostOptions, MemoryTier};
 pub use simple::FirstFitAllocator;
+pub use sys::HostBuffer;
 
 #[cfg(feature = "cuda")]
 pub use cuda::detect_device;

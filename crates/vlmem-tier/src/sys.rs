@@ -159,3 +159,42 @@ impl std::fmt::Debug for Mapping {
             .finish()
     }
 }
+
+/// A page-aligned, zero-filled buffer of anonymous memory, optionally on transparent huge
+/// pages: for large buffers read at memory speed outside the tiers (staging areas, the
+/// memory-bandwidth probe), where 4 KiB pages cost TLB misses and prefetcher restarts.
+#[derive(Debug)]
+pub struct HostBuffer {
+    map: Mapping,
+    len_bytes: usize,
+}
+
+impl HostBuffer {
+    /// `len_bytes` (may be 0) of zeroed memory; `huge_pages` asks for 2 MiB pages (best
+    /// effort: without transparent huge pages the buffer is still valid).
+    pub fn new(len_bytes: usize, huge_pages: bool) -> io::Result<HostBuffer> {
+        let page = 2 << 20;
+        let map_bytes = len_bytes
+            .max(1)
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(HostBuffer {
+            map: Mapping::new(map_bytes, huge_pages)?,
+            len_bytes,
+        })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping holds at least `len_bytes` readable bytes (zero-filled on
+        // first touch) for as long as `self`; writes need `&mut self`, so no `&mut` alias
+        // exists while this borrow lives.
+        unsafe { std::slice::from_raw_parts(self.map.ptr(), self.len_bytes) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr(), self.len_bytes) }
+    }
+}

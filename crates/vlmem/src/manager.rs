@@ -374,7 +374,9 @@ impl MemoryManager {
         )?);
         let host: StdArc<dyn TierBackend> = StdArc::new(MemoryTier::host(
             mk_memory(Tier::Host, config.host_bytes)?,
-            Default::default(),
+            vlmem_tier::HostOptions {
+                huge_pages: config.host_huge_pages,
+            },
         )?);
         let disk = StdArc::new(DiskTier::new(
             mk(config.disk_bytes, 4096)?,
