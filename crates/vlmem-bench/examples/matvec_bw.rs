@@ -28,6 +28,10 @@ fn main() {
     let layer_bytes: usize = shapes.iter().map(|(r, c)| r * c * 2).sum();
     let layers = len / layer_bytes;
     let x: Vec<f32> = (0..6144).map(|i| (i as f32 * 0.001).sin()).collect();
+    if std::env::var("LMHEAD").is_ok() {
+        lm_head_probe(buf);
+        return;
+    }
     for round in 0..3 {
         let t = Instant::now();
         let mut sum = 0f32;
@@ -55,6 +59,23 @@ fn main() {
         println!(
             "round {round} huge={huge}: matvec {mv:.1} GB/s, read probe {rd:.1} GB/s, ratio {:.2}",
             mv / rd
+        );
+    }
+}
+
+#[allow(dead_code)]
+fn lm_head_probe(buf: &[u8]) {
+    let (r, c) = (151936usize, 2048usize);
+    let w = &buf[..r * c * 2];
+    let x: Vec<f32> = (0..c).map(|i| (i as f32 * 0.001).sin()).collect();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let y = kernels::matvec(w, WeightType::Bf16, r, c, &x).unwrap();
+        let s = t.elapsed().as_secs_f64();
+        std::hint::black_box(&y);
+        println!(
+            "lm_head-shaped matvec: {:.1} GB/s",
+            (r * c * 2) as f64 / s / 1e9
         );
     }
 }

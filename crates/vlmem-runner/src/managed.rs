@@ -144,7 +144,7 @@ impl PrefetchShared {
             return;
         };
         let tag = ((u as u64) << 32) | i as u64;
-        let ok = self.manager.read(h, 0, &mut buf).is_ok();
+        let ok = read_parallel(&self.manager, h, &mut buf);
         if ok {
             self.area_read_bytes.fetch_add(bytes, Ordering::Relaxed);
             self.hints.fetch_add(1, Ordering::Relaxed);
@@ -203,6 +203,50 @@ impl PrefetchShared {
             }
         }
     }
+}
+
+/// Bytes per read of a streamed tensor: the request size this kind of disk serves fastest
+/// (../shared/research/peers.md: `dd iflag=direct` at 4 MiB beat 1, 16 and 64 MiB).
+const STREAM_READ_BYTES: usize = 4 << 20;
+
+/// Reads all of `h` into `buf` in [`STREAM_READ_BYTES`] pieces from two threads (this one
+/// and a scoped helper), so two reads are in flight: one's copy out of the I/O buffer
+/// overlaps the other's wait on the disk, and the disk sees a deeper queue. Returns whether
+/// every piece was read.
+fn read_parallel(manager: &MemoryManager, h: TensorHandle, buf: &mut [u8]) -> bool {
+    if buf.len() < 2 * STREAM_READ_BYTES {
+        return manager.read(h, 0, buf).is_ok();
+    }
+    let read_pieces = |pieces: Vec<(usize, &mut [u8])>| {
+        pieces.into_iter().all(|(k, piece)| {
+            manager
+                .read(h, (k * STREAM_READ_BYTES) as u64, piece)
+                .is_ok()
+        })
+    };
+    // Even pieces here, odd ones on the helper.
+    let (even, odd): (Vec<_>, Vec<_>) = buf
+        .chunks_mut(STREAM_READ_BYTES)
+        .enumerate()
+        .partition(|(k, _)| k % 2 == 0);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let helper = std::thread::Builder::new()
+            .name("vlmem-stream".into())
+            .spawn_scoped(scope, move || {
+                let pieces: Vec<(usize, &mut [u8])> = rx.recv().unwrap_or_default();
+                read_pieces(pieces)
+            });
+        match helper {
+            Ok(helper) => {
+                let _ = tx.send(odd);
+                let a = read_pieces(even);
+                a & helper.join().unwrap_or(false)
+            }
+            // No thread: read the rest here.
+            Err(_) => read_pieces(even.into_iter().chain(odd).collect()),
+        }
+    })
 }
 
 /// The streaming plan for a compute-tier weight budget: when the decoder's tensors do not all
@@ -638,6 +682,23 @@ impl WeightSource for ManagedWeights {
         self.with_stored(name, |bytes| {
             self.timed(bytes, || kernels::matvec(bytes, ty, rows, cols, x))
         })
+    }
+
+    /// The kernel on the stored bytes for a few input rows (a short prefill).
+    fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let (_, info) = self.entry(name)?;
+        let (rows, cols) = match info.shape.as_slice() {
+            [r, c] => (usize_of(name, *r)?, usize_of(name, *c)?),
+            _ => {
+                return Err(RunnerError::TensorShape {
+                    name: name.to_string(),
+                    expected: "a 2-D matrix".into(),
+                    found: info.shape.iter().map(|&d| d as usize).collect(),
+                });
+            }
+        };
+        let ty = weight_type(name, info)?;
+        self.with_stored(name, |bytes| kernels::matmul(bytes, ty, rows, cols, x, n))
     }
 
     fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {

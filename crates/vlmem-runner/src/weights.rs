@@ -51,6 +51,17 @@ pub trait WeightSource: Send + Sync {
         Ok(crate::nn::linear(&xt, &w, None)?.flatten_all()?.to_vec1()?)
     }
 
+    /// `X W^T` for the 2-D weight `name` and `n` input rows `x` (`n x in` values, row-major):
+    /// a short prefill. Returns `n x out` values. The default stages the tensor as f32 and
+    /// multiplies with candle; a source holding the stored bytes runs
+    /// [`crate::kernels::matmul`] on them (no widened copy).
+    fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let w = self.tensor_f32(name)?;
+        let cols = x.len().checked_div(n).unwrap_or(0);
+        let xt = Tensor::from_slice(x, (n, cols), w.device())?;
+        Ok(crate::nn::linear(&xt, &w, None)?.flatten_all()?.to_vec1()?)
+    }
+
     /// Matrix `expert` of the fused 3-D tensor `name` (`[experts, a, b]`) as f32 `[a, b]`.
     /// The default stages the whole tensor; a tiered source reads only that expert's slice.
     fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {
@@ -336,6 +347,10 @@ impl<S: WeightSource + ?Sized> WeightSource for Arc<S> {
 
     fn matvec(&self, name: &str, x: &[f32]) -> Result<Vec<f32>> {
         (**self).matvec(name, x)
+    }
+
+    fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        (**self).matmul(name, x, n)
     }
 
     fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {

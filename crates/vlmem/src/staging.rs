@@ -9,7 +9,8 @@
 //! they get its buffer (waiting while it is being filled) or `None` when it is not staged, and
 //! the buffer comes back to the area when the [`Staged`] guard drops.
 //!
-//! Invariants (under the one lock; checked by [`StagingArea::check`] in the tests and models):
+//! Bytes are counted by buffer capacity (what is allocated). Invariants (under the one lock;
+//! checked by [`StagingArea::check`] in the tests and models):
 //! - `held_bytes` = the bytes of ready buffers + the buffer being filled + buffers lent out,
 //!   and `held_bytes <= capacity_bytes`;
 //! - `held_bytes + free_bytes <= capacity_bytes`: buffers kept for reuse never take the area
@@ -144,7 +145,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 .collect();
             for k in stale_keys {
                 if let Some(r) = st.ready.remove(&k) {
-                    st.held_bytes -= r.buf.len() as u64;
+                    st.held_bytes -= r.buf.capacity() as u64;
                     st.stats.dropped += 1;
                     Self::keep_free(&mut st, r.buf, self.capacity_bytes);
                 }
@@ -155,33 +156,45 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
             st = wait_guard(&self.changed, st);
         }
         st.filling = Some(key);
-        st.held_bytes += len;
-        // A free buffer of exactly this size when there is one (shapes repeat layer after
-        // layer); otherwise free buffers go until a new one fits beside what is held.
-        let buf = match st.free.iter().position(|b| b.len() == len_bytes) {
+        // The smallest free buffer that holds `len_bytes` and fits beside what is held (its
+        // pages are mapped already: no page faults, no zeroing); else free buffers go,
+        // smallest first, until a new one fits.
+        let capacity = self.capacity_bytes;
+        let held = st.held_bytes;
+        let reuse = st
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len_bytes && held + b.capacity() as u64 <= capacity)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        let mut buf = match reuse {
             Some(i) => {
                 let b = st.free.swap_remove(i);
-                st.free_bytes -= len;
+                st.free_bytes -= b.capacity() as u64;
                 b
             }
             None => {
-                while st.held_bytes + st.free_bytes > self.capacity_bytes {
+                st.free
+                    .sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+                while st.held_bytes + st.free_bytes + len > capacity {
                     match st.free.pop() {
-                        Some(b) => st.free_bytes -= b.len() as u64,
+                        Some(b) => st.free_bytes -= b.capacity() as u64,
                         None => break,
                     }
                 }
-                Vec::new()
+                // Reserves address space only; pages are touched below, outside the lock.
+                Vec::with_capacity(len_bytes)
             }
         };
+        st.held_bytes += buf.capacity() as u64;
         drop(st);
-        // Allocation (and its page faults) outside the lock.
-        let mut buf = buf;
+        // A reused buffer keeps its bytes; only a grown tail is zeroed.
         buf.resize(len_bytes, 0);
         Some(buf)
     }
 
-    /// Producer: publishes `buf` as `key`'s bytes, tagged `tag` (e.g. the layer it belongs
+    /// Producer: publishes `buf` (the buffer [`Self::begin_fill`] gave) as `key`'s bytes, tagged `tag` (e.g. the layer it belongs
     /// to, for `stale`), when `ok`, or gives the room back (a read that failed). Wakes consumers waiting for `key`.
     pub fn finish_fill(&self, key: K, tag: u64, buf: Vec<u8>, ok: bool) {
         let mut st = self.state.lock();
@@ -192,7 +205,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
             st.stats.filled_bytes += buf.len() as u64;
             st.ready.insert(key, Ready { tag, buf });
         } else {
-            st.held_bytes -= buf.len() as u64;
+            st.held_bytes -= buf.capacity() as u64;
             Self::keep_free(&mut st, buf, self.capacity_bytes);
         }
         drop(st);
@@ -238,7 +251,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         st.closed = true;
         let ready: Vec<Ready> = st.ready.drain().map(|(_, r)| r).collect();
         for r in ready {
-            st.held_bytes -= r.buf.len() as u64;
+            st.held_bytes -= r.buf.capacity() as u64;
         }
         st.free.clear();
         st.free_bytes = 0;
@@ -271,11 +284,11 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 st.held_bytes, st.free_bytes, self.capacity_bytes
             ));
         }
-        let ready: u64 = st.ready.values().map(|r| r.buf.len() as u64).sum();
+        let ready: u64 = st.ready.values().map(|r| r.buf.capacity() as u64).sum();
         if ready > st.held_bytes {
             return Err(format!("ready {ready} > held {}", st.held_bytes));
         }
-        let free: u64 = st.free.iter().map(|b| b.len() as u64).sum();
+        let free: u64 = st.free.iter().map(|b| b.capacity() as u64).sum();
         if free != st.free_bytes {
             return Err(format!("free list {free} != free_bytes {}", st.free_bytes));
         }
@@ -289,7 +302,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
 
     fn give_back(&self, buf: Vec<u8>) {
         let mut st = self.state.lock();
-        st.held_bytes -= buf.len() as u64;
+        st.held_bytes -= buf.capacity() as u64;
         Self::keep_free(&mut st, buf, self.capacity_bytes);
         drop(st);
         self.changed.notify_all();
@@ -297,7 +310,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
 
     /// Keeps `buf` for reuse when that stays within the capacity (else frees it).
     fn keep_free(st: &mut State<K>, buf: Vec<u8>, capacity_bytes: u64) {
-        let len = buf.len() as u64;
+        let len = buf.capacity() as u64;
         if !st.closed && st.held_bytes + st.free_bytes + len <= capacity_bytes {
             st.free_bytes += len;
             st.free.push(buf);
@@ -314,11 +327,12 @@ mod tests {
     #[test]
     fn fill_take_and_reuse() {
         let a: StagingArea<u32> = StagingArea::new(100);
-        let b = a.begin_fill(1, 40, || true, |_| false).unwrap();
+        let mut b = a.begin_fill(1, 40, || true, |_| false).unwrap();
         assert_eq!(b.len(), 40);
         // One fill at a time, and a key is staged once.
         assert!(a.begin_fill(2, 10, || true, |_| false).is_none());
-        a.finish_fill(1, 0, vec![7; 40], true);
+        b.fill(7);
+        a.finish_fill(1, 0, b, true);
         assert!(a.begin_fill(1, 40, || true, |_| false).is_none());
         assert_eq!(a.held_bytes(), 40);
         {

@@ -5,6 +5,8 @@
 //!
 //! - [`matvec`]: `y = W x` for `W: [out, in]` (a linear layer, `x @ W^T`);
 //! - [`vecmat`]: `y = x W` for `W: [in, out]` (the released layout's fused experts, `x @ W`);
+//! - [`matmul`]: `Y = X W^T` for a few rows of `X` (a short prefill): each block of weight
+//!   rows is read from memory once and reused from the L2 cache for every input row;
 //! - [`read_bandwidth_probe`]: a vectorized read of a buffer on all cores, to measure the
 //!   machine's memory read bandwidth.
 //!
@@ -120,6 +122,63 @@ pub fn matvec(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
 /// [`matvec`] on f32 values in memory (a resident f32 tensor).
 pub fn matvec_f32(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
     matvec(bf16::f32_bytes(w), WeightType::F32, rows, cols, x)
+}
+
+/// Rows of `X` up to which [`matmul`] beats widening the weights to f32 for candle's matmul:
+/// the kernel re-reads each cached weight block once per input row, so its cost grows with
+/// the rows, while widening costs a write of every weight in f32 whatever the rows.
+pub const MATMUL_MAX_ROWS: usize = 32;
+
+/// Bytes of weights per [`matmul`] task: a block that stays in a core's L2 cache while every
+/// input row passes over it.
+const MATMUL_BLOCK_BYTES: usize = 512 << 10;
+
+/// `Y = X W^T`: `w` holds `W` as `rows x cols` elements of `ty`, `x` holds `n` input rows of
+/// `cols` values; returns `n x rows` values (row-major), each accumulated in f32 exactly as
+/// [`matvec`] accumulates it (row `t` of the result equals `matvec` of input row `t`).
+pub fn matmul(
+    w: &[u8],
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+) -> Result<Vec<f32>> {
+    let x_want = n
+        .checked_mul(cols)
+        .ok_or_else(|| RunnerError::BadRequest(format!("matmul: {n} x {cols} overflows")))?;
+    check("matmul", w, ty, rows, cols, x.len(), x_want)?;
+    if n == 1 {
+        return matvec(w, ty, rows, cols, x);
+    }
+    let mut y = vec![0f32; n * rows];
+    if rows == 0 || cols == 0 || n == 0 {
+        return Ok(y);
+    }
+    let row_bytes = cols * ty.size_bytes();
+    // Blocks of whole 4-row groups (the kernel's row block, so every row is summed the way
+    // `matvec` sums it), small enough for L2, and at least a few per thread.
+    let by_cache = (MATMUL_BLOCK_BYTES / row_bytes.max(1)).max(4) / 4 * 4;
+    let per_task = by_cache.min(rows_per_task(rows, cols)).max(4);
+    let blocks: Vec<(usize, Vec<f32>)> = w
+        .par_chunks(per_task * row_bytes)
+        .enumerate()
+        .map(|(b, wb)| {
+            let rb = wb.len() / row_bytes;
+            let mut local = vec![0f32; n * rb];
+            for (t, out) in local.chunks_mut(rb).enumerate() {
+                bf16::matvec_rows(wb, ty, cols, &x[t * cols..(t + 1) * cols], out);
+            }
+            (b * per_task, local)
+        })
+        .collect();
+    for (r0, local) in blocks {
+        let rb = local.len() / n;
+        for (t, out) in local.chunks(rb).enumerate() {
+            y[t * rows + r0..t * rows + r0 + rb].copy_from_slice(out);
+        }
+    }
+    Ok(y)
 }
 
 /// `y = x W`: `w` holds `W` as `rows x cols` row-major elements of `ty` (`rows` inputs,
@@ -294,6 +353,50 @@ mod tests {
                 assert!((a - b).abs() <= 1e-4, "{ty:?}: {a} vs {b}");
             }
         }
+    }
+
+    /// Every row of a [`matmul`] equals [`matvec`] of that input row, bit for bit, on odd
+    /// shapes and all three types.
+    #[test]
+    fn matmul_rows_equal_matvec() {
+        let mut rng = Rng(5);
+        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+            for (rows, cols) in SHAPES {
+                for n in [2usize, 3, 7] {
+                    let (w, _) = matrix(&mut rng, ty, rows * cols);
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.uniform()).collect();
+                    let y = matmul(&w, ty, rows, cols, &x, n).unwrap();
+                    assert_eq!(y.len(), n * rows);
+                    for t in 0..n {
+                        let want =
+                            matvec(&w, ty, rows, cols, &x[t * cols..(t + 1) * cols]).unwrap();
+                        assert_eq!(
+                            &y[t * rows..(t + 1) * rows],
+                            &want[..],
+                            "{ty:?} {rows}x{cols} n {n} row {t}"
+                        );
+                    }
+                }
+            }
+        }
+        // Large enough for several tasks.
+        let (rows, cols) = (4099, 700);
+        let (w, _) = matrix(&mut rng, WeightType::Bf16, rows * cols);
+        let x: Vec<f32> = (0..5 * cols).map(|_| rng.uniform()).collect();
+        let y = matmul(&w, WeightType::Bf16, rows, cols, &x, 5).unwrap();
+        for t in 0..5 {
+            let want = matvec(
+                &w,
+                WeightType::Bf16,
+                rows,
+                cols,
+                &x[t * cols..(t + 1) * cols],
+            )
+            .unwrap();
+            assert_eq!(&y[t * rows..(t + 1) * rows], &want[..]);
+        }
+        assert!(matmul(&w, WeightType::Bf16, rows, cols, &x[1..], 5).is_err());
+        assert!(matmul(&w, WeightType::Bf16, rows, cols, &x, usize::MAX).is_err());
     }
 
     #[test]
