@@ -580,6 +580,75 @@ impl DiskTier {
             .extents
             .with_entry(res, |e| (e.meta.file.clone(), e.meta.file_offset_bytes))?;
         let abs = base + offset_bytes;
+        let r = self.read_file_range(&file, abs, dst);
+        drop(access);
+        r
+    }
+
+    /// Reads `dst.len()` bytes of `file` at `abs`. With O_DIRECT, when `dst`'s address is
+    /// congruent to `abs` modulo [`ALIGN`] (a caller that wants no copy arranges that), the
+    /// aligned middle is read straight into `dst` and only the unaligned head and tail (under
+    /// [`ALIGN`] bytes each) go through an aligned bounce buffer; otherwise all of it does.
+    fn read_file_range(&self, file: &ExtentFile, abs: u64, dst: &mut [u8]) -> Result<()> {
+        if file.direct {
+            let head = ((ALIGN - abs % ALIGN) % ALIGN) as usize;
+            let phase_ok = (dst.as_ptr() as usize)
+                .wrapping_add(head)
+                .is_multiple_of(ALIGN as usize);
+            let body = (dst.len().saturating_sub(head)) / ALIGN as usize * ALIGN as usize;
+            if phase_ok && body > 0 {
+                let (front, rest) = dst.split_at_mut(head);
+                let (middle, back) = rest.split_at_mut(body);
+                self.read_bounced(file, abs, front)?;
+                self.read_direct(file, abs + head as u64, middle)?;
+                return self.read_bounced(file, abs + (head + body) as u64, back);
+            }
+        }
+        self.read_bounced(file, abs, dst)
+    }
+
+    /// O_DIRECT reads into `dst`, whose address, length and file offset `abs` are all
+    /// multiples of [`ALIGN`]; loops on short reads.
+    fn read_direct(&self, file: &ExtentFile, abs: u64, dst: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < dst.len() {
+            let part = dst.get_mut(done..).unwrap_or_default();
+            match self.io.read_at(&file.file, abs + done as u64, part) {
+                Ok(0) => {
+                    return Err(TierError::ShortRead {
+                        tier: Tier::Disk,
+                        offset_bytes: abs,
+                        expected_bytes: dst.len() as u64,
+                        got_bytes: done as u64,
+                    });
+                }
+                // A short read that leaves the rest unaligned cannot go on with O_DIRECT.
+                Ok(k) if !(done + k).is_multiple_of(ALIGN as usize) && done + k < dst.len() => {
+                    let rest = dst.get_mut(done + k..).unwrap_or_default();
+                    return self.read_bounced(file, abs + (done + k) as u64, rest);
+                }
+                Ok(k) => done += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(io_err(
+                        IoPoint::Read,
+                        abs + done as u64,
+                        dst.len() as u64,
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `dst.len()` bytes of `file` at `abs` through an aligned bounce buffer (the whole
+    /// aligned range around them with O_DIRECT), then copies them out.
+    fn read_bounced(&self, file: &ExtentFile, abs: u64, dst: &mut [u8]) -> Result<()> {
+        let len = dst.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
         let start = if file.direct { abs & !(ALIGN - 1) } else { abs };
         let end = if file.direct {
             round_up(abs + len, ALIGN).unwrap_or(u64::MAX)
@@ -615,7 +684,6 @@ impl DiskTier {
             Ok(())
         })();
         self.put_buf(buf);
-        drop(access);
         r
     }
 

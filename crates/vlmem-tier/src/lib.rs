@@ -33,7 +33,7 @@ mod sys;
 
 pub(crate) use vlmem_core::sync;
 
-pub use align::AlignedBuf;
+pub use align::{AlignedBuf, IO_ALIGN_BYTES};
 pub use backend::{Reservation, TierBackend};
 pub use disk::{DiskOptions, DiskTier};
 pub use engine::{

@@ -23,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::ops::Range;
 use vlmem_core::sync::{Condvar, Mutex, wait_guard};
 
 /// Counters of a [`StagingArea`].
@@ -46,6 +47,8 @@ pub struct StagingStats {
 struct Ready {
     tag: u64,
     buf: Vec<u8>,
+    /// The part of `buf` that holds the key's bytes.
+    range: Range<usize>,
 }
 
 #[derive(Debug)]
@@ -72,12 +75,16 @@ pub struct StagingArea<K> {
 pub struct Staged<'a, K: Eq + Hash + Copy> {
     area: &'a StagingArea<K>,
     buf: Option<Vec<u8>>,
+    range: Range<usize>,
 }
 
 impl<K: Eq + Hash + Copy> std::ops::Deref for Staged<'_, K> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.buf.as_deref().unwrap_or(&[])
+        self.buf
+            .as_deref()
+            .and_then(|b| b.get(self.range.clone()))
+            .unwrap_or(&[])
     }
 }
 
@@ -112,8 +119,8 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         self.capacity_bytes
     }
 
-    /// Producer: claims room for a `len_bytes` buffer to fill `key`, waiting while the area
-    /// is full. Ready buffers whose tag
+    /// Producer: claims room for a buffer of at least `len_bytes` (a reused one may be
+    /// longer and holds old bytes) to fill `key`, waiting while the area is full. Ready buffers whose tag
     /// `stale(tag)` says no consumer will take are dropped to make room. Returns `None`
     /// without waiting when `key` is already staged, `len_bytes` exceeds the capacity or the
     /// area is closed, and as soon as `wanted()` turns false (both predicates are called
@@ -189,21 +196,26 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         };
         st.held_bytes += buf.capacity() as u64;
         drop(st);
-        // A reused buffer keeps its bytes; only a grown tail is zeroed.
-        buf.resize(len_bytes, 0);
+        // A new buffer is zeroed once (its pages faulted in here, outside the lock); a reused
+        // one keeps its length (its capacity) and its old bytes: no second pass over it.
+        if buf.len() < len_bytes {
+            buf.resize(len_bytes, 0);
+        }
         Some(buf)
     }
 
-    /// Producer: publishes `buf` (the buffer [`Self::begin_fill`] gave) as `key`'s bytes, tagged `tag` (e.g. the layer it belongs
-    /// to, for `stale`), when `ok`, or gives the room back (a read that failed). Wakes consumers waiting for `key`.
-    pub fn finish_fill(&self, key: K, tag: u64, buf: Vec<u8>, ok: bool) {
+    /// Producer: publishes `range` of `buf` (the buffer [`Self::begin_fill`] gave) as
+    /// `key`'s bytes, tagged `tag` (e.g. the layer it belongs to, for `stale`), when `ok` (and
+    /// the range lies in the buffer), or gives the room back (a read that failed). Wakes
+    /// consumers waiting for `key`.
+    pub fn finish_fill(&self, key: K, tag: u64, buf: Vec<u8>, range: Range<usize>, ok: bool) {
         let mut st = self.state.lock();
         debug_assert!(st.filling == Some(key), "finish_fill without begin_fill");
         st.filling = None;
-        if ok && !st.closed {
+        if ok && !st.closed && range.start <= range.end && range.end <= buf.len() {
             st.stats.filled += 1;
-            st.stats.filled_bytes += buf.len() as u64;
-            st.ready.insert(key, Ready { tag, buf });
+            st.stats.filled_bytes += range.len() as u64;
+            st.ready.insert(key, Ready { tag, buf, range });
         } else {
             st.held_bytes -= buf.capacity() as u64;
             Self::keep_free(&mut st, buf, self.capacity_bytes);
@@ -226,6 +238,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 return Some(Staged {
                     area: self,
                     buf: Some(r.buf),
+                    range: r.range,
                 });
             }
             if st.filling != Some(key) {
@@ -332,7 +345,7 @@ mod tests {
         // One fill at a time, and a key is staged once.
         assert!(a.begin_fill(2, 10, || true, |_| false).is_none());
         b.fill(7);
-        a.finish_fill(1, 0, b, true);
+        a.finish_fill(1, 0, b, 0..40, true);
         assert!(a.begin_fill(1, 40, || true, |_| false).is_none());
         assert_eq!(a.held_bytes(), 40);
         {
@@ -345,13 +358,22 @@ mod tests {
         // The buffer is reused for the same size.
         let b = a.begin_fill(3, 40, || true, |_| false).unwrap();
         assert_eq!(b.len(), 40);
-        a.finish_fill(3, 0, b, false);
+        a.finish_fill(3, 0, b, 0..40, false);
         assert_eq!(a.held_bytes(), 0);
         assert!(a.take(3).is_none(), "a failed fill publishes nothing");
+        // A range publishes part of the buffer; a range outside it publishes nothing.
+        let mut b = a.begin_fill(5, 48, || true, |_| false).unwrap();
+        b[8..40].fill(9);
+        a.finish_fill(5, 0, b, 8..40, true);
+        assert_eq!(&a.take(5).unwrap()[..], &[9u8; 32][..]);
+        let b = a.begin_fill(6, 48, || true, |_| false).unwrap();
+        a.finish_fill(6, 0, b, 8..49, true);
+        assert!(a.take(6).is_none());
+        assert_eq!(a.held_bytes(), 0);
         // Larger than the area: never staged.
         assert!(a.begin_fill(4, 101, || true, |_| false).is_none());
         let s = a.stats();
-        assert_eq!((s.filled, s.hits, s.misses), (1, 1, 2));
+        assert_eq!((s.filled, s.hits, s.misses), (2, 2, 3));
         a.check().unwrap();
     }
 
@@ -360,12 +382,12 @@ mod tests {
         let a: StagingArea<u32> = StagingArea::new(100);
         for (k, tag) in [(1u32, 1u64), (2, 2)] {
             let b = a.begin_fill(k, 50, || true, |_| false).unwrap();
-            a.finish_fill(k, tag, b, true);
+            a.finish_fill(k, tag, b, 0..50, true);
         }
         assert_eq!(a.held_bytes(), 100);
         // Full; tag 1 is stale: its buffer goes, the fill proceeds.
         let b = a.begin_fill(3, 50, || true, |t| t == 1).unwrap();
-        a.finish_fill(3, 3, b, true);
+        a.finish_fill(3, 3, b, 0..50, true);
         assert!(a.take(1).is_none());
         assert_eq!(a.stats().dropped, 1);
         // Full and nothing stale, but no longer wanted: returns at once.
@@ -398,7 +420,7 @@ mod tests {
                         continue;
                     };
                     b.fill(k as u8);
-                    a.finish_fill(k, k, b, true);
+                    a.finish_fill(k, k, b, 0..64, true);
                 }
             })
         };
@@ -450,7 +472,7 @@ mod loom_models {
                             |t| t < cursor.load(Ordering::Acquire),
                         ) {
                             b.fill(k as u8 + 1);
-                            a.finish_fill(k, k, b, true);
+                            a.finish_fill(k, k, b, 0..4, true);
                         }
                     }
                 })
