@@ -509,14 +509,32 @@ impl ManagedWeights {
         )
     }
 
-    /// Runs a kernel over `bytes`, counting them and its time.
-    fn timed<R>(&self, bytes: &[u8], f: impl FnOnce() -> Result<R>) -> Result<R> {
+    /// Lends the stored bytes of every weight in `names` to `f` at once (each pinned, or
+    /// staged), by nesting [`ManagedWeights::with_stored`]; the borrows end with the call.
+    fn lend_all<R>(
+        &self,
+        names: &[&str],
+        held: &[&[u8]],
+        f: &mut dyn FnMut(&[&[u8]]) -> Result<R>,
+    ) -> Result<R> {
+        match names.split_first() {
+            None => f(held),
+            Some((name, rest)) => self.with_stored(name, |bytes| {
+                let mut inner = held.to_vec();
+                inner.push(bytes);
+                self.lend_all(rest, &inner, f)
+            }),
+        }
+    }
+
+    /// Runs a kernel over `len_bytes` of weights, counting them and its time.
+    fn timed<R>(&self, len_bytes: usize, f: impl FnOnce() -> Result<R>) -> Result<R> {
         let t = Instant::now();
         let r = f();
         let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.kernel_ns.fetch_add(ns, Ordering::Relaxed);
         self.kernel_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            .fetch_add(len_bytes as u64, Ordering::Relaxed);
         r
     }
 
@@ -706,8 +724,39 @@ impl WeightSource for ManagedWeights {
         };
         let ty = weight_type(name, info)?;
         self.with_stored(name, |bytes| {
-            self.timed(bytes, || kernels::matvec(bytes, ty, rows, cols, x))
+            self.timed(bytes.len(), || kernels::matvec(bytes, ty, rows, cols, x))
         })
+    }
+
+    /// The kernels on the stored bytes of all the weights at once (each pinned, or staged),
+    /// in one parallel pass; one at a time when they differ in input width.
+    fn matvec_many(&self, names: &[&str], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let mut mats = Vec::with_capacity(names.len());
+        for name in names {
+            let (_, info) = self.entry(name)?;
+            match info.shape.as_slice() {
+                [r, c] => mats.push((
+                    usize_of(name, *r)?,
+                    usize_of(name, *c)?,
+                    weight_type(name, info)?,
+                )),
+                _ => return names.iter().map(|n| self.matvec(n, x)).collect(),
+            }
+        }
+        let cols = mats.first().map_or(0, |m| m.1);
+        if names.len() > 3 || mats.iter().any(|m| m.1 != cols) {
+            return names.iter().map(|n| self.matvec(n, x)).collect();
+        }
+        let mut run = |bytes: &[&[u8]]| -> Result<Vec<Vec<f32>>> {
+            let refs: Vec<(&[u8], WeightType, usize)> = bytes
+                .iter()
+                .zip(&mats)
+                .map(|(b, &(rows, _, ty))| (*b, ty, rows))
+                .collect();
+            let total: usize = bytes.iter().map(|b| b.len()).sum();
+            self.timed(total, || kernels::matvec_many(&refs, cols, x))
+        };
+        self.lend_all(names, &[], &mut run)
     }
 
     /// The kernel on the stored bytes for a few input rows (a short prefill).
@@ -742,7 +791,7 @@ impl WeightSource for ManagedWeights {
         x: &[f32],
     ) -> Result<Vec<f32>> {
         let (bytes, ty, a, b) = self.expert_slice(name, expert)?;
-        self.timed(&bytes, || {
+        self.timed(bytes.len(), || {
             if transposed {
                 kernels::matvec(&bytes, ty, a, b, x)
             } else {

@@ -95,6 +95,24 @@ impl<'a> Params<'a> {
         self.src
     }
 
+    /// [`Params::linear`] of several weights on the same `x`: one row goes through
+    /// [`WeightSource::matvec_many`] (one parallel pass), more rows one weight at a time.
+    pub fn linear_many(&self, names: &[&str], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (n, _) = x.dims2()?;
+        if n != 1 {
+            return names.iter().map(|name| self.linear(name, x)).collect();
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        self.src
+            .matvec_many(names, &xs)?
+            .into_iter()
+            .map(|y| {
+                let len = y.len();
+                Ok(Tensor::from_vec(y, (1, len), x.device())?)
+            })
+            .collect()
+    }
+
     /// `x @ W^T` for the 2-D weight `name` (`[out, in]`): a one-row `x` goes through
     /// [`WeightSource::matvec`] (the bf16 kernel on tiered sources), up to
     /// [`crate::kernels::MATMUL_MAX_ROWS`] rows through [`WeightSource::matmul`], more rows

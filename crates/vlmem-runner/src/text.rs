@@ -353,9 +353,25 @@ impl TextDecoder {
             };
             Ok(t.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
         };
-        let q = heads(lin("q_proj.weight", x)?, nh, Some(w("q_norm.weight")?))?;
-        let k = heads(lin("k_proj.weight", x)?, nkv, Some(w("k_norm.weight")?))?;
-        let v = heads(lin("v_proj.weight", x)?, nkv, None)?;
+        // One row (decode): q, k and v in one pass over the three weights.
+        let mut qkv = p
+            .linear_many(
+                &[
+                    &format!("{pre}.self_attn.q_proj.weight"),
+                    &format!("{pre}.self_attn.k_proj.weight"),
+                    &format!("{pre}.self_attn.v_proj.weight"),
+                ],
+                x,
+            )?
+            .into_iter();
+        let mut next = || {
+            qkv.next()
+                .ok_or_else(|| RunnerError::BadRequest("q/k/v projection missing".into()))
+        };
+        let (q, k, v) = (next()?, next()?, next()?);
+        let q = heads(q, nh, Some(w("q_norm.weight")?))?;
+        let k = heads(k, nkv, Some(w("k_norm.weight")?))?;
+        let v = heads(v, nkv, None)?;
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let (k_all, v_all) = kv.append(layer, &k, &v)?;
@@ -373,10 +389,22 @@ impl TextDecoder {
     }
 
     fn swiglu(&self, p: &Params, pre: &str, x: &Tensor) -> Result<Tensor> {
-        let lin = |name: &str, x: &Tensor| p.linear(&format!("{pre}.mlp.{name}"), x);
-        let gate = lin("gate_proj.weight", x)?.silu()?;
-        let up = lin("up_proj.weight", x)?;
-        lin("down_proj.weight", &(gate * up)?)
+        let mut gu = p
+            .linear_many(
+                &[
+                    &format!("{pre}.mlp.gate_proj.weight"),
+                    &format!("{pre}.mlp.up_proj.weight"),
+                ],
+                x,
+            )?
+            .into_iter();
+        let (Some(gate), Some(up)) = (gu.next(), gu.next()) else {
+            return Err(RunnerError::BadRequest("gate/up projection missing".into()));
+        };
+        p.linear(
+            &format!("{pre}.mlp.down_proj.weight"),
+            &(gate.silu()? * up)?,
+        )
     }
 
     /// Softmax router, top-k experts per token (ties to the lower index), optional

@@ -51,6 +51,13 @@ pub trait WeightSource: Send + Sync {
         Ok(crate::nn::linear(&xt, &w, None)?.flatten_all()?.to_vec1()?)
     }
 
+    /// [`WeightSource::matvec`] of several weights against the same input row (q/k/v,
+    /// gate/up). The default calls `matvec` for each; a source holding the stored bytes runs
+    /// them in one parallel pass ([`crate::kernels::matvec_many`]).
+    fn matvec_many(&self, names: &[&str], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        names.iter().map(|n| self.matvec(n, x)).collect()
+    }
+
     /// `X W^T` for the 2-D weight `name` and `n` input rows `x` (`n x in` values, row-major):
     /// a short prefill. Returns `n x out` values. The default stages the tensor as f32 and
     /// multiplies with candle; a source holding the stored bytes runs
@@ -351,6 +358,10 @@ impl<S: WeightSource + ?Sized> WeightSource for Arc<S> {
 
     fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
         (**self).matmul(name, x, n)
+    }
+
+    fn matvec_many(&self, names: &[&str], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        (**self).matvec_many(names, x)
     }
 
     fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {

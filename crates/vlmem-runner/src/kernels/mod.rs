@@ -119,6 +119,38 @@ pub fn matvec(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
     Ok(y)
 }
 
+/// [`matvec`] of several matrices against the same input (q/k/v, gate/up) in one parallel
+/// pass: one fork-join instead of one per matrix, and the small matrices' rows balance the
+/// large ones'. `mats` holds each matrix's bytes, type and rows; all take `cols` inputs.
+/// Each result equals [`matvec`] of that matrix bit for bit.
+pub fn matvec_many(
+    mats: &[(&[u8], WeightType, usize)],
+    cols: usize,
+    x: &[f32],
+) -> Result<Vec<Vec<f32>>> {
+    for &(w, ty, rows) in mats {
+        check("matvec_many", w, ty, rows, cols, x.len(), cols)?;
+    }
+    let mut ys: Vec<Vec<f32>> = mats.iter().map(|&(_, _, rows)| vec![0f32; rows]).collect();
+    if cols == 0 {
+        return Ok(ys);
+    }
+    let total_rows: usize = mats.iter().map(|&(_, _, rows)| rows).sum();
+    let per_task = rows_per_task(total_rows, cols);
+    let mut tasks: Vec<(&[u8], WeightType, &mut [f32])> = Vec::new();
+    for (&(w, ty, _), y) in mats.iter().zip(ys.iter_mut()) {
+        let row_bytes = cols * ty.size_bytes();
+        for (yc, wc) in y.chunks_mut(per_task).zip(w.chunks(per_task * row_bytes)) {
+            tasks.push((wc, ty, yc));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .with_max_len(1)
+        .for_each(|(w, ty, y)| bf16::matvec_rows(w, ty, cols, x, y));
+    Ok(ys)
+}
+
 /// [`matvec`] on f32 values in memory (a resident f32 tensor).
 pub fn matvec_f32(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
     matvec(bf16::f32_bytes(w), WeightType::F32, rows, cols, x)
@@ -397,6 +429,33 @@ mod tests {
         }
         assert!(matmul(&w, WeightType::Bf16, rows, cols, &x[1..], 5).is_err());
         assert!(matmul(&w, WeightType::Bf16, rows, cols, &x, usize::MAX).is_err());
+    }
+
+    /// [`matvec_many`] gives each matrix's [`matvec`], bit for bit.
+    #[test]
+    fn matvec_many_equals_matvec() {
+        let mut rng = Rng(9);
+        let cols = 333;
+        let shapes = [
+            (1030usize, WeightType::Bf16),
+            (7, WeightType::F16),
+            (4099, WeightType::Bf16),
+        ];
+        let mats: Vec<(Vec<u8>, WeightType, usize)> = shapes
+            .iter()
+            .map(|&(rows, ty)| (matrix(&mut rng, ty, rows * cols).0, ty, rows))
+            .collect();
+        let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
+        let refs: Vec<(&[u8], WeightType, usize)> = mats
+            .iter()
+            .map(|(w, ty, rows)| (&w[..], *ty, *rows))
+            .collect();
+        let ys = matvec_many(&refs, cols, &x).unwrap();
+        for ((w, ty, rows), y) in mats.iter().zip(&ys) {
+            assert_eq!(y, &matvec(w, *ty, *rows, cols, &x).unwrap());
+        }
+        assert!(matvec_many(&refs, cols + 1, &x).is_err());
+        assert!(matvec_many(&[], cols, &x).unwrap().is_empty());
     }
 
     #[test]
