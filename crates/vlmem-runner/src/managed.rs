@@ -314,10 +314,10 @@ fn use_order(name: &str) -> usize {
     const ORDER: [&str; 12] = [
         "input_layernorm",
         "q_proj",
-        "q_norm",
         "k_proj",
-        "k_norm",
         "v_proj",
+        "q_norm",
+        "k_norm",
         "o_proj",
         "post_attention_layernorm",
         "mlp.gate.",
@@ -593,9 +593,14 @@ impl ManagedWeights {
             // Not kept: from the staging area when read ahead, else read now; either way it
             // does not enter the compute tier. The cursor moves first, so the read-ahead
             // thread never starts this tensor once it has been asked for.
-            self.prefetch
-                .cursor
-                .store(((u as u64) << 32) | (i as u64 + 1), Ordering::Release);
+            // Forward only within a unit: a tensor used out of the planned order (read twice,
+            // or before one planned ahead of it) must not make the read-ahead thread fetch
+            // again what was already taken.
+            let c = self.prefetch.cursor.load(Ordering::Acquire);
+            let next = ((u as u64) << 32) | (i as u64 + 1);
+            if c >> 32 != u as u64 || c < next {
+                self.prefetch.cursor.store(next, Ordering::Release);
+            }
             if let Some(staged) = self.prefetch.area.take(*h) {
                 return f(&staged);
             }
@@ -729,7 +734,8 @@ impl WeightSource for ManagedWeights {
     }
 
     /// The kernels on the stored bytes of all the weights at once (each pinned, or staged),
-    /// in one parallel pass; one at a time when they differ in input width.
+    /// in one parallel pass; one at a time when they differ in input width or one of them is
+    /// streamed.
     fn matvec_many(&self, names: &[&str], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         let mut mats = Vec::with_capacity(names.len());
         for name in names {
@@ -744,7 +750,15 @@ impl WeightSource for ManagedWeights {
             }
         }
         let cols = mats.first().map_or(0, |m| m.1);
-        if names.len() > 3 || mats.iter().any(|m| m.1 != cols) {
+        // Streamed weights go one at a time: the read-ahead thread fills them in order while
+        // each computes, and taking several back to back would outrun it (each would then be
+        // read a second time on demand). They are disk-bound: a fused pass buys nothing there.
+        let streamed = names.iter().any(|n| {
+            self.index
+                .get(*n)
+                .is_some_and(|(h, _)| self.prefetch.positions.contains_key(h))
+        });
+        if streamed || names.len() > 3 || mats.iter().any(|m| m.1 != cols) {
             return names.iter().map(|n| self.matvec(n, x)).collect();
         }
         let mut run = |bytes: &[&[u8]]| -> Result<Vec<Vec<f32>>> {
