@@ -509,6 +509,23 @@ impl ManagedWeights {
         )
     }
 
+    /// Rows, columns and element type of the 2-D weight `name`; a shape error otherwise.
+    fn matrix(&self, name: &str) -> Result<(usize, usize, WeightType)> {
+        let (_, info) = self.entry(name)?;
+        match info.shape.as_slice() {
+            [r, c] => Ok((
+                usize_of(name, *r)?,
+                usize_of(name, *c)?,
+                weight_type(name, info)?,
+            )),
+            _ => Err(RunnerError::TensorShape {
+                name: name.to_string(),
+                expected: "a 2-D matrix".into(),
+                found: info.shape.iter().map(|&d| d as usize).collect(),
+            }),
+        }
+    }
+
     /// Lends the stored bytes of every weight in `names` to `f` at once (each pinned, or
     /// staged), by nesting [`ManagedWeights::with_stored`]; the borrows end with the call.
     fn lend_all<R>(
@@ -716,18 +733,7 @@ impl WeightSource for ManagedWeights {
 
     /// The bf16 kernel on the stored bytes (pinned in place, or staged when they do not fit).
     fn matvec(&self, name: &str, x: &[f32]) -> Result<Vec<f32>> {
-        let (_, info) = self.entry(name)?;
-        let (rows, cols) = match info.shape.as_slice() {
-            [r, c] => (usize_of(name, *r)?, usize_of(name, *c)?),
-            _ => {
-                return Err(RunnerError::TensorShape {
-                    name: name.to_string(),
-                    expected: "a 2-D matrix".into(),
-                    found: info.shape.iter().map(|&d| d as usize).collect(),
-                });
-            }
-        };
-        let ty = weight_type(name, info)?;
+        let (rows, cols, ty) = self.matrix(name)?;
         self.with_stored(name, |bytes| {
             self.timed(bytes.len(), || kernels::matvec(bytes, ty, rows, cols, x))
         })
@@ -737,18 +743,10 @@ impl WeightSource for ManagedWeights {
     /// in one parallel pass; one at a time when they differ in input width or one of them is
     /// streamed.
     fn matvec_many(&self, names: &[&str], x: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let mut mats = Vec::with_capacity(names.len());
-        for name in names {
-            let (_, info) = self.entry(name)?;
-            match info.shape.as_slice() {
-                [r, c] => mats.push((
-                    usize_of(name, *r)?,
-                    usize_of(name, *c)?,
-                    weight_type(name, info)?,
-                )),
-                _ => return names.iter().map(|n| self.matvec(n, x)).collect(),
-            }
-        }
+        let mats = names
+            .iter()
+            .map(|name| self.matrix(name))
+            .collect::<Result<Vec<_>>>()?;
         let cols = mats.first().map_or(0, |m| m.1);
         // Streamed weights go one at a time: the read-ahead thread fills them in order while
         // each computes, and taking several back to back would outrun it (each would then be
@@ -775,18 +773,7 @@ impl WeightSource for ManagedWeights {
 
     /// The kernel on the stored bytes for a few input rows (a short prefill).
     fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let (_, info) = self.entry(name)?;
-        let (rows, cols) = match info.shape.as_slice() {
-            [r, c] => (usize_of(name, *r)?, usize_of(name, *c)?),
-            _ => {
-                return Err(RunnerError::TensorShape {
-                    name: name.to_string(),
-                    expected: "a 2-D matrix".into(),
-                    found: info.shape.iter().map(|&d| d as usize).collect(),
-                });
-            }
-        };
-        let ty = weight_type(name, info)?;
+        let (rows, cols, ty) = self.matrix(name)?;
         self.with_stored(name, |bytes| kernels::matmul(bytes, ty, rows, cols, x, n))
     }
 

@@ -208,41 +208,26 @@ mod x86 {
                     _mm256_setzero_ps(),
                 );
                 let mut c = 0;
-                // 32 columns per step: one 64-byte cache line of each bf16/f16 row (two of
-                // f32). Each step asks for the line PREFETCH_BYTES ahead in every row: four
-                // rows are four streams, more than the hardware prefetcher follows at full
-                // speed, and rows of 4 KiB cross a page (where it stops) every step or two.
-                // A prefetch past the row's end reads nothing it may fault on (prefetches
-                // never fault) and is a hint only.
-                while c + 32 <= vec_cols {
-                    let o = c * es;
-                    prefetch(p0.add(o), PREFETCH_BYTES);
-                    prefetch(p1.add(o), PREFETCH_BYTES);
-                    prefetch(p2.add(o), PREFETCH_BYTES);
-                    prefetch(p3.add(o), PREFETCH_BYTES);
-                    if es == 4 {
-                        prefetch(p0.add(o), PREFETCH_BYTES + 64);
-                        prefetch(p1.add(o), PREFETCH_BYTES + 64);
-                        prefetch(p2.add(o), PREFETCH_BYTES + 64);
-                        prefetch(p3.add(o), PREFETCH_BYTES + 64);
-                    }
-                    for half in [0usize, 16] {
-                        let xv = _mm256_loadu_ps(xp.add(c + half));
-                        let xw = _mm256_loadu_ps(xp.add(c + half + 8));
-                        let o = (c + half) * es;
-                        let o2 = (c + half + 8) * es;
-                        a0 = _mm256_fmadd_ps(load8(p0.add(o), ty), xv, a0);
-                        a1 = _mm256_fmadd_ps(load8(p1.add(o), ty), xv, a1);
-                        a2 = _mm256_fmadd_ps(load8(p2.add(o), ty), xv, a2);
-                        a3 = _mm256_fmadd_ps(load8(p3.add(o), ty), xv, a3);
-                        b0 = _mm256_fmadd_ps(load8(p0.add(o2), ty), xw, b0);
-                        b1 = _mm256_fmadd_ps(load8(p1.add(o2), ty), xw, b1);
-                        b2 = _mm256_fmadd_ps(load8(p2.add(o2), ty), xw, b2);
-                        b3 = _mm256_fmadd_ps(load8(p3.add(o2), ty), xw, b3);
-                    }
-                    c += 32;
-                }
+                // 16 columns per step. Every 32 columns (one 64-byte cache line of each
+                // bf16/f16 row, two of f32) the step asks for the line PREFETCH_BYTES ahead in
+                // every row: four rows are four streams, more than the hardware prefetcher
+                // follows at full speed, and rows of 4 KiB cross a page (where it stops) every
+                // step or two. A prefetch past the row's end reads nothing it may fault on
+                // (prefetches never fault) and is a hint only.
                 while c + 16 <= vec_cols {
+                    if c % 32 == 0 {
+                        let o = c * es;
+                        prefetch(p0.add(o), PREFETCH_BYTES);
+                        prefetch(p1.add(o), PREFETCH_BYTES);
+                        prefetch(p2.add(o), PREFETCH_BYTES);
+                        prefetch(p3.add(o), PREFETCH_BYTES);
+                        if es == 4 {
+                            prefetch(p0.add(o), PREFETCH_BYTES + 64);
+                            prefetch(p1.add(o), PREFETCH_BYTES + 64);
+                            prefetch(p2.add(o), PREFETCH_BYTES + 64);
+                            prefetch(p3.add(o), PREFETCH_BYTES + 64);
+                        }
+                    }
                     let xv = _mm256_loadu_ps(xp.add(c));
                     let xw = _mm256_loadu_ps(xp.add(c + 8));
                     let o = c * es;
