@@ -228,10 +228,10 @@ const STREAM_READ_BYTES: usize = 4 << 20;
 /// disk's own dd figure moved between 0.8 and 1.9 GB/s during those runs).
 const STREAM_READERS: usize = 2;
 
-/// Reads all of `h` into `buf` in [`STREAM_READ_BYTES`] pieces from two threads (this one
-/// and a scoped helper), so two reads are in flight: one's copy out of the I/O buffer
-/// overlaps the other's wait on the disk, and the disk sees a deeper queue. Returns whether
-/// every piece was read.
+/// Reads all of `h` into `buf` in [`STREAM_READ_BYTES`] pieces from [`STREAM_READERS`]
+/// threads (this one and scoped helpers), so that many reads are in flight: the disk sees a
+/// deeper queue, and one reader's turnaround between pieces overlaps the others' waits.
+/// Returns whether every piece was read.
 fn read_parallel(manager: &MemoryManager, h: TensorHandle, buf: &mut [u8]) -> bool {
     let readers = STREAM_READERS;
     if buf.len() < 2 * STREAM_READ_BYTES {
