@@ -608,38 +608,24 @@ impl DiskTier {
     }
 
     /// O_DIRECT reads into `dst`, whose address, length and file offset `abs` are all
-    /// multiples of [`ALIGN`]; loops on short reads.
+    /// multiples of [`ALIGN`].
     fn read_direct(&self, file: &ExtentFile, abs: u64, dst: &mut [u8]) -> Result<()> {
-        let mut done = 0usize;
-        while done < dst.len() {
-            let part = dst.get_mut(done..).unwrap_or_default();
-            match self.io.read_at(&file.file, abs + done as u64, part) {
-                Ok(0) => {
-                    return Err(TierError::ShortRead {
-                        tier: Tier::Disk,
-                        offset_bytes: abs,
-                        expected_bytes: dst.len() as u64,
-                        got_bytes: done as u64,
-                    });
-                }
-                // A short read that leaves the rest unaligned cannot go on with O_DIRECT.
-                Ok(k) if !(done + k).is_multiple_of(ALIGN as usize) && done + k < dst.len() => {
-                    let rest = dst.get_mut(done + k..).unwrap_or_default();
-                    return self.read_bounced(file, abs + (done + k) as u64, rest);
-                }
-                Ok(k) => done += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(io_err(
-                        IoPoint::Read,
-                        abs + done as u64,
-                        dst.len() as u64,
-                        e,
-                    ));
-                }
-            }
+        let need = dst.len();
+        let done = self.pread_loop(file, abs, dst, need)?;
+        if done >= need {
+            return Ok(());
         }
-        Ok(())
+        if !done.is_multiple_of(ALIGN as usize) {
+            // A short read left the rest unaligned: O_DIRECT cannot go on from there.
+            let rest = dst.get_mut(done..).unwrap_or_default();
+            return self.read_bounced(file, abs + done as u64, rest);
+        }
+        Err(TierError::ShortRead {
+            tier: Tier::Disk,
+            offset_bytes: abs,
+            expected_bytes: dst.len() as u64,
+            got_bytes: done as u64,
+        })
     }
 
     /// Reads `dst.len()` bytes of `file` at `abs` through an aligned bounce buffer (the whole
@@ -657,34 +643,48 @@ impl DiskTier {
         };
         let mut buf = self.take_buf((end - start) as usize)?;
         let need = (abs + len - start) as usize;
-        let mut done = 0usize;
-        let r = (|| {
-            while done < need {
-                let part = buf.as_mut_slice().get_mut(done..).unwrap_or_default();
-                match self.io.read_at(&file.file, start + done as u64, part) {
-                    Ok(0) => {
-                        return Err(TierError::ShortRead {
-                            tier: Tier::Disk,
-                            offset_bytes: abs,
-                            expected_bytes: len,
-                            got_bytes: done.saturating_sub((abs - start) as usize) as u64,
-                        });
-                    }
-                    Ok(k) => done += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        return Err(io_err(IoPoint::Read, start + done as u64, end - start, e));
-                    }
+        let skip = (abs - start) as usize;
+        let r = self
+            .pread_loop(file, start, buf.as_mut_slice(), need)
+            .and_then(|done| match buf.as_slice().get(skip..skip + dst.len()) {
+                Some(src) if done >= need => {
+                    dst.copy_from_slice(src);
+                    Ok(())
                 }
-            }
-            let skip = (abs - start) as usize;
-            if let Some(src) = buf.as_slice().get(skip..skip + dst.len()) {
-                dst.copy_from_slice(src);
-            }
-            Ok(())
-        })();
+                _ => Err(TierError::ShortRead {
+                    tier: Tier::Disk,
+                    offset_bytes: abs,
+                    expected_bytes: len,
+                    got_bytes: done.saturating_sub(skip) as u64,
+                }),
+            });
         self.put_buf(buf);
         r
+    }
+
+    /// Reads `file` at `at` into `buf` (each read asks for all of the rest of `buf`, whose
+    /// length O_DIRECT needs aligned) until at least `need` bytes are in, looping on short
+    /// reads and EINTR; returns the bytes read, fewer than `need` at the end of the file or,
+    /// with O_DIRECT, where a short read leaves an unaligned offset (a read there would fail).
+    fn pread_loop(&self, file: &ExtentFile, at: u64, buf: &mut [u8], need: usize) -> Result<usize> {
+        let mut done = 0usize;
+        while done < need {
+            let part = buf.get_mut(done..).unwrap_or_default();
+            match self.io.read_at(&file.file, at + done as u64, part) {
+                Ok(0) => break,
+                Ok(k) => {
+                    done += k;
+                    if file.direct && !done.is_multiple_of(ALIGN as usize) {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(io_err(IoPoint::Read, at + done as u64, buf.len() as u64, e));
+                }
+            }
+        }
+        Ok(done)
     }
 
     fn mark_unsynced(&self, res: &Reservation) {
