@@ -17,6 +17,8 @@
 //! overlap, nothing busy, no copyless entry, budget counters equal to the recount), every
 //! pinned copy is resident, and every live tensor reads back its known bytes.
 
+mod common;
+
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use std::path::PathBuf;
@@ -258,15 +260,7 @@ fn new_manager(kind: TensorKind) -> MemoryManager {
 }
 
 fn fill(seed: u8, n: usize) -> Vec<u8> {
-    let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::pattern(u64::from(seed), n)
 }
 
 fn resolve(off: Off, len: Len, tensor_len: u64) -> (u64, u64) {

@@ -2,6 +2,8 @@
 //! swap-out under pressure with every byte kept, typed errors, and eight threads of
 //! sequences ending with a ledger of every token's KV.
 
+mod common;
+
 use std::sync::Arc;
 use vlmem::{KvError, KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
 
@@ -35,15 +37,7 @@ fn pool(host_kv_bytes: u64) -> KvPool {
 /// The KV bytes of `token` at `position` (what a model would compute: a function of the
 /// prefix, here of the position and the token).
 fn kv_of(position: usize, token: u32) -> Vec<u8> {
-    let mut x = (position as u64) << 32 | u64::from(token) | 1;
-    (0..BPT)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::xorshift_bytes((position as u64) << 32 | u64::from(token), BPT as usize)
 }
 
 fn append_all(p: &KvPool, seq: vlmem::SeqId, from: usize, tokens: &[u32]) {

@@ -2,6 +2,8 @@
 //! LRU), the weights plan against OPT on a cyclic scan, the content hash, and the vision cache
 //! (single flight, budget never exceeded under 4 threads, bytes intact).
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -221,15 +223,7 @@ fn manager() -> MemoryManager {
 /// The fake vision tower: the embedding is a function of the image bytes.
 fn embed(image: &[u8], len: usize) -> Vec<u8> {
     let h = hash128(42, image);
-    let mut x = (h as u64) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::xorshift_bytes(h as u64, len)
 }
 
 fn image(i: u64) -> Vec<u8> {

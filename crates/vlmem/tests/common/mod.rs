@@ -27,7 +27,12 @@ pub fn manager_with(caps: [u64; 3]) -> MemoryManager {
 
 /// Seeded pseudo-random bytes (xorshift): a tensor's expected content.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    xorshift_bytes(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), len)
+}
+
+/// `len` bytes of a xorshift stream started from `state` (made odd, so never zero).
+pub fn xorshift_bytes(state: u64, len: usize) -> Vec<u8> {
+    let mut x = state | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
