@@ -1,4 +1,5 @@
-//! `vlmem run`: a Qwen3-VL checkpoint through the memory manager, greedy, on the CPU.
+//! `vlmem run`: a Qwen3-VL checkpoint through the memory manager, greedy, on the CPU (and,
+//! built with `cuda` on a machine with a GPU, the first decoder layers on the GPU).
 
 use crate::CliError;
 use candle_core::{Device, Tensor};
@@ -66,7 +67,9 @@ pub struct RunArgs {
 impl From<RunnerError> for CliError {
     fn from(e: RunnerError) -> Self {
         match e {
-            RunnerError::Candle(_) | RunnerError::Weights(_) => CliError::failure(e),
+            RunnerError::Candle(_) | RunnerError::Weights(_) | RunnerError::Gpu(_) => {
+                CliError::failure(e)
+            }
             RunnerError::Io { ref source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
                 CliError::failure(e)
             }
@@ -109,6 +112,12 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     if kv_block_bytes.is_multiple_of(256) {
         config.kv_block_bytes = Some(kv_block_bytes);
     }
+    // With the `cuda` feature, a GPU and a device budget: the device tier is the GPU, and
+    // the first decoder layers that fit it compute there.
+    let use_gpu = gpu_present() && config.device_bytes > 0;
+    if use_gpu {
+        config.gpu_ordinal = Some(0);
+    }
     let manager = MemoryManager::new(config).map_err(CliError::failure)?;
     let weights = Arc::new(ManagedWeights::register(
         manager.clone(),
@@ -117,7 +126,12 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         &Device::Cpu,
     )?);
     weights.set_prefetch_layers(a.prefetch_layers);
-    let runner = Runner::with_weights(&checkpoint, weights.clone(), &Device::Cpu)?;
+    let gpu = gpu_layers(use_gpu, &weights, &checkpoint)?;
+    let source: Arc<dyn vlmem_runner::WeightSource> = match &gpu {
+        Some((g, _)) => g.clone(),
+        None => weights.clone(),
+    };
+    let runner = Runner::with_weights(&checkpoint, source, &Device::Cpu)?;
     // Image embeddings by content, in the manager, under the host's vision budget.
     let budgets = manager.stats().budgets;
     let vision_budget = budgets.get(Tier::Host, TensorKind::VisionEmbedding);
@@ -268,6 +282,22 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 "streaming": streaming,
                 "prefetch_hints": weights.prefetch_hints(),
             },
+            "gpu": gpu.as_ref().map(|(_, report)| {
+                let r = report();
+                json!({
+                    "device": r.device,
+                    "layers": r.layers,
+                    "weight_bytes": r.weight_bytes,
+                    "kernel_read_bytes": r.kernel_bytes,
+                    "kernel_s": r.kernel_s,
+                    "kernel_read_gb_per_s": if r.kernel_s > 0.0 {
+                        r.kernel_bytes as f64 / r.kernel_s / 1e9
+                    } else {
+                        0.0
+                    },
+                    "cpu_fallbacks": r.fallbacks,
+                })
+            }),
             "kernel": vlmem_runner::kernels::isa(),
             "kernel_read_gb_per_s": kernel_gb_s,
             "kernel_share_of_decode": kernel_share,
@@ -327,6 +357,18 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         kernel_gb_s,
         kernel_share * 100.0,
     );
+    if let Some((_, report)) = &gpu {
+        let r = report();
+        println!(
+            "GPU: {}, decoder layers 0..{} ({}) compute there, kernels read {} in {:.3} s; {} CPU fallback(s)",
+            r.device,
+            r.layers,
+            format_bytes(r.weight_bytes),
+            format_bytes(r.kernel_bytes),
+            r.kernel_s,
+            r.fallbacks
+        );
+    }
     match &kv_pool {
         Some(pool) => {
             let k = pool.stats();
@@ -350,6 +392,51 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         println!("tier: {t}");
     }
     Ok(())
+}
+
+/// Whether this build can compute on a GPU and one is present.
+fn gpu_present() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        vlmem_tier::cuda::probe().is_some()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// The GPU source over `weights` and a way to read its report, when `use_gpu` (the
+/// manager's device tier is the GPU; only with the `cuda` feature).
+type GpuParts = (
+    Arc<dyn vlmem_runner::WeightSource>,
+    Box<dyn Fn() -> vlmem_runner::gpu::GpuReport>,
+);
+
+fn gpu_layers(
+    use_gpu: bool,
+    weights: &Arc<ManagedWeights>,
+    checkpoint: &Checkpoint,
+) -> Result<Option<GpuParts>, CliError> {
+    #[cfg(feature = "cuda")]
+    {
+        if !use_gpu {
+            return Ok(None);
+        }
+        let kernels = vlmem_runner::kernels::cuda::GpuKernels::new(0)?;
+        let layers = Arc::new(vlmem_runner::gpu::GpuLayers::new(
+            weights.clone(),
+            checkpoint,
+            kernels,
+        )?);
+        let reporter = layers.clone();
+        Ok(Some((layers, Box::new(move || reporter.report()))))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (use_gpu, weights, checkpoint);
+        Ok(None)
+    }
 }
 
 /// The prompt's logits and the generated logits, as safetensors.

@@ -83,6 +83,10 @@ pub enum RunnerError {
     /// The memory manager could not provide a weight (I/O error, corrupt data, no room).
     #[error("weight {0}")]
     Weights(String),
+    /// The GPU kernels could not run (no driver, a launch or copy failed, a weight not in
+    /// GPU memory).
+    #[error("GPU: {0}")]
+    Gpu(String),
     /// The tensor library failed (shape bugs, device errors).
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod gpu;
 pub mod kernels;
 pub mod kv;
 pub mod managed;

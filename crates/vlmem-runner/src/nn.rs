@@ -115,7 +115,7 @@ impl<'a> Params<'a> {
 
     /// `x @ W^T` for the 2-D weight `name` (`[out, in]`): a one-row `x` goes through
     /// [`WeightSource::matvec`] (the bf16 kernel on tiered sources), up to
-    /// [`crate::kernels::MATMUL_MAX_ROWS`] rows through [`WeightSource::matmul`], more rows
+    /// [`WeightSource::matmul_rows_max`] rows through [`WeightSource::matmul`], more rows
     /// through candle on the staged f32 tensor.
     pub fn linear(&self, name: &str, x: &Tensor) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
@@ -124,7 +124,7 @@ impl<'a> Params<'a> {
             let y = self.src.matvec(name, &xs)?;
             let len = y.len();
             Ok(Tensor::from_vec(y, (1, len), x.device())?)
-        } else if n <= crate::kernels::MATMUL_MAX_ROWS {
+        } else if n <= self.src.matmul_rows_max(name) {
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
             let y = self.src.matmul(name, &xs, n)?;
             let out = y.len() / n;

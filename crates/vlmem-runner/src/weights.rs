@@ -69,6 +69,14 @@ pub trait WeightSource: Send + Sync {
         Ok(crate::nn::linear(&xt, &w, None)?.flatten_all()?.to_vec1()?)
     }
 
+    /// The most input rows [`WeightSource::matmul`] takes for `name`; more rows go through
+    /// candle on the staged f32 tensor ([`crate::nn::Params::linear`]). A source that
+    /// computes `name` elsewhere (on the GPU) can take any number.
+    fn matmul_rows_max(&self, name: &str) -> usize {
+        let _ = name;
+        crate::kernels::MATMUL_MAX_ROWS
+    }
+
     /// Matrix `expert` of the fused 3-D tensor `name` (`[experts, a, b]`) as f32 `[a, b]`.
     /// The default stages the whole tensor; a tiered source reads only that expert's slice.
     fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {

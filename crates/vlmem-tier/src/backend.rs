@@ -176,6 +176,13 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
     fn io_unit_bytes(&self) -> u64 {
         1
     }
+    /// The GPU address of `res`'s first byte, for kernels that read a pinned copy in place
+    /// (the CUDA device tier); `None` for tiers whose bytes are not in GPU memory. The
+    /// address stays valid while `res` is reserved.
+    fn device_address(&self, res: &Reservation) -> Option<u64> {
+        let _ = res;
+        None
+    }
 }
 
 pub(crate) fn check_range(

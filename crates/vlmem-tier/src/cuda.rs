@@ -192,6 +192,17 @@ impl CudaDevice {
         })
     }
 
+    /// The CUDA context the arena lives in: kernels that read pinned copies in place
+    /// ([`TierBackend::device_address`]) run in it.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The GPU's name, as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The GPU's compute capability (e.g. (6, 1) for an MX250).
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
@@ -271,6 +282,10 @@ impl TierBackend for CudaDevice {
     }
     fn usage(&self) -> ArenaUsage {
         self.alloc.usage()
+    }
+    fn device_address(&self, res: &Reservation) -> Option<u64> {
+        (res.tier() == Tier::Device && res.block().end_bytes() <= self.alloc.capacity_bytes())
+            .then(|| self.base + res.offset_bytes())
     }
     fn reserve(&self, len_bytes: u64, name: &str) -> Result<Reservation> {
         let block = self

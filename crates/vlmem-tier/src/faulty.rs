@@ -59,6 +59,9 @@ impl TierBackend for FaultyTier {
     fn usage(&self) -> ArenaUsage {
         self.inner.usage()
     }
+    fn device_address(&self, res: &Reservation) -> Option<u64> {
+        self.inner.device_address(res)
+    }
     fn reserve(&self, len_bytes: u64, name: &str) -> Result<Reservation> {
         self.inner.reserve(len_bytes, name)
     }

@@ -90,6 +90,10 @@ pub struct ManagerConfig {
     /// (madvise; on by default): weights read at memory speed cross fewer TLB entries and
     /// the hardware prefetcher is not restarted at every 4 KiB boundary.
     pub host_huge_pages: bool,
+    /// The device tier on a real GPU: CUDA device `Some(ordinal)` when vlmem-tier is built
+    /// with its `cuda` feature and a driver and that GPU are present; otherwise (and with
+    /// `None`, the default) the simulated device in host memory.
+    pub gpu_ordinal: Option<usize>,
 }
 
 impl std::fmt::Debug for ManagerConfig {
@@ -107,6 +111,7 @@ impl std::fmt::Debug for ManagerConfig {
             .field("verify_write_backs", &self.verify_write_backs)
             .field("kv_block_bytes", &self.kv_block_bytes)
             .field("host_huge_pages", &self.host_huge_pages)
+            .field("gpu_ordinal", &self.gpu_ordinal)
             .finish_non_exhaustive()
     }
 }
@@ -149,6 +154,7 @@ impl ManagerConfig {
             zero_on_free: false,
             verify_write_backs: true,
             host_huge_pages: true,
+            gpu_ordinal: None,
             kv_block_bytes: None,
         }
     }

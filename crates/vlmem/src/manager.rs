@@ -272,6 +272,15 @@ impl PinGuard {
         Ok(())
     }
 
+    /// The GPU address of the pinned copy's first byte when it lives in GPU memory (the
+    /// CUDA device tier), for kernels that read it in place; `None` on other tiers. The
+    /// address is valid while this guard lives: a pinned copy is never moved, evicted or
+    /// freed. A tensor never written: [`ManagerError::Uninitialized`].
+    pub fn device_address(&self) -> Result<Option<u64>> {
+        self.check_written()?;
+        Ok(self.inner.tiers[self.tier.index()].device_address(&self.res))
+    }
+
     /// Lends the tensor's bytes to `f` without a copy where the tier allows it (host and
     /// simulated device), else through a buffer.
     pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
@@ -368,10 +377,16 @@ impl MemoryManager {
                 _ => Ok(mk(cap, GRANULE)?),
             }
         };
-        let device: StdArc<dyn TierBackend> = StdArc::new(MemoryTier::simulated_device(
-            mk_memory(Tier::Device, config.device_bytes)?,
-            config.device_link_bytes_per_s,
-        )?);
+        let device_alloc = mk_memory(Tier::Device, config.device_bytes)?;
+        let device: StdArc<dyn TierBackend> = match config.gpu_ordinal {
+            Some(ordinal) => {
+                vlmem_tier::detect_device(device_alloc, config.device_link_bytes_per_s, ordinal)?
+            }
+            None => StdArc::new(MemoryTier::simulated_device(
+                device_alloc,
+                config.device_link_bytes_per_s,
+            )?),
+        };
         let host: StdArc<dyn TierBackend> = StdArc::new(MemoryTier::host(
             mk_memory(Tier::Host, config.host_bytes)?,
             vlmem_tier::HostOptions {
@@ -720,6 +735,12 @@ impl MemoryManager {
     /// One line per tier describing its backend ("simulated device ..." where simulated).
     pub fn describe_tiers(&self) -> Vec<String> {
         self.inner.tiers.iter().map(|t| t.describe()).collect()
+    }
+
+    /// Whether the device tier is a real GPU (see [`ManagerConfig::gpu_ordinal`]) rather
+    /// than the simulated device.
+    pub fn device_is_gpu(&self) -> bool {
+        !self.inner.tiers[Tier::Device.index()].is_simulated()
     }
 }
 

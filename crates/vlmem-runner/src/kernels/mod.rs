@@ -15,6 +15,8 @@
 //! itself uses. The only `unsafe` of the crate lives in this module's [`bf16`] submodule.
 
 pub mod bf16;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::error::{Result, RunnerError};
 use rayon::prelude::*;

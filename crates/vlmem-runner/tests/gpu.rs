@@ -1,0 +1,321 @@
+//! The GPU path (feature `cuda`): the committed PTX is built from the committed CUDA source;
+//! on a machine with a GPU, the GPU kernels equal the CPU kernels, bad calls are errors, and
+//! the runner with its first decoder layers on the GPU (the manager's CUDA device tier)
+//! reproduces the reference outputs on all four fixtures. Without a GPU (or without the
+//! feature) the GPU tests say so and return.
+
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+
+fn kernels_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/kernels/cuda")
+}
+
+/// decode.ptx records the SHA-256 of the decode.cu it was generated from (gen_ptx.py): an
+/// edit of the source without regenerating the PTX fails here, on every machine.
+#[test]
+fn committed_ptx_is_generated_from_the_committed_source() {
+    let src = std::fs::read(kernels_dir().join("decode.cu")).unwrap();
+    let ptx = std::fs::read_to_string(kernels_dir().join("decode.ptx")).unwrap();
+    let digest: String = Sha256::digest(&src)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let first = ptx.lines().next().unwrap_or_default();
+    assert_eq!(
+        first,
+        format!("// source sha256: {digest}"),
+        "decode.ptx is stale: run src/kernels/cuda/gen_ptx.py"
+    );
+    // SM 6.1 (the MX250) is the oldest target, with a PTX ISA drivers from 525 on accept.
+    assert!(ptx.contains("\n.target sm_61\n"), "target");
+    assert!(ptx.contains("\n.version 8.0\n"), "PTX ISA version");
+    for k in ["matmul_bf16", "matmul_bf16_v8", "matmul_f16", "matmul_f32"] {
+        assert!(
+            ptx.contains(&format!(".visible .entry {k}(")),
+            "kernel {k} missing"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod on_gpu {
+    use candle_core::Device;
+    use half::{bf16, f16};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
+    use vlmem_qwen3vl::checkpoint::Checkpoint;
+    use vlmem_runner::gpu::GpuLayers;
+    use vlmem_runner::kernels::cuda::GpuKernels;
+    use vlmem_runner::kernels::{self, WeightType};
+    use vlmem_runner::{GenerateOptions, LogitsFor, ManagedWeights, PrefillOptions, Runner};
+
+    const MIB: u64 = 1 << 20;
+
+    fn gpu() -> bool {
+        let n = vlmem_tier::cuda::probe();
+        if n.is_none() {
+            eprintln!("skipped: no CUDA driver or GPU here");
+        }
+        n.is_some()
+    }
+
+    /// A manager whose device tier is GPU 0, with `device_weight_bytes` of it for weights.
+    fn gpu_manager(device_weight_bytes: u64, host_weight_bytes: u64) -> MemoryManager {
+        let mut c = ManagerConfig::with_capacities(64 * MIB, 64 * MIB, 16 * MIB);
+        c.gpu_ordinal = Some(0);
+        c.budgets.bytes[Tier::Device.index()][TensorKind::Weight.index()] = device_weight_bytes;
+        c.budgets.bytes[Tier::Host.index()][TensorKind::Weight.index()] = host_weight_bytes;
+        let m = MemoryManager::new(c).unwrap();
+        assert!(m.device_is_gpu(), "{:?}", m.describe_tiers());
+        m
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn stored(v: &[f32], ty: WeightType) -> Vec<u8> {
+        match ty {
+            WeightType::Bf16 => v
+                .iter()
+                .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            WeightType::F16 => v
+                .iter()
+                .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+                .collect(),
+            WeightType::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    /// The GPU kernels equal the CPU kernels (within f32 summation-order error) for every
+    /// stored type, odd and aligned widths (the bf16 vector kernel and the scalar one), one
+    /// input row and several.
+    #[test]
+    fn gpu_kernels_equal_the_cpu_kernels() {
+        if !gpu() {
+            return;
+        }
+        let m = gpu_manager(32 * MIB, 32 * MIB);
+        let k = GpuKernels::new(0).unwrap();
+        eprintln!("{}", k.describe());
+        let shapes = [(1, 1), (7, 13), (3, 8), (33, 264), (64, 2048), (257, 1000)];
+        let mut seed = 1;
+        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+            for &(rows, cols) in &shapes {
+                for n in [1usize, 3, 40] {
+                    seed += 1;
+                    let w = stored(&values(rows * cols, seed), ty);
+                    let x = values(n * cols, seed + 1000);
+                    let h = m
+                        .allocate_on(w.len() as u64, TensorKind::Weight, seed, Tier::Device)
+                        .unwrap();
+                    m.write(h, 0, &w).unwrap();
+                    let pin = m.pin(h, Tier::Device).unwrap();
+                    assert!(pin.device_address().unwrap().is_some());
+                    let got = k.matmul(&pin, ty, rows, cols, &x, n).unwrap();
+                    drop(pin);
+                    let want = kernels::matmul(&w, ty, rows, cols, &x, n).unwrap();
+                    assert_eq!(got.len(), want.len());
+                    let tol = 1e-5 * (cols as f32).sqrt().max(1.0);
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= tol,
+                            "{ty:?} {rows}x{cols} n={n} [{i}]: gpu {a} cpu {b}"
+                        );
+                    }
+                    m.deallocate(h).unwrap();
+                }
+            }
+        }
+        let (bytes, secs) = k.read_so_far();
+        assert!(bytes > 0 && secs > 0.0);
+    }
+
+    /// Misuse is a typed error, never a panic or a launch on a wrong pointer: a weight
+    /// pinned on the host, sizes that disagree with the pin, input of the wrong length.
+    #[test]
+    fn gpu_kernels_refuse_bad_calls() {
+        if !gpu() {
+            return;
+        }
+        let m = gpu_manager(MIB, MIB);
+        let k = GpuKernels::new(0).unwrap();
+        let w = stored(&values(64, 1), WeightType::Bf16);
+        let on_host = m.allocate(w.len() as u64, TensorKind::Weight, 1).unwrap();
+        m.write(on_host, 0, &w).unwrap();
+        let pin = m.pin(on_host, Tier::Host).unwrap();
+        assert!(pin.device_address().unwrap().is_none());
+        assert!(
+            k.matmul(&pin, WeightType::Bf16, 8, 8, &[0.0; 8], 1)
+                .is_err()
+        );
+        drop(pin);
+        let on_dev = m
+            .allocate_on(w.len() as u64, TensorKind::Weight, 2, Tier::Device)
+            .unwrap();
+        m.write(on_dev, 0, &w).unwrap();
+        let pin = m.pin(on_dev, Tier::Device).unwrap();
+        // 8 x 16 bf16 is 256 bytes, the pin holds 128.
+        assert!(
+            k.matmul(&pin, WeightType::Bf16, 8, 16, &[0.0; 16], 1)
+                .is_err()
+        );
+        // 7 inputs for an 8-wide matrix.
+        assert!(
+            k.matmul(&pin, WeightType::Bf16, 8, 8, &[0.0; 7], 1)
+                .is_err()
+        );
+        // Right at last; zero input rows give nothing.
+        assert_eq!(
+            k.matmul(&pin, WeightType::Bf16, 8, 8, &[1.0; 8], 1)
+                .unwrap()
+                .len(),
+            8
+        );
+        assert!(
+            k.matmul(&pin, WeightType::Bf16, 8, 8, &[], 0)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    fn fixture_dir(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(name)
+    }
+
+    fn reference(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
+    }
+
+    fn flat(t: &candle_core::Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn ids(t: &candle_core::Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::I64)
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
+    }
+
+    fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
+
+    /// The runner with decoder layers on the GPU reproduces the reference on all four
+    /// fixtures: the prompt's logits and every generated logit within 1e-4, the same greedy
+    /// ids. Device budgets: one layer (a budget smaller than the model), every layer, and
+    /// none (all on the CPU); host budgets ample and zero (the CPU layers stream from disk).
+    #[test]
+    fn gpu_layers_match_the_reference_on_every_fixture() {
+        if !gpu() {
+            return;
+        }
+        for name in [
+            "qwen3-vl-tiny",
+            "qwen3-vl-tiny-released-layout",
+            "qwen3-vl-moe-tiny",
+            "qwen3-vl-moe-tiny-released-layout",
+        ] {
+            let dir = fixture_dir(name);
+            let r = reference(&dir);
+            let prompt = ids(&r["input_ids"]);
+            let want_ids = ids(&r["generated_ids"]);
+            let want_gen = flat(&r["generated_logits"]);
+            let want_logits = flat(&r["logits"]);
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let layer_bytes: Vec<u64> = (0..ckpt.config.text.num_hidden_layers)
+                .map(|l| {
+                    ckpt.tensors
+                        .iter()
+                        .filter(|t| t.layer == Some(l) && t.shape.len() == 2)
+                        .map(|t| t.bytes)
+                        .sum()
+                })
+                .collect();
+            let all: u64 = layer_bytes.iter().sum();
+            for (device_w, host_w, want_layers) in [
+                (layer_bytes[0], 8 * MIB, 1),
+                (all, 8 * MIB, layer_bytes.len()),
+                (layer_bytes[0] - 1, 8 * MIB, 0),
+                (layer_bytes[0], 0, 1),
+                (all, 0, layer_bytes.len()),
+            ] {
+                let what = format!("{name}, device {device_w} B, host {host_w} B");
+                let m = gpu_manager(device_w, host_w);
+                let weights = Arc::new(
+                    ManagedWeights::register(m.clone(), &ckpt, Tier::Host, &Device::Cpu).unwrap(),
+                );
+                let layers =
+                    Arc::new(GpuLayers::new(weights, &ckpt, GpuKernels::new(0).unwrap()).unwrap());
+                assert_eq!(layers.report().layers, want_layers, "{what}");
+                let runner = Runner::with_weights(&ckpt, layers.clone(), &Device::Cpu).unwrap();
+                let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
+                let model = runner.model();
+                let mut kv = model.new_kv_cache();
+                let pre = model
+                    .prefill(
+                        &prompt,
+                        &images,
+                        &mut kv,
+                        PrefillOptions {
+                            logits: LogitsFor::All,
+                            ..PrefillOptions::default()
+                        },
+                    )
+                    .unwrap();
+                let err = max_abs(&flat(&pre.logits.unwrap()), &want_logits);
+                assert!(err < 1e-4, "{what}: prompt logits max-abs {err:e}");
+                let g = model
+                    .generate(
+                        &prompt,
+                        &images,
+                        &GenerateOptions {
+                            max_new_tokens: want_ids.len(),
+                            stop_ids: vec![],
+                        },
+                        &mut |_| {},
+                    )
+                    .unwrap();
+                assert_eq!(g.generated_ids, want_ids, "{what}");
+                let err = max_abs(&g.generated_logits.concat(), &want_gen);
+                assert!(err < 1e-4, "{what}: generated_logits max-abs {err:e}");
+                let rep = layers.report();
+                eprintln!("{what}: {rep:?}");
+                assert_eq!(rep.fallbacks, 0, "{what}");
+                if want_layers > 0 {
+                    assert!(rep.kernel_bytes > 0, "{what}: nothing ran on the GPU");
+                    let dev = m.stats().resident.get(Tier::Device, TensorKind::Weight);
+                    assert!(dev > 0 && dev <= device_w, "{what}: {dev} B on the device");
+                } else {
+                    assert_eq!(rep.kernel_bytes, 0, "{what}");
+                }
+                drop(runner);
+                assert_eq!(m.stats().pins, 0, "{what}");
+            }
+        }
+    }
+}
