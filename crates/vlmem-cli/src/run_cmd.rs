@@ -115,9 +115,15 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     // With the `cuda` feature, a GPU and a device budget: the device tier is the GPU, and
     // the first decoder layers that fit it compute there.
     let use_gpu = gpu_present() && config.device_bytes > 0;
-    if use_gpu {
+    let gpu_plan = if use_gpu {
         config.gpu_ordinal = Some(0);
-    }
+        vlmem_runner::gpu::GpuLayerPlan::new(
+            &checkpoint,
+            config.budgets.get(Tier::Device, TensorKind::Weight),
+        )
+    } else {
+        vlmem_runner::gpu::GpuLayerPlan::default()
+    };
     let manager = MemoryManager::new(config).map_err(CliError::failure)?;
     let weights = Arc::new(ManagedWeights::register(
         manager.clone(),
@@ -126,7 +132,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         &Device::Cpu,
     )?);
     weights.set_prefetch_layers(a.prefetch_layers);
-    let gpu = gpu_layers(use_gpu, &weights, &checkpoint)?;
+    let gpu = gpu_layers(use_gpu, &weights, &checkpoint, &gpu_plan)?;
     let source: Arc<dyn vlmem_runner::WeightSource> = match &gpu {
         Some((g, _)) => g.clone(),
         None => weights.clone(),
@@ -417,6 +423,7 @@ fn gpu_layers(
     use_gpu: bool,
     weights: &Arc<ManagedWeights>,
     checkpoint: &Checkpoint,
+    plan: &vlmem_runner::gpu::GpuLayerPlan,
 ) -> Result<Option<GpuParts>, CliError> {
     #[cfg(feature = "cuda")]
     {
@@ -427,6 +434,7 @@ fn gpu_layers(
         let layers = Arc::new(vlmem_runner::gpu::GpuLayers::new(
             weights.clone(),
             checkpoint,
+            plan,
             kernels,
         )?);
         let reporter = layers.clone();
@@ -434,7 +442,7 @@ fn gpu_layers(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (use_gpu, weights, checkpoint);
+        let _ = (use_gpu, weights, checkpoint, plan);
         Ok(None)
     }
 }

@@ -4,10 +4,15 @@
 //! other layers, norms, the embedding, lm_head, the vision tower, expert stacks) goes to the
 //! wrapped source and computes on the CPU, as without a GPU.
 //!
-//! Which layers: from layer 0 up, as many whole layers as the device tier's weight budget
-//! holds (what `vlmem plan` puts on the GPU). Each use pins the weight on the device tier: the
+//! Which layers ([`GpuLayerPlan`]): from layer 0 up, as many whole layers as the device
+//! tier's weight budget holds (what `vlmem plan` puts on the GPU); `ManagedWeights` is told to
+//! leave their matrices out of its RAM plan and read-ahead. Each use pins the weight on the device tier: the
 //! manager brings it up from the checkpoint on first use and keeps it there; a pin that fails
 //! (no room, no GPU memory) falls back to the CPU path with the same result.
+
+use crate::kernels::WeightType;
+use std::collections::{BTreeMap, BTreeSet};
+use vlmem_qwen3vl::checkpoint::Checkpoint;
 
 #[cfg(feature = "cuda")]
 pub use on_gpu::GpuLayers;
@@ -29,19 +34,63 @@ pub struct GpuReport {
     pub fallbacks: u64,
 }
 
+/// Which decoder layers compute on the GPU: from layer 0 up, as many whole layers as a
+/// device weight budget holds, and their 2-D matrices (the weights the GPU kernels multiply;
+/// norms and expert stacks stay with the CPU).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuLayerPlan {
+    /// Layers `0..layers` compute on the GPU.
+    pub layers: usize,
+    /// Bytes of their matrices.
+    pub weight_bytes: u64,
+    /// The matrices' checkpoint names.
+    pub matrices: BTreeSet<String>,
+}
+
+impl GpuLayerPlan {
+    /// The plan for `checkpoint` and `budget_bytes` of device memory for weights.
+    pub fn new(checkpoint: &Checkpoint, budget_bytes: u64) -> Self {
+        let mut by_layer: BTreeMap<u64, Vec<(&str, u64)>> = BTreeMap::new();
+        for t in &checkpoint.tensors {
+            if let (Some(layer), 2, Some(_)) =
+                (t.layer, t.shape.len(), WeightType::from_dtype(t.dtype))
+            {
+                by_layer.entry(layer).or_default().push((&t.name, t.bytes));
+            }
+        }
+        let mut plan = GpuLayerPlan::default();
+        for (expect, (layer, mats)) in by_layer.into_iter().enumerate() {
+            let bytes: u64 = mats.iter().map(|m| m.1).sum();
+            if layer != expect as u64 || plan.weight_bytes + bytes > budget_bytes {
+                break;
+            }
+            plan.weight_bytes += bytes;
+            plan.layers += 1;
+            plan.matrices
+                .extend(mats.into_iter().map(|(n, _)| n.to_string()));
+        }
+        plan
+    }
+
+    /// Whether `name` computes on the GPU.
+    pub fn contains(&self, name: &str) -> bool {
+        self.matrices.contains(name)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod on_gpu {
-    use super::GpuReport;
+    use super::{GpuLayerPlan, GpuReport};
     use crate::error::{Result, RunnerError};
     use crate::kernels::WeightType;
     use crate::kernels::cuda::GpuKernels;
     use crate::managed::ManagedWeights;
     use crate::weights::WeightSource;
     use candle_core::Tensor;
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::HashMap;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use vlmem::{TensorHandle, TensorKind, Tier};
+    use vlmem::{TensorHandle, Tier};
     use vlmem_qwen3vl::checkpoint::Checkpoint;
 
     /// A 2-D weight that computes on the GPU.
@@ -75,66 +124,54 @@ mod on_gpu {
     }
 
     impl GpuLayers {
-        /// Puts the first decoder layers of `checkpoint` whose 2-D weights fit the device tier's
-        /// weight budget on the GPU. `inner` must be registered from the same checkpoint, with a
-        /// manager whose device tier is the GPU `kernels` runs on
-        /// ([`vlmem::ManagerConfig::gpu_ordinal`]); otherwise no layer goes there.
+        /// Computes the matrices of `plan` (made from the same checkpoint) on the GPU
+        /// `kernels` runs on. `inner` must be registered from that checkpoint with a manager
+        /// whose device tier is that GPU ([`vlmem::ManagerConfig::gpu_ordinal`]); an error
+        /// otherwise, unless the plan is empty.
         pub fn new(
             inner: Arc<ManagedWeights>,
             checkpoint: &Checkpoint,
+            plan: &GpuLayerPlan,
             kernels: GpuKernels,
         ) -> Result<Self> {
-            let manager = inner.manager();
-            let budget = if manager.device_is_gpu() {
-                manager
-                    .stats()
-                    .budgets
-                    .get(Tier::Device, TensorKind::Weight)
-            } else {
-                0
-            };
-            // Each layer's matrices, in layer order.
-            let mut by_layer: BTreeMap<u64, Vec<(String, OnGpu, u64)>> = BTreeMap::new();
-            for t in &checkpoint.tensors {
-                let (Some(layer), [r, c]) = (t.layer, t.shape.as_slice()) else {
-                    continue;
-                };
-                let (Some(ty), Some(handle)) =
-                    (WeightType::from_dtype(t.dtype), inner.handle(&t.name))
+            if plan.layers > 0 && !inner.manager().device_is_gpu() {
+                return Err(RunnerError::Gpu(
+                    "the memory manager's device tier is not a GPU (ManagerConfig::gpu_ordinal)"
+                        .into(),
+                ));
+            }
+            let mut on_gpu = HashMap::new();
+            for name in &plan.matrices {
+                let info = checkpoint
+                    .tensor(name)
+                    .ok_or_else(|| RunnerError::MissingTensor { name: name.clone() })?;
+                let handle = inner
+                    .handle(name)
+                    .ok_or_else(|| RunnerError::MissingTensor { name: name.clone() })?;
+                let (Some(ty), [r, c]) =
+                    (WeightType::from_dtype(info.dtype), info.shape.as_slice())
                 else {
                     continue;
                 };
                 let (Ok(rows), Ok(cols)) = (usize::try_from(*r), usize::try_from(*c)) else {
                     continue;
                 };
-                by_layer.entry(layer).or_default().push((
-                    t.name.clone(),
+                on_gpu.insert(
+                    name.clone(),
                     OnGpu {
                         handle,
                         rows,
                         cols,
                         ty,
                     },
-                    t.bytes,
-                ));
-            }
-            let mut on_gpu = HashMap::new();
-            let (mut layers, mut gpu_bytes) = (0usize, 0u64);
-            for (expect, (layer, mats)) in by_layer.into_iter().enumerate() {
-                let bytes: u64 = mats.iter().map(|m| m.2).sum();
-                if layer != expect as u64 || gpu_bytes + bytes > budget {
-                    break;
-                }
-                gpu_bytes += bytes;
-                layers += 1;
-                on_gpu.extend(mats.into_iter().map(|(n, g, _)| (n, g)));
+                );
             }
             Ok(GpuLayers {
                 inner,
                 kernels,
                 on_gpu,
-                layers,
-                gpu_bytes,
+                layers: plan.layers,
+                gpu_bytes: plan.weight_bytes,
                 fallbacks: AtomicU64::new(0),
             })
         }

@@ -38,6 +38,52 @@ fn committed_ptx_is_generated_from_the_committed_source() {
     }
 }
 
+/// The GPU takes whole decoder layers from layer 0 up while the budget holds them, only
+/// their 2-D matrices (never norms or 3-D expert stacks), and nothing else.
+#[test]
+fn gpu_layer_plan_takes_whole_layers_from_the_first() {
+    use vlmem_qwen3vl::checkpoint::Checkpoint;
+    use vlmem_runner::gpu::GpuLayerPlan;
+    for name in [
+        "qwen3-vl-tiny",
+        "qwen3-vl-tiny-released-layout",
+        "qwen3-vl-moe-tiny",
+        "qwen3-vl-moe-tiny-released-layout",
+    ] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(name);
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let layers = ckpt.config.text.num_hidden_layers as usize;
+        let matrices = |l: u64| {
+            ckpt.tensors
+                .iter()
+                .filter(move |t| t.layer == Some(l) && t.shape.len() == 2)
+        };
+        let bytes = |l: u64| matrices(l).map(|t| t.bytes).sum::<u64>();
+        let all: u64 = (0..layers as u64).map(bytes).sum();
+        assert_eq!(
+            GpuLayerPlan::new(&ckpt, 0),
+            GpuLayerPlan::default(),
+            "{name}"
+        );
+        assert_eq!(GpuLayerPlan::new(&ckpt, bytes(0) - 1).layers, 0, "{name}");
+        let one = GpuLayerPlan::new(&ckpt, bytes(0) + bytes(1) - 1);
+        assert_eq!((one.layers, one.weight_bytes), (1, bytes(0)), "{name}");
+        assert_eq!(
+            one.matrices,
+            matrices(0).map(|t| t.name.clone()).collect(),
+            "{name}"
+        );
+        let every = GpuLayerPlan::new(&ckpt, u64::MAX);
+        assert_eq!((every.layers, every.weight_bytes), (layers, all), "{name}");
+        for t in &ckpt.tensors {
+            let want = t.layer.is_some() && t.shape.len() == 2;
+            assert_eq!(every.contains(&t.name), want, "{name}: {}", t.name);
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod on_gpu {
     use candle_core::Device;
@@ -46,7 +92,7 @@ mod on_gpu {
     use std::sync::Arc;
     use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
     use vlmem_qwen3vl::checkpoint::Checkpoint;
-    use vlmem_runner::gpu::GpuLayers;
+    use vlmem_runner::gpu::{GpuLayerPlan, GpuLayers};
     use vlmem_runner::kernels::cuda::GpuKernels;
     use vlmem_runner::kernels::{self, WeightType};
     use vlmem_runner::{GenerateOptions, LogitsFor, ManagedWeights, PrefillOptions, Runner};
@@ -269,8 +315,10 @@ mod on_gpu {
                 let weights = Arc::new(
                     ManagedWeights::register(m.clone(), &ckpt, Tier::Host, &Device::Cpu).unwrap(),
                 );
-                let layers =
-                    Arc::new(GpuLayers::new(weights, &ckpt, GpuKernels::new(0).unwrap()).unwrap());
+                let plan = GpuLayerPlan::new(&ckpt, device_w);
+                let layers = Arc::new(
+                    GpuLayers::new(weights, &ckpt, &plan, GpuKernels::new(0).unwrap()).unwrap(),
+                );
                 assert_eq!(layers.report().layers, want_layers, "{what}");
                 let runner = Runner::with_weights(&ckpt, layers.clone(), &Device::Cpu).unwrap();
                 let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
