@@ -178,6 +178,9 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         }
     };
     let open_s = started.elapsed().as_secs_f64();
+    // The decode speed the placement plan allows on this profile (its bandwidths, these
+    // budgets): what the report sets the measured speed against.
+    let plan_bound = plan_bound(&a, &profile, &images, ids.len());
 
     let host = Tier::Host.index();
     // Bytes brought into RAM or read past it (staged), counted from the first token on.
@@ -263,6 +266,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
             "generated_ids": gen_.generated_ids,
             "text": text,
             "tokens_per_s": gen_.decode_tokens_per_s(),
+            "plan_bound_tokens_per_s": plan_bound,
             "time_to_first_token_s": gen_.time_to_first_token.as_secs_f64(),
             "open_s": open_s,
             "memory": {
@@ -343,6 +347,15 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         gen_.time_to_first_token.as_secs_f64(),
         gen_.decode_tokens_per_s()
     );
+    if let Some(b) = plan_bound.filter(|&b| b > 0.0) {
+        println!(
+            "decode against the plan's bound: {:.2} of {:.2} tokens/s ({:.0}%; the bound uses profile {}'s bandwidths, see vlmem plan)",
+            gen_.decode_tokens_per_s(),
+            b,
+            gen_.decode_tokens_per_s() / b * 100.0,
+            profile.name
+        );
+    }
     println!(
         "memory: weights resident in RAM {}, on the device {}; {} into RAM per token; RAM hit ratio {:.3}",
         format_bytes(stats.resident.get(Tier::Host, TensorKind::Weight)),
@@ -398,6 +411,29 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         println!("tier: {t}");
     }
     Ok(())
+}
+
+/// The plan's decode bound (tokens/s) for this checkpoint, profile, prompt and images; `None`
+/// when the plan cannot be made.
+fn plan_bound(
+    a: &RunArgs,
+    profile: &HardwareProfile,
+    images: &[vlmem_runner::ImageInput],
+    prompt_len: usize,
+) -> Option<f64> {
+    use vlmem_qwen3vl::plan::{ModelSource, PlanRequest, plan};
+    let model = ModelSource::resolve(a.model.to_str()?).ok()?;
+    let req = PlanRequest {
+        context_tokens: (prompt_len + a.max_new_tokens).max(1) as u64,
+        images: images
+            .iter()
+            .map(|i| (i.grid_thw[2] as u64 * 16, i.grid_thw[1] as u64 * 16))
+            .collect(),
+        ..PlanRequest::default()
+    };
+    plan(&model, profile, &req)
+        .ok()
+        .map(|p| p.decode_tokens_per_s_bound)
 }
 
 /// Whether this build can compute on a GPU and one is present.
