@@ -99,6 +99,14 @@ fn run_matches_the_reference_in_every_tiering() {
                 .map(|x| x.as_i64().unwrap())
                 .collect();
             assert_eq!(got, expected_ids, "{name} {tiering:?}");
+            // The report sets the speed against the plan's bound for the laptop profile (0
+            // where the plan says the budgets cannot hold a step, as with no RAM); no GPU
+            // computes in a build without the cuda feature.
+            let bound = v["plan_bound_tokens_per_s"].as_f64().unwrap();
+            assert!(bound >= 0.0 && (bound > 0.0 || !tiering.is_empty()), "{v}");
+            if cfg!(not(feature = "cuda")) {
+                assert!(v["gpu"].is_null(), "{v}");
+            }
             if tiering.is_empty() {
                 // With RAM to spare, the KV cache and the image embedding live in the
                 // manager (paged blocks; one vision-cache miss for the one image).
