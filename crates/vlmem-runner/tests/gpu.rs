@@ -38,6 +38,42 @@ fn committed_ptx_is_generated_from_the_committed_source() {
     }
 }
 
+/// The kernels of decode.cu, compiled as C++ and run on the CPU (one thread per GPU thread,
+/// warp shuffles through a barrier: kernels/cuda/emulate.cpp), equal a double-precision
+/// reference for every stored type, odd and aligned widths and 1 or 3 input rows. This checks
+/// their indexing, vector path, remainders and reductions on machines without a GPU; it is
+/// skipped (with a message) where no C++20 compiler is installed.
+#[test]
+fn gpu_kernels_pass_their_cpu_emulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("emulate");
+    let Some(compiler) = ["c++", "g++", "clang++"].into_iter().find(|c| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        eprintln!("skipped: no C++ compiler here");
+        return;
+    };
+    let built = std::process::Command::new(compiler)
+        .args(["-std=c++20", "-O1", "-pthread"])
+        .arg(kernels_dir().join("emulate.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{compiler}: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out = std::process::Command::new(&exe).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("44 of 44 checks passed"), "{text}");
+}
+
 /// The GPU takes whole decoder layers from layer 0 up while the budget holds them, only
 /// their 2-D matrices (never norms or 3-D expert stacks), and nothing else.
 #[test]

@@ -19,7 +19,11 @@ __device__ __forceinline__ float bf16_to_f32(unsigned short h) {
 
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     float f;
+#ifndef VLMEM_HOST_EMULATION
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+#else
+    f = emulated_f16_to_f32(h);  // emulate.cpp: the kernels run on the CPU, lane by lane
+#endif
     return f;
 }
 
@@ -30,21 +34,53 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// bf16 weights, any alignment and width: lanes stride over the row one element at a time.
-extern "C" __global__ void matmul_bf16(const unsigned short* __restrict__ w,
-                                       const float* __restrict__ x, float* __restrict__ y,
-                                       unsigned int rows, unsigned int cols) {
+// One warp per weight row, lanes striding over the row one element at a time: any width and
+// any alignment of the element type. `Widen` turns one stored element into f32.
+template <typename T, float (*Widen)(T)>
+__device__ __forceinline__ void matmul_rows(const T* __restrict__ w,
+                                            const float* __restrict__ x,
+                                            float* __restrict__ y, unsigned int rows,
+                                            unsigned int cols) {
     unsigned int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
     unsigned int lane = threadIdx.x % WARP;
     if (row >= rows) return;
-    const unsigned short* wr = w + (size_t)row * cols;
+    const T* wr = w + (size_t)row * cols;
     const float* xr = x + (size_t)blockIdx.y * cols;
     float acc = 0.0f;
     for (unsigned int c = lane; c < cols; c += WARP) {
-        acc += bf16_to_f32(wr[c]) * xr[c];
+        acc += Widen(wr[c]) * xr[c];
     }
     acc = warp_sum(acc);
     if (lane == 0) y[(size_t)blockIdx.y * rows + row] = acc;
+}
+
+__device__ __forceinline__ float f32_to_f32(float v) { return v; }
+
+extern "C" __global__ void matmul_bf16(const unsigned short* __restrict__ w,
+                                       const float* __restrict__ x, float* __restrict__ y,
+                                       unsigned int rows, unsigned int cols) {
+    matmul_rows<unsigned short, bf16_to_f32>(w, x, y, rows, cols);
+}
+
+extern "C" __global__ void matmul_f16(const unsigned short* __restrict__ w,
+                                      const float* __restrict__ x, float* __restrict__ y,
+                                      unsigned int rows, unsigned int cols) {
+    matmul_rows<unsigned short, f16_to_f32>(w, x, y, rows, cols);
+}
+
+// f32 weights must be 4-byte aligned.
+extern "C" __global__ void matmul_f32(const float* __restrict__ w,
+                                      const float* __restrict__ x, float* __restrict__ y,
+                                      unsigned int rows, unsigned int cols) {
+    matmul_rows<float, f32_to_f32>(w, x, y, rows, cols);
+}
+
+// The dot product of 8 bf16 weights (one 16-byte load) with 8 inputs.
+__device__ __forceinline__ float dot8(uint4 a, float4 x0, float4 x1) {
+    return bf16_to_f32(a.x & 0xffff) * x0.x + bf16_to_f32(a.x >> 16) * x0.y
+         + bf16_to_f32(a.y & 0xffff) * x0.z + bf16_to_f32(a.y >> 16) * x0.w
+         + bf16_to_f32(a.z & 0xffff) * x1.x + bf16_to_f32(a.z >> 16) * x1.y
+         + bf16_to_f32(a.w & 0xffff) * x1.z + bf16_to_f32(a.w >> 16) * x1.w;
 }
 
 // bf16 weights whose rows start on 16 bytes (cols a multiple of 8, w 16-byte aligned) and x
@@ -65,59 +101,12 @@ extern "C" __global__ void matmul_bf16_v8(const uint4* __restrict__ w,
     for (; g + WARP < groups; g += 2 * WARP) {
         uint4 a = __ldg(wr + g);
         uint4 b = __ldg(wr + g + WARP);
-        float4 xa0 = __ldg(xr + 2 * g), xa1 = __ldg(xr + 2 * g + 1);
-        float4 xb0 = __ldg(xr + 2 * (g + WARP)), xb1 = __ldg(xr + 2 * (g + WARP) + 1);
-        acc0 += bf16_to_f32(a.x & 0xffff) * xa0.x + bf16_to_f32(a.x >> 16) * xa0.y
-              + bf16_to_f32(a.y & 0xffff) * xa0.z + bf16_to_f32(a.y >> 16) * xa0.w
-              + bf16_to_f32(a.z & 0xffff) * xa1.x + bf16_to_f32(a.z >> 16) * xa1.y
-              + bf16_to_f32(a.w & 0xffff) * xa1.z + bf16_to_f32(a.w >> 16) * xa1.w;
-        acc1 += bf16_to_f32(b.x & 0xffff) * xb0.x + bf16_to_f32(b.x >> 16) * xb0.y
-              + bf16_to_f32(b.y & 0xffff) * xb0.z + bf16_to_f32(b.y >> 16) * xb0.w
-              + bf16_to_f32(b.z & 0xffff) * xb1.x + bf16_to_f32(b.z >> 16) * xb1.y
-              + bf16_to_f32(b.w & 0xffff) * xb1.z + bf16_to_f32(b.w >> 16) * xb1.w;
+        acc0 += dot8(a, __ldg(xr + 2 * g), __ldg(xr + 2 * g + 1));
+        acc1 += dot8(b, __ldg(xr + 2 * (g + WARP)), __ldg(xr + 2 * (g + WARP) + 1));
     }
     for (; g < groups; g += WARP) {
-        uint4 a = __ldg(wr + g);
-        float4 xa0 = __ldg(xr + 2 * g), xa1 = __ldg(xr + 2 * g + 1);
-        acc0 += bf16_to_f32(a.x & 0xffff) * xa0.x + bf16_to_f32(a.x >> 16) * xa0.y
-              + bf16_to_f32(a.y & 0xffff) * xa0.z + bf16_to_f32(a.y >> 16) * xa0.w
-              + bf16_to_f32(a.z & 0xffff) * xa1.x + bf16_to_f32(a.z >> 16) * xa1.y
-              + bf16_to_f32(a.w & 0xffff) * xa1.z + bf16_to_f32(a.w >> 16) * xa1.w;
+        acc0 += dot8(__ldg(wr + g), __ldg(xr + 2 * g), __ldg(xr + 2 * g + 1));
     }
     float acc = warp_sum(acc0 + acc1);
-    if (lane == 0) y[(size_t)blockIdx.y * rows + row] = acc;
-}
-
-// f16 weights, any alignment and width.
-extern "C" __global__ void matmul_f16(const unsigned short* __restrict__ w,
-                                      const float* __restrict__ x, float* __restrict__ y,
-                                      unsigned int rows, unsigned int cols) {
-    unsigned int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
-    unsigned int lane = threadIdx.x % WARP;
-    if (row >= rows) return;
-    const unsigned short* wr = w + (size_t)row * cols;
-    const float* xr = x + (size_t)blockIdx.y * cols;
-    float acc = 0.0f;
-    for (unsigned int c = lane; c < cols; c += WARP) {
-        acc += f16_to_f32(wr[c]) * xr[c];
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) y[(size_t)blockIdx.y * rows + row] = acc;
-}
-
-// f32 weights (4-byte aligned), any width.
-extern "C" __global__ void matmul_f32(const float* __restrict__ w,
-                                      const float* __restrict__ x, float* __restrict__ y,
-                                      unsigned int rows, unsigned int cols) {
-    unsigned int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
-    unsigned int lane = threadIdx.x % WARP;
-    if (row >= rows) return;
-    const float* wr = w + (size_t)row * cols;
-    const float* xr = x + (size_t)blockIdx.y * cols;
-    float acc = 0.0f;
-    for (unsigned int c = lane; c < cols; c += WARP) {
-        acc += wr[c] * xr[c];
-    }
-    acc = warp_sum(acc);
     if (lane == 0) y[(size_t)blockIdx.y * rows + row] = acc;
 }
