@@ -29,6 +29,7 @@ pub mod io;
 pub mod mem;
 mod registry;
 pub mod simple;
+pub mod split;
 mod sys;
 
 pub(crate) use vlmem_core::sync;
@@ -44,6 +45,7 @@ pub use fault::{FaultKind, FaultPlan, FaultRule, IoPoint};
 pub use faulty::FaultyTier;
 pub use mem::{HostOptions, MemoryTier};
 pub use simple::FirstFitAllocator;
+pub use split::{Piece, split_buf};
 pub use sys::HostBuffer;
 
 #[cfg(feature = "cuda")]
