@@ -1,25 +1,45 @@
-//! A bounded staging area for streamed tensors: buffers that a read-ahead thread fills with
+//! A bounded staging area for streamed tensors: buffers that read-ahead threads fill with
 //! tensors the compute tier does not keep, and the compute thread takes, uses and gives
 //! back. It keeps streaming apart from the kept set: a tensor read ahead never enters the
 //! tier, so it never evicts a tensor that the plan keeps there (the tier's budget is the
 //! kept set's, the area's capacity is its own).
 //!
-//! One producer fills one key at a time: [`StagingArea::begin_fill`] waits for room, then
-//! [`StagingArea::finish_fill`] publishes the bytes. Consumers [`StagingArea::take`] a key:
-//! they get its buffer (waiting while it is being filled) or `None` when it is not staged, and
-//! the buffer comes back to the area when the [`Staged`] guard drops.
+//! Producers fill keys: [`StagingArea::begin_fill`] waits for room (the key is then
+//! *coming*), claims it (the key is *filling*) and returns a buffer; whoever finishes the
+//! read calls [`StagingArea::finish_fill`], which publishes the bytes (the key is *ready*).
+//! Several fills may be in flight at once (one reader pool reads their pieces), and they may
+//! finish in any order. Consumers [`StagingArea::take`] a key: they get its buffer, waiting
+//! while it is filling, or while it is coming and could get room without a lent buffer
+//! coming back; else `None` (a *miss*: the consumer reads the tensor itself). The buffer
+//! comes back to the area when the [`Staged`] guard drops.
+//!
+//! Producer contract: fills are begun in the order consumers take keys, and a consumer that
+//! asks for a key has given up every key before it (the producer's `stale` says so). Then a
+//! take that waits for a coming key is served: what holds the room is lent buffers (the wait
+//! is refused when those alone leave too little room), fills in flight (they finish), or
+//! ready buffers of keys before it (stale: the producer drops them). Should a producer break
+//! the contract, a producer that finds its room held by ready buffers alone while a take
+//! waits for its key gives the fill up (`gave_up`), so the take misses instead of waiting
+//! forever.
+//!
+//! The last key a take asked for (hit or miss) is recorded: [`StagingArea::begin_fill`]
+//! refuses to start a fill of it until the next [`StagingArea::wake`] (the consumer's "I
+//! moved on"), so a fill begun just after the ask cannot read the tensor a second time, out
+//! of order (a fill already coming when the take asked goes on: the take waits for it, or,
+//! when it misses, cancels it).
 //!
 //! Bytes are counted by buffer capacity (what is allocated). Invariants (under the one lock;
 //! checked by [`StagingArea::check`] in the tests and models):
-//! - `held_bytes` = the bytes of ready buffers + the buffer being filled + buffers lent out,
-//!   and `held_bytes <= capacity_bytes`;
+//! - `held_bytes` = the bytes of ready buffers + of buffers being filled + of buffers lent
+//!   out (`lent_bytes`), and `held_bytes <= capacity_bytes`;
 //! - `held_bytes + free_bytes <= capacity_bytes`: buffers kept for reuse never take the area
 //!   over its capacity;
-//! - a key is at most once ready or being filled; a consumer never sees a buffer before its
-//!   fill finished.
+//! - a key is at most one of ready, filling or coming; a consumer never sees a buffer before
+//!   its fill finished.
 //!
-//! The lock is never held across the producer's read or the consumer's use of the bytes.
-//! Lock order: the area's lock is a leaf (nothing is locked while holding it).
+//! The lock is never held across a read or the consumer's use of the bytes, nor across a
+//! producer's wait for room (the condition variable releases it). Lock order: the area's
+//! lock is a leaf (nothing is locked while holding it; `wanted` and `stale` read atomics).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -33,7 +53,7 @@ pub struct StagingStats {
     pub filled: u64,
     /// Bytes filled and published.
     pub filled_bytes: u64,
-    /// Takes that found their key ready (or being filled, then waited).
+    /// Takes that found their key ready (or filling or coming, then waited).
     pub hits: u64,
     /// Takes that had to wait for the fill to finish.
     pub waits: u64,
@@ -41,6 +61,11 @@ pub struct StagingStats {
     pub misses: u64,
     /// Ready buffers dropped unused (their reader had moved past them).
     pub dropped: u64,
+    /// Fills given up because a take waited for them while ready buffers alone held the
+    /// room (a producer that broke the fill-order contract).
+    pub gave_up: u64,
+    /// Most fills in flight at once.
+    pub max_filling: u64,
 }
 
 #[derive(Debug)]
@@ -54,8 +79,17 @@ struct Ready {
 #[derive(Debug)]
 struct State<K> {
     ready: HashMap<K, Ready>,
-    filling: Option<K>,
+    /// Keys being filled, with the capacity of their buffers.
+    filling: HashMap<K, u64>,
+    /// Keys a producer waits for room to fill, with the bytes they need.
+    coming: HashMap<K, u64>,
+    /// Keys takes are waiting for, with how many takes wait.
+    awaited: HashMap<K, u32>,
+    /// The last key a take asked for (no fill of it starts until the next wake).
+    asked: Option<K>,
     held_bytes: u64,
+    /// Bytes of buffers lent to consumers.
+    lent_bytes: u64,
     free: Vec<Vec<u8>>,
     free_bytes: u64,
     closed: bool,
@@ -103,8 +137,12 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
             capacity_bytes,
             state: Mutex::new(State {
                 ready: HashMap::new(),
-                filling: None,
+                filling: HashMap::new(),
+                coming: HashMap::new(),
+                awaited: HashMap::new(),
+                asked: None,
                 held_bytes: 0,
+                lent_bytes: 0,
                 free: Vec::new(),
                 free_bytes: 0,
                 closed: false,
@@ -120,13 +158,14 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
     }
 
     /// Producer: claims room for a buffer of at least `len_bytes` (a reused one may be
-    /// longer and holds old bytes) to fill `key`, waiting while the area is full. Ready buffers whose tag
-    /// `stale(tag)` says no consumer will take are dropped to make room. Returns `None`
-    /// without waiting when `key` is already staged, `len_bytes` exceeds the capacity or the
-    /// area is closed, and as soon as `wanted()` turns false (both predicates are called
-    /// under the area's lock, so a consumer that took `None` before cannot see the key
-    /// staged later: it must change what `wanted` reads before calling [`Self::take`], then
-    /// [`Self::wake`]). Every `Some` must be followed by [`Self::finish_fill`].
+    /// longer and holds old bytes) to fill `key`, waiting while the area is full (the key is
+    /// then coming: a take waits for it). Ready buffers whose tag `stale(tag)` says no
+    /// consumer will take are dropped to make room. Returns `None` without waiting when
+    /// `key` is already ready, filling or coming (another producer has it), was the last key
+    /// a take asked for, `len_bytes` exceeds the capacity or the area is closed, and as soon
+    /// as `wanted()` turns false (both predicates are called under the area's lock, on every
+    /// wake-up) or a take waits for `key` while ready buffers alone hold the room. Every
+    /// `Some` must be followed, from any thread, by [`Self::finish_fill`].
     pub fn begin_fill(
         &self,
         key: K,
@@ -139,8 +178,22 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
             return None;
         }
         let mut st = self.state.lock();
+        let mut registered = false;
         loop {
-            if st.closed || !wanted() || st.ready.contains_key(&key) || st.filling.is_some() {
+            let refused = st.closed
+                || !wanted()
+                || st.ready.contains_key(&key)
+                || st.filling.contains_key(&key)
+                || (!registered && (st.coming.contains_key(&key) || st.asked == Some(key)))
+                // A take that missed this key while it was coming cancelled it.
+                || (registered && !st.coming.contains_key(&key));
+            if refused {
+                if registered {
+                    st.coming.remove(&key);
+                    drop(st);
+                    // A take waiting for this key sees it is not coming any more.
+                    self.changed.notify_all();
+                }
                 return None;
             }
             // Drop what no one will take.
@@ -160,9 +213,28 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
             if st.held_bytes + len <= self.capacity_bytes {
                 break;
             }
+            if registered && st.awaited.contains_key(&key) && st.filling.is_empty() {
+                // A take waits for this key and nothing is in flight: only takes of ready
+                // buffers (or lent ones coming back) can make room. When the ready ones alone
+                // leave too little, the take would wait forever: give the fill up.
+                let ready: u64 = st.ready.values().map(|r| r.buf.capacity() as u64).sum();
+                if ready + len > self.capacity_bytes {
+                    st.coming.remove(&key);
+                    st.stats.gave_up += 1;
+                    drop(st);
+                    self.changed.notify_all();
+                    return None;
+                }
+            }
+            if !registered {
+                st.coming.insert(key, len);
+                registered = true;
+            }
             st = wait_guard(&self.changed, st);
         }
-        st.filling = Some(key);
+        if registered {
+            st.coming.remove(&key);
+        }
         // The smallest free buffer that holds `len_bytes` and fits beside what is held (its
         // pages are mapped already: no page faults, no zeroing); else free buffers go,
         // smallest first, until a new one fits.
@@ -194,7 +266,10 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 Vec::with_capacity(len_bytes)
             }
         };
-        st.held_bytes += buf.capacity() as u64;
+        let claimed = buf.capacity() as u64;
+        st.held_bytes += claimed;
+        st.filling.insert(key, claimed);
+        st.stats.max_filling = st.stats.max_filling.max(st.filling.len() as u64);
         drop(st);
         // A new buffer is zeroed once (its pages faulted in here, outside the lock); a reused
         // one keeps its length (its capacity) and its old bytes: no second pass over it.
@@ -204,14 +279,17 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         Some(buf)
     }
 
-    /// Producer: publishes `range` of `buf` (the buffer [`Self::begin_fill`] gave) as
-    /// `key`'s bytes, tagged `tag` (e.g. the layer it belongs to, for `stale`), when `ok` (and
-    /// the range lies in the buffer), or gives the room back (a read that failed). Wakes
-    /// consumers waiting for `key`.
+    /// Producer (any thread): publishes `range` of `buf` (the buffer [`Self::begin_fill`]
+    /// gave for `key`) as `key`'s bytes, tagged `tag` (e.g. the layer it belongs to, for
+    /// `stale`), when `ok` (and the range lies in the buffer), or gives the room back (a read
+    /// that failed). Wakes consumers waiting for `key`.
     pub fn finish_fill(&self, key: K, tag: u64, buf: Vec<u8>, range: Range<usize>, ok: bool) {
         let mut st = self.state.lock();
-        debug_assert!(st.filling == Some(key), "finish_fill without begin_fill");
-        st.filling = None;
+        let claimed = st.filling.remove(&key);
+        debug_assert!(
+            claimed == Some(buf.capacity() as u64),
+            "finish_fill without begin_fill, or with another buffer"
+        );
         if ok && !st.closed && range.start <= range.end && range.end <= buf.len() {
             st.stats.filled += 1;
             st.stats.filled_bytes += range.len() as u64;
@@ -224,41 +302,72 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         self.changed.notify_all();
     }
 
-    /// Consumer: `key`'s staged bytes, waiting while they are being filled; `None` when the
-    /// key is neither ready nor being filled.
+    /// Consumer: `key`'s staged bytes, waiting while they are being filled, or while a
+    /// producer waits for room to fill them and that room can come without a lent buffer
+    /// coming back; `None` (a miss) when the key is none of ready, filling or coming. The
+    /// key is recorded as asked for: no fill of it starts until the next [`Self::wake`].
     pub fn take(&self, key: K) -> Option<Staged<'_, K>> {
         let mut st = self.state.lock();
+        st.asked = Some(key);
         let mut waited = false;
-        loop {
+        let staged = loop {
             if let Some(r) = st.ready.remove(&key) {
                 st.stats.hits += 1;
                 if waited {
                     st.stats.waits += 1;
                 }
-                return Some(Staged {
+                st.lent_bytes += r.buf.capacity() as u64;
+                break Some(Staged {
                     area: self,
                     buf: Some(r.buf),
                     range: r.range,
                 });
             }
-            if st.filling != Some(key) {
+            let coming = st
+                .coming
+                .get(&key)
+                .is_some_and(|&len| st.lent_bytes + len <= self.capacity_bytes);
+            if !coming && !st.filling.contains_key(&key) {
                 st.stats.misses += 1;
-                return None;
+                // The consumer reads it itself: a fill waiting for room to start is
+                // cancelled (it would read the tensor a second time).
+                if st.coming.remove(&key).is_some() {
+                    self.changed.notify_all();
+                }
+                break None;
+            }
+            if !waited {
+                *st.awaited.entry(key).or_insert(0) += 1;
+                if coming {
+                    // The producer waiting for room re-checks what is stale now that this
+                    // consumer has moved on to `key` (once: two takes waiting for coming
+                    // keys must not wake each other forever).
+                    self.changed.notify_all();
+                }
             }
             waited = true;
             st = wait_guard(&self.changed, st);
+        };
+        if waited && let Some(n) = st.awaited.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                st.awaited.remove(&key);
+            }
         }
+        staged
     }
 
-    /// Wakes a producer waiting for room, to re-check its predicates (the reader moved on).
+    /// Wakes producers waiting for room, to re-check their predicates (the reader moved
+    /// on), and forgets the last key asked for.
     pub fn wake(&self) {
         // Taking the lock orders this wake after any predicate change the caller made.
-        drop(self.state.lock());
+        self.state.lock().asked = None;
         self.changed.notify_all();
     }
 
     /// Ends production: a waiting or later `begin_fill` returns `None`, ready buffers are
-    /// dropped. Buffers lent out still come back.
+    /// dropped. Fills in flight still finish (and give their room back); buffers lent out
+    /// still come back.
     pub fn close(&self) {
         let mut st = self.state.lock();
         st.closed = true;
@@ -282,6 +391,11 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         self.state.lock().held_bytes
     }
 
+    /// Fills in flight now.
+    pub fn filling(&self) -> usize {
+        self.state.lock().filling.len()
+    }
+
     /// Checks the invariants of the module documentation; `Err` names the first broken one.
     pub fn check(&self) -> std::result::Result<(), String> {
         let st = self.state.lock();
@@ -298,17 +412,26 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
             ));
         }
         let ready: u64 = st.ready.values().map(|r| r.buf.capacity() as u64).sum();
-        if ready > st.held_bytes {
-            return Err(format!("ready {ready} > held {}", st.held_bytes));
+        let filling: u64 = st.filling.values().sum();
+        if ready + filling + st.lent_bytes != st.held_bytes {
+            return Err(format!(
+                "ready {ready} + filling {filling} + lent {} != held {}",
+                st.lent_bytes, st.held_bytes
+            ));
         }
         let free: u64 = st.free.iter().map(|b| b.capacity() as u64).sum();
         if free != st.free_bytes {
             return Err(format!("free list {free} != free_bytes {}", st.free_bytes));
         }
-        if let Some(k) = st.filling
-            && st.ready.contains_key(&k)
+        if st.filling.keys().any(|k| st.ready.contains_key(k)) {
+            return Err("a key both ready and filling".into());
+        }
+        if st
+            .coming
+            .keys()
+            .any(|k| st.ready.contains_key(k) || st.filling.contains_key(k))
         {
-            return Err("a key both ready and being filled".into());
+            return Err("a coming key already ready or filling".into());
         }
         Ok(())
     }
@@ -316,6 +439,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
     fn give_back(&self, buf: Vec<u8>) {
         let mut st = self.state.lock();
         st.held_bytes -= buf.capacity() as u64;
+        st.lent_bytes -= buf.capacity() as u64;
         Self::keep_free(&mut st, buf, self.capacity_bytes);
         drop(st);
         self.changed.notify_all();
@@ -336,21 +460,28 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc::channel;
 
     #[test]
     fn fill_take_and_reuse() {
         let a: StagingArea<u32> = StagingArea::new(100);
         let mut b = a.begin_fill(1, 40, || true, |_| false).unwrap();
         assert_eq!(b.len(), 40);
-        // One fill at a time, and a key is staged once.
+        // Several fills in flight, finished in any order; a key is staged once.
+        let mut b2 = a.begin_fill(2, 10, || true, |_| false).unwrap();
         assert!(a.begin_fill(2, 10, || true, |_| false).is_none());
+        assert_eq!(a.filling(), 2);
+        b2.fill(3);
+        a.finish_fill(2, 0, b2, 0..10, true);
         b.fill(7);
         a.finish_fill(1, 0, b, 0..40, true);
         assert!(a.begin_fill(1, 40, || true, |_| false).is_none());
-        assert_eq!(a.held_bytes(), 40);
+        assert_eq!(a.held_bytes(), 50);
         {
             let s = a.take(1).unwrap();
             assert_eq!(&s[..], &[7u8; 40][..]);
+            assert_eq!(&a.take(2).unwrap()[..], &[3u8; 10][..]);
+            a.check().unwrap();
             assert!(a.take(1).is_none(), "taken once");
         }
         assert_eq!(a.held_bytes(), 0);
@@ -373,7 +504,7 @@ mod tests {
         // Larger than the area: never staged.
         assert!(a.begin_fill(4, 101, || true, |_| false).is_none());
         let s = a.stats();
-        assert_eq!((s.filled, s.hits, s.misses), (2, 2, 3));
+        assert_eq!((s.filled, s.hits, s.misses, s.max_filling), (3, 3, 3, 2));
         a.check().unwrap();
     }
 
@@ -398,29 +529,166 @@ mod tests {
         assert!(a.begin_fill(5, 10, || true, |_| false).is_none());
     }
 
-    /// A producer streams 2,000 keys through an area that holds three buffers while a
-    /// consumer takes them in order, sometimes too early (a miss it serves itself): every
-    /// taken buffer carries its key's bytes, the ledger holds after every step, and nothing
-    /// is left held at the end.
+    /// The key last asked for (missed or taken) is not filled again until the next wake: a
+    /// fill begun after the ask would read the tensor a second time, out of order.
     #[test]
-    fn producer_and_consumer_stress_keeps_the_ledger() {
-        const KEYS: u64 = 2000;
-        let a = Arc::new(StagingArea::<u64>::new(3 * 64));
+    fn an_asked_key_is_not_filled_until_the_next_wake() {
+        let a: StagingArea<u32> = StagingArea::new(100);
+        assert!(a.take(5).is_none());
+        assert!(a.begin_fill(5, 10, || true, |_| false).is_none());
+        a.check().unwrap();
+        a.wake();
+        let b = a.begin_fill(5, 10, || true, |_| false).unwrap();
+        a.finish_fill(5, 0, b, 0..10, true);
+        assert!(a.take(5).is_some());
+        assert!(
+            a.begin_fill(5, 10, || true, |_| false).is_none(),
+            "just taken"
+        );
+        a.wake();
+        let b = a.begin_fill(5, 10, || true, |_| false).unwrap();
+        a.finish_fill(5, 0, b, 0..10, false);
+        assert_eq!(a.stats().misses, 1);
+        a.check().unwrap();
+    }
+
+    /// A producer that broke the fill order (a later key's buffer is ready, not stale, and
+    /// holds the room) while a take waits for its key gives the fill up: the take misses
+    /// instead of waiting forever.
+    #[test]
+    fn a_fill_out_of_order_is_given_up_rather_than_deadlock_a_take() {
+        let a = Arc::new(StagingArea::<u32>::new(100));
+        let b = a.begin_fill(9, 60, || true, |_| false).unwrap();
+        a.finish_fill(9, 9, b, 0..60, true);
+        let producer = {
+            let a = a.clone();
+            std::thread::spawn(move || a.begin_fill(1, 60, || true, |_| false).is_none())
+        };
+        while a.state.lock().coming.is_empty() {
+            std::thread::yield_now();
+        }
+        assert!(a.take(1).is_none(), "a miss, not a hang");
+        assert!(producer.join().unwrap());
+        let s = a.stats();
+        assert_eq!((s.gave_up, s.misses), (1, 1));
+        assert!(a.take(9).is_some());
+        a.check().unwrap();
+        assert_eq!(a.held_bytes(), 0);
+    }
+
+    /// A take waits for a key its producer waits room for (the back-to-back take: the
+    /// consumer gives a buffer back and asks for the next before the producer ran), and
+    /// does not wait when only the consumer's own lent buffer could make the room.
+    #[test]
+    fn a_take_waits_for_a_coming_key_unless_its_own_buffer_blocks_it() {
+        let a = Arc::new(StagingArea::<u32>::new(100));
         let cursor = Arc::new(AtomicU64::new(0));
+        let b = a.begin_fill(0, 60, || true, |_| false).unwrap();
+        a.finish_fill(0, 0, b, 0..60, true);
+        let (tx, rx) = channel();
+        let producer = {
+            let (a, cursor) = (a.clone(), cursor.clone());
+            std::thread::spawn(move || {
+                // Waits for room: key 0's buffer is ready and not stale yet.
+                let b = a.begin_fill(1, 60, || true, |t| t < cursor.load(Ordering::Acquire));
+                tx.send(()).unwrap();
+                let mut b = b.unwrap();
+                b.fill(1);
+                a.finish_fill(1, 1, b, 0..60, true);
+            })
+        };
+        while a.state.lock().coming.is_empty() {
+            std::thread::yield_now();
+        }
+        a.check().unwrap();
+        // Lent key 0 alone blocks key 1: a miss, not a deadlock.
+        {
+            let held = a.take(0).unwrap();
+            assert_eq!(held.len(), 60);
+            assert!(rx.try_recv().is_err(), "no room while key 0 is lent");
+        }
+        // Key 0 given back: the producer gets room; a take now waits for key 1.
+        cursor.store(1, Ordering::Release);
+        let s = a.take(1).expect("waits for the coming key");
+        assert!(s.iter().all(|&v| v == 1));
+        drop(s);
+        producer.join().unwrap();
+        rx.recv().unwrap();
+        a.check().unwrap();
+        assert_eq!(a.held_bytes(), 0);
+        let st = a.stats();
+        assert_eq!((st.hits, st.misses), (2, 0));
+
+        // Key 2 coming, blocked by key 3 which is lent: a take of 2 does not wait.
+        let b = a.begin_fill(3, 60, || true, |_| false).unwrap();
+        a.finish_fill(3, 3, b, 0..60, true);
+        let held = a.take(3).unwrap();
+        let producer = {
+            let a = a.clone();
+            std::thread::spawn(move || a.begin_fill(2, 60, || true, |_| false).is_none())
+        };
+        while a.state.lock().coming.is_empty() {
+            std::thread::yield_now();
+        }
+        assert!(
+            a.take(2).is_none(),
+            "a take must not wait for its own buffer"
+        );
+        drop(held);
+        assert!(producer.join().unwrap(), "the missed key is refused");
+        a.check().unwrap();
+        assert_eq!(a.held_bytes(), 0);
+    }
+
+    /// A producer begins fills of 3,000 keys in order into an area that holds about four
+    /// buffers and hands each to one of three reader threads, which finish them out of
+    /// order (random delays, one fill in 50 failing), while a consumer takes the keys in
+    /// order, sometimes too early (a miss it serves itself): every taken buffer carries
+    /// its key's bytes, the ledger holds after every step, several fills were in flight at
+    /// once, and nothing is left held at the end.
+    #[test]
+    fn producer_readers_and_consumer_stress_keeps_the_ledger() {
+        const KEYS: u64 = 3000;
+        const READERS: usize = 3;
+        let a = Arc::new(StagingArea::<u64>::new(4 * 64 + 32));
+        let cursor = Arc::new(AtomicU64::new(0));
+        let mut readers = Vec::new();
+        let mut txs = Vec::new();
+        for r in 0..READERS {
+            let (tx, rx) = channel::<(u64, Vec<u8>, usize)>();
+            txs.push(tx);
+            let a = a.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ r as u64;
+                for (k, mut b, len) in rx {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if x.is_multiple_of(4) {
+                        std::thread::sleep(std::time::Duration::from_micros(x % 200));
+                    }
+                    let start = (k % 8) as usize;
+                    b[start..start + len].fill(k as u8);
+                    a.finish_fill(k, k, b, start..start + len, !x.is_multiple_of(50));
+                }
+            }));
+        }
         let producer = {
             let (a, cursor) = (a.clone(), cursor.clone());
             std::thread::spawn(move || {
                 for k in 0..KEYS {
-                    let Some(mut b) = a.begin_fill(
+                    let len = 16 + (k % 5) as usize * 8;
+                    let Some(b) = a.begin_fill(
                         k,
-                        64,
+                        len + 8,
                         || cursor.load(Ordering::Acquire) <= k,
                         |t| t < cursor.load(Ordering::Acquire),
                     ) else {
                         continue;
                     };
-                    b.fill(k as u8);
-                    a.finish_fill(k, k, b, 0..64, true);
+                    txs[(k % READERS as u64) as usize]
+                        .send((k, b, len))
+                        .unwrap();
                 }
             })
         };
@@ -428,7 +696,11 @@ mod tests {
         for k in 0..KEYS {
             cursor.store(k, Ordering::Release);
             a.wake();
+            if k % 97 == 0 {
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
             if let Some(s) = a.take(k) {
+                assert_eq!(s.len(), 16 + (k % 5) as usize * 8);
                 assert!(s.iter().all(|&v| v == k as u8), "key {k} saw foreign bytes");
                 hits += 1;
             }
@@ -437,12 +709,17 @@ mod tests {
         cursor.store(KEYS, Ordering::Release);
         a.wake();
         producer.join().unwrap();
+        for r in readers {
+            r.join().unwrap();
+        }
         a.close();
         assert_eq!(a.held_bytes(), 0);
         a.check().unwrap();
         let s = a.stats();
         assert_eq!(s.hits, hits);
         assert_eq!(s.hits + s.misses, KEYS);
+        assert!(s.max_filling >= 2, "fills overlapped: {s:?}");
+        assert!(hits > KEYS / 2, "most keys were read ahead: {s:?}");
     }
 }
 
@@ -453,9 +730,18 @@ mod loom_models {
     use vlmem_core::sync::Arc;
     use vlmem_core::sync::atomic::{AtomicU64, Ordering};
 
-    /// A producer fills keys 0 and 1 into an area with room for one buffer while the consumer
-    /// takes 0 then 1: no deadlock in any interleaving, a taken buffer always carries its
-    /// key's bytes, and the ledger is empty at the end.
+    fn fill(a: &StagingArea<u64>, k: u64, b: Option<Vec<u8>>) {
+        if let Some(mut b) = b {
+            b.fill(k as u8 + 1);
+            a.finish_fill(k, k, b, 0..4, true);
+        }
+    }
+
+    /// A producer fills keys 0 and 1 into an area with room for one buffer (key 1 waits,
+    /// coming, until key 0 is taken and given back or stale); key 0's fill is finished by a
+    /// reader thread while the producer goes on. The consumer takes 0 then 1, the second
+    /// right after giving the first back. No deadlock in any interleaving, a taken buffer
+    /// always carries its key's bytes, and the ledger holds and is empty at the end.
     #[test]
     fn loom_staging_fill_versus_take() {
         loom::model(|| {
@@ -464,17 +750,20 @@ mod loom_models {
             let p = {
                 let (a, cursor) = (a.clone(), cursor.clone());
                 loom::thread::spawn(move || {
-                    for k in 0..2u64 {
-                        if let Some(mut b) = a.begin_fill(
-                            k,
-                            4,
-                            || cursor.load(Ordering::Acquire) <= k,
-                            |t| t < cursor.load(Ordering::Acquire),
-                        ) {
-                            b.fill(k as u8 + 1);
-                            a.finish_fill(k, k, b, 0..4, true);
-                        }
-                    }
+                    let wanted = |k: u64| {
+                        let c = cursor.clone();
+                        move || c.load(Ordering::Acquire) <= k
+                    };
+                    let stale = |t: u64| t < cursor.load(Ordering::Acquire);
+                    let b0 = a.begin_fill(0, 4, wanted(0), stale);
+                    let reader = {
+                        let a = a.clone();
+                        loom::thread::spawn(move || fill(&a, 0, b0))
+                    };
+                    let b1 = a.begin_fill(1, 4, wanted(1), stale);
+                    a.check().unwrap();
+                    fill(&a, 1, b1);
+                    reader.join().unwrap();
                 })
             };
             for k in 0..2u64 {
@@ -482,6 +771,7 @@ mod loom_models {
                 a.wake();
                 if let Some(s) = a.take(k) {
                     assert!(s.iter().all(|&v| v == k as u8 + 1));
+                    a.check().unwrap();
                 }
                 a.check().unwrap();
             }
@@ -490,6 +780,39 @@ mod loom_models {
             p.join().unwrap();
             a.close();
             assert_eq!(a.held_bytes(), 0);
+            a.check().unwrap();
+        });
+    }
+
+    /// Two fills in flight at once, finished by two reader threads in either order, while
+    /// the consumer takes key 0 then key 1: each take sees only its key's finished bytes,
+    /// both are hits (the producer began both before the consumer asked), and the ledger
+    /// is empty at the end.
+    #[test]
+    fn loom_staging_two_fills_in_flight() {
+        loom::model(|| {
+            let a = Arc::new(StagingArea::<u64>::new(8));
+            let b0 = a.begin_fill(0, 4, || true, |_| false);
+            let b1 = a.begin_fill(1, 4, || true, |_| false);
+            assert!(b0.is_some() && b1.is_some());
+            let readers: Vec<_> = [(0u64, b0), (1, b1)]
+                .into_iter()
+                .map(|(k, b)| {
+                    let a = a.clone();
+                    loom::thread::spawn(move || fill(&a, k, b))
+                })
+                .collect();
+            for k in 0..2u64 {
+                let s = a.take(k).expect("a fill in flight is waited for");
+                assert!(s.iter().all(|&v| v == k as u8 + 1));
+                drop(s);
+                a.check().unwrap();
+            }
+            for r in readers {
+                r.join().unwrap();
+            }
+            assert_eq!(a.held_bytes(), 0);
+            assert_eq!(a.stats().hits, 2);
             a.check().unwrap();
         });
     }
