@@ -11,10 +11,11 @@ use crate::kernels::{self, WeightType};
 use crate::text::{EMBED_TOKENS, LM_HEAD};
 use crate::weights::{WeightSource, check_expert, widen_to_f32};
 use candle_core::{Device, Tensor};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vlmem::{
@@ -22,7 +23,7 @@ use vlmem::{
 };
 use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
 use vlmem_qwen3vl::tensors::expected_tensors;
-use vlmem_tier::IO_ALIGN_BYTES;
+use vlmem_tier::{IO_ALIGN_BYTES, split_buf};
 
 /// Layers prefetched ahead of the one computing, unless told otherwise.
 pub const DEFAULT_PREFETCH_LAYERS: usize = 2;
@@ -39,7 +40,7 @@ pub struct ManagedWeights {
     compute_tier: Tier,
     device: Device,
     prefetch: Arc<PrefetchShared>,
-    prefetcher: Mutex<Option<(Sender<usize>, JoinHandle<()>)>>,
+    prefetcher: Mutex<Option<Prefetcher>>,
     staged_bytes: AtomicU64,
     expert_bytes: AtomicU64,
     /// Weight bytes the decode kernels read and the nanoseconds they took (pin and staging
@@ -113,11 +114,13 @@ impl PrefetchShared {
         dist > 0 && dist <= self.ahead.load(Ordering::Relaxed)
     }
 
-    /// Whether streamed tensor `i` of unit `u` is still to be asked for by the compute
-    /// thread, within the lookahead: worth reading ahead.
+    /// Whether streamed tensor `i` of unit `u` is still to be taken by the compute thread
+    /// (the one it is asking for now included: it waits for a fill of it that is coming or
+    /// in flight), within the lookahead: worth reading ahead. (A fill begun after the
+    /// compute thread missed the tensor is refused by the area itself.)
     fn wanted(&self, u: usize, i: usize) -> bool {
         match self.distance(u) {
-            (0, at) => i >= at,
+            (0, at) => i + 1 >= at,
             (dist, _) => dist <= self.ahead.load(Ordering::Relaxed),
         }
     }
@@ -125,19 +128,26 @@ impl PrefetchShared {
     /// Whether a staged buffer of tensor `i` of unit `u` will not be taken any more: the
     /// compute thread has passed it (the one it is asking for now is not stale).
     fn stale(&self, u: usize, i: usize) -> bool {
-        match self.distance(u) {
-            (0, at) => i + 1 < at,
-            (dist, _) => dist > self.ahead.load(Ordering::Relaxed),
-        }
+        !self.wanted(u, i)
     }
 
-    /// Reads streamed tensor `h` (index `i` of unit `u`) into the staging area, if the area
-    /// has (or gets) room before the compute thread asks for it.
-    fn stage(&self, h: TensorHandle, u: usize, i: usize, bytes: u64, file_offset: u64) {
+    /// Claims room in the staging area for streamed tensor `h` (index `i` of unit `u`),
+    /// waiting while the area is full and the compute thread has not passed it, then queues
+    /// its pieces ([`piece_ranges`]) on the reader pool, behind the pieces of the tensors
+    /// claimed before it, and returns: the pool reads them straight into the one
+    /// phase-aligned buffer, and the last piece to finish publishes the fill.
+    fn stage(
+        self: &Arc<Self>,
+        pool: &JobQueue,
+        h: TensorHandle,
+        (u, i): (usize, usize),
+        bytes: u64,
+        file_offset: u64,
+    ) {
         let Ok(len) = usize::try_from(bytes) else {
             return;
         };
-        let Some(mut buf) = self.area.begin_fill(
+        let Some(buf) = self.area.begin_fill(
             h,
             len + IO_ALIGN_BYTES,
             || self.wanted(u, i),
@@ -147,22 +157,50 @@ impl PrefetchShared {
         };
         let tag = ((u as u64) << 32) | i as u64;
         let range = phase_range(&buf, file_offset, len);
-        let ok = read_parallel(&self.manager, h, &mut buf[range.clone()]);
-        if ok {
-            self.area_read_bytes.fetch_add(bytes, Ordering::Relaxed);
-            self.hints.fetch_add(1, Ordering::Relaxed);
-        }
-        // A failed read publishes nothing: the compute thread reads the tensor itself and
+        let base = range.start;
+        let ranges: Vec<Range<usize>> = piece_ranges(file_offset, len)
+            .into_iter()
+            .map(|r| base + r.start..base + r.end)
+            .collect();
+        let shared = self.clone();
+        let published = range.clone();
+        // A failed piece publishes nothing: the compute thread reads the tensor itself and
         // reports the error.
-        self.area.finish_fill(h, tag, buf, range, ok);
+        let on_done = move |buf: Vec<u8>, ok: bool| {
+            if ok {
+                shared.area_read_bytes.fetch_add(bytes, Ordering::Relaxed);
+                shared.hints.fetch_add(1, Ordering::Relaxed);
+            }
+            shared.area.finish_fill(h, tag, buf, published, ok);
+        };
+        let pieces = match split_buf(buf, &ranges, on_done) {
+            Ok(pieces) => pieces,
+            Err(buf) => return self.area.finish_fill(h, tag, buf, range, false),
+        };
+        for mut piece in pieces {
+            let shared = self.clone();
+            pool.submit(Box::new(move || {
+                // A tensor the compute thread has passed is not worth reading any more.
+                let ok = shared.wanted(u, i)
+                    && shared
+                        .manager
+                        .read(h, (piece.start() - base) as u64, piece.bytes_mut())
+                        .is_ok();
+                piece.finish(ok);
+            }));
+        }
     }
 
-    /// The prefetch thread: for each layer start (the latest one when several queued), hints
-    /// the next layers' tensors one at a time, each after checking the compute thread has
-    /// not reached its layer yet and that it is not on the tier already, and waits for it to
-    /// land before the next. One hint in flight keeps a late hint from loading a tensor that
-    /// was already used (and evicted), and prefetches from racing each other's evictions.
-    fn run(&self, rx: &Receiver<usize>) {
+    /// The prefetch thread (the read-ahead's scheduler): for each layer start (the latest
+    /// one when several queued), walks the next layers' tensors in use order. A streamed one
+    /// is staged ([`PrefetchShared::stage`]: room claimed, pieces queued on the reader pool,
+    /// no wait for the read), so the pool reads across tensor boundaries as far ahead as the
+    /// area has room. A kept one is hinted to the compute tier one at a time, each after
+    /// checking the compute thread has not reached its layer yet and that it is not on the
+    /// tier already, waiting for it to land before the next: one hint in flight keeps a late
+    /// hint from loading a tensor that was already used (and evicted), and prefetches from
+    /// racing each other's evictions.
+    fn run(self: &Arc<Self>, rx: &Receiver<usize>, pool: &JobQueue) {
         while let Ok(mut layer) = rx.recv() {
             while let Ok(l) = rx.try_recv() {
                 layer = l;
@@ -180,7 +218,7 @@ impl PrefetchShared {
                     }
                     if let Some(&(_, i, offset)) = self.positions.get(&h) {
                         if self.wanted(u, i) {
-                            self.stage(h, u, i, bytes, offset);
+                            self.stage(pool, h, (u, i), bytes, offset);
                         }
                         continue;
                     }
@@ -220,53 +258,161 @@ fn phase_range(buf: &[u8], file_offset: u64, len: usize) -> std::ops::Range<usiz
 }
 
 /// Bytes per read of a streamed tensor: the request size this kind of disk serves fastest
-/// (../shared/research/peers.md: `dd iflag=direct` at 4 MiB beat 1, 16 and 64 MiB).
+/// (../shared/research/peers.md: `dd iflag=direct` at 4 MiB beat 1, 16 and 64 MiB; fio in
+/// session 4: 4 MiB at depth 4 beat 1 MiB at depth 8 and 16 MiB at depth 1).
 const STREAM_READ_BYTES: usize = 4 << 20;
 
-/// Threads reading one streamed tensor's pieces at once (reads in flight). Measured on the
-/// 2-vCPU VM: 1 reader 0.77 GB/s while reading, 2: 0.82-1.01, 3: 0.98, 4: 0.62-0.90 (the
-/// disk's own dd figure moved between 0.8 and 1.9 GB/s during those runs).
-const STREAM_READERS: usize = 2;
+/// Reader threads of the read-ahead pool: reads in flight while pieces are queued (fio in
+/// session 4: 4 MiB reads at depth 1 1.09 GB/s, depth 2 1.66, depth 4 1.79).
+const STREAM_READERS: usize = 4;
 
-/// Reads all of `h` into `buf` in [`STREAM_READ_BYTES`] pieces from [`STREAM_READERS`]
-/// threads (this one and scoped helpers), so that many reads are in flight: the disk sees a
-/// deeper queue, and one reader's turnaround between pieces overlaps the others' waits.
-/// Returns whether every piece was read.
-fn read_parallel(manager: &MemoryManager, h: TensorHandle, buf: &mut [u8]) -> bool {
-    let readers = STREAM_READERS;
-    if buf.len() < 2 * STREAM_READ_BYTES {
-        return manager.read(h, 0, buf).is_ok();
+/// The pieces a streamed tensor of `len` bytes at `file_offset` is read in: about
+/// [`STREAM_READ_BYTES`] each (the tensor split evenly), every boundary between two pieces
+/// on a multiple of [`IO_ALIGN_BYTES`] in the file. In a phase-aligned buffer
+/// ([`phase_range`]) each piece's aligned middle is then read with O_DIRECT straight into
+/// place, and only the tensor's own unaligned head and tail go through the disk tier's
+/// bounce buffer (not every piece's). Ranges are relative to the tensor, in order, and
+/// cover `0..len`.
+fn piece_ranges(file_offset: u64, len: usize) -> Vec<Range<usize>> {
+    let align = IO_ALIGN_BYTES;
+    let n = len.div_ceil(STREAM_READ_BYTES).max(1);
+    let target = len.div_ceil(n);
+    // Bytes from the tensor's start to the first aligned file offset.
+    let head = (align - (file_offset % align as u64) as usize) % align;
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    for k in 1..n {
+        // The first aligned file offset at or after the even split point.
+        let cut = head + (k * target).saturating_sub(head).div_ceil(align) * align;
+        if cut > start && cut < len {
+            out.push(start..cut);
+            start = cut;
+        }
     }
-    let read_pieces = |pieces: Vec<(usize, &mut [u8])>| {
-        pieces.into_iter().all(|(k, piece)| {
-            manager
-                .read(h, (k * STREAM_READ_BYTES) as u64, piece)
-                .is_ok()
-        })
-    };
-    // Piece k to reader k mod readers; reader 0 is this thread.
-    let mut groups: Vec<Vec<(usize, &mut [u8])>> = (0..readers).map(|_| Vec::new()).collect();
-    for (k, piece) in buf.chunks_mut(STREAM_READ_BYTES).enumerate() {
-        groups[k % readers].push((k, piece));
+    out.push(start..len);
+    out
+}
+
+/// A job of the reader pool (one piece of a streamed tensor).
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The reader pool's queue: jobs run in the order they were submitted, by [`STREAM_READERS`]
+/// persistent threads, so with pieces queued in use order across tensor boundaries that
+/// many reads stay in flight until the queue is empty (one tensor's tail no longer drains
+/// the disk's queue before the next tensor starts).
+///
+/// Invariant: every submitted job is run exactly once, or dropped unrun once the queue is
+/// closed (a piece dropped unread fails its fill, which gives the area its room back). The
+/// lock is a leaf: jobs run, and are dropped, outside it.
+struct JobQueue {
+    state: Mutex<JobState>,
+    more: Condvar,
+}
+
+struct JobState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+    /// Reader threads serving the queue (0: the submitter runs each job itself).
+    readers: usize,
+}
+
+impl JobQueue {
+    fn new() -> Self {
+        JobQueue {
+            state: Mutex::new(JobState {
+                jobs: VecDeque::new(),
+                closed: false,
+                readers: 0,
+            }),
+            more: Condvar::new(),
+        }
     }
-    let mine = groups.remove(0);
-    std::thread::scope(|scope| {
-        let helpers: Vec<_> = groups
-            .into_iter()
-            .map(|g| {
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `job` behind the others; runs it here when no reader thread serves the
+    /// queue, drops it unrun when the queue is closed.
+    fn submit(&self, job: Job) {
+        let mut st = self.lock();
+        if st.closed {
+            drop(st);
+            drop(job);
+        } else if st.readers == 0 {
+            drop(st);
+            job();
+        } else {
+            st.jobs.push_back(job);
+            drop(st);
+            self.more.notify_one();
+        }
+    }
+
+    /// A reader thread: runs jobs in order until the queue is closed.
+    fn serve(&self) {
+        loop {
+            let mut st = self.lock();
+            let job = loop {
+                if st.closed {
+                    return;
+                }
+                if let Some(job) = st.jobs.pop_front() {
+                    break job;
+                }
+                st = self.more.wait(st).unwrap_or_else(|p| p.into_inner());
+            };
+            drop(st);
+            job();
+        }
+    }
+
+    /// Starts up to `threads` reader threads (fewer when the system refuses some).
+    fn start(self: &Arc<Self>, threads: usize) -> Vec<JoinHandle<()>> {
+        let handles: Vec<JoinHandle<()>> = (0..threads)
+            .filter_map(|_| {
+                let q = self.clone();
                 std::thread::Builder::new()
-                    .name("vlmem-stream".into())
-                    .spawn_scoped(scope, move || read_pieces(g))
+                    .name("vlmem-read".into())
+                    .spawn(move || q.serve())
+                    .ok()
             })
             .collect();
-        let mut ok = read_pieces(mine);
-        for helper in helpers {
-            // A helper that could not start leaves its pieces unread: the fill fails and the
-            // compute thread reads the tensor itself.
-            ok &= helper.is_ok_and(|h| h.join().unwrap_or(false));
+        self.lock().readers = handles.len();
+        handles
+    }
+
+    /// Closes the queue: jobs still queued are dropped unrun, readers stop after the job
+    /// they are running.
+    fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        let dropped: Vec<Job> = st.jobs.drain(..).collect();
+        drop(st);
+        self.more.notify_all();
+        drop(dropped);
+    }
+}
+
+/// The read-ahead threads: the scheduler (fed with layer starts) and the reader pool.
+struct Prefetcher {
+    layers: Sender<usize>,
+    scheduler: JoinHandle<()>,
+    queue: Arc<JobQueue>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    /// Stops the scheduler (the area must be closed first: it may wait there for room),
+    /// then the readers; pieces still queued are dropped, which fails their fills.
+    fn stop(self) {
+        drop(self.layers);
+        let _ = self.scheduler.join();
+        self.queue.close();
+        for r in self.readers {
+            let _ = r.join();
         }
-        ok
-    })
+    }
 }
 
 /// The streaming plan for a compute-tier weight budget: when the decoder's tensors do not all
@@ -338,11 +484,10 @@ impl Drop for ManagedWeights {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        // Close the area first: the thread may be waiting in it for room.
+        // Close the area first: the scheduler may be waiting in it for room.
         self.prefetch.area.close();
-        if let Some((tx, handle)) = worker {
-            drop(tx);
-            let _ = handle.join();
+        if let Some(worker) = worker {
+            worker.stop();
         }
     }
 }
@@ -607,9 +752,10 @@ impl ManagedWeights {
     fn with_stored<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
         let (h, info) = self.entry(name)?;
         if let Some(&(u, i, offset)) = self.prefetch.positions.get(h) {
-            // Not kept: from the staging area when read ahead, else read now; either way it
-            // does not enter the compute tier. The cursor moves first, so the read-ahead
-            // thread never starts this tensor once it has been asked for.
+            // Not kept: from the staging area when read ahead (waiting for a fill in flight,
+            // or one the read-ahead waits room for), else read now; either way it does not
+            // enter the compute tier. The cursor moves first, so stale buffers can go; a
+            // miss is recorded by the area, so no fill of this tensor starts after it.
             // Forward only within a unit: a tensor used out of the planned order (read twice,
             // or before one planned ahead of it) must not make the read-ahead thread fetch
             // again what was already taken.
@@ -814,18 +960,209 @@ impl WeightSource for ManagedWeights {
         let mut worker = self.prefetcher.lock().unwrap_or_else(|p| p.into_inner());
         if worker.is_none() {
             let (tx, rx) = channel();
-            let s = shared.clone();
+            let queue = Arc::new(JobQueue::new());
+            // Readers first: with none the scheduler reads each piece itself.
+            let readers = queue.start(STREAM_READERS);
+            let (s, q) = (shared.clone(), queue.clone());
             match std::thread::Builder::new()
                 .name("vlmem-prefetch".into())
-                .spawn(move || s.run(&rx))
+                .spawn(move || s.run(&rx, &q))
             {
-                Ok(handle) => *worker = Some((tx, handle)),
+                Ok(scheduler) => {
+                    *worker = Some(Prefetcher {
+                        layers: tx,
+                        scheduler,
+                        queue,
+                        readers,
+                    })
+                }
                 // No thread, no prefetch: demand loads still serve every weight.
-                Err(_) => return,
+                Err(_) => {
+                    queue.close();
+                    for r in readers {
+                        let _ = r.join();
+                    }
+                    return;
+                }
             }
         }
-        if let Some((tx, _)) = worker.as_ref() {
-            let _ = tx.send(layer);
+        if let Some(w) = worker.as_ref() {
+            let _ = w.layers.send(layer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pieces cover the tensor in order, about 4 MiB each, and every boundary between two
+    /// pieces is a 4 KiB aligned file offset.
+    #[test]
+    fn pieces_cover_the_tensor_on_aligned_file_offsets() {
+        let mib = 1usize << 20;
+        for (offset, len, pieces) in [
+            (0u64, 4 * mib, 1),
+            (123, 4 * mib, 1),
+            (8_000, 8 * mib, 2),
+            (4096 * 7 + 5, 24 * mib, 6),
+            (77, 24 * mib + 3, 7),
+            (4095, 10, 1),
+            (1, 0, 1),
+        ] {
+            let r = piece_ranges(offset, len);
+            assert_eq!(r.len(), pieces, "{offset} {len}: {r:?}");
+            assert_eq!(r[0].start, 0);
+            assert_eq!(r.last().unwrap().end, len);
+            for w in r.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert_eq!((offset + w[0].end as u64) % IO_ALIGN_BYTES as u64, 0);
+            }
+            for p in &r {
+                assert!(p.len() <= STREAM_READ_BYTES + IO_ALIGN_BYTES, "{p:?}");
+            }
+        }
+    }
+
+    /// The read-ahead's pieces of 2,000 keys (1-3 pieces each), queued in order on a
+    /// four-thread pool that reads them in any order (random delays, one piece in 101
+    /// failing), published by the last piece of each fill into an area of about five
+    /// buffers, while a consumer takes the keys in order (sometimes before they were
+    /// begun: a miss it serves itself). Every taken buffer carries its key's bytes, the
+    /// area's ledger holds after every take, every begun fill is handed back exactly once
+    /// (published exactly when all its pieces were read), fills overlapped, takes waited for
+    /// fills in flight, and nothing is held at the end.
+    #[test]
+    fn pool_area_and_pieces_stress_keeps_the_ledger() {
+        const KEYS: u64 = 2000;
+        const PIECE: usize = 16;
+        let area = Arc::new(StagingArea::<u64>::new(5 * (3 * PIECE as u64 + 8)));
+        let cursor = Arc::new(AtomicU64::new(0));
+        let queue = Arc::new(JobQueue::new());
+        let readers = queue.start(4);
+        assert_eq!(readers.len(), 4);
+        let handed_back = Arc::new(AtomicU64::new(0));
+        let published = Arc::new(AtomicU64::new(0));
+        let scheduler = {
+            let (area, cursor, queue) = (area.clone(), cursor.clone(), queue.clone());
+            let (handed_back, published) = (handed_back.clone(), published.clone());
+            std::thread::spawn(move || {
+                let mut begun = 0u64;
+                for k in 0..KEYS {
+                    let len = PIECE * (1 + (k % 3) as usize) - (k % 5) as usize;
+                    let Some(buf) = area.begin_fill(
+                        k,
+                        len + 8,
+                        || cursor.load(Ordering::Acquire) <= k,
+                        |t| t < cursor.load(Ordering::Acquire),
+                    ) else {
+                        continue;
+                    };
+                    begun += 1;
+                    let base = (k % 8) as usize;
+                    let ranges: Vec<Range<usize>> = (0..len.div_ceil(PIECE))
+                        .map(|p| base + p * PIECE..base + ((p + 1) * PIECE).min(len))
+                        .collect();
+                    let (a, hb, pb) = (area.clone(), handed_back.clone(), published.clone());
+                    let on_done = move |buf: Vec<u8>, ok: bool| {
+                        hb.fetch_add(1, Ordering::Relaxed);
+                        if ok {
+                            pb.fetch_add(1, Ordering::Relaxed);
+                        }
+                        a.finish_fill(k, k, buf, base..base + len, ok);
+                    };
+                    let pieces = split_buf(buf, &ranges, on_done).unwrap();
+                    for mut piece in pieces {
+                        queue.submit(Box::new(move || {
+                            let x = (k * 31 + piece.start() as u64) % 101;
+                            if x.is_multiple_of(7) {
+                                std::thread::sleep(Duration::from_micros(x * 3));
+                            }
+                            piece.bytes_mut().fill(k as u8);
+                            piece.finish(x != 0);
+                        }));
+                    }
+                }
+                begun
+            })
+        };
+        let mut hits = 0;
+        for k in 0..KEYS {
+            cursor.store(k, Ordering::Release);
+            area.wake();
+            if k % 89 == 0 {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            if let Some(s) = area.take(k) {
+                let len = PIECE * (1 + (k % 3) as usize) - (k % 5) as usize;
+                assert_eq!(s.len(), len);
+                assert!(s.iter().all(|&v| v == k as u8), "key {k} saw foreign bytes");
+                hits += 1;
+            }
+            area.check().unwrap();
+        }
+        cursor.store(KEYS, Ordering::Release);
+        area.wake();
+        let begun = scheduler.join().unwrap();
+        queue.close();
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert_eq!(handed_back.load(Ordering::Relaxed), begun);
+        let s = area.stats();
+        assert_eq!(s.filled, published.load(Ordering::Relaxed));
+        assert_eq!(s.hits, hits);
+        assert_eq!(s.hits + s.misses, KEYS);
+        assert!(s.max_filling >= 2, "fills overlapped: {s:?}");
+        assert!(
+            s.hits > 0 && s.waits > 0,
+            "takes waited for fills in flight: {s:?}"
+        );
+        area.close();
+        assert_eq!(area.held_bytes(), 0);
+        area.check().unwrap();
+    }
+
+    /// A closed queue drops what is still queued (a piece dropped unread fails its fill,
+    /// which gives the room back), and with no reader thread the submitter runs each job.
+    #[test]
+    fn a_closed_queue_drops_jobs_and_no_readers_runs_them_inline() {
+        let area = Arc::new(StagingArea::<u64>::new(64));
+        let queue = Arc::new(JobQueue::new());
+        let ran = Arc::new(AtomicU64::new(0));
+        let r = ran.clone();
+        queue.submit(Box::new(move || {
+            r.fetch_add(1, Ordering::Relaxed);
+        }));
+        assert_eq!(ran.load(Ordering::Relaxed), 1, "no readers: run inline");
+        // A reader that is busy: the second job is still queued when the queue closes.
+        let (gate_tx, gate_rx) = channel::<()>();
+        let readers = queue.start(1);
+        queue.submit(Box::new(move || {
+            let _ = gate_rx.recv();
+        }));
+        let buf = area.begin_fill(1, 16, || true, |_| false).unwrap();
+        let a = area.clone();
+        let whole = 0..16;
+        let mut pieces = split_buf(buf, std::slice::from_ref(&whole), move |b, ok| {
+            a.finish_fill(1, 1, b, 0..16, ok)
+        })
+        .unwrap();
+        let piece = pieces.pop().unwrap();
+        let r = ran.clone();
+        queue.submit(Box::new(move || {
+            r.fetch_add(1, Ordering::Relaxed);
+            piece.finish(true);
+        }));
+        assert_eq!(area.filling(), 1);
+        queue.close();
+        drop(gate_tx);
+        for h in readers {
+            h.join().unwrap();
+        }
+        assert_eq!(ran.load(Ordering::Relaxed), 1, "the queued job never ran");
+        assert_eq!((area.filling(), area.held_bytes()), (0, 0));
+        assert!(area.take(1).is_none());
+        area.check().unwrap();
     }
 }
