@@ -90,6 +90,8 @@ struct PrefetchShared {
     /// (And each one's offset in its checkpoint file, for reads with no copy.)
     positions: HashMap<TensorHandle, (usize, usize, u64)>,
     hints: AtomicU64,
+    /// Reader threads the read-ahead pool starts with.
+    readers: AtomicUsize,
 }
 
 impl PrefetchShared {
@@ -263,8 +265,10 @@ fn phase_range(buf: &[u8], file_offset: u64, len: usize) -> std::ops::Range<usiz
 const STREAM_READ_BYTES: usize = 4 << 20;
 
 /// Reader threads of the read-ahead pool: reads in flight while pieces are queued (fio in
-/// session 4: 4 MiB reads at depth 1 1.09 GB/s, depth 2 1.66, depth 4 1.79).
-const STREAM_READERS: usize = 4;
+/// session 4: 4 MiB reads at depth 1 1.09 GB/s, depth 2 1.66, depth 4 1.79; session 5's
+/// VM, `stream_sweep` example, 3 alternating rounds: the streamed decode read 1.16 GB/s
+/// with 1 reader, 1.23 with 2, 1.32 with 4, on a disk that swung 0.87-1.5 GB/s).
+pub const STREAM_READERS: usize = 4;
 
 /// The pieces a streamed tensor of `len` bytes at `file_offset` is read in: about
 /// [`STREAM_READ_BYTES`] each (the tensor split evenly), every boundary between two pieces
@@ -609,6 +613,7 @@ impl ManagedWeights {
             ahead: AtomicUsize::new(DEFAULT_PREFETCH_LAYERS),
             cursor: AtomicU64::new(0),
             hints: AtomicU64::new(0),
+            readers: AtomicUsize::new(STREAM_READERS),
         });
         Ok(ManagedWeights {
             manager,
@@ -632,6 +637,13 @@ impl ManagedWeights {
     /// The manager (for stats).
     pub fn manager(&self) -> &MemoryManager {
         &self.manager
+    }
+
+    /// Reads in flight when streamed tensors are read ahead: the reader pool's threads
+    /// (default [`STREAM_READERS`]; at least 1). Takes effect when the read-ahead starts (the
+    /// first layer of the first step), so set it before generating.
+    pub fn set_stream_readers(&self, readers: usize) {
+        self.prefetch.readers.store(readers.max(1), Ordering::Relaxed);
     }
 
     /// Prefetch the weights of the next `layers` layers (the final norm and lm_head count as
@@ -962,7 +974,7 @@ impl WeightSource for ManagedWeights {
             let (tx, rx) = channel();
             let queue = Arc::new(JobQueue::new());
             // Readers first: with none the scheduler reads each piece itself.
-            let readers = queue.start(STREAM_READERS);
+            let readers = queue.start(shared.readers.load(Ordering::Relaxed));
             let (s, q) = (shared.clone(), queue.clone());
             match std::thread::Builder::new()
                 .name("vlmem-prefetch".into())
