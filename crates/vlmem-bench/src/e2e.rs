@@ -14,7 +14,8 @@
 //!   and after the streamed runs, with the disk tier's own O_DIRECT reads of 4 MiB (the
 //!   read-ahead's piece size) from 1, 2, 4 and 8 threads at once (queue depth) and with
 //!   `dd iflag=direct` (depth 1); the best of all of them counts, and `@dd` keeps the bound
-//!   from `dd` alone (what sessions 1-4 used, which understates this disk at depth);
+//!   from `dd` alone (what sessions 1-4 used, which understates a disk that serves more at
+//!   depth), `@depth_mean` the one from the best depth's mean of before and after;
 //!   `decode_tok_s.overlap_bound`: min(bound, resident), the speed of a step whose disk reads
 //!   and compute fully overlap (the target: streamed >= 85% of it);
 //! - `decode_tok_s.resident@membw_bound`: memory read bandwidth (vectorized reads on all
@@ -307,6 +308,19 @@ fn decode_run(
     prefetch_layers: usize,
     new_tokens: usize,
 ) -> Result<Decode, String> {
+    let readers = std::env::var("VLMEM_E2E_STREAM_READERS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    decode_run_with(c, host_weight_bytes, prefetch_layers, new_tokens, readers)
+}
+
+fn decode_run_with(
+    c: &Checkpoint,
+    host_weight_bytes: u64,
+    prefetch_layers: usize,
+    new_tokens: usize,
+    readers: Option<usize>,
+) -> Result<Decode, String> {
     let host_bytes = (host_weight_bytes + 64 * MIB).div_ceil(MIB) * MIB;
     let disk_bytes = 64 * MIB;
     let mut config = ManagerConfig::with_capacities(0, host_bytes, disk_bytes);
@@ -318,6 +332,9 @@ fn decode_run(
             .map_err(|e| e.to_string())?,
     );
     weights.set_prefetch_layers(prefetch_layers);
+    if let Some(n) = readers {
+        weights.set_stream_readers(n);
+    }
     let model =
         Qwen3Vl::new(c.config.clone(), weights.clone(), &Device::Cpu).map_err(|e| e.to_string())?;
     let vocab = c.config.text.vocab_size as u32;
@@ -482,6 +499,18 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
         }
     }
     let disk_gbps = best.0;
+    // Beside it, a figure less swayed by this disk's second-to-second swings: at each depth
+    // the mean of before and after, the best depth's.
+    let depth_mean = PROBE_DEPTHS
+        .iter()
+        .filter_map(|d| {
+            let v: Vec<f64> = [&direct_before, &direct_after]
+                .iter()
+                .filter_map(|got| got.iter().find(|(dd, _)| dd == d).map(|(_, v)| *v))
+                .collect();
+            (v.len() == 2).then(|| v.iter().sum::<f64>() / 2.0)
+        })
+        .fold(f64::NAN, f64::max);
     if disk_gbps.is_finite() {
         push(&mut report, "disk_read_gbps.best", disk_gbps, "GB/s");
         push(
@@ -625,6 +654,14 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                 "tok/s",
             );
         }
+        if depth_mean.is_finite() {
+            push(
+                &mut report,
+                "decode_tok_s.bound@depth_mean",
+                depth_mean * 1e9 / st.streamed_bytes_per_token,
+                "tok/s",
+            );
+        }
         // The bound if only what cannot fit the budget were read (no staging area set apart).
         let min_bytes = step.saturating_sub(s.streamed_host_bytes).max(1) as f64;
         push(
@@ -659,6 +696,38 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
         }
     }
     report
+}
+
+/// The streamed case (1 GiB for weights, prefetch on) with each number of read-ahead
+/// readers in `readers`, `rounds` times over, alternating; before each decode, the disk
+/// tier's O_DIRECT probe at the same depth. One line per run: readers, decode tok/s, the
+/// read-ahead's GB/s, the probe's GB/s. For choosing `STREAM_READERS` on a disk whose speed
+/// moves from one second to the next (`cargo run --release -p vlmem-bench --example
+/// stream_sweep`).
+pub fn reader_sweep(readers: &[usize], rounds: usize) -> Vec<String> {
+    let Some(s) = setup(BenchOptions { quick: false }) else {
+        return vec![format!("{MODEL} is not in the catalog")];
+    };
+    let (ckpt, note) = match ensure_checkpoint(&cache_root().join(s.name), &s.cfg) {
+        Ok(x) => x,
+        Err(e) => return vec![format!("synth failed: {e}")],
+    };
+    let mut out = vec![note];
+    for round in 0..rounds {
+        for &n in readers {
+            let probe = direct_read_gbps(&ckpt, n, s.probe_bytes).unwrap_or(f64::NAN);
+            match decode_run_with(&ckpt, s.streamed_host_bytes, 2, s.new_tokens, Some(n)) {
+                Ok(d) => out.push(format!(
+                    "round {round} readers {n}: {:.3} tok/s, read {:.3} GB/s, probe at depth {n} {probe:.3} GB/s, on demand {}",
+                    d.tok_s,
+                    d.streamed_bytes_per_token * d.tok_s / 1e9,
+                    d.staged_on_demand
+                )),
+                Err(e) => out.push(format!("round {round} readers {n}: {e}")),
+            }
+        }
+    }
+    out
 }
 
 fn threads() -> usize {
