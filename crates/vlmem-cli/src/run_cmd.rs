@@ -125,11 +125,12 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         vlmem_runner::gpu::GpuLayerPlan::default()
     };
     let manager = MemoryManager::new(config).map_err(CliError::failure)?;
-    let weights = Arc::new(ManagedWeights::register(
+    let weights = Arc::new(ManagedWeights::register_except(
         manager.clone(),
         &checkpoint,
         Tier::Host,
         &Device::Cpu,
+        &gpu_plan.matrices,
     )?);
     weights.set_prefetch_layers(a.prefetch_layers);
     let gpu = gpu_layers(use_gpu, &weights, &checkpoint, &gpu_plan)?;

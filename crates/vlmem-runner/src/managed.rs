@@ -72,6 +72,8 @@ struct PrefetchShared {
     /// handles (and sizes) a prefetch of that unit hints. Fused expert stacks are left out:
     /// decode reads only the routed experts' slices of them.
     units: Vec<Vec<(TensorHandle, u64)>>,
+    /// Per unit, whether it has streamed tensors.
+    streams: Vec<bool>,
     /// The compute tier's weight budget when registered: larger tensors are never hinted.
     budget_bytes: u64,
 
@@ -116,14 +118,32 @@ impl PrefetchShared {
         dist > 0 && dist <= self.ahead.load(Ordering::Relaxed)
     }
 
+    /// How many units ahead of the compute thread streamed tensors are read ahead: the
+    /// lookahead counts only units that stream, so a run of units kept whole (the final
+    /// unit and the first layers, under the streaming plan) does not leave the disk idle
+    /// while they compute; at least the lookahead itself.
+    fn window(&self) -> usize {
+        let n = self.units.len();
+        let ahead = self.ahead.load(Ordering::Relaxed).min(n.saturating_sub(1));
+        let cur = (self.cursor.load(Ordering::Acquire) >> 32) as usize;
+        let (mut w, mut found) = (0, 0);
+        while found < ahead && w + 1 < n {
+            w += 1;
+            if self.streams[(cur + w) % n] {
+                found += 1;
+            }
+        }
+        if found == 0 { ahead } else { w.max(ahead) }
+    }
+
     /// Whether streamed tensor `i` of unit `u` is still to be taken by the compute thread
     /// (the one it is asking for now included: it waits for a fill of it that is coming or
-    /// in flight), within the lookahead: worth reading ahead. (A fill begun after the
-    /// compute thread missed the tensor is refused by the area itself.)
+    /// in flight), within the lookahead ([`Self::window`]): worth reading ahead. (A fill
+    /// begun after the compute thread asked for the tensor is refused by the area itself.)
     fn wanted(&self, u: usize, i: usize) -> bool {
         match self.distance(u) {
             (0, at) => i + 1 >= at,
-            (dist, _) => dist <= self.ahead.load(Ordering::Relaxed),
+            (dist, _) => dist <= self.window(),
         }
     }
 
@@ -194,10 +214,12 @@ impl PrefetchShared {
     }
 
     /// The prefetch thread (the read-ahead's scheduler): for each layer start (the latest
-    /// one when several queued), walks the next layers' tensors in use order. A streamed one
+    /// one when several queued), walks the next units' tensors in use order, as far as the
+    /// lookahead of streamed units ([`Self::window`]) reaches. A streamed one
     /// is staged ([`PrefetchShared::stage`]: room claimed, pieces queued on the reader pool,
     /// no wait for the read), so the pool reads across tensor boundaries as far ahead as the
-    /// area has room. A kept one is hinted to the compute tier one at a time, each after
+    /// area has room. A kept one (within the next `ahead` units) is hinted to the compute
+    /// tier one at a time, each after
     /// checking the compute thread has not reached its layer yet and that it is not on the
     /// tier already, waiting for it to land before the next: one hint in flight keeps a late
     /// hint from loading a tensor that was already used (and evicted), and prefetches from
@@ -208,14 +230,15 @@ impl PrefetchShared {
                 layer = l;
             }
             let n = self.units.len();
-            let ahead = self.ahead.load(Ordering::Relaxed).min(n.saturating_sub(1));
             // Streamed tensors from the rest of the current unit on (the compute thread may
             // have caught up with the reads: it then waits for each instead of reading it a
             // second time), kept ones from the next unit on.
-            'units: for step in 0..=ahead {
+            'units: for step in 0..=self.window() {
                 let u = (layer + step) % n;
                 for &(h, bytes) in &self.units[u] {
-                    if self.distance(u).0 > ahead {
+                    // Out of the window (the compute thread moved past this unit: the walk
+                    // starts again from its layer).
+                    if self.distance(u).0 > self.window() {
                         break 'units;
                     }
                     if let Some(&(_, i, offset)) = self.positions.get(&h) {
@@ -224,11 +247,8 @@ impl PrefetchShared {
                         }
                         continue;
                     }
-                    if step == 0 {
+                    if step == 0 || !self.still_ahead(u) {
                         continue;
-                    }
-                    if !self.still_ahead(u) {
-                        break 'units;
                     }
                     if bytes > self.budget_bytes || self.on_tier(h) {
                         continue;
@@ -540,6 +560,27 @@ impl ManagedWeights {
         compute_tier: Tier,
         device: &Device,
     ) -> Result<Self> {
+        Self::register_except(
+            manager,
+            checkpoint,
+            compute_tier,
+            device,
+            &std::collections::BTreeSet::new(),
+        )
+    }
+
+    /// [`ManagedWeights::register`], leaving the tensors named in `elsewhere` out of the
+    /// compute tier's plan: they are computed on another tier (the first decoder layers on
+    /// the GPU, [`crate::gpu::GpuLayerPlan`]), so they are neither kept in RAM, nor streamed,
+    /// nor prefetched here. They stay registered, and a call for one still works (it pins
+    /// it like any tensor outside the plan).
+    pub fn register_except(
+        manager: MemoryManager,
+        checkpoint: &Checkpoint,
+        compute_tier: Tier,
+        device: &Device,
+        elsewhere: &std::collections::BTreeSet<String>,
+    ) -> Result<Self> {
         let mut index = HashMap::with_capacity(checkpoint.tensors.len());
         for (i, t) in checkpoint.tensors.iter().enumerate() {
             let h = manager
@@ -567,7 +608,11 @@ impl ManagedWeights {
         for name in names {
             let (h, info) = &index[name];
             match text_layer(name) {
-                Some(l) if l < layers && !name.contains(".mlp.experts.") => {
+                Some(l)
+                    if l < layers
+                        && !name.contains(".mlp.experts.")
+                        && !elsewhere.contains(name) =>
+                {
                     units[l].push((*h, info.bytes))
                 }
                 _ => {}
@@ -602,10 +647,15 @@ impl ManagedWeights {
                 positions.insert(h, (u, i, offset));
             }
         }
+        let streams = units
+            .iter()
+            .map(|unit| unit.iter().any(|(h, _)| positions.contains_key(h)))
+            .collect();
         let prefetch = Arc::new(PrefetchShared {
             manager: manager.clone(),
             tier: compute_tier,
             units,
+            streams,
             budget_bytes,
             positions,
             area: StagingArea::new(area_bytes),
@@ -643,12 +693,15 @@ impl ManagedWeights {
     /// (default [`STREAM_READERS`]; at least 1). Takes effect when the read-ahead starts (the
     /// first layer of the first step), so set it before generating.
     pub fn set_stream_readers(&self, readers: usize) {
-        self.prefetch.readers.store(readers.max(1), Ordering::Relaxed);
+        self.prefetch
+            .readers
+            .store(readers.max(1), Ordering::Relaxed);
     }
 
     /// Prefetch the weights of the next `layers` layers (the final norm and lm_head count as
     /// one, and the first layers follow them, as decode cycles) when a layer starts; 0 turns
-    /// prefetch off.
+    /// prefetch off. Streamed tensors are read ahead over the next `layers` layers that
+    /// stream: layers kept whole in between do not count.
     pub fn set_prefetch_layers(&self, layers: usize) {
         self.prefetch.ahead.store(layers, Ordering::Relaxed);
     }

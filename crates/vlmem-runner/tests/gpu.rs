@@ -120,6 +120,75 @@ fn gpu_layer_plan_takes_whole_layers_from_the_first() {
     }
 }
 
+/// Matrices planned for the GPU leave the RAM plan: with no RAM for weights, the streamed set
+/// shrinks by exactly those matrices, and a run that still asks the CPU source for them (as
+/// after a failed device pin) reproduces the reference ids.
+#[test]
+fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
+    use candle_core::Device;
+    use std::sync::Arc;
+    use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
+    use vlmem_qwen3vl::checkpoint::Checkpoint;
+    use vlmem_runner::gpu::GpuLayerPlan;
+    use vlmem_runner::{GenerateOptions, ManagedWeights, Runner};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen3-vl-tiny");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let layer0: u64 = ckpt
+        .tensors
+        .iter()
+        .filter(|t| t.layer == Some(0) && t.shape.len() == 2)
+        .map(|t| t.bytes)
+        .sum();
+    let plan = GpuLayerPlan::new(&ckpt, layer0);
+    assert_eq!(plan.layers, 1);
+    let manager = || {
+        let mut c = ManagerConfig::with_capacities(0, 8 << 20, 4 << 20);
+        c.budgets.bytes[Tier::Host.index()][TensorKind::Weight.index()] = 0;
+        MemoryManager::new(c).unwrap()
+    };
+    let all = ManagedWeights::register(manager(), &ckpt, Tier::Host, &Device::Cpu)
+        .unwrap()
+        .staging();
+    let except =
+        ManagedWeights::register_except(manager(), &ckpt, Tier::Host, &Device::Cpu, &plan.matrices)
+            .unwrap();
+    let st = except.staging();
+    assert_eq!(
+        st.streamed_tensors,
+        all.streamed_tensors - plan.matrices.len()
+    );
+    assert_eq!(st.streamed_bytes, all.streamed_bytes - plan.weight_bytes);
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let as_ids = |t: &candle_core::Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::I64)
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
+    };
+    let want = as_ids(&r["generated_ids"]);
+    let runner = Runner::with_weights(&ckpt, Arc::new(except), &Device::Cpu).unwrap();
+    let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
+    let g = runner
+        .model()
+        .generate(
+            &as_ids(&r["input_ids"]),
+            &images,
+            &GenerateOptions {
+                max_new_tokens: want.len(),
+                stop_ids: vec![],
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(g.generated_ids, want);
+}
+
 #[cfg(feature = "cuda")]
 mod on_gpu {
     use candle_core::Device;
@@ -348,10 +417,17 @@ mod on_gpu {
             ] {
                 let what = format!("{name}, device {device_w} B, host {host_w} B");
                 let m = gpu_manager(device_w, host_w);
-                let weights = Arc::new(
-                    ManagedWeights::register(m.clone(), &ckpt, Tier::Host, &Device::Cpu).unwrap(),
-                );
                 let plan = GpuLayerPlan::new(&ckpt, device_w);
+                let weights = Arc::new(
+                    ManagedWeights::register_except(
+                        m.clone(),
+                        &ckpt,
+                        Tier::Host,
+                        &Device::Cpu,
+                        &plan.matrices,
+                    )
+                    .unwrap(),
+                );
                 let layers = Arc::new(
                     GpuLayers::new(weights, &ckpt, &plan, GpuKernels::new(0).unwrap()).unwrap(),
                 );
