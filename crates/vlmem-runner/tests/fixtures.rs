@@ -2,9 +2,11 @@
 //! (dense and MoE, transformers-5.x and released layouts): preprocessing, positions, chat
 //! ids, every intermediate the reference recorded, the logits and greedy generation.
 
+mod common;
+use common::{fixture_dir, ids as ids_of};
+
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use vlmem_runner::preprocess::{load_image, preprocess};
 use vlmem_runner::{GenerateOptions, LogitsFor, PrefillOptions, Runner};
 
@@ -13,30 +15,8 @@ const TOL_ACTIVATIONS: f32 = 1e-4;
 /// Preprocessed pixels.
 const TOL_PIXELS: f32 = 1e-5;
 
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
-
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixture_dir(name).join("reference.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("reference.safetensors loads")
-}
-
-fn ids_of(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| u32::try_from(x).expect("id fits u32"))
-        .collect()
+    common::reference(&fixture_dir(name))
 }
 
 /// Max |a - b| over all elements; the element counts must agree.

@@ -5,6 +5,9 @@
 //! `#[ignore]`d (so a machine without one reports them as ignored, not passed); `.ci/gpu/check`
 //! runs them with `--include-ignored`.
 
+mod common;
+
+use common::{FIXTURES, fixture_dir, ids, reference};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
@@ -81,15 +84,8 @@ fn gpu_kernels_pass_their_cpu_emulation() {
 fn gpu_layer_plan_takes_whole_layers_from_the_first() {
     use vlmem_qwen3vl::checkpoint::Checkpoint;
     use vlmem_runner::gpu::GpuLayerPlan;
-    for name in [
-        "qwen3-vl-tiny",
-        "qwen3-vl-tiny-released-layout",
-        "qwen3-vl-moe-tiny",
-        "qwen3-vl-moe-tiny-released-layout",
-    ] {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures")
-            .join(name);
+    for name in FIXTURES {
+        let dir = fixture_dir(name);
         let ckpt = Checkpoint::open(&dir).unwrap();
         let layers = ckpt.config.text.num_hidden_layers as usize;
         let matrices = |l: u64| {
@@ -132,7 +128,7 @@ fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
     use vlmem_qwen3vl::checkpoint::Checkpoint;
     use vlmem_runner::gpu::GpuLayerPlan;
     use vlmem_runner::{GenerateOptions, ManagedWeights, Runner};
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen3-vl-tiny");
+    let dir = fixture_dir("qwen3-vl-tiny");
     let ckpt = Checkpoint::open(&dir).unwrap();
     let layer0: u64 = ckpt
         .tensors
@@ -159,26 +155,14 @@ fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
         all.streamed_tensors - plan.matrices.len()
     );
     assert_eq!(st.streamed_bytes, all.streamed_bytes - plan.weight_bytes);
-    let r =
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    let as_ids = |t: &candle_core::Tensor| -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(candle_core::DType::I64)
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|x| x as u32)
-            .collect()
-    };
-    let want = as_ids(&r["generated_ids"]);
+    let r = reference(&dir);
+    let want = ids(&r["generated_ids"]);
     let runner = Runner::with_weights(&ckpt, Arc::new(except), &Device::Cpu).unwrap();
     let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
     let g = runner
         .model()
         .generate(
-            &as_ids(&r["input_ids"]),
+            &ids(&r["input_ids"]),
             &images,
             &GenerateOptions {
                 max_new_tokens: want.len(),
@@ -192,9 +176,9 @@ fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
 
 #[cfg(feature = "cuda")]
 mod on_gpu {
+    use super::common::{FIXTURES, fixture_dir, flat, ids, max_abs, reference};
     use candle_core::Device;
     use half::{bf16, f16};
-    use std::path::{Path, PathBuf};
     use std::sync::Arc;
     use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
     use vlmem_qwen3vl::checkpoint::Checkpoint;
@@ -344,40 +328,6 @@ mod on_gpu {
         );
     }
 
-    fn fixture_dir(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures")
-            .join(name)
-    }
-
-    fn reference(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
-    }
-
-    fn flat(t: &candle_core::Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    }
-
-    fn ids(t: &candle_core::Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(candle_core::DType::I64)
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|x| x as u32)
-            .collect()
-    }
-
-    fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    }
-
     /// The runner with decoder layers on the GPU reproduces the reference on all four
     /// fixtures: the prompt's logits and every generated logit within 1e-4, the same greedy
     /// ids. Device budgets: one layer (a budget smaller than the model), every layer, and
@@ -386,12 +336,7 @@ mod on_gpu {
     #[ignore = "needs an NVIDIA GPU: run with --include-ignored (.ci/gpu/check)"]
     fn gpu_layers_match_the_reference_on_every_fixture() {
         require_gpu();
-        for name in [
-            "qwen3-vl-tiny",
-            "qwen3-vl-tiny-released-layout",
-            "qwen3-vl-moe-tiny",
-            "qwen3-vl-moe-tiny-released-layout",
-        ] {
+        for name in FIXTURES {
             let dir = fixture_dir(name);
             let r = reference(&dir);
             let prompt = ids(&r["input_ids"]);

@@ -3,20 +3,17 @@
 //! the checkpoint's extents on the disk tier), and a RAM budget smaller than one layer
 //! (constant eviction). The manager's counters show it did the work.
 
+mod common;
+use common::{FIXTURES, fixture_dir, ids, reference};
+
 use candle_core::Device;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
 use vlmem_qwen3vl::checkpoint::Checkpoint;
 use vlmem_runner::{GenerateOptions, LogitsFor, ManagedWeights, PrefillOptions, Runner};
 
 const MIB: u64 = 1 << 20;
-
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
 
 fn outputs(runner: &Runner, dir: &Path) -> (Vec<f32>, Vec<u32>) {
     let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
@@ -55,12 +52,7 @@ fn manager(host_weight_bytes: u64) -> MemoryManager {
 
 #[test]
 fn managed_weights_match_whatever_the_tiering() {
-    for name in [
-        "qwen3-vl-tiny",
-        "qwen3-vl-tiny-released-layout",
-        "qwen3-vl-moe-tiny",
-        "qwen3-vl-moe-tiny-released-layout",
-    ] {
+    for name in FIXTURES {
         let dir = fixture_dir(name);
         let expected = outputs(&Runner::open(&dir).unwrap(), &dir);
         let ckpt = Checkpoint::open(&dir).unwrap();
@@ -90,33 +82,12 @@ fn managed_weights_match_whatever_the_tiering() {
     }
 }
 
-fn reference(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
-    candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn ids(t: &candle_core::Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
 /// Decode through the bf16 kernel on the manager's bytes (pinned, or staged with no RAM for
 /// weights), with and without prefetch: the greedy ids and every generated logit match the
 /// reference within 1e-4.
 #[test]
 fn managed_decode_matches_the_reference_with_the_kernel() {
-    for name in [
-        "qwen3-vl-tiny",
-        "qwen3-vl-tiny-released-layout",
-        "qwen3-vl-moe-tiny",
-        "qwen3-vl-moe-tiny-released-layout",
-    ] {
+    for name in FIXTURES {
         let dir = fixture_dir(name);
         let r = reference(&dir);
         let prompt = ids(&r["input_ids"]);

@@ -2,20 +2,16 @@
 //! simple growable cache: with room for every block, and with room for only a few blocks
 //! (whole layers' sequences swapped out to the disk tier and back at every step).
 
+mod common;
+use common::fixture_dir;
+
 use candle_core::Tensor;
-use std::path::PathBuf;
 use std::sync::Arc;
 use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
 use vlmem_runner::model::argmax;
 use vlmem_runner::{KvStore, PagedKv, PrefillOptions, Runner};
 
 const MIB: u64 = 1 << 20;
-
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
 
 /// Prefill and 5 greedy decode steps through `kv`; every step's logits.
 fn run(runner: &Runner, kv: &mut dyn KvStore) -> Vec<Vec<f32>> {

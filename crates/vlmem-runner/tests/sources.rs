@@ -1,22 +1,19 @@
 //! The outputs do not depend on where weights come from: read from the file on every use
 //! (nothing resident), kept resident after first use, or split across shards.
 
+mod common;
+use common::{fixture_dir, max_abs};
+
 use candle_core::{Device, Tensor};
 use serde_json::json;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use vlmem_qwen3vl::checkpoint::{Checkpoint, read_header};
 use vlmem_runner::{
     CachedWeights, CheckpointWeights, GenerateOptions, LogitsFor, PrefillOptions, Runner,
     WeightSource,
 };
-
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
 
 /// Prompt logits `[tokens, vocab]` and 4 greedy ids for the fixture's reference prompt.
 fn outputs(runner: &Runner, dir: &Path) -> (Vec<f32>, Vec<u32>) {
@@ -149,15 +146,6 @@ fn sharded_checkpoint_gives_bit_identical_outputs() {
     let single = Runner::open(&dir).unwrap();
     let sharded = Runner::open(tmp.path()).unwrap();
     assert_eq!(outputs(&single, &dir), outputs(&sharded, tmp.path()));
-}
-
-/// Max |a - b|.
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

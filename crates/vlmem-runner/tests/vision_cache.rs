@@ -2,20 +2,16 @@
 //! vision tower and the outputs stay identical; another image misses; the embeddings are
 //! `VisionEmbedding` tensors of the manager.
 
+mod common;
+use common::fixture_dir;
+
 use candle_core::Tensor;
-use std::path::PathBuf;
 use std::sync::Arc;
 use vlmem::vision_cache::VisionCache;
 use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
 use vlmem_runner::{ImageInput, PrefillOptions, Runner};
 
 const MIB: u64 = 1 << 20;
-
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
 
 fn prompt_logits(runner: &Runner, images: &[ImageInput]) -> Vec<f32> {
     let ids = runner.chat_ids("Describe this image.", images).unwrap();
