@@ -11,15 +11,17 @@
 //!   machine's memory read bandwidth.
 //!
 //! AVX2 + FMA is used when the CPU has it (detected at run time), else a portable scalar loop.
-//! Rows (or, for [`vecmat`], output columns) are split across rayon's pool, the pool candle
-//! itself uses. The only `unsafe` of the crate lives in this module's [`bf16`] submodule.
+//! Rows (or, for [`vecmat`], output columns) are split across [`pool::global`], a pool whose
+//! threads spin briefly between jobs, so the few hundred short products of a decode step do
+//! not each wait for sleeping threads. The crate's `unsafe` lives in this module's
+//! [`bf16`] (SIMD), [`pool`] (a job's borrowed function) and `cuda` submodules.
 
 pub mod bf16;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod pool;
 
 use crate::error::{Result, RunnerError};
-use rayon::prelude::*;
 use vlmem_qwen3vl::tensors::Dtype;
 
 /// Elements of weight below which a call stays on the calling thread (the fork costs more).
@@ -92,13 +94,20 @@ fn check(
     Ok(())
 }
 
+/// Bytes of weights per parallel task: small enough that the threads finish together (a
+/// thread descheduled for a moment holds up at most one task), large enough that claiming a
+/// task (one atomic add) costs nothing beside reading it.
+const TASK_BYTES: usize = 1 << 20;
+
 /// Rows per parallel task: a multiple of 4 (the AVX2 kernel's row block) holding at least
-/// [`MIN_ELEMS_PER_TASK`] weights, and about four tasks per thread for balance.
-fn rows_per_task(rows: usize, cols: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    let by_balance = rows.div_ceil(threads * 4);
+/// [`MIN_ELEMS_PER_TASK`] weights and about [`TASK_BYTES`] of them, with at least two tasks
+/// per thread where the matrix has the rows.
+fn rows_per_task(rows: usize, cols: usize, elem_bytes: usize) -> usize {
+    let threads = pool::global().threads();
+    let by_balance = rows.div_ceil(threads * 2);
     let by_size = MIN_ELEMS_PER_TASK.div_ceil(cols.max(1));
-    by_balance.max(by_size).max(1).div_ceil(4) * 4
+    let by_bytes = TASK_BYTES.div_ceil((cols * elem_bytes).max(1));
+    by_bytes.min(by_balance).max(by_size).max(1).div_ceil(4) * 4
 }
 
 /// `y = W x`: `w` holds `W` as `rows x cols` row-major elements of `ty` (little-endian),
@@ -110,13 +119,15 @@ pub fn matvec(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
         return Ok(y);
     }
     let row_bytes = cols * ty.size_bytes();
-    let per_task = rows_per_task(rows, cols);
+    let per_task = rows_per_task(rows, cols, ty.size_bytes());
     if per_task >= rows {
         bf16::matvec_rows(w, ty, cols, x, &mut y);
     } else {
-        y.par_chunks_mut(per_task)
-            .zip(w.par_chunks(per_task * row_bytes))
-            .for_each(|(y, w)| bf16::matvec_rows(w, ty, cols, x, y));
+        let parts: Vec<(&mut [f32], &[u8])> = y
+            .chunks_mut(per_task)
+            .zip(w.chunks(per_task * row_bytes))
+            .collect();
+        pool::global().for_each(parts, |(y, w)| bf16::matvec_rows(w, ty, cols, x, y));
     }
     Ok(y)
 }
@@ -138,7 +149,8 @@ pub fn matvec_many(
         return Ok(ys);
     }
     let total_rows: usize = mats.iter().map(|&(_, _, rows)| rows).sum();
-    let per_task = rows_per_task(total_rows, cols);
+    let elem_bytes = mats.iter().map(|m| m.1.size_bytes()).max().unwrap_or(4);
+    let per_task = rows_per_task(total_rows, cols, elem_bytes);
     let mut tasks: Vec<(&[u8], WeightType, &mut [f32])> = Vec::new();
     for (&(w, ty, _), y) in mats.iter().zip(ys.iter_mut()) {
         let row_bytes = cols * ty.size_bytes();
@@ -146,10 +158,7 @@ pub fn matvec_many(
             tasks.push((wc, ty, yc));
         }
     }
-    tasks
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|(w, ty, y)| bf16::matvec_rows(w, ty, cols, x, y));
+    pool::global().for_each(tasks, |(w, ty, y)| bf16::matvec_rows(w, ty, cols, x, y));
     Ok(ys)
 }
 
@@ -193,19 +202,23 @@ pub fn matmul(
     // Blocks of whole 4-row groups (the kernel's row block, so every row is summed the way
     // `matvec` sums it), small enough for L2, and at least a few per thread.
     let by_cache = (MATMUL_BLOCK_BYTES / row_bytes.max(1)).max(4) / 4 * 4;
-    let per_task = by_cache.min(rows_per_task(rows, cols)).max(4);
-    let blocks: Vec<(usize, Vec<f32>)> = w
-        .par_chunks(per_task * row_bytes)
-        .enumerate()
-        .map(|(b, wb)| {
-            let rb = wb.len() / row_bytes;
-            let mut local = vec![0f32; n * rb];
-            for (t, out) in local.chunks_mut(rb).enumerate() {
-                bf16::matvec_rows(wb, ty, cols, &x[t * cols..(t + 1) * cols], out);
-            }
-            (b * per_task, local)
-        })
+    let per_task = by_cache
+        .min(rows_per_task(rows, cols, ty.size_bytes()))
+        .max(4);
+    let mut blocks: Vec<(usize, Vec<f32>)> = (0..rows)
+        .step_by(per_task)
+        .map(|r0| (r0, vec![0f32; n * per_task.min(rows - r0)]))
         .collect();
+    let items: Vec<(&[u8], &mut Vec<f32>)> = w
+        .chunks(per_task * row_bytes)
+        .zip(blocks.iter_mut().map(|(_, local)| local))
+        .collect();
+    pool::global().for_each(items, |(wb, local)| {
+        let rb = wb.len() / row_bytes;
+        for (t, out) in local.chunks_mut(rb).enumerate() {
+            bf16::matvec_rows(wb, ty, cols, &x[t * cols..(t + 1) * cols], out);
+        }
+    });
     for (r0, local) in blocks {
         let rb = local.len() / n;
         for (t, out) in local.chunks(rb).enumerate() {
@@ -223,7 +236,7 @@ pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
     if rows == 0 || cols == 0 {
         return Ok(y);
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::global().threads();
     // Column blocks: multiples of 8 (one AVX2 vector), at least MIN_ELEMS_PER_TASK weights.
     let by_balance = cols.div_ceil(threads * 2);
     let by_size = MIN_ELEMS_PER_TASK.div_ceil(rows);
@@ -231,23 +244,25 @@ pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
     if per_task >= cols {
         bf16::vecmat_cols(w, ty, rows, cols, 0, x, &mut y);
     } else {
-        y.par_chunks_mut(per_task)
-            .enumerate()
-            .for_each(|(i, y)| bf16::vecmat_cols(w, ty, rows, cols, i * per_task, x, y));
+        let parts: Vec<(usize, &mut [f32])> = y.chunks_mut(per_task).enumerate().collect();
+        pool::global().for_each(parts, |(i, y)| {
+            bf16::vecmat_cols(w, ty, rows, cols, i * per_task, x, y)
+        });
     }
     Ok(y)
 }
 
-/// Reads every byte of `buf` with vector loads, split across all of rayon's threads, and
+/// Reads every byte of `buf` with vector loads, split across the kernels' pool, and
 /// returns a checksum (so the reads cannot be optimised away). Time it to get the memory
 /// read bandwidth.
 pub fn read_bandwidth_probe(buf: &[u8]) -> u64 {
-    // 4 MiB tasks: many more than threads, so work stealing evens out a thread that the OS
-    // descheduled (a shared machine) instead of the whole read waiting for it.
+    // 4 MiB tasks, claimed one at a time: many more than threads, so the others take over
+    // from a thread that the OS descheduled (a shared machine) instead of waiting for it.
     let per_task = 4 << 20;
-    buf.par_chunks(per_task)
-        .map(bf16::read_sum)
-        .reduce(|| 0u64, u64::wrapping_add)
+    let mut sums = vec![0u64; buf.len().div_ceil(per_task)];
+    let parts: Vec<(&[u8], &mut u64)> = buf.chunks(per_task).zip(sums.iter_mut()).collect();
+    pool::global().for_each(parts, |(chunk, sum)| *sum = bf16::read_sum(chunk));
+    sums.into_iter().fold(0u64, u64::wrapping_add)
 }
 
 #[cfg(test)]
