@@ -275,16 +275,21 @@ fn worker(shared: &Shared) {
 }
 
 /// The process's pool, made on first use: `VLMEM_THREADS` threads if that is set to a
-/// number, else as many as rayon's global pool (which follows `RAYON_NUM_THREADS`, else the
-/// machine's cores).
+/// number, else `RAYON_NUM_THREADS` (as rayon's global pool reads it), else the machine's
+/// available parallelism. (Not `rayon::current_num_threads`, which inside a rayon pool's
+/// `install` counts that pool.)
 pub fn global() -> &'static WorkPool {
     static POOL: OnceLock<WorkPool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let threads = std::env::var("VLMEM_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(rayon::current_num_threads);
+        let from_env = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+        };
+        let threads = from_env("VLMEM_THREADS")
+            .or_else(|| from_env("RAYON_NUM_THREADS"))
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         WorkPool::new(threads)
     })
 }
