@@ -15,16 +15,7 @@ fn main() {
     for (i, b) in buf.iter_mut().enumerate() {
         *b = ((i * 7) % 61) as u8 + 0x20;
     }
-    // Layer shapes of qwen3-vl-2b (rows x cols): q, k, v, o, gate, up, down.
-    let shapes = [
-        (2048usize, 2048usize),
-        (1024, 2048),
-        (1024, 2048),
-        (2048, 2048),
-        (6144, 2048),
-        (6144, 2048),
-        (2048, 6144),
-    ];
+    let shapes = vlmem_bench::QWEN3VL_2B_LAYER_SHAPES;
     let layer_bytes: usize = shapes.iter().map(|(r, c)| r * c * 2).sum();
     let layers = len / layer_bytes;
     let x: Vec<f32> = (0..6144).map(|i| (i as f32 * 0.001).sin()).collect();

@@ -4,22 +4,24 @@
 //! `cargo run --release -p vlmem-bench --example matvec_pool`
 use rayon::prelude::*;
 use std::time::Instant;
+use vlmem_bench::QWEN3VL_2B_LAYER_SHAPES as SHAPES;
 use vlmem_runner::kernels::{self, WeightType, bf16, pool};
-
-/// Layer shapes of qwen3-vl-2b (rows x cols): q, k, v, o, gate, up, down.
-const SHAPES: [(usize, usize); 7] = [
-    (2048, 2048),
-    (1024, 2048),
-    (1024, 2048),
-    (2048, 2048),
-    (6144, 2048),
-    (6144, 2048),
-    (2048, 6144),
-];
 
 /// Rows per task: about 1 MiB of bf16 weights, a multiple of 4 rows.
 fn rows_per_task(cols: usize) -> usize {
     ((1usize << 20) / (cols * 2)).max(4) / 4 * 4
+}
+
+/// Calls `f(weights, rows, cols)` for every matrix of the first `layers` layers laid out
+/// back to back in `buf`.
+fn each_matrix(buf: &[u8], layers: usize, mut f: impl FnMut(&[u8], usize, usize)) {
+    let mut off = 0;
+    for _ in 0..layers {
+        for &(r, c) in &SHAPES {
+            f(&buf[off..off + r * c * 2], r, c);
+            off += r * c * 2;
+        }
+    }
 }
 
 fn main() {
@@ -42,36 +44,26 @@ fn main() {
     for round in 0..4 {
         let mut check = 0f32;
         let t = Instant::now();
-        for l in 0..layers {
-            let mut off = l * layer_bytes;
-            for &(r, c) in &SHAPES {
-                let w = &buf[off..off + r * c * 2];
-                let mut y = vec![0f32; r];
-                let per = rows_per_task(c);
-                y.par_chunks_mut(per)
-                    .zip(w.par_chunks(per * c * 2))
-                    .for_each(|(y, w)| bf16::matvec_rows(w, WeightType::Bf16, c, &x[..c], y));
-                check += y[0];
-                off += r * c * 2;
-            }
-        }
+        each_matrix(buf, layers, |w, r, c| {
+            let mut y = vec![0f32; r];
+            let per = rows_per_task(c);
+            y.par_chunks_mut(per)
+                .zip(w.par_chunks(per * c * 2))
+                .for_each(|(y, w)| bf16::matvec_rows(w, WeightType::Bf16, c, &x[..c], y));
+            check += y[0];
+        });
         let rayon_gbps = bytes / t.elapsed().as_secs_f64() / 1e9;
         let t = Instant::now();
-        for l in 0..layers {
-            let mut off = l * layer_bytes;
-            for &(r, c) in &SHAPES {
-                let w = &buf[off..off + r * c * 2];
-                let mut y = vec![0f32; r];
-                let per = rows_per_task(c);
-                let parts: Vec<(&mut [f32], &[u8])> =
-                    y.chunks_mut(per).zip(w.chunks(per * c * 2)).collect();
-                pool.for_each(parts, |(y, w)| {
-                    bf16::matvec_rows(w, WeightType::Bf16, c, &x[..c], y)
-                });
-                check += y[0];
-                off += r * c * 2;
-            }
-        }
+        each_matrix(buf, layers, |w, r, c| {
+            let mut y = vec![0f32; r];
+            let per = rows_per_task(c);
+            let parts: Vec<(&mut [f32], &[u8])> =
+                y.chunks_mut(per).zip(w.chunks(per * c * 2)).collect();
+            pool.for_each(parts, |(y, w)| {
+                bf16::matvec_rows(w, WeightType::Bf16, c, &x[..c], y)
+            });
+            check += y[0];
+        });
         let pool_gbps = bytes / t.elapsed().as_secs_f64() / 1e9;
         let t = Instant::now();
         let sum = kernels::read_bandwidth_probe(&buf[..layers * layer_bytes]);

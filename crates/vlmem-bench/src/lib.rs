@@ -10,6 +10,18 @@ pub mod io;
 
 pub mod replay;
 
+/// The weight matrices of one qwen3-vl-2b text layer as (rows, cols) of its linear layers, in
+/// use order: q, k, v, o, gate, up, down (the kernel examples' decode shapes).
+pub const QWEN3VL_2B_LAYER_SHAPES: [(usize, usize); 7] = [
+    (2048, 2048),
+    (1024, 2048),
+    (1024, 2048),
+    (2048, 2048),
+    (6144, 2048),
+    (6144, 2048),
+    (2048, 6144),
+];
+
 use serde::Serialize;
 
 /// One measured figure. Baselines carry `@baseline` in their name, e.g. `kv_churn_ns_per_op@mimalloc`.
