@@ -16,6 +16,10 @@
 //!   `dd iflag=direct` (depth 1); the best of all of them counts, and `@dd` keeps the bound
 //!   from `dd` alone (what sessions 1-4 used, which understates a disk that serves more at
 //!   depth), `@depth_mean` the one from the best depth's mean of before and after;
+//!   `@streamed_extents` the one from the disk read over exactly the streamed tensors'
+//!   extents, in the read-ahead's order, at depths 1 and 4, right after the streamed run and
+//!   after the run without prefetch (`streamed_over_extents_bound` sets streamed against
+//!   min(that, resident): the read-ahead against the disk on the same bytes);
 //!   `decode_tok_s.overlap_bound`: min(bound, resident), the speed of a step whose disk reads
 //!   and compute fully overlap (the target: streamed >= 85% of it);
 //! - `decode_tok_s.resident@membw_bound`: memory read bandwidth (vectorized reads on all
@@ -33,7 +37,7 @@ use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use vlmem::{Budgets, ManagerConfig, MemoryManager, TensorKind, Tier};
 use vlmem_qwen3vl::Qwen3VlConfig;
@@ -228,6 +232,10 @@ fn dd_read_gbps(c: &Checkpoint, bytes: u64) -> Result<f64, String> {
 /// Queue depths of the O_DIRECT disk probe.
 const PROBE_DEPTHS: [usize; 4] = [1, 2, 4, 8];
 
+/// Queue depths of the probe over the streamed tensors' own extents: one reader, and the
+/// read-ahead's four.
+const EXTENT_PROBE_DEPTHS: [usize; 2] = [1, 4];
+
 /// Bytes per read of the O_DIRECT disk probe: the read-ahead's piece size.
 const PROBE_READ_BYTES: u64 = 4 * MIB;
 
@@ -246,13 +254,32 @@ fn direct_read_gbps(c: &Checkpoint, depth: usize, bytes: u64) -> Result<f64, Str
     if span == 0 {
         return Err(format!("{} is too small", file.display()));
     }
+    extents_read_gbps(&[(file.clone(), 0, span)], depth)
+}
+
+/// [`direct_read_gbps`] over the given extents (file, offset, bytes) in their order, each cut
+/// into [`PROBE_READ_BYTES`] pieces: the disk's speed on exactly the bytes a streamed decode
+/// step reads, in the order the read-ahead reads them.
+fn extents_read_gbps(extents: &[(PathBuf, u64, u64)], depth: usize) -> Result<f64, String> {
     let manager = MemoryManager::new(ManagerConfig::with_capacities(0, 64 * MIB, 64 * MIB))
         .map_err(|e| e.to_string())?;
-    let h = manager
-        .register_extent(file, 0, span, TensorKind::Weight, 0)
-        .map_err(|e| e.to_string())?;
-    let pieces = span / PROBE_READ_BYTES;
-    let next = AtomicU64::new(0);
+    let mut pieces = Vec::new();
+    for (file, offset, len) in extents {
+        let h = manager
+            .register_extent(file, *offset, *len, TensorKind::Weight, 0)
+            .map_err(|e| e.to_string())?;
+        let mut at = 0;
+        while at < *len {
+            let n = PROBE_READ_BYTES.min(len - at);
+            pieces.push((h, at, n as usize));
+            at += n;
+        }
+    }
+    let total: u64 = extents.iter().map(|e| e.2).sum();
+    if total == 0 {
+        return Err("nothing to read".into());
+    }
+    let next = AtomicUsize::new(0);
     let t = Instant::now();
     let ok = std::thread::scope(|scope| {
         let readers: Vec<_> = (0..depth)
@@ -261,12 +288,12 @@ fn direct_read_gbps(c: &Checkpoint, depth: usize, bytes: u64) -> Result<f64, Str
                     let mut buf = vlmem_tier::AlignedBuf::new(PROBE_READ_BYTES as usize)
                         .map_err(|e| e.to_string())?;
                     loop {
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        if k >= pieces {
+                        let Some(&(h, at, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed))
+                        else {
                             return Ok(());
-                        }
+                        };
                         manager
-                            .read(h, k * PROBE_READ_BYTES, buf.as_mut_slice())
+                            .read(h, at, &mut buf.as_mut_slice()[..n])
                             .map_err(|e| e.to_string())?;
                     }
                 })
@@ -279,7 +306,7 @@ fn direct_read_gbps(c: &Checkpoint, depth: usize, bytes: u64) -> Result<f64, Str
     });
     let s = t.elapsed().as_secs_f64();
     ok?;
-    Ok(span as f64 / s / 1e9)
+    Ok(total as f64 / s / 1e9)
 }
 
 /// One decode measurement.
@@ -299,6 +326,8 @@ struct Decode {
     staged_on_demand: u64,
     /// Most fills in flight at once in the staging area.
     staged_max_filling: u64,
+    /// The streamed weights' extents in the checkpoint (file, offset, bytes), in use order.
+    streamed_extents: Vec<(PathBuf, u64, u64)>,
     ids: Vec<u32>,
 }
 
@@ -386,6 +415,11 @@ fn decode_run_with(
         staged_taken: staging.stats.hits,
         staged_on_demand: staging.stats.misses,
         staged_max_filling: staging.stats.max_filling,
+        streamed_extents: weights
+            .streamed_tensors()
+            .into_iter()
+            .map(|t| (t.file.clone(), t.file_offset_bytes, t.bytes))
+            .collect(),
         ids: g.generated_ids,
     })
 }
@@ -462,7 +496,38 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
         .notes
         .push(format!("streamed run prefetches {ahead} layer(s) ahead"));
     let streamed = decode_run(&ckpt, s.streamed_host_bytes, ahead, s.new_tokens);
+    // The disk on exactly the bytes a streamed step reads, in the read-ahead's order, right
+    // after the streamed run and after the run without prefetch.
+    let extents = streamed
+        .as_ref()
+        .map(|d| d.streamed_extents.clone())
+        .unwrap_or_default();
+    let extent_probe = |r: &mut SuiteReport, when: &str| -> Vec<f64> {
+        let mut got = Vec::new();
+        for depth in EXTENT_PROBE_DEPTHS {
+            if extents.is_empty() {
+                break;
+            }
+            match extents_read_gbps(&extents, depth) {
+                Ok(v) => {
+                    push(
+                        r,
+                        &format!("disk_read_gbps@streamed_extents_depth{depth}_{when}"),
+                        v,
+                        "GB/s",
+                    );
+                    got.push(v);
+                }
+                Err(e) => r
+                    .notes
+                    .push(format!("streamed-extents probe {when}, depth {depth}: {e}")),
+            }
+        }
+        got
+    };
+    let mut extent_gbps = extent_probe(&mut report, "after_streamed");
     let noprefetch = decode_run(&ckpt, s.streamed_host_bytes, 0, s.new_tokens);
+    extent_gbps.extend(extent_probe(&mut report, "after_noprefetch"));
     let dd_after = dd_read_gbps(&ckpt, s.dd_bytes);
     let direct_after = probe(&mut report, "after");
 
@@ -686,6 +751,24 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
             best.1,
             st.streamed_bytes_per_token * st.tok_s / 1e9,
         ));
+        let extent_best = extent_gbps.iter().copied().fold(f64::NAN, f64::max);
+        if extent_best.is_finite() {
+            let extent_bound = extent_best * 1e9 / st.streamed_bytes_per_token;
+            push(
+                &mut report,
+                "decode_tok_s.bound@streamed_extents",
+                extent_bound,
+                "tok/s",
+            );
+            let ratio = st.tok_s / extent_bound.min(res.tok_s);
+            push(&mut report, "streamed_over_extents_bound", ratio, "ratio");
+            report.notes.push(format!(
+                "streamed against the disk on its own bytes (the streamed tensors' extents, in use order, best of depths {:?} after each streamed run: {:.2} GB/s): {:.0}%",
+                EXTENT_PROBE_DEPTHS,
+                extent_best,
+                ratio * 100.0
+            ));
+        }
         if let Ok(np) = &noprefetch {
             push(
                 &mut report,
@@ -769,5 +852,24 @@ mod tests {
             let v = direct_read_gbps(&c, depth, 16 * MIB).unwrap();
             assert!(v > 0.0 && v.is_finite(), "depth {depth}: {v}");
         }
+        // The streamed extents are what a step reads from disk: none when all is resident;
+        // when streamed, at least what does not fit and at most a whole step, each inside
+        // its file, and the probe reads them at every depth.
+        assert!(resident.streamed_extents.is_empty());
+        let extents = &streamed.streamed_extents;
+        let sum: u64 = extents.iter().map(|e| e.2).sum();
+        assert!(sum as f64 >= beyond * 0.9 && sum <= step_bytes(&c), "{sum}");
+        for (file, offset, len) in extents {
+            assert!(offset + len <= std::fs::metadata(file).unwrap().len());
+        }
+        assert_eq!(
+            &plain.streamed_extents, extents,
+            "the plan does not depend on prefetch"
+        );
+        for depth in EXTENT_PROBE_DEPTHS {
+            let v = extents_read_gbps(extents, depth).unwrap();
+            assert!(v > 0.0 && v.is_finite(), "depth {depth}: {v}");
+        }
+        assert!(extents_read_gbps(&[], 1).is_err());
     }
 }

@@ -793,6 +793,20 @@ impl ManagedWeights {
         }
     }
 
+    /// The weights the plan streams, in use order (layer by layer, each layer's tensors in
+    /// the order the forward pass takes them): what a decode step reads from the disk.
+    pub fn streamed_tensors(&self) -> Vec<&TensorInfo> {
+        let p = &self.prefetch;
+        let by_handle: HashMap<TensorHandle, &TensorInfo> =
+            self.index.values().map(|(h, info)| (*h, info)).collect();
+        p.units
+            .iter()
+            .flatten()
+            .filter(|(h, _)| p.positions.contains_key(h))
+            .filter_map(|(h, _)| by_handle.get(h).copied())
+            .collect()
+    }
+
     /// Bytes of fused expert tensors read (routed experts' slices only).
     pub fn expert_bytes(&self) -> u64 {
         self.expert_bytes.load(Ordering::Relaxed)
