@@ -57,8 +57,7 @@ fn main() {
         each_matrix(buf, layers, |w, r, c| {
             let mut y = vec![0f32; r];
             let per = rows_per_task(c);
-            let parts: Vec<(&mut [f32], &[u8])> =
-                y.chunks_mut(per).zip(w.chunks(per * c * 2)).collect();
+            let parts = y.chunks_mut(per).zip(w.chunks(per * c * 2));
             pool.for_each(parts, |(y, w)| {
                 bf16::matvec_rows(w, WeightType::Bf16, c, &x[..c], y)
             });

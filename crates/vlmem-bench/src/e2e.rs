@@ -504,10 +504,10 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
         .unwrap_or_default();
     let extent_probe = |r: &mut SuiteReport, when: &str| -> Vec<f64> {
         let mut got = Vec::new();
+        if extents.is_empty() {
+            return got;
+        }
         for depth in EXTENT_PROBE_DEPTHS {
-            if extents.is_empty() {
-                break;
-            }
             match extents_read_gbps(&extents, depth) {
                 Ok(v) => {
                     push(

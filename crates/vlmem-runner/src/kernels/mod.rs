@@ -123,10 +123,7 @@ pub fn matvec(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
     if per_task >= rows {
         bf16::matvec_rows(w, ty, cols, x, &mut y);
     } else {
-        let parts: Vec<(&mut [f32], &[u8])> = y
-            .chunks_mut(per_task)
-            .zip(w.chunks(per_task * row_bytes))
-            .collect();
+        let parts = y.chunks_mut(per_task).zip(w.chunks(per_task * row_bytes));
         pool::global().for_each(parts, |(y, w)| bf16::matvec_rows(w, ty, cols, x, y));
     }
     Ok(y)
@@ -209,10 +206,9 @@ pub fn matmul(
         .step_by(per_task)
         .map(|r0| (r0, vec![0f32; n * per_task.min(rows - r0)]))
         .collect();
-    let items: Vec<(&[u8], &mut Vec<f32>)> = w
+    let items = w
         .chunks(per_task * row_bytes)
-        .zip(blocks.iter_mut().map(|(_, local)| local))
-        .collect();
+        .zip(blocks.iter_mut().map(|(_, local)| local));
     pool::global().for_each(items, |(wb, local)| {
         let rb = wb.len() / row_bytes;
         for (t, out) in local.chunks_mut(rb).enumerate() {
@@ -244,8 +240,7 @@ pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
     if per_task >= cols {
         bf16::vecmat_cols(w, ty, rows, cols, 0, x, &mut y);
     } else {
-        let parts: Vec<(usize, &mut [f32])> = y.chunks_mut(per_task).enumerate().collect();
-        pool::global().for_each(parts, |(i, y)| {
+        pool::global().for_each(y.chunks_mut(per_task).enumerate(), |(i, y)| {
             bf16::vecmat_cols(w, ty, rows, cols, i * per_task, x, y)
         });
     }
@@ -260,7 +255,7 @@ pub fn read_bandwidth_probe(buf: &[u8]) -> u64 {
     // from a thread that the OS descheduled (a shared machine) instead of waiting for it.
     let per_task = 4 << 20;
     let mut sums = vec![0u64; buf.len().div_ceil(per_task)];
-    let parts: Vec<(&[u8], &mut u64)> = buf.chunks(per_task).zip(sums.iter_mut()).collect();
+    let parts = buf.chunks(per_task).zip(sums.iter_mut());
     pool::global().for_each(parts, |(chunk, sum)| *sum = bf16::read_sum(chunk));
     sums.into_iter().fold(0u64, u64::wrapping_add)
 }

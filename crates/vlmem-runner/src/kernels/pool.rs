@@ -36,7 +36,7 @@
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::OnceLock;
-use vlmem_core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use vlmem_core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use vlmem_core::sync::{Arc, Condvar, Mutex, thread, wait_guard};
 
 /// How long an idle worker spins for the next job before it sleeps. Decode's serial work
@@ -66,7 +66,6 @@ struct Job {
     done: AtomicUsize,
     /// The first panic of a task, re-raised by the caller.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
-    panicked: AtomicBool,
 }
 
 impl Job {
@@ -82,7 +81,6 @@ impl Job {
             // it lent (and everything it borrows) is alive (the module's invariants).
             let f = unsafe { &*self.f.0 };
             if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
-                self.panicked.store(true, Ordering::Relaxed);
                 self.panic.lock().get_or_insert(p);
             }
             // Release: the task's writes happen before the caller sees the count.
@@ -183,7 +181,6 @@ impl WorkPool {
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             panic: Mutex::new(None),
-            panicked: AtomicBool::new(false),
         });
         {
             let mut slot = self.shared.slot.lock();
@@ -205,19 +202,20 @@ impl WorkPool {
             }
         }
         self.shared.slot.lock().job = None;
-        if job.panicked.load(Ordering::Relaxed)
-            && let Some(p) = job.panic.lock().take()
-        {
+        let panic = job.panic.lock().take();
+        if let Some(p) = panic {
             resume_unwind(p);
         }
     }
 
     /// Runs `f` once on each of `items`, spread over the pool as [`WorkPool::run`] does: the
-    /// safe way to give each task its own mutable output (each item is taken by one task).
-    pub fn for_each<T: Send>(&self, items: Vec<T>, f: impl Fn(T) + Sync) {
+    /// safe way to give each task its own mutable output (each item is taken by one task; its
+    /// cell's lock is released before `f` runs).
+    pub fn for_each<T: Send>(&self, items: impl IntoIterator<Item = T>, f: impl Fn(T) + Sync) {
         let cells: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
         self.run(cells.len(), &|i| {
-            if let Some(item) = cells[i].lock().take() {
+            let item = cells[i].lock().take();
+            if let Some(item) = item {
                 f(item);
             }
         });
