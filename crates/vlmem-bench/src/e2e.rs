@@ -26,7 +26,11 @@
 //!   cores, in the same run) over the weight bytes one decode step reads (target: resident
 //!   >= 70% of it);
 //! - the ratios, the bandwidths, bytes per token (the manager's count and the kernel's
-//!   `/proc/self/io` count of bytes read from storage) and time to first token.
+//!   `/proc/self/io` count of bytes read from storage) and time to first token;
+//! - how the disk was used over the decode steps: the read-ahead's own count of time with a
+//!   read in flight and how many (`read_ahead_busy_share`, `read_ahead_mean_depth`), and the
+//!   block device's counters (`disk_*@sysfs`: busy share, requests in flight, mean request
+//!   size, read rate; Linux, when the checkpoint is on a block device).
 //!
 //! The checkpoint goes to `$VLMEM_CACHE/qwen3-vl-2b-synth` (default
 //! `~/.cache/vlmem/qwen3-vl-2b-synth`). `--quick` uses a scaled-down config (4 layers,
@@ -175,6 +179,53 @@ fn proc_read_bytes() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The block device's own counters (`/sys/dev/block/MAJ:MIN/stat`, Linux) for the device
+/// holding `file`: what the kernel saw the disk do, whoever asked.
+#[derive(Debug, Clone, Copy, Default)]
+struct BlockStat {
+    /// Read requests completed (after the block layer merged or split them).
+    reads: u64,
+    /// Bytes read (sectors of 512 bytes).
+    read_bytes: u64,
+    /// Milliseconds reads spent in flight, summed over reads (so the mean depth of the reads
+    /// in flight is `read_ms / busy_ms`).
+    read_ms: u64,
+    /// Milliseconds with at least one request in flight (`io_ticks`).
+    busy_ms: u64,
+}
+
+impl BlockStat {
+    /// The counters of the device `file` lives on; `None` off Linux, for a file on no block
+    /// device (tmpfs, overlay), or when the counters cannot be read.
+    fn of(file: &Path) -> Option<BlockStat> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(file).ok()?.dev();
+        // glibc's gnu_dev_major / gnu_dev_minor.
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        let text = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(BlockStat {
+            reads: *f.first()?,
+            read_bytes: f.get(2)?.saturating_mul(512),
+            read_ms: *f.get(3)?,
+            busy_ms: *f.get(9)?,
+        })
+    }
+
+    fn since(self, earlier: BlockStat) -> BlockStat {
+        BlockStat {
+            reads: self.reads.saturating_sub(earlier.reads),
+            read_bytes: self.read_bytes.saturating_sub(earlier.read_bytes),
+            read_ms: self.read_ms.saturating_sub(earlier.read_ms),
+            busy_ms: self.busy_ms.saturating_sub(earlier.busy_ms),
+        }
+    }
+}
+
 /// Memory read bandwidth in GB/s: the best of several vectorized reads (with software
 /// prefetch) of a buffer much larger than the caches, on all cores, on huge pages like the
 /// host arena's.
@@ -271,7 +322,7 @@ fn extents_read_gbps(extents: &[(PathBuf, u64, u64)], depth: usize) -> Result<f6
         let mut at = 0;
         while at < *len {
             let n = PROBE_READ_BYTES.min(len - at);
-            pieces.push((h, at, n as usize));
+            pieces.push((h, at, n as usize, offset + at));
             at += n;
         }
     }
@@ -285,15 +336,20 @@ fn extents_read_gbps(extents: &[(PathBuf, u64, u64)], depth: usize) -> Result<f6
         let readers: Vec<_> = (0..depth)
             .map(|_| {
                 scope.spawn(|| -> Result<(), String> {
-                    let mut buf = vlmem_tier::AlignedBuf::new(PROBE_READ_BYTES as usize)
+                    // Like the read-ahead's buffers: on huge pages, and each read placed at
+                    // its file offset's phase, so the disk tier reads straight into it.
+                    let align = vlmem_tier::IO_ALIGN_BYTES;
+                    let mut buf = vlmem_tier::AlignedBuf::new(PROBE_READ_BYTES as usize + align)
                         .map_err(|e| e.to_string())?;
                     loop {
-                        let Some(&(h, at, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed))
+                        let Some(&(h, at, n, file_at)) =
+                            pieces.get(next.fetch_add(1, Ordering::Relaxed))
                         else {
                             return Ok(());
                         };
+                        let phase = (file_at % align as u64) as usize;
                         manager
-                            .read(h, at, &mut buf.as_mut_slice()[..n])
+                            .read(h, at, &mut buf.as_mut_slice()[phase..phase + n])
                             .map_err(|e| e.to_string())?;
                     }
                 })
@@ -312,6 +368,8 @@ fn extents_read_gbps(extents: &[(PathBuf, u64, u64)], depth: usize) -> Result<f6
 /// One decode measurement.
 struct Decode {
     tok_s: f64,
+    /// Seconds of the timed decode steps.
+    decode_s: f64,
     ttft_s: f64,
     /// Bytes into the host tier plus bytes staged, per decode step.
     streamed_bytes_per_token: f64,
@@ -326,6 +384,15 @@ struct Decode {
     staged_on_demand: u64,
     /// Most fills in flight at once in the staging area.
     staged_max_filling: u64,
+    /// Staging buffers allocated over the whole run (prompt included), and their bytes.
+    staged_allocated: u64,
+    staged_allocated_bytes: u64,
+    /// Share of the decode steps during which the read-ahead had a read in flight, and the
+    /// mean number in flight while it had (0 when nothing was read ahead).
+    reader_busy_share: f64,
+    reader_mean_depth: f64,
+    /// The disk's own counters over the decode steps (see [`BlockStat`]).
+    block: Option<BlockStat>,
     /// The streamed weights' extents in the checkpoint (file, offset, bytes), in use order.
     streamed_extents: Vec<(PathBuf, u64, u64)>,
     ids: Vec<u32>,
@@ -377,6 +444,8 @@ fn decode_run_with(
             manager.stats().counters.bytes_in[host] + weights.staged_bytes(),
             proc_read_bytes(),
             weights.kernel_read(),
+            weights.reader_activity(),
+            c.files.first().and_then(|f| BlockStat::of(f)),
         )
     };
     let mut first = None;
@@ -396,13 +465,20 @@ fn decode_run_with(
         )
         .map_err(|e| e.to_string())?;
     let last = snapshot();
-    let (b0, p0, (kb0, ks0)) = first.ok_or("no token generated")?;
+    let (b0, p0, (kb0, ks0), a0, disk0) = first.ok_or("no token generated")?;
+    let block = match (last.4, disk0) {
+        (Some(b), Some(a)) => Some(b.since(a)),
+        _ => None,
+    };
+    let busy_ns = last.3.busy_ns.saturating_sub(a0.busy_ns) as f64;
+    let depth_ns = last.3.depth_ns.saturating_sub(a0.depth_ns) as f64;
     let steps = g.generated_ids.len().saturating_sub(1).max(1) as f64;
     let (kb, ks) = (last.2.0.saturating_sub(kb0) as f64, last.2.1 - ks0);
     let decode_s = g.decode_time.as_secs_f64();
     let staging = weights.staging();
     Ok(Decode {
         tok_s: g.decode_tokens_per_s(),
+        decode_s,
         ttft_s: g.time_to_first_token.as_secs_f64(),
         streamed_bytes_per_token: (last.0 - b0) as f64 / steps,
         proc_bytes_per_token: match (p0, last.1) {
@@ -415,6 +491,19 @@ fn decode_run_with(
         staged_taken: staging.stats.hits,
         staged_on_demand: staging.stats.misses,
         staged_max_filling: staging.stats.max_filling,
+        staged_allocated: staging.stats.allocated,
+        staged_allocated_bytes: staging.stats.allocated_bytes,
+        reader_busy_share: if decode_s > 0.0 {
+            busy_ns / 1e9 / decode_s
+        } else {
+            0.0
+        },
+        reader_mean_depth: if busy_ns > 0.0 {
+            depth_ns / busy_ns
+        } else {
+            0.0
+        },
+        block,
         streamed_extents: weights
             .streamed_tensors()
             .into_iter()
@@ -671,6 +760,57 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                     d.staged_max_filling as f64,
                     "count",
                 );
+                push(
+                    &mut report,
+                    &format!("staging_buffers_allocated.{label}"),
+                    d.staged_allocated as f64,
+                    "count",
+                );
+                push(
+                    &mut report,
+                    &format!("staging_bytes_allocated.{label}"),
+                    d.staged_allocated_bytes as f64,
+                    "B",
+                );
+                push(
+                    &mut report,
+                    &format!("read_ahead_busy_share.{label}"),
+                    d.reader_busy_share,
+                    "ratio",
+                );
+                push(
+                    &mut report,
+                    &format!("read_ahead_mean_depth.{label}"),
+                    d.reader_mean_depth,
+                    "reads",
+                );
+                if let Some(b) = d.block.filter(|b| b.read_bytes > 0) {
+                    let decode_ms = d.decode_s * 1e3;
+                    push(
+                        &mut report,
+                        &format!("disk_busy_share@sysfs.{label}"),
+                        b.busy_ms as f64 / decode_ms,
+                        "ratio",
+                    );
+                    push(
+                        &mut report,
+                        &format!("disk_mean_depth@sysfs.{label}"),
+                        b.read_ms as f64 / (b.busy_ms.max(1)) as f64,
+                        "reads",
+                    );
+                    push(
+                        &mut report,
+                        &format!("disk_request_kib@sysfs.{label}"),
+                        b.read_bytes as f64 / b.reads.max(1) as f64 / 1024.0,
+                        "KiB",
+                    );
+                    push(
+                        &mut report,
+                        &format!("disk_read_gbps@sysfs.{label}"),
+                        b.read_bytes as f64 / decode_ms / 1e6,
+                        "GB/s",
+                    );
+                }
                 push(
                     &mut report,
                     &format!("streamed_read_gbps.{label}"),

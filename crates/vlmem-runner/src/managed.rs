@@ -23,7 +23,7 @@ use vlmem::{
 };
 use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
 use vlmem_qwen3vl::tensors::expected_tensors;
-use vlmem_tier::{IO_ALIGN_BYTES, split_buf};
+use vlmem_tier::{AlignedBuf, IO_ALIGN_BYTES, split_buf};
 
 /// Layers prefetched ahead of the one computing, unless told otherwise.
 pub const DEFAULT_PREFETCH_LAYERS: usize = 2;
@@ -338,6 +338,37 @@ struct JobState {
     closed: bool,
     /// Reader threads serving the queue (0: the submitter runs each job itself).
     readers: usize,
+    /// Jobs the readers are running now, and since when that count holds.
+    running: usize,
+    since: Instant,
+    /// The readers' activity so far (see [`ReaderActivity`]).
+    activity: ReaderActivity,
+}
+
+impl JobState {
+    /// Accounts the time since the last change of `running`, then sets it to `running`.
+    fn set_running(&mut self, running: usize) {
+        let now = Instant::now();
+        let ns = now.duration_since(self.since).as_nanos() as u64;
+        if self.running > 0 {
+            self.activity.busy_ns += ns;
+            self.activity.depth_ns += ns * self.running as u64;
+        }
+        self.running = running;
+        self.since = now;
+    }
+}
+
+/// How busy the read-ahead's reader threads have been since they started: the time at least
+/// one read was in flight, and the integral of the number in flight over time (so
+/// `depth_ns / busy_ns` is the mean queue depth while busy). Taken twice, the difference
+/// tells how much of an interval the disk was kept busy, and how deep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaderActivity {
+    /// Nanoseconds with at least one read in flight.
+    pub busy_ns: u64,
+    /// Reads in flight, integrated over time (read-nanoseconds).
+    pub depth_ns: u64,
 }
 
 impl JobQueue {
@@ -347,6 +378,9 @@ impl JobQueue {
                 jobs: VecDeque::new(),
                 closed: false,
                 readers: 0,
+                running: 0,
+                since: Instant::now(),
+                activity: ReaderActivity::default(),
             }),
             more: Condvar::new(),
         }
@@ -386,9 +420,21 @@ impl JobQueue {
                 }
                 st = self.more.wait(st).unwrap_or_else(|p| p.into_inner());
             };
+            let running = st.running + 1;
+            st.set_running(running);
             drop(st);
+            // Counts the job as finished when it returns or unwinds.
+            let _done = Finished(self);
             job();
         }
+    }
+
+    /// The readers' activity so far, the read in flight now counted up to now.
+    fn activity(&self) -> ReaderActivity {
+        let mut st = self.lock();
+        let running = st.running;
+        st.set_running(running);
+        st.activity
     }
 
     /// Starts up to `threads` reader threads (fewer when the system refuses some).
@@ -415,6 +461,17 @@ impl JobQueue {
         drop(st);
         self.more.notify_all();
         drop(dropped);
+    }
+}
+
+/// Takes a finished job off the queue's count of running ones when dropped.
+struct Finished<'a>(&'a JobQueue);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        let running = st.running.saturating_sub(1);
+        st.set_running(running);
     }
 }
 
@@ -535,6 +592,12 @@ fn weight_type(name: &str, info: &TensorInfo) -> Result<WeightType> {
         name: name.to_string(),
         dtype: info.dtype.safetensors_name().to_string(),
     })
+}
+
+/// A buffer for a tensor read on demand: page-aligned, and on huge pages when large (reads
+/// into it reach the disk in few segments; see [`vlmem_tier::AlignedBuf`]).
+fn staging_buf(name: &str, len: usize) -> Result<AlignedBuf> {
+    AlignedBuf::new(len).map_err(|e| RunnerError::Weights(format!("{name}: {e}")))
 }
 
 fn usize_of(name: &str, v: u64) -> Result<usize> {
@@ -793,6 +856,17 @@ impl ManagedWeights {
         }
     }
 
+    /// How busy the read-ahead's readers have been so far (zero before the first streamed
+    /// layer, and when nothing streams).
+    pub fn reader_activity(&self) -> ReaderActivity {
+        self.prefetcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|w| w.queue.activity())
+            .unwrap_or_default()
+    }
+
     /// The weights the plan streams, in use order (layer by layer, each layer's tensors in
     /// the order the forward pass takes them): what a decode step reads from the disk.
     pub fn streamed_tensors(&self) -> Vec<&TensorInfo> {
@@ -847,8 +921,9 @@ impl ManagedWeights {
                 return f(&staged);
             }
             let len = usize_of(name, info.bytes)?;
-            let mut staging = vec![0u8; len + IO_ALIGN_BYTES];
-            let range = phase_range(&staging, offset, len);
+            let mut staging = staging_buf(name, len + IO_ALIGN_BYTES)?;
+            let staging = staging.as_mut_slice();
+            let range = phase_range(staging, offset, len);
             self.manager
                 .read(*h, 0, &mut staging[range.clone()])
                 .map_err(|e| manager_error(name, e))?;
@@ -858,12 +933,12 @@ impl ManagedWeights {
         match self.manager.pin(*h, self.compute_tier) {
             Ok(guard) => guard.with_bytes(f).map_err(|e| manager_error(name, e))?,
             Err(ManagerError::TooLarge { .. } | ManagerError::OutOfMemory { .. }) => {
-                let mut staging = vec![0u8; usize_of(name, info.bytes)?];
+                let mut staging = staging_buf(name, usize_of(name, info.bytes)?)?;
                 self.manager
-                    .read(*h, 0, &mut staging)
+                    .read(*h, 0, staging.as_mut_slice())
                     .map_err(|e| manager_error(name, e))?;
                 self.staged_bytes.fetch_add(info.bytes, Ordering::Relaxed);
-                f(&staging)
+                f(staging.as_slice())
             }
             Err(e) => Err(manager_error(name, e)),
         }
@@ -1243,5 +1318,42 @@ mod tests {
         assert_eq!((area.filling(), area.held_bytes()), (0, 0));
         assert!(area.take(1).is_none());
         area.check().unwrap();
+    }
+
+    /// The readers' activity counts time with reads in flight and how many: two readers, four
+    /// jobs of ~20 ms each, so at least ~40 ms busy at depth 2; never more reads in flight
+    /// than readers, and nothing counted once they are idle.
+    #[test]
+    fn reader_activity_counts_busy_time_and_depth() {
+        let queue = Arc::new(JobQueue::new());
+        assert_eq!(queue.activity(), ReaderActivity::default());
+        let readers = queue.start(2);
+        let done = Arc::new((Mutex::new(0usize), Condvar::new()));
+        for _ in 0..4 {
+            let d = done.clone();
+            queue.submit(Box::new(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                *d.0.lock().unwrap() += 1;
+                d.1.notify_all();
+            }));
+        }
+        let mut n = done.0.lock().unwrap();
+        while *n < 4 {
+            n = done.1.wait(n).unwrap();
+        }
+        drop(n);
+        // The last job's end is counted when its reader takes the lock after it.
+        std::thread::sleep(Duration::from_millis(5));
+        let a = queue.activity();
+        let ms = 1_000_000;
+        assert!(a.busy_ns >= 38 * ms, "{a:?}");
+        assert!(a.depth_ns >= 78 * ms, "four jobs of 20 ms: {a:?}");
+        assert!(a.depth_ns <= 2 * a.busy_ns, "at most two in flight: {a:?}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(queue.activity(), a, "idle readers add nothing");
+        queue.close();
+        for h in readers {
+            h.join().unwrap();
+        }
     }
 }

@@ -46,7 +46,7 @@ pub use faulty::FaultyTier;
 pub use mem::{HostOptions, MemoryTier};
 pub use simple::FirstFitAllocator;
 pub use split::{Piece, split_buf};
-pub use sys::HostBuffer;
+pub use sys::{HUGE_PAGE_BYTES, HostBuffer, advise_huge_pages};
 
 #[cfg(feature = "cuda")]
 pub use cuda::detect_device;

@@ -97,17 +97,24 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `len_bytes` (> 0, already rounded to the page size by the caller).
+    /// Maps `len_bytes` (> 0, already rounded to the page size by the caller). With
+    /// `huge_pages` the mapping starts on a [`HUGE_PAGE_BYTES`] boundary (so every whole 2
+    /// MiB of it can be a transparent huge page, on kernels that do not align large
+    /// mappings themselves) and is advised MADV_HUGEPAGE.
     pub(crate) fn new(len_bytes: usize, huge_pages: bool) -> io::Result<Mapping> {
         if len_bytes == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
+        let slack = if huge_pages { HUGE_PAGE_BYTES } else { 0 };
+        let map_bytes = len_bytes
+            .checked_add(slack)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: an anonymous private mapping with a null hint touches no existing memory;
         // the result is checked against MAP_FAILED before use.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len_bytes,
+                map_bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -117,10 +124,26 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        let base = p as usize;
+        let start = base.next_multiple_of(slack.max(1));
+        let (head, tail) = (start - base, slack - (start - base));
+        // Give back the slack before and after the aligned part (page multiples: `base` and
+        // `start` are page-aligned, and so is `slack`).
+        // SAFETY: `base..base+head` and `start+len_bytes..start+len_bytes+tail` lie inside
+        // the mapping just made, outside the part kept, and nothing refers to them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(p, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len_bytes) as *mut libc::c_void, tail);
+            }
+        }
+        let p = start as *mut libc::c_void;
         let ptr = std::ptr::NonNull::new(p.cast::<u8>())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         // Advice is best-effort: failures (no THP, old kernel) change nothing we rely on.
-        // SAFETY: `p..p+len_bytes` is the mapping just created.
+        // SAFETY: `p..p+len_bytes` is the mapping just created (its kept part).
         unsafe {
             libc::madvise(p, len_bytes, libc::MADV_DONTDUMP);
         }
@@ -157,6 +180,35 @@ impl std::fmt::Debug for Mapping {
         f.debug_struct("Mapping")
             .field("len_bytes", &self.len_bytes)
             .finish()
+    }
+}
+
+/// Transparent huge pages' size on x86-64 and aarch64 with 4 KiB base pages.
+pub const HUGE_PAGE_BYTES: usize = 2 << 20;
+
+/// Asks the kernel to back the whole 2 MiB pages inside `mem` with transparent huge pages
+/// when they are first touched (`madvise(MADV_HUGEPAGE)`; best effort, a no-op off Linux or
+/// without THP). Call it on memory not touched yet, e.g. a new `Vec`'s spare capacity.
+///
+/// Why: a read into a buffer on 4 KiB pages reaches the disk as one segment per page; on 2
+/// MiB pages a 4 MiB O_DIRECT read is two segments. On the virtio disk of our test VM that
+/// doubled the read rate (docs/BENCHMARKS.md, session 7).
+pub fn advise_huge_pages<T>(mem: &mut [T]) {
+    let start = mem.as_mut_ptr() as usize;
+    let end = start + std::mem::size_of_val(mem);
+    let first = start.next_multiple_of(HUGE_PAGE_BYTES);
+    let last = end / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+    if last > first {
+        // SAFETY: `first..last` lies inside `mem`, which the caller lends us mutably, and
+        // starts on a page boundary; MADV_HUGEPAGE only changes how future faults are served,
+        // never the bytes, so no other view of them can observe it.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                last - first,
+                libc::MADV_HUGEPAGE,
+            );
+        }
     }
 }
 
