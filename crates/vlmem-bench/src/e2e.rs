@@ -916,6 +916,19 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                 st.tok_s / np.tok_s,
                 "ratio",
             );
+            // How well reads and compute overlapped, whatever the disk's speed: the share of
+            // the decode steps the disk had a request in flight, by the kernel's own count.
+            if let (Some(a), Some(b)) = (st.block, np.block)
+                && a.read_bytes > 0
+                && b.read_bytes > 0
+            {
+                report.notes.push(format!(
+                    "the disk was busy {:.0}% of the streamed decode with prefetch ({:.2} GB/s while busy), {:.0}% without",
+                    a.busy_ms as f64 / (st.decode_s * 1e3) * 100.0,
+                    a.read_bytes as f64 / (a.busy_ms.max(1) as f64 * 1e6),
+                    b.busy_ms as f64 / (np.decode_s * 1e3) * 100.0,
+                ));
+            }
         }
     }
     report

@@ -696,6 +696,10 @@ impl ManagedWeights {
             .budgets
             .get(compute_tier, TensorKind::Weight);
         let (area_bytes, streamed) = plan_streaming(&units, budget_bytes);
+        let file_offsets: HashMap<TensorHandle, u64> = index
+            .values()
+            .map(|(h, info)| (*h, info.file_offset_bytes))
+            .collect();
         let mut positions = HashMap::new();
         for (u, unit) in units.iter().enumerate() {
             for (i, &(h, _)) in unit
@@ -703,10 +707,7 @@ impl ManagedWeights {
                 .filter(|(h, _)| streamed.contains(h))
                 .enumerate()
             {
-                let offset = index
-                    .values()
-                    .find(|(hh, _)| *hh == h)
-                    .map_or(0, |(_, info)| info.file_offset_bytes);
+                let offset = file_offsets.get(&h).copied().unwrap_or(0);
                 positions.insert(h, (u, i, offset));
             }
         }
