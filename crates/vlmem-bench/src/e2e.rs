@@ -1024,5 +1024,29 @@ mod tests {
             assert!(v > 0.0 && v.is_finite(), "depth {depth}: {v}");
         }
         assert!(extents_read_gbps(&[], 1).is_err());
+        // The read-ahead's activity: none when nothing streams or prefetch is off; when it
+        // reads ahead, busy for part of the decode, never deeper than its readers. The
+        // staging area allocates its buffers once (the quick run's area holds a few).
+        assert_eq!(
+            (resident.reader_busy_share, plain.reader_busy_share),
+            (0.0, 0.0)
+        );
+        assert!(
+            streamed.reader_busy_share > 0.0 && streamed.reader_busy_share <= 1.05,
+            "{}",
+            streamed.reader_busy_share
+        );
+        let readers = vlmem_runner::managed::STREAM_READERS as f64;
+        assert!(
+            streamed.reader_mean_depth >= 1.0 && streamed.reader_mean_depth <= readers + 1e-9,
+            "{}",
+            streamed.reader_mean_depth
+        );
+        assert_eq!(resident.staged_allocated, 0);
+        assert!(streamed.staged_allocated > 0 && streamed.staged_allocated_bytes > 0);
+        assert!(
+            streamed.staged_allocated < streamed.staged_taken,
+            "buffers are reused"
+        );
     }
 }
