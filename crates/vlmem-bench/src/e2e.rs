@@ -216,6 +216,16 @@ impl BlockStat {
         })
     }
 
+    /// The share of `secs` the device had a request in flight.
+    fn busy_share(self, secs: f64) -> f64 {
+        self.busy_ms as f64 / (secs * 1e3)
+    }
+
+    /// GB/s read while the device was busy.
+    fn gbps_while_busy(self) -> f64 {
+        self.read_bytes as f64 / (self.busy_ms.max(1) as f64 * 1e6)
+    }
+
     fn since(self, earlier: BlockStat) -> BlockStat {
         BlockStat {
             reads: self.reads.saturating_sub(earlier.reads),
@@ -785,11 +795,10 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                     "reads",
                 );
                 if let Some(b) = d.block.filter(|b| b.read_bytes > 0) {
-                    let decode_ms = d.decode_s * 1e3;
                     push(
                         &mut report,
                         &format!("disk_busy_share@sysfs.{label}"),
-                        b.busy_ms as f64 / decode_ms,
+                        b.busy_share(d.decode_s),
                         "ratio",
                     );
                     push(
@@ -807,7 +816,7 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                     push(
                         &mut report,
                         &format!("disk_read_gbps@sysfs.{label}"),
-                        b.read_bytes as f64 / decode_ms / 1e6,
+                        b.read_bytes as f64 / d.decode_s / 1e9,
                         "GB/s",
                     );
                 }
@@ -924,9 +933,9 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
             {
                 report.notes.push(format!(
                     "the disk was busy {:.0}% of the streamed decode with prefetch ({:.2} GB/s while busy), {:.0}% without",
-                    a.busy_ms as f64 / (st.decode_s * 1e3) * 100.0,
-                    a.read_bytes as f64 / (a.busy_ms.max(1) as f64 * 1e6),
-                    b.busy_ms as f64 / (np.decode_s * 1e3) * 100.0,
+                    a.busy_share(st.decode_s) * 100.0,
+                    a.gbps_while_busy(),
+                    b.busy_share(np.decode_s) * 100.0,
                 ));
             }
         }

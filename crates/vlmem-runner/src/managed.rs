@@ -1343,8 +1343,10 @@ mod tests {
             n = done.1.wait(n).unwrap();
         }
         drop(n);
-        // The last job's end is counted when its reader takes the lock after it.
-        std::thread::sleep(Duration::from_millis(5));
+        // The last job's end is counted when its reader takes the lock after it returns.
+        while queue.lock().running > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let a = queue.activity();
         let ms = 1_000_000;
         assert!(a.busy_ns >= 38 * ms, "{a:?}");

@@ -272,7 +272,9 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
             }
         };
         let claimed = buf.capacity() as u64;
-        if buf.is_empty() {
+        // A new buffer is empty; a reused one keeps its length (its capacity).
+        let fresh = buf.is_empty();
+        if fresh {
             st.stats.allocated += 1;
             st.stats.allocated_bytes += claimed;
         }
@@ -283,7 +285,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         // A new buffer is zeroed once (its pages faulted in here, outside the lock); a reused
         // one keeps its length (its capacity) and its old bytes: no second pass over it.
         if buf.len() < len_bytes {
-            if buf.is_empty() {
+            if fresh {
                 // On huge pages where the kernel has them: a read into them reaches the disk
                 // in far fewer segments (twice the read rate on our test VM's disk).
                 vlmem_tier::advise_huge_pages(buf.spare_capacity_mut());
