@@ -255,6 +255,8 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
             "kept_bytes": st.kept_bytes,
             "streamed_bytes": st.streamed_bytes,
             "streamed_tensors": st.streamed_tensors,
+            "streamed_pieces": st.streamed_pieces,
+            "buffer_bytes": st.buffer_bytes,
             "read_ahead": st.stats.filled,
             "read_ahead_bytes": st.stats.filled_bytes,
             "taken": st.stats.hits,
@@ -358,7 +360,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         );
     }
     println!(
-        "memory: weights resident in RAM {}, on the device {}; {} into RAM per token; RAM hit ratio {:.3}",
+        "memory: weights resident in RAM {}, on the device {}; {} into RAM per generated token (first loads included); RAM hit ratio {:.3}",
         format_bytes(stats.resident.get(Tier::Host, TensorKind::Weight)),
         format_bytes(stats.resident.get(Tier::Device, TensorKind::Weight)),
         format_bytes((stats.counters.bytes_in[host] as f64 / tokens) as u64),

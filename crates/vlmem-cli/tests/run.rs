@@ -107,6 +107,17 @@ fn run_matches_the_reference_in_every_tiering() {
             if cfg!(not(feature = "cuda")) {
                 assert!(v["gpu"].is_null(), "{v}");
             }
+            // Under a budget smaller than the decoder the report names the streaming plan:
+            // tensors streamed, and at least one piece each (here the area is too small for
+            // read-ahead buffers, so they are read on demand).
+            let st = &v["memory"]["streaming"];
+            if tiering == ["--host-mem", "64KiB"] {
+                let tensors = st["streamed_tensors"].as_u64().unwrap();
+                assert!(tensors > 0, "{v}");
+                assert!(st["streamed_pieces"].as_u64().unwrap() >= tensors, "{v}");
+                assert_eq!(st["buffer_bytes"], 0, "{v}");
+                assert!(st["read_on_demand"].as_u64().unwrap() > 0, "{v}");
+            }
             if tiering.is_empty() {
                 // With RAM to spare, the KV cache and the image embedding live in the
                 // manager (paged blocks; one vision-cache miss for the one image).

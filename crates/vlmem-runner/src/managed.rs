@@ -3,8 +3,13 @@
 //! compute tier, which brings it up through the tiers and lets the manager's weights policy
 //! (the access plan in model order) decide what stays. When the compute tier has no room for
 //! a tensor at all (`--host-mem 0`, or a budget smaller than one tensor), the tensor streams
-//! from its fastest copy through a staging buffer the size of that tensor, and nothing is
-//! kept: the outputs are the same whatever the tiering.
+//! from its fastest copy, and nothing is kept: the outputs are the same whatever the tiering.
+//!
+//! Streamed tensors are read ahead in pieces of about 4 MiB, each into its own buffer of a
+//! small staging area (a few buffers on huge pages, reused round after round), and the
+//! decode kernel multiplies each piece's rows as the piece lands: the reads land in few MiB
+//! of memory, which this project's test VM's disk serves faster than reads spread over a
+//! tensor-sized area (docs/BENCHMARKS.md, session 8).
 
 use crate::error::{Result, RunnerError};
 use crate::kernels::{self, WeightType};
@@ -23,15 +28,21 @@ use vlmem::{
 };
 use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
 use vlmem_qwen3vl::tensors::expected_tensors;
-use vlmem_tier::{AlignedBuf, IO_ALIGN_BYTES, split_buf};
+use vlmem_tier::{AlignedBuf, IO_ALIGN_BYTES};
 
 /// Layers prefetched ahead of the one computing, unless told otherwise.
 pub const DEFAULT_PREFETCH_LAYERS: usize = 2;
 
-/// The staging area's smallest size when the weights do not all fit: enough for a few of a
-/// 2B model's largest layer tensors, so the disk never waits for the compute to give a
-/// buffer back.
-const MIN_STAGING_BYTES: u64 = 64 << 20;
+/// One read-ahead buffer: a piece of a streamed tensor ([`piece_ranges`]) at its file phase
+/// ([`phase_range`]). A multiple of the huge page, so each buffer is two whole huge pages.
+const STAGE_BUF_BYTES: usize = 4 << 20;
+
+/// Buffers in the staging area: two per reader (one being read into, one read and waiting),
+/// and the one the kernel is reading. Reads landing in a few buffers reused round after round
+/// run at about the disk's probe speed on the test VM, and reads spread over a 64 MiB area
+/// about 25% slower; 9 buffers kept the disk busier than 6 (0.96-0.97 of the decode time
+/// against 0.92-0.95) and did better than 12 (docs/BENCHMARKS.md, session 8).
+const STAGING_BUFFERS: usize = 2 * STREAM_READERS + 1;
 
 /// A [`WeightSource`] over a [`MemoryManager`].
 pub struct ManagedWeights {
@@ -60,8 +71,32 @@ pub struct StagingReport {
     pub streamed_bytes: u64,
     /// How many tensors the plan streams.
     pub streamed_tensors: usize,
+    /// How many pieces they are read in (each one read-ahead buffer).
+    pub streamed_pieces: usize,
+    /// The size of each read-ahead buffer (0: the area is too small, and streamed tensors
+    /// are read on demand).
+    pub buffer_bytes: usize,
     /// The area's counters.
     pub stats: StagingStats,
+}
+
+/// A streamed tensor's place in the read-ahead.
+struct Streamed {
+    /// Its unit (decoder layer, or the final unit).
+    unit: usize,
+    /// The index of its first piece among the unit's streamed pieces, in use order.
+    first: usize,
+    /// Its offset in its checkpoint file (pieces are read at their file phase, no copy).
+    file_offset: u64,
+    /// Its pieces ([`piece_ranges`]), relative to the tensor.
+    pieces: Vec<Range<usize>>,
+}
+
+/// A key of the staging area: piece `piece` of streamed tensor `tensor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PieceKey {
+    tensor: TensorHandle,
+    piece: usize,
 }
 
 /// What the prefetch thread shares with the compute thread.
@@ -77,20 +112,21 @@ struct PrefetchShared {
     /// The compute tier's weight budget when registered: larger tensors are never hinted.
     budget_bytes: u64,
 
-    /// The bounded staging area streamed tensors are read ahead into.
-    area: StagingArea<TensorHandle>,
+    /// The bounded staging area streamed tensors' pieces are read ahead into.
+    area: Arc<StagingArea<PieceKey, AlignedBuf>>,
+    /// The size of each of its buffers ([`stage_buf_bytes`]; 0: nothing is read ahead).
+    buf_bytes: usize,
     /// Bytes read into `area`.
     area_read_bytes: AtomicU64,
     ahead: AtomicUsize,
     /// Where the compute thread is: its unit in the high 32 bits, and in the low 32 bits one
-    /// more than the index (within the unit) of the last streamed tensor it asked for (0:
+    /// more than the index (within the unit) of the last streamed piece it asked for (0:
     /// none yet in this unit).
     cursor: AtomicU64,
-    /// The tensors the plan does not keep on the compute tier, with their unit and index
-    /// among the unit's streamed tensors: they are read ahead into `area` (or read on
-    /// demand) and never enter the tier, so they never evict a kept tensor.
-    /// (And each one's offset in its checkpoint file, for reads with no copy.)
-    positions: HashMap<TensorHandle, (usize, usize, u64)>,
+    /// The tensors the plan does not keep on the compute tier, and where their pieces are in
+    /// the read-ahead's order: they are read ahead into `area` (or read on demand) and never
+    /// enter the tier, so they never evict a kept tensor.
+    positions: HashMap<TensorHandle, Streamed>,
     hints: AtomicU64,
     /// Reader threads the read-ahead pool starts with.
     readers: AtomicUsize,
@@ -136,10 +172,10 @@ impl PrefetchShared {
         if found == 0 { ahead } else { w.max(ahead) }
     }
 
-    /// Whether streamed tensor `i` of unit `u` is still to be taken by the compute thread
+    /// Whether streamed piece `i` of unit `u` is still to be taken by the compute thread
     /// (the one it is asking for now included: it waits for a fill of it that is coming or
     /// in flight), within the lookahead ([`Self::window`]): worth reading ahead. (A fill
-    /// begun after the compute thread asked for the tensor is refused by the area itself.)
+    /// begun after the compute thread asked for the piece is refused by the area itself.)
     fn wanted(&self, u: usize, i: usize) -> bool {
         match self.distance(u) {
             (0, at) => i + 1 >= at,
@@ -147,78 +183,136 @@ impl PrefetchShared {
         }
     }
 
-    /// Whether a staged buffer of tensor `i` of unit `u` will not be taken any more: the
+    /// Whether a staged buffer of piece `i` of unit `u` will not be taken any more: the
     /// compute thread has passed it (the one it is asking for now is not stale).
     fn stale(&self, u: usize, i: usize) -> bool {
         !self.wanted(u, i)
     }
 
-    /// Claims room in the staging area for streamed tensor `h` (index `i` of unit `u`),
-    /// waiting while the area is full and the compute thread has not passed it, then queues
-    /// its pieces ([`piece_ranges`]) on the reader pool, behind the pieces of the tensors
-    /// claimed before it, and returns: the pool reads them straight into the one
-    /// phase-aligned buffer, and the last piece to finish publishes the fill.
-    fn stage(
-        self: &Arc<Self>,
-        pool: &JobQueue,
-        h: TensorHandle,
-        (u, i): (usize, usize),
-        bytes: u64,
-        file_offset: u64,
-    ) {
-        let Ok(len) = usize::try_from(bytes) else {
+    /// Claims a buffer in the staging area for piece `k` of streamed tensor `h` (index `i`
+    /// of unit `u`), waiting while the area is full and the compute thread has not passed
+    /// it, then queues its read on the reader pool, behind the pieces claimed before it, and
+    /// returns: a reader reads it straight into the buffer at its file phase and publishes
+    /// it.
+    fn stage(self: &Arc<Self>, pool: &JobQueue, h: TensorHandle, s: &Streamed, k: usize) {
+        let (u, i) = (s.unit, s.first + k);
+        let piece = s.pieces[k].clone();
+        if self.buf_bytes == 0 {
             return;
+        }
+        let key = PieceKey {
+            tensor: h,
+            piece: k,
         };
         let Some(buf) = self.area.begin_fill(
-            h,
-            len + IO_ALIGN_BYTES,
+            key,
+            self.buf_bytes,
             || self.wanted(u, i),
             |tag| self.stale((tag >> 32) as usize, (tag & 0xffff_ffff) as usize),
         ) else {
             return;
         };
         let tag = ((u as u64) << 32) | i as u64;
-        let range = phase_range(&buf, file_offset, len);
-        let base = range.start;
-        let ranges: Vec<Range<usize>> = piece_ranges(file_offset, len)
-            .into_iter()
-            .map(|r| base + r.start..base + r.end)
-            .collect();
+        let range = phase_range(
+            buf.as_slice(),
+            s.file_offset + piece.start as u64,
+            piece.len(),
+        );
+        if range.end > buf.len() {
+            // A piece larger than a buffer (not made by `piece_ranges`): read on demand.
+            return self.area.finish_fill(key, tag, buf, range, false);
+        }
+        if k == 0 {
+            self.hints.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut fill = PendingFill::new(self.area.clone(), key, tag, buf, range);
         let shared = self.clone();
-        let published = range.clone();
-        // A failed piece publishes nothing: the compute thread reads the tensor itself and
-        // reports the error.
-        let on_done = move |buf: Vec<u8>, ok: bool| {
+        pool.submit(Box::new(move || {
+            // A piece the compute thread has passed is not worth reading any more. A failed
+            // read publishes nothing: the compute thread reads the piece itself and reports
+            // the error.
+            let ok = shared.wanted(u, i)
+                && shared
+                    .manager
+                    .read(h, piece.start as u64, fill.bytes_mut())
+                    .is_ok();
             if ok {
-                shared.area_read_bytes.fetch_add(bytes, Ordering::Relaxed);
-                shared.hints.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .area_read_bytes
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
             }
-            shared.area.finish_fill(h, tag, buf, published, ok);
-        };
-        let pieces = match split_buf(buf, &ranges, on_done) {
-            Ok(pieces) => pieces,
-            Err(buf) => return self.area.finish_fill(h, tag, buf, range, false),
-        };
-        for mut piece in pieces {
-            let shared = self.clone();
-            pool.submit(Box::new(move || {
-                // A tensor the compute thread has passed is not worth reading any more.
-                let ok = shared.wanted(u, i)
-                    && shared
-                        .manager
-                        .read(h, (piece.start() - base) as u64, piece.bytes_mut())
-                        .is_ok();
-                piece.finish(ok);
-            }));
+            fill.finish(ok);
+        }));
+    }
+}
+
+/// A claimed buffer on its way through the reader pool: [`PendingFill::finish`] publishes
+/// its range (or gives the room back), and one dropped unfinished (a job a closed queue
+/// drops unrun, or a read that panics) gives the room back, so every begun fill is handed
+/// back to the area exactly once.
+struct PendingFill<K: Eq + std::hash::Hash + Copy> {
+    area: Arc<StagingArea<K, AlignedBuf>>,
+    key: K,
+    tag: u64,
+    buf: Option<AlignedBuf>,
+    range: Range<usize>,
+}
+
+impl<K: Eq + std::hash::Hash + Copy> PendingFill<K> {
+    /// `range` must lie in `buf`.
+    fn new(
+        area: Arc<StagingArea<K, AlignedBuf>>,
+        key: K,
+        tag: u64,
+        buf: AlignedBuf,
+        range: Range<usize>,
+    ) -> Self {
+        debug_assert!(range.start <= range.end && range.end <= buf.len());
+        PendingFill {
+            area,
+            key,
+            tag,
+            buf: Some(buf),
+            range,
         }
     }
 
+    /// The bytes to read into.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self.buf.as_mut() {
+            Some(b) => b
+                .as_mut_slice()
+                .get_mut(self.range.clone())
+                .unwrap_or_default(),
+            None => &mut [],
+        }
+    }
+
+    /// Publishes the bytes when `ok`, else gives the room back.
+    fn finish(mut self, ok: bool) {
+        if let Some(buf) = self.buf.take() {
+            self.area
+                .finish_fill(self.key, self.tag, buf, self.range.clone(), ok);
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Copy> Drop for PendingFill<K> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.area
+                .finish_fill(self.key, self.tag, buf, self.range.clone(), false);
+        }
+    }
+}
+
+impl PrefetchShared {
     /// The prefetch thread (the read-ahead's scheduler): for each layer start (the latest
     /// one when several queued), walks the next units' tensors in use order, as far as the
     /// lookahead of streamed units ([`Self::window`]) reaches. A streamed one
-    /// is staged ([`PrefetchShared::stage`]: room claimed, pieces queued on the reader pool,
-    /// no wait for the read), so the pool reads across tensor boundaries as far ahead as the
-    /// area has room. A kept one (within the next `ahead` units) is hinted to the compute
+    /// has each of its pieces staged ([`PrefetchShared::stage`]: a buffer claimed, the read
+    /// queued on the reader pool, no wait for the read), so the pool reads across tensor
+    /// boundaries as far ahead as the area has buffers. A kept one (within the next `ahead` units) is hinted to the compute
     /// tier one at a time, each after
     /// checking the compute thread has not reached its layer yet and that it is not on the
     /// tier already, waiting for it to land before the next: one hint in flight keeps a late
@@ -241,9 +335,11 @@ impl PrefetchShared {
                     if self.distance(u).0 > self.window() {
                         break 'units;
                     }
-                    if let Some(&(_, i, offset)) = self.positions.get(&h) {
-                        if self.wanted(u, i) {
-                            self.stage(pool, h, (u, i), bytes, offset);
+                    if let Some(s) = self.positions.get(&h) {
+                        for k in 0..s.pieces.len() {
+                            if self.wanted(u, s.first + k) {
+                                self.stage(pool, h, s, k);
+                            }
                         }
                         continue;
                     }
@@ -279,10 +375,41 @@ fn phase_range(buf: &[u8], file_offset: u64, len: usize) -> std::ops::Range<usiz
     start..start + len
 }
 
-/// Bytes per read of a streamed tensor: the request size this kind of disk serves fastest
-/// (../shared/research/peers.md: `dd iflag=direct` at 4 MiB beat 1, 16 and 64 MiB; fio in
-/// session 4: 4 MiB at depth 4 beat 1 MiB at depth 8 and 16 MiB at depth 1).
-const STREAM_READ_BYTES: usize = 4 << 20;
+/// The read-ahead's buffer size for a staging area of `area_bytes`: [`STAGE_BUF_BYTES`] (4
+/// MiB: about the request size this kind of disk serves fastest, ../shared/research/peers.md:
+/// `dd iflag=direct` at 4 MiB beat 1, 16 and 64 MiB; fio in session 4: 4 MiB at depth 4 beat
+/// 1 MiB at depth 8 and 16 MiB at depth 1), or in an area too small for [`STAGING_BUFFERS`]
+/// of them (a budget of a few MiB) an even share of it, else of half of it; at least three
+/// alignment units, so a piece of at least one fits at any file phase. 0 when the area has
+/// no room for two such buffers: nothing is read ahead.
+fn stage_buf_bytes(area_bytes: u64) -> usize {
+    let align = IO_ALIGN_BYTES as u64;
+    let fit = |n: u64| (area_bytes / n / align * align).min(STAGE_BUF_BYTES as u64);
+    let share = match fit(STAGING_BUFFERS as u64) {
+        b if b >= 3 * align => b,
+        _ => fit(2),
+    };
+    if share >= 3 * align {
+        share as usize
+    } else {
+        0
+    }
+}
+
+/// Bytes per piece of a streamed tensor, at most, with read-ahead buffers of `buf_bytes`: a
+/// piece at its file phase fits one buffer ([`piece_ranges`] cuts pieces up to one
+/// alignment unit longer than this, at a phase of up to one unit). With no buffers (0), the
+/// largest size the buffers ever have: pieces are then only the points where a read on
+/// demand may start.
+fn piece_bytes(buf_bytes: usize) -> usize {
+    if buf_bytes == 0 {
+        STAGE_BUF_BYTES - 2 * IO_ALIGN_BYTES
+    } else {
+        buf_bytes
+            .saturating_sub(2 * IO_ALIGN_BYTES)
+            .max(IO_ALIGN_BYTES)
+    }
+}
 
 /// Reader threads of the read-ahead pool: reads in flight while pieces are queued (fio in
 /// session 4: 4 MiB reads at depth 1 1.09 GB/s, depth 2 1.66, depth 4 1.79; session 5's
@@ -291,15 +418,15 @@ const STREAM_READ_BYTES: usize = 4 << 20;
 pub const STREAM_READERS: usize = 4;
 
 /// The pieces a streamed tensor of `len` bytes at `file_offset` is read in: about
-/// [`STREAM_READ_BYTES`] each (the tensor split evenly), every boundary between two pieces
+/// `piece_max` bytes each, at most ([`piece_bytes`]; the tensor split evenly), every boundary between two pieces
 /// on a multiple of [`IO_ALIGN_BYTES`] in the file. In a phase-aligned buffer
 /// ([`phase_range`]) each piece's aligned middle is then read with O_DIRECT straight into
 /// place, and only the tensor's own unaligned head and tail go through the disk tier's
 /// bounce buffer (not every piece's). Ranges are relative to the tensor, in order, and
 /// cover `0..len`.
-fn piece_ranges(file_offset: u64, len: usize) -> Vec<Range<usize>> {
+fn piece_ranges(file_offset: u64, len: usize, piece_max: usize) -> Vec<Range<usize>> {
     let align = IO_ALIGN_BYTES;
-    let n = len.div_ceil(STREAM_READ_BYTES).max(1);
+    let n = len.div_ceil(piece_max.max(1)).max(1);
     let target = len.div_ceil(n);
     // Bytes from the tensor's start to the first aligned file offset.
     let head = (align - (file_offset % align as u64) as usize) % align;
@@ -497,39 +624,39 @@ impl Prefetcher {
 }
 
 /// The streaming plan for a compute-tier weight budget: when the decoder's tensors do not all
-/// fit, a staging area of `max(64 MiB, 2 x the largest layer tensor)` (at most a quarter of the
-/// budget) is set apart, and the rest of the budget keeps tensors in this order: the final
-/// unit (norm and lm_head: the largest tensor, the hardest to read ahead behind compute),
-/// then layers from the first. Everything else is streamed: read ahead into the area, or on
-/// demand. The plan does not depend on the prefetch depth, so runs with and without
-/// prefetch read the same bytes. Returns the area's capacity and the streamed handles.
+/// fit, a staging area of [`STAGING_BUFFERS`] read-ahead buffers (at most a quarter of the
+/// budget: below one buffer, every streamed tensor is read on demand) is set apart, and the
+/// rest of the budget keeps first the `vectors` (the norms' weights: a few KiB each, which
+/// streamed would each cost a read request and a whole read-ahead buffer), then the other
+/// tensors in this order: the final unit (norm and lm_head: the largest tensor), then layers
+/// from the first. Everything else is streamed: read ahead into the area, or on demand. The
+/// plan does not depend on the prefetch depth, so runs with and without prefetch read the
+/// same bytes. Returns the area's capacity and the streamed handles.
 fn plan_streaming(
     units: &[Vec<(TensorHandle, u64)>],
     budget_bytes: u64,
+    vectors: &HashSet<TensorHandle>,
 ) -> (u64, HashSet<TensorHandle>) {
     let total: u64 = units.iter().flatten().map(|&(_, b)| b).sum();
     if total <= budget_bytes {
         return (0, HashSet::new());
     }
     let layers = units.len().saturating_sub(1);
-    let largest = units[..layers]
-        .iter()
-        .flatten()
-        .map(|&(_, b)| b)
-        .max()
-        .unwrap_or(0);
-    let area = MIN_STAGING_BYTES
-        .max(largest.saturating_mul(2))
-        .min(budget_bytes / 4);
+    let area = (STAGING_BUFFERS as u64 * STAGE_BUF_BYTES as u64).min(budget_bytes / 4);
     let mut room = budget_bytes - area;
     let mut streamed = HashSet::new();
-    let order = units.len().checked_sub(1).into_iter().chain(0..layers);
-    for u in order {
-        for &(h, bytes) in &units[u] {
-            if bytes <= room {
-                room -= bytes;
-            } else {
-                streamed.insert(h);
+    let order = || units.len().checked_sub(1).into_iter().chain(0..layers);
+    for vectors_pass in [true, false] {
+        for u in order() {
+            for &(h, bytes) in &units[u] {
+                if vectors.contains(&h) != vectors_pass {
+                    continue;
+                }
+                if bytes <= room {
+                    room -= bytes;
+                } else {
+                    streamed.insert(h);
+                }
             }
         }
     }
@@ -695,20 +822,37 @@ impl ManagedWeights {
             .stats()
             .budgets
             .get(compute_tier, TensorKind::Weight);
-        let (area_bytes, streamed) = plan_streaming(&units, budget_bytes);
+        let vectors: HashSet<TensorHandle> = index
+            .values()
+            .filter(|(_, info)| info.shape.len() == 1)
+            .map(|(h, _)| *h)
+            .collect();
+        let (area_bytes, streamed) = plan_streaming(&units, budget_bytes, &vectors);
+        let buf_bytes = stage_buf_bytes(area_bytes);
         let file_offsets: HashMap<TensorHandle, u64> = index
             .values()
             .map(|(h, info)| (*h, info.file_offset_bytes))
             .collect();
         let mut positions = HashMap::new();
         for (u, unit) in units.iter().enumerate() {
-            for (i, &(h, _)) in unit
-                .iter()
-                .filter(|(h, _)| streamed.contains(h))
-                .enumerate()
-            {
-                let offset = file_offsets.get(&h).copied().unwrap_or(0);
-                positions.insert(h, (u, i, offset));
+            let mut first = 0;
+            for &(h, bytes) in unit.iter().filter(|(h, _)| streamed.contains(h)) {
+                let file_offset = file_offsets.get(&h).copied().unwrap_or(0);
+                let len = usize::try_from(bytes).map_err(|_| {
+                    RunnerError::BadRequest(format!("tensor {h:?} is too large for this machine"))
+                })?;
+                let pieces = piece_ranges(file_offset, len, piece_bytes(buf_bytes));
+                let n = pieces.len();
+                positions.insert(
+                    h,
+                    Streamed {
+                        unit: u,
+                        first,
+                        file_offset,
+                        pieces,
+                    },
+                );
+                first += n;
             }
         }
         let streams = units
@@ -722,7 +866,8 @@ impl ManagedWeights {
             streams,
             budget_bytes,
             positions,
-            area: StagingArea::new(area_bytes),
+            area: Arc::new(StagingArea::new(area_bytes)),
+            buf_bytes,
             area_read_bytes: AtomicU64::new(0),
             ahead: AtomicUsize::new(DEFAULT_PREFETCH_LAYERS),
             cursor: AtomicU64::new(0),
@@ -853,6 +998,8 @@ impl ManagedWeights {
             kept_bytes,
             streamed_bytes,
             streamed_tensors: p.positions.len(),
+            streamed_pieces: p.positions.values().map(|s| s.pieces.len()).sum(),
+            buffer_bytes: p.buf_bytes,
             stats: p.area.stats(),
         }
     }
@@ -902,34 +1049,18 @@ impl ManagedWeights {
 
     /// Lends the tensor's stored bytes to `f`: pinned on the compute tier when it fits
     /// there (no copy), else read from its fastest copy into a staging buffer the size of
-    /// the tensor, which is dropped afterwards.
+    /// the tensor, which is dropped afterwards (a streamed tensor's pieces are gathered into
+    /// it from the read-ahead, [`ManagedWeights::stream_pieces`]).
     fn with_stored<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
         let (h, info) = self.entry(name)?;
-        if let Some(&(u, i, offset)) = self.prefetch.positions.get(h) {
-            // Not kept: from the staging area when read ahead (waiting for a fill in flight,
-            // or one the read-ahead waits room for), else read now; either way it does not
-            // enter the compute tier. The cursor moves first, so stale buffers can go; a
-            // miss is recorded by the area, so no fill of this tensor starts after it.
-            // Forward only within a unit: a tensor used out of the planned order (read twice,
-            // or before one planned ahead of it) must not make the read-ahead thread fetch
-            // again what was already taken.
-            let c = self.prefetch.cursor.load(Ordering::Acquire);
-            let next = ((u as u64) << 32) | (i as u64 + 1);
-            if c >> 32 != u as u64 || c < next {
-                self.prefetch.cursor.store(next, Ordering::Release);
-            }
-            if let Some(staged) = self.prefetch.area.take(*h) {
-                return f(&staged);
-            }
-            let len = usize_of(name, info.bytes)?;
-            let mut staging = staging_buf(name, len + IO_ALIGN_BYTES)?;
-            let staging = staging.as_mut_slice();
-            let range = phase_range(staging, offset, len);
-            self.manager
-                .read(*h, 0, &mut staging[range.clone()])
-                .map_err(|e| manager_error(name, e))?;
-            self.staged_bytes.fetch_add(info.bytes, Ordering::Relaxed);
-            return f(&staging[range]);
+        if let Some(s) = self.prefetch.positions.get(h) {
+            let mut whole = staging_buf(name, usize_of(name, info.bytes)?)?;
+            let whole = whole.as_mut_slice();
+            self.stream_pieces(name, *h, s, |start, bytes| {
+                whole[start..start + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            })?;
+            return f(whole);
         }
         match self.manager.pin(*h, self.compute_tier) {
             Ok(guard) => guard.with_bytes(f).map_err(|e| manager_error(name, e))?,
@@ -943,6 +1074,120 @@ impl ManagedWeights {
             }
             Err(e) => Err(manager_error(name, e)),
         }
+    }
+
+    /// Hands a streamed tensor's bytes to `f` in order, as `(offset in the tensor, bytes)`:
+    /// each piece from the staging area when read ahead (waiting for a read in flight, or one
+    /// the read-ahead waits room for), and from the first piece that was not, the rest of
+    /// the tensor read now in one request (what the disk serves fastest when nothing reads
+    /// ahead). Nothing enters the compute tier.
+    ///
+    /// The cursor moves before each take, so stale buffers can go; a miss is recorded by the
+    /// area, so no fill of that piece starts after it, and the cursor then moves past the
+    /// tensor, so none of its later pieces is read ahead either. Forward only within a unit:
+    /// a tensor used out of the planned order (read twice, or before one planned ahead of
+    /// it) must not make the read-ahead fetch again what was already taken.
+    fn stream_pieces(
+        &self,
+        name: &str,
+        h: TensorHandle,
+        s: &Streamed,
+        mut f: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let advance = |at: usize| {
+            let c = self.prefetch.cursor.load(Ordering::Acquire);
+            let next = ((s.unit as u64) << 32) | at as u64;
+            if c >> 32 != s.unit as u64 || c < next {
+                self.prefetch.cursor.store(next, Ordering::Release);
+            }
+        };
+        for (k, piece) in s.pieces.iter().enumerate() {
+            advance(s.first + k + 1);
+            let key = PieceKey {
+                tensor: h,
+                piece: k,
+            };
+            if let Some(staged) = self.prefetch.area.take(key) {
+                f(piece.start, &staged)?;
+                continue;
+            }
+            // One past the last piece: its fill is stale (not wanted) from here on.
+            advance(s.first + s.pieces.len() + 1);
+            let len = s.pieces.last().map_or(0, |p| p.end) - piece.start;
+            let mut buf = staging_buf(name, len + IO_ALIGN_BYTES)?;
+            let buf = buf.as_mut_slice();
+            let range = phase_range(buf, s.file_offset + piece.start as u64, len);
+            self.manager
+                .read(h, piece.start as u64, &mut buf[range.clone()])
+                .map_err(|e| manager_error(name, e))?;
+            self.staged_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            return f(piece.start, &buf[range]);
+        }
+        Ok(())
+    }
+
+    /// `W x` for a streamed matrix, row block by row block as its pieces arrive: the rows
+    /// wholly inside a piece are multiplied from its buffer, and a row cut by a piece
+    /// boundary (pieces end on aligned file offsets, not on rows) is put together in a
+    /// small buffer first.
+    fn matvec_streamed(
+        &self,
+        name: &str,
+        h: TensorHandle,
+        s: &Streamed,
+        (rows, cols, ty): (usize, usize, WeightType),
+        x: &[f32],
+    ) -> Result<Vec<f32>> {
+        let row_bytes = cols * ty.size_bytes();
+        if row_bytes == 0 || x.len() != cols {
+            // Empty rows, or a wrong input: the kernel reports it (or returns zeros).
+            return self.with_stored(name, |bytes| kernels::matvec(bytes, ty, rows, cols, x));
+        }
+        let mut y = vec![0f32; rows];
+        let mut carry: Vec<u8> = Vec::with_capacity(row_bytes);
+        self.stream_pieces(name, h, s, |start, mut bytes| {
+            let mut at = start;
+            if !carry.is_empty() {
+                let take = (row_bytes - carry.len()).min(bytes.len());
+                carry.extend_from_slice(&bytes[..take]);
+                bytes = &bytes[take..];
+                at += take;
+                if carry.len() == row_bytes {
+                    let row = at / row_bytes - 1;
+                    y[row] = kernels::matvec(&carry, ty, 1, cols, x)?[0];
+                    carry.clear();
+                }
+            }
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            // `at` is on a row boundary here: a carried row was completed, or the piece
+            // starts one (the tensor's start, or the end of the rows before it).
+            let first = at / row_bytes;
+            let whole = bytes.len() / row_bytes;
+            if first + whole > rows {
+                return Err(RunnerError::TensorShape {
+                    name: name.to_string(),
+                    expected: format!("{rows} rows of {row_bytes} bytes"),
+                    found: vec![first + whole, cols],
+                });
+            }
+            if whole > 0 {
+                let block = &bytes[..whole * row_bytes];
+                let out = self.timed(block.len(), || kernels::matvec(block, ty, whole, cols, x))?;
+                y[first..first + whole].copy_from_slice(&out);
+            }
+            carry.extend_from_slice(&bytes[whole * row_bytes..]);
+            Ok(())
+        })?;
+        if !carry.is_empty() {
+            return Err(RunnerError::TensorShape {
+                name: name.to_string(),
+                expected: format!("{rows} rows of {row_bytes} bytes"),
+                found: vec![rows, cols],
+            });
+        }
+        Ok(y)
     }
 
     /// Reads `len` bytes at `offset` of `name`: from its copy on the compute tier when it has
@@ -1035,6 +1280,10 @@ impl WeightSource for ManagedWeights {
     /// The bf16 kernel on the stored bytes (pinned in place, or staged when they do not fit).
     fn matvec(&self, name: &str, x: &[f32]) -> Result<Vec<f32>> {
         let (rows, cols, ty) = self.matrix(name)?;
+        let (h, _) = self.entry(name)?;
+        if let Some(s) = self.prefetch.positions.get(h) {
+            return self.matvec_streamed(name, *h, s, (rows, cols, ty), x);
+        }
         self.with_stored(name, |bytes| {
             self.timed(bytes.len(), || kernels::matvec(bytes, ty, rows, cols, x))
         })
@@ -1151,21 +1400,23 @@ impl WeightSource for ManagedWeights {
 mod tests {
     use super::*;
 
-    /// Pieces cover the tensor in order, about 4 MiB each, and every boundary between two
-    /// pieces is a 4 KiB aligned file offset.
+    /// Pieces cover the tensor in order, just under 4 MiB each (each fits a read-ahead
+    /// buffer at its file phase), and every boundary between two pieces is a 4 KiB aligned
+    /// file offset.
     #[test]
     fn pieces_cover_the_tensor_on_aligned_file_offsets() {
         let mib = 1usize << 20;
         for (offset, len, pieces) in [
-            (0u64, 4 * mib, 1),
-            (123, 4 * mib, 1),
-            (8_000, 8 * mib, 2),
-            (4096 * 7 + 5, 24 * mib, 6),
+            (0u64, 4 * mib - 8192, 1),
+            (0u64, 4 * mib, 2),
+            (123, 4 * mib, 2),
+            (8_000, 8 * mib, 3),
+            (4096 * 7 + 5, 24 * mib, 7),
             (77, 24 * mib + 3, 7),
             (4095, 10, 1),
             (1, 0, 1),
         ] {
-            let r = piece_ranges(offset, len);
+            let r = piece_ranges(offset, len, piece_bytes(STAGE_BUF_BYTES));
             assert_eq!(r.len(), pieces, "{offset} {len}: {r:?}");
             assert_eq!(r[0].start, 0);
             assert_eq!(r.last().unwrap().end, len);
@@ -1173,25 +1424,107 @@ mod tests {
                 assert_eq!(w[0].end, w[1].start);
                 assert_eq!((offset + w[0].end as u64) % IO_ALIGN_BYTES as u64, 0);
             }
+            // Each piece fits one read-ahead buffer at its file phase.
             for p in &r {
-                assert!(p.len() <= STREAM_READ_BYTES + IO_ALIGN_BYTES, "{p:?}");
+                let phase = (offset + p.start as u64) % IO_ALIGN_BYTES as u64;
+                assert!(phase as usize + p.len() <= STAGE_BUF_BYTES, "{p:?}");
             }
         }
     }
 
-    /// The read-ahead's pieces of 2,000 keys (1-3 pieces each), queued in order on a
-    /// four-thread pool that reads them in any order (random delays, one piece in 101
-    /// failing), published by the last piece of each fill into an area of about five
-    /// buffers, while a consumer takes the keys in order (sometimes before they were
-    /// begun: a miss it serves itself). Every taken buffer carries its key's bytes, the
-    /// area's ledger holds after every take, every begun fill is handed back exactly once
-    /// (published exactly when all its pieces were read), fills overlapped, takes waited for
-    /// fills in flight, and nothing is held at the end.
+    /// The plan keeps the norms' weights first: with room for all of them but not for the
+    /// first unit's large tensors in full, every vector is kept and only matrices stream;
+    /// the area is set apart first, and what is kept fits the budget.
+    #[test]
+    fn the_plan_keeps_vectors_first() {
+        let m =
+            MemoryManager::new(vlmem::ManagerConfig::with_capacities(0, 1 << 20, 1 << 20)).unwrap();
+        let h = |bytes: u64| m.allocate(bytes, TensorKind::Weight, 0).unwrap();
+        // Two layers (norm, matrix, norm, matrix) and the final unit (norm, lm_head).
+        let units: Vec<Vec<(TensorHandle, u64)>> = vec![
+            vec![(h(64), 64), (h(4000), 4000), (h(64), 64), (h(4000), 4000)],
+            vec![(h(64), 64), (h(4000), 4000), (h(64), 64), (h(4000), 4000)],
+            vec![(h(64), 64), (h(9000), 9000)],
+        ];
+        let vectors: HashSet<TensorHandle> = units
+            .iter()
+            .flatten()
+            .filter(|&&(_, b)| b == 64)
+            .map(|&(h, _)| h)
+            .collect();
+        // 12,000 bytes: a quarter (3,000) for the area, 9,000 to keep.
+        let (area, streamed) = plan_streaming(&units, 12_000, &vectors);
+        assert_eq!(area, 3_000);
+        assert!(
+            vectors.iter().all(|v| !streamed.contains(v)),
+            "{streamed:?}"
+        );
+        let kept: u64 = units
+            .iter()
+            .flatten()
+            .filter(|(h, _)| !streamed.contains(h))
+            .map(|&(_, b)| b)
+            .sum();
+        // The vectors (320), then lm_head does not fit (9,000 > 8,680): two layer matrices.
+        assert_eq!(kept, 5 * 64 + 2 * 4000);
+        // Everything fits: nothing streams and no area is set apart.
+        assert_eq!(
+            plan_streaming(&units, 30_000, &vectors),
+            (0, HashSet::new())
+        );
+    }
+
+    /// The read-ahead's buffers: 4 MiB each in an area with room for the full set, an even
+    /// share of a smaller area (or of half of it), never less than three alignment units, and
+    /// none when two of those do not fit; a piece cut for a buffer fits it at any phase.
+    #[test]
+    fn buffers_shrink_with_the_area_and_pieces_fit_them() {
+        let (mib, kib) = (1u64 << 20, 1u64 << 10);
+        let full = STAGING_BUFFERS as u64 * STAGE_BUF_BYTES as u64;
+        assert_eq!(stage_buf_bytes(full), STAGE_BUF_BYTES);
+        assert_eq!(stage_buf_bytes(256 * mib), STAGE_BUF_BYTES);
+        assert_eq!(stage_buf_bytes(STAGING_BUFFERS as u64 * mib), mib as usize);
+        // 50 KiB: a ninth is under 12 KiB, half of it is 24 KiB.
+        assert_eq!(stage_buf_bytes(50 * kib), 24 * kib as usize);
+        assert_eq!(stage_buf_bytes(23 * kib), 0);
+        assert_eq!(stage_buf_bytes(0), 0);
+        for buf in [
+            12 * kib as usize,
+            24 * kib as usize,
+            mib as usize,
+            STAGE_BUF_BYTES,
+        ] {
+            for offset in [0u64, 1, 4095, 4097, 123_456] {
+                for len in [1, 4096, 4097, 3 * buf, 10 * buf + 17] {
+                    for p in piece_ranges(offset, len, piece_bytes(buf)) {
+                        let phase = (offset + p.start as u64) % IO_ALIGN_BYTES as u64;
+                        assert!(
+                            phase as usize + p.len() <= buf,
+                            "{buf} {offset} {len} {p:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The read-ahead's pieces of 2,000 tensors (1-3 pieces each, 6,000 or so in all), each
+    /// claimed in order as its own buffer of an area of five, read by a four-thread pool in
+    /// any order (random delays, one piece in 101 failing) and published by the reader,
+    /// while a consumer takes the pieces in order (sometimes before they were begun: a miss
+    /// it serves itself). Every taken buffer carries its piece's bytes, the area's ledger
+    /// holds after every take, every begun fill is handed back exactly once, fills
+    /// overlapped, takes waited for fills in flight, and nothing is held at the end.
     #[test]
     fn pool_area_and_pieces_stress_keeps_the_ledger() {
-        const KEYS: u64 = 2000;
-        const PIECE: usize = 16;
-        let area = Arc::new(StagingArea::<u64>::new(5 * (3 * PIECE as u64 + 8)));
+        const TENSORS: u64 = 2000;
+        const BUF: usize = IO_ALIGN_BYTES;
+        // Piece `g` (numbered across tensors) and its length.
+        let pieces: Vec<usize> = (0..TENSORS)
+            .flat_map(|t| (0..=(t % 3)).map(move |p| BUF - 8 - ((t + p) % 50) as usize))
+            .collect();
+        let total = pieces.len() as u64;
+        let area = Arc::new(StagingArea::<u64, AlignedBuf>::new(5 * BUF as u64));
         let cursor = Arc::new(AtomicU64::new(0));
         let queue = Arc::new(JobQueue::new());
         let readers = queue.start(4);
@@ -1201,62 +1534,58 @@ mod tests {
         let scheduler = {
             let (area, cursor, queue) = (area.clone(), cursor.clone(), queue.clone());
             let (handed_back, published) = (handed_back.clone(), published.clone());
+            let pieces = pieces.clone();
             std::thread::spawn(move || {
                 let mut begun = 0u64;
-                for k in 0..KEYS {
-                    let len = PIECE * (1 + (k % 3) as usize) - (k % 5) as usize;
+                for (g, &len) in pieces.iter().enumerate() {
+                    let g = g as u64;
                     let Some(buf) = area.begin_fill(
-                        k,
-                        len + 8,
-                        || cursor.load(Ordering::Acquire) <= k,
+                        g,
+                        BUF,
+                        || cursor.load(Ordering::Acquire) <= g,
                         |t| t < cursor.load(Ordering::Acquire),
                     ) else {
                         continue;
                     };
                     begun += 1;
-                    let base = (k % 8) as usize;
-                    let ranges: Vec<Range<usize>> = (0..len.div_ceil(PIECE))
-                        .map(|p| base + p * PIECE..base + ((p + 1) * PIECE).min(len))
-                        .collect();
-                    let (a, hb, pb) = (area.clone(), handed_back.clone(), published.clone());
-                    let on_done = move |buf: Vec<u8>, ok: bool| {
+                    let base = (g % 8) as usize;
+                    let mut fill = PendingFill::new(area.clone(), g, g, buf, base..base + len);
+                    let (hb, pb) = (handed_back.clone(), published.clone());
+                    queue.submit(Box::new(move || {
+                        let x = (g * 31) % 101;
+                        if x.is_multiple_of(7) {
+                            std::thread::sleep(Duration::from_micros(x * 3));
+                        }
+                        fill.bytes_mut().fill(g as u8);
                         hb.fetch_add(1, Ordering::Relaxed);
-                        if ok {
+                        if x != 0 {
                             pb.fetch_add(1, Ordering::Relaxed);
                         }
-                        a.finish_fill(k, k, buf, base..base + len, ok);
-                    };
-                    let pieces = split_buf(buf, &ranges, on_done).unwrap();
-                    for mut piece in pieces {
-                        queue.submit(Box::new(move || {
-                            let x = (k * 31 + piece.start() as u64) % 101;
-                            if x.is_multiple_of(7) {
-                                std::thread::sleep(Duration::from_micros(x * 3));
-                            }
-                            piece.bytes_mut().fill(k as u8);
-                            piece.finish(x != 0);
-                        }));
-                    }
+                        fill.finish(x != 0);
+                    }));
                 }
                 begun
             })
         };
         let mut hits = 0;
-        for k in 0..KEYS {
-            cursor.store(k, Ordering::Release);
+        for (g, &len) in pieces.iter().enumerate() {
+            let g = g as u64;
+            cursor.store(g, Ordering::Release);
             area.wake();
-            if k % 89 == 0 {
+            if g.is_multiple_of(89) {
                 std::thread::sleep(Duration::from_micros(500));
             }
-            if let Some(s) = area.take(k) {
-                let len = PIECE * (1 + (k % 3) as usize) - (k % 5) as usize;
+            if let Some(s) = area.take(g) {
                 assert_eq!(s.len(), len);
-                assert!(s.iter().all(|&v| v == k as u8), "key {k} saw foreign bytes");
+                assert!(
+                    s.iter().all(|&v| v == g as u8),
+                    "piece {g} saw foreign bytes"
+                );
                 hits += 1;
             }
             area.check().unwrap();
         }
-        cursor.store(KEYS, Ordering::Release);
+        cursor.store(total, Ordering::Release);
         area.wake();
         let begun = scheduler.join().unwrap();
         queue.close();
@@ -1267,22 +1596,25 @@ mod tests {
         let s = area.stats();
         assert_eq!(s.filled, published.load(Ordering::Relaxed));
         assert_eq!(s.hits, hits);
-        assert_eq!(s.hits + s.misses, KEYS);
+        assert_eq!(s.hits + s.misses, total);
         assert!(s.max_filling >= 2, "fills overlapped: {s:?}");
         assert!(
             s.hits > 0 && s.waits > 0,
             "takes waited for fills in flight: {s:?}"
         );
+        assert!(s.allocated <= 5, "buffers are reused: {s:?}");
         area.close();
         assert_eq!(area.held_bytes(), 0);
         area.check().unwrap();
     }
 
-    /// A closed queue drops what is still queued (a piece dropped unread fails its fill,
-    /// which gives the room back), and with no reader thread the submitter runs each job.
+    /// A closed queue drops what is still queued (a fill dropped unread gives its room
+    /// back), and with no reader thread the submitter runs each job.
     #[test]
     fn a_closed_queue_drops_jobs_and_no_readers_runs_them_inline() {
-        let area = Arc::new(StagingArea::<u64>::new(64));
+        let area = Arc::new(StagingArea::<u64, AlignedBuf>::new(
+            2 * IO_ALIGN_BYTES as u64,
+        ));
         let queue = Arc::new(JobQueue::new());
         let ran = Arc::new(AtomicU64::new(0));
         let r = ran.clone();
@@ -1297,17 +1629,11 @@ mod tests {
             let _ = gate_rx.recv();
         }));
         let buf = area.begin_fill(1, 16, || true, |_| false).unwrap();
-        let a = area.clone();
-        let whole = 0..16;
-        let mut pieces = split_buf(buf, std::slice::from_ref(&whole), move |b, ok| {
-            a.finish_fill(1, 1, b, 0..16, ok)
-        })
-        .unwrap();
-        let piece = pieces.pop().unwrap();
+        let fill = PendingFill::new(area.clone(), 1, 1, buf, 0..16);
         let r = ran.clone();
         queue.submit(Box::new(move || {
             r.fetch_add(1, Ordering::Relaxed);
-            piece.finish(true);
+            fill.finish(true);
         }));
         assert_eq!(area.filling(), 1);
         queue.close();

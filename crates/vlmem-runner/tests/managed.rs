@@ -56,8 +56,9 @@ fn managed_weights_match_whatever_the_tiering() {
         let dir = fixture_dir(name);
         let expected = outputs(&Runner::open(&dir).unwrap(), &dir);
         let ckpt = Checkpoint::open(&dir).unwrap();
-        // Ample RAM; none (streamed from disk); less than one layer (constant eviction).
-        for host_weight_bytes in [8 * MIB, 0, 32 * 1024] {
+        // Ample RAM; none (streamed from disk); less than one layer (constant eviction); part
+        // of the decoder, the rest streamed in pieces of 4 KiB (rows cut across pieces).
+        for host_weight_bytes in [8 * MIB, 0, 32 * 1024, 104 * 1024] {
             let m = manager(host_weight_bytes);
             let weights =
                 ManagedWeights::register(m.clone(), &ckpt, Tier::Host, &Device::Cpu).unwrap();
@@ -105,12 +106,14 @@ fn managed_decode_matches_the_reference_with_the_kernel() {
             (32 * 1024, 1),
             (200 * 1024, 2),
             (200 * 1024, 0),
+            (104 * 1024, 2),
         ] {
             let m = manager(host_weight_bytes);
             let weights =
                 ManagedWeights::register(m.clone(), &ckpt, Tier::Host, &Device::Cpu).unwrap();
             weights.set_prefetch_layers(prefetch);
-            let runner = Runner::with_weights(&ckpt, Arc::new(weights), &Device::Cpu).unwrap();
+            let weights = Arc::new(weights);
+            let runner = Runner::with_weights(&ckpt, weights.clone(), &Device::Cpu).unwrap();
             let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
             let g = runner
                 .model()
@@ -125,9 +128,21 @@ fn managed_decode_matches_the_reference_with_the_kernel() {
                 )
                 .unwrap();
             let what = format!("{name}, host {host_weight_bytes} B, prefetch {prefetch}");
+            if host_weight_bytes == 104 * 1024 {
+                // Small read-ahead buffers: the kernel multiplies streamed matrices piece by
+                // piece, rows cut across pieces included, from buffers read ahead.
+                let st = weights.staging();
+                assert_eq!(st.buffer_bytes, 12 * 1024, "{what}: {st:?}");
+                assert!(
+                    st.streamed_pieces > 2 * st.streamed_tensors,
+                    "{what}: {st:?}"
+                );
+                assert!(st.stats.hits > 0, "{what}: {st:?}");
+            }
             // The read-ahead thread may still be reading for a next token: stop it (drop the
             // weights) before counting pins.
             drop(runner);
+            drop(weights);
             assert_eq!(g.generated_ids, want_ids, "{what}");
             let got: Vec<f32> = g.generated_logits.concat();
             assert_eq!(got.len(), want_logits.len(), "{what}");
@@ -228,6 +243,15 @@ fn streamed_weights_bypass_the_kept_set() {
             "{plan:?}"
         );
         assert!(plan.kept_bytes > 0 && plan.kept_bytes + plan.capacity_bytes <= 200 * 1024);
+        // The norms' weights (a few bytes each) are kept first: none is streamed.
+        assert!(
+            weights
+                .streamed_tensors()
+                .iter()
+                .all(|t| t.shape.len() == 2),
+            "{:?}",
+            weights.streamed_tensors()
+        );
         let runner = Runner::with_weights(&ckpt, weights.clone(), &Device::Cpu).unwrap();
         let read = || m.stats().counters.bytes_in[Tier::Host.index()] + weights.staged_bytes();
         let mut at_first = None;

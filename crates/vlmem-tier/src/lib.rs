@@ -29,7 +29,6 @@ pub mod io;
 pub mod mem;
 mod registry;
 pub mod simple;
-pub mod split;
 mod sys;
 
 pub(crate) use vlmem_core::sync;
@@ -45,7 +44,6 @@ pub use fault::{FaultKind, FaultPlan, FaultRule, IoPoint};
 pub use faulty::FaultyTier;
 pub use mem::{HostOptions, MemoryTier};
 pub use simple::FirstFitAllocator;
-pub use split::{Piece, split_buf};
 pub use sys::{HUGE_PAGE_BYTES, HostBuffer, advise_huge_pages};
 
 #[cfg(feature = "cuda")]

@@ -21,6 +21,6 @@ pub use config::{Budgets, ManagerConfig};
 pub use error::{ManagerError, Result};
 pub use kv_pool::{KvError, KvPool, KvPoolConfig, KvPoolStats, SeqId};
 pub use manager::{Audit, CompactionReport, MemoryManager, PinGuard, TensorHandle, fragmentation};
-pub use staging::{Staged, StagingArea, StagingStats};
+pub use staging::{StageBuf, Staged, StagingArea, StagingStats};
 pub use stats::ManagerStats;
 pub use vlmem_core::{TensorKind, Tier};

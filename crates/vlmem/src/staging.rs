@@ -73,17 +73,71 @@ pub struct StagingStats {
     pub allocated_bytes: u64,
 }
 
+/// A buffer the staging area lends out: plain heap memory (`Vec<u8>`, the default), or an
+/// I/O buffer ([`vlmem_tier::AlignedBuf`]: page-aligned, and on huge pages from 2 MiB up) for
+/// reads with O_DIRECT. A buffer's length is its capacity: all of it may be filled.
+pub trait StageBuf: Send + Sized {
+    /// The bytes a new buffer of at least `len_bytes` takes (what the area counts for it).
+    fn capacity_for(len_bytes: usize) -> usize;
+    /// A new zeroed buffer of `capacity_for(len_bytes)` bytes; `None` when memory cannot be
+    /// had.
+    fn alloc(len_bytes: usize) -> Option<Self>;
+    /// The bytes it takes.
+    fn capacity_bytes(&self) -> usize;
+    /// Its bytes (a reused buffer holds what was read into it before).
+    fn bytes(&self) -> &[u8];
+}
+
+impl StageBuf for Vec<u8> {
+    fn capacity_for(len_bytes: usize) -> usize {
+        len_bytes
+    }
+    fn alloc(len_bytes: usize) -> Option<Self> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(len_bytes).ok()?;
+        // On huge pages where the kernel has them, advised before the first touch: a read
+        // into them reaches the disk in far fewer segments (twice the read rate on our test
+        // VM's disk).
+        vlmem_tier::advise_huge_pages(v.spare_capacity_mut());
+        v.resize(len_bytes, 0);
+        Some(v)
+    }
+    fn capacity_bytes(&self) -> usize {
+        self.capacity()
+    }
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl StageBuf for vlmem_tier::AlignedBuf {
+    fn capacity_for(len_bytes: usize) -> usize {
+        len_bytes
+            .max(1)
+            .next_multiple_of(vlmem_tier::IO_ALIGN_BYTES)
+    }
+    fn alloc(len_bytes: usize) -> Option<Self> {
+        vlmem_tier::AlignedBuf::new(Self::capacity_for(len_bytes)).ok()
+    }
+    fn capacity_bytes(&self) -> usize {
+        vlmem_tier::AlignedBuf::capacity_bytes(self)
+    }
+    fn bytes(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 #[derive(Debug)]
-struct Ready {
+struct Ready<B> {
     tag: u64,
-    buf: Vec<u8>,
+    buf: B,
     /// The part of `buf` that holds the key's bytes.
     range: Range<usize>,
 }
 
 #[derive(Debug)]
-struct State<K> {
-    ready: HashMap<K, Ready>,
+struct State<K, B> {
+    ready: HashMap<K, Ready<B>>,
     /// Keys being filled, with the capacity of their buffers.
     filling: HashMap<K, u64>,
     /// Keys a producer waits for room to fill, with the bytes they need.
@@ -95,7 +149,7 @@ struct State<K> {
     held_bytes: u64,
     /// Bytes of buffers lent to consumers.
     lent_bytes: u64,
-    free: Vec<Vec<u8>>,
+    free: Vec<B>,
     free_bytes: u64,
     closed: bool,
     stats: StagingStats,
@@ -103,31 +157,31 @@ struct State<K> {
 
 /// The staging area; see the module documentation.
 #[derive(Debug)]
-pub struct StagingArea<K> {
+pub struct StagingArea<K, B = Vec<u8>> {
     capacity_bytes: u64,
-    state: Mutex<State<K>>,
+    state: Mutex<State<K, B>>,
     changed: Condvar,
 }
 
 /// A staged buffer lent to a consumer; it returns to the area when dropped.
 #[derive(Debug)]
-pub struct Staged<'a, K: Eq + Hash + Copy> {
-    area: &'a StagingArea<K>,
-    buf: Option<Vec<u8>>,
+pub struct Staged<'a, K: Eq + Hash + Copy, B: StageBuf = Vec<u8>> {
+    area: &'a StagingArea<K, B>,
+    buf: Option<B>,
     range: Range<usize>,
 }
 
-impl<K: Eq + Hash + Copy> std::ops::Deref for Staged<'_, K> {
+impl<K: Eq + Hash + Copy, B: StageBuf> std::ops::Deref for Staged<'_, K, B> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         self.buf
-            .as_deref()
-            .and_then(|b| b.get(self.range.clone()))
+            .as_ref()
+            .and_then(|b| b.bytes().get(self.range.clone()))
             .unwrap_or(&[])
     }
 }
 
-impl<K: Eq + Hash + Copy> Drop for Staged<'_, K> {
+impl<K: Eq + Hash + Copy, B: StageBuf> Drop for Staged<'_, K, B> {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
             self.area.give_back(buf);
@@ -135,7 +189,7 @@ impl<K: Eq + Hash + Copy> Drop for Staged<'_, K> {
     }
 }
 
-impl<K: Eq + Hash + Copy> StagingArea<K> {
+impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
     /// An area of at most `capacity_bytes` of buffers.
     pub fn new(capacity_bytes: u64) -> Self {
         StagingArea {
@@ -177,7 +231,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         len_bytes: usize,
         wanted: impl Fn() -> bool,
         stale: impl Fn(u64) -> bool,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<B> {
         let len = len_bytes as u64;
         if len > self.capacity_bytes {
             return None;
@@ -210,7 +264,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 .collect();
             for k in stale_keys {
                 if let Some(r) = st.ready.remove(&k) {
-                    st.held_bytes -= r.buf.capacity() as u64;
+                    st.held_bytes -= r.buf.capacity_bytes() as u64;
                     st.stats.dropped += 1;
                     Self::keep_free(&mut st, r.buf, self.capacity_bytes);
                 }
@@ -222,7 +276,11 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 // A take waits for this key and nothing is in flight: only takes of ready
                 // buffers (or lent ones coming back) can make room. When the ready ones alone
                 // leave too little, the take would wait forever: give the fill up.
-                let ready: u64 = st.ready.values().map(|r| r.buf.capacity() as u64).sum();
+                let ready: u64 = st
+                    .ready
+                    .values()
+                    .map(|r| r.buf.capacity_bytes() as u64)
+                    .sum();
                 if ready + len > self.capacity_bytes {
                     st.coming.remove(&key);
                     st.stats.gave_up += 1;
@@ -249,32 +307,34 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
             .free
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.capacity() >= len_bytes && held + b.capacity() as u64 <= capacity)
-            .min_by_key(|(_, b)| b.capacity())
+            .filter(|(_, b)| {
+                b.capacity_bytes() >= len_bytes && held + b.capacity_bytes() as u64 <= capacity
+            })
+            .min_by_key(|(_, b)| b.capacity_bytes())
             .map(|(i, _)| i);
-        let mut buf = match reuse {
+        let reused = match reuse {
             Some(i) => {
                 let b = st.free.swap_remove(i);
-                st.free_bytes -= b.capacity() as u64;
-                b
+                st.free_bytes -= b.capacity_bytes() as u64;
+                Some(b)
             }
             None => {
                 st.free
-                    .sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+                    .sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity_bytes()));
                 while st.held_bytes + st.free_bytes + len > capacity {
                     match st.free.pop() {
-                        Some(b) => st.free_bytes -= b.capacity() as u64,
+                        Some(b) => st.free_bytes -= b.capacity_bytes() as u64,
                         None => break,
                     }
                 }
-                // Reserves address space only; pages are touched below, outside the lock.
-                Vec::with_capacity(len_bytes)
+                None
             }
         };
-        let claimed = buf.capacity() as u64;
-        // A new buffer is empty; a reused one keeps its length (its capacity).
-        let fresh = buf.is_empty();
-        if fresh {
+        let claimed = match &reused {
+            Some(b) => b.capacity_bytes() as u64,
+            None => B::capacity_for(len_bytes) as u64,
+        };
+        if reused.is_none() {
             st.stats.allocated += 1;
             st.stats.allocated_bytes += claimed;
         }
@@ -282,36 +342,45 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         st.filling.insert(key, claimed);
         st.stats.max_filling = st.stats.max_filling.max(st.filling.len() as u64);
         drop(st);
-        // A new buffer is zeroed once (its pages faulted in here, outside the lock); a reused
-        // one keeps its length (its capacity) and its old bytes: no second pass over it.
-        if buf.len() < len_bytes {
-            if fresh {
-                // On huge pages where the kernel has them: a read into them reaches the disk
-                // in far fewer segments (twice the read rate on our test VM's disk).
-                vlmem_tier::advise_huge_pages(buf.spare_capacity_mut());
-            }
-            buf.resize(len_bytes, 0);
+        // A new buffer is allocated and zeroed here, outside the lock (its pages faulted in
+        // once); a reused one keeps its old bytes: no second pass over it.
+        match reused {
+            Some(b) => Some(b),
+            None => match B::alloc(len_bytes) {
+                Some(b) if b.capacity_bytes() as u64 == claimed => Some(b),
+                // No memory (or a buffer of another size than counted): the room goes back,
+                // and the consumer reads the key itself.
+                _ => {
+                    let mut st = self.state.lock();
+                    st.filling.remove(&key);
+                    st.held_bytes -= claimed;
+                    st.stats.allocated -= 1;
+                    st.stats.allocated_bytes -= claimed;
+                    drop(st);
+                    self.changed.notify_all();
+                    None
+                }
+            },
         }
-        Some(buf)
     }
 
     /// Producer (any thread): publishes `range` of `buf` (the buffer [`Self::begin_fill`]
     /// gave for `key`) as `key`'s bytes, tagged `tag` (e.g. the layer it belongs to, for
     /// `stale`), when `ok` (and the range lies in the buffer), or gives the room back (a read
     /// that failed). Wakes consumers waiting for `key`.
-    pub fn finish_fill(&self, key: K, tag: u64, buf: Vec<u8>, range: Range<usize>, ok: bool) {
+    pub fn finish_fill(&self, key: K, tag: u64, buf: B, range: Range<usize>, ok: bool) {
         let mut st = self.state.lock();
         let claimed = st.filling.remove(&key);
         debug_assert!(
-            claimed == Some(buf.capacity() as u64),
+            claimed == Some(buf.capacity_bytes() as u64),
             "finish_fill without begin_fill, or with another buffer"
         );
-        if ok && !st.closed && range.start <= range.end && range.end <= buf.len() {
+        if ok && !st.closed && range.start <= range.end && range.end <= buf.bytes().len() {
             st.stats.filled += 1;
             st.stats.filled_bytes += range.len() as u64;
             st.ready.insert(key, Ready { tag, buf, range });
         } else {
-            st.held_bytes -= buf.capacity() as u64;
+            st.held_bytes -= buf.capacity_bytes() as u64;
             Self::keep_free(&mut st, buf, self.capacity_bytes);
         }
         drop(st);
@@ -322,7 +391,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
     /// producer waits for room to fill them and that room can come without a lent buffer
     /// coming back; `None` (a miss) when the key is none of ready, filling or coming. The
     /// key is recorded as asked for: no fill of it starts until the next [`Self::wake`].
-    pub fn take(&self, key: K) -> Option<Staged<'_, K>> {
+    pub fn take(&self, key: K) -> Option<Staged<'_, K, B>> {
         let mut st = self.state.lock();
         st.asked = Some(key);
         let mut waited = false;
@@ -332,7 +401,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 if waited {
                     st.stats.waits += 1;
                 }
-                st.lent_bytes += r.buf.capacity() as u64;
+                st.lent_bytes += r.buf.capacity_bytes() as u64;
                 break Some(Staged {
                     area: self,
                     buf: Some(r.buf),
@@ -387,9 +456,9 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
     pub fn close(&self) {
         let mut st = self.state.lock();
         st.closed = true;
-        let ready: Vec<Ready> = st.ready.drain().map(|(_, r)| r).collect();
+        let ready: Vec<Ready<B>> = st.ready.drain().map(|(_, r)| r).collect();
         for r in ready {
-            st.held_bytes -= r.buf.capacity() as u64;
+            st.held_bytes -= r.buf.capacity_bytes() as u64;
         }
         st.free.clear();
         st.free_bytes = 0;
@@ -427,7 +496,11 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 st.held_bytes, st.free_bytes, self.capacity_bytes
             ));
         }
-        let ready: u64 = st.ready.values().map(|r| r.buf.capacity() as u64).sum();
+        let ready: u64 = st
+            .ready
+            .values()
+            .map(|r| r.buf.capacity_bytes() as u64)
+            .sum();
         let filling: u64 = st.filling.values().sum();
         if ready + filling + st.lent_bytes != st.held_bytes {
             return Err(format!(
@@ -435,7 +508,7 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
                 st.lent_bytes, st.held_bytes
             ));
         }
-        let free: u64 = st.free.iter().map(|b| b.capacity() as u64).sum();
+        let free: u64 = st.free.iter().map(|b| b.capacity_bytes() as u64).sum();
         if free != st.free_bytes {
             return Err(format!("free list {free} != free_bytes {}", st.free_bytes));
         }
@@ -452,18 +525,18 @@ impl<K: Eq + Hash + Copy> StagingArea<K> {
         Ok(())
     }
 
-    fn give_back(&self, buf: Vec<u8>) {
+    fn give_back(&self, buf: B) {
         let mut st = self.state.lock();
-        st.held_bytes -= buf.capacity() as u64;
-        st.lent_bytes -= buf.capacity() as u64;
+        st.held_bytes -= buf.capacity_bytes() as u64;
+        st.lent_bytes -= buf.capacity_bytes() as u64;
         Self::keep_free(&mut st, buf, self.capacity_bytes);
         drop(st);
         self.changed.notify_all();
     }
 
     /// Keeps `buf` for reuse when that stays within the capacity (else frees it).
-    fn keep_free(st: &mut State<K>, buf: Vec<u8>, capacity_bytes: u64) {
-        let len = buf.capacity() as u64;
+    fn keep_free(st: &mut State<K, B>, buf: B, capacity_bytes: u64) {
+        let len = buf.capacity_bytes() as u64;
         if !st.closed && st.held_bytes + st.free_bytes + len <= capacity_bytes {
             st.free_bytes += len;
             st.free.push(buf);
@@ -477,6 +550,66 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc::channel;
+
+    /// A buffer whose allocation fails from the `n`-th new buffer on (0: always).
+    #[derive(Debug)]
+    struct Scarce(Vec<u8>);
+    static SCARCE_LEFT: AtomicU64 = AtomicU64::new(1);
+    impl StageBuf for Scarce {
+        fn capacity_for(len_bytes: usize) -> usize {
+            len_bytes
+        }
+        fn alloc(len_bytes: usize) -> Option<Self> {
+            SCARCE_LEFT
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .ok()
+                .map(|_| Scarce(vec![0; len_bytes]))
+        }
+        fn capacity_bytes(&self) -> usize {
+            self.0.len()
+        }
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    /// A buffer that cannot be allocated gives its room back at once: the fill is refused
+    /// (the consumer misses and reads the key itself), the ledger holds, and a reused
+    /// buffer still serves later fills. An aligned I/O buffer is counted by its rounded-up
+    /// size.
+    #[test]
+    fn a_failed_allocation_refuses_the_fill_and_returns_the_room() {
+        let a = StagingArea::<u64, Scarce>::new(64);
+        let b = a
+            .begin_fill(1, 16, || true, |_| false)
+            .expect("first buffer");
+        a.finish_fill(1, 1, b, 0..16, true);
+        drop(a.take(1).expect("filled"));
+        // One buffer of 16 kept for reuse; a new one of 32 cannot be had.
+        assert!(a.begin_fill(2, 32, || true, |_| false).is_none());
+        assert_eq!((a.filling(), a.held_bytes()), (0, 0));
+        a.check().unwrap();
+        assert!(a.take(2).is_none(), "a miss");
+        a.wake();
+        let b = a
+            .begin_fill(3, 12, || true, |_| false)
+            .expect("the reused buffer");
+        assert_eq!(b.capacity_bytes(), 16);
+        a.finish_fill(3, 3, b, 0..12, true);
+        assert_eq!(a.take(3).map(|s| s.len()), Some(12));
+        let s = a.stats();
+        assert_eq!((s.allocated, s.allocated_bytes), (1, 16), "{s:?}");
+        a.check().unwrap();
+
+        let io = StagingArea::<u64, vlmem_tier::AlignedBuf>::new(8192);
+        let b = io.begin_fill(1, 100, || true, |_| false).unwrap();
+        assert_eq!(b.capacity_bytes(), 4096);
+        assert_eq!(b.bytes().as_ptr() as usize % vlmem_tier::IO_ALIGN_BYTES, 0);
+        assert_eq!(io.held_bytes(), 4096);
+        io.finish_fill(1, 1, b, 0..100, false);
+        assert_eq!(io.held_bytes(), 0);
+        io.check().unwrap();
+    }
 
     #[test]
     fn fill_take_and_reuse() {
