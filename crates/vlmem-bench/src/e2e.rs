@@ -381,6 +381,8 @@ struct Decode {
     /// Seconds of the timed decode steps.
     decode_s: f64,
     ttft_s: f64,
+    /// Bytes of the step arena the decode steps used at most (0: they ran outside it).
+    arena_peak_bytes: u64,
     /// Bytes into the host tier plus bytes staged, per decode step.
     streamed_bytes_per_token: f64,
     /// /proc/self/io read_bytes per decode step.
@@ -443,6 +445,8 @@ fn decode_run_with(
     }
     let model =
         Qwen3Vl::new(c.config.clone(), weights.clone(), &Device::Cpu).map_err(|e| e.to_string())?;
+    // Decode steps keep their activations in a step arena on the host, as `vlmem run` does.
+    model.use_step_arena(manager.clone(), Tier::Host);
     let vocab = c.config.text.vocab_size as u32;
     let prompt: Vec<u32> = [151644u32, 872, 198, 9707, 11, 1879, 13, 151645]
         .iter()
@@ -490,6 +494,10 @@ fn decode_run_with(
         tok_s: g.decode_tokens_per_s(),
         decode_s,
         ttft_s: g.time_to_first_token.as_secs_f64(),
+        arena_peak_bytes: match g.activations {
+            vlmem_runner::Activations::Arena { peak_bytes, .. } => peak_bytes,
+            vlmem_runner::Activations::InProcess { .. } => 0,
+        },
         streamed_bytes_per_token: (last.0 - b0) as f64 / steps,
         proc_bytes_per_token: match (p0, last.1) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / steps),
@@ -720,6 +728,12 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
                     "tok/s",
                 );
                 push(&mut report, &format!("ttft_s.{label}"), d.ttft_s, "s");
+                push(
+                    &mut report,
+                    &format!("step_arena_peak_bytes.{label}"),
+                    d.arena_peak_bytes as f64,
+                    "B",
+                );
                 push(
                     &mut report,
                     &format!("streamed_bytes_per_token.{label}"),
@@ -1001,6 +1015,10 @@ mod tests {
         assert_eq!(resident.ids, streamed.ids);
         assert_eq!(resident.ids, plain.ids);
         assert!(resident.tok_s > 0.0 && streamed.tok_s > 0.0);
+        // Every run decodes with its activations in the manager's step arena.
+        for d in [&resident, &streamed, &plain] {
+            assert!(d.arena_peak_bytes > 0);
+        }
         assert_eq!(resident.streamed_bytes_per_token, 0.0);
         // The streamed runs read what does not fit: at least the step's bytes beyond the
         // budget, every token.

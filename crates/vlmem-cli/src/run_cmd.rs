@@ -16,8 +16,8 @@ use vlmem_core::bytes::format_bytes;
 use vlmem_core::profile::{HardwareProfile, Overrides};
 use vlmem_qwen3vl::checkpoint::Checkpoint;
 use vlmem_runner::{
-    GenerateOptions, KvStore, LogitsFor, ManagedWeights, PagedKv, PrefillOptions, Runner,
-    RunnerError,
+    Activations, GenerateOptions, KvStore, LogitsFor, ManagedWeights, PagedKv, PrefillOptions,
+    Runner, RunnerError,
 };
 
 /// Tokens per KV block (vLLM's default).
@@ -67,9 +67,10 @@ pub struct RunArgs {
 impl From<RunnerError> for CliError {
     fn from(e: RunnerError) -> Self {
         match e {
-            RunnerError::Candle(_) | RunnerError::Weights(_) | RunnerError::Gpu(_) => {
-                CliError::failure(e)
-            }
+            RunnerError::Candle(_)
+            | RunnerError::Weights(_)
+            | RunnerError::Gpu(_)
+            | RunnerError::Arena(_) => CliError::failure(e),
             RunnerError::Io { ref source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
                 CliError::failure(e)
             }
@@ -152,6 +153,8 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     if let Some(c) = &vision_cache {
         runner.model().use_vision_cache(c.clone());
     }
+    // Decode steps' activations in a step arena on the host, under its activation budget.
+    runner.model().use_step_arena(manager.clone(), Tier::Host);
     // The KV cache in the manager's paged pool when the host's KV budget holds a block; the
     // plain in-process cache otherwise (`--host-mem 0`).
     let kv_pool = KvPool::new(
@@ -328,6 +331,24 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 }
                 None => json!({ "paged": false }),
             },
+            "activations": match &gen_.activations {
+                Activations::Arena {
+                    tier,
+                    capacity_bytes,
+                    peak_bytes,
+                    steps,
+                } => json!({
+                    "in_arena": true,
+                    "tier": tier.to_string(),
+                    "arena_bytes": capacity_bytes,
+                    "peak_bytes": peak_bytes,
+                    "steps": steps,
+                }),
+                Activations::InProcess { reason } => json!({
+                    "in_arena": false,
+                    "reason": reason,
+                }),
+            },
             "vision_cache": vision_cache.as_ref().map(|c| {
                 let v = c.stats();
                 json!({ "hits": v.hits, "misses": v.misses, "resident_bytes": v.resident_bytes })
@@ -400,6 +421,19 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
             );
         }
         None => println!("KV cache: in process (the host has no KV budget for one block)"),
+    }
+    match &gen_.activations {
+        Activations::Arena {
+            tier,
+            capacity_bytes,
+            peak_bytes,
+            steps,
+        } => println!(
+            "activations: in a step arena of the manager on the {tier} tier, {} (peak {}), {steps} decode step(s)",
+            format_bytes(*capacity_bytes),
+            format_bytes(*peak_bytes)
+        ),
+        Activations::InProcess { reason } => println!("activations: in process ({reason})"),
     }
     if let Some(c) = &vision_cache {
         let v = c.stats();

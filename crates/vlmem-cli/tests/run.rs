@@ -118,6 +118,24 @@ fn run_matches_the_reference_in_every_tiering() {
                 assert_eq!(st["buffer_bytes"], 0, "{v}");
                 assert!(st["read_on_demand"].as_u64().unwrap() > 0, "{v}");
             }
+            // Decode activations: in a step arena of the manager while the host's activation
+            // budget holds one (not with no RAM at all, nor in 5% of 64 KiB), one step per
+            // generated id after the first.
+            let act = &v["activations"];
+            if tiering.is_empty() {
+                assert_eq!(act["in_arena"], true, "{v}");
+                assert_eq!(act["tier"], "host", "{v}");
+                assert_eq!(
+                    act["steps"].as_u64().unwrap() as usize,
+                    got.len() - 1,
+                    "{v}"
+                );
+                let (peak, size) = (act["peak_bytes"].as_u64(), act["arena_bytes"].as_u64());
+                assert!(peak > Some(0) && peak <= size, "{v}");
+            } else {
+                assert_eq!(act["in_arena"], false, "{v}");
+                assert!(act["reason"].as_str().unwrap().contains("budget"), "{v}");
+            }
             if tiering.is_empty() {
                 // With RAM to spare, the KV cache and the image embedding live in the
                 // manager (paged blocks; one vision-cache miss for the one image).

@@ -87,6 +87,10 @@ pub enum RunnerError {
     /// GPU memory).
     #[error("GPU: {0}")]
     Gpu(String),
+    /// The step arena could not hold a decode step's activations (a sizing bug), or lending
+    /// its views failed.
+    #[error("step arena: {0}")]
+    Arena(String),
     /// The tensor library failed (shape bugs, device errors).
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

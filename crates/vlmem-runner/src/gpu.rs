@@ -239,6 +239,46 @@ mod on_gpu {
                 self.inner.matvec_many(names, x)
             }
         }
+        fn matvec_into(&self, name: &str, x: &[f32], y: &mut [f32]) -> Result<()> {
+            match self.on_gpu(name, x, 1) {
+                Some(r) => crate::weights::copy_into(name, &r?, y),
+                None => self.inner.matvec_into(name, x, y),
+            }
+        }
+        fn matvec_many_into(&self, names: &[&str], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
+            if names.iter().any(|n| self.on_gpu.contains_key(*n)) {
+                if names.len() != ys.len() {
+                    return Err(RunnerError::BadRequest(format!(
+                        "{} weights but {} outputs",
+                        names.len(),
+                        ys.len()
+                    )));
+                }
+                for (name, y) in names.iter().zip(ys.iter_mut()) {
+                    self.matvec_into(name, x, y)?;
+                }
+                Ok(())
+            } else {
+                self.inner.matvec_many_into(names, x, ys)
+            }
+        }
+        fn expert_matvec_into(
+            &self,
+            name: &str,
+            expert: usize,
+            transposed: bool,
+            x: &[f32],
+            y: &mut [f32],
+        ) -> Result<()> {
+            self.inner
+                .expert_matvec_into(name, expert, transposed, x, y)
+        }
+        fn values_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
+            self.inner.values_into(name, out)
+        }
+        fn row_into(&self, name: &str, id: u32, out: &mut [f32]) -> Result<()> {
+            self.inner.row_into(name, id, out)
+        }
         fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
             match self.on_gpu(name, x, n) {
                 Some(r) => r,

@@ -1,7 +1,7 @@
 //! The key/value cache behind a small trait, so the paged KV pool of the memory manager can
 //! replace the simple growable tensors here without touching the decoder.
 
-use crate::error::Result;
+use crate::error::{Result, RunnerError};
 use candle_core::Tensor;
 
 /// Per-layer storage of attention keys and values, `[1, kv_heads, tokens, head_dim]` f32.
@@ -12,6 +12,54 @@ pub trait KvStore {
 
     /// Tokens held (by layer 0; every layer holds the same number between steps).
     fn len_tokens(&self) -> usize;
+
+    /// The decode step's append: one token's keys then values (`kv_row`: `2 * kv_heads *
+    /// head_dim` f32, keys first) go to layer `layer`, and the layer's keys and values, token
+    /// by token in the same layout (token `t` at `t * kv_row.len()`), are copied into the
+    /// front of `out` (e.g. a view of the step arena). Returns the layer's tokens. The
+    /// default goes through [`KvStore::append`].
+    fn append_one(
+        &mut self,
+        layer: usize,
+        kv_heads: usize,
+        kv_row: &[f32],
+        out: &mut [f32],
+    ) -> Result<usize> {
+        let row = kv_row.len() / 2;
+        if kv_heads == 0 || row * 2 != kv_row.len() || !row.is_multiple_of(kv_heads) {
+            return Err(RunnerError::BadRequest(format!(
+                "a KV row of {} values for {kv_heads} heads",
+                kv_row.len()
+            )));
+        }
+        let d = row / kv_heads;
+        let dev = candle_core::Device::Cpu;
+        let k = Tensor::from_slice(&kv_row[..row], (1, kv_heads, 1, d), &dev)?;
+        let v = Tensor::from_slice(&kv_row[row..], (1, kv_heads, 1, d), &dev)?;
+        let (ka, va) = self.append(layer, &k, &v)?;
+        // [1, h, T, d] -> [T, h*d]
+        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let (ks, vs) = (rows(&ka)?, rows(&va)?);
+        let tokens = ks.len() / row;
+        if out.len() < tokens * 2 * row {
+            return Err(RunnerError::BadRequest(format!(
+                "room for {} KV values, the layer holds {}",
+                out.len(),
+                tokens * 2 * row
+            )));
+        }
+        for (t, dst) in out.chunks_exact_mut(2 * row).take(tokens).enumerate() {
+            dst[..row].copy_from_slice(&ks[t * row..(t + 1) * row]);
+            dst[row..].copy_from_slice(&vs[t * row..(t + 1) * row]);
+        }
+        Ok(tokens)
+    }
 
     /// Drops everything.
     fn clear(&mut self);
@@ -163,6 +211,25 @@ impl PagedKv {
         })
     }
 
+    /// Layer `layer`'s pool sequence and its length, started on first use.
+    fn layer_seq(&mut self, layer: usize) -> Result<(vlmem::SeqId, usize)> {
+        if layer >= self.layers.len() {
+            self.layers.resize(layer + 1, None);
+        }
+        match self.layers[layer] {
+            Some(x) => Ok(x),
+            None => {
+                let (seq, _) = self
+                    .pool
+                    .start_salted(self.salt + layer as u64, &[])
+                    .map_err(Self::kv_err)?;
+                // Recorded now, so a failed first append does not leak the sequence.
+                self.layers[layer] = Some((seq, 0));
+                Ok((seq, 0))
+            }
+        }
+    }
+
     fn kv_err(e: vlmem::KvError) -> crate::error::RunnerError {
         crate::error::RunnerError::BadRequest(format!("KV cache: {e}"))
     }
@@ -180,19 +247,7 @@ impl KvStore for PagedKv {
                 self.head_dim
             )));
         }
-        if layer >= self.layers.len() {
-            self.layers.resize(layer + 1, None);
-        }
-        let (seq, len) = match self.layers[layer] {
-            Some(x) => x,
-            None => {
-                let (seq, _) = self
-                    .pool
-                    .start_salted(self.salt + layer as u64, &[])
-                    .map_err(Self::kv_err)?;
-                (seq, 0)
-            }
-        };
+        let (seq, len) = self.layer_seq(layer)?;
         // [1, h, n, d] -> [n, h, d] for keys and values, then per token K then V.
         let to_rows = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.squeeze(0)?
@@ -251,6 +306,43 @@ impl KvStore for PagedKv {
             Some(Some((_, len))) => *len,
             _ => 0,
         }
+    }
+
+    /// The pool stores exactly this layout: the new row is appended as its bytes and the
+    /// layer is read back straight into `out`, with no other buffer.
+    fn append_one(
+        &mut self,
+        layer: usize,
+        kv_heads: usize,
+        kv_row: &[f32],
+        out: &mut [f32],
+    ) -> Result<usize> {
+        let row = self.kv_heads * self.head_dim;
+        if kv_heads != self.kv_heads || kv_row.len() != 2 * row {
+            return Err(RunnerError::BadRequest(format!(
+                "a KV row of {} values for {kv_heads} heads; the cache holds {} heads x {}",
+                kv_row.len(),
+                self.kv_heads,
+                self.head_dim
+            )));
+        }
+        let (seq, len) = self.layer_seq(layer)?;
+        let total = len + 1;
+        let want = total * 2 * row;
+        if out.len() < want {
+            return Err(RunnerError::BadRequest(format!(
+                "room for {} KV values, the layer holds {want}",
+                out.len()
+            )));
+        }
+        self.pool
+            .append(seq, &[len as u32], bytemuck::cast_slice(kv_row))
+            .map_err(Self::kv_err)?;
+        self.layers[layer] = Some((seq, total));
+        self.pool
+            .read_range(seq, 0, bytemuck::cast_slice_mut(&mut out[..want]))
+            .map_err(Self::kv_err)?;
+        Ok(total)
     }
 
     fn clear(&mut self) {

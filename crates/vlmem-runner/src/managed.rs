@@ -14,7 +14,7 @@
 use crate::error::{Result, RunnerError};
 use crate::kernels::{self, WeightType};
 use crate::text::{EMBED_TOKENS, LM_HEAD};
-use crate::weights::{WeightSource, check_expert, widen_to_f32};
+use crate::weights::{WeightSource, check_expert, widen_into, widen_to_f32};
 use candle_core::{Device, Tensor};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
@@ -710,6 +710,23 @@ impl std::fmt::Debug for ManagedWeights {
     }
 }
 
+/// One input row through one expert's matrix `[a, b]`: `W x` when `transposed` (`W: [out,
+/// in]`), `x W` otherwise (the released layout).
+fn expert_kernel(
+    bytes: &[u8],
+    ty: WeightType,
+    (a, b): (usize, usize),
+    transposed: bool,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    if transposed {
+        kernels::matvec_into(bytes, ty, a, b, x, y)
+    } else {
+        kernels::vecmat_into(bytes, ty, a, b, x, y)
+    }
+}
+
 fn manager_error(name: &str, e: ManagerError) -> RunnerError {
     RunnerError::Weights(format!("{name}: {e}"))
 }
@@ -1137,13 +1154,15 @@ impl ManagedWeights {
         s: &Streamed,
         (rows, cols, ty): (usize, usize, WeightType),
         x: &[f32],
-    ) -> Result<Vec<f32>> {
+        y: &mut [f32],
+    ) -> Result<()> {
         let row_bytes = cols * ty.size_bytes();
-        if row_bytes == 0 || x.len() != cols {
-            // Empty rows, or a wrong input: the kernel reports it (or returns zeros).
-            return self.with_stored(name, |bytes| kernels::matvec(bytes, ty, rows, cols, x));
+        if row_bytes == 0 || x.len() != cols || y.len() != rows {
+            // Empty rows, or a wrong input or output: the kernel reports it (or fills zeros).
+            return self.with_stored(name, |bytes| {
+                kernels::matvec_into(bytes, ty, rows, cols, x, y)
+            });
         }
-        let mut y = vec![0f32; rows];
         let mut carry: Vec<u8> = Vec::with_capacity(row_bytes);
         self.stream_pieces(name, h, s, |start, mut bytes| {
             let mut at = start;
@@ -1154,7 +1173,7 @@ impl ManagedWeights {
                 at += take;
                 if carry.len() == row_bytes {
                     let row = at / row_bytes - 1;
-                    y[row] = kernels::matvec(&carry, ty, 1, cols, x)?[0];
+                    kernels::matvec_into(&carry, ty, 1, cols, x, &mut y[row..row + 1])?;
                     carry.clear();
                 }
             }
@@ -1174,8 +1193,10 @@ impl ManagedWeights {
             }
             if whole > 0 {
                 let block = &bytes[..whole * row_bytes];
-                let out = self.timed(block.len(), || kernels::matvec(block, ty, whole, cols, x))?;
-                y[first..first + whole].copy_from_slice(&out);
+                let out = &mut y[first..first + whole];
+                self.timed(block.len(), || {
+                    kernels::matvec_into(block, ty, whole, cols, x, out)
+                })?;
             }
             carry.extend_from_slice(&bytes[whole * row_bytes..]);
             Ok(())
@@ -1187,7 +1208,7 @@ impl ManagedWeights {
                 found: vec![rows, cols],
             });
         }
-        Ok(y)
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset` of `name`: from its copy on the compute tier when it has
@@ -1279,20 +1300,46 @@ impl WeightSource for ManagedWeights {
 
     /// The bf16 kernel on the stored bytes (pinned in place, or staged when they do not fit).
     fn matvec(&self, name: &str, x: &[f32]) -> Result<Vec<f32>> {
+        let (rows, _, _) = self.matrix(name)?;
+        let mut y = vec![0f32; rows];
+        self.matvec_into(name, x, &mut y)?;
+        Ok(y)
+    }
+
+    fn matvec_into(&self, name: &str, x: &[f32], y: &mut [f32]) -> Result<()> {
         let (rows, cols, ty) = self.matrix(name)?;
         let (h, _) = self.entry(name)?;
         if let Some(s) = self.prefetch.positions.get(h) {
-            return self.matvec_streamed(name, *h, s, (rows, cols, ty), x);
+            return self.matvec_streamed(name, *h, s, (rows, cols, ty), x, y);
         }
         self.with_stored(name, |bytes| {
-            self.timed(bytes.len(), || kernels::matvec(bytes, ty, rows, cols, x))
+            self.timed(bytes.len(), || {
+                kernels::matvec_into(bytes, ty, rows, cols, x, y)
+            })
         })
+    }
+
+    fn matvec_many(&self, names: &[&str], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let mut ys = names
+            .iter()
+            .map(|name| Ok(vec![0f32; self.matrix(name)?.0]))
+            .collect::<Result<Vec<_>>>()?;
+        let mut views: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        self.matvec_many_into(names, x, &mut views)?;
+        Ok(ys)
     }
 
     /// The kernels on the stored bytes of all the weights at once (each pinned, or staged),
     /// in one parallel pass; one at a time when they differ in input width or one of them is
     /// streamed.
-    fn matvec_many(&self, names: &[&str], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+    fn matvec_many_into(&self, names: &[&str], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
+        if names.len() != ys.len() {
+            return Err(RunnerError::BadRequest(format!(
+                "{} weights but {} outputs",
+                names.len(),
+                ys.len()
+            )));
+        }
         let mats = names
             .iter()
             .map(|name| self.matrix(name))
@@ -1307,16 +1354,19 @@ impl WeightSource for ManagedWeights {
                 .is_some_and(|(h, _)| self.prefetch.positions.contains_key(h))
         });
         if streamed || names.len() > 3 || mats.iter().any(|m| m.1 != cols) {
-            return names.iter().map(|n| self.matvec(n, x)).collect();
+            for (name, y) in names.iter().zip(ys.iter_mut()) {
+                self.matvec_into(name, x, y)?;
+            }
+            return Ok(());
         }
-        let mut run = |bytes: &[&[u8]]| -> Result<Vec<Vec<f32>>> {
+        let mut run = |bytes: &[&[u8]]| -> Result<()> {
             let refs: Vec<(&[u8], WeightType, usize)> = bytes
                 .iter()
                 .zip(&mats)
                 .map(|(b, &(rows, _, ty))| (*b, ty, rows))
                 .collect();
             let total: usize = bytes.iter().map(|b| b.len()).sum();
-            self.timed(total, || kernels::matvec_many(&refs, cols, x))
+            self.timed(total, || kernels::matvec_many_into(&refs, cols, x, ys))
         };
         self.lend_all(names, &[], &mut run)
     }
@@ -1342,13 +1392,56 @@ impl WeightSource for ManagedWeights {
         x: &[f32],
     ) -> Result<Vec<f32>> {
         let (bytes, ty, a, b) = self.expert_slice(name, expert)?;
+        let mut y = vec![0f32; if transposed { a } else { b }];
         self.timed(bytes.len(), || {
-            if transposed {
-                kernels::matvec(&bytes, ty, a, b, x)
-            } else {
-                kernels::vecmat(&bytes, ty, a, b, x)
-            }
+            expert_kernel(&bytes, ty, (a, b), transposed, x, &mut y)
+        })?;
+        Ok(y)
+    }
+
+    fn expert_matvec_into(
+        &self,
+        name: &str,
+        expert: usize,
+        transposed: bool,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<()> {
+        let (bytes, ty, a, b) = self.expert_slice(name, expert)?;
+        self.timed(bytes.len(), || {
+            expert_kernel(&bytes, ty, (a, b), transposed, x, y)
         })
+    }
+
+    /// Widens the stored bytes (pinned in place, or staged) straight into `out`.
+    fn values_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let (_, info) = self.entry(name)?;
+        self.with_stored(name, |bytes| widen_into(name, info.dtype, bytes, out))
+    }
+
+    /// Reads only that row, from the table's fastest copy.
+    fn row_into(&self, name: &str, id: u32, out: &mut [f32]) -> Result<()> {
+        let (_, info) = self.entry(name)?;
+        let (rows, cols) = match info.shape.as_slice() {
+            [r, c] => (usize_of(name, *r)?, usize_of(name, *c)?),
+            _ => {
+                return Err(RunnerError::TensorShape {
+                    name: name.to_string(),
+                    expected: "a 2-D table".into(),
+                    found: info.shape.iter().map(|&d| d as usize).collect(),
+                });
+            }
+        };
+        if id as usize >= rows {
+            return Err(RunnerError::TokenOutOfVocab {
+                id,
+                position: 0,
+                vocab_size: rows,
+            });
+        }
+        let row_bytes = cols * weight_type(name, info)?.size_bytes();
+        let bytes = self.read_range(name, id as u64 * row_bytes as u64, row_bytes)?;
+        widen_into(name, info.dtype, &bytes, out)
     }
 
     /// Tells the prefetch thread (started on first use) that `layer` starts, so it brings

@@ -70,6 +70,32 @@ pub struct Generation {
     pub time_to_first_token: Duration,
     /// Time spent on the remaining tokens.
     pub decode_time: Duration,
+    /// Where the decode steps kept their activations.
+    pub activations: Activations,
+}
+
+/// Where decode steps keep their activations (the per-step vectors: hidden states, q/k/v,
+/// attention scores, the MLP's intermediates, the layer's keys and values, the logits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Activations {
+    /// In a step arena of the memory manager, pinned on `tier` for the generation and
+    /// reset at each step (see [`Qwen3Vl::use_step_arena`]).
+    Arena {
+        /// The tier the arena is pinned on.
+        tier: vlmem::Tier,
+        /// The arena's size: a step at the generation's longest context.
+        capacity_bytes: u64,
+        /// The most any step used.
+        peak_bytes: u64,
+        /// Decode steps run in it.
+        steps: u64,
+    },
+    /// In buffers the tensor library allocates (process memory, outside the manager's
+    /// budgets): no arena configured, none needed, or no room for one.
+    InProcess {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Generation {
@@ -94,6 +120,8 @@ pub struct Qwen3Vl {
     device: Device,
     /// Image embeddings by content, in the memory manager (set once, optional).
     vision_cache: std::sync::OnceLock<Arc<vlmem::vision_cache::VisionCache>>,
+    /// Where decode steps take their step arena from (set once, optional).
+    step_arena: std::sync::OnceLock<(vlmem::MemoryManager, vlmem::Tier)>,
 }
 
 impl std::fmt::Debug for Qwen3Vl {
@@ -122,6 +150,7 @@ impl Qwen3Vl {
             text,
             device: device.clone(),
             vision_cache: std::sync::OnceLock::new(),
+            step_arena: std::sync::OnceLock::new(),
         };
         let p = m.params();
         m.vision.check_weights(&p)?;
@@ -156,6 +185,33 @@ impl Qwen3Vl {
     /// Runs the vision tower over one image.
     pub fn encode_image(&self, image: &ImageInput, trace: bool) -> Result<VisionOutput> {
         self.vision.forward(&self.params(), image, trace)
+    }
+
+    /// Decode steps keep their activations in a step arena of `manager` pinned on `tier`
+    /// (CPU-addressable: the host, or a simulated device), under its activation budget:
+    /// [`Qwen3Vl::generate_in`] takes one sized for the generation's longest context and
+    /// gives it back at the end; with no room for it, decode falls back to the tensor
+    /// library's buffers and says so ([`Generation::activations`]). Set once: false if
+    /// already set.
+    pub fn use_step_arena(&self, manager: vlmem::MemoryManager, tier: vlmem::Tier) -> bool {
+        self.step_arena.set((manager, tier)).is_ok()
+    }
+
+    /// A step arena for decode steps up to `tokens` tokens of context, or why there is none.
+    fn new_step_arena(&self, tokens: usize) -> std::result::Result<vlmem::StepArena, String> {
+        let Some((manager, tier)) = self.step_arena.get() else {
+            return Err("no step arena configured".into());
+        };
+        if !matches!(self.device, Device::Cpu) {
+            return Err(format!("the model computes on {:?}", self.device));
+        }
+        let bytes = self.text.step_arena_bytes(tokens);
+        vlmem::StepArena::new(manager, vlmem::TensorKind::Activation, *tier, bytes).map_err(|e| {
+            format!(
+                "no room for a {} KiB step arena on the {tier} tier: {e}",
+                bytes.div_ceil(1024)
+            )
+        })
     }
 
     /// Keeps image embeddings (and DeepStack features) in `cache`, keyed by the preprocessed
@@ -353,12 +409,23 @@ impl Qwen3Vl {
             generated_logits: Vec::new(),
             time_to_first_token: Duration::ZERO,
             decode_time: Duration::ZERO,
+            activations: Activations::InProcess {
+                reason: "no decode step".into(),
+            },
         };
         if opts.max_new_tokens == 0 {
             self.positions(ids, images)?;
             return Ok(generation);
         }
         let prefill = self.prefill(ids, images, kv, PrefillOptions::default())?;
+        // The longest context a decode step sees: the prompt and every generated id but the
+        // last (which is never fed back).
+        let mut arena = if opts.max_new_tokens > 1 {
+            self.new_step_arena(ids.len() + opts.max_new_tokens - 1)
+        } else {
+            Err("no decode step".into())
+        };
+        let p = self.params();
         let mut logits = prefill
             .logits
             .ok_or_else(|| RunnerError::BadRequest("prefill returned no logits".into()))?
@@ -380,10 +447,22 @@ impl Qwen3Vl {
             {
                 break;
             }
-            logits = self.decode_step(next, position, kv)?.to_vec1::<f32>()?;
+            logits = match arena.as_mut() {
+                Ok(a) => self.text.decode_in_arena(&p, next, position, kv, a)?,
+                Err(_) => self.decode_step(next, position, kv)?.to_vec1::<f32>()?,
+            };
             position += 1;
         }
         generation.decode_time = decode_start.elapsed();
+        generation.activations = match arena {
+            Ok(a) => Activations::Arena {
+                tier: self.step_arena.get().map_or(vlmem::Tier::Host, |s| s.1),
+                capacity_bytes: a.capacity_bytes(),
+                peak_bytes: a.peak_bytes(),
+                steps: a.steps(),
+            },
+            Err(reason) => Activations::InProcess { reason },
+        };
         Ok(generation)
     }
 }

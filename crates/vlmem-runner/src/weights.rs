@@ -105,10 +105,73 @@ pub trait WeightSource: Send + Sync {
         Ok(y.flatten_all()?.to_vec1()?)
     }
 
+    /// [`WeightSource::matvec`] into `y` (`out` values, e.g. a view of the step arena). The
+    /// default computes with `matvec` and copies; a source holding the stored bytes writes
+    /// the kernel's output straight into `y`.
+    fn matvec_into(&self, name: &str, x: &[f32], y: &mut [f32]) -> Result<()> {
+        copy_into(name, &self.matvec(name, x)?, y)
+    }
+
+    /// [`WeightSource::matvec_many`] into `ys`, one output per weight.
+    fn matvec_many_into(&self, names: &[&str], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
+        if names.len() != ys.len() {
+            return Err(RunnerError::BadRequest(format!(
+                "{} weights but {} outputs",
+                names.len(),
+                ys.len()
+            )));
+        }
+        for (name, y) in names.iter().zip(ys.iter_mut()) {
+            self.matvec_into(name, x, y)?;
+        }
+        Ok(())
+    }
+
+    /// [`WeightSource::expert_matvec`] into `y`.
+    fn expert_matvec_into(
+        &self,
+        name: &str,
+        expert: usize,
+        transposed: bool,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<()> {
+        copy_into(name, &self.expert_matvec(name, expert, transposed, x)?, y)
+    }
+
+    /// Every value of `name` (any shape, row-major) widened to f32 into `out`, which must
+    /// hold exactly that many: a norm's weights for the decode step.
+    fn values_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let values = self.tensor_f32(name)?.flatten_all()?.to_vec1::<f32>()?;
+        copy_into(name, &values, out)
+    }
+
+    /// Row `id` of the 2-D table `name` widened to f32 into `out` (an embedding lookup).
+    fn row_into(&self, name: &str, id: u32, out: &mut [f32]) -> Result<()> {
+        let row = self
+            .rows_f32(name, &[id])?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        copy_into(name, &row, out)
+    }
+
     /// Told by the decoder as it starts layer `layer` of `layers` (`layer == layers`: the
     /// final norm and lm_head), so a tiered source can prefetch what comes next. The default
     /// does nothing.
     fn begin_layer(&self, _layer: usize, _layers: usize) {}
+}
+
+/// Copies `values` of `name` into `out`, which must have exactly their length.
+pub(crate) fn copy_into(name: &str, values: &[f32], out: &mut [f32]) -> Result<()> {
+    if values.len() != out.len() {
+        return Err(RunnerError::BadRequest(format!(
+            "{name}: {} values for an output of {}",
+            values.len(),
+            out.len()
+        )));
+    }
+    out.copy_from_slice(values);
+    Ok(())
 }
 
 /// Errors unless `shape` is a 3-D stack with a matrix `expert`.
@@ -199,19 +262,20 @@ impl CheckpointWeights {
 
 /// Widens stored little-endian `bytes` of type `dtype` to f32.
 pub fn widen_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    let out = match dtype {
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+    let n = match dtype {
+        Dtype::F32 => bytes.len() / 4,
+        _ => bytes.len() / 2,
+    };
+    let mut out = vec![0f32; n];
+    widen_into(name, dtype, bytes, &mut out)?;
+    Ok(out)
+}
+
+/// [`widen_to_f32`] into `out`, which must hold exactly the values `bytes` stores.
+pub fn widen_into(name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    let elem = match dtype {
+        Dtype::BF16 | Dtype::F16 => 2,
+        Dtype::F32 => 4,
         other => {
             return Err(RunnerError::UnsupportedDtype {
                 name: name.to_string(),
@@ -219,7 +283,21 @@ pub fn widen_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> 
             });
         }
     };
-    Ok(out)
+    if bytes.len() / elem != out.len() {
+        return Err(RunnerError::BadRequest(format!(
+            "{name}: {} bytes of {} for {} values",
+            bytes.len(),
+            dtype.safetensors_name(),
+            out.len()
+        )));
+    }
+    let chunks = bytes.chunks_exact(elem).zip(out.iter_mut());
+    match dtype {
+        Dtype::BF16 => chunks.for_each(|(c, o)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        Dtype::F16 => chunks.for_each(|(c, o)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        _ => chunks.for_each(|(c, o)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    }
+    Ok(())
 }
 
 fn usize_shape(shape: &[u64]) -> Vec<usize> {

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
 use vlmem_qwen3vl::checkpoint::Checkpoint;
-use vlmem_runner::{GenerateOptions, LogitsFor, ManagedWeights, PrefillOptions, Runner};
+use vlmem_runner::{
+    Activations, GenerateOptions, LogitsFor, ManagedWeights, PrefillOptions, Runner,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -114,6 +116,8 @@ fn managed_decode_matches_the_reference_with_the_kernel() {
             weights.set_prefetch_layers(prefetch);
             let weights = Arc::new(weights);
             let runner = Runner::with_weights(&ckpt, weights.clone(), &Device::Cpu).unwrap();
+            // Decode steps keep their activations in the manager's step arena on the host.
+            assert!(runner.model().use_step_arena(m.clone(), Tier::Host));
             let images = runner.load_images(&[dir.join("image0.png")]).unwrap();
             let g = runner
                 .model()
@@ -128,6 +132,25 @@ fn managed_decode_matches_the_reference_with_the_kernel() {
                 )
                 .unwrap();
             let what = format!("{name}, host {host_weight_bytes} B, prefetch {prefetch}");
+            match &g.activations {
+                Activations::Arena {
+                    tier,
+                    capacity_bytes,
+                    peak_bytes,
+                    steps,
+                } => {
+                    assert_eq!(*tier, Tier::Host, "{what}");
+                    assert_eq!(*steps as usize, want_ids.len() - 1, "{what}");
+                    assert!(*peak_bytes > 0 && peak_bytes <= capacity_bytes, "{what}");
+                }
+                other => panic!("{what}: decode ran outside the arena: {other:?}"),
+            }
+            // Given back: no activation stays charged once generation ends.
+            assert_eq!(
+                m.stats().resident.get(Tier::Host, TensorKind::Activation),
+                0,
+                "{what}"
+            );
             if host_weight_bytes == 104 * 1024 {
                 // Small read-ahead buffers: the kernel multiplies streamed matrices piece by
                 // piece, rows cut across pieces included, from buffers read ahead.

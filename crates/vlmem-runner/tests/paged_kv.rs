@@ -8,6 +8,7 @@ use common::fixture_dir;
 use candle_core::Tensor;
 use std::sync::Arc;
 use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
+use vlmem_runner::Activations;
 use vlmem_runner::model::argmax;
 use vlmem_runner::{KvStore, PagedKv, PrefillOptions, Runner};
 
@@ -116,4 +117,116 @@ fn generation_through_the_paged_pool_matches() {
         .unwrap();
     assert_eq!(paged.generated_ids, plain.generated_ids);
     assert_eq!(paged.generated_logits, plain.generated_logits);
+}
+
+/// Decode with its activations in the manager's step arena: through the paged pool (ample
+/// room, and room for 3 blocks so layers swap out and back) the logits equal, bit for bit,
+/// the arena path through the simple cache, and they agree with the tensor-library path
+/// (the same arithmetic, summed in another order) within 1e-5 with the same greedy ids.
+/// With no activation budget there is no arena, and the generation says why.
+#[test]
+fn decode_in_the_step_arena_matches_with_either_cache() {
+    for name in ["qwen3-vl-tiny", "qwen3-vl-moe-tiny-released-layout"] {
+        let dir = fixture_dir(name);
+        let plain_runner = Runner::open(&dir).unwrap();
+        let images = plain_runner.load_images(&[dir.join("image0.png")]).unwrap();
+        let ids = plain_runner
+            .chat_ids("Describe this image.", &images)
+            .unwrap();
+        let opts = vlmem_runner::GenerateOptions {
+            max_new_tokens: 6,
+            stop_ids: vec![],
+        };
+        let plain = plain_runner
+            .model()
+            .generate(&ids, &images, &opts, &mut |_| {})
+            .unwrap();
+        assert!(matches!(plain.activations, Activations::InProcess { .. }));
+        let text = &plain_runner.model().config().text;
+        let (layers, heads, dim) = (
+            text.num_hidden_layers as usize,
+            text.num_key_value_heads as usize,
+            text.head_dim as usize,
+        );
+        let bytes_per_token = (2 * heads * dim * 4) as u64;
+        let run = |host_kv_bytes: Option<u64>, activation_bytes: u64| {
+            let mut c = ManagerConfig::with_capacities(0, 16 * MIB, 16 * MIB);
+            c.budgets.bytes[Tier::Host.index()][TensorKind::Activation.index()] = activation_bytes;
+            c.disk.preallocate = false;
+            if let Some(b) = host_kv_bytes {
+                c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = b;
+            }
+            let m = MemoryManager::new(c).unwrap();
+            let runner = Runner::open(&dir).unwrap();
+            assert!(runner.model().use_step_arena(m.clone(), Tier::Host));
+            let g = match host_kv_bytes {
+                None => runner
+                    .model()
+                    .generate(&ids, &images, &opts, &mut |_| {})
+                    .unwrap(),
+                Some(_) => {
+                    let pool = Arc::new(
+                        KvPool::new(
+                            m.clone(),
+                            KvPoolConfig {
+                                block_tokens: 16,
+                                bytes_per_token,
+                                compute_tier: Tier::Host,
+                            },
+                        )
+                        .unwrap(),
+                    );
+                    let mut kv = PagedKv::new(pool, layers, heads, dim).unwrap();
+                    runner
+                        .model()
+                        .generate_in(&ids, &images, &opts, &mut kv, &mut |_| {})
+                        .unwrap()
+                }
+            };
+            assert_eq!(m.stats().pins, 0);
+            g
+        };
+        let in_arena = run(None, 4 * MIB);
+        let Activations::Arena {
+            steps,
+            peak_bytes,
+            capacity_bytes,
+            ..
+        } = in_arena.activations
+        else {
+            panic!("{name}: {:?}", in_arena.activations);
+        };
+        assert_eq!(steps, 5);
+        assert!(peak_bytes <= capacity_bytes);
+        assert_eq!(in_arena.generated_ids, plain.generated_ids, "{name}");
+        let err = in_arena
+            .generated_logits
+            .concat()
+            .iter()
+            .zip(plain.generated_logits.concat())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            err < 1e-5,
+            "{name}: arena vs tensor library max-abs {err:e}"
+        );
+        for kv_room in [8 * MIB, 3 * 16 * bytes_per_token] {
+            let paged = run(Some(kv_room), 4 * MIB);
+            assert!(matches!(paged.activations, Activations::Arena { .. }));
+            assert_eq!(paged.generated_ids, in_arena.generated_ids, "{name}");
+            assert_eq!(
+                paged.generated_logits, in_arena.generated_logits,
+                "{name}, {kv_room} B of KV room"
+            );
+        }
+        // No activation budget: the tensor library's buffers, and the reason.
+        let outside = run(None, 0);
+        match &outside.activations {
+            Activations::InProcess { reason } => {
+                assert!(reason.contains("step arena"), "{reason}")
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+        assert_eq!(outside.generated_logits, plain.generated_logits, "{name}");
+    }
 }

@@ -172,6 +172,62 @@ impl StepArena {
         self.guard()?.read(s.offset_bytes + offset_bytes, dst)
     }
 
+    /// Runs `f` with an f32 view of each slice in `slices`, in that order, lent in place (the
+    /// arena's bytes, no copy). Each slice must be of this step and a whole number of f32s,
+    /// and no slice may be given twice (slices never overlap otherwise); the views are
+    /// disjoint, so `f` may fill several at once. The arena's tensor is busy while `f` runs
+    /// (see [`PinGuard::with_bytes_mut`]); its bytes stay where they are.
+    pub fn with_f32<R>(
+        &self,
+        slices: &[ArenaSlice],
+        f: impl FnOnce(&mut [&mut [f32]]) -> R,
+    ) -> Result<R> {
+        let mut order: Vec<usize> = (0..slices.len()).collect();
+        order.sort_by_key(|&i| slices[i].offset_bytes);
+        let mut end_bytes = 0u64;
+        for &i in &order {
+            let s = &slices[i];
+            self.check(s, 0, s.len_bytes as usize)?;
+            if !s.len_bytes.is_multiple_of(4) {
+                return Err(ManagerError::InvalidConfig(format!(
+                    "an f32 view of {} bytes",
+                    s.len_bytes
+                )));
+            }
+            if s.offset_bytes < end_bytes {
+                return Err(ManagerError::InvalidConfig(
+                    "the same arena slice lent twice at once".into(),
+                ));
+            }
+            end_bytes = s.offset_bytes + s.len_bytes;
+        }
+        let start_bytes = order.first().map_or(0, |&i| slices[i].offset_bytes);
+        let guard = self.guard()?;
+        guard.with_bytes_mut(start_bytes, end_bytes - start_bytes, |bytes| {
+            // Cut the lent range into the slices' views, lowest offset first, then hand
+            // them out in the caller's order.
+            let mut views: Vec<Option<&mut [f32]>> = (0..slices.len()).map(|_| None).collect();
+            let mut rest = bytes;
+            let mut at = start_bytes;
+            for &i in &order {
+                let s = &slices[i];
+                let (_, tail) =
+                    std::mem::take(&mut rest).split_at_mut((s.offset_bytes - at) as usize);
+                let (mine, tail) = tail.split_at_mut(s.len_bytes as usize);
+                views[i] = bytemuck::try_cast_slice_mut(mine).ok();
+                rest = tail;
+                at = s.offset_bytes + s.len_bytes;
+            }
+            if views.iter().any(Option::is_none) {
+                return Err(ManagerError::InvalidConfig(
+                    "the arena's memory is not aligned for f32".into(),
+                ));
+            }
+            let mut views: Vec<&mut [f32]> = views.into_iter().flatten().collect();
+            Ok(f(&mut views))
+        })?
+    }
+
     /// Ends the step: every slice goes at once (and is refused from now on).
     pub fn reset(&mut self) {
         self.next_bytes.store(0, Ordering::Release);

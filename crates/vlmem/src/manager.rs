@@ -272,6 +272,43 @@ impl PinGuard {
         Ok(())
     }
 
+    /// Lends `len_bytes` bytes at `offset_bytes` of the pinned copy to `f` for writing, in
+    /// place (no copy). Only for a tensor whose pinned copy is its only one, as for
+    /// [`PinGuard::write`]: otherwise [`ManagerError::NotExclusive`]. The tensor is busy
+    /// while `f` runs: other threads' pins, reads and moves of it wait (no lock is held).
+    /// A tier that cannot lend its bytes to the CPU (GPU memory):
+    /// [`ManagerError::InvalidConfig`]. Afterwards the tensor counts as written.
+    pub fn with_bytes_mut<R>(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R> {
+        check_range(offset_bytes, len_bytes, self.len_bytes)?;
+        let tier = &self.inner.tiers[self.tier.index()];
+        let out = self.inner.exclusive_pinned(self.handle, self.tier, || {
+            let mut f = Some(f);
+            let mut out = None;
+            let lent = tier.write_with(&self.res, offset_bytes, len_bytes, &mut |bytes| {
+                if let Some(f) = f.take() {
+                    out = Some(f(bytes));
+                }
+                Ok(())
+            });
+            match (lent, out) {
+                (Some(Ok(())), Some(r)) => Ok(r),
+                (Some(Err(e)), _) => Err(e.into()),
+                _ => Err(ManagerError::InvalidConfig(format!(
+                    "the {} tier cannot lend its bytes to the CPU",
+                    self.tier
+                ))),
+            }
+        })?;
+        self.written
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(out)
+    }
+
     /// The GPU address of the pinned copy's first byte when it lives in GPU memory (the
     /// CUDA device tier), for kernels that read it in place; `None` on other tiers. The
     /// address is valid while this guard lives: a pinned copy is never moved, evicted or
@@ -1022,6 +1059,23 @@ impl Inner {
         offset_bytes: u64,
         src: &[u8],
     ) -> Result<()> {
+        self.exclusive_pinned(h, tier, || {
+            self.tiers[tier.index()]
+                .write(res, offset_bytes, src)
+                .map_err(Into::into)
+        })
+    }
+
+    /// Runs `body` (which writes the pinned copy on `tier` in place) with the entry busy, so
+    /// other pins and moves of the tensor wait; refused unless that copy is the tensor's only
+    /// one and it is writable. No lock is held while `body` runs. On success the tensor
+    /// counts as written.
+    fn exclusive_pinned<R>(
+        &self,
+        h: TensorHandle,
+        tier: Tier,
+        body: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
         let shard = self.shard_of(h)?;
         {
             let mut st = shard.state.lock();
@@ -1044,7 +1098,7 @@ impl Inner {
                 break;
             }
         }
-        let r = self.tiers[tier.index()].write(res, offset_bytes, src);
+        let r = body();
         let mut st = shard.state.lock();
         let e = self.entry(&mut st, h)?;
         e.busy = false;
@@ -1053,7 +1107,7 @@ impl Inner {
             e.last_use = self.tick();
         }
         shard.cond.notify_all();
-        r.map_err(Into::into)
+        r
     }
 
     fn unpin(&self, h: TensorHandle, tier: Tier) {

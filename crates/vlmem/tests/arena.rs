@@ -145,3 +145,92 @@ fn eight_threads_fill_one_step_without_overlap() {
     let s = m.stats();
     assert_eq!((s.tensors, s.pins), (0, 0));
 }
+
+#[test]
+fn f32_views_are_lent_in_place_in_the_callers_order() {
+    let m = manager();
+    let mut a = StepArena::new(&m, TensorKind::Activation, Tier::Host, 64 * KIB).unwrap();
+    let x = a.alloc(4 * 10).unwrap();
+    let y = a.alloc(4 * 3).unwrap();
+    let z = a.alloc(4 * 5).unwrap();
+    // Given out of offset order: the views follow the order asked for.
+    let lens = a
+        .with_f32(&[z, x, y], |v| {
+            v[1].iter_mut().enumerate().for_each(|(i, e)| *e = i as f32);
+            v[2].fill(-1.5);
+            let (z, rest) = v.split_at_mut(1);
+            for (o, i) in z[0].iter_mut().zip(rest[0].iter()) {
+                *o = i * 2.0;
+            }
+            v.iter().map(|s| s.len()).collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert_eq!(lens, vec![5, 10, 3]);
+    // The bytes landed in the arena: a plain read sees them.
+    let mut buf = vec![0u8; 40];
+    a.read(&x, 0, &mut buf).unwrap();
+    let xs: Vec<f32> = buf
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(xs, (0..10).map(|i| i as f32).collect::<Vec<_>>());
+    let mut buf = vec![0u8; 20];
+    a.read(&z, 0, &mut buf).unwrap();
+    assert_eq!(&buf[4..8], &2f32.to_le_bytes());
+    let mut buf = vec![0u8; 12];
+    a.read(&y, 0, &mut buf).unwrap();
+    assert_eq!(&buf[8..12], &(-1.5f32).to_le_bytes());
+    // A second view sees what the first wrote (same memory, no copy).
+    let seen = a.with_f32(&[x], |v| v[0][9]).unwrap();
+    assert_eq!(seen, 9.0);
+    // No slice twice, whole f32s only, nothing of an ended step.
+    assert!(matches!(
+        a.with_f32(&[x, y, x], |_| ()),
+        Err(ManagerError::InvalidConfig(_))
+    ));
+    let odd = a.alloc(6).unwrap();
+    assert!(matches!(
+        a.with_f32(&[odd], |_| ()),
+        Err(ManagerError::InvalidConfig(_))
+    ));
+    assert_eq!(a.with_f32(&[], |v| v.len()).unwrap(), 0);
+    a.reset();
+    assert!(matches!(
+        a.with_f32(&[x], |_| ()),
+        Err(ManagerError::Stale { .. })
+    ));
+    drop(a);
+    let s = m.stats();
+    assert_eq!((s.tensors, s.pins), (0, 0));
+    assert_eq!(m.audit().busy_entries, 0);
+}
+
+#[test]
+fn threads_lending_their_own_views_keep_their_values() {
+    let m = manager();
+    let a = Arc::new(StepArena::new(&m, TensorKind::Scratch, Tier::Host, MIB).unwrap());
+    let threads: Vec<_> = (0..4u32)
+        .map(|t| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let mine: Vec<_> = (0..20u32)
+                    .map(|i| (a.alloc(4 * u64::from(1 + (t * 7 + i) % 50)).unwrap(), i))
+                    .collect();
+                for &(s, i) in &mine {
+                    a.with_f32(&[s], |v| v[0].fill((t * 1000 + i) as f32))
+                        .unwrap();
+                }
+                for &(s, i) in &mine {
+                    let ok = a
+                        .with_f32(&[s], |v| v[0].iter().all(|&e| e == (t * 1000 + i) as f32))
+                        .unwrap();
+                    assert!(ok, "thread {t} view {i} overwritten");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(m.audit().busy_entries, 0);
+}

@@ -218,11 +218,19 @@ fn arena_harness() {
                         .expect("write");
                     mine.push((s, t * 10 + i));
                 }
+                // An f32 view lent in place (the arena's entry is busy meanwhile: the other
+                // threads' reads and views wait for it).
+                let f = a.alloc(16).expect("alloc");
+                a.with_f32(&[f], |v| v[0].fill(f32::from(t))).expect("view");
                 for (s, v) in mine {
                     let mut buf = vec![0u8; s.len_bytes() as usize];
                     a.read(&s, 0, &mut buf).expect("read");
                     assert!(buf.iter().all(|&b| b == v), "slice overwritten");
                 }
+                let kept = a
+                    .with_f32(&[f], |v| v[0].iter().all(|&e| e == f32::from(t)))
+                    .expect("view");
+                assert!(kept, "view overwritten");
             })
         })
         .collect();

@@ -113,20 +113,50 @@ fn rows_per_task(rows: usize, cols: usize, elem_bytes: usize) -> usize {
 /// `y = W x`: `w` holds `W` as `rows x cols` row-major elements of `ty` (little-endian),
 /// `x` has `cols` values; returns `rows` values, each accumulated in f32.
 pub fn matvec(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
+    // Checked before the output is allocated: `rows` may be absurd.
     check("matvec", w, ty, rows, cols, x.len(), cols)?;
     let mut y = vec![0f32; rows];
-    if rows == 0 || cols == 0 {
-        return Ok(y);
+    matvec_into(w, ty, rows, cols, x, &mut y)?;
+    Ok(y)
+}
+
+/// [`matvec`] into `y` (`rows` values, e.g. a view of the step arena), overwritten.
+pub fn matvec_into(
+    w: &[u8],
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    check("matvec", w, ty, rows, cols, x.len(), cols)?;
+    check_out("matvec", y.len(), rows)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    if cols == 0 {
+        y.fill(0.0);
+        return Ok(());
     }
     let row_bytes = cols * ty.size_bytes();
     let per_task = rows_per_task(rows, cols, ty.size_bytes());
     if per_task >= rows {
-        bf16::matvec_rows(w, ty, cols, x, &mut y);
+        bf16::matvec_rows(w, ty, cols, x, y);
     } else {
         let parts = y.chunks_mut(per_task).zip(w.chunks(per_task * row_bytes));
         pool::global().for_each(parts, |(y, w)| bf16::matvec_rows(w, ty, cols, x, y));
     }
-    Ok(y)
+    Ok(())
+}
+
+fn check_out(what: &str, have: usize, want: usize) -> Result<()> {
+    if have == want {
+        Ok(())
+    } else {
+        Err(RunnerError::BadRequest(format!(
+            "{what}: output has room for {have} values, the matrix gives {want}"
+        )))
+    }
 }
 
 /// [`matvec`] of several matrices against the same input (q/k/v, gate/up) in one parallel
@@ -142,8 +172,32 @@ pub fn matvec_many(
         check("matvec_many", w, ty, rows, cols, x.len(), cols)?;
     }
     let mut ys: Vec<Vec<f32>> = mats.iter().map(|&(_, _, rows)| vec![0f32; rows]).collect();
+    let mut views: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+    matvec_many_into(mats, cols, x, &mut views)?;
+    Ok(ys)
+}
+
+/// [`matvec_many`] into `ys` (one output per matrix, each its rows long), overwritten.
+pub fn matvec_many_into(
+    mats: &[(&[u8], WeightType, usize)],
+    cols: usize,
+    x: &[f32],
+    ys: &mut [&mut [f32]],
+) -> Result<()> {
+    if ys.len() != mats.len() {
+        return Err(RunnerError::BadRequest(format!(
+            "matvec_many: {} outputs for {} matrices",
+            ys.len(),
+            mats.len()
+        )));
+    }
+    for (&(w, ty, rows), y) in mats.iter().zip(ys.iter()) {
+        check("matvec_many", w, ty, rows, cols, x.len(), cols)?;
+        check_out("matvec_many", y.len(), rows)?;
+    }
     if cols == 0 {
-        return Ok(ys);
+        ys.iter_mut().for_each(|y| y.fill(0.0));
+        return Ok(());
     }
     let total_rows: usize = mats.iter().map(|&(_, _, rows)| rows).sum();
     let elem_bytes = mats.iter().map(|m| m.1.size_bytes()).max().unwrap_or(4);
@@ -156,7 +210,7 @@ pub fn matvec_many(
         }
     }
     pool::global().for_each(tasks, |(w, ty, y)| bf16::matvec_rows(w, ty, cols, x, y));
-    Ok(ys)
+    Ok(())
 }
 
 /// [`matvec`] on f32 values in memory (a resident f32 tensor).
@@ -229,8 +283,24 @@ pub fn matmul(
 pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
     check("vecmat", w, ty, rows, cols, x.len(), rows)?;
     let mut y = vec![0f32; cols];
+    vecmat_into(w, ty, rows, cols, x, &mut y)?;
+    Ok(y)
+}
+
+/// [`vecmat`] into `y` (`cols` values), overwritten.
+pub fn vecmat_into(
+    w: &[u8],
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    check("vecmat", w, ty, rows, cols, x.len(), rows)?;
+    check_out("vecmat", y.len(), cols)?;
+    y.fill(0.0);
     if rows == 0 || cols == 0 {
-        return Ok(y);
+        return Ok(());
     }
     let threads = pool::global().threads();
     // Column blocks: multiples of 8 (one AVX2 vector), at least MIN_ELEMS_PER_TASK weights.
@@ -238,13 +308,13 @@ pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
     let by_size = MIN_ELEMS_PER_TASK.div_ceil(rows);
     let per_task = (by_balance.max(by_size).max(1).div_ceil(8) * 8).min(cols);
     if per_task >= cols {
-        bf16::vecmat_cols(w, ty, rows, cols, 0, x, &mut y);
+        bf16::vecmat_cols(w, ty, rows, cols, 0, x, y);
     } else {
         pool::global().for_each(y.chunks_mut(per_task).enumerate(), |(i, y)| {
             bf16::vecmat_cols(w, ty, rows, cols, i * per_task, x, y)
         });
     }
-    Ok(y)
+    Ok(())
 }
 
 /// Reads every byte of `buf` with vector loads, split across the kernels' pool, and
@@ -468,6 +538,36 @@ mod tests {
         }
         assert!(matvec_many(&refs, cols + 1, &x).is_err());
         assert!(matvec_many(&[], cols, &x).unwrap().is_empty());
+    }
+
+    /// The `_into` forms overwrite whatever the output held (an arena view is reused from
+    /// step to step) and give what the allocating forms give, bit for bit.
+    #[test]
+    fn into_forms_overwrite_their_output() {
+        let mut rng = Rng(21);
+        let (rows, cols) = (301usize, 77usize);
+        let (w, _) = matrix(&mut rng, WeightType::Bf16, rows * cols);
+        let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
+        let xr: Vec<f32> = (0..rows).map(|_| rng.uniform()).collect();
+        let mut y = vec![f32::NAN; rows];
+        matvec_into(&w, WeightType::Bf16, rows, cols, &x, &mut y).unwrap();
+        assert_eq!(y, matvec(&w, WeightType::Bf16, rows, cols, &x).unwrap());
+        let mut y = vec![1e9f32; cols];
+        vecmat_into(&w, WeightType::Bf16, rows, cols, &xr, &mut y).unwrap();
+        assert_eq!(y, vecmat(&w, WeightType::Bf16, rows, cols, &xr).unwrap());
+        let (w2, _) = matrix(&mut rng, WeightType::F16, 9 * cols);
+        let mats = [
+            (&w[..], WeightType::Bf16, rows),
+            (&w2[..], WeightType::F16, 9),
+        ];
+        let (mut a, mut b) = (vec![f32::NAN; rows], vec![-7f32; 9]);
+        matvec_many_into(&mats, cols, &x, &mut [&mut a, &mut b]).unwrap();
+        let want = matvec_many(&mats, cols, &x).unwrap();
+        assert_eq!((a, b), (want[0].clone(), want[1].clone()));
+        // An output of the wrong length, or a missing one, is an error.
+        assert!(matvec_into(&w, WeightType::Bf16, rows, cols, &x, &mut [0.0; 3]).is_err());
+        assert!(vecmat_into(&w, WeightType::Bf16, rows, cols, &xr, &mut [0.0; 3]).is_err());
+        assert!(matvec_many_into(&mats, cols, &x, &mut [&mut [0f32; 301][..]]).is_err());
     }
 
     #[test]
