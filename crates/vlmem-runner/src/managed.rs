@@ -1071,13 +1071,21 @@ impl ManagedWeights {
     fn with_stored<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
         let (h, info) = self.entry(name)?;
         if let Some(s) = self.prefetch.positions.get(h) {
-            let mut whole = staging_buf(name, usize_of(name, info.bytes)?)?;
-            let whole = whole.as_mut_slice();
-            self.stream_pieces(name, *h, s, |start, bytes| {
-                whole[start..start + bytes.len()].copy_from_slice(bytes);
+            // One buffer for the whole tensor, phase-aligned with its file offset: pieces read
+            // ahead are copied in, and from the first that was not, the rest is read straight
+            // into place (O_DIRECT, no second copy).
+            let len = usize_of(name, info.bytes)?;
+            let mut whole = staging_buf(name, len + IO_ALIGN_BYTES)?;
+            let range = phase_range(whole.as_slice(), s.file_offset, len);
+            let bytes = &mut whole.as_mut_slice()[range];
+            let rest = self.take_pieces(*h, s, |start, piece| {
+                bytes[start..start + piece.len()].copy_from_slice(piece);
                 Ok(())
             })?;
-            return f(whole);
+            if let Some(start) = rest {
+                self.read_rest(name, *h, start, &mut bytes[start..])?;
+            }
+            return f(bytes);
         }
         match self.manager.pin(*h, self.compute_tier) {
             Ok(guard) => guard.with_bytes(f).map_err(|e| manager_error(name, e))?,
@@ -1111,6 +1119,27 @@ impl ManagedWeights {
         s: &Streamed,
         mut f: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        let Some(start) = self.take_pieces(h, s, &mut f)? else {
+            return Ok(());
+        };
+        let len = s.pieces.last().map_or(0, |p| p.end) - start;
+        let mut buf = staging_buf(name, len + IO_ALIGN_BYTES)?;
+        let range = phase_range(buf.as_slice(), s.file_offset + start as u64, len);
+        let buf = &mut buf.as_mut_slice()[range];
+        self.read_rest(name, h, start, buf)?;
+        f(start, buf)
+    }
+
+    /// The read-ahead half of [`ManagedWeights::stream_pieces`]: hands `f` the pieces taken
+    /// from the staging area, in order, up to the first that was not read ahead, and returns
+    /// that piece's offset in the tensor (`None`: every piece was taken). The caller reads
+    /// the rest with [`ManagedWeights::read_rest`].
+    fn take_pieces(
+        &self,
+        h: TensorHandle,
+        s: &Streamed,
+        mut f: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<Option<usize>> {
         let advance = |at: usize| {
             let c = self.prefetch.cursor.load(Ordering::Acquire);
             let next = ((s.unit as u64) << 32) | at as u64;
@@ -1130,16 +1159,20 @@ impl ManagedWeights {
             }
             // One past the last piece: its fill is stale (not wanted) from here on.
             advance(s.first + s.pieces.len() + 1);
-            let len = s.pieces.last().map_or(0, |p| p.end) - piece.start;
-            let mut buf = staging_buf(name, len + IO_ALIGN_BYTES)?;
-            let buf = buf.as_mut_slice();
-            let range = phase_range(buf, s.file_offset + piece.start as u64, len);
-            self.manager
-                .read(h, piece.start as u64, &mut buf[range.clone()])
-                .map_err(|e| manager_error(name, e))?;
-            self.staged_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            return f(piece.start, &buf[range]);
+            return Ok(Some(piece.start));
         }
+        Ok(None)
+    }
+
+    /// Reads the streamed tensor's bytes from `start` to its end into `dst` (their length),
+    /// in one request, counted as staged. `dst` should be phase-aligned with the bytes' file
+    /// offset ([`phase_range`]) for the disk tier to read into it directly.
+    fn read_rest(&self, name: &str, h: TensorHandle, start: usize, dst: &mut [u8]) -> Result<()> {
+        self.manager
+            .read(h, start as u64, dst)
+            .map_err(|e| manager_error(name, e))?;
+        self.staged_bytes
+            .fetch_add(dst.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

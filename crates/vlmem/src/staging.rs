@@ -236,6 +236,9 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         if len > self.capacity_bytes {
             return None;
         }
+        // Buffers let go here are freed (unmapped) after the lock is released: declared
+        // before the guard, so on every return they drop after it.
+        let mut unkept: Vec<B> = Vec::new();
         let mut st = self.state.lock();
         let mut registered = false;
         loop {
@@ -266,7 +269,7 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
                 if let Some(r) = st.ready.remove(&k) {
                     st.held_bytes -= r.buf.capacity_bytes() as u64;
                     st.stats.dropped += 1;
-                    Self::keep_free(&mut st, r.buf, self.capacity_bytes);
+                    unkept.extend(Self::keep_free(&mut st, r.buf, self.capacity_bytes));
                 }
             }
             if st.held_bytes + len <= self.capacity_bytes {
@@ -292,6 +295,14 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
             if !registered {
                 st.coming.insert(key, len);
                 registered = true;
+            }
+            if !unkept.is_empty() {
+                // Free what was let go before waiting (not while holding the lock), then
+                // look again.
+                drop(st);
+                unkept.clear();
+                st = self.state.lock();
+                continue;
             }
             st = wait_guard(&self.changed, st);
         }
@@ -323,7 +334,10 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
                     .sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity_bytes()));
                 while st.held_bytes + st.free_bytes + len > capacity {
                     match st.free.pop() {
-                        Some(b) => st.free_bytes -= b.capacity_bytes() as u64,
+                        Some(b) => {
+                            st.free_bytes -= b.capacity_bytes() as u64;
+                            unkept.push(b);
+                        }
                         None => break,
                     }
                 }
@@ -342,6 +356,7 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         st.filling.insert(key, claimed);
         st.stats.max_filling = st.stats.max_filling.max(st.filling.len() as u64);
         drop(st);
+        drop(unkept);
         // A new buffer is allocated and zeroed here, outside the lock (its pages faulted in
         // once); a reused one keeps its old bytes: no second pass over it.
         match reused {
@@ -381,7 +396,11 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
             st.ready.insert(key, Ready { tag, buf, range });
         } else {
             st.held_bytes -= buf.capacity_bytes() as u64;
-            Self::keep_free(&mut st, buf, self.capacity_bytes);
+            let unkept = Self::keep_free(&mut st, buf, self.capacity_bytes);
+            drop(st);
+            drop(unkept);
+            self.changed.notify_all();
+            return;
         }
         drop(st);
         self.changed.notify_all();
@@ -457,12 +476,14 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         let mut st = self.state.lock();
         st.closed = true;
         let ready: Vec<Ready<B>> = st.ready.drain().map(|(_, r)| r).collect();
-        for r in ready {
+        for r in &ready {
             st.held_bytes -= r.buf.capacity_bytes() as u64;
         }
-        st.free.clear();
+        let free = std::mem::take(&mut st.free);
         st.free_bytes = 0;
         drop(st);
+        // Unmapped after the lock is released.
+        drop((ready, free));
         self.changed.notify_all();
     }
 
@@ -529,17 +550,23 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         let mut st = self.state.lock();
         st.held_bytes -= buf.capacity_bytes() as u64;
         st.lent_bytes -= buf.capacity_bytes() as u64;
-        Self::keep_free(&mut st, buf, self.capacity_bytes);
+        let unkept = Self::keep_free(&mut st, buf, self.capacity_bytes);
         drop(st);
+        drop(unkept);
         self.changed.notify_all();
     }
 
-    /// Keeps `buf` for reuse when that stays within the capacity (else frees it).
-    fn keep_free(st: &mut State<K, B>, buf: B, capacity_bytes: u64) {
+    /// Keeps `buf` for reuse when that stays within the capacity; else returns it, for the
+    /// caller to free once it has released the lock (unmapping a buffer is a system call).
+    #[must_use = "a buffer not kept is freed by dropping it after the lock is released"]
+    fn keep_free(st: &mut State<K, B>, buf: B, capacity_bytes: u64) -> Option<B> {
         let len = buf.capacity_bytes() as u64;
         if !st.closed && st.held_bytes + st.free_bytes + len <= capacity_bytes {
             st.free_bytes += len;
             st.free.push(buf);
+            None
+        } else {
+            Some(buf)
         }
     }
 }
