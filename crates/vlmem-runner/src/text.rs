@@ -348,7 +348,7 @@ impl TextDecoder {
             nh * hd,
             kv_row,
             tokens * kv_row,
-            tokens,
+            nh * tokens,
             nh * hd,
             h,
             dense_i.max(2 * moe_i),
@@ -469,23 +469,21 @@ impl TextDecoder {
                     "layer {l}'s KV cache holds {held} tokens, expected {tokens}"
                 )));
             }
-            for head in 0..nh {
-                let g = head / groups;
-                let qh = &b.q[head * hd..(head + 1) * hd];
-                for (t, sc) in b.scores.iter_mut().enumerate() {
-                    let kt = &b.cache[t * 2 * row + g * hd..][..hd];
-                    *sc = qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale;
-                }
-                softmax_in_place(b.scores);
-                let out = &mut b.att[head * hd..(head + 1) * hd];
-                out.fill(0.0);
-                for (t, &pt) in b.scores.iter().enumerate() {
-                    let vt = &b.cache[t * 2 * row + row + g * hd..][..hd];
-                    for (o, &vv) in out.iter_mut().zip(vt) {
-                        *o += pt * vv;
-                    }
-                }
-            }
+            let shape = AttentionShape {
+                head_dim: hd,
+                groups,
+                kv_row: 2 * row,
+                tokens,
+                scale,
+            };
+            attend(
+                shape,
+                b.q,
+                b.cache,
+                b.scores,
+                b.att,
+                nh * tokens * hd >= ATTENTION_FORK_ELEMS,
+            );
             src.matvec_into(&format!("{pre}.self_attn.o_proj.weight"), b.att, b.out)?;
             add_in_place(b.h, b.out);
             // MLP.
@@ -786,7 +784,7 @@ struct StepBufs<'a> {
     kv_row: &'a mut [f32],
     /// The layer's keys and values, token by token `[tokens * 2 * kv_heads * head_dim]`.
     cache: &'a mut [f32],
-    /// One head's attention scores, then probabilities `[tokens]`.
+    /// Each head's attention scores, then probabilities `[heads * tokens]`.
     scores: &'a mut [f32],
     /// Attention output `[heads * head_dim]`.
     att: &'a mut [f32],
@@ -900,6 +898,79 @@ fn rope_in_place(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Query-key products per step (heads x tokens x head_dim) from which the heads' attention
+/// runs on the kernels' pool (below it a fork costs more than it saves).
+const ATTENTION_FORK_ELEMS: usize = 1 << 16;
+
+/// `a . b` in eight lanes (so the compiler vectorizes it), then the lanes and the tail.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The sizes [`attend`] works with.
+#[derive(Debug, Clone, Copy)]
+struct AttentionShape {
+    head_dim: usize,
+    /// Query heads per key/value head (GQA).
+    groups: usize,
+    /// Values per cached token: its keys, then its values, `2 * kv_heads * head_dim`.
+    kv_row: usize,
+    tokens: usize,
+    scale: f32,
+}
+
+/// One query token's attention over the cached tokens: for each query head, softmax of its
+/// scaled products with its key/value head's keys, then the weighted sum of the values,
+/// into `att` (`[heads * head_dim]`); `scores` holds `[heads * tokens]`. With `parallel` the
+/// heads run on the kernels' pool; each head's arithmetic is the same either way.
+fn attend(
+    s: AttentionShape,
+    q: &[f32],
+    cache: &[f32],
+    scores: &mut [f32],
+    att: &mut [f32],
+    parallel: bool,
+) {
+    let (hd, half_row) = (s.head_dim, s.kv_row / 2);
+    let one = |(head, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
+        let g = head / s.groups;
+        let qh = &q[head * hd..(head + 1) * hd];
+        for (t, sc) in scores.iter_mut().enumerate() {
+            *sc = dot(qh, &cache[t * s.kv_row + g * hd..][..hd]) * s.scale;
+        }
+        softmax_in_place(scores);
+        out.fill(0.0);
+        for (t, &pt) in scores.iter().enumerate() {
+            let vt = &cache[t * s.kv_row + half_row + g * hd..][..hd];
+            for (o, &vv) in out.iter_mut().zip(vt) {
+                *o += pt * vv;
+            }
+        }
+    };
+    let heads = att
+        .chunks_mut(hd)
+        .zip(scores.chunks_mut(s.tokens))
+        .enumerate();
+    if parallel {
+        crate::kernels::pool::global().for_each(heads, one);
+    } else {
+        heads.for_each(one);
+    }
+}
+
 /// Softmax in place (max-shifted).
 fn softmax_in_place(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -944,4 +1015,78 @@ fn causal_mask(n: usize, past: usize, device: &Device) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(m, (n, total), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dot_equals_the_plain_sum() {
+        for n in 0..40 {
+            let (a, b) = (values(n, 1), values(n, 2));
+            let want: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            assert!((f64::from(dot(&a, &b)) - want).abs() < 1e-5, "n = {n}");
+        }
+    }
+
+    /// The heads in parallel give the sequential result bit for bit, and both match a plain
+    /// f64 computation of GQA attention (query head h reads key/value head h / groups).
+    #[test]
+    fn attention_matches_a_plain_reference_in_parallel_and_not() {
+        let (nh, nkv, hd, tokens) = (8usize, 2usize, 16usize, 300usize);
+        let shape = AttentionShape {
+            head_dim: hd,
+            groups: nh / nkv,
+            kv_row: 2 * nkv * hd,
+            tokens,
+            scale: (hd as f32).powf(-0.5),
+        };
+        let q = values(nh * hd, 3);
+        let cache = values(tokens * 2 * nkv * hd, 4);
+        let mut runs = Vec::new();
+        for parallel in [false, true] {
+            let (mut scores, mut att) = (vec![f32::NAN; nh * tokens], vec![f32::NAN; nh * hd]);
+            attend(shape, &q, &cache, &mut scores, &mut att, parallel);
+            runs.push(att);
+        }
+        assert_eq!(runs[0], runs[1]);
+        for h in 0..nh {
+            let g = h / (nh / nkv);
+            let k = |t: usize, d: usize| f64::from(cache[t * 2 * nkv * hd + g * hd + d]);
+            let v = |t: usize, d: usize| f64::from(cache[t * 2 * nkv * hd + nkv * hd + g * hd + d]);
+            let s: Vec<f64> = (0..tokens)
+                .map(|t| {
+                    (0..hd)
+                        .map(|d| f64::from(q[h * hd + d]) * k(t, d))
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
+            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for d in 0..hd {
+                let want: f64 = (0..tokens).map(|t| e[t] / z * v(t, d)).sum();
+                let got = f64::from(runs[0][h * hd + d]);
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "head {h} dim {d}: {got} vs {want}"
+                );
+            }
+        }
+    }
 }
