@@ -247,17 +247,7 @@ mod on_gpu {
         }
         fn matvec_many_into(&self, names: &[&str], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
             if names.iter().any(|n| self.on_gpu.contains_key(*n)) {
-                if names.len() != ys.len() {
-                    return Err(RunnerError::BadRequest(format!(
-                        "{} weights but {} outputs",
-                        names.len(),
-                        ys.len()
-                    )));
-                }
-                for (name, y) in names.iter().zip(ys.iter_mut()) {
-                    self.matvec_into(name, x, y)?;
-                }
-                Ok(())
+                crate::weights::matvec_each_into(self, names, x, ys)
             } else {
                 self.inner.matvec_many_into(names, x, ys)
             }

@@ -14,7 +14,9 @@
 use crate::error::{Result, RunnerError};
 use crate::kernels::{self, WeightType};
 use crate::text::{EMBED_TOKENS, LM_HEAD};
-use crate::weights::{WeightSource, check_expert, widen_into, widen_to_f32};
+use crate::weights::{
+    WeightSource, check_expert, check_outputs, matvec_each_into, widen_into, widen_to_f32,
+};
 use candle_core::{Device, Tensor};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
@@ -710,6 +712,18 @@ impl std::fmt::Debug for ManagedWeights {
     }
 }
 
+/// Rows and columns of the 2-D table `name` (an embedding); a shape error otherwise.
+fn table_dims(name: &str, info: &TensorInfo) -> Result<(usize, usize)> {
+    match info.shape.as_slice() {
+        [r, c] => Ok((usize_of(name, *r)?, usize_of(name, *c)?)),
+        _ => Err(RunnerError::TensorShape {
+            name: name.to_string(),
+            expected: "a 2-D table".into(),
+            found: info.shape.iter().map(|&d| d as usize).collect(),
+        }),
+    }
+}
+
 /// One input row through one expert's matrix `[a, b]`: `W x` when `transposed` (`W: [out,
 /// in]`), `x W` otherwise (the released layout).
 fn expert_kernel(
@@ -1305,16 +1319,7 @@ impl WeightSource for ManagedWeights {
     /// Reads only the rows asked for, from the table's fastest copy.
     fn rows_f32(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
         let (_, info) = self.entry(name)?;
-        let (rows, cols) = match info.shape.as_slice() {
-            [r, c] => (usize_of(name, *r)?, usize_of(name, *c)?),
-            _ => {
-                return Err(RunnerError::TensorShape {
-                    name: name.to_string(),
-                    expected: "a 2-D table".into(),
-                    found: info.shape.iter().map(|&d| d as usize).collect(),
-                });
-            }
-        };
+        let (rows, cols) = table_dims(name, info)?;
         let row_bytes = cols * weight_type(name, info)?.size_bytes();
         let mut values = Vec::with_capacity(ids.len() * cols);
         for (position, &id) in ids.iter().enumerate() {
@@ -1366,13 +1371,7 @@ impl WeightSource for ManagedWeights {
     /// in one parallel pass; one at a time when they differ in input width or one of them is
     /// streamed.
     fn matvec_many_into(&self, names: &[&str], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
-        if names.len() != ys.len() {
-            return Err(RunnerError::BadRequest(format!(
-                "{} weights but {} outputs",
-                names.len(),
-                ys.len()
-            )));
-        }
+        check_outputs(names.len(), ys.len())?;
         let mats = names
             .iter()
             .map(|name| self.matrix(name))
@@ -1387,10 +1386,7 @@ impl WeightSource for ManagedWeights {
                 .is_some_and(|(h, _)| self.prefetch.positions.contains_key(h))
         });
         if streamed || names.len() > 3 || mats.iter().any(|m| m.1 != cols) {
-            for (name, y) in names.iter().zip(ys.iter_mut()) {
-                self.matvec_into(name, x, y)?;
-            }
-            return Ok(());
+            return matvec_each_into(self, names, x, ys);
         }
         let mut run = |bytes: &[&[u8]]| -> Result<()> {
             let refs: Vec<(&[u8], WeightType, usize)> = bytes
@@ -1455,16 +1451,7 @@ impl WeightSource for ManagedWeights {
     /// Reads only that row, from the table's fastest copy.
     fn row_into(&self, name: &str, id: u32, out: &mut [f32]) -> Result<()> {
         let (_, info) = self.entry(name)?;
-        let (rows, cols) = match info.shape.as_slice() {
-            [r, c] => (usize_of(name, *r)?, usize_of(name, *c)?),
-            _ => {
-                return Err(RunnerError::TensorShape {
-                    name: name.to_string(),
-                    expected: "a 2-D table".into(),
-                    found: info.shape.iter().map(|&d| d as usize).collect(),
-                });
-            }
-        };
+        let (rows, cols) = table_dims(name, info)?;
         if id as usize >= rows {
             return Err(RunnerError::TokenOutOfVocab {
                 id,

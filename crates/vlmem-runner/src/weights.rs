@@ -114,17 +114,7 @@ pub trait WeightSource: Send + Sync {
 
     /// [`WeightSource::matvec_many`] into `ys`, one output per weight.
     fn matvec_many_into(&self, names: &[&str], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
-        if names.len() != ys.len() {
-            return Err(RunnerError::BadRequest(format!(
-                "{} weights but {} outputs",
-                names.len(),
-                ys.len()
-            )));
-        }
-        for (name, y) in names.iter().zip(ys.iter_mut()) {
-            self.matvec_into(name, x, y)?;
-        }
-        Ok(())
+        matvec_each_into(self, names, x, ys)
     }
 
     /// [`WeightSource::expert_matvec`] into `y`.
@@ -159,6 +149,31 @@ pub trait WeightSource: Send + Sync {
     /// final norm and lm_head), so a tiered source can prefetch what comes next. The default
     /// does nothing.
     fn begin_layer(&self, _layer: usize, _layers: usize) {}
+}
+
+/// Errors unless there is one output per weight.
+pub(crate) fn check_outputs(weights: usize, outputs: usize) -> Result<()> {
+    if weights == outputs {
+        Ok(())
+    } else {
+        Err(RunnerError::BadRequest(format!(
+            "{weights} weights but {outputs} outputs"
+        )))
+    }
+}
+
+/// [`WeightSource::matvec_into`] of each weight in turn, one output each (no fused pass).
+pub(crate) fn matvec_each_into<S: WeightSource + ?Sized>(
+    src: &S,
+    names: &[&str],
+    x: &[f32],
+    ys: &mut [&mut [f32]],
+) -> Result<()> {
+    check_outputs(names.len(), ys.len())?;
+    for (name, y) in names.iter().zip(ys.iter_mut()) {
+        src.matvec_into(name, x, y)?;
+    }
+    Ok(())
 }
 
 /// Copies `values` of `name` into `out`, which must have exactly their length.
