@@ -14,52 +14,19 @@ pub trait KvStore {
     fn len_tokens(&self) -> usize;
 
     /// The decode step's append: one token's keys then values (`kv_row`: `2 * kv_heads *
-    /// head_dim` f32, keys first) go to layer `layer`, and the layer's keys and values, token
-    /// by token in the same layout (token `t` at `t * kv_row.len()`), are copied into the
-    /// front of `out` (e.g. a view of the step arena). Returns the layer's tokens. The
-    /// default goes through [`KvStore::append`].
-    fn append_one(
+    /// head_dim` f32, keys first) go to layer `layer`. Returns the layer's tokens.
+    fn append_row(&mut self, layer: usize, kv_heads: usize, kv_row: &[f32]) -> Result<usize>;
+
+    /// Copies tokens `start..` of layer `layer` into `out`, token by token as
+    /// [`KvStore::append_row`] takes them (keys then values), as many as `out` holds whole
+    /// rows of `row_len` values (e.g. a view of the step arena).
+    fn read_rows(
         &mut self,
         layer: usize,
-        kv_heads: usize,
-        kv_row: &[f32],
+        start: usize,
+        row_len: usize,
         out: &mut [f32],
-    ) -> Result<usize> {
-        let row = kv_row.len() / 2;
-        if kv_heads == 0 || row * 2 != kv_row.len() || !row.is_multiple_of(kv_heads) {
-            return Err(RunnerError::BadRequest(format!(
-                "a KV row of {} values for {kv_heads} heads",
-                kv_row.len()
-            )));
-        }
-        let d = row / kv_heads;
-        let dev = candle_core::Device::Cpu;
-        let k = Tensor::from_slice(&kv_row[..row], (1, kv_heads, 1, d), &dev)?;
-        let v = Tensor::from_slice(&kv_row[row..], (1, kv_heads, 1, d), &dev)?;
-        let (ka, va) = self.append(layer, &k, &v)?;
-        // [1, h, T, d] -> [T, h*d]
-        let rows = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.squeeze(0)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
-        let (ks, vs) = (rows(&ka)?, rows(&va)?);
-        let tokens = ks.len() / row;
-        if out.len() < tokens * 2 * row {
-            return Err(RunnerError::BadRequest(format!(
-                "room for {} KV values, the layer holds {}",
-                out.len(),
-                tokens * 2 * row
-            )));
-        }
-        for (t, dst) in out.chunks_exact_mut(2 * row).take(tokens).enumerate() {
-            dst[..row].copy_from_slice(&ks[t * row..(t + 1) * row]);
-            dst[row..].copy_from_slice(&vs[t * row..(t + 1) * row]);
-        }
-        Ok(tokens)
-    }
+    ) -> Result<()>;
 
     /// Drops everything.
     fn clear(&mut self);
@@ -144,6 +111,62 @@ impl KvStore for KvCache {
         l.v.slice_set(&v, 2, len)?;
         l.len = needed;
         Ok((l.k.narrow(2, 0, needed)?, l.v.narrow(2, 0, needed)?))
+    }
+
+    fn append_row(&mut self, layer: usize, kv_heads: usize, kv_row: &[f32]) -> Result<usize> {
+        let row = kv_row.len() / 2;
+        if kv_heads == 0 || row * 2 != kv_row.len() || !row.is_multiple_of(kv_heads) {
+            return Err(RunnerError::BadRequest(format!(
+                "a KV row of {} values for {kv_heads} heads",
+                kv_row.len()
+            )));
+        }
+        let d = row / kv_heads;
+        let dev = candle_core::Device::Cpu;
+        let k = Tensor::from_slice(&kv_row[..row], (1, kv_heads, 1, d), &dev)?;
+        let v = Tensor::from_slice(&kv_row[row..], (1, kv_heads, 1, d), &dev)?;
+        let (ka, _) = self.append(layer, &k, &v)?;
+        Ok(ka.dim(2)?)
+    }
+
+    fn read_rows(
+        &mut self,
+        layer: usize,
+        start: usize,
+        row_len: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let l = self
+            .layers
+            .get(layer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| RunnerError::BadRequest(format!("layer {layer} holds no KV")))?;
+        let (_, h, _, d) = l.k.dims4()?;
+        let half = row_len / 2;
+        let n = out.len() / row_len.max(1);
+        if row_len != 2 * h * d || start + n > l.len {
+            return Err(RunnerError::BadRequest(format!(
+                "KV rows {start}..{} of {row_len} values; layer {layer} holds {} of {}",
+                start + n,
+                l.len,
+                2 * h * d
+            )));
+        }
+        // [1, h, n, d] -> [n, h*d]
+        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.narrow(2, start, n)?
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let (ks, vs) = (rows(&l.k)?, rows(&l.v)?);
+        for (t, dst) in out.chunks_exact_mut(row_len).take(n).enumerate() {
+            dst[..half].copy_from_slice(&ks[t * half..(t + 1) * half]);
+            dst[half..].copy_from_slice(&vs[t * half..(t + 1) * half]);
+        }
+        Ok(())
     }
 
     fn len_tokens(&self) -> usize {
@@ -308,15 +331,9 @@ impl KvStore for PagedKv {
         }
     }
 
-    /// The pool stores exactly this layout: the new row is appended as its bytes and the
-    /// layer is read back straight into `out`, with no other buffer.
-    fn append_one(
-        &mut self,
-        layer: usize,
-        kv_heads: usize,
-        kv_row: &[f32],
-        out: &mut [f32],
-    ) -> Result<usize> {
+    /// The pool stores exactly this layout: the row is appended as its bytes, with no other
+    /// buffer.
+    fn append_row(&mut self, layer: usize, kv_heads: usize, kv_row: &[f32]) -> Result<usize> {
         let row = self.kv_heads * self.head_dim;
         if kv_heads != self.kv_heads || kv_row.len() != 2 * row {
             return Err(RunnerError::BadRequest(format!(
@@ -327,22 +344,41 @@ impl KvStore for PagedKv {
             )));
         }
         let (seq, len) = self.layer_seq(layer)?;
-        let total = len + 1;
-        let want = total * 2 * row;
-        if out.len() < want {
-            return Err(RunnerError::BadRequest(format!(
-                "room for {} KV values, the layer holds {want}",
-                out.len()
-            )));
-        }
         self.pool
             .append(seq, &[len as u32], bytemuck::cast_slice(kv_row))
             .map_err(Self::kv_err)?;
-        self.layers[layer] = Some((seq, total));
+        self.layers[layer] = Some((seq, len + 1));
+        Ok(len + 1)
+    }
+
+    /// Read from the pool straight into `out`.
+    fn read_rows(
+        &mut self,
+        layer: usize,
+        start: usize,
+        row_len: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (seq, _) = self
+            .layers
+            .get(layer)
+            .copied()
+            .flatten()
+            .ok_or_else(|| RunnerError::BadRequest(format!("layer {layer} holds no KV")))?;
+        if row_len != 2 * self.kv_heads * self.head_dim {
+            return Err(RunnerError::BadRequest(format!(
+                "KV rows of {row_len} values; the cache holds {} heads x {}",
+                self.kv_heads, self.head_dim
+            )));
+        }
+        let n = out.len() / row_len;
         self.pool
-            .read_range(seq, 0, bytemuck::cast_slice_mut(&mut out[..want]))
-            .map_err(Self::kv_err)?;
-        Ok(total)
+            .read_range(
+                seq,
+                start,
+                bytemuck::cast_slice_mut(&mut out[..n * row_len]),
+            )
+            .map_err(Self::kv_err)
     }
 
     fn clear(&mut self) {
@@ -447,5 +483,81 @@ mod tests {
             PagedKv::new(pool, 2, 4, 3).is_err(),
             "bytes per token must match"
         );
+    }
+
+    /// The decode step's row interface: after a prompt appended as tensors, rows appended one
+    /// at a time read back, from any start and in any chunk, as exactly what was appended
+    /// (keys then values per token), from both stores, with layers swapping out between.
+    #[test]
+    fn rows_read_back_what_was_appended_from_both_stores() {
+        use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
+        let (heads, dim) = (2usize, 3usize);
+        let row = 2 * heads * dim;
+        let mut c = ManagerConfig::with_capacities(1 << 20, 16 << 20, 64 << 20);
+        c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = 4 * 16 * 48;
+        let m = MemoryManager::new(c).unwrap();
+        let pool = std::sync::Arc::new(
+            KvPool::new(
+                m,
+                KvPoolConfig {
+                    block_tokens: 16,
+                    bytes_per_token: (row * 4) as u64,
+                    compute_tier: Tier::Host,
+                },
+            )
+            .unwrap(),
+        );
+        let mut stores: Vec<Box<dyn KvStore>> = vec![
+            Box::new(KvCache::new(3)),
+            Box::new(PagedKv::new(pool.clone(), 3, heads, dim).unwrap()),
+        ];
+        for store in stores.iter_mut() {
+            // The ledger: every token's row per layer, as [k heads..., v heads...].
+            let mut ledger: Vec<Vec<f32>> = vec![Vec::new(); 3];
+            for (layer, rows_of_layer) in ledger.iter_mut().enumerate() {
+                let k = block(layer as f32 * 1000.0, 5);
+                let v = (&k * -1.0).unwrap();
+                store.append(layer, &k, &v).unwrap();
+                let rows = |t: &Tensor| -> Vec<f32> {
+                    t.squeeze(0)
+                        .unwrap()
+                        .transpose(0, 1)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let (kr, vr) = (rows(&k), rows(&v));
+                for t in 0..5 {
+                    rows_of_layer.extend_from_slice(&kr[t * row / 2..(t + 1) * row / 2]);
+                    rows_of_layer.extend_from_slice(&vr[t * row / 2..(t + 1) * row / 2]);
+                }
+            }
+            for step in 0..30 {
+                for (layer, rows) in ledger.iter_mut().enumerate() {
+                    let new: Vec<f32> = (0..row)
+                        .map(|i| (step * 100 + layer * 10 + i) as f32)
+                        .collect();
+                    let held = store.append_row(layer, heads, &new).unwrap();
+                    rows.extend_from_slice(&new);
+                    assert_eq!(held * row, rows.len());
+                    for (start, n) in [(0, held), (held - 1, 1), (held / 3, held / 2)] {
+                        let mut out = vec![f32::NAN; n * row];
+                        store.read_rows(layer, start, row, &mut out).unwrap();
+                        assert_eq!(&out[..], &rows[start * row..(start + n) * row]);
+                    }
+                }
+            }
+            // Past the end, a wrong row or a wrong head count: errors, not panics.
+            let mut out = vec![0f32; 2 * row];
+            assert!(store.read_rows(0, 34, row, &mut out).is_err());
+            assert!(store.read_rows(0, 0, row + 1, &mut out).is_err());
+            assert!(store.append_row(0, heads, &out[..row - 1]).is_err());
+            assert!(store.read_rows(7, 0, row, &mut out).is_err());
+        }
+        assert!(pool.stats().swap_outs > 0, "{:?}", pool.stats());
     }
 }

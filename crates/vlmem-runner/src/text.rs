@@ -347,8 +347,9 @@ impl TextDecoder {
             hd / 2,
             nh * hd,
             kv_row,
-            tokens * kv_row,
-            nh * tokens,
+            tokens.min(KV_CHUNK_TOKENS) * kv_row,
+            nh * tokens.min(KV_CHUNK_TOKENS),
+            2 * nh,
             nh * hd,
             h,
             dense_i.max(2 * moe_i),
@@ -463,7 +464,7 @@ impl TextDecoder {
                 head_norm_in_place(k, b.head_norm, eps);
                 rope_in_place(k, b.cos, b.sin);
             }
-            let held = kv.append_one(l, nkv, b.kv_row, b.cache)?;
+            let held = kv.append_row(l, nkv, b.kv_row)?;
             if held != tokens {
                 return Err(RunnerError::BadRequest(format!(
                     "layer {l}'s KV cache holds {held} tokens, expected {tokens}"
@@ -473,17 +474,21 @@ impl TextDecoder {
                 head_dim: hd,
                 groups,
                 kv_row: 2 * row,
-                tokens,
                 scale,
             };
-            attend(
+            attend_chunked(
                 shape,
-                b.q,
-                b.cache,
-                b.scores,
-                b.att,
-                nh * tokens * hd >= ATTENTION_FORK_ELEMS,
-            );
+                tokens,
+                |start, rows: &mut [f32]| kv.read_rows(l, start, 2 * row, rows),
+                AttentionBufs {
+                    q: b.q,
+                    cache: b.cache,
+                    scores: b.scores,
+                    softmax: b.softmax,
+                    att: b.att,
+                },
+                nh * tokens.min(KV_CHUNK_TOKENS) * hd >= ATTENTION_FORK_ELEMS,
+            )?;
             src.matvec_into(&format!("{pre}.self_attn.o_proj.weight"), b.att, b.out)?;
             add_in_place(b.h, b.out);
             // MLP.
@@ -782,10 +787,13 @@ struct StepBufs<'a> {
     q: &'a mut [f32],
     /// This token's keys then values `[2 * kv_heads * head_dim]`, as the KV cache stores them.
     kv_row: &'a mut [f32],
-    /// The layer's keys and values, token by token `[tokens * 2 * kv_heads * head_dim]`.
+    /// A chunk of the layer's keys and values, token by token
+    /// `[min(tokens, KV_CHUNK_TOKENS) * 2 * kv_heads * head_dim]`.
     cache: &'a mut [f32],
-    /// Each head's attention scores, then probabilities `[heads * tokens]`.
+    /// Each head's attention scores over the chunk `[heads * min(tokens, KV_CHUNK_TOKENS)]`.
     scores: &'a mut [f32],
+    /// Each head's running softmax maximum and sum across the chunks `[2 * heads]`.
+    softmax: &'a mut [f32],
     /// Attention output `[heads * head_dim]`.
     att: &'a mut [f32],
     /// A block's output before the residual add `[hidden]`.
@@ -803,7 +811,7 @@ struct StepBufs<'a> {
 }
 
 /// Number of [`StepBufs`] fields.
-const STEP_BUFS: usize = 17;
+const STEP_BUFS: usize = 18;
 
 impl<'a> StepBufs<'a> {
     fn new(views: &'a mut [&mut [f32]]) -> Result<Self> {
@@ -818,6 +826,7 @@ impl<'a> StepBufs<'a> {
             kv_row,
             cache,
             scores,
+            softmax,
             att,
             out,
             gate,
@@ -843,6 +852,7 @@ impl<'a> StepBufs<'a> {
             kv_row,
             cache,
             scores,
+            softmax,
             att,
             out,
             gate,
@@ -920,7 +930,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// The sizes [`attend`] works with.
+/// Tokens of the KV cache the decode step's attention reads into the arena at a time: the
+/// arena stays the same size whatever the context (256 tokens are 2 MiB for qwen3-vl-2b).
+pub const KV_CHUNK_TOKENS: usize = 256;
+
+/// The sizes [`attend_chunked`] works with.
 #[derive(Debug, Clone, Copy)]
 struct AttentionShape {
     head_dim: usize,
@@ -928,47 +942,97 @@ struct AttentionShape {
     groups: usize,
     /// Values per cached token: its keys, then its values, `2 * kv_heads * head_dim`.
     kv_row: usize,
-    tokens: usize,
     scale: f32,
 }
 
-/// One query token's attention over the cached tokens: for each query head, softmax of its
-/// scaled products with its key/value head's keys, then the weighted sum of the values,
-/// into `att` (`[heads * head_dim]`); `scores` holds `[heads * tokens]`. With `parallel` the
-/// heads run on the kernels' pool; each head's arithmetic is the same either way.
-fn attend(
+/// One head of a chunk in [`attend_chunked`]: its index, then its output, its scores over
+/// the chunk and its running softmax (maximum, sum).
+type HeadViews<'v> = (usize, ((&'v mut [f32], &'v mut [f32]), &'v mut [f32]));
+
+/// The arena views [`attend_chunked`] works in (see [`StepBufs`]).
+struct AttentionBufs<'b> {
+    q: &'b [f32],
+    cache: &'b mut [f32],
+    scores: &'b mut [f32],
+    softmax: &'b mut [f32],
+    att: &'b mut [f32],
+}
+
+/// One query token's attention over `tokens` cached tokens, read [`KV_CHUNK_TOKENS`] at a
+/// time into `cache` by `read(start, rows)`: for each query head (its key/value head is
+/// `head / groups`), a softmax of the scaled products with the keys, kept as a running
+/// maximum and sum across the chunks (the sum and the weighted values rescaled when the
+/// maximum grows), then the weighted values divided by the sum, into `att`. With `parallel`
+/// the heads of a chunk run on the kernels' pool; each head's arithmetic is the same either
+/// way.
+fn attend_chunked(
     s: AttentionShape,
-    q: &[f32],
-    cache: &[f32],
-    scores: &mut [f32],
-    att: &mut [f32],
+    tokens: usize,
+    mut read: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    b: AttentionBufs<'_>,
     parallel: bool,
-) {
-    let (hd, half_row) = (s.head_dim, s.kv_row / 2);
-    let one = |(head, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
-        let g = head / s.groups;
-        let qh = &q[head * hd..(head + 1) * hd];
-        for (t, sc) in scores.iter_mut().enumerate() {
-            *sc = dot(qh, &cache[t * s.kv_row + g * hd..][..hd]) * s.scale;
-        }
-        softmax_in_place(scores);
-        out.fill(0.0);
-        for (t, &pt) in scores.iter().enumerate() {
-            let vt = &cache[t * s.kv_row + half_row + g * hd..][..hd];
-            for (o, &vv) in out.iter_mut().zip(vt) {
-                *o += pt * vv;
-            }
-        }
-    };
-    let heads = att
-        .chunks_mut(hd)
-        .zip(scores.chunks_mut(s.tokens))
-        .enumerate();
-    if parallel {
-        crate::kernels::pool::global().for_each(heads, one);
-    } else {
-        heads.for_each(one);
+) -> Result<()> {
+    let hd = s.head_dim;
+    let half_row = s.kv_row / 2;
+    let chunk_max = b.cache.len() / s.kv_row.max(1);
+    let heads = b.att.len() / hd.max(1);
+    if chunk_max == 0 || b.scores.len() < heads * chunk_max.min(tokens) {
+        return Err(RunnerError::BadRequest(format!(
+            "attention over {tokens} tokens with room for {chunk_max} at a time"
+        )));
     }
+    b.att.fill(0.0);
+    for ms in b.softmax.chunks_exact_mut(2) {
+        ms[0] = f32::NEG_INFINITY;
+        ms[1] = 0.0;
+    }
+    let q = b.q;
+    let mut start = 0;
+    while start < tokens {
+        let n = chunk_max.min(tokens - start);
+        let rows = &mut b.cache[..n * s.kv_row];
+        read(start, rows)?;
+        let cache = &*rows;
+        let one = |(head, ((out, scores), ms)): HeadViews<'_>| {
+            let g = head / s.groups;
+            let qh = &q[head * hd..(head + 1) * hd];
+            let mut max = ms[0];
+            for (t, sc) in scores.iter_mut().enumerate() {
+                *sc = dot(qh, &cache[t * s.kv_row + g * hd..][..hd]) * s.scale;
+                max = max.max(*sc);
+            }
+            // Rescale what the earlier chunks summed to the new maximum (0 on the first).
+            let carry = (ms[0] - max).exp();
+            let mut sum = ms[1] * carry;
+            out.iter_mut().for_each(|o| *o *= carry);
+            for (t, sc) in scores.iter().enumerate() {
+                let e = (sc - max).exp();
+                sum += e;
+                let vt = &cache[t * s.kv_row + half_row + g * hd..][..hd];
+                for (o, &vv) in out.iter_mut().zip(vt) {
+                    *o += e * vv;
+                }
+            }
+            ms[0] = max;
+            ms[1] = sum;
+        };
+        let per_head = b
+            .att
+            .chunks_mut(hd)
+            .zip(b.scores.chunks_mut(n))
+            .zip(b.softmax.chunks_exact_mut(2))
+            .enumerate();
+        if parallel {
+            crate::kernels::pool::global().for_each(per_head, one);
+        } else {
+            per_head.for_each(one);
+        }
+        start += n;
+    }
+    for (out, ms) in b.att.chunks_mut(hd).zip(b.softmax.chunks_exact(2)) {
+        out.iter_mut().for_each(|o| *o /= ms[1]);
+    }
+    Ok(())
 }
 
 /// Softmax in place (max-shifted).
@@ -1043,31 +1107,69 @@ mod tests {
         }
     }
 
-    /// The heads in parallel give the sequential result bit for bit, and both match a plain
-    /// f64 computation of GQA attention (query head h reads key/value head h / groups).
+    /// The heads in parallel give the sequential result bit for bit, whatever the chunking
+    /// of the cache, and every way matches a plain f64 computation of GQA attention (query
+    /// head h reads key/value head h / groups).
     #[test]
-    fn attention_matches_a_plain_reference_in_parallel_and_not() {
+    fn attention_matches_a_plain_reference_in_chunks_and_in_parallel() {
         let (nh, nkv, hd, tokens) = (8usize, 2usize, 16usize, 300usize);
+        let kv_row = 2 * nkv * hd;
         let shape = AttentionShape {
             head_dim: hd,
             groups: nh / nkv,
-            kv_row: 2 * nkv * hd,
-            tokens,
+            kv_row,
             scale: (hd as f32).powf(-0.5),
         };
         let q = values(nh * hd, 3);
-        let cache = values(tokens * 2 * nkv * hd, 4);
+        let all = values(tokens * kv_row, 4);
         let mut runs = Vec::new();
-        for parallel in [false, true] {
-            let (mut scores, mut att) = (vec![f32::NAN; nh * tokens], vec![f32::NAN; nh * hd]);
-            attend(shape, &q, &cache, &mut scores, &mut att, parallel);
-            runs.push(att);
+        for (chunk, parallel) in [
+            (300, false),
+            (300, true),
+            (64, false),
+            (64, true),
+            (1, false),
+        ] {
+            let mut cache = vec![f32::NAN; chunk * kv_row];
+            let mut scores = vec![f32::NAN; nh * chunk];
+            let mut softmax = vec![f32::NAN; 2 * nh];
+            let mut att = vec![f32::NAN; nh * hd];
+            let mut reads = Vec::new();
+            attend_chunked(
+                shape,
+                tokens,
+                |start, rows: &mut [f32]| {
+                    reads.push((start, rows.len() / kv_row));
+                    rows.copy_from_slice(&all[start * kv_row..start * kv_row + rows.len()]);
+                    Ok(())
+                },
+                AttentionBufs {
+                    q: &q,
+                    cache: &mut cache,
+                    scores: &mut scores,
+                    softmax: &mut softmax,
+                    att: &mut att,
+                },
+                parallel,
+            )
+            .unwrap();
+            // Every token read once, in order, at most `chunk` at a time.
+            assert_eq!(reads.first(), Some(&(0, chunk.min(tokens))));
+            assert_eq!(reads.iter().map(|r| r.1).sum::<usize>(), tokens);
+            assert!(reads.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+            runs.push((chunk, parallel, att));
         }
-        assert_eq!(runs[0], runs[1]);
+        for pair in runs.chunks(2).filter(|p| p.len() == 2) {
+            assert_eq!(
+                pair[0].2, pair[1].2,
+                "chunks of {}: parallel differs",
+                pair[0].0
+            );
+        }
         for h in 0..nh {
             let g = h / (nh / nkv);
-            let k = |t: usize, d: usize| f64::from(cache[t * 2 * nkv * hd + g * hd + d]);
-            let v = |t: usize, d: usize| f64::from(cache[t * 2 * nkv * hd + nkv * hd + g * hd + d]);
+            let k = |t: usize, d: usize| f64::from(all[t * kv_row + g * hd + d]);
+            let v = |t: usize, d: usize| f64::from(all[t * kv_row + nkv * hd + g * hd + d]);
             let s: Vec<f64> = (0..tokens)
                 .map(|t| {
                     (0..hd)
@@ -1081,11 +1183,13 @@ mod tests {
             let z: f64 = e.iter().sum();
             for d in 0..hd {
                 let want: f64 = (0..tokens).map(|t| e[t] / z * v(t, d)).sum();
-                let got = f64::from(runs[0][h * hd + d]);
-                assert!(
-                    (got - want).abs() < 1e-5,
-                    "head {h} dim {d}: {got} vs {want}"
-                );
+                for (chunk, parallel, att) in &runs {
+                    let got = f64::from(att[h * hd + d]);
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "chunks of {chunk} (parallel {parallel}), head {h} dim {d}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

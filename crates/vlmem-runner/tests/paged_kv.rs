@@ -10,6 +10,7 @@ use std::sync::Arc;
 use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
 use vlmem_runner::Activations;
 use vlmem_runner::model::argmax;
+use vlmem_runner::text::KV_CHUNK_TOKENS;
 use vlmem_runner::{KvStore, PagedKv, PrefillOptions, Runner};
 
 const MIB: u64 = 1 << 20;
@@ -228,5 +229,75 @@ fn decode_in_the_step_arena_matches_with_either_cache() {
             other => panic!("{name}: {other:?}"),
         }
         assert_eq!(outside.generated_logits, plain.generated_logits, "{name}");
+    }
+}
+
+/// A context longer than the arena's KV chunk ([`KV_CHUNK_TOKENS`]): each decode step's
+/// attention reads the cache in several chunks (a running softmax across them), through
+/// both caches, and still agrees with the tensor library's path within 1e-5, same ids.
+#[test]
+fn decode_in_the_arena_over_several_kv_chunks() {
+    for name in ["qwen3-vl-tiny", "qwen3-vl-moe-tiny"] {
+        let dir = fixture_dir(name);
+        let runner = Runner::open(&dir).unwrap();
+        let ids: Vec<u32> = (0..KV_CHUNK_TOKENS as u32 * 2 + 37)
+            .map(|i| 10 + (i * 7) % 900)
+            .collect();
+        let opts = vlmem_runner::GenerateOptions {
+            max_new_tokens: 4,
+            stop_ids: vec![],
+        };
+        let plain = runner
+            .model()
+            .generate(&ids, &[], &opts, &mut |_| {})
+            .unwrap();
+        let text = &runner.model().config().text;
+        let (layers, heads, dim) = (
+            text.num_hidden_layers as usize,
+            text.num_key_value_heads as usize,
+            text.head_dim as usize,
+        );
+        let mut results = Vec::new();
+        for paged in [false, true] {
+            let m =
+                MemoryManager::new(ManagerConfig::with_capacities(0, 64 * MIB, 16 * MIB)).unwrap();
+            let r = Runner::open(&dir).unwrap();
+            assert!(r.model().use_step_arena(m.clone(), Tier::Host));
+            let g = if paged {
+                let pool = Arc::new(
+                    KvPool::new(
+                        m.clone(),
+                        KvPoolConfig {
+                            block_tokens: 16,
+                            bytes_per_token: (2 * heads * dim * 4) as u64,
+                            compute_tier: Tier::Host,
+                        },
+                    )
+                    .unwrap(),
+                );
+                let mut kv = PagedKv::new(pool, layers, heads, dim).unwrap();
+                r.model()
+                    .generate_in(&ids, &[], &opts, &mut kv, &mut |_| {})
+                    .unwrap()
+            } else {
+                r.model().generate(&ids, &[], &opts, &mut |_| {}).unwrap()
+            };
+            assert!(
+                matches!(g.activations, Activations::Arena { steps: 3, .. }),
+                "{name}: {:?}",
+                g.activations
+            );
+            assert_eq!(g.generated_ids, plain.generated_ids, "{name}");
+            let err = g
+                .generated_logits
+                .concat()
+                .iter()
+                .zip(plain.generated_logits.concat())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "{name} (paged {paged}): max-abs {err:e}");
+            results.push(g.generated_logits);
+        }
+        assert_eq!(results[0], results[1], "{name}: the two caches differ");
     }
 }
