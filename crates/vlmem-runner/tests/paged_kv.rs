@@ -15,6 +15,34 @@ use vlmem_runner::{KvStore, PagedKv, PrefillOptions, Runner};
 
 const MIB: u64 = 1 << 20;
 
+/// A paged KV store of `layers` layers of `heads x dim` over a new pool of 16-token blocks in
+/// `m`'s host tier, and the pool.
+fn paged(m: MemoryManager, layers: usize, heads: usize, dim: usize) -> (Arc<KvPool>, PagedKv) {
+    let pool = Arc::new(
+        KvPool::new(
+            m,
+            KvPoolConfig {
+                block_tokens: 16,
+                bytes_per_token: (2 * heads * dim * 4) as u64,
+                compute_tier: Tier::Host,
+            },
+        )
+        .unwrap(),
+    );
+    let kv = PagedKv::new(pool.clone(), layers, heads, dim).unwrap();
+    (pool, kv)
+}
+
+/// The largest absolute difference between two runs' logits, step by step.
+fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.concat()
+        .iter()
+        .zip(b.concat())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 /// Prefill and 5 greedy decode steps through `kv`; every step's logits.
 fn run(runner: &Runner, kv: &mut dyn KvStore) -> Vec<Vec<f32>> {
     let dir = runner.dir().to_path_buf();
@@ -53,18 +81,7 @@ fn paged_kv_matches_the_simple_cache_whatever_the_room() {
             c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = host_kv_bytes;
             c.disk.preallocate = false;
             let m = MemoryManager::new(c).unwrap();
-            let pool = Arc::new(
-                KvPool::new(
-                    m.clone(),
-                    KvPoolConfig {
-                        block_tokens: 16,
-                        bytes_per_token,
-                        compute_tier: Tier::Host,
-                    },
-                )
-                .unwrap(),
-            );
-            let mut kv = PagedKv::new(pool.clone(), layers, kv_heads, head_dim).unwrap();
+            let (pool, mut kv) = paged(m.clone(), layers, kv_heads, head_dim);
             let got = run(&runner, &mut kv);
             assert_eq!(
                 got, expected,
@@ -101,18 +118,7 @@ fn generation_through_the_paged_pool_matches() {
         text.head_dim as usize,
     );
     let m = MemoryManager::new(ManagerConfig::with_capacities(0, 16 * MIB, 16 * MIB)).unwrap();
-    let pool = Arc::new(
-        KvPool::new(
-            m,
-            KvPoolConfig {
-                block_tokens: 16,
-                bytes_per_token: (2 * heads * dim * 4) as u64,
-                compute_tier: Tier::Host,
-            },
-        )
-        .unwrap(),
-    );
-    let mut kv = PagedKv::new(pool, layers, heads, dim).unwrap();
+    let (_, mut kv) = paged(m, layers, heads, dim);
     let paged = model
         .generate_in(&ids, &images, &opts, &mut kv, &mut |_| {})
         .unwrap();
@@ -166,18 +172,7 @@ fn decode_in_the_step_arena_matches_with_either_cache() {
                     .generate(&ids, &images, &opts, &mut |_| {})
                     .unwrap(),
                 Some(_) => {
-                    let pool = Arc::new(
-                        KvPool::new(
-                            m.clone(),
-                            KvPoolConfig {
-                                block_tokens: 16,
-                                bytes_per_token,
-                                compute_tier: Tier::Host,
-                            },
-                        )
-                        .unwrap(),
-                    );
-                    let mut kv = PagedKv::new(pool, layers, heads, dim).unwrap();
+                    let (_, mut kv) = paged(m.clone(), layers, heads, dim);
                     runner
                         .model()
                         .generate_in(&ids, &images, &opts, &mut kv, &mut |_| {})
@@ -200,13 +195,7 @@ fn decode_in_the_step_arena_matches_with_either_cache() {
         assert_eq!(steps, 5);
         assert!(peak_bytes <= capacity_bytes);
         assert_eq!(in_arena.generated_ids, plain.generated_ids, "{name}");
-        let err = in_arena
-            .generated_logits
-            .concat()
-            .iter()
-            .zip(plain.generated_logits.concat())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = max_abs(&in_arena.generated_logits, &plain.generated_logits);
         assert!(
             err < 1e-5,
             "{name}: arena vs tensor library max-abs {err:e}"
@@ -258,24 +247,13 @@ fn decode_in_the_arena_over_several_kv_chunks() {
             text.head_dim as usize,
         );
         let mut results = Vec::new();
-        for paged in [false, true] {
+        for through_pool in [false, true] {
             let m =
                 MemoryManager::new(ManagerConfig::with_capacities(0, 64 * MIB, 16 * MIB)).unwrap();
             let r = Runner::open(&dir).unwrap();
             assert!(r.model().use_step_arena(m.clone(), Tier::Host));
-            let g = if paged {
-                let pool = Arc::new(
-                    KvPool::new(
-                        m.clone(),
-                        KvPoolConfig {
-                            block_tokens: 16,
-                            bytes_per_token: (2 * heads * dim * 4) as u64,
-                            compute_tier: Tier::Host,
-                        },
-                    )
-                    .unwrap(),
-                );
-                let mut kv = PagedKv::new(pool, layers, heads, dim).unwrap();
+            let g = if through_pool {
+                let (_, mut kv) = paged(m.clone(), layers, heads, dim);
                 r.model()
                     .generate_in(&ids, &[], &opts, &mut kv, &mut |_| {})
                     .unwrap()
@@ -288,14 +266,8 @@ fn decode_in_the_arena_over_several_kv_chunks() {
                 g.activations
             );
             assert_eq!(g.generated_ids, plain.generated_ids, "{name}");
-            let err = g
-                .generated_logits
-                .concat()
-                .iter()
-                .zip(plain.generated_logits.concat())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(err < 1e-5, "{name} (paged {paged}): max-abs {err:e}");
+            let err = max_abs(&g.generated_logits, &plain.generated_logits);
+            assert!(err < 1e-5, "{name} (paged {through_pool}): max-abs {err:e}");
             results.push(g.generated_logits);
         }
         assert_eq!(results[0], results[1], "{name}: the two caches differ");
