@@ -43,6 +43,15 @@ struct LayerKv {
     len: usize,
 }
 
+/// `[1, heads, tokens, head_dim]` as `tokens` rows of `heads * head_dim` values.
+fn token_rows(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.squeeze(0)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
 /// The simplest store: per layer, a key and a value buffer that doubles its token capacity
 /// when full (amortised O(1) copying per token); appends write in place.
 #[derive(Debug, Clone, Default)]
@@ -152,16 +161,8 @@ impl KvStore for KvCache {
                 2 * h * d
             )));
         }
-        // [1, h, n, d] -> [n, h*d]
-        let rows = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.narrow(2, start, n)?
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
-        let (ks, vs) = (rows(&l.k)?, rows(&l.v)?);
+        let ks = token_rows(&l.k.narrow(2, start, n)?)?;
+        let vs = token_rows(&l.v.narrow(2, start, n)?)?;
         for (t, dst) in out.chunks_exact_mut(row_len).take(n).enumerate() {
             dst[..half].copy_from_slice(&ks[t * half..(t + 1) * half]);
             dst[half..].copy_from_slice(&vs[t * half..(t + 1) * half]);
@@ -271,15 +272,8 @@ impl KvStore for PagedKv {
             )));
         }
         let (seq, len) = self.layer_seq(layer)?;
-        // [1, h, n, d] -> [n, h, d] for keys and values, then per token K then V.
-        let to_rows = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.squeeze(0)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
-        let (kr, vr) = (to_rows(k)?, to_rows(v)?);
+        // Per token: its keys, then its values.
+        let (kr, vr) = (token_rows(k)?, token_rows(v)?);
         let row = h * d;
         let mut bytes = Vec::with_capacity(2 * kr.len() * 4);
         for t in 0..n {
@@ -518,19 +512,7 @@ mod tests {
                 let k = block(layer as f32 * 1000.0, 5);
                 let v = (&k * -1.0).unwrap();
                 store.append(layer, &k, &v).unwrap();
-                let rows = |t: &Tensor| -> Vec<f32> {
-                    t.squeeze(0)
-                        .unwrap()
-                        .transpose(0, 1)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
-                let (kr, vr) = (rows(&k), rows(&v));
+                let (kr, vr) = (token_rows(&k).unwrap(), token_rows(&v).unwrap());
                 for t in 0..5 {
                     rows_of_layer.extend_from_slice(&kr[t * row / 2..(t + 1) * row / 2]);
                     rows_of_layer.extend_from_slice(&vr[t * row / 2..(t + 1) * row / 2]);

@@ -1081,7 +1081,7 @@ impl ManagedWeights {
     /// Lends the tensor's stored bytes to `f`: pinned on the compute tier when it fits
     /// there (no copy), else read from its fastest copy into a staging buffer the size of
     /// the tensor, which is dropped afterwards (a streamed tensor's pieces are gathered into
-    /// it from the read-ahead, [`ManagedWeights::stream_pieces`]).
+    /// it from the read-ahead, [`ManagedWeights::take_pieces`], and the rest read in place).
     fn with_stored<R>(&self, name: &str, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
         let (h, info) = self.entry(name)?;
         if let Some(s) = self.prefetch.positions.get(h) {
@@ -1319,19 +1319,20 @@ impl WeightSource for ManagedWeights {
     /// Reads only the rows asked for, from the table's fastest copy.
     fn rows_f32(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
         let (_, info) = self.entry(name)?;
-        let (rows, cols) = table_dims(name, info)?;
-        let row_bytes = cols * weight_type(name, info)?.size_bytes();
-        let mut values = Vec::with_capacity(ids.len() * cols);
+        let (_, cols) = table_dims(name, info)?;
+        let mut values = vec![0f32; ids.len() * cols];
         for (position, &id) in ids.iter().enumerate() {
-            if id as usize >= rows {
-                return Err(RunnerError::TokenOutOfVocab {
-                    id,
-                    position,
-                    vocab_size: rows,
-                });
-            }
-            let bytes = self.read_range(name, id as u64 * row_bytes as u64, row_bytes)?;
-            values.extend(widen_to_f32(name, info.dtype, &bytes)?);
+            let out = &mut values[position * cols..(position + 1) * cols];
+            self.row_into(name, id, out).map_err(|e| match e {
+                RunnerError::TokenOutOfVocab { id, vocab_size, .. } => {
+                    RunnerError::TokenOutOfVocab {
+                        id,
+                        position,
+                        vocab_size,
+                    }
+                }
+                other => other,
+            })?;
         }
         Ok(Tensor::from_vec(values, (ids.len(), cols), &self.device)?)
     }

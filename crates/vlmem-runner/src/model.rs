@@ -456,7 +456,7 @@ impl Qwen3Vl {
         generation.decode_time = decode_start.elapsed();
         generation.activations = match arena {
             Ok(a) => Activations::Arena {
-                tier: self.step_arena.get().map_or(vlmem::Tier::Host, |s| s.1),
+                tier: a.tier(),
                 capacity_bytes: a.capacity_bytes(),
                 peak_bytes: a.peak_bytes(),
                 steps: a.steps(),

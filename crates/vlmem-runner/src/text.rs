@@ -814,52 +814,36 @@ struct StepBufs<'a> {
 const STEP_BUFS: usize = 18;
 
 impl<'a> StepBufs<'a> {
+    /// Takes the views in [`TextDecoder::step_lens`]'s order.
     fn new(views: &'a mut [&mut [f32]]) -> Result<Self> {
-        let [
-            h,
-            x,
-            norm,
-            head_norm,
-            cos,
-            sin,
-            q,
-            kv_row,
-            cache,
-            scores,
-            softmax,
-            att,
-            out,
-            gate,
-            act,
-            router,
-            expert_out,
-            logits,
-        ] = views
-        else {
+        if views.len() != STEP_BUFS {
             return Err(RunnerError::BadRequest(format!(
                 "a decode step takes {STEP_BUFS} arena views, not {}",
                 views.len()
             )));
-        };
+        }
+        let mut views = views.iter_mut().map(|v| &mut **v);
+        // Fields are initialised in the order written.
+        let mut next = || views.next().unwrap_or_default();
         Ok(StepBufs {
-            h,
-            x,
-            norm,
-            head_norm,
-            cos,
-            sin,
-            q,
-            kv_row,
-            cache,
-            scores,
-            softmax,
-            att,
-            out,
-            gate,
-            act,
-            router,
-            expert_out,
-            logits,
+            h: next(),
+            x: next(),
+            norm: next(),
+            head_norm: next(),
+            cos: next(),
+            sin: next(),
+            q: next(),
+            kv_row: next(),
+            cache: next(),
+            scores: next(),
+            softmax: next(),
+            att: next(),
+            out: next(),
+            gate: next(),
+            act: next(),
+            router: next(),
+            expert_out: next(),
+            logits: next(),
         })
     }
 }

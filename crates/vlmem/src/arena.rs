@@ -244,6 +244,11 @@ impl StepArena {
         self.peak_bytes.load(Ordering::Relaxed)
     }
 
+    /// The tier the arena is pinned on.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
     /// The arena's size.
     pub fn capacity_bytes(&self) -> u64 {
         self.capacity_bytes

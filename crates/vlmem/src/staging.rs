@@ -390,19 +390,18 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
             claimed == Some(buf.capacity_bytes() as u64),
             "finish_fill without begin_fill, or with another buffer"
         );
-        if ok && !st.closed && range.start <= range.end && range.end <= buf.bytes().len() {
-            st.stats.filled += 1;
-            st.stats.filled_bytes += range.len() as u64;
-            st.ready.insert(key, Ready { tag, buf, range });
-        } else {
-            st.held_bytes -= buf.capacity_bytes() as u64;
-            let unkept = Self::keep_free(&mut st, buf, self.capacity_bytes);
-            drop(st);
-            drop(unkept);
-            self.changed.notify_all();
-            return;
-        }
+        let unkept =
+            if ok && !st.closed && range.start <= range.end && range.end <= buf.bytes().len() {
+                st.stats.filled += 1;
+                st.stats.filled_bytes += range.len() as u64;
+                st.ready.insert(key, Ready { tag, buf, range });
+                None
+            } else {
+                st.held_bytes -= buf.capacity_bytes() as u64;
+                Self::keep_free(&mut st, buf, self.capacity_bytes)
+            };
         drop(st);
+        drop(unkept);
         self.changed.notify_all();
     }
 
