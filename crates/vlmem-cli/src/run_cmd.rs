@@ -297,6 +297,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 "prefetch_layers": weights.prefetch_layers(),
                 "streaming": streaming,
                 "prefetch_hints": weights.prefetch_hints(),
+                "peak_rss_bytes": vlmem_core::profile::process_peak_rss_bytes(),
             },
             "gpu": gpu.as_ref().map(|(_, report)| {
                 let r = report();
@@ -442,6 +443,12 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
             v.hits,
             v.misses,
             format_bytes(v.resident_bytes)
+        );
+    }
+    if let Some(rss) = vlmem_core::profile::process_peak_rss_bytes() {
+        println!(
+            "process: peak resident memory {} (the tiers' pages in use, candle's buffers for the prompt and the vision tower, and the rest)",
+            format_bytes(rss)
         );
     }
     for t in manager.describe_tiers() {

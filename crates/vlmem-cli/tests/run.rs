@@ -136,6 +136,13 @@ fn run_matches_the_reference_in_every_tiering() {
                 assert_eq!(act["in_arena"], false, "{v}");
                 assert!(act["reason"].as_str().unwrap().contains("budget"), "{v}");
             }
+            // The process's high-water mark, read from the kernel: a running vlmem holds more
+            // than 1 MiB (its code alone).
+            #[cfg(target_os = "linux")]
+            assert!(
+                v["memory"]["peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
+                "{v}"
+            );
             if tiering.is_empty() {
                 // With RAM to spare, the KV cache and the image embedding live in the
                 // manager (paged blocks; one vision-cache miss for the one image).

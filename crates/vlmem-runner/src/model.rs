@@ -122,6 +122,8 @@ pub struct Qwen3Vl {
     vision_cache: std::sync::OnceLock<Arc<vlmem::vision_cache::VisionCache>>,
     /// Where decode steps take their step arena from (set once, optional).
     step_arena: std::sync::OnceLock<(vlmem::MemoryManager, vlmem::Tier)>,
+    /// Bound on one attention score tensor in the prompt's pass and the vision tower, bytes.
+    score_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Qwen3Vl {
@@ -151,6 +153,7 @@ impl Qwen3Vl {
             device: device.clone(),
             vision_cache: std::sync::OnceLock::new(),
             step_arena: std::sync::OnceLock::new(),
+            score_bytes: std::sync::atomic::AtomicUsize::new(crate::nn::ATTENTION_SCORE_BYTES),
         };
         let p = m.params();
         m.vision.check_weights(&p)?;
@@ -184,7 +187,22 @@ impl Qwen3Vl {
 
     /// Runs the vision tower over one image.
     pub fn encode_image(&self, image: &ImageInput, trace: bool) -> Result<VisionOutput> {
-        self.vision.forward(&self.params(), image, trace)
+        self.vision
+            .forward(&self.params(), image, trace, self.attention_score_bytes())
+    }
+
+    /// Bounds each attention score tensor of the prompt's forward pass and of the vision
+    /// tower to `bytes` (default [`crate::nn::ATTENTION_SCORE_BYTES`], 32 MiB): attention
+    /// runs a block of query rows at a time, at least one row per block, so the scores of a
+    /// long prompt or a large image never exist whole. The results do not depend on it.
+    pub fn set_attention_score_bytes(&self, bytes: usize) {
+        self.score_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// See [`Qwen3Vl::set_attention_score_bytes`].
+    pub fn attention_score_bytes(&self) -> usize {
+        self.score_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Decode steps keep their activations in a step arena of `manager` pinned on `tier`
@@ -347,6 +365,7 @@ impl Qwen3Vl {
             Outputs {
                 logits: opts.logits,
                 hidden_states: opts.hidden_states,
+                score_bytes: self.attention_score_bytes(),
             },
         )?;
         Ok(Prefill {
@@ -372,6 +391,7 @@ impl Qwen3Vl {
             Outputs {
                 logits: LogitsFor::Last,
                 hidden_states: false,
+                score_bytes: self.attention_score_bytes(),
             },
         )?;
         let logits = out

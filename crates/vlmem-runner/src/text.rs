@@ -4,7 +4,7 @@
 
 use crate::error::{Result, RunnerError};
 use crate::kv::KvStore;
-use crate::nn::{Params, linear, rms_norm};
+use crate::nn::{Params, attention_in_row_chunks, linear, rms_norm};
 use crate::rope::{MropePositions, inv_freq, mrope_axes, text_cos_sin};
 use candle_core::{Device, Tensor};
 use candle_nn::ops::softmax_last_dim;
@@ -47,6 +47,10 @@ pub struct Outputs {
     pub logits: LogitsFor,
     /// Keep the hidden states (see [`DecoderOutput::hidden_states`]).
     pub hidden_states: bool,
+    /// Bound on one attention score tensor, bytes (see
+    /// [`crate::nn::attention_in_row_chunks`]; [`crate::nn::ATTENTION_SCORE_BYTES`] by
+    /// default).
+    pub score_bytes: usize,
 }
 
 /// DeepStack features to add to the visual positions after the first layers.
@@ -262,12 +266,6 @@ impl TextDecoder {
         }
         let eps = self.cfg.rms_norm_eps;
         let (cos, sin) = text_cos_sin(positions, &self.inv_freq, &self.axes, &self.device)?;
-        let past = kv.len_tokens();
-        let mask = if n > 1 {
-            Some(causal_mask(n, past, &self.device)?)
-        } else {
-            None
-        };
         let mut hidden_states = Vec::new();
         let mut h = embeds.clone();
         if collect_hidden {
@@ -282,7 +280,7 @@ impl TextDecoder {
                 &p.get_any(&format!("{pre}.input_layernorm.weight"))?,
                 eps,
             )?;
-            let a = self.attention(p, &pre, l, &x, &cos, &sin, mask.as_ref(), kv)?;
+            let a = self.attention(p, &pre, l, &x, &cos, &sin, kv, outputs.score_bytes)?;
             h = (h + a)?;
             let x = rms_norm(
                 &h,
@@ -599,8 +597,8 @@ impl TextDecoder {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
         kv: &mut dyn KvStore,
+        score_bytes: usize,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (n, _) = x.dims2()?;
@@ -643,15 +641,12 @@ impl TextDecoder {
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let (k_all, v_all) = kv.append(layer, &k, &v)?;
+        let past = k_all.dim(2)? - n;
         let k_all = repeat_kv(&k_all, nh / nkv)?;
         let v_all = repeat_kv(&v_all, nh / nkv)?;
         let scale = (hd as f64).powf(-0.5);
-        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_all)?; // [1, nh, n, hd]
+        // [1, nh, n, hd], a block of query rows at a time (scores bounded by `score_bytes`).
+        let out = attention_in_row_chunks(&q, &k_all, &v_all, scale, Some(past), score_bytes)?;
         let out = out.squeeze(0)?.transpose(0, 1)?.reshape((n, nh * hd))?;
         lin("o_proj.weight", &out)
     }
@@ -1051,18 +1046,6 @@ fn repeat_kv(t: &Tensor, groups: usize) -> Result<Tensor> {
     Ok(t.unsqueeze(2)?
         .expand((b, kvh, groups, len, d))?
         .reshape((b, kvh * groups, len, d))?)
-}
-
-/// `[n, past + n]`: 0 where query `i` may see key `j` (`j <= past + i`), -inf elsewhere.
-fn causal_mask(n: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let total = past + n;
-    let mut m = vec![0f32; n * total];
-    for i in 0..n {
-        for j in (past + i + 1)..total {
-            m[i * total + j] = f32::NEG_INFINITY;
-        }
-    }
-    Ok(Tensor::from_vec(m, (n, total), device)?)
 }
 
 #[cfg(test)]

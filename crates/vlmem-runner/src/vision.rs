@@ -4,11 +4,10 @@
 //! DeepStack mergers.
 
 use crate::error::{Result, RunnerError};
-use crate::nn::{Params, gelu_erf, gelu_tanh, layer_norm, linear};
+use crate::nn::{Params, attention_in_row_chunks, gelu_erf, gelu_tanh, layer_norm, linear};
 use crate::preprocess::ImageInput;
 use crate::rope::vision_cos_sin;
 use candle_core::{Device, Tensor};
-use candle_nn::ops::softmax_last_dim;
 use candle_nn::rotary_emb::rope;
 use vlmem_qwen3vl::config::VisionConfig;
 
@@ -133,8 +132,15 @@ impl VisionTower {
         Ok(())
     }
 
-    /// Runs the tower over one preprocessed image.
-    pub fn forward(&self, p: &Params, image: &ImageInput, trace: bool) -> Result<VisionOutput> {
+    /// Runs the tower over one preprocessed image; `score_bytes` bounds each attention score tensor (see
+    /// [`crate::nn::attention_in_row_chunks`]).
+    pub fn forward(
+        &self,
+        p: &Params,
+        image: &ImageInput,
+        trace: bool,
+        score_bytes: usize,
+    ) -> Result<VisionOutput> {
         let c = &self.cfg;
         let (d, m) = (self.d(), self.merge());
         let [t, gh, gw] = image.grid_thw;
@@ -177,7 +183,7 @@ impl VisionTower {
         let mut blocks = Vec::new();
         let mut deepstack = Vec::new();
         for b in 0..c.depth as usize {
-            h = self.block(p, b, &h, &cos, &sin, heads)?;
+            h = self.block(p, b, &h, &cos, &sin, score_bytes)?;
             if trace {
                 blocks.push(h.clone());
             }
@@ -274,8 +280,9 @@ impl VisionTower {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        heads: usize,
+        score_bytes: usize,
     ) -> Result<Tensor> {
+        let heads = self.cfg.num_heads as usize;
         let pre = format!("{PREFIX}.blocks.{b}");
         let w = |n: &str| p.get_any(&format!("{pre}.{n}"));
         let (n, d) = h.dims2()?;
@@ -292,9 +299,8 @@ impl VisionTower {
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let scale = (head_dim as f64).powf(-0.5);
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = softmax_last_dim(&scores)?;
-        let attn = probs.matmul(&v)?; // [1, heads, n, hd]
+        // Full attention over the image, a block of query rows at a time: [1, heads, n, hd].
+        let attn = attention_in_row_chunks(&q, &k, &v, scale, None, score_bytes)?;
         let attn = attn.squeeze(0)?.transpose(0, 1)?.reshape((n, d))?;
         let attn = linear(&attn, &w("attn.proj.weight")?, Some(&w("attn.proj.bias")?))?;
         let h = (h + attn)?;

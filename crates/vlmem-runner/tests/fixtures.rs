@@ -47,10 +47,18 @@ fn check(report: &mut Vec<String>, what: &str, got: &Tensor, want: &Tensor, tol:
 }
 
 fn run_fixture(name: &str) {
+    run_fixture_with(name, None);
+}
+
+/// [`run_fixture`] with each attention score tensor bounded to `score_bytes` when given.
+fn run_fixture_with(name: &str, score_bytes: Option<usize>) {
     let dir = fixture_dir(name);
     let r = reference(name);
     let runner = Runner::open(&dir).expect("fixture opens");
     let model = runner.model();
+    if let Some(bytes) = score_bytes {
+        model.set_attention_score_bytes(bytes);
+    }
     let mut report = Vec::new();
 
     // Preprocessing.
@@ -206,6 +214,19 @@ fn moe_transformers5_layout_matches_reference() {
 #[test]
 fn moe_released_layout_matches_reference() {
     run_fixture("qwen3-vl-moe-tiny-released-layout");
+}
+
+/// Attention one query row at a time (a 1-byte score bound) in the prompt's pass and the
+/// vision tower, and in blocks that do not divide the rows evenly (the fixtures have 4
+/// heads, 320 patches and 91 prompt tokens: 7 rows per vision block, 24 per prompt block):
+/// the same outputs.
+#[test]
+fn attention_in_query_blocks_matches_reference() {
+    for name in common::FIXTURES {
+        for score_bytes in [1, 7 * 4 * 4 * 320] {
+            run_fixture_with(name, Some(score_bytes));
+        }
+    }
 }
 
 #[test]

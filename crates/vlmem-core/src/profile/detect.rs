@@ -129,6 +129,15 @@ fn parse_sysfs_size(s: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// This process's peak resident memory so far (the kernel's high-water mark, `VmHWM` in
+/// /proc/self/status), bytes; `None` where it cannot be read (not Linux).
+pub fn process_peak_rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(KIB)
+}
+
 fn read_meminfo_total() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
@@ -199,6 +208,17 @@ fn parse_nvidia_smi_line(line: &str) -> Option<GpuSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn peak_rss_covers_memory_this_test_touched() {
+        let before = process_peak_rss_bytes().expect("VmHWM on Linux");
+        let touched = vec![1u8; 64 << 20];
+        let after = process_peak_rss_bytes().expect("VmHWM on Linux");
+        // The high-water mark never falls, and it holds the 64 MiB just written.
+        assert!(after >= before && after >= 64 << 20, "{before} -> {after}");
+        assert_eq!(touched.iter().map(|&b| b as u64).sum::<u64>(), 64 << 20);
+    }
 
     #[test]
     fn parses_sysfs_cache_sizes() {

@@ -10,7 +10,7 @@ mod builtin;
 mod detect;
 
 pub use builtin::{BUILTIN_NAMES, LAPTOP_I5_10210U_MX250, builtin};
-pub use detect::detect;
+pub use detect::{detect, process_peak_rss_bytes};
 
 use crate::bytes::{GIB, MIB, parse_bytes};
 use serde::{Deserialize, Serialize};
