@@ -47,6 +47,7 @@ enum Command {
 }
 
 /// An error and the exit code it maps to.
+#[derive(Debug)]
 pub struct CliError {
     code: u8,
     message: String,

@@ -15,9 +15,10 @@ use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier
 use vlmem_core::bytes::format_bytes;
 use vlmem_core::profile::{HardwareProfile, Overrides};
 use vlmem_qwen3vl::checkpoint::Checkpoint;
+use vlmem_runner::preprocess::{load_image, preprocess};
 use vlmem_runner::{
     Activations, GenerateOptions, KvStore, LogitsFor, ManagedWeights, PagedKv, PrefillOptions,
-    Runner, RunnerError,
+    PreprocessConfig, Runner, RunnerError,
 };
 
 /// Tokens per KV block (vLLM's default).
@@ -52,6 +53,10 @@ pub struct RunArgs {
     /// Where swap files go (default: a private temp folder, removed at exit).
     #[arg(long)]
     disk_path: Option<PathBuf>,
+    /// Most disk space for swap files (default: the profile's free disk). The swap file is
+    /// 1 GiB, grown to hold this request's whole KV cache when it needs more.
+    #[arg(long)]
+    disk_mem: Option<String>,
     /// Write `logits` [1, prompt_len, vocab] and `generated_logits` [new_tokens, vocab] (f32)
     /// to this safetensors file.
     #[arg(long)]
@@ -70,7 +75,8 @@ impl From<RunnerError> for CliError {
             RunnerError::Candle(_)
             | RunnerError::Weights(_)
             | RunnerError::Gpu(_)
-            | RunnerError::Arena(_) => CliError::failure(e),
+            | RunnerError::Arena(_)
+            | RunnerError::KvCache(_) => CliError::failure(e),
             RunnerError::Io { ref source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
                 CliError::failure(e)
             }
@@ -91,15 +97,31 @@ fn parse_ids(text: &str) -> Result<Vec<u32>, CliError> {
 
 pub fn run(a: RunArgs) -> Result<(), CliError> {
     let started = Instant::now();
-    let overrides = Overrides::parse(a.gpu_mem.as_deref(), a.host_mem.as_deref(), None)?;
+    let overrides = Overrides::parse(
+        a.gpu_mem.as_deref(),
+        a.host_mem.as_deref(),
+        a.disk_mem.as_deref(),
+    )?;
     let profile = HardwareProfile::resolve(&a.profile)?.with_overrides(overrides);
-    let mut config = ManagerConfig::from_profile(&profile);
-    // Swap is for KV and activations; the weights are read in place from the checkpoint.
-    config.disk_bytes = config.disk_bytes.min(1 << 30);
-    config.budgets =
-        vlmem::Budgets::default_split([config.device_bytes, config.host_bytes, config.disk_bytes]);
-    config.disk.dir = a.disk_path.clone();
     let checkpoint = Checkpoint::open(&a.model)?;
+    // The request before any weight: images, prompt ids (so the tiers can be sized for it).
+    let tokenizer = Runner::open_tokenizer(&checkpoint)?;
+    let preprocess_cfg = PreprocessConfig::for_vision(&checkpoint.config.vision);
+    let images = a
+        .images
+        .iter()
+        .map(|p| preprocess(&load_image(p)?, &preprocess_cfg))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids = match (&a.prompt_ids, &a.prompt, &tokenizer) {
+        (Some(text), _, _) => parse_ids(text)?,
+        (None, Some(text), Some(t)) => Runner::chat_ids_with(t, &preprocess_cfg, text, &images)?,
+        (None, Some(_), None) => return Err(Runner::no_tokenizer(&checkpoint.dir).into()),
+        (None, None, _) => {
+            return Err(CliError::bad_input(
+                "give --prompt TEXT or --prompt-ids IDS",
+            ));
+        }
+    };
     // The KV cache's blocks: 16 tokens of every layer's f32 keys and values per layer
     // sequence, from a slab region of the host arena.
     let text_cfg = &checkpoint.config.text;
@@ -110,9 +132,11 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     );
     let kv_bytes_per_token = (2 * kv_heads * head_dim * 4) as u64;
     let kv_block_bytes = KV_BLOCK_TOKENS as u64 * kv_bytes_per_token;
-    if kv_block_bytes.is_multiple_of(256) {
-        config.kv_block_bytes = Some(kv_block_bytes);
-    }
+    let context_tokens = (ids.len() + a.max_new_tokens) as u64;
+    let kv_need_bytes =
+        kv_layers as u64 * context_tokens.div_ceil(KV_BLOCK_TOKENS as u64) * kv_block_bytes;
+    let mut config = size_tiers(&profile, context_tokens, kv_need_bytes, kv_block_bytes)?;
+    config.disk.dir = a.disk_path.clone();
     // With the `cuda` feature, a GPU and a device budget: the device tier is the GPU, and
     // the first decoder layers that fit it compute there.
     let use_gpu = gpu_present() && config.device_bytes > 0;
@@ -139,7 +163,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         Some((g, _)) => g.clone(),
         None => weights.clone(),
     };
-    let runner = Runner::with_weights(&checkpoint, source, &Device::Cpu)?;
+    let runner = Runner::with_tokenizer(&checkpoint, source, &Device::Cpu, tokenizer)?;
     // Image embeddings by content, in the manager, under the host's vision budget.
     let budgets = manager.stats().budgets;
     let vision_budget = budgets.get(Tier::Host, TensorKind::VisionEmbedding);
@@ -155,6 +179,15 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     }
     // Decode steps' activations in a step arena on the host, under its activation budget.
     runner.model().use_step_arena(manager.clone(), Tier::Host);
+    // A progress bar for the prompt's forward pass (a large image or a long prompt takes
+    // minutes on a laptop's CPU), on stderr when it is a terminal; cleared at the first token.
+    let bar = prefill_bar();
+    {
+        let bar = bar.clone();
+        runner
+            .model()
+            .on_prefill_progress(Arc::new(move |p| show_prefill(&bar, p)));
+    }
     // The KV cache in the manager's paged pool when the host's KV budget holds a block; the
     // plain in-process cache otherwise (`--host-mem 0`).
     let kv_pool = KvPool::new(
@@ -170,16 +203,6 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     let mut kv: Box<dyn KvStore> = match &kv_pool {
         Some(pool) => Box::new(PagedKv::new(pool.clone(), kv_layers, kv_heads, head_dim)?),
         None => Box::new(runner.model().new_kv_cache()),
-    };
-    let images = runner.load_images(&a.images)?;
-    let ids = match (&a.prompt_ids, &a.prompt) {
-        (Some(text), _) => parse_ids(text)?,
-        (None, Some(text)) => runner.chat_ids(text, &images)?,
-        (None, None) => {
-            return Err(CliError::bad_input(
-                "give --prompt TEXT or --prompt-ids IDS",
-            ));
-        }
     };
     let open_s = started.elapsed().as_secs_f64();
     // The decode speed the placement plan allows on this profile (its bandwidths, these
@@ -201,6 +224,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         .generate_in(&ids, &images, &generate, kv.as_mut(), &mut |id| {
             if at_first_token.is_none() {
                 at_first_token = Some((streamed_now(), weights.kernel_read()));
+                bar.finish_and_clear();
             }
             streamed.push(id);
             if !a.json
@@ -213,6 +237,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 printed = text.len();
             }
         })?;
+    bar.finish_and_clear();
     let text = runner.decode(&gen_.generated_ids)?;
     if text.is_none() && !a.json {
         println!(
@@ -457,6 +482,99 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The manager's tiers for this request. Swap holds what the host cannot: the KV blocks of
+/// layers swapped out (the weights are read in place from the checkpoint). It is 1 GiB (at
+/// most the profile's free disk), grown so that the disk's KV budget holds the request's whole
+/// KV cache (`kv_need_bytes` for `context_tokens`); a request whose KV cache fits neither is refused here, before
+/// any work, rather than failing mid-prompt.
+fn size_tiers(
+    profile: &HardwareProfile,
+    context_tokens: u64,
+    kv_need_bytes: u64,
+    kv_block_bytes: u64,
+) -> Result<ManagerConfig, CliError> {
+    let mut config = ManagerConfig::from_profile(profile);
+    // Tier capacities are whole MiBs.
+    let mib = vlmem_core::bytes::MIB;
+    let disk_free = profile.disk.free_bytes / mib * mib;
+    config.disk_bytes = config.disk_bytes.min(1 << 30);
+    config.budgets =
+        vlmem::Budgets::default_split([config.device_bytes, config.host_bytes, config.disk_bytes]);
+    let (disk, kv) = (Tier::Disk.index(), TensorKind::KvCache.index());
+    let disk_kv = config.budgets.bytes[disk][kv];
+    if kv_need_bytes > disk_kv {
+        // Whole MiBs, within the free disk.
+        let extra = (kv_need_bytes - disk_kv)
+            .div_ceil(mib)
+            .saturating_mul(mib)
+            .min(disk_free.saturating_sub(config.disk_bytes));
+        config.disk_bytes += extra;
+        config.budgets.bytes[disk][kv] += extra;
+    }
+    let host_kv = config.budgets.get(Tier::Host, TensorKind::KvCache);
+    let room = host_kv + config.budgets.bytes[disk][kv];
+    // With no host KV budget for one block the cache stays in process, unbounded.
+    if host_kv >= kv_block_bytes && kv_need_bytes > room {
+        return Err(CliError::failure(format!(
+            "the KV cache of this request needs {} ({} tokens of context): the host's KV budget holds {} and the disk's {} ({} free for swap); give more --host-mem, fewer --max-new-tokens, or --disk-path on a disk with room",
+            format_bytes(kv_need_bytes),
+            context_tokens,
+            format_bytes(host_kv),
+            format_bytes(config.budgets.bytes[disk][kv]),
+            format_bytes(disk_free),
+        )));
+    }
+    if kv_block_bytes.is_multiple_of(256) {
+        config.kv_block_bytes = Some(kv_block_bytes);
+    }
+    Ok(config)
+}
+
+/// A bar on stderr when it is a terminal, hidden otherwise (tests, pipes, logs).
+fn prefill_bar() -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} {elapsed_precise}")
+    {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b
+}
+
+/// Moves the bar to where the prompt's forward pass is.
+fn show_prefill(bar: &indicatif::ProgressBar, p: vlmem_runner::PrefillProgress) {
+    use vlmem_runner::PrefillProgress;
+    let (msg, done, total) = match p {
+        PrefillProgress::Vision {
+            image,
+            images,
+            done,
+            total,
+        } => (
+            format!("image {}/{images}: vision blocks", image + 1),
+            done,
+            total,
+        ),
+        PrefillProgress::Prompt {
+            tokens,
+            done,
+            total,
+        } => (format!("prompt ({tokens} tokens): layers"), done, total),
+    };
+    if bar.message() != msg {
+        // A new stage (an image, or the decoder): start the bar over.
+        bar.reset();
+        bar.set_message(msg);
+        bar.set_length(total as u64);
+    }
+    bar.set_position(done as u64);
+}
+
 /// The plan's decode bound (tokens/s) for this checkpoint, profile, prompt and images; `None`
 /// when the plan cannot be made.
 fn plan_bound(
@@ -557,4 +675,58 @@ fn dump(
     candle_core::safetensors::save(&tensors, path)
         .map_err(|e| CliError::failure(format!("{}: {e}", path.display())))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vlmem_core::bytes::{GIB, MIB};
+
+    /// The laptop with `host` bytes of RAM and `disk` free for swap.
+    fn laptop(host: u64, disk: u64) -> HardwareProfile {
+        let mut p = HardwareProfile::resolve("laptop-i5-10210u-mx250").unwrap();
+        p.host.memory_bytes = host;
+        p.host.reserved_bytes = 0;
+        p.disk.free_bytes = disk;
+        p
+    }
+
+    /// qwen3-vl-2b: 28 layers, blocks of 16 tokens x 8 KiB.
+    const BLOCK: u64 = 16 * 8192;
+    fn kv_need(tokens: u64) -> u64 {
+        28 * tokens.div_ceil(16) * BLOCK
+    }
+
+    #[test]
+    fn swap_is_one_gib_while_the_kv_cache_fits_it() {
+        let c = size_tiers(&laptop(GIB, 200 * GIB), 500, kv_need(500), BLOCK).unwrap();
+        assert_eq!(c.disk_bytes, GIB);
+        assert_eq!(c.kv_block_bytes, Some(BLOCK));
+    }
+
+    #[test]
+    fn swap_grows_to_hold_a_long_requests_whole_kv_cache() {
+        // 3,005 tokens of context: 673 MB of KV, more than the 40% of 1 GiB the disk's KV
+        // budget would hold (the run that failed mid-prompt before).
+        let need = kv_need(3005);
+        let c = size_tiers(&laptop(GIB, 200 * GIB), 3005, need, BLOCK).unwrap();
+        let disk_kv = c.budgets.get(Tier::Disk, TensorKind::KvCache);
+        assert!(disk_kv >= need, "{disk_kv} < {need}");
+        assert!(disk_kv < need + MIB, "grown by whole MiBs only: {disk_kv}");
+        assert_eq!(c.disk_bytes - GIB, disk_kv - (GIB as f64 * 0.40) as u64);
+    }
+
+    #[test]
+    fn a_kv_cache_larger_than_host_and_disk_is_refused_before_any_work() {
+        let need = kv_need(100_000);
+        let err = size_tiers(&laptop(GIB, 2 * GIB), 100_000, need, BLOCK).unwrap_err();
+        assert_eq!(err.code, 1, "{}", err.message);
+        assert!(
+            err.message.contains("100000 tokens of context"),
+            "{}",
+            err.message
+        );
+        // With no host KV budget for one block, the cache is in process and unbounded.
+        assert!(size_tiers(&laptop(0, 2 * GIB), 100_000, need, BLOCK).is_ok());
+    }
 }

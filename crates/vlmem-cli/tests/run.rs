@@ -91,6 +91,9 @@ fn run_matches_the_reference_in_every_tiering() {
                 "{name} {tiering:?}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // The prefill's progress bar is drawn only on a terminal, never into a pipe.
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!stderr.contains("vision blocks"), "{stderr}");
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             let got: Vec<i64> = v["generated_ids"]
                 .as_array()
@@ -205,4 +208,38 @@ fn run_bad_input_is_exit_2() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// A request whose KV cache fits neither the host's KV budget nor the disk's is refused
+/// before any work, as a resource failure (exit 1), saying what it needs and what to change.
+#[test]
+fn a_kv_cache_with_no_room_is_refused_up_front() {
+    let dir = fixture("qwen3-vl-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    // 2 layers x 256 blocks of 16 tokens x 4 KiB = 2 MiB of KV for 94 + 4,000 tokens; the
+    // host's KV budget holds 153 blocks (15% of 4 MiB), the disk's 102 (40% of 1 MiB).
+    let out = vlmem(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Describe the image.",
+        "--image",
+        dir.join("image0.png").to_str().unwrap(),
+        "--max-new-tokens",
+        "4000",
+        "--host-mem",
+        "4MiB",
+        "--disk-mem",
+        "1MiB",
+        "--disk-path",
+        tmp.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the KV cache of this request needs 2.00 MiB (4094 tokens of context)")
+            && err.contains("--host-mem"),
+        "{err}"
+    );
 }

@@ -91,6 +91,10 @@ pub enum RunnerError {
     /// its views failed.
     #[error("step arena: {0}")]
     Arena(String),
+    /// The paged KV pool refused (no room left in the KV budgets of the host and the disk, an
+    /// I/O error while swapping).
+    #[error("KV cache: {0}")]
+    KvCache(String),
     /// The tensor library failed (shape bugs, device errors).
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

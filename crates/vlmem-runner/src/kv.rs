@@ -255,7 +255,7 @@ impl PagedKv {
     }
 
     fn kv_err(e: vlmem::KvError) -> crate::error::RunnerError {
-        crate::error::RunnerError::BadRequest(format!("KV cache: {e}"))
+        crate::error::RunnerError::KvCache(e.to_string())
     }
 }
 

@@ -34,7 +34,9 @@ pub mod weights;
 pub use error::{Result, RunnerError};
 pub use kv::{KvCache, KvStore, PagedKv};
 pub use managed::{ManagedWeights, ReaderActivity, StagingReport};
-pub use model::{Activations, GenerateOptions, Generation, Prefill, PrefillOptions, Qwen3Vl};
+pub use model::{
+    Activations, GenerateOptions, Generation, Prefill, PrefillOptions, PrefillProgress, Qwen3Vl,
+};
 pub use preprocess::{ImageInput, PreprocessConfig};
 pub use runner::Runner;
 pub use text::LogitsFor;

@@ -48,6 +48,36 @@ pub struct Prefill {
     pub positions: MropePositions,
 }
 
+/// Where the prompt's forward pass is, for a progress display
+/// ([`Qwen3Vl::on_prefill_progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillProgress {
+    /// The vision tower has run `done` of its `total` blocks over image `image` (from 0) of
+    /// `images`. An image found in the vision cache reports nothing.
+    Vision {
+        /// The image, from 0.
+        image: usize,
+        /// Images in the prompt.
+        images: usize,
+        /// Blocks run.
+        done: usize,
+        /// Blocks in the tower.
+        total: usize,
+    },
+    /// The decoder has run `done` of its `total` layers over the prompt's `tokens` tokens.
+    Prompt {
+        /// The prompt's tokens.
+        tokens: usize,
+        /// Layers run.
+        done: usize,
+        /// Layers in the decoder.
+        total: usize,
+    },
+}
+
+/// A progress callback: see [`Qwen3Vl::on_prefill_progress`].
+pub type PrefillProgressFn = dyn Fn(PrefillProgress) + Send + Sync;
+
 /// Greedy-generation settings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GenerateOptions {
@@ -124,6 +154,8 @@ pub struct Qwen3Vl {
     step_arena: std::sync::OnceLock<(vlmem::MemoryManager, vlmem::Tier)>,
     /// Bound on one attention score tensor in the prompt's pass and the vision tower, bytes.
     score_bytes: std::sync::atomic::AtomicUsize,
+    /// Told where the prompt's forward pass is (set once, optional).
+    progress: std::sync::OnceLock<Arc<PrefillProgressFn>>,
 }
 
 impl std::fmt::Debug for Qwen3Vl {
@@ -154,6 +186,7 @@ impl Qwen3Vl {
             vision_cache: std::sync::OnceLock::new(),
             step_arena: std::sync::OnceLock::new(),
             score_bytes: std::sync::atomic::AtomicUsize::new(crate::nn::ATTENTION_SCORE_BYTES),
+            progress: std::sync::OnceLock::new(),
         };
         let p = m.params();
         m.vision.check_weights(&p)?;
@@ -187,8 +220,40 @@ impl Qwen3Vl {
 
     /// Runs the vision tower over one image.
     pub fn encode_image(&self, image: &ImageInput, trace: bool) -> Result<VisionOutput> {
-        self.vision
-            .forward(&self.params(), image, trace, self.attention_score_bytes())
+        self.run_vision(image, trace, (0, 1))
+    }
+
+    /// The vision tower over image `which.0` of `which.1`, telling the progress callback.
+    fn run_vision(
+        &self,
+        image: &ImageInput,
+        trace: bool,
+        which: (usize, usize),
+    ) -> Result<VisionOutput> {
+        let on_block = |done, total| {
+            if let Some(f) = self.progress.get() {
+                f(PrefillProgress::Vision {
+                    image: which.0,
+                    images: which.1,
+                    done,
+                    total,
+                });
+            }
+        };
+        self.vision.forward(
+            &self.params(),
+            image,
+            trace,
+            self.attention_score_bytes(),
+            &on_block,
+        )
+    }
+
+    /// `f` is told where each prompt's forward pass is: each vision block run per image, then
+    /// each decoder layer run over the prompt (e.g. for a progress bar: a large image or a
+    /// long prompt takes minutes on a laptop's CPU). Set once: false if already set.
+    pub fn on_prefill_progress(&self, f: Arc<PrefillProgressFn>) -> bool {
+        self.progress.set(f).is_ok()
     }
 
     /// Bounds each attention score tensor of the prompt's forward pass and of the vision
@@ -245,9 +310,14 @@ impl Qwen3Vl {
 
     /// [`Qwen3Vl::encode_image`] through the vision cache when there is one (and no trace
     /// is asked for: traces are never cached).
-    fn encode_image_cached(&self, image: &ImageInput, trace: bool) -> Result<VisionOutput> {
+    fn encode_image_cached(
+        &self,
+        image: &ImageInput,
+        trace: bool,
+        which: (usize, usize),
+    ) -> Result<VisionOutput> {
         let Some(cache) = self.vision_cache.get().filter(|_| !trace) else {
-            return self.encode_image(image, trace);
+            return self.run_vision(image, trace, which);
         };
         let mut key = Vec::with_capacity(image.pixel_values.len() * 4 + 32);
         for d in image.grid_thw.iter().chain([&image.patch_len]) {
@@ -257,18 +327,19 @@ impl Qwen3Vl {
             key.extend_from_slice(&v.to_le_bytes());
         }
         let mut failed = None;
-        let got = cache.get_or_try_insert_with(&key, || match self.encode_image(image, false) {
-            Ok(out) => encode_vision(&out).map_err(|e| {
-                let msg = e.to_string();
-                failed = Some(e);
-                vlmem::ManagerError::InvalidConfig(msg)
-            }),
-            Err(e) => {
-                let msg = e.to_string();
-                failed = Some(e);
-                Err(vlmem::ManagerError::InvalidConfig(msg))
-            }
-        });
+        let got =
+            cache.get_or_try_insert_with(&key, || match self.run_vision(image, false, which) {
+                Ok(out) => encode_vision(&out).map_err(|e| {
+                    let msg = e.to_string();
+                    failed = Some(e);
+                    vlmem::ManagerError::InvalidConfig(msg)
+                }),
+                Err(e) => {
+                    let msg = e.to_string();
+                    failed = Some(e);
+                    Err(vlmem::ManagerError::InvalidConfig(msg))
+                }
+            });
         if let Some(e) = failed {
             return Err(e);
         }
@@ -319,8 +390,8 @@ impl Qwen3Vl {
         let positions = self.positions(ids, images)?;
         let p = self.params();
         let mut vision = Vec::with_capacity(images.len());
-        for img in images {
-            vision.push(self.encode_image_cached(img, opts.vision_trace)?);
+        for (i, img) in images.iter().enumerate() {
+            vision.push(self.encode_image_cached(img, opts.vision_trace, (i, images.len()))?);
         }
         let text_embeds = self.text.embed(&p, ids)?;
         let (embeds, deepstack) = if vision.is_empty() {
@@ -356,6 +427,16 @@ impl Qwen3Vl {
             };
             (embeds, Some(ds))
         };
+        let tokens = ids.len();
+        let on_layer = |done, total| {
+            if let Some(f) = self.progress.get() {
+                f(PrefillProgress::Prompt {
+                    tokens,
+                    done,
+                    total,
+                });
+            }
+        };
         let out = self.text.forward(
             &p,
             &embeds,
@@ -366,6 +447,7 @@ impl Qwen3Vl {
                 logits: opts.logits,
                 hidden_states: opts.hidden_states,
                 score_bytes: self.attention_score_bytes(),
+                on_layer: &on_layer,
             },
         )?;
         Ok(Prefill {
@@ -392,6 +474,7 @@ impl Qwen3Vl {
                 logits: LogitsFor::Last,
                 hidden_states: false,
                 score_bytes: self.attention_score_bytes(),
+                on_layer: &|_, _| {},
             },
         )?;
         let logits = out

@@ -38,15 +38,31 @@ impl Runner {
         weights: Arc<dyn WeightSource>,
         device: &Device,
     ) -> Result<Self> {
-        let config = checkpoint.config.clone();
+        let tokenizer = Self::open_tokenizer(checkpoint)?;
+        Self::with_tokenizer(checkpoint, weights, device, tokenizer)
+    }
+
+    /// The checkpoint's tokenizer.json, checked against its config; `None` when the folder
+    /// has none (it still runs from ids); a tokenizer.json that is there but broken is an
+    /// error.
+    pub fn open_tokenizer(checkpoint: &Checkpoint) -> Result<Option<ChatTokenizer>> {
         let path = checkpoint.dir.join("tokenizer.json");
-        // A folder without tokenizer.json still runs from ids; a tokenizer.json that is there
-        // but broken is an error.
-        let tokenizer = if path.exists() {
-            Some(ChatTokenizer::from_file(&path, &config)?)
+        if path.exists() {
+            Ok(Some(ChatTokenizer::from_file(&path, &checkpoint.config)?))
         } else {
-            None
-        };
+            Ok(None)
+        }
+    }
+
+    /// [`Runner::with_weights`] with the tokenizer already opened ([`Runner::open_tokenizer`]),
+    /// e.g. to count a prompt's tokens before the memory manager is sized.
+    pub fn with_tokenizer(
+        checkpoint: &Checkpoint,
+        weights: Arc<dyn WeightSource>,
+        device: &Device,
+        tokenizer: Option<ChatTokenizer>,
+    ) -> Result<Self> {
+        let config = checkpoint.config.clone();
         let preprocess = PreprocessConfig::for_vision(&config.vision);
         let model = Qwen3Vl::new(config, weights, device)?;
         Ok(Runner {
@@ -76,11 +92,15 @@ impl Runner {
     fn require_tokenizer(&self) -> Result<&ChatTokenizer> {
         self.tokenizer
             .as_ref()
-            .ok_or_else(|| RunnerError::MissingFile {
-                path: self.dir.join("tokenizer.json"),
-                message: "no tokenizer.json: text prompts need one (give --prompt-ids instead)"
-                    .into(),
-            })
+            .ok_or_else(|| Self::no_tokenizer(&self.dir))
+    }
+
+    /// The error of a text prompt for the checkpoint folder `dir`, which has no tokenizer.
+    pub fn no_tokenizer(dir: &Path) -> RunnerError {
+        RunnerError::MissingFile {
+            path: dir.join("tokenizer.json"),
+            message: "no tokenizer.json: text prompts need one (give --prompt-ids instead)".into(),
+        }
     }
 
     /// Ids that end a reply (none without a tokenizer).
@@ -106,11 +126,27 @@ impl Runner {
 
     /// The chat-template ids of one user turn with `images`.
     pub fn chat_ids(&self, user_text: &str, images: &[ImageInput]) -> Result<Vec<u32>> {
+        Self::chat_ids_with(
+            self.require_tokenizer()?,
+            &self.preprocess,
+            user_text,
+            images,
+        )
+    }
+
+    /// [`Runner::chat_ids`] before a runner exists: `tokenizer` from
+    /// [`Runner::open_tokenizer`], `preprocess` as [`PreprocessConfig::for_vision`] makes it.
+    pub fn chat_ids_with(
+        tokenizer: &ChatTokenizer,
+        preprocess: &PreprocessConfig,
+        user_text: &str,
+        images: &[ImageInput],
+    ) -> Result<Vec<u32>> {
         let counts: Vec<usize> = images
             .iter()
-            .map(|i| i.num_tokens(self.preprocess.merge_size))
+            .map(|i| i.num_tokens(preprocess.merge_size))
             .collect();
-        self.require_tokenizer()?.encode_chat(user_text, &counts)
+        tokenizer.encode_chat(user_text, &counts)
     }
 
     /// Greedy generation from full prompt ids (image pads already expanded).

@@ -40,9 +40,9 @@ pub enum LogitsFor {
     Skip,
 }
 
-/// What a decoder pass should return.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outputs {
+/// What a decoder pass should return, and how it runs.
+#[derive(Clone, Copy)]
+pub struct Outputs<'a> {
     /// Which positions get logits.
     pub logits: LogitsFor,
     /// Keep the hidden states (see [`DecoderOutput::hidden_states`]).
@@ -51,6 +51,8 @@ pub struct Outputs {
     /// [`crate::nn::attention_in_row_chunks`]; [`crate::nn::ATTENTION_SCORE_BYTES`] by
     /// default).
     pub score_bytes: usize,
+    /// Told `(layers done, layers)` after each layer (a progress display).
+    pub on_layer: &'a dyn Fn(usize, usize),
 }
 
 /// DeepStack features to add to the visual positions after the first layers.
@@ -249,7 +251,7 @@ impl TextDecoder {
         positions: &MropePositions,
         kv: &mut dyn KvStore,
         deepstack: Option<&Deepstack>,
-        outputs: Outputs,
+        outputs: Outputs<'_>,
     ) -> Result<DecoderOutput> {
         let collect_hidden = outputs.hidden_states;
         let (n, _) = embeds.dims2()?;
@@ -301,6 +303,7 @@ impl TextDecoder {
             {
                 h = h.index_add(&ds.positions, feat, 0)?;
             }
+            (outputs.on_layer)(l + 1, layers);
         }
         p.source().begin_layer(layers, layers);
         let normed = rms_norm(&h, &p.get_any(&format!("{PREFIX}.norm.weight"))?, eps)?;

@@ -132,14 +132,16 @@ impl VisionTower {
         Ok(())
     }
 
-    /// Runs the tower over one preprocessed image; `score_bytes` bounds each attention score tensor (see
-    /// [`crate::nn::attention_in_row_chunks`]).
+    /// Runs the tower over one preprocessed image; `score_bytes` bounds each attention score
+    /// tensor (see [`crate::nn::attention_in_row_chunks`]); `on_block(done, blocks)` after
+    /// each block.
     pub fn forward(
         &self,
         p: &Params,
         image: &ImageInput,
         trace: bool,
         score_bytes: usize,
+        on_block: &dyn Fn(usize, usize),
     ) -> Result<VisionOutput> {
         let c = &self.cfg;
         let (d, m) = (self.d(), self.merge());
@@ -184,6 +186,7 @@ impl VisionTower {
         let mut deepstack = Vec::new();
         for b in 0..c.depth as usize {
             h = self.block(p, b, &h, &cos, &sin, score_bytes)?;
+            on_block(b + 1, c.depth as usize);
             if trace {
                 blocks.push(h.clone());
             }
