@@ -231,14 +231,12 @@ impl Qwen3Vl {
         which: (usize, usize),
     ) -> Result<VisionOutput> {
         let on_block = |done, total| {
-            if let Some(f) = self.progress.get() {
-                f(PrefillProgress::Vision {
-                    image: which.0,
-                    images: which.1,
-                    done,
-                    total,
-                });
-            }
+            self.tell(PrefillProgress::Vision {
+                image: which.0,
+                images: which.1,
+                done,
+                total,
+            })
         };
         self.vision.forward(
             &self.params(),
@@ -247,6 +245,13 @@ impl Qwen3Vl {
             self.attention_score_bytes(),
             &on_block,
         )
+    }
+
+    /// Tells the progress callback, if there is one.
+    fn tell(&self, p: PrefillProgress) {
+        if let Some(f) = self.progress.get() {
+            f(p);
+        }
     }
 
     /// `f` is told where each prompt's forward pass is: each vision block run per image, then
@@ -429,13 +434,11 @@ impl Qwen3Vl {
         };
         let tokens = ids.len();
         let on_layer = |done, total| {
-            if let Some(f) = self.progress.get() {
-                f(PrefillProgress::Prompt {
-                    tokens,
-                    done,
-                    total,
-                });
-            }
+            self.tell(PrefillProgress::Prompt {
+                tokens,
+                done,
+                total,
+            })
         };
         let out = self.text.forward(
             &p,
