@@ -132,9 +132,11 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     );
     let kv_bytes_per_token = (2 * kv_heads * head_dim * 4) as u64;
     let kv_block_bytes = KV_BLOCK_TOKENS as u64 * kv_bytes_per_token;
-    let context_tokens = (ids.len() + a.max_new_tokens) as u64;
-    let kv_need_bytes =
-        kv_layers as u64 * context_tokens.div_ceil(KV_BLOCK_TOKENS as u64) * kv_block_bytes;
+    // Saturating: an absurd --max-new-tokens is refused by size_tiers, not an overflow.
+    let context_tokens = ids.len().saturating_add(a.max_new_tokens) as u64;
+    let kv_need_bytes = (kv_layers as u64)
+        .saturating_mul(context_tokens.div_ceil(KV_BLOCK_TOKENS as u64))
+        .saturating_mul(kv_block_bytes);
     let mut config = size_tiers(&profile, context_tokens, kv_need_bytes, kv_block_bytes)?;
     config.disk.dir = a.disk_path.clone();
     // With the `cuda` feature, a GPU and a device budget: the device tier is the GPU, and
@@ -586,7 +588,7 @@ fn plan_bound(
     use vlmem_qwen3vl::plan::{ModelSource, PlanRequest, plan};
     let model = ModelSource::resolve(a.model.to_str()?).ok()?;
     let req = PlanRequest {
-        context_tokens: (prompt_len + a.max_new_tokens).max(1) as u64,
+        context_tokens: prompt_len.saturating_add(a.max_new_tokens).max(1) as u64,
         images: images
             .iter()
             .map(|i| (i.grid_thw[2] as u64 * 16, i.grid_thw[1] as u64 * 16))

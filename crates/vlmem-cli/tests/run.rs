@@ -242,4 +242,22 @@ fn a_kv_cache_with_no_room_is_refused_up_front() {
             && err.contains("--host-mem"),
         "{err}"
     );
+    // An absurd number of new tokens is the same refusal, not an overflow.
+    let out = vlmem(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "18446744073709551615",
+        "--disk-path",
+        tmp.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the KV cache of this request needs") && !err.contains("panicked"),
+        "{err}"
+    );
 }

@@ -527,7 +527,7 @@ impl Qwen3Vl {
         // The longest context a decode step sees: the prompt and every generated id but the
         // last (which is never fed back).
         let mut arena = if opts.max_new_tokens > 1 {
-            self.new_step_arena(ids.len() + opts.max_new_tokens - 1)
+            self.new_step_arena(ids.len().saturating_add(opts.max_new_tokens - 1))
         } else {
             Err("no decode step".into())
         };
