@@ -10,13 +10,9 @@
 use std::hash::{BuildHasher, Hasher};
 use vlmem_core::AllocError;
 
-// Ids only need to be unique, not ordered with anything else, so this counter is a plain std
-// atomic: loom atomics cannot live in a `static`, and nothing here needs model checking.
-static NEXT_ALLOCATOR_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-
 /// A fresh allocator id (never 0) and its salt.
 pub(crate) fn new_identity() -> (u32, u32) {
-    let id = NEXT_ALLOCATOR_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = vlmem_core::new_allocator_id();
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(id);
     let salt = (h.finish() >> 16) as u32;

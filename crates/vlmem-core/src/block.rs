@@ -66,6 +66,23 @@ impl Block {
     }
 }
 
+// Every allocator in the process draws its id here, whatever crate it lives in, so two
+// allocators never share an id and a block always names the allocator that made it (a
+// split arena routes each free by that id). A plain std atomic: loom atomics cannot live in
+// a `static`, and nothing here needs model checking.
+static NEXT_ALLOCATOR_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// A process-unique allocator id, never 0. Every [`OffsetAllocator`] takes its id from here
+/// (never from a counter of its own), so ids cannot collide across allocator types or crates.
+pub fn new_allocator_id() -> u32 {
+    loop {
+        let id = NEXT_ALLOCATOR_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
 /// Why an allocation or a free was refused. Every variant carries the numbers.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AllocError {

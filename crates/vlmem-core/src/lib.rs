@@ -11,5 +11,5 @@ pub mod kind;
 pub mod profile;
 pub mod sync;
 
-pub use block::{AllocError, ArenaUsage, Block, OffsetAllocator};
+pub use block::{AllocError, ArenaUsage, Block, OffsetAllocator, new_allocator_id};
 pub use kind::{TensorKind, Tier};

@@ -131,6 +131,33 @@ pub fn wait_guard<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGu
     condvar.wait_guard(guard)
 }
 
+/// Waits on `condvar` until notified or until `deadline`, taking and returning the guard;
+/// the flag is true when the deadline passed first. Under loom and shuttle (whose clocks do
+/// not advance) it waits like [`wait_guard`] and never times out: a model bounds its waits
+/// by counting them instead.
+#[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
+pub fn wait_guard_until<'a, T>(
+    condvar: &Condvar,
+    mut guard: MutexGuard<'a, T>,
+    deadline: std::time::Instant,
+) -> (MutexGuard<'a, T>, bool) {
+    let timed_out = condvar.wait_until(&mut guard, deadline).timed_out();
+    (guard, timed_out)
+}
+
+/// Waits on `condvar` until notified or until `deadline`, taking and returning the guard;
+/// the flag is true when the deadline passed first. Under loom and shuttle (whose clocks do
+/// not advance) it waits like [`wait_guard`] and never times out: a model bounds its waits
+/// by counting them instead.
+#[cfg(any(vlmem_loom, vlmem_shuttle))]
+pub fn wait_guard_until<'a, T>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, T>,
+    _deadline: std::time::Instant,
+) -> (MutexGuard<'a, T>, bool) {
+    (condvar.wait_guard(guard), false)
+}
+
 /// parking_lot's deadlock detector, behind the `deadlock-detection` feature (which turns on
 /// `parking_lot/deadlock_detection`: every lock then records who waits for whom, at some
 /// cost). Without the feature, or under loom or shuttle (which find deadlocks themselves),

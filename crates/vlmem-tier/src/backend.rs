@@ -128,6 +128,24 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
     ) -> Option<Result<()>> {
         None
     }
+    /// For CPU-addressable tiers: lends several disjoint ranges `(offset_bytes, len_bytes)`
+    /// of one reservation to `f` at once for writing, one view per range in the order
+    /// given, with no copy; only those ranges are locked (the bytes between them are not).
+    /// Overlapping ranges are refused ([`TierError::Busy`]). `None` when the tier cannot.
+    /// The default lends one range through [`TierBackend::write_with`] and cannot lend more.
+    fn write_ranges_with(
+        &self,
+        res: &Reservation,
+        ranges: &[(u64, u64)],
+        f: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        match ranges {
+            [(offset_bytes, len_bytes)] => {
+                self.write_with(res, *offset_bytes, *len_bytes, &mut |bytes| f(&mut [bytes]))
+            }
+            _ => None,
+        }
+    }
     /// For CPU-addressable tiers: lends the whole bytes of every reservation in `items` at
     /// once (a batch), for reading. `None` when the tier cannot.
     fn read_many_with(

@@ -187,6 +187,48 @@ impl MemoryTier {
     }
 }
 
+impl MemoryTier {
+    /// Lends disjoint ranges of one reservation for writing: one exclusive access per range
+    /// (an overlap between them is refused by the registry).
+    fn lend_ranges(
+        &self,
+        res: &Reservation,
+        ranges: &[(u64, u64)],
+        f: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<()> {
+        if res.tier() != self.tier {
+            return Err(TierError::InvalidReservation {
+                tier: self.tier,
+                offset_bytes: res.offset_bytes(),
+            });
+        }
+        let started = Instant::now();
+        let mut accesses = Vec::with_capacity(ranges.len());
+        let mut views: Vec<&mut [u8]> = Vec::with_capacity(ranges.len());
+        for &(offset_bytes, len_bytes) in ranges {
+            check_range(self.tier, res, offset_bytes, len_bytes)?;
+            if len_bytes == 0 {
+                views.push(&mut []);
+                continue;
+            }
+            accesses.push(self.reg.access(res, offset_bytes, len_bytes, true)?);
+            // SAFETY: as in `lend_write`: the range lies inside the reservation and the
+            // mapping, and the registry granted an exclusive access to it, held in
+            // `accesses` until after the views' last use below. The ranges are pairwise
+            // disjoint (each exclusive access excludes an overlapping one), so the views
+            // never alias.
+            views.push(unsafe {
+                std::slice::from_raw_parts_mut(self.addr(res, offset_bytes), len_bytes as usize)
+            });
+        }
+        let r = f(&mut views);
+        drop(views);
+        drop(accesses);
+        self.charge(started, ranges.iter().map(|r| r.1).sum());
+        r
+    }
+}
+
 /// Accesses held for a batch, and the address and length of each reservation.
 type Lent<'a> = (Vec<crate::registry::Access<'a, ()>>, Vec<(*mut u8, usize)>);
 
@@ -342,6 +384,14 @@ impl TierBackend for MemoryTier {
         f: &mut dyn FnMut(&mut [u8]) -> Result<()>,
     ) -> Option<Result<()>> {
         Some(self.lend_write(res, offset_bytes, len_bytes, f))
+    }
+    fn write_ranges_with(
+        &self,
+        res: &Reservation,
+        ranges: &[(u64, u64)],
+        f: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        Some(self.lend_ranges(res, ranges, f))
     }
     fn read_many_with(
         &self,

@@ -3,12 +3,8 @@
 //! free runs are coalesced. O(free runs) per call: not for hot paths.
 
 use crate::sync::Mutex;
-use crate::sync::atomic::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use vlmem_core::{AllocError, ArenaUsage, Block, OffsetAllocator};
-
-/// Process-wide allocator ids (std atomics: a `static` needs a const constructor).
-static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 #[derive(Debug, Default)]
 struct State {
@@ -45,7 +41,7 @@ impl FirstFitAllocator {
             state.free.insert(0, capacity_bytes);
         }
         Ok(FirstFitAllocator {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id: vlmem_core::new_allocator_id(),
             capacity_bytes,
             granule_bytes,
             state: Mutex::new(state),

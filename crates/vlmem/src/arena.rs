@@ -175,8 +175,10 @@ impl StepArena {
     /// Runs `f` with an f32 view of each slice in `slices`, in that order, lent in place (the
     /// arena's bytes, no copy). Each slice must be of this step and a whole number of f32s,
     /// and no slice may be given twice (slices never overlap otherwise); the views are
-    /// disjoint, so `f` may fill several at once. The arena's tensor is busy while `f` runs
-    /// (see [`PinGuard::with_bytes_mut`]); its bytes stay where they are.
+    /// disjoint, so `f` may fill several at once. Only these slices are locked while `f`
+    /// runs (see [`PinGuard::with_ranges_mut`]): other threads' reads and writes of them
+    /// wait, and then see what `f` left; other slices are read and written at once. The
+    /// arena's bytes stay where they are.
     pub fn with_f32<R>(
         &self,
         slices: &[ArenaSlice],
@@ -201,29 +203,22 @@ impl StepArena {
             }
             end_bytes = s.offset_bytes + s.len_bytes;
         }
-        let start_bytes = order.first().map_or(0, |&i| slices[i].offset_bytes);
-        let guard = self.guard()?;
-        guard.with_bytes_mut(start_bytes, end_bytes - start_bytes, |bytes| {
-            // Cut the lent range into the slices' views, lowest offset first, then hand
-            // them out in the caller's order.
-            let mut views: Vec<Option<&mut [f32]>> = (0..slices.len()).map(|_| None).collect();
-            let mut rest = bytes;
-            let mut at = start_bytes;
-            for &i in &order {
-                let s = &slices[i];
-                let (_, tail) =
-                    std::mem::take(&mut rest).split_at_mut((s.offset_bytes - at) as usize);
-                let (mine, tail) = tail.split_at_mut(s.len_bytes as usize);
-                views[i] = bytemuck::try_cast_slice_mut(mine).ok();
-                rest = tail;
-                at = s.offset_bytes + s.len_bytes;
+        let ranges: Vec<(u64, u64)> = slices
+            .iter()
+            .map(|s| (s.offset_bytes, s.len_bytes))
+            .collect();
+        self.guard()?.with_ranges_mut(&ranges, |bytes| {
+            let mut views = Vec::with_capacity(bytes.len());
+            for b in bytes.iter_mut() {
+                match bytemuck::try_cast_slice_mut::<u8, f32>(std::mem::take(b)) {
+                    Ok(v) => views.push(v),
+                    Err(_) => {
+                        return Err(ManagerError::InvalidConfig(
+                            "the arena's memory is not aligned for f32".into(),
+                        ));
+                    }
+                }
             }
-            if views.iter().any(Option::is_none) {
-                return Err(ManagerError::InvalidConfig(
-                    "the arena's memory is not aligned for f32".into(),
-                ));
-            }
-            let mut views: Vec<&mut [f32]> = views.into_iter().flatten().collect();
             Ok(f(&mut views))
         })?
     }

@@ -90,6 +90,14 @@ pub struct ManagerConfig {
     /// (madvise; on by default): weights read at memory speed cross fewer TLB entries and
     /// the hardware prefetcher is not restarted at every 4 KiB boundary.
     pub host_huge_pages: bool,
+    /// The most one public call of the manager waits for other threads, in all: for a busy
+    /// tensor (moved, written or lent by another thread) and for room that tensors being
+    /// moved may free, however deeply its reservations nest (a pin that demotes that writes
+    /// back that demotes). Past it the call gives up with a typed error
+    /// ([`crate::ManagerError::Busy`] or [`crate::ManagerError::OutOfMemory`]) and changes
+    /// nothing. The call's own copies are not waits: it returns within this bound plus the
+    /// time of its own I/O. 2 s by default.
+    pub max_call_wait: std::time::Duration,
     /// The device tier on a real GPU: CUDA device `Some(ordinal)` when vlmem-tier is built
     /// with its `cuda` feature and a driver and that GPU are present; otherwise (and with
     /// `None`, the default) the simulated device in host memory.
@@ -112,6 +120,7 @@ impl std::fmt::Debug for ManagerConfig {
             .field("kv_block_bytes", &self.kv_block_bytes)
             .field("host_huge_pages", &self.host_huge_pages)
             .field("gpu_ordinal", &self.gpu_ordinal)
+            .field("max_call_wait", &self.max_call_wait)
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +132,9 @@ pub fn default_allocator() -> AllocatorFactory {
             .map(|a| Arc::new(a) as Arc<dyn OffsetAllocator>)
     })
 }
+
+/// [`ManagerConfig::max_call_wait`] unless told otherwise.
+pub const DEFAULT_MAX_CALL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Swap preallocated by [`ManagerConfig::from_profile`] unless told otherwise.
 pub const DEFAULT_MAX_SWAP_BYTES: u64 = 8 << 30;
@@ -156,6 +168,7 @@ impl ManagerConfig {
             host_huge_pages: true,
             gpu_ordinal: None,
             kv_block_bytes: None,
+            max_call_wait: DEFAULT_MAX_CALL_WAIT,
         }
     }
 

@@ -8,6 +8,11 @@
 //! 3. While `busy` (a move or a write in flight, with the shard unlocked), no other thread
 //!    changes the entry: pins, demotions and writes wait on the shard's condition variable.
 //! 4. The last copy is never dropped: demoting it means writing it back one tier down first.
+//! 5. Byte ranges in flight through pins: a range lent for writing in place (`lends`)
+//!    overlaps no other lend and no read in flight (`reads`); while a lend waits for reads
+//!    to finish (`lends_waiting`), new reads of its range wait, so a writer is not starved.
+//!    Ranges that do not overlap proceed together. A lend needs a pin on the tensor's only
+//!    copy, so a move never reads a copy under a lend: a miss waits while any lend runs.
 
 use vlmem_core::{TensorKind, Tier};
 
@@ -33,6 +38,24 @@ pub(crate) struct Entry<R> {
     /// A checkpoint extent: never written, its disk copy is the file.
     pub read_only: bool,
     pub last_use: u64,
+    /// Byte ranges `[start, end)` lent for writing in place through pins.
+    pub lends: Vec<(u64, u64)>,
+    /// Byte ranges being read through pins.
+    pub reads: Vec<(u64, u64)>,
+    /// Byte ranges of lends waiting for reads to finish.
+    pub lends_waiting: Vec<(u64, u64)>,
+}
+
+/// Whether `[start, end)` overlaps any range of `list`.
+pub(crate) fn overlaps(list: &[(u64, u64)], start: u64, end: u64) -> bool {
+    list.iter().any(|&(s, e)| s < end && start < e)
+}
+
+/// Removes one range equal to `span` from `list` (ranges may repeat: any one goes).
+pub(crate) fn remove_span(list: &mut Vec<(u64, u64)>, span: (u64, u64)) {
+    if let Some(i) = list.iter().position(|&x| x == span) {
+        list.swap_remove(i);
+    }
 }
 
 /// What a pin finds.
@@ -71,7 +94,25 @@ impl<R: std::marker::Copy> Entry<R> {
             written: false,
             read_only: false,
             last_use: 0,
+            lends: Vec::new(),
+            reads: Vec::new(),
+            lends_waiting: Vec::new(),
         }
+    }
+
+    /// Whether a read of `[start, end)` must wait: a lend of an overlapping range runs or
+    /// waits to run.
+    pub fn read_must_wait(&self, start: u64, end: u64) -> bool {
+        overlaps(&self.lends, start, end) || overlaps(&self.lends_waiting, start, end)
+    }
+
+    /// Whether a lend of `spans` must wait: a move or write of the entry is in flight, or
+    /// another lend or a read of an overlapping range.
+    pub fn lend_must_wait(&self, spans: &[(u64, u64)]) -> bool {
+        self.busy
+            || spans
+                .iter()
+                .any(|&(s, e)| overlaps(&self.lends, s, e) || overlaps(&self.reads, s, e))
     }
 
     /// Pins held on all copies.
@@ -93,7 +134,9 @@ impl<R: std::marker::Copy> Entry<R> {
             .any(|t| t != tier && self.copies[t.index()].is_some())
     }
 
-    /// First half of bringing the tensor to `tier` (pinning it when `pin`).
+    /// First half of bringing the tensor to `tier` (pinning it when `pin`). A miss waits
+    /// while a lend writes the tensor in place (the copy would read half-written bytes, and
+    /// the lend needs its copy to stay the only one).
     pub fn begin_bring(&mut self, tier: Tier, pin: bool) -> PinStep<R> {
         if self.busy {
             return PinStep::Wait;
@@ -103,6 +146,9 @@ impl<R: std::marker::Copy> Entry<R> {
                 c.pins += 1;
             }
             return PinStep::Hit(c.res);
+        }
+        if !self.lends.is_empty() || !self.lends_waiting.is_empty() {
+            return PinStep::Wait;
         }
         match self.fastest().and_then(|t| self.copies[t.index()]) {
             Some(src) => {
@@ -133,12 +179,13 @@ impl<R: std::marker::Copy> Entry<R> {
         }
     }
 
-    /// First half of demoting the copy on `tier`.
-    pub fn begin_demote(&mut self, tier: Tier) -> DemoteStep<R> {
+    /// First half of demoting the copy on `tier`. A copy that `keep` says must stay (a
+    /// checkpoint extent: the file itself, which costs nothing to keep) is never dropped.
+    pub fn begin_demote(&mut self, tier: Tier, keep: impl Fn(&R) -> bool) -> DemoteStep<R> {
         let Some(c) = self.copies[tier.index()] else {
             return DemoteStep::Skip;
         };
-        if self.busy || c.pins > 0 {
+        if self.busy || c.pins > 0 || keep(&c.res) || !self.lends.is_empty() {
             return DemoteStep::Skip;
         }
         if self.has_other_copy(tier) {
@@ -189,7 +236,7 @@ mod loom_models {
     //! transitions. Run: `RUSTFLAGS="--cfg vlmem_loom" cargo test -p vlmem --release loom`.
 
     use super::*;
-    use vlmem_core::sync::atomic::{AtomicBool, Ordering};
+    use vlmem_core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use vlmem_core::sync::{Arc, Condvar, Mutex, thread, wait_guard};
 
     struct Shard {
@@ -238,7 +285,7 @@ mod loom_models {
     /// Demotes like `Inner::demote`, writing back into reservation `dst_id`.
     fn demote(s: &Shard, tier: Tier, dst_id: u32) {
         let mut e = s.entry.lock();
-        match e.begin_demote(tier) {
+        match e.begin_demote(tier, |_| false) {
             DemoteStep::Skip => {}
             DemoteStep::Dropped(res) => {
                 drop(e);
@@ -381,6 +428,76 @@ mod loom_models {
             pinner.join().unwrap();
             evictor.join().unwrap();
             check_invariants(&s.entry.lock(), &s.freed);
+        });
+    }
+
+    /// A lend of `span` like `Inner::lend`: registers as waiting, waits, then lends.
+    fn lend(s: &Shard, span: (u64, u64), writing: &AtomicBool, readers: &AtomicU32) {
+        let mut e = s.entry.lock();
+        let mut waiting = false;
+        while e.lend_must_wait(&[span]) {
+            if !waiting {
+                e.lends_waiting.push(span);
+                waiting = true;
+            }
+            e = wait_guard(&s.cond, e);
+        }
+        if waiting {
+            remove_span(&mut e.lends_waiting, span);
+        }
+        e.lends.push(span);
+        drop(e);
+        writing.store(true, Ordering::SeqCst);
+        assert_eq!(
+            readers.load(Ordering::SeqCst),
+            0,
+            "a lend overlapped a read"
+        );
+        writing.store(false, Ordering::SeqCst);
+        let mut e = s.entry.lock();
+        remove_span(&mut e.lends, span);
+        s.cond.notify_all();
+    }
+
+    /// A read of `span` like `Inner::begin_read` and its claim's drop.
+    fn read(s: &Shard, span: (u64, u64), writing: &AtomicBool, readers: &AtomicU32) {
+        let mut e = s.entry.lock();
+        while e.read_must_wait(span.0, span.1) {
+            e = wait_guard(&s.cond, e);
+        }
+        e.reads.push(span);
+        drop(e);
+        readers.fetch_add(1, Ordering::SeqCst);
+        assert!(!writing.load(Ordering::SeqCst), "a read overlapped a lend");
+        readers.fetch_sub(1, Ordering::SeqCst);
+        let mut e = s.entry.lock();
+        remove_span(&mut e.reads, span);
+        s.cond.notify_all();
+    }
+
+    #[test]
+    fn loom_reads_and_lends_of_overlapping_ranges_exclude_each_other() {
+        loom::model(|| {
+            let s = shard(Entry::new(1, TensorKind::Activation, 64, Tier::Host, 0u32));
+            let flags = Arc::new((AtomicBool::new(false), AtomicU32::new(0)));
+            let (s2, f2) = (s.clone(), flags.clone());
+            let lender = thread::spawn(move || lend(&s2, (0, 32), &f2.0, &f2.1));
+            let (s3, f3) = (s.clone(), flags.clone());
+            let reader = thread::spawn(move || read(&s3, (16, 48), &f3.0, &f3.1));
+            // A range the lend does not cover never waits for it.
+            {
+                let mut e = s.entry.lock();
+                assert!(!e.read_must_wait(32, 64));
+                e.reads.push((32, 64));
+                drop(e);
+                let mut e = s.entry.lock();
+                remove_span(&mut e.reads, (32, 64));
+                s.cond.notify_all();
+            }
+            lender.join().unwrap();
+            reader.join().unwrap();
+            let e = s.entry.lock();
+            assert!(e.lends.is_empty() && e.reads.is_empty() && e.lends_waiting.is_empty());
         });
     }
 }

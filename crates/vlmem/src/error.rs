@@ -27,7 +27,8 @@ pub enum ManagerError {
     /// A request for zero bytes.
     #[error("zero-size tensor: ask for at least one byte")]
     ZeroSize,
-    /// More bytes than the tier (or the kind's budget on it) can ever hold.
+    /// More bytes than the tier can ever hold for the kind: its budget there, or the tier's
+    /// whole capacity, whichever is smaller (`budget_bytes` is that limit).
     #[error(
         "{kind} tensor of {requested_bytes} bytes exceeds the {tier} tier's budget of {budget_bytes} bytes for that kind"
     )]
@@ -64,6 +65,17 @@ pub enum ManagerError {
         id: u64,
         /// Pins held.
         pins: u32,
+    },
+    /// The call waited as long as one call may (`ManagerConfig::max_call_wait`) for another
+    /// thread's move, write or lend of the tensor, and gave up; nothing changed.
+    #[error(
+        "tensor {id} stayed busy for {waited_ms} ms (another thread moves, writes or lends it); nothing changed, retry"
+    )]
+    Busy {
+        /// The tensor's id.
+        id: u64,
+        /// How long the call waited in all.
+        waited_ms: u64,
     },
     /// Read or write outside the tensor.
     #[error("range {offset_bytes}+{len_bytes} is outside the tensor's {tensor_bytes} bytes")]

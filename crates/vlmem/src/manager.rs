@@ -22,15 +22,15 @@
 //! leaves. Every public method locks its shard once and passes `&mut` state to helpers.
 
 use crate::config::{Budgets, ManagerConfig};
-use crate::entry::{Copy, DemoteStep, PinStep};
+use crate::entry::{Copy, DemoteStep, PinStep, remove_span};
 use crate::error::{ManagerError, Result};
 use crate::stats::{Counters, ManagerStats, TierKindBytes};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc as StdArc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vlmem_core::sync::atomic::{AtomicU64, Ordering};
-use vlmem_core::sync::{Arc, Condvar, Mutex, RwLock, wait_guard};
+use vlmem_core::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, wait_guard_until};
 use vlmem_core::{TensorKind, Tier};
 use vlmem_tier::{
     DiskTier, MemoryTier, Move, Priority, Reservation, TierBackend, TierError, TransferEngine,
@@ -112,6 +112,7 @@ pub(crate) struct Inner {
     prefetch_ready: Condvar,
     zero_on_free: bool,
     verify_write_backs: bool,
+    max_call_wait: Duration,
     pub(crate) counters: Counters,
 }
 
@@ -218,10 +219,6 @@ pub struct PinGuard {
     tier: Tier,
     res: Reservation,
     len_bytes: u64,
-    /// The tensor's bytes were written (a pin cannot outlive a `MemoryManager::write`: those
-    /// wait for pins; a write through this guard sets it).
-    written: std::sync::atomic::AtomicBool,
-    id: u64,
 }
 
 impl std::fmt::Debug for PinGuard {
@@ -235,14 +232,6 @@ impl std::fmt::Debug for PinGuard {
 }
 
 impl PinGuard {
-    fn check_written(&self) -> Result<()> {
-        if self.written.load(std::sync::atomic::Ordering::Acquire) {
-            Ok(())
-        } else {
-            Err(ManagerError::Uninitialized { id: self.id })
-        }
-    }
-
     /// The tier the tensor is pinned on.
     pub fn tier(&self) -> Tier {
         self.tier
@@ -252,46 +241,86 @@ impl PinGuard {
         self.len_bytes
     }
     /// Copies `dst.len()` bytes from `offset_bytes` of the tensor. A tensor never written
-    /// has no bytes to read: [`ManagerError::Uninitialized`].
+    /// has no bytes to read: [`ManagerError::Uninitialized`] (a write through any pin, or a
+    /// lend, counts from the moment it ends). While another thread writes an overlapping
+    /// range through its pin ([`PinGuard::write`], [`PinGuard::with_bytes_mut`]), the read
+    /// waits for that write to end and then reads its bytes; ranges that do not overlap are
+    /// read at once. The wait is bounded by `ManagerConfig::max_call_wait`
+    /// ([`ManagerError::Busy`] past it).
     pub fn read(&self, offset_bytes: u64, dst: &mut [u8]) -> Result<()> {
         check_range(offset_bytes, dst.len() as u64, self.len_bytes)?;
-        self.check_written()?;
+        let waits = self.inner.waits();
+        let _read = self
+            .inner
+            .begin_read(self.handle, offset_bytes, dst.len() as u64, &waits)?;
         self.inner.tiers[self.tier.index()].read(&self.res, offset_bytes, dst)?;
         Ok(())
     }
     /// Writes `src` at `offset_bytes` into the pinned copy, in place. Only for a tensor whose
     /// pinned copy is its only one (one allocated on this tier and never copied elsewhere,
     /// such as a step arena): otherwise [`ManagerError::NotExclusive`], since the other copies
-    /// would go stale. Other threads' pins and moves of the tensor wait while it runs.
+    /// would go stale. Reads of an overlapping range (through any pin, or
+    /// [`MemoryManager::read`]) wait until it ends, then see the new bytes; so do other
+    /// writes through pins of an overlapping range, and moves of the tensor. Waiting for
+    /// those already in flight is bounded by `ManagerConfig::max_call_wait`.
     pub fn write(&self, offset_bytes: u64, src: &[u8]) -> Result<()> {
         check_range(offset_bytes, src.len() as u64, self.len_bytes)?;
+        let end = offset_bytes + src.len() as u64;
+        let tier = &self.inner.tiers[self.tier.index()];
         self.inner
-            .write_pinned(self.handle, self.tier, &self.res, offset_bytes, src)?;
-        self.written
-            .store(true, std::sync::atomic::Ordering::Release);
-        Ok(())
+            .lend(self.handle, self.tier, &[(offset_bytes, end)], || {
+                tier.write(&self.res, offset_bytes, src).map_err(Into::into)
+            })
     }
 
     /// Lends `len_bytes` bytes at `offset_bytes` of the pinned copy to `f` for writing, in
     /// place (no copy). Only for a tensor whose pinned copy is its only one, as for
-    /// [`PinGuard::write`]: otherwise [`ManagerError::NotExclusive`]. The tensor is busy
-    /// while `f` runs: other threads' pins, reads and moves of it wait (no lock is held).
-    /// A tier that cannot lend its bytes to the CPU (GPU memory):
-    /// [`ManagerError::InvalidConfig`]. Afterwards the tensor counts as written.
+    /// [`PinGuard::write`]: otherwise [`ManagerError::NotExclusive`]. Only the lent range is
+    /// locked while `f` runs: other threads' reads and writes of an overlapping range wait
+    /// (bounded by `ManagerConfig::max_call_wait`) and then see the bytes `f` left; other
+    /// ranges are read and written at once; moves of the tensor wait. No lock is held while
+    /// `f` runs, and a panic in `f` releases the range. A tier that cannot lend its bytes to
+    /// the CPU (GPU memory): [`ManagerError::InvalidConfig`]. Afterwards the tensor counts as
+    /// written.
     pub fn with_bytes_mut<R>(
         &self,
         offset_bytes: u64,
         len_bytes: u64,
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<R> {
-        check_range(offset_bytes, len_bytes, self.len_bytes)?;
+        self.with_ranges_mut(&[(offset_bytes, len_bytes)], |views| {
+            f(std::mem::take(&mut views[0]))
+        })
+    }
+
+    /// Like [`PinGuard::with_bytes_mut`] for several disjoint ranges at once, each
+    /// `(offset_bytes, len_bytes)`: `f` gets one view per range, in the order given. Only
+    /// these ranges are locked (not the bytes between them). Overlapping ranges are refused
+    /// ([`ManagerError::InvalidConfig`]).
+    pub fn with_ranges_mut<R>(
+        &self,
+        ranges: &[(u64, u64)],
+        f: impl FnOnce(&mut [&mut [u8]]) -> R,
+    ) -> Result<R> {
+        let mut spans = Vec::with_capacity(ranges.len());
+        for &(offset_bytes, len_bytes) in ranges {
+            check_range(offset_bytes, len_bytes, self.len_bytes)?;
+            spans.push((offset_bytes, offset_bytes + len_bytes));
+        }
+        let mut sorted = spans.clone();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err(ManagerError::InvalidConfig(
+                "overlapping ranges lent at once".into(),
+            ));
+        }
         let tier = &self.inner.tiers[self.tier.index()];
-        let out = self.inner.exclusive_pinned(self.handle, self.tier, || {
+        self.inner.lend(self.handle, self.tier, &spans, || {
             let mut f = Some(f);
             let mut out = None;
-            let lent = tier.write_with(&self.res, offset_bytes, len_bytes, &mut |bytes| {
+            let lent = tier.write_ranges_with(&self.res, ranges, &mut |views| {
                 if let Some(f) = f.take() {
-                    out = Some(f(bytes));
+                    out = Some(f(views));
                 }
                 Ok(())
             });
@@ -303,10 +332,7 @@ impl PinGuard {
                     self.tier
                 ))),
             }
-        })?;
-        self.written
-            .store(true, std::sync::atomic::Ordering::Release);
-        Ok(out)
+        })
     }
 
     /// The GPU address of the pinned copy's first byte when it lives in GPU memory (the
@@ -314,14 +340,18 @@ impl PinGuard {
     /// address is valid while this guard lives: a pinned copy is never moved, evicted or
     /// freed. A tensor never written: [`ManagerError::Uninitialized`].
     pub fn device_address(&self) -> Result<Option<u64>> {
-        self.check_written()?;
+        self.inner.check_written(self.handle)?;
         Ok(self.inner.tiers[self.tier.index()].device_address(&self.res))
     }
 
     /// Lends the tensor's bytes to `f` without a copy where the tier allows it (host and
-    /// simulated device), else through a buffer.
+    /// simulated device), else through a buffer. Waits like [`PinGuard::read`] while a write
+    /// through another pin is in flight; writes through pins wait while `f` runs.
     pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
-        self.check_written()?;
+        let waits = self.inner.waits();
+        let _read = self
+            .inner
+            .begin_read(self.handle, 0, self.len_bytes, &waits)?;
         let tier = &self.inner.tiers[self.tier.index()];
         let mut f = Some(f);
         let mut out = None;
@@ -352,18 +382,156 @@ impl Drop for PinGuard {
     }
 }
 
-/// How many times a reservation waits for moving tensors before it reports OutOfMemory
-/// (about 1 s in all with [`pause_for_moves`]'s real pause).
-#[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
-const MAX_MOVING_WAITS: u32 = 2000;
+/// Pauses for moving tensors one call may make under loom and shuttle, whose clocks stand
+/// still (real builds bound the call's waits by time).
 #[cfg(any(vlmem_loom, vlmem_shuttle))]
-const MAX_MOVING_WAITS: u32 = 20;
+const MODEL_PAUSES_PER_CALL: u32 = 20;
 
-/// Lets the threads that move tensors run (no lock is held by the caller).
-fn pause_for_moves() {
-    vlmem_core::sync::thread::yield_now();
-    #[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
-    std::thread::sleep(std::time::Duration::from_micros(500));
+/// What one public call may still wait for other threads: one budget shared by every wait
+/// and reservation the call nests (`ManagerConfig::max_call_wait`), so a pin that demotes
+/// that writes back that demotes waits no longer than a plain pin. Passed down by
+/// reference: one call, one thread.
+pub(crate) struct Waits {
+    started: Instant,
+    until: Instant,
+    #[cfg(any(vlmem_loom, vlmem_shuttle))]
+    pauses_left: std::cell::Cell<u32>,
+}
+
+impl Waits {
+    fn new(max: Duration) -> Self {
+        let started = Instant::now();
+        Waits {
+            started,
+            until: started
+                .checked_add(max)
+                .unwrap_or(started + Duration::from_secs(1 << 30)),
+            #[cfg(any(vlmem_loom, vlmem_shuttle))]
+            pauses_left: std::cell::Cell::new(MODEL_PAUSES_PER_CALL),
+        }
+    }
+
+    /// The error of a call that gave up waiting for tensor `id`.
+    fn busy(&self, id: u64) -> ManagerError {
+        ManagerError::Busy {
+            id,
+            waited_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Whether the call has no waiting left.
+    fn spent(&self) -> bool {
+        #[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
+        return Instant::now() >= self.until;
+        #[cfg(any(vlmem_loom, vlmem_shuttle))]
+        return self.pauses_left.get() == 0;
+    }
+
+    /// Waits on a shard's condition variable for another thread's move, write or lend;
+    /// `Err` (with the guard) when the call's waiting is spent.
+    fn wait<'a>(
+        &self,
+        cond: &Condvar,
+        st: MutexGuard<'a, ShardState>,
+    ) -> std::result::Result<MutexGuard<'a, ShardState>, MutexGuard<'a, ShardState>> {
+        if self.spent() {
+            return Err(st);
+        }
+        match wait_guard_until(cond, st, self.until) {
+            (st, false) => Ok(st),
+            (st, true) => Err(st),
+        }
+    }
+
+    /// Lets the threads that move tensors run a little (no lock is held by the caller);
+    /// false, without pausing, when the call's waiting is spent.
+    fn pause(&self) -> bool {
+        if self.spent() {
+            return false;
+        }
+        vlmem_core::sync::thread::yield_now();
+        #[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
+        std::thread::sleep(Duration::from_micros(500));
+        #[cfg(any(vlmem_loom, vlmem_shuttle))]
+        self.pauses_left.set(self.pauses_left.get() - 1);
+        true
+    }
+}
+
+/// A byte range in flight through a pin: a read, or a lend for writing in place. Released
+/// when dropped, also when the code holding it unwinds (a caller's closure that panics), so
+/// a panic never leaves a range locked. A read claim may also hold a pin of its own (a
+/// [`MemoryManager::read`]), dropped with it.
+struct SpanClaim<'a> {
+    inner: &'a Inner,
+    handle: TensorHandle,
+    spans: Vec<(u64, u64)>,
+    lend: bool,
+    unpin: Option<Tier>,
+    /// Set when a lend's body succeeded: the tensor counts as written.
+    written: bool,
+}
+
+impl Drop for SpanClaim<'_> {
+    fn drop(&mut self) {
+        let Ok(shard) = self.inner.shard_of(self.handle) else {
+            return;
+        };
+        let mut st = shard.state.lock();
+        let tick = self.inner.tick();
+        if let Ok(e) = self.inner.entry(&mut st, self.handle) {
+            let list = if self.lend {
+                &mut e.lends
+            } else {
+                &mut e.reads
+            };
+            for &span in &self.spans {
+                remove_span(list, span);
+            }
+            if let Some(t) = self.unpin {
+                e.unpin(t);
+            }
+            if self.written {
+                e.written = true;
+                e.last_use = tick;
+            }
+        }
+        drop(st);
+        shard.cond.notify_all();
+    }
+}
+
+/// Marks a move or a write of an entry in flight (`busy`). The owner clears it when done;
+/// if the code unwinds first, dropping the claim clears it, so the tensor is not busy for
+/// ever.
+struct BusyClaim<'a> {
+    inner: &'a Inner,
+    handle: TensorHandle,
+    armed: bool,
+}
+
+impl BusyClaim<'_> {
+    /// The owner is about to clear `busy` itself.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for BusyClaim<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(shard) = self.inner.shard_of(self.handle) else {
+            return;
+        };
+        let mut st = shard.state.lock();
+        if let Ok(e) = self.inner.entry(&mut st, self.handle) {
+            e.busy = false;
+        }
+        drop(st);
+        shard.cond.notify_all();
+    }
 }
 
 fn check_range(offset_bytes: u64, len_bytes: u64, tensor_bytes: u64) -> Result<()> {
@@ -475,6 +643,7 @@ impl MemoryManager {
                 max_prefetches_in_flight: config.max_prefetches_in_flight as u64,
                 zero_on_free: config.zero_on_free,
                 verify_write_backs: config.verify_write_backs,
+                max_call_wait: config.max_call_wait,
                 counters: Counters::default(),
             }),
         })
@@ -497,7 +666,9 @@ impl MemoryManager {
         if bytes == 0 {
             return Err(ManagerError::ZeroSize);
         }
-        let res = self.inner.reserve_on(tier, kind, bytes, id)?;
+        let res = self
+            .inner
+            .reserve_on(tier, kind, bytes, id, &self.inner.waits())?;
         let mut e = Entry::new(id, kind, bytes, tier, res);
         e.last_use = self.inner.tick();
         Ok(self.inner.insert(e))
@@ -533,12 +704,14 @@ impl MemoryManager {
     /// double-freed handle is an error and changes nothing.
     pub fn deallocate(&self, handle: TensorHandle) -> Result<()> {
         let inner = &self.inner;
+        let waits = inner.waits();
         let shard = inner.shard_of(handle)?;
         let mut st = shard.state.lock();
         let entry = loop {
             let e = inner.entry(&mut st, handle)?;
             if e.busy {
-                st = wait_guard(&shard.cond, st);
+                let id = e.id;
+                st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
                 continue;
             }
             let pins = e.pins();
@@ -566,14 +739,17 @@ impl MemoryManager {
     /// Brings the tensor to `tier` (swapping in if needed, making room by demoting unpinned
     /// tensors of the same kind) and holds it there until the guard drops. When everything
     /// of that kind on the tier is pinned, returns [`ManagerError::OutOfMemory`] at once.
+    /// Waits for other threads (a move of this tensor, tensors being moved that could make
+    /// room) at most `ManagerConfig::max_call_wait` in all.
     pub fn pin(&self, handle: TensorHandle, tier: Tier) -> Result<PinGuard> {
         let inner = &self.inner;
         let started = Instant::now();
+        let waits = inner.waits();
         // The plan's cursor moves to this weight before any eviction its pin causes, so
         // "next use" is measured from the demand position (a weight used early must not make
         // the one needed next look farthest).
         inner.note_plan_use(handle);
-        let (res, written, id) = inner.bring(handle, tier, Priority::Demand, true)?;
+        let (res, _written, _id) = inner.bring(handle, tier, Priority::Demand, true, &waits)?;
         inner.counters.add_pin_wait(started.elapsed());
         let len_bytes = res.len_bytes();
         Ok(PinGuard {
@@ -582,8 +758,6 @@ impl MemoryManager {
             tier,
             res,
             len_bytes,
-            written: std::sync::atomic::AtomicBool::new(written),
-            id,
         })
     }
 
@@ -627,6 +801,7 @@ impl MemoryManager {
     /// The order in which weights are used, cyclically (layer order). Under pressure the
     /// weights policy then evicts the weight whose next use is farthest (Belady's choice for
     /// a known order) instead of the least recently used one.
+    /// A new plan starts with its cursor at its first weight.
     pub fn set_access_plan(&self, order: &[TensorHandle]) {
         let mut plan = self.inner.plan.write();
         plan.position = order
@@ -635,6 +810,7 @@ impl MemoryManager {
             .map(|(i, h)| ((h.slot, h.generation), i))
             .collect();
         plan.len = order.len();
+        self.inner.plan_cursor.store(0, Ordering::Relaxed);
     }
 
     /// Writes `src` at `offset_bytes`. The write lands on the host copy (brought there if
@@ -644,31 +820,28 @@ impl MemoryManager {
     }
 
     /// Reads `dst.len()` bytes at `offset_bytes` from the fastest copy, without moving it.
+    /// Waits while the tensor is moved or written, or while a write through a pin of an
+    /// overlapping range runs, and then reads the new bytes (at most
+    /// `ManagerConfig::max_call_wait`, then [`ManagerError::Busy`]).
     pub fn read(&self, handle: TensorHandle, offset_bytes: u64, dst: &mut [u8]) -> Result<()> {
         let inner = &self.inner;
-        let (tier, res, len, written, id) = inner.pin_fastest(handle)?;
-        let r = if !written {
-            Err(ManagerError::Uninitialized { id })
-        } else {
-            check_range(offset_bytes, dst.len() as u64, len).and_then(|()| {
-                inner.tiers[tier.index()]
-                    .read(&res, offset_bytes, dst)
-                    .map_err(Into::into)
-            })
-        };
-        inner.unpin(handle, tier);
-        r
+        let waits = inner.waits();
+        let (tier, res, _read) =
+            inner.pin_fastest_to_read(handle, offset_bytes, dst.len() as u64, &waits)?;
+        inner.tiers[tier.index()].read(&res, offset_bytes, dst)?;
+        Ok(())
     }
 
     /// Demotes unpinned tensors from `tier` until `bytes` are free or nothing more can go.
     /// Returns the bytes freed.
     pub fn evict(&self, tier: Tier, bytes: u64) -> Result<u64> {
+        let waits = self.inner.waits();
         let mut freed = 0;
         for kind in TensorKind::ALL {
             if freed >= bytes {
                 break;
             }
-            freed += self.inner.evict_kind(tier, kind, bytes - freed)?;
+            freed += self.inner.evict_kind(tier, kind, bytes - freed, &waits)?;
         }
         Ok(freed)
     }
@@ -676,9 +849,11 @@ impl MemoryManager {
     /// Demotes one tensor's copy on `tier` (written back one tier down when it is the only
     /// copy), as a swap-out chosen by the caller rather than by the eviction policy. Returns
     /// the bytes freed on `tier`: 0 when the tensor has no copy there, is pinned or moving,
-    /// or its last copy is on the disk.
+    /// its last copy is on the disk, or the copy is a checkpoint extent (the file itself
+    /// stays the tensor's disk copy, whatever else is swapped out).
     pub fn swap_out(&self, handle: TensorHandle, tier: Tier) -> Result<u64> {
-        self.inner.demote(handle, tier)
+        let waits = self.inner.waits();
+        self.inner.demote(handle, tier, &waits)
     }
 
     /// Compacts every tier (see [`MemoryManager::compact_tier`]).
@@ -786,6 +961,185 @@ impl Inner {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The waiting budget of one public call.
+    fn waits(&self) -> Waits {
+        Waits::new(self.max_call_wait)
+    }
+
+    /// Whether the tensor was ever written (now, not when a pin was taken: a write through
+    /// another pin counts at once).
+    fn check_written(&self, h: TensorHandle) -> Result<()> {
+        let shard = self.shard_of(h)?;
+        let mut st = shard.state.lock();
+        let e = self.entry(&mut st, h)?;
+        if e.written {
+            Ok(())
+        } else {
+            Err(ManagerError::Uninitialized { id: e.id })
+        }
+    }
+
+    /// Registers a read of `[offset, offset + len)` through a pin the caller holds: waits
+    /// while a write through a pin of an overlapping range runs or waits to run. A tensor
+    /// never written: [`ManagerError::Uninitialized`].
+    fn begin_read(
+        &self,
+        h: TensorHandle,
+        offset_bytes: u64,
+        len_bytes: u64,
+        waits: &Waits,
+    ) -> Result<SpanClaim<'_>> {
+        let span = (offset_bytes, offset_bytes + len_bytes);
+        let shard = self.shard_of(h)?;
+        let mut st = shard.state.lock();
+        loop {
+            let e = self.entry(&mut st, h)?;
+            if !e.written {
+                return Err(ManagerError::Uninitialized { id: e.id });
+            }
+            if e.read_must_wait(span.0, span.1) {
+                let id = e.id;
+                st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
+                continue;
+            }
+            e.reads.push(span);
+            return Ok(SpanClaim {
+                inner: self,
+                handle: h,
+                spans: vec![span],
+                lend: false,
+                unpin: None,
+                written: false,
+            });
+        }
+    }
+
+    /// Pins the fastest copy where it is and registers a read of `[offset, offset + len)`
+    /// of it, both released with the claim: (tier, reservation, claim). Waits while the
+    /// tensor moves or an overlapping write through a pin runs.
+    fn pin_fastest_to_read(
+        &self,
+        h: TensorHandle,
+        offset_bytes: u64,
+        len_bytes: u64,
+        waits: &Waits,
+    ) -> Result<(Tier, Reservation, SpanClaim<'_>)> {
+        let shard = self.shard_of(h)?;
+        let mut st = shard.state.lock();
+        loop {
+            let e = self.entry(&mut st, h)?;
+            if !e.busy && !e.written {
+                return Err(ManagerError::Uninitialized { id: e.id });
+            }
+            if !e.busy {
+                check_range(offset_bytes, len_bytes, e.len_bytes)?;
+            }
+            let end = offset_bytes.saturating_add(len_bytes);
+            if e.busy || e.read_must_wait(offset_bytes, end) {
+                let id = e.id;
+                st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
+                continue;
+            }
+            let tier = e
+                .fastest()
+                .ok_or_else(|| ManagerError::InvalidConfig("no copy".into()))?;
+            let c = e.copies[tier.index()]
+                .as_mut()
+                .ok_or_else(|| ManagerError::InvalidConfig("no copy".into()))?;
+            c.pins += 1;
+            let res = c.res;
+            e.reads.push((offset_bytes, end));
+            let claim = SpanClaim {
+                inner: self,
+                handle: h,
+                spans: vec![(offset_bytes, end)],
+                lend: false,
+                unpin: Some(tier),
+                written: false,
+            };
+            return Ok((tier, res, claim));
+        }
+    }
+
+    /// Runs `body`, which writes the pinned copy on `tier` in place at `spans`, with those
+    /// ranges lent: reads and writes of overlapping ranges wait, moves wait, other ranges
+    /// proceed. Refused unless that copy is the tensor's only one and it is writable. No
+    /// lock is held while `body` runs; on success the tensor counts as written.
+    fn lend<R>(
+        &self,
+        h: TensorHandle,
+        tier: Tier,
+        spans: &[(u64, u64)],
+        body: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        let waits = self.waits();
+        let shard = self.shard_of(h)?;
+        let mut st = shard.state.lock();
+        let mut waiting = false;
+        let unwait = |e: &mut Entry| {
+            for &span in spans {
+                remove_span(&mut e.lends_waiting, span);
+            }
+        };
+        loop {
+            let e = self.entry(&mut st, h)?;
+            let refused = if e.read_only {
+                Some(ManagerError::ReadOnly { id: e.id })
+            } else if Tier::ALL
+                .iter()
+                .any(|&t| t != tier && e.copies[t.index()].is_some())
+            {
+                Some(ManagerError::NotExclusive { id: e.id })
+            } else {
+                None
+            };
+            if let Some(err) = refused {
+                if waiting {
+                    unwait(e);
+                    shard.cond.notify_all();
+                }
+                return Err(err);
+            }
+            if e.lend_must_wait(spans) {
+                if !waiting {
+                    e.lends_waiting.extend_from_slice(spans);
+                    waiting = true;
+                }
+                let id = e.id;
+                match waits.wait(&shard.cond, st) {
+                    Ok(g) => st = g,
+                    Err(mut g) => {
+                        if let Ok(e) = self.entry(&mut g, h) {
+                            unwait(e);
+                        }
+                        drop(g);
+                        shard.cond.notify_all();
+                        return Err(waits.busy(id));
+                    }
+                }
+                continue;
+            }
+            if waiting {
+                unwait(e);
+            }
+            e.lends.extend_from_slice(spans);
+            break;
+        }
+        drop(st);
+        let mut claim = SpanClaim {
+            inner: self,
+            handle: h,
+            spans: spans.to_vec(),
+            lend: true,
+            unpin: None,
+            written: false,
+        };
+        let r = body();
+        claim.written = r.is_ok();
+        drop(claim);
+        r
+    }
+
     fn shard_of(&self, h: TensorHandle) -> Result<&Shard> {
         if h.manager_id != self.id {
             return Err(ManagerError::Foreign { slot: h.slot });
@@ -856,15 +1210,25 @@ impl Inner {
 
     /// Returns a reservation to its tier's arena, zeroing it first when so configured. A
     /// block that cannot be zeroed is not freed (it stays reserved, so its bytes cannot
-    /// reach a new owner).
+    /// reach a new owner). Zeros go in pieces of whole I/O units of the tier (the disk's
+    /// integrity unit), at least 64 KiB, so every piece is a write the tier accepts.
     fn free_block(&self, tier: Tier, res: Reservation) {
         let backend = &self.tiers[tier.index()];
         if self.zero_on_free && !res.is_in_place() {
             static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+            let unit = backend.io_unit_bytes().max(1);
+            let piece_bytes = (ZEROS.len() as u64).div_ceil(unit).saturating_mul(unit);
+            let big;
+            let zeros: &[u8] = if piece_bytes as usize <= ZEROS.len() {
+                &ZEROS[..piece_bytes as usize]
+            } else {
+                big = vec![0u8; piece_bytes.min(res.len_bytes()) as usize];
+                &big
+            };
             let mut done = 0u64;
             while done < res.len_bytes() {
-                let n = (res.len_bytes() - done).min(ZEROS.len() as u64);
-                if let Err(e) = backend.write(&res, done, &ZEROS[..n as usize]) {
+                let n = (res.len_bytes() - done).min(zeros.len() as u64);
+                if let Err(e) = backend.write(&res, done, &zeros[..n as usize]) {
                     tracing::warn!(%tier, error = %e, "zeroing a freed block failed; it stays reserved");
                     return;
                 }
@@ -878,17 +1242,29 @@ impl Inner {
 
     /// Reserves `bytes` of `kind` on `tier`, demoting unpinned tensors of that kind when its
     /// budget or the arena is full. No lock is held on entry or exit.
-    fn reserve_on(&self, tier: Tier, kind: TensorKind, bytes: u64, id: u64) -> Result<Reservation> {
+    /// Waits for tensors being moved come out of the call's budget (`waits`), shared with
+    /// every reservation nested in this one: once it is spent, this and every enclosing
+    /// reservation that still finds no room ends in `OutOfMemory` at once.
+    fn reserve_on(
+        &self,
+        tier: Tier,
+        kind: TensorKind,
+        bytes: u64,
+        id: u64,
+        waits: &Waits,
+    ) -> Result<Reservation> {
         let budget = self.budgets.read().get(tier, kind);
-        if bytes > budget {
+        let limit = budget.min(self.tiers[tier.index()].capacity_bytes());
+        if bytes > limit {
             return Err(ManagerError::TooLarge {
                 tier,
                 kind,
                 requested_bytes: bytes,
-                budget_bytes: budget,
+                budget_bytes: limit,
             });
         }
-        let mut waits = 0u32;
+        let mut waited = false;
+        let mut last_try = false;
         loop {
             if self.charge(tier, kind, bytes) {
                 match self.tiers[tier.index()].reserve(bytes, &format!("tensor {id}")) {
@@ -903,15 +1279,23 @@ impl Inner {
             // Not enough room: demote the kind's unpinned tensors from this tier. When the
             // only candidates are moving (another thread is bringing them up, writing them
             // back or compacting them), wait a little for them rather than fail at once; the
-            // wait is bounded, so two threads waiting on each other's moves end in
-            // OutOfMemory, never in a hang.
-            let (freed, moving) = self.evict_kind_counting(tier, kind, bytes)?;
-            if freed == 0 && moving > 0 && waits < MAX_MOVING_WAITS {
-                if waits == 0 {
+            // wait comes out of the call's budget, so two threads waiting on each other's
+            // moves end in OutOfMemory, never in a hang. Once the budget is spent, room
+            // freed by this call gets one more try.
+            let (freed, moving) = if last_try {
+                (0, 0)
+            } else {
+                self.evict_kind_counting(tier, kind, bytes, waits)?
+            };
+            if freed > 0 && waits.spent() {
+                last_try = true;
+                continue;
+            }
+            if freed == 0 && moving > 0 && waits.pause() {
+                if !waited {
                     self.counters.oom_waits.fetch_add(1, Ordering::Relaxed);
+                    waited = true;
                 }
-                waits += 1;
-                pause_for_moves();
                 continue;
             }
             if freed == 0 {
@@ -956,6 +1340,7 @@ impl Inner {
         tier: Tier,
         priority: Priority,
         pin: bool,
+        waits: &Waits,
     ) -> Result<(Reservation, bool, u64)> {
         let shard = self.shard_of(h)?;
         let (src, kind, len_bytes, written, id) = {
@@ -970,7 +1355,10 @@ impl Inner {
                     )));
                 }
                 match e.begin_bring(tier, pin) {
-                    PinStep::Wait => st = wait_guard(&shard.cond, st),
+                    PinStep::Wait => {
+                        let id = e.id;
+                        st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
+                    }
                     PinStep::Hit(res) => {
                         e.last_use = tick;
                         self.counters.hit(tier);
@@ -985,19 +1373,27 @@ impl Inner {
             }
         };
         // Unlocked (the entry is busy): reserve, maybe demoting others, and copy.
-        let moved = self.reserve_on(tier, kind, len_bytes, id).and_then(|dst| {
-            // A copy made on the disk may later be the only one: check it like a write-back.
-            let copied = self
-                .copy(src, dst, written, priority)
-                .and_then(|()| self.verify_write_back(&src, &dst, written, id));
-            match copied {
-                Ok(()) => Ok(dst),
-                Err(e) => {
-                    self.release(tier, kind, dst);
-                    Err(e)
+        let claim = BusyClaim {
+            inner: self,
+            handle: h,
+            armed: true,
+        };
+        let moved = self
+            .reserve_on(tier, kind, len_bytes, id, waits)
+            .and_then(|dst| {
+                // A copy made on the disk may later be the only one: check it like a write-back.
+                let copied = self
+                    .copy(src, dst, written, priority)
+                    .and_then(|()| self.verify_write_back(&src, &dst, written, id));
+                match copied {
+                    Ok(()) => Ok(dst),
+                    Err(e) => {
+                        self.release(tier, kind, dst);
+                        Err(e)
+                    }
                 }
-            }
-        });
+            });
+        claim.disarm();
         let mut st = shard.state.lock();
         let e = self.entry(&mut st, h)?;
         e.finish_bring(tier, moved.as_ref().ok().copied(), pin);
@@ -1028,7 +1424,9 @@ impl Inner {
             let (h, tier, hinted_at) = job;
             let failed = match self.prefetch_is_stale(h, tier, hinted_at) {
                 Ok(true) => false,
-                Ok(false) => self.bring(h, tier, Priority::Prefetch, false).is_err(),
+                Ok(false) => self
+                    .bring(h, tier, Priority::Prefetch, false, &self.waits())
+                    .is_err(),
                 // A foreign, stale or freed handle: the hint fails (and changes nothing).
                 Err(_) => true,
             };
@@ -1050,66 +1448,6 @@ impl Inner {
         Ok(e.copies[tier.index()].is_some() || e.last_use > hinted_at)
     }
 
-    /// A write into the pinned (and only) copy on `tier`; the entry is busy meanwhile.
-    fn write_pinned(
-        &self,
-        h: TensorHandle,
-        tier: Tier,
-        res: &Reservation,
-        offset_bytes: u64,
-        src: &[u8],
-    ) -> Result<()> {
-        self.exclusive_pinned(h, tier, || {
-            self.tiers[tier.index()]
-                .write(res, offset_bytes, src)
-                .map_err(Into::into)
-        })
-    }
-
-    /// Runs `body` (which writes the pinned copy on `tier` in place) with the entry busy, so
-    /// other pins and moves of the tensor wait; refused unless that copy is the tensor's only
-    /// one and it is writable. No lock is held while `body` runs. On success the tensor
-    /// counts as written.
-    fn exclusive_pinned<R>(
-        &self,
-        h: TensorHandle,
-        tier: Tier,
-        body: impl FnOnce() -> Result<R>,
-    ) -> Result<R> {
-        let shard = self.shard_of(h)?;
-        {
-            let mut st = shard.state.lock();
-            loop {
-                let e = self.entry(&mut st, h)?;
-                if e.busy {
-                    st = wait_guard(&shard.cond, st);
-                    continue;
-                }
-                if e.read_only {
-                    return Err(ManagerError::ReadOnly { id: e.id });
-                }
-                if Tier::ALL
-                    .iter()
-                    .any(|&t| t != tier && e.copies[t.index()].is_some())
-                {
-                    return Err(ManagerError::NotExclusive { id: e.id });
-                }
-                e.busy = true;
-                break;
-            }
-        }
-        let r = body();
-        let mut st = shard.state.lock();
-        let e = self.entry(&mut st, h)?;
-        e.busy = false;
-        if r.is_ok() {
-            e.written = true;
-            e.last_use = self.tick();
-        }
-        shard.cond.notify_all();
-        r
-    }
-
     fn unpin(&self, h: TensorHandle, tier: Tier) {
         let Ok(shard) = self.shard_of(h) else { return };
         let mut st = shard.state.lock();
@@ -1119,29 +1457,8 @@ impl Inner {
         shard.cond.notify_all();
     }
 
-    /// Pins the fastest copy where it is: (tier, reservation, length, written, id).
-    fn pin_fastest(&self, h: TensorHandle) -> Result<(Tier, Reservation, u64, bool, u64)> {
-        let shard = self.shard_of(h)?;
-        let mut st = shard.state.lock();
-        loop {
-            let e = self.entry(&mut st, h)?;
-            if e.busy {
-                st = wait_guard(&shard.cond, st);
-                continue;
-            }
-            let tier = e
-                .fastest()
-                .ok_or_else(|| ManagerError::InvalidConfig("no copy".into()))?;
-            let (len, written, id) = (e.len_bytes, e.written, e.id);
-            let c = e.copies[tier.index()]
-                .as_mut()
-                .ok_or_else(|| ManagerError::InvalidConfig("no copy".into()))?;
-            c.pins += 1;
-            return Ok((tier, c.res, len, written, id));
-        }
-    }
-
     fn write(&self, h: TensorHandle, offset_bytes: u64, src: &[u8]) -> Result<()> {
+        let waits = self.waits();
         let shard = self.shard_of(h)?;
         // Phase 1: claim the entry.
         let (host_res, kind, len_bytes, written, id, from) = {
@@ -1149,7 +1466,8 @@ impl Inner {
             loop {
                 let e = self.entry(&mut st, h)?;
                 if e.busy {
-                    st = wait_guard(&shard.cond, st);
+                    let id = e.id;
+                    st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
                     continue;
                 }
                 if e.read_only {
@@ -1168,11 +1486,16 @@ impl Inner {
             }
         };
         // Phase 2, unlocked: make sure there is a host copy, then write into it.
+        let claim = BusyClaim {
+            inner: self,
+            handle: h,
+            armed: true,
+        };
         let result = (|| -> Result<(Reservation, bool)> {
             let (res, fresh) = match host_res {
                 Some(r) => (r, false),
                 None => {
-                    let dst = self.reserve_on(Tier::Host, kind, len_bytes, id)?;
+                    let dst = self.reserve_on(Tier::Host, kind, len_bytes, id, &waits)?;
                     let src_res = from.ok_or_else(|| ManagerError::InvalidConfig("no copy".into()));
                     // A write that covers the whole tensor needs none of its old bytes.
                     let whole = offset_bytes == 0 && src.len() as u64 == len_bytes;
@@ -1194,6 +1517,7 @@ impl Inner {
             Ok((res, fresh))
         })();
         // Phase 3: install the host copy as the only one.
+        claim.disarm();
         let mut dropped = Vec::new();
         {
             let mut st = shard.state.lock();
@@ -1280,11 +1604,13 @@ impl Inner {
         }
         let plan = self.plan.read();
         if kind == TensorKind::Weight && plan.len > 0 {
-            let cursor = self.plan_cursor.load(Ordering::Relaxed) as usize;
             let len = plan.len;
+            // The cursor may come from an older, longer plan (a new plan resets it, but a
+            // use of the old one can race that): reduce it to this plan first.
+            let cursor = self.plan_cursor.load(Ordering::Relaxed) as usize % len;
             // Distance to next use; unplanned weights go first.
             let dist = |h: &TensorHandle| match plan.position.get(&(h.slot, h.generation)) {
-                Some(&p) => (p + len - cursor - 1) % len,
+                Some(&p) => (p % len + len - cursor - 1) % len,
                 None => usize::MAX,
             };
             found.sort_by_key(|(h, _, _)| std::cmp::Reverse(dist(h)));
@@ -1373,6 +1699,11 @@ impl Inner {
         };
         let started = Instant::now();
         let backend = &self.tiers[tier.index()];
+        let claim = BusyClaim {
+            inner: self,
+            handle: h,
+            armed: true,
+        };
         // Unlocked (the entry is busy): place, copy, verify.
         let outcome = (|| -> Result<(Option<Reservation>, Relocation)> {
             let dst = match backend.reserve(src.len_bytes(), &format!("tensor {id} (compaction)")) {
@@ -1400,6 +1731,7 @@ impl Inner {
             Ok((Some(dst), Relocation::Moved(src.len_bytes())))
         })();
         let dst = outcome.as_ref().ok().and_then(|(d, _)| *d);
+        claim.disarm();
         let old = {
             let mut st = shard.state.lock();
             let e = self.entry(&mut st, h)?;
@@ -1435,19 +1767,25 @@ impl Inner {
     }
 
     /// Demotes `kind`'s tensors from `tier` until `bytes` are freed; returns bytes freed.
-    fn evict_kind(&self, tier: Tier, kind: TensorKind, bytes: u64) -> Result<u64> {
-        Ok(self.evict_kind_counting(tier, kind, bytes)?.0)
+    fn evict_kind(&self, tier: Tier, kind: TensorKind, bytes: u64, waits: &Waits) -> Result<u64> {
+        Ok(self.evict_kind_counting(tier, kind, bytes, waits)?.0)
     }
 
     /// [`Self::evict_kind`], also returning how many candidates were moving (skipped).
-    fn evict_kind_counting(&self, tier: Tier, kind: TensorKind, bytes: u64) -> Result<(u64, u64)> {
+    fn evict_kind_counting(
+        &self,
+        tier: Tier,
+        kind: TensorKind,
+        bytes: u64,
+        waits: &Waits,
+    ) -> Result<(u64, u64)> {
         let mut freed = 0;
         let (victims, moving) = self.victims(tier, kind);
         for (h, _) in victims {
             if freed >= bytes {
                 break;
             }
-            match self.demote(h, tier) {
+            match self.demote(h, tier, waits) {
                 Ok(n) => freed += n,
                 // A victim that went away or failed to write back keeps its data; try others.
                 Err(ManagerError::Stale { .. }) => {}
@@ -1468,12 +1806,12 @@ impl Inner {
 
     /// Drops `h`'s copy on `tier`, writing it back one tier down first when it is the only
     /// copy. Returns the bytes freed on `tier` (0 if it became pinned or busy meanwhile).
-    fn demote(&self, h: TensorHandle, tier: Tier) -> Result<u64> {
+    fn demote(&self, h: TensorHandle, tier: Tier, waits: &Waits) -> Result<u64> {
         let shard = self.shard_of(h)?;
         let (src, kind, len_bytes, written, id) = {
             let mut st = shard.state.lock();
             let e = self.entry(&mut st, h)?;
-            match e.begin_demote(tier) {
+            match e.begin_demote(tier, Reservation::is_in_place) {
                 DemoteStep::Skip => return Ok(0),
                 DemoteStep::Dropped(res) => {
                     let kind = e.kind;
@@ -1486,18 +1824,26 @@ impl Inner {
             }
         };
         let below = tier.below().unwrap_or(Tier::Disk);
-        let moved = self.reserve_on(below, kind, len_bytes, id).and_then(|dst| {
-            let copied = self
-                .copy(src, dst, written, Priority::WriteBack)
-                .and_then(|()| self.verify_write_back(&src, &dst, written, id));
-            match copied {
-                Ok(()) => Ok(dst),
-                Err(e) => {
-                    self.release(below, kind, dst);
-                    Err(e)
+        let claim = BusyClaim {
+            inner: self,
+            handle: h,
+            armed: true,
+        };
+        let moved = self
+            .reserve_on(below, kind, len_bytes, id, waits)
+            .and_then(|dst| {
+                let copied = self
+                    .copy(src, dst, written, Priority::WriteBack)
+                    .and_then(|()| self.verify_write_back(&src, &dst, written, id));
+                match copied {
+                    Ok(()) => Ok(dst),
+                    Err(e) => {
+                        self.release(below, kind, dst);
+                        Err(e)
+                    }
                 }
-            }
-        });
+            });
+        claim.disarm();
         let old = {
             let mut st = shard.state.lock();
             let e = self.entry(&mut st, h)?;
