@@ -600,3 +600,93 @@ fn overlapping_ranges_are_not_lent_at_once() {
     assert_eq!(&buf[..16], &[9u8; 16]);
     assert_eq!(&buf[128..136], &[8u8; 8]);
 }
+
+// ---- Every configuration value: a working manager or a typed error, never a panic. ----
+
+mod config_values {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Counts accepted configurations, so a strategy that only makes refused ones shows.
+    pub static ACCEPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    /// A power of two that every tier accepts as a unit or chunk, most of the time.
+    fn usual_unit() -> impl Strategy<Value = u64> {
+        (12u32..=22).prop_map(|s| 1u64 << s)
+    }
+
+    fn any_size() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            1u64..=64 * MIB,
+            (0u32..=26).prop_map(|s| 1u64 << s),
+            (10u32..=26).prop_map(|s| (1u64 << s) + 4096),
+            Just(u64::MAX),
+            Just(u64::MAX / 2 + 1),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_manager_config_builds_a_working_manager_or_is_refused(
+            device in 0u64..=8 * MIB,
+            host in 0u64..=8 * MIB,
+            disk in 0u64..=32 * MIB,
+            shards in prop_oneof![1 => Just(0usize), 3 => 1usize..=64, 1 => Just(1 << 20)],
+            kv_block in proptest::option::of(prop_oneof![3 => Just(4096u64), 1 => any_size()]),
+            unit in prop_oneof![3 => usual_unit(), 1 => any_size()],
+            chunk in prop_oneof![3 => (22u32..=24).prop_map(|s| 1u64 << s), 1 => any_size()],
+            workers in prop_oneof![1 => Just(0usize), 3 => 1usize..=8, 1 => Just(usize::MAX)],
+            queued in prop_oneof![1 => Just(0usize), 3 => 1usize..=8],
+            batch in prop_oneof![3 => Just(16 * MIB), 1 => any_size()],
+            wait_ms in prop_oneof![Just(0u64), 1u64..=50, Just(u64::MAX)],
+            budget in any_size(),
+            zero_on_free in any::<bool>(),
+        ) {
+            let mut c = ManagerConfig::with_capacities(device, host, disk);
+            c.disk.preallocate = false;
+            c.shards = shards;
+            c.kv_block_bytes = kv_block;
+            c.disk.unit_bytes = unit;
+            c.engine.chunk_bytes = chunk;
+            c.engine.workers = workers;
+            c.engine.max_queued_jobs = queued;
+            c.engine.max_batch_bytes = batch;
+            c.max_call_wait = Duration::from_millis(wait_ms);
+            c.zero_on_free = zero_on_free;
+            c.budgets.bytes[Tier::Host.index()][TensorKind::Weight.index()] = budget;
+            let Ok(m) = MemoryManager::new(c) else {
+                return Ok(());
+            };
+            ACCEPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // An accepted configuration serves: what is written reads back, through a
+            // swap-out where the tiers allow one, and everything freed leaves the arenas.
+            let before = Tier::ALL.map(|t| m.tier_usage(t).in_use_bytes);
+            let bytes = pattern(7, 5000);
+            if let Ok(h) = m.allocate(5000, TensorKind::Weight, 7) {
+                if m.write(h, 0, &bytes).is_ok() {
+                    let _ = m.swap_out(h, Tier::Host);
+                    let mut back = vec![0u8; 5000];
+                    m.read(h, 0, &mut back).unwrap();
+                    prop_assert_eq!(back, bytes);
+                }
+                m.deallocate(h).unwrap();
+            }
+            for t in Tier::ALL {
+                prop_assert_eq!(m.tier_usage(t).in_use_bytes, before[t.index()]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_config_strategy_makes_working_managers_too() {
+        any_manager_config_builds_a_working_manager_or_is_refused();
+        let accepted = ACCEPTED.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            accepted >= 10,
+            "only {accepted} of 96 configurations were accepted"
+        );
+    }
+}
