@@ -10,12 +10,10 @@ use std::ptr::NonNull;
 /// Alignment of every I/O buffer and of every disk offset and length, in bytes.
 pub const IO_ALIGN_BYTES: usize = 4096;
 
-/// Rounds `n` up to a multiple of `align` (a power of two); `None` on overflow.
+/// Rounds `n` up to a multiple of `align` (any non-zero value, not only a power of two);
+/// `None` on overflow or when `align` is 0.
 pub const fn round_up(n: u64, align: u64) -> Option<u64> {
-    match n.checked_add(align - 1) {
-        Some(v) => Some(v & !(align - 1)),
-        None => None,
-    }
+    n.checked_next_multiple_of(align)
 }
 
 /// A zero-initialised buffer whose address is aligned to [`IO_ALIGN_BYTES`]: on the heap
@@ -136,4 +134,39 @@ impl std::fmt::Debug for AlignedBuf {
 pub fn is_io_aligned(buf: &[u8]) -> bool {
     (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES)
         && buf.len().is_multiple_of(IO_ALIGN_BYTES)
+}
+
+/// Copies `len_bytes` between two reservations of `tier` through one aligned staging buffer,
+/// in pieces of about 4 MiB that are whole multiples of the tier's
+/// [I/O unit](crate::TierBackend::io_unit_bytes) (one unit when the unit is larger), so each
+/// piece is a write the tier accepts (the disk tier refuses writes that are not whole
+/// integrity units).
+pub(crate) fn copy_in_pieces<T: crate::TierBackend + ?Sized>(
+    tier: &T,
+    src: &crate::Reservation,
+    src_offset_bytes: u64,
+    dst: &crate::Reservation,
+    dst_offset_bytes: u64,
+    len_bytes: u64,
+) -> Result<(), TierError> {
+    const PIECE_BYTES: u64 = 4 << 20;
+    crate::backend::check_range(tier.tier(), src, src_offset_bytes, len_bytes)?;
+    crate::backend::check_range(tier.tier(), dst, dst_offset_bytes, len_bytes)?;
+    if len_bytes == 0 {
+        return Ok(());
+    }
+    let unit = tier.io_unit_bytes().max(1);
+    let piece = (PIECE_BYTES / unit).max(1).saturating_mul(unit);
+    let first = usize::try_from(len_bytes.min(piece))
+        .map_err(|_| TierError::InvalidConfig(format!("a copy piece of {piece} bytes")))?;
+    let mut buf = AlignedBuf::new(first)?;
+    let mut done = 0u64;
+    while done < len_bytes {
+        let n = (len_bytes - done).min(piece);
+        let _ = buf.set_len(n as usize);
+        tier.read(src, src_offset_bytes + done, buf.as_mut_slice())?;
+        tier.write(dst, dst_offset_bytes + done, buf.as_slice())?;
+        done += n;
+    }
+    Ok(())
 }

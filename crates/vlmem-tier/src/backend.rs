@@ -84,7 +84,9 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
     /// Reads `dst.len()` bytes from `offset_bytes` inside the reservation.
     fn read(&self, res: &Reservation, offset_bytes: u64, dst: &mut [u8]) -> Result<()>;
     /// Copies `len_bytes` from one reservation of this tier to another (compaction,
-    /// duplication). The default goes through a bounded staging buffer.
+    /// duplication). The default goes through a bounded staging buffer, in pieces of whole
+    /// [`TierBackend::io_unit_bytes`] (at least one unit), so every piece is a write the
+    /// tier accepts whatever its unit.
     fn copy_range(
         &self,
         src: &Reservation,
@@ -93,17 +95,14 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
         dst_offset_bytes: u64,
         len_bytes: u64,
     ) -> Result<()> {
-        const STAGE_BYTES: u64 = 4 << 20;
-        let mut buf = crate::align::AlignedBuf::new(len_bytes.min(STAGE_BYTES) as usize)?;
-        let mut done = 0u64;
-        while done < len_bytes {
-            let n = (len_bytes - done).min(STAGE_BYTES);
-            let _ = buf.set_len(n as usize);
-            self.read(src, src_offset_bytes + done, buf.as_mut_slice())?;
-            self.write(dst, dst_offset_bytes + done, buf.as_slice())?;
-            done += n;
-        }
-        Ok(())
+        crate::align::copy_in_pieces(
+            self,
+            src,
+            src_offset_bytes,
+            dst,
+            dst_offset_bytes,
+            len_bytes,
+        )
     }
     /// For CPU-addressable tiers: lends `len_bytes` bytes at `offset_bytes` of the
     /// reservation to `f` for reading, with no copy. `None` when the tier cannot (the engine

@@ -30,6 +30,19 @@ use vlmem_core::{ArenaUsage, Block, OffsetAllocator, Tier};
 /// Allocator id stamped on the blocks of read-only extents (they live in no arena).
 pub const EXTENT_ALLOCATOR_ID: u32 = u32::MAX - 1;
 
+/// Smallest integrity unit [`DiskOptions::unit_bytes`] accepts (the O_DIRECT alignment).
+pub const MIN_UNIT_BYTES: u64 = IO_ALIGN_BYTES as u64;
+
+/// Largest integrity unit [`DiskOptions::unit_bytes`] accepts. A read of one byte reads and
+/// verifies its whole unit, and the transfer engine's chunks are whole units, so a larger
+/// unit would only make small reads and staging buffers bigger.
+pub const MAX_UNIT_BYTES: u64 = 64 << 20;
+
+/// Most swap files one disk tier opens (`capacity / file_bytes`, rounded up); a smaller
+/// [`DiskOptions::file_bytes`] beside a large capacity is refused rather than exhausting the
+/// process's file descriptors.
+pub const MAX_SWAP_FILES: u64 = 1024;
+
 const ALIGN: u64 = IO_ALIGN_BYTES as u64;
 
 /// Options of the disk tier.
@@ -47,8 +60,29 @@ pub struct DiskOptions {
     /// Preallocate the files (fallocate) so that a full disk shows at start, not mid-run.
     pub preallocate: bool,
     /// Encrypt every unit with ChaCha20-Poly1305 under a random key held in memory only.
+    ///
+    /// What each mode promises about the bytes read back from a swapped tensor:
+    /// - `false`: each unit carries a CRC32C kept in this process's memory. It detects
+    ///   accidental corruption (a flipped bit, a torn or lost write, a misdirected read): such
+    ///   a read fails with [`TierError::Corrupt`]. It does not detect deliberate tampering:
+    ///   someone who can write the swap file can change a unit so that its CRC32C still
+    ///   matches, and those bytes are returned as data. Nor does it hide the bytes from anyone
+    ///   who can read the file.
+    /// - `true`: each unit is sealed with ChaCha20-Poly1305 (a fresh nonce per write, the
+    ///   unit's place in the arena and its block generation as associated data). Any change to
+    ///   a unit's bytes on disk, its replay from an older write, or its move to another place,
+    ///   accidental or deliberate, fails the tag check with [`TierError::Corrupt`]; the bytes
+    ///   are unreadable without the key, which never leaves this process. The CRC32C is checked
+    ///   too, after decryption.
+    ///
+    /// Checkpoint extents registered in place are never checked nor encrypted: the file is
+    /// the source of truth.
     pub encrypt: bool,
-    /// Integrity unit in bytes (a multiple of 4 KiB): one CRC32C (or AEAD tag) each.
+    /// Integrity unit in bytes: one CRC32C (or AEAD tag) each. A power of two from
+    /// [`MIN_UNIT_BYTES`] (4 KiB) to [`MAX_UNIT_BYTES`] (64 MiB); anything else is refused
+    /// with [`TierError::InvalidConfig`]. Writes must start on a unit and end on one (or at
+    /// the tensor's end); a read verifies every unit it touches, so it reads at least one
+    /// whole unit. The transfer engine's `chunk_bytes` must be a multiple of it.
     pub unit_bytes: u64,
     /// Largest single I/O of a coalesced batch of small tensors.
     pub max_batch_bytes: u64,
@@ -208,15 +242,21 @@ impl DiskTier {
             )));
         }
         let unit_bytes = options.unit_bytes;
-        if unit_bytes == 0 || !unit_bytes.is_multiple_of(ALIGN) {
+        if !unit_bytes.is_power_of_two() || !(MIN_UNIT_BYTES..=MAX_UNIT_BYTES).contains(&unit_bytes)
+        {
             return Err(TierError::InvalidConfig(format!(
-                "integrity unit of {unit_bytes} bytes: must be a non-zero multiple of 4096"
+                "integrity unit of {unit_bytes} bytes: must be a power of two from {MIN_UNIT_BYTES} to {MAX_UNIT_BYTES}"
             )));
         }
         let file_bytes = options.file_bytes.unwrap_or(capacity_bytes);
         if file_bytes == 0 || !file_bytes.is_multiple_of(ALIGN) {
             return Err(TierError::InvalidConfig(format!(
                 "swap file size of {file_bytes} bytes: must be a non-zero multiple of 4096"
+            )));
+        }
+        if capacity_bytes.div_ceil(file_bytes) > MAX_SWAP_FILES {
+            return Err(TierError::InvalidConfig(format!(
+                "a disk arena of {capacity_bytes} bytes in swap files of {file_bytes} bytes needs more than {MAX_SWAP_FILES} files; use larger files"
             )));
         }
         let (dir, remove_dir_on_drop) = make_dir(&options)?;
@@ -866,6 +906,7 @@ impl TierBackend for DiskTier {
         let span_end = round_up(offset_bytes + len, self.unit_bytes)
             .unwrap_or(u64::MAX)
             .min(res.len_bytes());
+        debug_assert!(span_start <= offset_bytes && offset_bytes + len <= span_end);
         let access = self
             .swap
             .access(res, span_start, span_end - span_start, false)?;
@@ -1053,6 +1094,25 @@ impl TierBackend for DiskTier {
     }
     fn io_unit_bytes(&self) -> u64 {
         self.unit_bytes
+    }
+    /// Reads (verifying) and rewrites (resealing for the new place) in pieces of whole
+    /// integrity units, so every write is one the tier accepts whatever the unit size.
+    fn copy_range(
+        &self,
+        src: &Reservation,
+        src_offset_bytes: u64,
+        dst: &Reservation,
+        dst_offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<()> {
+        crate::align::copy_in_pieces(
+            self,
+            src,
+            src_offset_bytes,
+            dst,
+            dst_offset_bytes,
+            len_bytes,
+        )
     }
 }
 

@@ -5,7 +5,16 @@
 //! (`chunk_bytes`, 4 MiB by default): a worker takes one chunk of the most urgent job
 //! (demand before prefetch before write-back; round-robin among jobs of one priority) and
 //! comes back for the next, so a huge write-back delays an urgent demand fetch by at most
-//! one chunk per worker. Chunks of one job run in parallel on several workers.
+//! one chunk per worker. Chunks of one job run in parallel on several workers: a worker that
+//! takes a chunk of a job with chunks left wakes another idle worker, so one large move on an
+//! idle engine keeps every worker busy.
+//!
+//! Anti-starvation: a prefetch or write-back not served for `max_starve` gets the next chunk
+//! even while more urgent jobs wait, but such a starved pick is never followed by another:
+//! the chunk handed out after it goes by strict priority. So starved jobs get at most every
+//! other chunk, and a demand fetch at the head of its queue is handed a chunk within two
+//! hand-outs of being queued, however many starved jobs wait (with one worker: after the
+//! chunk running and at most one starved chunk).
 //!
 //! Queues are bounded (`max_queued_jobs`): `submit` blocks when they are full
 //! (back-pressure), `try_submit` returns [`TierError::QueueFull`]. Memory is bounded too: each
@@ -62,20 +71,32 @@ pub struct Move {
     pub dst: Reservation,
 }
 
-/// Engine settings.
+/// Most worker threads an engine starts ([`EngineConfig::workers`]).
+pub const MAX_WORKERS: usize = 256;
+
+/// Largest chunk ([`EngineConfig::chunk_bytes`]): each worker may hold a staging buffer of
+/// one chunk.
+pub const MAX_CHUNK_BYTES: u64 = 1 << 30;
+
+/// Engine settings. [`TransferEngine::new`] refuses values it cannot serve with
+/// [`TierError::InvalidConfig`].
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
-    /// Worker threads, i.e. the I/O queue depth (at least 1; 4 by default).
+    /// Worker threads, i.e. the I/O queue depth (1 to [`MAX_WORKERS`]; 4 by default).
     pub workers: usize,
-    /// Bytes per chunk (a multiple of every tier's I/O unit; 4 MiB by default).
+    /// Bytes per chunk (1 to [`MAX_CHUNK_BYTES`], a multiple of every tier's I/O unit;
+    /// 4 MiB by default).
     pub chunk_bytes: u64,
-    /// Jobs that may wait in the queues before `submit` blocks.
+    /// Jobs that may wait in the queues before `submit` blocks (at least 1).
     pub max_queued_jobs: usize,
-    /// Largest batch of small tensors (sum of their lengths).
+    /// Largest batch of small tensors (sum of their lengths); a larger batch is refused at
+    /// submit.
     pub max_batch_bytes: u64,
     /// Anti-starvation: a lower-priority job that has not been served for this long gets
     /// the next chunk even while more urgent jobs wait (strict priority could otherwise
-    /// starve write-backs for ever under a steady stream of demand fetches).
+    /// starve write-backs for ever under a steady stream of demand fetches). Starved jobs
+    /// get at most every other chunk handed out, so they delay a demand fetch by at most one
+    /// chunk each time (see the module documentation).
     pub max_starve: Duration,
 }
 
@@ -165,6 +186,8 @@ struct Sched {
     queues: [VecDeque<Arc<Job>>; 3],
     queued_jobs: usize,
     shutdown: bool,
+    /// The last chunk handed out went to a starved job: the next goes by strict priority.
+    after_starved: bool,
 }
 
 #[derive(Debug, Default)]
@@ -208,13 +231,16 @@ impl Ticket {
     }
 
     /// Waits at most `timeout`: the outcome, or the ticket back if still running. (Not under
-    /// the model checkers, whose condition variables have no timed wait.)
+    /// the model checkers, whose condition variables have no timed wait.) A timeout too
+    /// large to be a point in time waits like [`Ticket::wait`].
     #[cfg(not(any(vlmem_loom, vlmem_shuttle)))]
     pub fn wait_timeout(
         self,
         timeout: Duration,
     ) -> std::result::Result<Result<TransferReport>, Ticket> {
-        let deadline = Instant::now() + timeout;
+        let Some(deadline) = Instant::now().checked_add(timeout) else {
+            return Ok(self.wait());
+        };
         let outcome = {
             let mut st = self.job.status.lock();
             loop {
@@ -245,8 +271,13 @@ impl Ticket {
     }
 
     /// Asks the transfer to stop. Chunks already running finish; no new one starts. The
-    /// ticket then reports [`TierError::Cancelled`] unless the transfer had already
-    /// completed; the destination holds no valid copy, the source is untouched.
+    /// ticket then reports [`TierError::Cancelled`] (the destination holds no valid copy,
+    /// the source is untouched), unless every chunk had already started: then the transfer
+    /// ends exactly as if it had not been cancelled, flush included. So a cancelled transfer
+    /// reports `Ok` only with every byte copied and, on a tier that
+    /// [needs a flush](TierBackend::needs_flush) (a buffered disk), only after that flush
+    /// succeeded; a failed flush reports its error. Never `Ok` without the durability an
+    /// uncancelled transfer gives.
     pub fn cancel(&self) {
         self.job.cancelled.store(true, Ordering::Release);
         let skipped = {
@@ -287,6 +318,18 @@ impl TransferEngine {
             return Err(TierError::InvalidConfig(format!(
                 "workers ({}), chunk_bytes ({}) and max_queued_jobs ({}) must be at least 1",
                 config.workers, config.chunk_bytes, config.max_queued_jobs
+            )));
+        }
+        if config.workers > MAX_WORKERS {
+            return Err(TierError::InvalidConfig(format!(
+                "workers ({}) must be at most {MAX_WORKERS}",
+                config.workers
+            )));
+        }
+        if config.chunk_bytes > MAX_CHUNK_BYTES {
+            return Err(TierError::InvalidConfig(format!(
+                "chunk_bytes ({}) must be at most {MAX_CHUNK_BYTES}",
+                config.chunk_bytes
             )));
         }
         let mut slots: [Option<std::sync::Arc<dyn TierBackend>>; 3] = [None, None, None];
@@ -374,7 +417,7 @@ impl TransferEngine {
                     "a batch moves from one tier to one tier".into(),
                 ));
             }
-            total += mv.src.len_bytes();
+            total = total.saturating_add(mv.src.len_bytes());
         }
         if total > self.shared.config.max_batch_bytes {
             return Err(TierError::InvalidConfig(format!(
@@ -528,17 +571,25 @@ impl Shared {
         loop {
             let mut skipped: Vec<(Arc<Job>, u64)> = Vec::new();
             let mut picked = None;
-            // A starved lower-priority queue goes first; otherwise strict priority.
+            let mut more_chunks = false;
+            // A starved lower-priority queue goes first (the one waiting longest), unless the
+            // previous chunk went to a starved job; otherwise strict priority.
             let now = Instant::now();
-            let starved = [Priority::WriteBack, Priority::Prefetch]
-                .into_iter()
-                .find(|p| {
-                    sched.queues[p.index()].front().is_some_and(|j| {
+            let starved = if sched.after_starved {
+                None
+            } else {
+                [Priority::WriteBack, Priority::Prefetch]
+                    .into_iter()
+                    .filter_map(|p| {
+                        let j = sched.queues[p.index()].front()?;
                         let served = j.submitted
                             + Duration::from_nanos(j.last_served_ns.load(Ordering::Relaxed));
-                        now.saturating_duration_since(served) > self.config.max_starve
+                        let waited = now.saturating_duration_since(served);
+                        (waited > self.config.max_starve).then_some((p, waited))
                     })
-                });
+                    .max_by_key(|&(_, waited)| waited)
+                    .map(|(p, _)| p)
+            };
             let order = match starved {
                 Some(p) => [p, Priority::Demand, Priority::Prefetch, Priority::WriteBack],
                 None => [
@@ -566,13 +617,20 @@ impl Shared {
                     );
                     if idx + 1 < job.total_chunks {
                         sched.queues[q].push_back(job.clone());
+                        more_chunks = true;
                     } else {
                         sched.queued_jobs -= 1;
                         self.space_ready.notify_one();
                     }
+                    sched.after_starved = starved == Some(p);
                     picked = Some((job, idx));
                     break 'outer;
                 }
+            }
+            if more_chunks {
+                // The rest of the job is back in its queue: another idle worker takes the
+                // next chunk now, in parallel with this one.
+                self.work_ready.notify_one();
             }
             if !skipped.is_empty() {
                 drop(sched);
@@ -675,7 +733,7 @@ impl Shared {
     /// Records `n` finished chunks of `job` (run, or skipped after a failure or a
     /// cancellation); the last one completes the ticket.
     fn finish_chunks(&self, job: &Job, n: u64, r: Result<u64>) {
-        let last = {
+        let (last, copied_all) = {
             let mut st = job.status.lock();
             st.finished_chunks += n;
             match r {
@@ -687,14 +745,19 @@ impl Shared {
                     }
                 }
             }
-            st.finished_chunks == job.total_chunks
+            (
+                st.finished_chunks == job.total_chunks,
+                st.error.is_none() && st.bytes_done >= job.len_bytes,
+            )
         };
         if !last {
             return;
         }
-        // Flush outside every lock: a deferred write error fails this job (fsyncgate).
+        // Flush outside every lock: a deferred write error fails this job (fsyncgate). Every
+        // job whose bytes were all copied is flushed, cancelled or not: it reports `Ok` only
+        // once they are durable. One stopped early reports its error or `Cancelled`.
         let mut flush_error = None;
-        if !job.stopped()
+        if copied_all
             && let Some(mv) = match &job.work {
                 Work::Single(mv) => Some(mv),
                 Work::Batch(m) => m.first(),
@@ -716,7 +779,7 @@ impl Shared {
             self.counters.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, priority = ?job.priority, "transfer failed");
             Err(e)
-        } else if job.cancelled.load(Ordering::Acquire) && st.bytes_done < job.len_bytes {
+        } else if st.bytes_done < job.len_bytes {
             self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
             Err(TierError::Cancelled)
         } else {

@@ -647,3 +647,153 @@ fn wait_timeout_hands_the_ticket_back_until_done() {
     assert_eq!(r.unwrap().bytes, 40 * MIB);
     assert_eq!(read_all(&*dev, &dst), data);
 }
+
+/// A device tier whose reads take `delay` each and that counts how many run at once.
+#[derive(Debug)]
+struct SlowReads {
+    inner: Arc<vlmem_tier::MemoryTier>,
+    delay: Duration,
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl SlowReads {
+    fn new(inner: Arc<vlmem_tier::MemoryTier>, delay: Duration) -> Self {
+        SlowReads {
+            inner,
+            delay,
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
+            reads: Default::default(),
+        }
+    }
+}
+
+impl TierBackend for SlowReads {
+    fn tier(&self) -> Tier {
+        self.inner.tier()
+    }
+    fn describe(&self) -> String {
+        "slow reads".into()
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.inner.capacity_bytes()
+    }
+    fn usage(&self) -> vlmem_core::ArenaUsage {
+        self.inner.usage()
+    }
+    fn reserve(&self, len_bytes: u64, name: &str) -> vlmem_tier::Result<vlmem_tier::Reservation> {
+        self.inner.reserve(len_bytes, name)
+    }
+    fn release(&self, res: vlmem_tier::Reservation) -> vlmem_tier::Result<()> {
+        self.inner.release(res)
+    }
+    fn write(
+        &self,
+        res: &vlmem_tier::Reservation,
+        offset_bytes: u64,
+        src: &[u8],
+    ) -> vlmem_tier::Result<()> {
+        self.inner.write(res, offset_bytes, src)
+    }
+    fn read(
+        &self,
+        res: &vlmem_tier::Reservation,
+        offset_bytes: u64,
+        dst: &mut [u8],
+    ) -> vlmem_tier::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, SeqCst);
+        self.reads.fetch_add(1, SeqCst);
+        std::thread::sleep(self.delay);
+        let r = self.inner.read(res, offset_bytes, dst);
+        self.in_flight.fetch_sub(1, SeqCst);
+        r
+    }
+}
+
+#[test]
+fn chunks_of_one_job_run_on_several_workers_at_once() {
+    // Four workers, 64 KiB chunks, source reads of 25 ms: a 1 MiB move is 16 chunks, about
+    // 100 ms when four run at once, 400 ms one at a time.
+    let h = host(4 * MIB);
+    let slow = Arc::new(SlowReads::new(
+        device(4 * MIB, None),
+        Duration::from_millis(25),
+    ));
+    let cfg = EngineConfig {
+        workers: 4,
+        chunk_bytes: 64 * 1024,
+        ..EngineConfig::default()
+    };
+    let e = TransferEngine::new(&[h.clone(), slow.clone()], cfg).unwrap();
+    let (src, data) = fill(&*slow, MIB, 3, "w");
+    let dst = h.reserve(MIB, "w").unwrap();
+    let t0 = Instant::now();
+    let rep = e
+        .submit(Move { src, dst }, Priority::Demand)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let wall = t0.elapsed();
+    assert_eq!(rep.chunks, 16);
+    assert_eq!(read_all(&*h, &dst), data);
+    let reads = slow.reads.load(std::sync::atomic::Ordering::SeqCst);
+    let max = slow.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(reads, 16);
+    assert_eq!(
+        max, 4,
+        "at most {max} chunks of the job were in flight at once (4 workers)"
+    );
+    assert!(
+        wall < Duration::from_millis(300),
+        "16 chunks of 25 ms on 4 workers took {wall:?}"
+    );
+}
+
+#[test]
+fn a_demand_fetch_behind_many_aged_write_backs_waits_only_a_few_chunks() {
+    // One worker held by a slow first copy while 200 one-chunk write-backs queue up and age
+    // past `max_starve`; then a demand fetch arrives. Starved jobs get at most every other
+    // chunk, so the demand fetch must run after at most one or two of them, not all 200.
+    let h = host(16 * MIB);
+    let plan = Arc::new(FaultPlan::new());
+    let dev = Arc::new(FaultyTier::new(device(16 * MIB, None), plan.clone()));
+    let cfg = EngineConfig {
+        workers: 1,
+        max_queued_jobs: 512,
+        max_starve: Duration::from_millis(50),
+        ..EngineConfig::default()
+    };
+    let e = TransferEngine::new(&[h.clone(), dev.clone()], cfg).unwrap();
+    // The first device write holds the only worker; every later one takes 2 ms.
+    plan.add(FaultRule::once(
+        IoPoint::Write,
+        FaultKind::Slow(Duration::from_millis(300)),
+    ));
+    plan.add(FaultRule::always(IoPoint::Write, FaultKind::Slow(Duration::from_millis(2))).after(1));
+    let mk = |name: &str, seed| {
+        let (src, _) = fill(&*h, 4096, seed, name);
+        let dst = dev.reserve(4096, name).unwrap();
+        Move { src, dst }
+    };
+    let blocker = e.submit(mk("blocker", 1), Priority::Demand).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let write_backs: Vec<_> = (0..200)
+        .map(|i| e.submit(mk("wb", 10 + i), Priority::WriteBack).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(150)); // every write-back is now starved
+    let demand = e.submit(mk("demand", 5), Priority::Demand).unwrap();
+    blocker.wait().unwrap();
+    demand.wait().unwrap();
+    let ahead = write_backs.iter().filter(|t| t.is_finished()).count();
+    assert!(
+        ahead <= 3,
+        "{ahead} starved write-backs ran before the demand fetch"
+    );
+    for t in write_backs {
+        t.wait().unwrap();
+    }
+}

@@ -564,3 +564,349 @@ fn a_failed_batch_write_loses_nothing() {
         assert_eq!(&read_all(&*h, &m.src), data);
     }
 }
+
+/// A `FileIo` that stops at one chosen call (the `k`th of a point) until released, counts
+/// every call, numbers them in one sequence, and can fail every sync with EIO.
+#[derive(Debug, Default)]
+struct GateIo {
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+    fail_syncs: bool,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// Calls so far per point: read, write, sync.
+    calls: [u64; 3],
+    /// Sequence number of the last call started, and of the last write and good sync.
+    seq: u64,
+    last_write_seq: u64,
+    last_good_sync_seq: u64,
+    gate: Option<(IoPoint, u64)>,
+    entered: bool,
+    released: bool,
+}
+
+fn slot(point: IoPoint) -> usize {
+    match point {
+        IoPoint::Read => 0,
+        IoPoint::Write => 1,
+        _ => 2,
+    }
+}
+
+impl GateIo {
+    /// Counts the call; blocks at the gate; returns its sequence number.
+    fn pass(&self, point: IoPoint) -> u64 {
+        let mut st = self.state.lock().unwrap();
+        let i = slot(point);
+        let nth = st.calls[i];
+        st.calls[i] += 1;
+        st.seq += 1;
+        let seq = st.seq;
+        if st.gate == Some((point, nth)) {
+            st.entered = true;
+            self.changed.notify_all();
+            while !st.released {
+                st = self.changed.wait(st).unwrap();
+            }
+        }
+        seq
+    }
+    fn arm(&self, point: IoPoint, nth: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.calls = [0; 3];
+        st.gate = Some((point, nth));
+        st.entered = false;
+        st.released = false;
+    }
+    fn disarm(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.calls = [0; 3];
+        st.gate = None;
+    }
+    /// Waits until a call stops at the gate; false if none did within `timeout`.
+    fn wait_entered(&self, timeout: Duration) -> bool {
+        let st = self.state.lock().unwrap();
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |s| !s.entered)
+            .unwrap();
+        st.entered
+    }
+    fn release(&self) {
+        self.state.lock().unwrap().released = true;
+        self.changed.notify_all();
+    }
+    fn calls(&self, point: IoPoint) -> u64 {
+        self.state.lock().unwrap().calls[slot(point)]
+    }
+    fn seqs(&self) -> (u64, u64) {
+        let st = self.state.lock().unwrap();
+        (st.last_write_seq, st.last_good_sync_seq)
+    }
+}
+
+impl FileIo for GateIo {
+    fn open_swap(&self, dir: &std::path::Path, direct: bool) -> std::io::Result<std::fs::File> {
+        RealFileIo.open_swap(dir, direct)
+    }
+    fn open_read_only(
+        &self,
+        path: &std::path::Path,
+        direct: bool,
+    ) -> std::io::Result<std::fs::File> {
+        RealFileIo.open_read_only(path, direct)
+    }
+    fn allocate(&self, file: &std::fs::File, len_bytes: u64) -> std::io::Result<()> {
+        RealFileIo.allocate(file, len_bytes)
+    }
+    fn write_at(&self, file: &std::fs::File, offset: u64, buf: &[u8]) -> std::io::Result<usize> {
+        let seq = self.pass(IoPoint::Write);
+        let r = RealFileIo.write_at(file, offset, buf);
+        let mut st = self.state.lock().unwrap();
+        st.last_write_seq = st.last_write_seq.max(seq);
+        r
+    }
+    fn read_at(&self, file: &std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.pass(IoPoint::Read);
+        RealFileIo.read_at(file, offset, buf)
+    }
+    fn sync_data(&self, file: &std::fs::File) -> std::io::Result<()> {
+        let seq = self.pass(IoPoint::Sync);
+        if self.fail_syncs {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        RealFileIo.sync_data(file)?;
+        let mut st = self.state.lock().unwrap();
+        st.last_good_sync_seq = st.last_good_sync_seq.max(seq);
+        Ok(())
+    }
+}
+
+/// Cancels a move while it stands at every I/O call it makes, in turn (each read, write and
+/// sync of each chunk), on a buffered disk whose syncs succeed or all fail, with one worker
+/// and with several. The outcome is always typed; a move into the disk reports success only
+/// when a good sync followed its last write (the durability an uncancelled move gives), and
+/// then its bytes read back; the source is never touched.
+fn cancel_at_every_io_point(fail_syncs: bool, workers: usize) {
+    const UNIT: u64 = 64 * 1024;
+    const LEN: u64 = 3 * UNIT + 5000; // four chunks, an unaligned tail
+    let dir = tempfile::tempdir().unwrap();
+    let io = Arc::new(GateIo {
+        fail_syncs,
+        ..GateIo::default()
+    });
+    let opts = DiskOptions {
+        dir: Some(dir.path().to_path_buf()),
+        direct_io: false,
+        preallocate: false,
+        unit_bytes: UNIT,
+        ..DiskOptions::default()
+    };
+    let d = Arc::new(DiskTier::with_io(alloc(8 * MIB), opts, io.clone()).unwrap());
+    let h = host(8 * MIB);
+    let cfg = vlmem_tier::EngineConfig {
+        workers,
+        chunk_bytes: UNIT,
+        ..vlmem_tier::EngineConfig::default()
+    };
+    let e = vlmem_tier::TransferEngine::new(&[h.clone(), d.clone()], cfg).unwrap();
+    let data = pattern(LEN as usize, 9);
+    let src = h.reserve(LEN, "layer.7.v_proj").unwrap();
+    h.write(&src, 0, &data).unwrap();
+    // A disk copy to read from (written and verified without the engine).
+    // A disk copy to read from, written without the engine before each move out of the disk
+    // (a failed sync of another move invalidates everything written since the last good one).
+    let on_disk_src = d.reserve(LEN, "layer.7.v_proj").unwrap();
+
+    for to_disk in [true, false] {
+        // Count the calls an uncancelled move makes.
+        d.write(&on_disk_src, 0, &data).unwrap();
+        io.disarm();
+        let (s, t) = if to_disk {
+            (src, d.reserve(LEN, "probe").unwrap())
+        } else {
+            (on_disk_src, h.reserve(LEN, "probe").unwrap())
+        };
+        let _ = e
+            .submit(Move { src: s, dst: t }, Priority::Demand)
+            .unwrap()
+            .wait();
+        let points: Vec<(IoPoint, u64)> = [IoPoint::Read, IoPoint::Write, IoPoint::Sync]
+            .into_iter()
+            .map(|p| (p, io.calls(p)))
+            .collect();
+        if to_disk {
+            d.release(t).unwrap();
+        } else {
+            h.release(t).unwrap();
+        }
+        let mut cases = 0;
+        let (mut saw_ok, mut saw_cancelled) = (false, false);
+        for (point, n) in points {
+            for nth in 0..n {
+                cases += 1;
+                let dst = if to_disk {
+                    d.reserve(LEN, "layer.7.v_proj").unwrap()
+                } else {
+                    h.reserve(LEN, "back").unwrap()
+                };
+                let s = if to_disk {
+                    src
+                } else {
+                    d.write(&on_disk_src, 0, &data).unwrap();
+                    on_disk_src
+                };
+                io.arm(point, nth);
+                let ticket = e.submit(Move { src: s, dst }, Priority::Demand).unwrap();
+                assert!(
+                    io.wait_entered(Duration::from_secs(10)),
+                    "the move never made {point:?} call {nth}"
+                );
+                ticket.cancel();
+                io.release();
+                let r = ticket.wait();
+                let (last_write, last_good_sync) = io.seqs();
+                let ctx = format!(
+                    "to_disk {to_disk}, cancelled at {point:?} call {nth}, failing syncs {fail_syncs}, {workers} worker(s)"
+                );
+                match &r {
+                    Ok(rep) => {
+                        assert_eq!(rep.bytes, LEN, "{ctx}");
+                        if to_disk {
+                            assert!(
+                                last_good_sync > last_write,
+                                "{ctx}: Ok without a sync after the last write"
+                            );
+                            assert_eq!(read_all(&*d, &dst), data, "{ctx}");
+                        } else {
+                            assert_eq!(read_all(&*h, &dst), data, "{ctx}");
+                        }
+                    }
+                    Err(TierError::Cancelled) => {}
+                    Err(TierError::Io {
+                        point: IoPoint::Sync,
+                        ..
+                    }) if to_disk && fail_syncs => {}
+                    Err(other) => panic!("{ctx}: untyped or unexpected outcome {other:?}"),
+                }
+                if to_disk && fail_syncs {
+                    assert!(r.is_err(), "{ctx}: Ok although every sync fails");
+                }
+                saw_ok |= r.is_ok();
+                saw_cancelled |= matches!(r, Err(TierError::Cancelled));
+                io.disarm();
+                // The source is intact and the engine goes on.
+                if to_disk {
+                    assert_eq!(read_all(&*h, &src), data, "{ctx}");
+                } else {
+                    assert_eq!(read_all(&*d, &on_disk_src), data, "{ctx}");
+                }
+                if to_disk {
+                    d.release(dst).unwrap();
+                } else {
+                    h.release(dst).unwrap();
+                }
+            }
+        }
+        assert!(cases >= 4, "too few I/O points exercised: {cases}");
+        // With one worker, cancelled at its first call the move stops; at its last (the sync,
+        // when moving to the disk) it has nothing left to stop and completes. (With several,
+        // every chunk may have started before the cancel.)
+        assert!(
+            saw_cancelled || workers > 1,
+            "no case was cancelled ({to_disk}, {workers})"
+        );
+        assert!(
+            saw_ok || (to_disk && fail_syncs),
+            "no case completed ({to_disk}, {workers})"
+        );
+    }
+}
+
+#[test]
+fn a_cancelled_write_reports_ok_only_after_a_good_sync() {
+    for workers in [1, 3] {
+        cancel_at_every_io_point(false, workers);
+    }
+}
+
+#[test]
+fn a_cancelled_write_to_a_disk_whose_syncs_fail_never_reports_ok() {
+    for workers in [1, 3] {
+        cancel_at_every_io_point(true, workers);
+    }
+}
+
+#[test]
+fn a_cancelled_write_during_its_only_chunk_is_not_ok_without_a_sync() {
+    // Buffered disk behind `FaultyFileIo`, every sync failing, writes slowed, one worker.
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::new());
+    let io = Arc::new(FaultyFileIo::new(Arc::new(RealFileIo), plan.clone()));
+    let opts = DiskOptions {
+        dir: Some(dir.path().to_path_buf()),
+        direct_io: false,
+        ..DiskOptions::default()
+    };
+    let d = Arc::new(DiskTier::with_io(alloc(4 * MIB), opts, io).unwrap());
+    let h = host(4 * MIB);
+    let cfg = vlmem_tier::EngineConfig {
+        workers: 1,
+        ..vlmem_tier::EngineConfig::default()
+    };
+    let e = vlmem_tier::TransferEngine::new(&[h.clone(), d.clone()], cfg).unwrap();
+    plan.add(FaultRule::always(IoPoint::Sync, FaultKind::Eio));
+    plan.add(FaultRule::always(
+        IoPoint::Write,
+        FaultKind::Slow(Duration::from_millis(300)),
+    ));
+    let len = 256 * 1024;
+    let data = pattern(len as usize, 4);
+    let src = h.reserve(len, "kv").unwrap();
+    h.write(&src, 0, &data).unwrap();
+    let uncancelled = e
+        .submit(
+            Move {
+                src,
+                dst: d.reserve(len, "kv").unwrap(),
+            },
+            Priority::WriteBack,
+        )
+        .unwrap()
+        .wait();
+    assert!(
+        matches!(
+            uncancelled,
+            Err(TierError::Io {
+                point: IoPoint::Sync,
+                ..
+            })
+        ),
+        "{uncancelled:?}"
+    );
+    let t = e
+        .submit(
+            Move {
+                src,
+                dst: d.reserve(len, "kv").unwrap(),
+            },
+            Priority::WriteBack,
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100)); // inside the only chunk's write
+    t.cancel();
+    let r = t.wait();
+    assert!(
+        matches!(
+            r,
+            Err(TierError::Cancelled
+                | TierError::Io {
+                    point: IoPoint::Sync,
+                    ..
+                })
+        ),
+        "cancelled during its only chunk: {r:?}"
+    );
+}
