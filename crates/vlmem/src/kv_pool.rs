@@ -24,6 +24,14 @@
 //! is demoted one tier down. A swapped sequence comes back whole the next time it is used.
 //! Blocks shared with a resident sequence stay.
 //!
+//! A block is counted on the compute tier exactly when it is there: the count changes when
+//! a block is made there, when a swap-in pins it there, and after a swap-out by what the
+//! manager reports (a block the manager left in place stays counted). A sequence that is not
+//! swapped holds only counted blocks: one whose prompt takes blocks by reference while they
+//! are swapped out starts swapped, so its first use brings them back and counts them, and a
+//! block that leaves while a second sequence holds it marks that one swapped too.
+//! [`KvPool::check`] verifies all of this against the manager's placement.
+//!
 //! ## Locks
 //! One mutex over the tables (level 2 in docs/ARCHITECTURE.md: above the manager's shard
 //! locks, never held across a manager call, since those may do I/O). A sequence is used by one
@@ -88,9 +96,10 @@ pub struct KvPoolConfig {
 }
 
 impl KvPoolConfig {
-    /// Bytes of one block.
+    /// Bytes of one block (saturating at `u64::MAX`; [`KvPool::new`] refuses a block whose
+    /// bytes do not fit).
     pub fn block_bytes(&self) -> u64 {
-        u64::from(self.block_tokens) * self.bytes_per_token
+        u64::from(self.block_tokens).saturating_mul(self.bytes_per_token)
     }
 }
 
@@ -210,17 +219,29 @@ impl Drop for Claim<'_> {
 
 impl KvPool {
     /// A pool over `manager`, keeping at most the manager's KV budget on the compute tier.
+    /// [`KvError::InvalidConfig`] when a block has no tokens or no bytes, its bytes
+    /// (`block_tokens * bytes_per_token`) do not fit in 64 bits or the address space, or the
+    /// budget is smaller than one block.
     pub fn new(manager: MemoryManager, config: KvPoolConfig) -> KvResult<Self> {
         if config.block_tokens == 0 || config.bytes_per_token == 0 {
             return Err(KvError::InvalidConfig(
                 "block_tokens and bytes_per_token must be at least 1".into(),
             ));
         }
+        let block_bytes = u64::from(config.block_tokens)
+            .checked_mul(config.bytes_per_token)
+            .filter(|&b| usize::try_from(b).is_ok())
+            .ok_or_else(|| {
+                KvError::InvalidConfig(format!(
+                    "a block of {} tokens x {} bytes does not fit in memory's address range",
+                    config.block_tokens, config.bytes_per_token
+                ))
+            })?;
         let budget = manager
             .stats()
             .budgets
             .get(config.compute_tier, TensorKind::KvCache);
-        let max_resident_blocks = budget / config.block_bytes();
+        let max_resident_blocks = budget / block_bytes;
         if max_resident_blocks == 0 {
             return Err(KvError::InvalidConfig(format!(
                 "the KV budget on {} ({budget} bytes) is smaller than one block ({} bytes)",
@@ -266,6 +287,9 @@ impl KvPool {
         let id = t.next_seq;
         t.next_seq += 1;
         let mut blocks = Vec::new();
+        // A block taken while it is swapped out (its owner is): the new sequence starts
+        // swapped, so its first use brings the block back and counts it on the tier.
+        let mut away = false;
         let mut hash = salt;
         // Only whole blocks strictly before the last prompt token are shared, so the caller
         // always computes at least one token (it needs that token's logits).
@@ -283,6 +307,7 @@ impl KvPool {
                     if meta.parent == parent && meta.tokens == chunk && meta.salt == salt =>
                 {
                     meta.refs += 1;
+                    away |= !meta.resident;
                     blocks.push(b);
                 }
                 _ => break,
@@ -298,7 +323,7 @@ impl KvPool {
                 stored,
                 busy: false,
                 swapping: false,
-                swapped: false,
+                swapped: away,
                 started: id,
             },
         );
@@ -337,7 +362,7 @@ impl KvPool {
     /// shareable.
     pub fn append(&self, seq: SeqId, tokens: &[u32], kv: &[u8]) -> KvResult<()> {
         let bpt = self.config.bytes_per_token;
-        if kv.len() as u64 != tokens.len() as u64 * bpt {
+        if (tokens.len() as u64).checked_mul(bpt) != Some(kv.len() as u64) {
             return Err(KvError::BadLength {
                 bytes: kv.len(),
                 tokens: tokens.len(),
@@ -480,7 +505,8 @@ impl KvPool {
             .ok_or(KvError::UnknownSequence(seq.0))
     }
 
-    /// Whether the sequence is swapped out now.
+    /// Whether the sequence is swapped out now (some of its blocks may be away from the
+    /// compute tier; its next use brings them back).
     pub fn is_swapped(&self, seq: SeqId) -> KvResult<bool> {
         let t = self.tables.lock();
         t.seqs
@@ -534,76 +560,121 @@ impl KvPool {
     }
 
     /// Swaps the whole sequence out of the compute tier: every block it holds alone moves
-    /// one tier down. Returns the bytes freed on the compute tier.
+    /// one tier down (also when it is swapped already: blocks it came to hold alone since,
+    /// because the sequences sharing them finished). Returns the bytes freed on the compute
+    /// tier.
     pub fn swap_out(&self, seq: SeqId) -> KvResult<u64> {
         let _claim = self.claim(seq)?;
         self.swap_out_claimed(seq.0)
     }
 
     fn swap_out_claimed(&self, seq: u64) -> KvResult<u64> {
-        let own: Vec<(u64, TensorHandle)> = {
+        let (own, was_swapped): (Vec<(u64, TensorHandle)>, bool) = {
             let mut t = self.tables.lock();
-            let s = t.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
-            if s.swapped {
-                return Ok(0);
-            }
-            s.swapped = true;
-            let blocks = s.blocks.clone();
-            blocks
-                .into_iter()
+            let Tables { seqs, blocks, .. } = &mut *t;
+            let s = seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
+            let was_swapped = std::mem::replace(&mut s.swapped, true);
+            let own = s
+                .blocks
+                .iter()
                 .filter_map(|b| {
-                    let m = t.blocks.get(&b)?;
-                    (m.refs == 1 && m.resident).then_some((b, m.handle))
+                    let m = blocks.get(b)?;
+                    (m.refs == 1 && m.resident).then_some((*b, m.handle))
                 })
-                .collect()
+                .collect();
+            (own, was_swapped)
         };
         let mut freed = 0;
         for (b, h) in own {
-            freed += self.manager.swap_out(h, self.config.compute_tier)?;
-            let mut t = self.tables.lock();
-            if let Some(m) = t.blocks.get_mut(&b)
-                && m.resident
-            {
-                m.resident = false;
-                t.resident_blocks -= 1;
-            }
+            let moved = self.manager.swap_out(h, self.config.compute_tier);
+            // Where the block is now, not what was asked, decides whether it is counted on
+            // the tier (the manager leaves a pinned block where it is).
+            let on_tier = self.on_compute_tier(h);
+            self.note_placement(b, on_tier);
+            freed += moved?;
         }
-        self.swap_outs.fetch_add(1, Ordering::Relaxed);
+        if !was_swapped {
+            self.swap_outs.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(freed)
     }
 
-    /// Brings a swapped sequence back whole (making room by swapping out others).
-    fn ensure_resident(&self, seq: SeqId) -> KvResult<()> {
-        let away: Vec<(u64, TensorHandle)> = {
-            let t = self.tables.lock();
-            let s = t.seqs.get(&seq.0).ok_or(KvError::UnknownSequence(seq.0))?;
-            if !s.swapped {
-                return Ok(());
-            }
-            s.blocks
-                .iter()
-                .filter_map(|b| {
-                    let m = t.blocks.get(b)?;
-                    (!m.resident).then_some((*b, m.handle))
-                })
-                .collect()
+    /// Whether the manager has a copy of the block on the compute tier now (`None`: it
+    /// could not say; the count stays as it was).
+    fn on_compute_tier(&self, handle: TensorHandle) -> Option<bool> {
+        self.manager
+            .residency(handle)
+            .ok()
+            .map(|(tiers, _)| tiers.contains(&self.config.compute_tier))
+    }
+
+    /// Records where a block is after a move: counted on the compute tier or not. The one
+    /// place a block's count changes after it is made. A block that left while another
+    /// sequence holds it (taken by reference during the move) marks that sequence swapped,
+    /// so its next use brings the block back.
+    fn note_placement(&self, block: u64, on_tier: Option<bool>) {
+        let Some(on_tier) = on_tier else {
+            return;
         };
-        for (b, h) in away {
-            self.make_room(seq.0)?;
-            drop(self.manager.pin(h, self.config.compute_tier)?);
-            let mut t = self.tables.lock();
-            if let Some(m) = t.blocks.get_mut(&b)
-                && !m.resident
-            {
-                m.resident = true;
-                t.resident_blocks += 1;
+        let mut t = self.tables.lock();
+        let Some(m) = t.blocks.get_mut(&block) else {
+            return;
+        };
+        let was = std::mem::replace(&mut m.resident, on_tier);
+        let refs = m.refs;
+        match (was, on_tier) {
+            (false, true) => t.resident_blocks += 1,
+            (true, false) => t.resident_blocks -= 1,
+            _ => {}
+        }
+        if !on_tier && refs > 1 {
+            for s in t.seqs.values_mut() {
+                if s.blocks.contains(&block) {
+                    s.swapped = true;
+                }
             }
         }
-        if let Some(s) = self.tables.lock().seqs.get_mut(&seq.0) {
-            s.swapped = false;
+    }
+
+    /// Brings a swapped sequence back whole (making room by swapping out others): every
+    /// block it holds that is not counted on the compute tier is pinned there and counted.
+    /// The sequence is marked back in only once none is left away (a block taken from it
+    /// meanwhile is brought back in the next round).
+    fn ensure_resident(&self, seq: SeqId) -> KvResult<()> {
+        loop {
+            let away: Vec<(u64, TensorHandle)> = {
+                let mut t = self.tables.lock();
+                let Tables { seqs, blocks, .. } = &mut *t;
+                let s = seqs
+                    .get_mut(&seq.0)
+                    .ok_or(KvError::UnknownSequence(seq.0))?;
+                if !s.swapped {
+                    return Ok(());
+                }
+                let away: Vec<_> = s
+                    .blocks
+                    .iter()
+                    .filter_map(|b| {
+                        let m = blocks.get(b)?;
+                        (!m.resident).then_some((*b, m.handle))
+                    })
+                    .collect();
+                if away.is_empty() {
+                    s.swapped = false;
+                    drop(t);
+                    self.swap_ins.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                away
+            };
+            for (b, h) in away {
+                self.make_room(seq.0)?;
+                let guard = self.manager.pin(h, self.config.compute_tier)?;
+                // Counted while the pin still holds it there.
+                self.note_placement(b, Some(true));
+                drop(guard);
+            }
         }
-        self.swap_ins.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Swaps out whole idle sequences (latest started first) until one more block fits on
@@ -688,6 +759,81 @@ impl KvPool {
             .get(&block)
             .map(|m| m.handle)
             .ok_or_else(|| KvError::InvalidConfig(format!("block {block} vanished")))
+    }
+
+    /// The manager tensors of the sequence's blocks, in token order (for checks: where each
+    /// block lies is [`MemoryManager::residency`]).
+    pub fn block_handles(&self, seq: SeqId) -> KvResult<Vec<TensorHandle>> {
+        let t = self.tables.lock();
+        let s = t.seqs.get(&seq.0).ok_or(KvError::UnknownSequence(seq.0))?;
+        Ok(s.blocks
+            .iter()
+            .filter_map(|b| t.blocks.get(b).map(|m| m.handle))
+            .collect())
+    }
+
+    /// Checks the pool's invariants; `Err` names the first broken one. Exact while no call
+    /// is in flight (tests and models call it between operations):
+    /// - `resident_blocks` is the number of blocks counted on the compute tier;
+    /// - a block's reference count is the number of sequences that hold it;
+    /// - a sequence that is not swapped holds only blocks counted on the compute tier;
+    /// - the prefix index points at live sealed blocks under their own hash;
+    /// - a block not counted on the compute tier has no copy there (the manager's placement
+    ///   agrees with the count: nothing sits on the tier uncounted).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let away: Vec<(u64, TensorHandle)> = {
+            let t = self.tables.lock();
+            let counted = t.blocks.values().filter(|m| m.resident).count() as u64;
+            if counted != t.resident_blocks {
+                return Err(format!(
+                    "resident_blocks {} != {counted} blocks counted on the compute tier",
+                    t.resident_blocks
+                ));
+            }
+            let mut holders: HashMap<u64, u32> = HashMap::new();
+            for (id, s) in &t.seqs {
+                for b in &s.blocks {
+                    *holders.entry(*b).or_insert(0) += 1;
+                    let Some(m) = t.blocks.get(b) else {
+                        return Err(format!("sequence {id} holds a freed block {b}"));
+                    };
+                    if !s.swapped && !m.resident {
+                        return Err(format!(
+                            "sequence {id} is not swapped but its block {b} is not counted on \
+                             the compute tier"
+                        ));
+                    }
+                }
+            }
+            for (b, m) in &t.blocks {
+                let n = holders.get(b).copied().unwrap_or(0);
+                if n != m.refs {
+                    return Err(format!("block {b}: {} references, {n} holders", m.refs));
+                }
+            }
+            for (h, b) in &t.prefix {
+                if t.blocks.get(b).and_then(|m| m.sealed) != Some(*h) {
+                    return Err(format!(
+                        "prefix entry {h:x} points at block {b}, not sealed so"
+                    ));
+                }
+            }
+            t.blocks
+                .iter()
+                .filter(|(_, m)| !m.resident)
+                .map(|(b, m)| (*b, m.handle))
+                .collect()
+        };
+        for (b, h) in away {
+            let (tiers, _) = self.manager.residency(h).map_err(|e| e.to_string())?;
+            if tiers.contains(&self.config.compute_tier) {
+                return Err(format!(
+                    "block {b} is on {} but not counted there",
+                    self.config.compute_tier
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The pool's counters now.

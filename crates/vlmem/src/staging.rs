@@ -18,9 +18,11 @@
 //! take that waits for a coming key is served: what holds the room is lent buffers (the wait
 //! is refused when those alone leave too little room), fills in flight (they finish), or
 //! ready buffers of keys before it (stale: the producer drops them). Should a producer break
-//! the contract, a producer that finds its room held by ready buffers alone while a take
-//! waits for its key gives the fill up (`gave_up`), so the take misses instead of waiting
-//! forever.
+//! the contract (fill out of order, so that ready buffers of later keys hold the room), a
+//! producer that finds no room, with no fill in flight, while a take waits for its key gives
+//! the fill up (`gave_up`), so the take misses instead of waiting forever: neither the ready
+//! buffers nor buffers lent to the waiting consumer can come back while it waits. A take
+//! therefore never waits forever, whatever order the producer fills in.
 //!
 //! The last key a take asked for (hit or miss) is recorded: [`StagingArea::begin_fill`]
 //! refuses to start a fill of it until the next [`StagingArea::wake`] (the consumer's "I
@@ -28,7 +30,9 @@
 //! of order (a fill already coming when the take asked goes on: the take waits for it, or,
 //! when it misses, cancels it).
 //!
-//! Bytes are counted by buffer capacity (what is allocated). Invariants (under the one lock;
+//! Bytes are counted by buffer capacity (what is allocated): a fill is let in only when the
+//! buffer it takes ([`StageBuf::capacity_for`] of its length, or a reused buffer's capacity)
+//! fits beside what is held. Invariants (under the one lock;
 //! checked by [`StagingArea::check`] in the tests and models):
 //! - `held_bytes` = the bytes of ready buffers + of buffers being filled + of buffers lent
 //!   out (`lent_bytes`), and `held_bytes <= capacity_bytes`;
@@ -61,8 +65,8 @@ pub struct StagingStats {
     pub misses: u64,
     /// Ready buffers dropped unused (their reader had moved past them).
     pub dropped: u64,
-    /// Fills given up because a take waited for them while ready buffers alone held the
-    /// room (a producer that broke the fill-order contract).
+    /// Fills given up because a take waited for them while nothing was in flight and the
+    /// room stayed held (a producer that broke the fill-order contract).
     pub gave_up: u64,
     /// Most fills in flight at once.
     pub max_filling: u64,
@@ -114,7 +118,8 @@ impl StageBuf for vlmem_tier::AlignedBuf {
     fn capacity_for(len_bytes: usize) -> usize {
         len_bytes
             .max(1)
-            .next_multiple_of(vlmem_tier::IO_ALIGN_BYTES)
+            .checked_next_multiple_of(vlmem_tier::IO_ALIGN_BYTES)
+            .unwrap_or(usize::MAX)
     }
     fn alloc(len_bytes: usize) -> Option<Self> {
         vlmem_tier::AlignedBuf::new(Self::capacity_for(len_bytes)).ok()
@@ -218,13 +223,17 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
 
     /// Producer: claims room for a buffer of at least `len_bytes` (a reused one may be
     /// longer and holds old bytes) to fill `key`, waiting while the area is full (the key is
-    /// then coming: a take waits for it). Ready buffers whose tag `stale(tag)` says no
-    /// consumer will take are dropped to make room. Returns `None` without waiting when
-    /// `key` is already ready, filling or coming (another producer has it), was the last key
-    /// a take asked for, `len_bytes` exceeds the capacity or the area is closed, and as soon
-    /// as `wanted()` turns false (both predicates are called under the area's lock, on every
-    /// wake-up) or a take waits for `key` while ready buffers alone hold the room. Every
-    /// `Some` must be followed, from any thread, by [`Self::finish_fill`].
+    /// then coming: a take waits for it). Room is counted by allocation: a fill needs room
+    /// for `B::capacity_for(len_bytes)` bytes (or for the reused buffer's capacity). Ready
+    /// buffers whose tag `stale(tag)` says no consumer will take are dropped to make room.
+    /// Returns `None` without waiting when `key` is already ready, filling or coming
+    /// (another producer has it), was the last key a take asked for, its buffer would take
+    /// more than the capacity or the area is closed, and as soon as `wanted()` turns false
+    /// (both predicates are called under the area's lock, on every wake-up) or a take waits
+    /// for `key` while nothing is in flight and there is still no room (the take then
+    /// misses). A predicate that panics leaves the area as it was (the key is no longer
+    /// coming) and the panic goes on in the caller. Every `Some` must be followed, from any
+    /// thread, by [`Self::finish_fill`].
     pub fn begin_fill(
         &self,
         key: K,
@@ -232,8 +241,10 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         wanted: impl Fn() -> bool,
         stale: impl Fn(u64) -> bool,
     ) -> Option<B> {
-        let len = len_bytes as u64;
-        if len > self.capacity_bytes {
+        // What a new buffer takes: the room is checked and claimed with this, never with the
+        // length asked for.
+        let need = B::capacity_for(len_bytes) as u64;
+        if need > self.capacity_bytes || (len_bytes as u64) > self.capacity_bytes {
             return None;
         }
         // Buffers let go here are freed (unmapped) after the lock is released: declared
@@ -242,29 +253,44 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         let mut st = self.state.lock();
         let mut registered = false;
         loop {
-            let refused = st.closed
-                || !wanted()
-                || st.ready.contains_key(&key)
-                || st.filling.contains_key(&key)
-                || (!registered && (st.coming.contains_key(&key) || st.asked == Some(key)))
-                // A take that missed this key while it was coming cancelled it.
-                || (registered && !st.coming.contains_key(&key));
-            if refused {
-                if registered {
-                    st.coming.remove(&key);
+            // The caller's predicates, under the lock: a panic in one withdraws the key from
+            // `coming` (no take may wait for it) before it goes on.
+            let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let refused = st.closed
+                    || !wanted()
+                    || st.ready.contains_key(&key)
+                    || st.filling.contains_key(&key)
+                    || (!registered && (st.coming.contains_key(&key) || st.asked == Some(key)))
+                    // A take that missed this key while it was coming cancelled it.
+                    || (registered && !st.coming.contains_key(&key));
+                if refused {
+                    return None;
+                }
+                Some(
+                    st.ready
+                        .iter()
+                        .filter(|(_, r)| stale(r.tag))
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<K>>(),
+                )
+            }));
+            let stale_keys = match verdict {
+                Ok(Some(stale_keys)) => stale_keys,
+                Ok(None) | Err(_) => {
+                    if registered {
+                        st.coming.remove(&key);
+                    }
                     drop(st);
                     // A take waiting for this key sees it is not coming any more.
                     self.changed.notify_all();
+                    drop(unkept);
+                    if let Err(panic) = verdict {
+                        std::panic::resume_unwind(panic);
+                    }
+                    return None;
                 }
-                return None;
-            }
+            };
             // Drop what no one will take.
-            let stale_keys: Vec<K> = st
-                .ready
-                .iter()
-                .filter(|(_, r)| stale(r.tag))
-                .map(|(k, _)| *k)
-                .collect();
             for k in stale_keys {
                 if let Some(r) = st.ready.remove(&k) {
                     st.held_bytes -= r.buf.capacity_bytes() as u64;
@@ -272,28 +298,25 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
                     unkept.extend(Self::keep_free(&mut st, r.buf, self.capacity_bytes));
                 }
             }
-            if st.held_bytes + len <= self.capacity_bytes {
+            if st.held_bytes + need <= self.capacity_bytes {
                 break;
             }
             if registered && st.awaited.contains_key(&key) && st.filling.is_empty() {
-                // A take waits for this key and nothing is in flight: only takes of ready
-                // buffers (or lent ones coming back) can make room. When the ready ones alone
-                // leave too little, the take would wait forever: give the fill up.
-                let ready: u64 = st
-                    .ready
-                    .values()
-                    .map(|r| r.buf.capacity_bytes() as u64)
-                    .sum();
-                if ready + len > self.capacity_bytes {
-                    st.coming.remove(&key);
-                    st.stats.gave_up += 1;
-                    drop(st);
-                    self.changed.notify_all();
-                    return None;
-                }
+                // A take waits for this key and nothing is in flight: what holds the room is
+                // lent buffers and ready ones that are not stale. Neither can come back
+                // while the take waits: the waiting consumer holds the lent ones (or may),
+                // and only its moving on makes ready ones stale. Under the fill-order
+                // contract this does not happen (ready buffers before the key are stale);
+                // a producer that broke it gives the fill up, and the take misses instead
+                // of waiting forever.
+                st.coming.remove(&key);
+                st.stats.gave_up += 1;
+                drop(st);
+                self.changed.notify_all();
+                return None;
             }
             if !registered {
-                st.coming.insert(key, len);
+                st.coming.insert(key, need);
                 registered = true;
             }
             if !unkept.is_empty() {
@@ -332,7 +355,7 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
             None => {
                 st.free
                     .sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity_bytes()));
-                while st.held_bytes + st.free_bytes + len > capacity {
+                while st.held_bytes + st.free_bytes + need > capacity {
                     match st.free.pop() {
                         Some(b) => {
                             st.free_bytes -= b.capacity_bytes() as u64;
@@ -346,7 +369,7 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         };
         let claimed = match &reused {
             Some(b) => b.capacity_bytes() as u64,
-            None => B::capacity_for(len_bytes) as u64,
+            None => need,
         };
         if reused.is_none() {
             st.stats.allocated += 1;
@@ -359,13 +382,16 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         drop(unkept);
         // A new buffer is allocated and zeroed here, outside the lock (its pages faulted in
         // once); a reused one keeps its old bytes: no second pass over it.
-        match reused {
-            Some(b) => Some(b),
-            None => match B::alloc(len_bytes) {
-                Some(b) if b.capacity_bytes() as u64 == claimed => Some(b),
+        let Some(b) = reused else {
+            // A buffer type's allocation that panics gives the room back before the panic
+            // goes on, as one that fails does.
+            let made =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| B::alloc(len_bytes)));
+            return match made {
+                Ok(Some(b)) if b.capacity_bytes() as u64 == claimed => Some(b),
                 // No memory (or a buffer of another size than counted): the room goes back,
                 // and the consumer reads the key itself.
-                _ => {
+                other => {
                     let mut st = self.state.lock();
                     st.filling.remove(&key);
                     st.held_bytes -= claimed;
@@ -373,10 +399,14 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
                     st.stats.allocated_bytes -= claimed;
                     drop(st);
                     self.changed.notify_all();
+                    if let Err(panic) = other {
+                        std::panic::resume_unwind(panic);
+                    }
                     None
                 }
-            },
-        }
+            };
+        };
+        Some(b)
     }
 
     /// Producer (any thread): publishes `range` of `buf` (the buffer [`Self::begin_fill`]
@@ -637,6 +667,276 @@ mod tests {
         io.check().unwrap();
     }
 
+    /// A buffer rounded up to 64 bytes: it takes more than was asked for, as an aligned I/O
+    /// buffer does, so the ledger must count what is allocated.
+    #[derive(Debug)]
+    struct Rounded(Vec<u8>);
+    impl StageBuf for Rounded {
+        fn capacity_for(len_bytes: usize) -> usize {
+            len_bytes.max(1).saturating_add(63) / 64 * 64
+        }
+        fn alloc(len_bytes: usize) -> Option<Self> {
+            Some(Rounded(vec![0; Self::capacity_for(len_bytes)]))
+        }
+        fn capacity_bytes(&self) -> usize {
+            self.0.len()
+        }
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    /// Room is checked with what a fill takes (its buffer rounded up to 4 KiB), not with
+    /// what it asked for: a fill that would take the area over its capacity waits or is
+    /// refused.
+    #[test]
+    fn the_area_never_holds_more_than_its_capacity_counted_by_allocation() {
+        // 5,000 B asks for an 8 KiB buffer, more than the whole area.
+        let a = StagingArea::<u64, vlmem_tier::AlignedBuf>::new(6000);
+        assert!(a.begin_fill(1, 5000, || true, |_| false).is_none());
+        assert_eq!(a.held_bytes(), 0);
+        a.check().unwrap();
+        // Three 4,000 B fills take 3 x 4 KiB of 12,388 B: a fourth of 100 B (4 KiB) waits
+        // until one of them gives its room back.
+        let a = Arc::new(StagingArea::<u64, vlmem_tier::AlignedBuf>::new(12_388));
+        let mut bufs: Vec<_> = (0..3u64)
+            .map(|k| a.begin_fill(k, 4000, || true, |_| false).unwrap())
+            .collect();
+        assert_eq!(a.held_bytes(), 3 * 4096);
+        let fourth = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let b = a.begin_fill(3, 100, || true, |_| false);
+                let held = a.held_bytes();
+                let cap = b.as_ref().map(|b| b.capacity_bytes());
+                if let Some(b) = b {
+                    a.finish_fill(3, 3, b, 0..100, false);
+                }
+                (cap, held)
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while a.state.lock().coming.is_empty() && !fourth.is_finished() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        a.check().unwrap();
+        assert_eq!(a.held_bytes(), 3 * 4096, "the fourth fill waits for room");
+        a.finish_fill(0, 0, bufs.remove(0), 0..4000, false);
+        assert_eq!(fourth.join().unwrap(), (Some(4096), 3 * 4096));
+        for (k, b) in (1u64..).zip(bufs) {
+            a.finish_fill(k, k, b, 0..4000, false);
+        }
+        assert_eq!(a.held_bytes(), 0);
+        a.check().unwrap();
+    }
+
+    /// A producer that filled out of order (a later key's buffer is ready and not stale)
+    /// while the consumer holds a lent buffer and takes a key whose fill waits for room:
+    /// the lent buffer cannot come back while its holder waits, so the fill is given up
+    /// and the take misses instead of waiting forever.
+    #[test]
+    fn a_take_never_waits_on_room_its_own_lent_buffer_and_out_of_order_fills_hold() {
+        let a = Arc::new(StagingArea::<u32>::new(100));
+        let b = a.begin_fill(9, 40, || true, |_| false).unwrap();
+        a.finish_fill(9, 9, b, 0..40, true);
+        let lent = a.take(9).unwrap();
+        a.wake();
+        let b = a.begin_fill(5, 50, || true, |_| false).unwrap();
+        a.finish_fill(5, 5, b, 0..50, true);
+        let producer = {
+            let a = a.clone();
+            std::thread::spawn(move || a.begin_fill(1, 50, || true, |_| false).is_none())
+        };
+        while a.state.lock().coming.is_empty() {
+            std::thread::yield_now();
+        }
+        let (tx, rx) = channel();
+        let consumer = {
+            let a = a.clone();
+            std::thread::spawn(move || tx.send(a.take(1).is_none()).unwrap())
+        };
+        let r = rx.recv_timeout(std::time::Duration::from_secs(5));
+        if r.is_err() {
+            // Unblock both threads before failing.
+            a.close();
+        }
+        assert_eq!(r, Ok(true), "the take misses instead of waiting forever");
+        consumer.join().unwrap();
+        assert!(producer.join().unwrap(), "the fill is given up");
+        assert_eq!(a.stats().gave_up, 1);
+        drop(lent);
+        assert!(a.take(5).is_some());
+        a.check().unwrap();
+        assert_eq!(a.held_bytes(), 0);
+    }
+
+    /// `wanted` or `stale` panicking, before or after the fill was registered as coming
+    /// with a take waiting for it: the panic reaches the producer, the take misses instead
+    /// of waiting for a fill that will never come, and the area keeps its ledger and goes on
+    /// serving.
+    #[test]
+    fn a_panicking_predicate_leaves_the_area_serving() {
+        for (which, calls_before_panic) in
+            [("wanted", 0u64), ("wanted", 1), ("stale", 0), ("stale", 1)]
+        {
+            let a = Arc::new(StagingArea::<u32>::new(100));
+            // Nothing registered yet: the first call panics (stale is asked about key 9's
+            // ready buffer).
+            if calls_before_panic == 0 {
+                let b = a.begin_fill(9, 10, || true, |_| false).unwrap();
+                a.finish_fill(9, 9, b, 0..10, true);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    a.begin_fill(
+                        1,
+                        10,
+                        || which != "wanted" || panic!("wanted"),
+                        |_| which == "stale" && panic!("stale"),
+                    )
+                }));
+                assert!(r.is_err(), "{which}: the panic reaches the producer");
+                a.check().unwrap();
+                assert_eq!((a.held_bytes(), a.filling()), (10, 0));
+                assert!(a.take(9).is_some());
+                a.wake();
+                let b = a
+                    .begin_fill(1, 10, || true, |_| false)
+                    .expect("serves again");
+                a.finish_fill(1, 1, b, 0..10, true);
+                assert!(a.take(1).is_some());
+                a.check().unwrap();
+                continue;
+            }
+            // Key 0 ready and holding the room; key 1 coming; a take waits for key 1; the
+            // producer's predicate panics when the take wakes it.
+            let b = a.begin_fill(0, 60, || true, |_| false).unwrap();
+            a.finish_fill(0, 0, b, 0..60, true);
+            let calls = Arc::new(AtomicU64::new(0));
+            let producer = {
+                let (a, calls) = (a.clone(), calls.clone());
+                std::thread::spawn(move || {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        a.begin_fill(
+                            1,
+                            60,
+                            || {
+                                let n = calls.fetch_add(1, Ordering::SeqCst);
+                                which != "wanted" || n < calls_before_panic || panic!("wanted")
+                            },
+                            |_| {
+                                let n = calls.fetch_add(1, Ordering::SeqCst);
+                                which == "stale" && n >= 2 * calls_before_panic && panic!("stale")
+                            },
+                        )
+                        .is_some()
+                    }))
+                    .is_err()
+                })
+            };
+            while a.state.lock().coming.is_empty() {
+                std::thread::yield_now();
+            }
+            let (tx, rx) = channel();
+            let consumer = {
+                let a = a.clone();
+                std::thread::spawn(move || tx.send(a.take(1).is_none()).unwrap())
+            };
+            let r = rx.recv_timeout(std::time::Duration::from_secs(5));
+            if r.is_err() {
+                a.close();
+            }
+            assert_eq!(
+                r,
+                Ok(true),
+                "{which}: the take misses, it does not wait forever"
+            );
+            consumer.join().unwrap();
+            assert!(
+                producer.join().unwrap(),
+                "{which}: the panic reached the producer"
+            );
+            a.check().unwrap();
+            assert!(a.state.lock().coming.is_empty());
+            // Still serving: key 0 is there, a new fill of key 2 works.
+            assert!(a.take(0).is_some());
+            a.wake();
+            let b = a
+                .begin_fill(2, 60, || true, |_| false)
+                .expect("serves again");
+            a.finish_fill(2, 2, b, 0..60, true);
+            assert_eq!(a.take(2).map(|s| s.len()), Some(60));
+            a.check().unwrap();
+            assert_eq!(a.held_bytes(), 0);
+        }
+    }
+
+    /// A buffer type whose allocation panics (once): the room it claimed comes back.
+    #[derive(Debug)]
+    struct Explosive(Vec<u8>);
+    static EXPLODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+    impl StageBuf for Explosive {
+        fn capacity_for(len_bytes: usize) -> usize {
+            len_bytes
+        }
+        fn alloc(len_bytes: usize) -> Option<Self> {
+            if EXPLODE.swap(false, Ordering::SeqCst) {
+                panic!("allocation panicked");
+            }
+            Some(Explosive(vec![0; len_bytes]))
+        }
+        fn capacity_bytes(&self) -> usize {
+            self.0.len()
+        }
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn a_panicking_allocation_gives_the_room_back() {
+        let a = StagingArea::<u32, Explosive>::new(100);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            a.begin_fill(1, 60, || true, |_| false)
+        }));
+        assert!(r.is_err());
+        assert_eq!((a.held_bytes(), a.filling()), (0, 0));
+        a.check().unwrap();
+        assert!(
+            a.take(1).is_none(),
+            "a miss, not a wait for a fill that never ends"
+        );
+        a.wake();
+        let b = a
+            .begin_fill(1, 60, || true, |_| false)
+            .expect("serves again");
+        a.finish_fill(1, 1, b, 0..60, true);
+        assert_eq!(a.take(1).map(|s| s.len()), Some(60));
+        a.check().unwrap();
+        assert_eq!(a.stats().allocated, 1);
+    }
+
+    /// A consumer that panics while it holds a lent buffer gives it back.
+    #[test]
+    fn a_consumer_that_panics_holding_a_buffer_gives_it_back() {
+        let a = StagingArea::<u32>::new(100);
+        let b = a.begin_fill(1, 60, || true, |_| false).unwrap();
+        a.finish_fill(1, 1, b, 0..60, true);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let s = a.take(1).unwrap();
+            assert_eq!(s.len(), 60);
+            panic!("the consumer's use of the bytes panicked");
+        }));
+        assert!(r.is_err());
+        assert_eq!(a.held_bytes(), 0);
+        a.check().unwrap();
+        a.wake();
+        assert!(a.begin_fill(2, 100, || true, |_| false).is_some_and(|b| {
+            a.finish_fill(2, 2, b, 0..100, true);
+            true
+        }));
+        assert!(a.take(2).is_some());
+    }
+
     #[test]
     fn fill_take_and_reuse() {
         let a: StagingArea<u32> = StagingArea::new(100);
@@ -825,14 +1125,41 @@ mod tests {
     /// once, many takes were served by the read-ahead, and nothing is left held at the end.
     #[test]
     fn producer_readers_and_consumer_stress_keeps_the_ledger() {
+        stress::<Vec<u8>>(4 * 64 + 32);
+    }
+
+    /// The same with buffers that take more than they are asked for (rounded up to 64
+    /// bytes, as aligned I/O buffers round up to 4 KiB), in an area that is not a multiple
+    /// of that: the ledger counts what is allocated and never goes over the capacity.
+    #[test]
+    fn producer_readers_and_consumer_stress_keeps_the_ledger_by_allocation() {
+        stress::<Rounded>(4 * 64 + 32);
+    }
+
+    /// A buffer the stress's readers can write into.
+    trait Writable: StageBuf + std::fmt::Debug + 'static {
+        fn bytes_mut(&mut self) -> &mut [u8];
+    }
+    impl Writable for Vec<u8> {
+        fn bytes_mut(&mut self) -> &mut [u8] {
+            self
+        }
+    }
+    impl Writable for Rounded {
+        fn bytes_mut(&mut self) -> &mut [u8] {
+            &mut self.0
+        }
+    }
+
+    fn stress<B: Writable>(capacity_bytes: u64) {
         const KEYS: u64 = 3000;
         const READERS: usize = 3;
-        let a = Arc::new(StagingArea::<u64>::new(4 * 64 + 32));
+        let a = Arc::new(StagingArea::<u64, B>::new(capacity_bytes));
         let cursor = Arc::new(AtomicU64::new(0));
         let mut readers = Vec::new();
         let mut txs = Vec::new();
         for r in 0..READERS {
-            let (tx, rx) = channel::<(u64, Vec<u8>, usize)>();
+            let (tx, rx) = channel::<(u64, B, usize)>();
             txs.push(tx);
             let a = a.clone();
             readers.push(std::thread::spawn(move || {
@@ -845,7 +1172,7 @@ mod tests {
                         std::thread::sleep(std::time::Duration::from_micros(x % 200));
                     }
                     let start = (k % 8) as usize;
-                    b[start..start + len].fill(k as u8);
+                    b.bytes_mut()[start..start + len].fill(k as u8);
                     a.finish_fill(k, k, b, start..start + len, !x.is_multiple_of(50));
                 }
             }));
@@ -956,6 +1283,37 @@ mod loom_models {
             }
             cursor.store(2, Ordering::Release);
             a.wake();
+            p.join().unwrap();
+            a.close();
+            assert_eq!(a.held_bytes(), 0);
+            a.check().unwrap();
+        });
+    }
+
+    /// The producer filled out of order (key 5 is ready and never stale) and the consumer
+    /// holds key 9's buffer when it takes key 1, whose fill may wait for room: in every
+    /// interleaving both return (the fill is given up or refused, the take misses), and the
+    /// ledger holds and is empty at the end.
+    #[test]
+    fn loom_staging_out_of_order_fill_with_a_lent_buffer_never_hangs() {
+        loom::model(|| {
+            let a = Arc::new(StagingArea::<u64>::new(12));
+            let b = a.begin_fill(9, 4, || true, |_| false);
+            fill(&a, 9, b);
+            let lent = a.take(9).expect("ready");
+            a.wake();
+            let b = a.begin_fill(5, 4, || true, |_| false);
+            fill(&a, 5, b);
+            let p = {
+                let a = a.clone();
+                loom::thread::spawn(move || {
+                    let b = a.begin_fill(1, 8, || true, |_| false);
+                    assert!(b.is_none(), "no room for key 1 while 9 is lent and 5 ready");
+                })
+            };
+            assert!(a.take(1).is_none());
+            a.check().unwrap();
+            drop(lent);
             p.join().unwrap();
             a.close();
             assert_eq!(a.held_bytes(), 0);

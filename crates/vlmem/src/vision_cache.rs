@@ -12,7 +12,8 @@
 //! [`VisionCache::get_or_insert_with`] is single-flight: while one thread computes an image's
 //! embedding, other threads asking for the same image wait for it and then share it (one
 //! computation, one tensor). An embedding larger than the whole budget is never admitted; its
-//! waiters then compute their own.
+//! waiters then compute their own, as they do when the computation fails or panics (the
+//! panic goes on in the thread that computed; the image is never left in flight).
 //!
 //! ## Lifetime
 //! An [`Embedding`] is a reference-counted share of the tensor. Evicting it from the cache
@@ -140,6 +141,30 @@ enum Slot {
     Pending,
 }
 
+/// The in-flight mark of one image, owned by the thread computing it. Dropped without
+/// [`InFlight::settled`] (the computation panicked), it withdraws the mark and wakes the
+/// waiting threads, which then compute the image themselves: a panic never leaves an image
+/// in flight for ever.
+struct InFlight<'a> {
+    cache: &'a VisionCache,
+    key: ImageKey,
+    settled: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut st = self.cache.state.lock();
+        if matches!(st.slots.get(&self.key), Some(Slot::Pending)) {
+            st.slots.remove(&self.key);
+        }
+        drop(st);
+        self.cache.cond.notify_all();
+    }
+}
+
 struct State {
     policy: S3Fifo<ImageKey>,
     slots: HashMap<ImageKey, Slot>,
@@ -246,7 +271,8 @@ impl VisionCache {
 
     /// The embedding of `image_bytes`: from the cache, or computed by `compute` (the vision
     /// tower), stored as a manager tensor and offered to the cache. Returns the embedding and
-    /// whether it was a hit.
+    /// whether it was a hit. Should `compute` panic, the panic goes on in this caller and
+    /// the image is not left in flight: threads waiting for it compute it themselves.
     pub fn get_or_insert_with(
         &self,
         image_bytes: &[u8],
@@ -256,7 +282,9 @@ impl VisionCache {
     }
 
     /// Like [`VisionCache::get_or_insert_with`] with a fallible computation; on an error
-    /// nothing is cached and waiting threads try again themselves.
+    /// nothing is cached and waiting threads try again themselves. A computation that
+    /// panics is treated as an error (waiting threads go on, one of them computing the image
+    /// again) and the panic goes on in this caller.
     pub fn get_or_try_insert_with(
         &self,
         image_bytes: &[u8],
@@ -282,11 +310,17 @@ impl VisionCache {
                 }
             }
         }
-        // Unlocked: compute and store.
+        // Unlocked: compute and store. Should either panic, the guard withdraws the mark.
+        let mut in_flight = InFlight {
+            cache: self,
+            key,
+            settled: false,
+        };
         let made = compute().and_then(|bytes| self.store(key, &bytes));
         let mut evicted = Vec::new();
         let out = {
             let mut st = self.state.lock();
+            in_flight.settled = true;
             let out = match made {
                 Ok(e) => {
                     let adm = st.policy.insert(key, e.len_bytes());

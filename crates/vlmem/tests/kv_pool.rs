@@ -338,3 +338,636 @@ fn ranges_read_across_blocks_and_salts_keep_namespaces_apart() {
         p.finish(s).unwrap();
     }
 }
+
+/// A pool of 4-token blocks of 64 bytes a token (256 B blocks) on the host, with room for
+/// `blocks` of them, no KV slab. The manager's own KV budget on the host is then raised to
+/// `manager_kv_bytes` (the pool keeps the count it was built with), so the manager never
+/// evicts a block on its own and every placement is the pool's decision.
+fn small_pool(blocks: u64, manager_kv_bytes: Option<u64>) -> (KvPool, MemoryManager) {
+    let mut c = common::config([4 * MIB, 16 * MIB, 64 * MIB]);
+    c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = blocks * 4 * 64;
+    c.disk.direct_io = false;
+    let m = MemoryManager::new(c).unwrap();
+    let p = KvPool::new(
+        m.clone(),
+        KvPoolConfig {
+            block_tokens: 4,
+            bytes_per_token: 64,
+            compute_tier: Tier::Host,
+        },
+    )
+    .unwrap();
+    if let Some(b) = manager_kv_bytes {
+        m.set_budget(Tier::Host, TensorKind::KvCache, b);
+    }
+    (p, m)
+}
+
+fn small_kv(position: usize, token: u32) -> Vec<u8> {
+    common::xorshift_bytes((position as u64) << 32 | u64::from(token), 64)
+}
+
+fn small_append(p: &KvPool, seq: vlmem::SeqId, from: usize, tokens: &[u32]) {
+    let kv: Vec<u8> = tokens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &t)| small_kv(from + i, t))
+        .collect();
+    p.append(seq, tokens, &kv).unwrap();
+}
+
+/// How many of the sequence's blocks have a copy on the host now.
+fn on_host(p: &KvPool, m: &MemoryManager, seq: vlmem::SeqId) -> usize {
+    p.block_handles(seq)
+        .unwrap()
+        .into_iter()
+        .filter(|&h| m.residency(h).unwrap().0.contains(&Tier::Host))
+        .count()
+}
+
+/// A sequence that takes blocks by reference while their owner is swapped out brings them
+/// back on its first use and counts them there: once it holds them alone, swapping it out
+/// moves every one of them.
+#[test]
+fn a_block_shared_while_swapped_out_is_counted_when_it_comes_back() {
+    let (p, m) = small_pool(8, None);
+    let a_tokens: Vec<u32> = (1..=13).collect();
+    let (a, _) = p.start(&a_tokens).unwrap();
+    small_append(&p, a, 0, &a_tokens);
+    assert_eq!(
+        p.swap_out(a).unwrap(),
+        4 * 256,
+        "three sealed blocks and a partial one"
+    );
+    assert_eq!(p.stats().resident_blocks, 0);
+    p.check().unwrap();
+
+    let mut b_tokens: Vec<u32> = (1..=12).collect();
+    b_tokens.extend([77, 78]);
+    let (b, reused) = p.start(&b_tokens).unwrap();
+    assert_eq!(reused, 12);
+    p.check().unwrap();
+    // Reads the shared prefix, then appends its own two tokens.
+    let mut prefix = vec![0u8; 12 * 64];
+    p.read_range(b, 0, &mut prefix).unwrap();
+    for (i, chunk) in prefix.chunks(64).enumerate() {
+        assert_eq!(chunk, small_kv(i, b_tokens[i]).as_slice(), "token {i}");
+    }
+    small_append(&p, b, 12, &b_tokens[12..]);
+    p.check().unwrap();
+    assert_eq!(on_host(&p, &m, b), 4);
+    assert_eq!(p.stats().resident_blocks, 4, "{:?}", p.stats());
+    assert!(!p.is_swapped(b).unwrap());
+
+    p.finish(a).unwrap();
+    p.check().unwrap();
+    assert_eq!(p.stats().resident_blocks, 4);
+    // B holds its 4 blocks alone: every one moves one tier down.
+    assert_eq!(p.swap_out(b).unwrap(), 4 * 256);
+    assert_eq!(on_host(&p, &m, b), 0);
+    assert_eq!(p.stats().resident_blocks, 0, "{:?}", p.stats());
+    p.check().unwrap();
+    // And it comes back whole, every byte intact.
+    let mut all = vec![0u8; 14 * 64];
+    p.read_range(b, 0, &mut all).unwrap();
+    for (i, chunk) in all.chunks(64).enumerate() {
+        assert_eq!(chunk, small_kv(i, b_tokens[i]).as_slice(), "token {i}");
+    }
+    assert_eq!(p.stats().resident_blocks, 4);
+    p.check().unwrap();
+    p.finish(b).unwrap();
+    let s = p.stats();
+    assert_eq!((s.blocks, s.resident_blocks), (0, 0), "{s:?}");
+}
+
+/// A block size whose bytes do not fit in 64 bits is refused with a typed error (it used
+/// to overflow: a panic with overflow checks, a zero block size and a division by zero
+/// without).
+#[test]
+fn a_block_size_that_overflows_is_refused() {
+    let m = common::manager_with([4 * MIB, 16 * MIB, 64 * MIB]);
+    let r = KvPool::new(
+        m,
+        KvPoolConfig {
+            block_tokens: 1 << 16,
+            bytes_per_token: 1 << 48,
+            compute_tier: Tier::Host,
+        },
+    );
+    assert!(matches!(r, Err(KvError::InvalidConfig(_))), "{r:?}");
+}
+
+mod constructor {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sizes_u32() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(0u32),
+            Just(1),
+            Just(u32::MAX),
+            Just(1 << 16),
+            1u32..64,
+            any::<u32>(),
+        ]
+    }
+
+    fn sizes_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(1),
+            Just(u64::MAX),
+            Just(1 << 48),
+            (0u32..64).prop_map(|s| 1u64 << s),
+            1u64..4096,
+            any::<u64>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 256, ..Default::default() })]
+
+        /// Any block size and any KV budget: the constructor returns a pool or a typed
+        /// error, never panics; a pool it accepts keeps a token's KV and gives it back (or
+        /// refuses it with a typed error when a block cannot be had).
+        #[test]
+        fn any_block_size_and_budget_builds_a_usable_pool_or_is_refused(
+            block_tokens in sizes_u32(),
+            bytes_per_token in sizes_u64(),
+            budget_bytes in sizes_u64(),
+            tier in prop::sample::select(vec![Tier::Host, Tier::Device]),
+        ) {
+            let mut c = common::config([4 * MIB, 16 * MIB, 64 * MIB]);
+            c.budgets.bytes[tier.index()][TensorKind::KvCache.index()] = budget_bytes;
+            c.disk.direct_io = false;
+            let m = MemoryManager::new(c).unwrap();
+            let cfg = KvPoolConfig { block_tokens, bytes_per_token, compute_tier: tier };
+            let p = match KvPool::new(m, cfg) {
+                Err(KvError::InvalidConfig(_)) => return Ok(()),
+                Err(e) => panic!("not a config error: {e}"),
+                Ok(p) => p,
+            };
+            prop_assert!(block_tokens > 0 && bytes_per_token > 0);
+            let block_bytes = u64::from(block_tokens).checked_mul(bytes_per_token);
+            prop_assert!(block_bytes.is_some_and(|b| b <= budget_bytes));
+            prop_assert_eq!(p.max_resident_blocks(), budget_bytes / block_bytes.unwrap());
+            // A token's KV is only built when it is small enough to hold in a test.
+            let (s, _) = p.start(&[1, 2]).unwrap();
+            if bytes_per_token <= MIB {
+                let kv = vec![7u8; bytes_per_token as usize];
+                match p.append(s, &[1], &kv) {
+                    Ok(()) => {
+                        let mut back = vec![0u8; bytes_per_token as usize];
+                        p.read_token(s, 0, &mut back).unwrap();
+                        prop_assert_eq!(back, kv);
+                    }
+                    // A block larger than the tier can hold: the manager says so.
+                    Err(KvError::Manager(_)) => prop_assert!(block_bytes.unwrap() > MIB),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            // Wrong lengths stay typed errors, however large the block.
+            let bad = p.append(s, &[1, 2, 3], &[0u8; 5]);
+            prop_assert!(matches!(bad, Err(KvError::BadLength { .. })), "{:?}", bad);
+            p.check().unwrap();
+            p.finish(s).unwrap();
+        }
+    }
+}
+
+/// The pool against an executable model, compared after every step: random sequences over
+/// two families of prompts (so later ones take earlier ones' sealed blocks by reference,
+/// sometimes while their owner is swapped out), with appends, reads, explicit swap-outs
+/// and finishes, and room on the compute tier for only six blocks (so appends and swap-ins
+/// swap other sequences out). After each step: every count of the stats, each sequence's
+/// swapped state and length, which blocks it shares with which, where each block lies
+/// (counted on the host exactly when the manager has a copy there) and the pool's own
+/// invariants.
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use vlmem::{SeqId, TensorHandle};
+
+    const BT: usize = 4;
+    const BLOCK_BYTES: u64 = 256;
+    const MAX_RESIDENT: u64 = 6;
+    const SLOTS: usize = 4;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Start {
+            slot: usize,
+            family: u32,
+            prompt: usize,
+            diverge: usize,
+        },
+        Append {
+            slot: usize,
+            n: usize,
+        },
+        Read {
+            slot: usize,
+        },
+        SwapOut {
+            slot: usize,
+        },
+        Finish {
+            slot: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let slot = 0..SLOTS;
+        prop_oneof![
+            3 => (slot.clone(), 0u32..2, 1usize..15, 0usize..24).prop_map(
+                |(slot, family, prompt, diverge)| Op::Start { slot, family, prompt, diverge }
+            ),
+            4 => (slot.clone(), 1usize..7).prop_map(|(slot, n)| Op::Append { slot, n }),
+            2 => slot.clone().prop_map(|slot| Op::Read { slot }),
+            2 => slot.clone().prop_map(|slot| Op::SwapOut { slot }),
+            1 => slot.prop_map(|slot| Op::Finish { slot }),
+        ]
+    }
+
+    #[derive(Debug)]
+    struct MBlock {
+        refs: u32,
+        resident: bool,
+        /// Set once sealed: the block before it and its tokens.
+        sealed: Option<(Option<usize>, Vec<u32>)>,
+        handle: Option<TensorHandle>,
+    }
+
+    #[derive(Debug)]
+    struct MSeq {
+        id: SeqId,
+        family: u32,
+        diverge: usize,
+        serial: u32,
+        tokens: Vec<u32>,
+        blocks: Vec<usize>,
+        swapped: bool,
+    }
+
+    impl MSeq {
+        /// The token at `position` of this sequence's stream: its family's until it
+        /// diverges, its own after.
+        fn token(&self, position: usize) -> u32 {
+            token_of(self.family, self.diverge, self.serial, position)
+        }
+    }
+
+    fn token_of(family: u32, diverge: usize, serial: u32, position: usize) -> u32 {
+        if position < diverge {
+            family * 1000 + position as u32
+        } else {
+            1_000_000 + serial * 1000 + position as u32
+        }
+    }
+
+    struct Harness {
+        p: KvPool,
+        m: MemoryManager,
+        slots: Vec<Option<MSeq>>,
+        /// Started sequences in start order (latest last), by slot.
+        order: Vec<usize>,
+        blocks: Vec<Option<MBlock>>,
+        /// Full token prefix -> the first block sealed under it.
+        prefix: HashMap<Vec<u32>, usize>,
+        resident: u64,
+        hits: u64,
+        swap_outs: u64,
+        swap_ins: u64,
+        serial: u32,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let (p, m) = small_pool(MAX_RESIDENT, Some(MIB));
+            assert_eq!(p.max_resident_blocks(), MAX_RESIDENT);
+            Harness {
+                p,
+                m,
+                slots: (0..SLOTS).map(|_| None).collect(),
+                order: Vec::new(),
+                blocks: Vec::new(),
+                prefix: HashMap::new(),
+                resident: 0,
+                hits: 0,
+                swap_outs: 0,
+                swap_ins: 0,
+                serial: 0,
+            }
+        }
+
+        fn block(&mut self, b: usize) -> &mut MBlock {
+            self.blocks[b].as_mut().expect("live block")
+        }
+
+        /// Swaps a sequence out: every block it holds alone and that is counted on the
+        /// tier moves down (also when it is swapped already: a block it came to hold alone
+        /// since). Returns the bytes freed.
+        fn swap_out(&mut self, slot: usize) -> u64 {
+            let s = self.slots[slot].as_mut().unwrap();
+            let was_swapped = std::mem::replace(&mut s.swapped, true);
+            let blocks = s.blocks.clone();
+            let mut freed = 0;
+            for b in blocks {
+                let m = self.block(b);
+                if m.refs == 1 && m.resident {
+                    m.resident = false;
+                    self.resident -= 1;
+                    freed += BLOCK_BYTES;
+                }
+            }
+            if !was_swapped {
+                self.swap_outs += 1;
+            }
+            freed
+        }
+
+        /// Swaps out the latest started idle sequence that is not swapped, until one more
+        /// block fits.
+        fn make_room(&mut self, for_slot: usize) {
+            while self.resident >= MAX_RESIDENT {
+                let victim =
+                    self.order.iter().rev().copied().find(|&v| {
+                        v != for_slot && self.slots[v].as_ref().is_some_and(|s| !s.swapped)
+                    });
+                match victim {
+                    Some(v) => {
+                        self.swap_out(v);
+                    }
+                    None => return,
+                }
+            }
+        }
+
+        fn ensure_resident(&mut self, slot: usize) {
+            let s = self.slots[slot].as_ref().unwrap();
+            if !s.swapped {
+                return;
+            }
+            let away: Vec<usize> = s
+                .blocks
+                .iter()
+                .copied()
+                .filter(|&b| !self.blocks[b].as_ref().unwrap().resident)
+                .collect();
+            for b in away {
+                self.make_room(slot);
+                let m = self.block(b);
+                if !m.resident {
+                    m.resident = true;
+                    self.resident += 1;
+                }
+            }
+            self.slots[slot].as_mut().unwrap().swapped = false;
+            self.swap_ins += 1;
+        }
+
+        fn apply(&mut self, op: &Op) {
+            match *op {
+                Op::Start {
+                    slot,
+                    family,
+                    prompt,
+                    diverge,
+                } => {
+                    if self.slots[slot].is_some() {
+                        return;
+                    }
+                    self.serial += 1;
+                    let stream = |i: usize| token_of(family, diverge, self.serial, i);
+                    let prompt: Vec<u32> = (0..prompt).map(stream).collect();
+                    let (id, reused) = self.p.start(&prompt).unwrap();
+                    let mut s = MSeq {
+                        id,
+                        family,
+                        diverge,
+                        serial: self.serial,
+                        tokens: Vec::new(),
+                        blocks: Vec::new(),
+                        swapped: false,
+                    };
+                    for (i, chunk) in prompt.chunks_exact(BT).enumerate() {
+                        if (s.blocks.len() + 1) * BT >= prompt.len() {
+                            break;
+                        }
+                        let Some(&b) = self.prefix.get(&prompt[..(i + 1) * BT]) else {
+                            break;
+                        };
+                        let parent = s.blocks.last().copied();
+                        let m = self.block(b);
+                        if m.sealed.as_ref() != Some(&(parent, chunk.to_vec())) {
+                            break;
+                        }
+                        m.refs += 1;
+                        if !m.resident {
+                            // Taken while swapped out: the sequence starts swapped.
+                            s.swapped = true;
+                        }
+                        s.blocks.push(b);
+                    }
+                    let stored = s.blocks.len() * BT;
+                    assert_eq!(reused, stored, "tokens served from shared blocks");
+                    s.tokens = prompt[..stored].to_vec();
+                    self.hits += stored as u64;
+                    self.slots[slot] = Some(s);
+                    self.order.push(slot);
+                }
+                Op::Append { slot, n } => {
+                    let Some(s) = self.slots[slot].as_ref() else {
+                        return;
+                    };
+                    let from = s.tokens.len();
+                    let tokens: Vec<u32> = (from..from + n).map(|i| s.token(i)).collect();
+                    let kv: Vec<u8> = tokens
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, &t)| small_kv(from + i, t))
+                        .collect();
+                    self.p.append(s.id, &tokens, &kv).unwrap();
+                    self.ensure_resident(slot);
+                    for &t in &tokens {
+                        let s = self.slots[slot].as_ref().unwrap();
+                        let position = s.tokens.len();
+                        if position / BT == s.blocks.len() {
+                            self.make_room(slot);
+                            self.blocks.push(Some(MBlock {
+                                refs: 1,
+                                resident: true,
+                                sealed: None,
+                                handle: None,
+                            }));
+                            self.resident += 1;
+                            let b = self.blocks.len() - 1;
+                            self.slots[slot].as_mut().unwrap().blocks.push(b);
+                        }
+                        let s = self.slots[slot].as_mut().unwrap();
+                        s.tokens.push(t);
+                        if s.tokens.len().is_multiple_of(BT) {
+                            let n = s.tokens.len() / BT;
+                            let b = s.blocks[n - 1];
+                            let parent = n.checked_sub(2).map(|i| s.blocks[i]);
+                            let content = s.tokens[(n - 1) * BT..].to_vec();
+                            let key = s.tokens.clone();
+                            self.block(b).sealed = Some((parent, content));
+                            self.prefix.entry(key).or_insert(b);
+                        }
+                    }
+                }
+                Op::Read { slot } => {
+                    let Some(s) = self.slots[slot].as_ref() else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; s.tokens.len() * 64];
+                    self.p.read_range(s.id, 0, &mut buf).unwrap();
+                    for (i, chunk) in buf.chunks(64).enumerate() {
+                        assert_eq!(chunk, small_kv(i, s.tokens[i]).as_slice(), "token {i}");
+                    }
+                    self.ensure_resident(slot);
+                }
+                Op::SwapOut { slot } => {
+                    let Some(s) = self.slots[slot].as_ref() else {
+                        return;
+                    };
+                    let freed = self.p.swap_out(s.id).unwrap();
+                    assert_eq!(freed, self.swap_out(slot), "bytes a swap-out frees");
+                }
+                Op::Finish { slot } => {
+                    let Some(s) = self.slots[slot].take() else {
+                        return;
+                    };
+                    self.p.finish(s.id).unwrap();
+                    self.order.retain(|&o| o != slot);
+                    for b in s.blocks {
+                        let m = self.block(b);
+                        m.refs -= 1;
+                        if m.refs == 0 {
+                            let m = self.blocks[b].take().unwrap();
+                            if m.resident {
+                                self.resident -= 1;
+                            }
+                            self.prefix.retain(|_, v| *v != b);
+                        }
+                    }
+                }
+            }
+        }
+
+        fn check(&mut self) {
+            if let Err(e) = self.p.check() {
+                panic!("pool invariant: {e}");
+            }
+            let live: Vec<&MBlock> = self.blocks.iter().flatten().collect();
+            let s = self.p.stats();
+            let expected = vlmem::KvPoolStats {
+                sequences: self.slots.iter().flatten().count() as u64,
+                blocks: live.len() as u64,
+                shared_blocks: live.iter().filter(|m| m.refs > 1).count() as u64,
+                block_refs: live.iter().map(|m| u64::from(m.refs)).sum(),
+                resident_blocks: self.resident,
+                prefix_hit_tokens: self.hits,
+                swap_outs: self.swap_outs,
+                swap_ins: self.swap_ins,
+            };
+            assert_eq!(s, expected, "stats: the pool, then the model");
+            for slot in 0..SLOTS {
+                let Some(seq) = self.slots[slot].as_ref() else {
+                    continue;
+                };
+                let (id, swapped, len) = (seq.id, seq.swapped, seq.tokens.len());
+                let blocks = seq.blocks.clone();
+                assert_eq!(
+                    self.p.is_swapped(id).unwrap(),
+                    swapped,
+                    "slot {slot} swapped"
+                );
+                assert_eq!(self.p.len(id).unwrap(), len, "slot {slot} length");
+                let handles = self.p.block_handles(id).unwrap();
+                assert_eq!(handles.len(), blocks.len(), "slot {slot} blocks");
+                for (b, h) in blocks.into_iter().zip(handles) {
+                    let m = self.block(b);
+                    // The same model block is the same tensor in every sequence holding it.
+                    assert_eq!(
+                        *m.handle.get_or_insert(h),
+                        h,
+                        "slot {slot}: block {b} shared"
+                    );
+                    let resident = m.resident;
+                    let (tiers, pins) = self.m.residency(h).unwrap();
+                    assert_eq!(pins, 0);
+                    assert_eq!(
+                        tiers.contains(&Tier::Host),
+                        resident,
+                        "slot {slot}: block {b} on {tiers:?}, the model says resident {resident}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn run(ops: &[Op]) {
+        let mut h = Harness::new();
+        for op in ops {
+            h.apply(op);
+            h.check();
+        }
+        for slot in 0..SLOTS {
+            h.apply(&Op::Finish { slot });
+            h.check();
+        }
+        let s = h.p.stats();
+        assert_eq!(
+            (s.sequences, s.blocks, s.resident_blocks),
+            (0, 0, 0),
+            "{s:?}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 192,
+            max_shrink_iters: 4096,
+            ..Default::default()
+        })]
+
+        #[test]
+        fn kv_pool_conforms_to_the_model_across_swaps_and_sharing(
+            ops in prop::collection::vec(op(), 1..48),
+        ) {
+            run(&ops);
+        }
+    }
+
+    /// The reproduction as a model run: a sequence takes a swapped-out prefix, its owner
+    /// finishes, then it is swapped out and back.
+    #[test]
+    fn the_model_runs_a_prefix_taken_while_swapped_out() {
+        run(&[
+            Op::Start {
+                slot: 0,
+                family: 0,
+                prompt: 13,
+                diverge: 20,
+            },
+            Op::Append { slot: 0, n: 6 },
+            Op::Append { slot: 0, n: 6 },
+            Op::Append { slot: 0, n: 1 },
+            Op::SwapOut { slot: 0 },
+            Op::Start {
+                slot: 1,
+                family: 0,
+                prompt: 14,
+                diverge: 12,
+            },
+            Op::Read { slot: 1 },
+            Op::Append { slot: 1, n: 2 },
+            Op::Finish { slot: 0 },
+            Op::SwapOut { slot: 1 },
+            Op::Read { slot: 1 },
+        ]);
+    }
+}
