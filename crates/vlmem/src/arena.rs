@@ -20,9 +20,11 @@ use vlmem_core::{TensorKind, Tier};
 /// Alignment of every slice (a cache line; wide enough for any SIMD load).
 pub const ARENA_ALIGN_BYTES: u64 = 64;
 
-/// A range of a [`StepArena`], valid for the step it was made in.
+/// A range of a [`StepArena`], valid for the step it was made in and in that arena only
+/// (another arena refuses it as foreign).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ArenaSlice {
+    arena: TensorHandle,
     offset_bytes: u64,
     len_bytes: u64,
     step: u64,
@@ -137,6 +139,7 @@ impl StepArena {
         self.peak_bytes
             .fetch_max(offset + rounded, Ordering::Relaxed);
         Ok(ArenaSlice {
+            arena: self.handle,
             offset_bytes: offset,
             len_bytes: bytes,
             step: self.step,
@@ -144,6 +147,11 @@ impl StepArena {
     }
 
     fn check(&self, s: &ArenaSlice, offset_bytes: u64, len: usize) -> Result<()> {
+        if s.arena != self.handle {
+            return Err(ManagerError::Foreign {
+                slot: s.arena.slot(),
+            });
+        }
         if s.step != self.step {
             return Err(ManagerError::Stale {
                 slot: self.handle.slot(),

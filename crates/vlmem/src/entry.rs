@@ -12,7 +12,9 @@
 //!    overlaps no other lend and no read in flight (`reads`); while a lend waits for reads
 //!    to finish (`lends_waiting`), new reads of its range wait, so a writer is not starved.
 //!    Ranges that do not overlap proceed together. A lend needs a pin on the tensor's only
-//!    copy, so a move never reads a copy under a lend: a miss waits while any lend runs.
+//!    copy, so a move never reads a copy under a lend: a miss waits while any lend runs. A
+//!    read in flight without a pin (`MemoryManager::read`) keeps its copy as a pin does: no
+//!    demotion or relocation takes it, and writes and frees of the tensor wait for it.
 
 use vlmem_core::{TensorKind, Tier};
 
@@ -185,7 +187,12 @@ impl<R: std::marker::Copy> Entry<R> {
         let Some(c) = self.copies[tier.index()] else {
             return DemoteStep::Skip;
         };
-        if self.busy || c.pins > 0 || keep(&c.res) || !self.lends.is_empty() {
+        if self.busy
+            || c.pins > 0
+            || keep(&c.res)
+            || !self.lends.is_empty()
+            || !self.reads.is_empty()
+        {
             return DemoteStep::Skip;
         }
         if self.has_other_copy(tier) {
@@ -213,7 +220,7 @@ impl<R: std::marker::Copy> Entry<R> {
     /// which `movable` rules out). Marks the entry busy and returns the copy to move from.
     pub fn begin_relocate(&mut self, tier: Tier, movable: impl Fn(&R) -> bool) -> Option<R> {
         let c = self.copies[tier.index()]?;
-        if self.busy || c.pins > 0 || !movable(&c.res) {
+        if self.busy || c.pins > 0 || !self.reads.is_empty() || !movable(&c.res) {
             return None;
         }
         self.busy = true;

@@ -27,8 +27,9 @@ pub enum ManagerError {
     /// A request for zero bytes.
     #[error("zero-size tensor: ask for at least one byte")]
     ZeroSize,
-    /// More bytes than the tier can ever hold for the kind: its budget there, or the tier's
-    /// whole capacity, whichever is smaller (`budget_bytes` is that limit).
+    /// More bytes than the tier can ever hold for the kind: its budget there, or the part of
+    /// the tier's arena the kind can use (all of it, less the KV slab for other kinds),
+    /// whichever is smaller (`budget_bytes` is that limit).
     #[error(
         "{kind} tensor of {requested_bytes} bytes exceeds the {tier} tier's budget of {budget_bytes} bytes for that kind"
     )]

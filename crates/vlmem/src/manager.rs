@@ -113,6 +113,8 @@ pub(crate) struct Inner {
     zero_on_free: bool,
     verify_write_backs: bool,
     max_call_wait: Duration,
+    /// Bytes of each tier's arena that only KV blocks can take (the KV slab).
+    kv_slab_bytes: [u64; 3],
     pub(crate) counters: Counters,
 }
 
@@ -253,7 +255,9 @@ impl PinGuard {
         let _read = self
             .inner
             .begin_read(self.handle, offset_bytes, dst.len() as u64, &waits)?;
-        self.inner.tiers[self.tier.index()].read(&self.res, offset_bytes, dst)?;
+        if !dst.is_empty() {
+            self.inner.tiers[self.tier.index()].read(&self.res, offset_bytes, dst)?;
+        }
         Ok(())
     }
     /// Writes `src` at `offset_bytes` into the pinned copy, in place. Only for a tensor whose
@@ -263,12 +267,17 @@ impl PinGuard {
     /// [`MemoryManager::read`]) wait until it ends, then see the new bytes; so do other
     /// writes through pins of an overlapping range, and moves of the tensor. Waiting for
     /// those already in flight is bounded by `ManagerConfig::max_call_wait`.
+    ///
+    /// An empty `src` writes nothing and does not make a never-written tensor written.
     pub fn write(&self, offset_bytes: u64, src: &[u8]) -> Result<()> {
         check_range(offset_bytes, src.len() as u64, self.len_bytes)?;
+        if src.is_empty() {
+            return Ok(());
+        }
         let end = offset_bytes + src.len() as u64;
         let tier = &self.inner.tiers[self.tier.index()];
         self.inner
-            .lend(self.handle, self.tier, &[(offset_bytes, end)], || {
+            .lend(self.handle, self.tier, &[(offset_bytes, end)], |_| {
                 tier.write(&self.res, offset_bytes, src).map_err(Into::into)
             })
     }
@@ -297,6 +306,10 @@ impl PinGuard {
     /// `(offset_bytes, len_bytes)`: `f` gets one view per range, in the order given. Only
     /// these ranges are locked (not the bytes between them). Overlapping ranges are refused
     /// ([`ManagerError::InvalidConfig`]).
+    ///
+    /// A lend of a tensor never written shows zeros, never a previous owner's bytes (the
+    /// lent ranges are zeroed before `f` runs). Empty ranges lend empty views and lock
+    /// nothing; a lend of only empty ranges does not make the tensor written.
     pub fn with_ranges_mut<R>(
         &self,
         ranges: &[(u64, u64)],
@@ -307,6 +320,7 @@ impl PinGuard {
             check_range(offset_bytes, len_bytes, self.len_bytes)?;
             spans.push((offset_bytes, offset_bytes + len_bytes));
         }
+        spans.retain(|&(start, end)| start < end);
         let mut sorted = spans.clone();
         sorted.sort_unstable();
         if sorted.windows(2).any(|w| w[1].0 < w[0].1) {
@@ -314,25 +328,35 @@ impl PinGuard {
                 "overlapping ranges lent at once".into(),
             ));
         }
+        if spans.is_empty() {
+            let mut views: Vec<&mut [u8]> = ranges.iter().map(|_| &mut [][..]).collect();
+            return Ok(f(&mut views));
+        }
         let tier = &self.inner.tiers[self.tier.index()];
-        self.inner.lend(self.handle, self.tier, &spans, || {
-            let mut f = Some(f);
-            let mut out = None;
-            let lent = tier.write_ranges_with(&self.res, ranges, &mut |views| {
-                if let Some(f) = f.take() {
-                    out = Some(f(views));
+        self.inner
+            .lend(self.handle, self.tier, &spans, |was_written| {
+                let mut f = Some(f);
+                let mut out = None;
+                let lent = tier.write_ranges_with(&self.res, ranges, &mut |views| {
+                    if !was_written {
+                        for v in views.iter_mut() {
+                            v.fill(0);
+                        }
+                    }
+                    if let Some(f) = f.take() {
+                        out = Some(f(views));
+                    }
+                    Ok(())
+                });
+                match (lent, out) {
+                    (Some(Ok(())), Some(r)) => Ok(r),
+                    (Some(Err(e)), _) => Err(e.into()),
+                    _ => Err(ManagerError::InvalidConfig(format!(
+                        "the {} tier cannot lend its bytes to the CPU",
+                        self.tier
+                    ))),
                 }
-                Ok(())
-            });
-            match (lent, out) {
-                (Some(Ok(())), Some(r)) => Ok(r),
-                (Some(Err(e)), _) => Err(e.into()),
-                _ => Err(ManagerError::InvalidConfig(format!(
-                    "the {} tier cannot lend its bytes to the CPU",
-                    self.tier
-                ))),
-            }
-        })
+            })
     }
 
     /// The GPU address of the pinned copy's first byte when it lives in GPU memory (the
@@ -381,6 +405,11 @@ impl Drop for PinGuard {
         self.inner.unpin(self.handle, self.tier);
     }
 }
+
+/// Eviction rounds a reservation still makes once its call's waiting is spent, while they
+/// free room (the call's own work, not a wait; bounded, since other threads may take the
+/// room each time).
+const MAX_ROUNDS_AFTER_SPENT: u32 = 64;
 
 /// Pauses for moving tensors one call may make under loom and shuttle, whose clocks stand
 /// still (real builds bound the call's waits by time).
@@ -460,14 +489,12 @@ impl Waits {
 
 /// A byte range in flight through a pin: a read, or a lend for writing in place. Released
 /// when dropped, also when the code holding it unwinds (a caller's closure that panics), so
-/// a panic never leaves a range locked. A read claim may also hold a pin of its own (a
-/// [`MemoryManager::read`]), dropped with it.
+/// a panic never leaves a range locked.
 struct SpanClaim<'a> {
     inner: &'a Inner,
     handle: TensorHandle,
     spans: Vec<(u64, u64)>,
     lend: bool,
-    unpin: Option<Tier>,
     /// Set when a lend's body succeeded: the tensor counts as written.
     written: bool,
 }
@@ -487,9 +514,6 @@ impl Drop for SpanClaim<'_> {
             };
             for &span in &self.spans {
                 remove_span(list, span);
-            }
-            if let Some(t) = self.unpin {
-                e.unpin(t);
             }
             if self.written {
                 e.written = true;
@@ -534,6 +558,19 @@ impl Drop for BusyClaim<'_> {
     }
 }
 
+/// Most handle-table shards a manager takes (`ManagerConfig::shards`).
+pub const MAX_SHARDS: usize = 1 << 16;
+
+fn check_shards(shards: usize) -> Result<()> {
+    if (1..=MAX_SHARDS).contains(&shards) {
+        Ok(())
+    } else {
+        Err(ManagerError::InvalidConfig(format!(
+            "shards must be 1 to {MAX_SHARDS}, not {shards}"
+        )))
+    }
+}
+
 fn check_range(offset_bytes: u64, len_bytes: u64, tensor_bytes: u64) -> Result<()> {
     match offset_bytes.checked_add(len_bytes) {
         Some(end) if end <= tensor_bytes => Ok(()),
@@ -548,12 +585,9 @@ fn check_range(offset_bytes: u64, len_bytes: u64, tensor_bytes: u64) -> Result<(
 impl MemoryManager {
     /// Builds the tiers and the engine.
     pub fn new(config: ManagerConfig) -> Result<Self> {
-        if config.shards == 0 {
-            return Err(ManagerError::InvalidConfig(
-                "shards must be at least 1".into(),
-            ));
-        }
+        check_shards(config.shards)?;
         let mk = |cap: u64, granule: u64| (config.allocator)(cap, granule);
+        let slab_bytes = std::cell::Cell::new([0u64; 3]);
         // Device and host arenas: a slab region for KV blocks at the bottom when the block
         // size is known, the configured allocator above it.
         let mk_memory = |tier: Tier, cap: u64| -> Result<StdArc<dyn vlmem_core::OffsetAllocator>> {
@@ -570,6 +604,9 @@ impl MemoryManager {
                         kind: Some(TensorKind::KvCache),
                     })?;
                     let rest_bytes = cap - u64::from(blocks) * bb;
+                    let mut slabs = slab_bytes.get();
+                    slabs[tier.index()] = u64::from(blocks) * bb;
+                    slab_bytes.set(slabs);
                     let rest = match rest_bytes {
                         0 => StdArc::new(vlmem_tier::FirstFitAllocator::new(0, GRANULE)?) as _,
                         n => mk(n, GRANULE)?,
@@ -602,7 +639,7 @@ impl MemoryManager {
             mk(config.disk_bytes, 4096)?,
             config.disk.clone(),
         )?);
-        Self::with_tiers(config, device, host, disk)
+        Self::build(config, device, host, disk, slab_bytes.get())
     }
 
     /// Builds the manager over tiers made by the caller (for fault injection: wrap a tier in
@@ -615,11 +652,19 @@ impl MemoryManager {
         host: StdArc<dyn TierBackend>,
         disk: StdArc<DiskTier>,
     ) -> Result<Self> {
-        if config.shards == 0 {
-            return Err(ManagerError::InvalidConfig(
-                "shards must be at least 1".into(),
-            ));
-        }
+        Self::build(config, device, host, disk, [0; 3])
+    }
+
+    /// The manager over its tiers; `kv_slab_bytes` per tier is the region of the arena only
+    /// KV blocks can take.
+    fn build(
+        config: ManagerConfig,
+        device: StdArc<dyn TierBackend>,
+        host: StdArc<dyn TierBackend>,
+        disk: StdArc<DiskTier>,
+        kv_slab_bytes: [u64; 3],
+    ) -> Result<Self> {
+        check_shards(config.shards)?;
         let disk_dyn: StdArc<dyn TierBackend> = disk.clone();
         let tiers = [device, host, disk_dyn];
         let engine = TransferEngine::new(&tiers, config.engine)?;
@@ -644,6 +689,7 @@ impl MemoryManager {
                 zero_on_free: config.zero_on_free,
                 verify_write_backs: config.verify_write_backs,
                 max_call_wait: config.max_call_wait,
+                kv_slab_bytes,
                 counters: Counters::default(),
             }),
         })
@@ -717,6 +763,12 @@ impl MemoryManager {
             let pins = e.pins();
             if pins > 0 {
                 return Err(ManagerError::Pinned { id: e.id, pins });
+            }
+            if !e.reads.is_empty() {
+                // A plain read in flight (not a pin): wait for it to end.
+                let id = e.id;
+                st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
+                continue;
             }
             let local = (handle.slot as usize) / inner.shards.len();
             let slot = &mut st.slots[local];
@@ -827,8 +879,10 @@ impl MemoryManager {
         let inner = &self.inner;
         let waits = inner.waits();
         let (tier, res, _read) =
-            inner.pin_fastest_to_read(handle, offset_bytes, dst.len() as u64, &waits)?;
-        inner.tiers[tier.index()].read(&res, offset_bytes, dst)?;
+            inner.begin_fastest_read(handle, offset_bytes, dst.len() as u64, &waits)?;
+        if !dst.is_empty() {
+            inner.tiers[tier.index()].read(&res, offset_bytes, dst)?;
+        }
         Ok(())
     }
 
@@ -1008,16 +1062,16 @@ impl Inner {
                 handle: h,
                 spans: vec![span],
                 lend: false,
-                unpin: None,
                 written: false,
             });
         }
     }
 
-    /// Pins the fastest copy where it is and registers a read of `[offset, offset + len)`
-    /// of it, both released with the claim: (tier, reservation, claim). Waits while the
-    /// tensor moves or an overlapping write through a pin runs.
-    fn pin_fastest_to_read(
+    /// Registers a read of `[offset, offset + len)` of the fastest copy, released with the
+    /// claim: (tier, reservation, claim). A read in flight is not a pin (writes and frees
+    /// are not refused for it, they wait for it), but no copy is dropped or moved from
+    /// under it. Waits while the tensor moves or an overlapping write through a pin runs.
+    fn begin_fastest_read(
         &self,
         h: TensorHandle,
         offset_bytes: u64,
@@ -1046,7 +1100,6 @@ impl Inner {
             let c = e.copies[tier.index()]
                 .as_mut()
                 .ok_or_else(|| ManagerError::InvalidConfig("no copy".into()))?;
-            c.pins += 1;
             let res = c.res;
             e.reads.push((offset_bytes, end));
             let claim = SpanClaim {
@@ -1054,7 +1107,6 @@ impl Inner {
                 handle: h,
                 spans: vec![(offset_bytes, end)],
                 lend: false,
-                unpin: Some(tier),
                 written: false,
             };
             return Ok((tier, res, claim));
@@ -1064,13 +1116,14 @@ impl Inner {
     /// Runs `body`, which writes the pinned copy on `tier` in place at `spans`, with those
     /// ranges lent: reads and writes of overlapping ranges wait, moves wait, other ranges
     /// proceed. Refused unless that copy is the tensor's only one and it is writable. No
-    /// lock is held while `body` runs; on success the tensor counts as written.
+    /// lock is held while `body` runs; `body` is told whether the tensor was written before
+    /// (else its bytes are a previous owner's). On success the tensor counts as written.
     fn lend<R>(
         &self,
         h: TensorHandle,
         tier: Tier,
         spans: &[(u64, u64)],
-        body: impl FnOnce() -> Result<R>,
+        body: impl FnOnce(bool) -> Result<R>,
     ) -> Result<R> {
         let waits = self.waits();
         let shard = self.shard_of(h)?;
@@ -1081,7 +1134,7 @@ impl Inner {
                 remove_span(&mut e.lends_waiting, span);
             }
         };
-        loop {
+        let was_written = loop {
             let e = self.entry(&mut st, h)?;
             let refused = if e.read_only {
                 Some(ManagerError::ReadOnly { id: e.id })
@@ -1123,18 +1176,17 @@ impl Inner {
                 unwait(e);
             }
             e.lends.extend_from_slice(spans);
-            break;
-        }
+            break e.written;
+        };
         drop(st);
         let mut claim = SpanClaim {
             inner: self,
             handle: h,
             spans: spans.to_vec(),
             lend: true,
-            unpin: None,
             written: false,
         };
-        let r = body();
+        let r = body(was_written);
         claim.written = r.is_ok();
         drop(claim);
         r
@@ -1254,7 +1306,11 @@ impl Inner {
         waits: &Waits,
     ) -> Result<Reservation> {
         let budget = self.budgets.read().get(tier, kind);
-        let limit = budget.min(self.tiers[tier.index()].capacity_bytes());
+        let mut arena_bytes = self.tiers[tier.index()].capacity_bytes();
+        if kind != TensorKind::KvCache {
+            arena_bytes = arena_bytes.saturating_sub(self.kv_slab_bytes[tier.index()]);
+        }
+        let limit = budget.min(arena_bytes);
         if bytes > limit {
             return Err(ManagerError::TooLarge {
                 tier,
@@ -1264,7 +1320,7 @@ impl Inner {
             });
         }
         let mut waited = false;
-        let mut last_try = false;
+        let mut rounds_after_spent = 0u32;
         loop {
             if self.charge(tier, kind, bytes) {
                 match self.tiers[tier.index()].reserve(bytes, &format!("tensor {id}")) {
@@ -1280,17 +1336,18 @@ impl Inner {
             // only candidates are moving (another thread is bringing them up, writing them
             // back or compacting them), wait a little for them rather than fail at once; the
             // wait comes out of the call's budget, so two threads waiting on each other's
-            // moves end in OutOfMemory, never in a hang. Once the budget is spent, room
-            // freed by this call gets one more try.
-            let (freed, moving) = if last_try {
+            // moves end in OutOfMemory, never in a hang. The call's own evictions are not
+            // waits: they go on while they free room, also once the budget is spent, but
+            // then for at most MAX_ROUNDS_AFTER_SPENT rounds (other threads could take the
+            // room each time).
+            if waits.spent() {
+                rounds_after_spent += 1;
+            }
+            let (freed, moving) = if rounds_after_spent > MAX_ROUNDS_AFTER_SPENT {
                 (0, 0)
             } else {
                 self.evict_kind_counting(tier, kind, bytes, waits)?
             };
-            if freed > 0 && waits.spent() {
-                last_try = true;
-                continue;
-            }
             if freed == 0 && moving > 0 && waits.pause() {
                 if !waited {
                     self.counters.oom_waits.fetch_add(1, Ordering::Relaxed);
@@ -1477,6 +1534,16 @@ impl Inner {
                 let pins = e.pins();
                 if pins > 0 {
                     return Err(ManagerError::Pinned { id: e.id, pins });
+                }
+                if !e.reads.is_empty() {
+                    // A plain read in flight (not a pin): wait for it to end.
+                    let id = e.id;
+                    st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
+                    continue;
+                }
+                if src.is_empty() {
+                    // Nothing to write: the tensor does not become written by it.
+                    return Ok(());
                 }
                 e.busy = true;
                 let from = e.fastest();
