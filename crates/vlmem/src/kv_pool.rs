@@ -20,9 +20,13 @@
 //! ## Pressure: whole sequences move
 //! The pool keeps at most `budget / block bytes` blocks on the compute tier (the manager's KV
 //! budget there). A new block beyond that first swaps out a whole other sequence (the most
-//! recently started idle one, as vLLM preempts the latest arrival): each block it owns alone
-//! is demoted one tier down. A swapped sequence comes back whole the next time it is used.
-//! Blocks shared with a resident sequence stay.
+//! recently started idle one, as vLLM preempts the latest arrival): each block no running
+//! sequence holds (it owns it alone, or shares it only with idle swapped-out sequences) is
+//! demoted one tier down. A swapped sequence comes back whole the next time it is used.
+//! Blocks shared with a running sequence stay. When that running sequence finishes or goes
+//! out later, the block is left on the compute tier to swapped-out sequences only: making
+//! room first swaps such a sequence out again (latest started first), which moves the block
+//! down and preempts nobody, before it swaps out a running one.
 //!
 //! A block is counted on the compute tier exactly when it is there: the count changes when
 //! a block is made there, when a swap-in pins it there, and after a swap-out by what the
@@ -39,7 +43,7 @@
 
 use crate::error::ManagerError;
 use crate::manager::{MemoryManager, TensorHandle};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use vlmem_core::sync::atomic::{AtomicU64, Ordering};
 use vlmem_core::sync::{Condvar, Mutex, wait_guard};
 use vlmem_core::{TensorKind, Tier};
@@ -201,6 +205,15 @@ fn chain_hash(previous: u64, tokens: &[u32]) -> u64 {
         }
     }
     h
+}
+
+/// The blocks that a sequence other than `except` holds while it is in use: not swapped
+/// out, or used (`busy`) or moved (`swapping`) by a call now. Those stay on the compute tier.
+fn held_by_others_in_use(seqs: &HashMap<u64, Sequence>, except: u64) -> HashSet<u64> {
+    seqs.iter()
+        .filter(|(id, s)| **id != except && (!s.swapped || s.busy || s.swapping))
+        .flat_map(|(_, s)| s.blocks.iter().copied())
+        .collect()
 }
 
 /// Marks a sequence busy for the duration of one call.
@@ -559,44 +572,80 @@ impl KvPool {
         Ok(())
     }
 
-    /// Swaps the whole sequence out of the compute tier: every block it holds alone moves
-    /// one tier down (also when it is swapped already: blocks it came to hold alone since,
-    /// because the sequences sharing them finished). Returns the bytes freed on the compute
-    /// tier.
+    /// Swaps the whole sequence out of the compute tier: every block on the tier that no
+    /// running sequence holds moves one tier down: the blocks it holds alone, and those it
+    /// shares only with sequences that are swapped out and idle (also when it is swapped
+    /// already: blocks left to it, or to it and other swapped sequences, since their running
+    /// holders finished or went out). Returns the bytes freed on the compute tier.
     pub fn swap_out(&self, seq: SeqId) -> KvResult<u64> {
         let _claim = self.claim(seq)?;
         self.swap_out_claimed(seq.0)
     }
 
+    /// [`KvPool::swap_out`] of a sequence this thread has claimed or marked `swapping`. The
+    /// other holders of a block it moves are marked `swapping` meanwhile, so none of them is
+    /// used (or finished) while its block is on the way down.
     fn swap_out_claimed(&self, seq: u64) -> KvResult<u64> {
-        let (own, was_swapped): (Vec<(u64, TensorHandle)>, bool) = {
+        let (own, was_swapped, others): (Vec<(u64, TensorHandle)>, bool, Vec<u64>) = {
             let mut t = self.tables.lock();
             let Tables { seqs, blocks, .. } = &mut *t;
+            let held = held_by_others_in_use(seqs, seq);
             let s = seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
             let was_swapped = std::mem::replace(&mut s.swapped, true);
-            let own = s
+            let own: Vec<(u64, TensorHandle)> = s
                 .blocks
                 .iter()
                 .filter_map(|b| {
                     let m = blocks.get(b)?;
-                    (m.refs == 1 && m.resident).then_some((*b, m.handle))
+                    (m.resident && !held.contains(b)).then_some((*b, m.handle))
                 })
                 .collect();
-            (own, was_swapped)
+            let shared: Vec<u64> = own
+                .iter()
+                .filter(|(b, _)| blocks.get(b).is_some_and(|m| m.refs > 1))
+                .map(|(b, _)| *b)
+                .collect();
+            let mut others = Vec::new();
+            if !shared.is_empty() {
+                for (id, o) in seqs.iter_mut() {
+                    if *id != seq && o.blocks.iter().any(|b| shared.contains(b)) {
+                        // Swapped and idle (`held_by_others_in_use` left its blocks out).
+                        o.swapping = true;
+                        others.push(*id);
+                    }
+                }
+            }
+            (own, was_swapped, others)
         };
-        let mut freed = 0;
+        let mut freed = Ok(0);
         for (b, h) in own {
             let moved = self.manager.swap_out(h, self.config.compute_tier);
             // Where the block is now, not what was asked, decides whether it is counted on
             // the tier (the manager leaves a pinned block where it is).
             let on_tier = self.on_compute_tier(h);
             self.note_placement(b, on_tier);
-            freed += moved?;
+            match moved {
+                Ok(m) => freed = freed.map(|f| f + m),
+                Err(e) => {
+                    freed = Err(e);
+                    break;
+                }
+            }
+        }
+        if !others.is_empty() {
+            let mut t = self.tables.lock();
+            for id in others {
+                if let Some(o) = t.seqs.get_mut(&id) {
+                    o.swapping = false;
+                }
+            }
+            drop(t);
+            self.swapped_for_room.notify_all();
         }
         if !was_swapped {
             self.swap_outs.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(freed)
+        Ok(freed?)
     }
 
     /// Whether the manager has a copy of the block on the compute tier now (`None`: it
@@ -677,21 +726,44 @@ impl KvPool {
         }
     }
 
-    /// Swaps out whole idle sequences (latest started first) until one more block fits on
-    /// the compute tier. With nothing left to swap, the manager's own eviction decides.
+    /// Makes room for one more block on the compute tier. First the room taken by blocks
+    /// that only swapped-out idle sequences hold (left to them by a running holder that
+    /// finished or went out): such a sequence is swapped out again, which moves them down
+    /// and preempts nobody. Then whole idle running sequences are swapped out, latest
+    /// started first. With nothing left to swap, the manager's own eviction decides.
     fn make_room(&self, for_seq: u64) -> KvResult<()> {
+        // Sequences swapped out by this call (each once: a block the manager left in place
+        // must not make it try for ever).
+        let mut tried: Vec<u64> = Vec::new();
         loop {
             let victim = {
                 let mut t = self.tables.lock();
                 if t.resident_blocks < self.max_resident_blocks {
                     return Ok(());
                 }
-                let victim = t
+                let idle = |id: &u64, s: &Sequence| {
+                    *id != for_seq && !s.busy && !s.swapping && !tried.contains(id)
+                };
+                let held = held_by_others_in_use(&t.seqs, u64::MAX);
+                let left_behind = t
                     .seqs
                     .iter()
-                    .filter(|(id, s)| **id != for_seq && !s.busy && !s.swapping && !s.swapped)
+                    .filter(|(id, s)| {
+                        idle(id, s)
+                            && s.swapped
+                            && s.blocks.iter().any(|b| {
+                                !held.contains(b) && t.blocks.get(b).is_some_and(|m| m.resident)
+                            })
+                    })
                     .max_by_key(|(_, s)| s.started)
                     .map(|(id, _)| *id);
+                let victim = left_behind.or_else(|| {
+                    t.seqs
+                        .iter()
+                        .filter(|(id, s)| idle(id, s) && !s.swapped)
+                        .max_by_key(|(_, s)| s.started)
+                        .map(|(id, _)| *id)
+                });
                 match victim {
                     Some(v) => {
                         if let Some(s) = t.seqs.get_mut(&v) {
@@ -702,6 +774,7 @@ impl KvPool {
                     None => return Ok(()),
                 }
             };
+            tried.push(victim);
             let r = self.swap_out_claimed(victim);
             if let Some(s) = self.tables.lock().seqs.get_mut(&victim) {
                 s.swapping = false;
