@@ -470,6 +470,7 @@ fn decode_run_with(
             &GenerateOptions {
                 max_new_tokens: new_tokens,
                 stop_ids: vec![],
+                ..Default::default()
             },
             &mut |_| {
                 if first.is_none() {

@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a Qwen3-VL checkpoint through the memory manager (greedy, CPU).
+    /// Run a Qwen3-VL checkpoint through the memory manager (greedy or sampled, CPU).
     Run(run_cmd::RunArgs),
     /// Where each part of a model goes on a machine, and how fast decode can be.
     Plan(plan_cmd::PlanArgs),

@@ -1,4 +1,5 @@
-//! `vlmem run`: a Qwen3-VL checkpoint through the memory manager, greedy, on the CPU (and,
+//! `vlmem run`: a Qwen3-VL checkpoint through the memory manager, greedy or sampled, on the
+//! CPU (and,
 //! built with `cuda` on a machine with a GPU, the first decoder layers on the GPU).
 
 use crate::CliError;
@@ -17,8 +18,8 @@ use vlmem_core::profile::{HardwareProfile, Overrides};
 use vlmem_qwen3vl::checkpoint::Checkpoint;
 use vlmem_runner::preprocess::{load_image, preprocess};
 use vlmem_runner::{
-    Activations, GenerateOptions, KvStore, LogitsFor, ManagedWeights, PagedKv, PrefillOptions,
-    PreprocessConfig, Runner, RunnerError,
+    Activations, GenerateOptions, GenerationConfig, KvStore, LogitsFor, ManagedWeights, PagedKv,
+    PrefillOptions, PreprocessConfig, Runner, RunnerError, SamplingParams,
 };
 
 /// Tokens per KV block (vLLM's default).
@@ -67,6 +68,114 @@ pub struct RunArgs {
     /// Layers whose weights are prefetched while one computes (0 turns prefetch off).
     #[arg(long, default_value_t = vlmem_runner::managed::DEFAULT_PREFETCH_LAYERS)]
     prefetch_layers: usize,
+    /// How each token is chosen.
+    #[command(flatten)]
+    sampling: Box<SamplingArgs>,
+}
+
+/// `vlmem run`'s token-choice flags, as text so that a bad value is one line of bad input.
+#[derive(Args)]
+struct SamplingArgs {
+    /// Sample with this temperature; 0 is greedy (the arg-max). Without it the run is greedy,
+    /// unless the checkpoint's generation_config.json sets do_sample: then its temperature,
+    /// top_k, top_p (Qwen3-VL-Instruct: 0.7, 20, 0.8) are the defaults these flags override.
+    #[arg(long, value_name = "F", allow_hyphen_values = true)]
+    temperature: Option<String>,
+    /// Sample from the N most likely tokens only (0: all; 1: greedy).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    top_k: Option<String>,
+    /// Sample from the smallest set of most likely tokens holding probability F, in (0, 1].
+    #[arg(long, value_name = "F", allow_hyphen_values = true)]
+    top_p: Option<String>,
+    /// Drop tokens less likely than F times the most likely one, F in [0, 1].
+    #[arg(long, value_name = "F", allow_hyphen_values = true)]
+    min_p: Option<String>,
+    /// Seed of the sampler (same seed and settings: same reply); default: a fresh one, shown
+    /// in the report.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    seed: Option<String>,
+    /// Divide positive logits (multiply negative ones) of every token already in the prompt
+    /// or the reply by F > 0 (1: none); applies to greedy runs too.
+    #[arg(long, value_name = "F", allow_hyphen_values = true)]
+    repetition_penalty: Option<String>,
+    /// Subtract F in [-2, 2] from the logit of every token the reply already holds.
+    #[arg(long, value_name = "F", allow_hyphen_values = true)]
+    presence_penalty: Option<String>,
+    /// Subtract F in [-2, 2] times its count from the logit of every token the reply holds.
+    #[arg(long, value_name = "F", allow_hyphen_values = true)]
+    frequency_penalty: Option<String>,
+}
+
+/// A flag's value parsed as `T`, or the one-line error naming the flag.
+fn parse_flag<T: std::str::FromStr>(
+    flag: &str,
+    value: &Option<String>,
+    what: &str,
+) -> Result<Option<T>, CliError> {
+    value
+        .as_deref()
+        .map(|v| {
+            v.trim()
+                .parse::<T>()
+                .map_err(|_| CliError::bad_input(format!("{flag} {v}: not {what}")))
+        })
+        .transpose()
+}
+
+/// The sampling settings of this run: the checkpoint's generation_config.json (greedy unless
+/// it sets do_sample), overridden by the flags given; out-of-range values are bad input.
+fn sampling_params(
+    a: &SamplingArgs,
+    config: &GenerationConfig,
+) -> Result<SamplingParams, CliError> {
+    let mut p = config.sampling();
+    let number = "a number";
+    if let Some(t) = parse_flag("--temperature", &a.temperature, number)? {
+        p.temperature = t;
+    }
+    if let Some(k) = parse_flag("--top-k", &a.top_k, "a count (0 or more)")? {
+        p.top_k = k;
+    }
+    if let Some(x) = parse_flag("--top-p", &a.top_p, number)? {
+        p.top_p = x;
+    }
+    if let Some(x) = parse_flag("--min-p", &a.min_p, number)? {
+        p.min_p = x;
+    }
+    if let Some(x) = parse_flag("--repetition-penalty", &a.repetition_penalty, number)? {
+        p.repetition_penalty = x;
+    }
+    if let Some(x) = parse_flag("--presence-penalty", &a.presence_penalty, number)? {
+        p.presence_penalty = x;
+    }
+    if let Some(x) = parse_flag("--frequency-penalty", &a.frequency_penalty, number)? {
+        p.frequency_penalty = x;
+    }
+    p.seed = parse_flag("--seed", &a.seed, "a seed (0 to 2^64 - 1)")?;
+    p.validate()?;
+    let shaping = [
+        ("--top-k", &a.top_k),
+        ("--top-p", &a.top_p),
+        ("--min-p", &a.min_p),
+        ("--seed", &a.seed),
+    ];
+    let unused: Vec<&str> = shaping
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(f, _)| *f)
+        .collect();
+    if p.temperature == 0.0 && !unused.is_empty() {
+        eprintln!(
+            "note: this run is greedy (temperature 0) and ignores {}: give --temperature to sample",
+            unused.join(", ")
+        );
+    }
+    Ok(p)
+}
+
+/// An f32 setting as the shortest decimal that reads back as it (0.7, not 0.699999988).
+fn f32_json(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 impl From<RunnerError> for CliError {
@@ -104,6 +213,8 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     )?;
     let profile = HardwareProfile::resolve(&a.profile)?.with_overrides(overrides);
     let checkpoint = Checkpoint::open(&a.model)?;
+    let generation_config = GenerationConfig::load(&checkpoint.dir)?;
+    let sampling = sampling_params(&a.sampling, &generation_config)?;
     // The request before any weight: images, prompt ids (so the tiers can be sized for it).
     let tokenizer = Runner::open_tokenizer(&checkpoint)?;
     let preprocess_cfg = PreprocessConfig::for_vision(&checkpoint.config.vision);
@@ -217,9 +328,17 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     let mut at_first_token = None;
     let mut streamed = Vec::new();
     let mut printed = 0usize;
+    // The tokenizer's end-of-turn ids and the checkpoint's eos ids.
+    let mut stop_ids = runner.stop_ids();
+    for id in &generation_config.eos_token_ids {
+        if !stop_ids.contains(id) {
+            stop_ids.push(*id);
+        }
+    }
     let generate = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        stop_ids: runner.stop_ids(),
+        stop_ids,
+        sampling,
     };
     let gen_ = runner
         .model()
@@ -294,10 +413,25 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
             "read_on_demand": st.stats.misses,
             "dropped_unused": st.stats.dropped,
         });
+        let p = &generate.sampling;
         let v = json!({
             "prompt_ids": ids,
             "generated_ids": gen_.generated_ids,
             "text": text,
+            "finish_reason": gen_.finish_reason.as_str(),
+            "stop_ids": generate.stop_ids,
+            "sampling": {
+                "mode": if p.is_greedy() { "greedy" } else { "sample" },
+                "temperature": f32_json(p.temperature),
+                "top_k": p.top_k,
+                "top_p": f32_json(p.top_p),
+                "min_p": f32_json(p.min_p),
+                "repetition_penalty": f32_json(p.repetition_penalty),
+                "presence_penalty": f32_json(p.presence_penalty),
+                "frequency_penalty": f32_json(p.frequency_penalty),
+                "seed": gen_.seed,
+                "from_generation_config": generation_config.do_sample,
+            },
             "tokens_per_s": gen_.decode_tokens_per_s(),
             "plan_bound_tokens_per_s": plan_bound,
             "time_to_first_token_s": gen_.time_to_first_token.as_secs_f64(),
@@ -398,6 +532,29 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         open_s,
         gen_.time_to_first_token.as_secs_f64(),
         gen_.decode_tokens_per_s()
+    );
+    let p = &generate.sampling;
+    let choice = match gen_.seed {
+        Some(seed) => format!(
+            "sampled (temperature {}, top_k {}, top_p {}, min_p {}, seed {seed})",
+            p.temperature, p.top_k, p.top_p, p.min_p
+        ),
+        None => "greedy".to_string(),
+    };
+    let penalties = if p.has_penalties() {
+        format!(
+            ", penalties: repetition {}, presence {}, frequency {}",
+            p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "tokens: {choice}{penalties}; finished: {}",
+        match gen_.finish_reason {
+            vlmem_runner::FinishReason::Stop => "stop id",
+            vlmem_runner::FinishReason::Length => "--max-new-tokens reached",
+        }
     );
     if let Some(b) = plan_bound.filter(|&b| b > 0.0) {
         println!(

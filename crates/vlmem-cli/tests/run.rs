@@ -261,3 +261,222 @@ fn a_kv_cache_with_no_room_is_refused_up_front() {
         "{err}"
     );
 }
+
+/// `vlmem run --json` on the fixture's chat prompt and image, with `extra` flags.
+fn run_json(extra: &[&str]) -> (Output, Option<serde_json::Value>) {
+    run_json_in(&fixture("qwen3-vl-tiny"), extra)
+}
+
+/// [`run_json`] on the checkpoint folder `dir` (the fixture's image).
+fn run_json_in(dir: &Path, extra: &[&str]) -> (Output, Option<serde_json::Value>) {
+    let image = fixture("qwen3-vl-tiny").join("image0.png");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Describe this image in one sentence.",
+        "--image",
+        image.to_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--profile",
+        "laptop-i5-10210u-mx250",
+        "--disk-path",
+        tmp.path().to_str().unwrap(),
+        "--json",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = vlmem(&refs);
+    let v = serde_json::from_slice(&out.stdout).ok();
+    (out, v)
+}
+
+fn generated(v: &serde_json::Value) -> Vec<u64> {
+    v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// With no sampling flag the run is greedy (the fixture's generation_config.json does not ask
+/// for sampling), and `--temperature 0` is that same greedy run; the JSON says why it ended
+/// and which settings chose the tokens.
+#[test]
+fn run_temperature_zero_is_the_default_greedy_run() {
+    let (out, default) = run_json(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let default = default.unwrap();
+    let (out, zero) = run_json(&["--temperature", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let zero = zero.unwrap();
+    assert_eq!(generated(&default), generated(&zero));
+    assert_eq!(generated(&default).len(), 12, "{default}");
+    for v in [&default, &zero] {
+        assert_eq!(v["finish_reason"], "length", "{v}");
+        assert_eq!(v["sampling"]["mode"], "greedy", "{v}");
+        assert_eq!(v["sampling"]["temperature"], 0.0, "{v}");
+        assert!(v["sampling"]["seed"].is_null(), "{v}");
+    }
+}
+
+/// A sampled run with a seed is repeatable, and reports the seed and settings it used.
+#[test]
+fn run_with_the_same_seed_samples_the_same_ids() {
+    let flags = [
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "1234",
+    ];
+    let (out, a) = run_json(&flags);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (out, b) = run_json(&flags);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(generated(&a), generated(&b));
+    let s = &a["sampling"];
+    assert_eq!(s["mode"], "sample", "{a}");
+    assert_eq!(s["seed"], 1234, "{a}");
+    assert_eq!(s["top_k"], 50, "{a}");
+    assert!(
+        (s["temperature"].as_f64().unwrap() - 1.5).abs() < 1e-6,
+        "{a}"
+    );
+    assert!(
+        a["finish_reason"] == "length" || a["finish_reason"] == "stop",
+        "{a}"
+    );
+    // Without a seed a sampled run still reports the one it drew, so it can be replayed.
+    let (out, c) = run_json(&["--temperature", "1.5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = c.unwrap();
+    let seed = c["sampling"]["seed"].as_u64().expect("a drawn seed");
+    let seed = seed.to_string();
+    let (out, d) = run_json(&["--temperature", "1.5", "--seed", &seed]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(generated(&c), generated(&d.unwrap()));
+}
+
+/// Sampling values outside their ranges are bad input: exit 2, one line, no panic.
+#[test]
+fn run_refuses_bad_sampling_values_with_exit_2() {
+    for flags in [
+        &["--top-p", "2"][..],
+        &["--top-p", "0"][..],
+        &["--temperature", "-1"][..],
+        &["--temperature", "NaN"][..],
+        &["--min-p", "1.5"][..],
+        &["--repetition-penalty", "0"][..],
+        &["--presence-penalty", "inf"][..],
+        &["--frequency-penalty", "-3"][..],
+        &["--top-k", "-1"][..],
+    ] {
+        let (out, _) = run_json(flags);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(
+            err.starts_with("error") && !err.contains("panicked"),
+            "{flags:?}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{flags:?}: {err}");
+    }
+}
+
+/// A checkpoint whose generation_config.json sets do_sample (as Qwen3-VL-Instruct's does) is
+/// sampled with its settings and stops at its eos ids; `--temperature 0` makes it greedy.
+#[test]
+fn a_checkpoint_that_asks_to_sample_is_sampled_unless_temperature_is_zero() {
+    let src = fixture("qwen3-vl-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        tmp.path().join("generation_config.json"),
+        r#"{"do_sample": true, "eos_token_id": [1005, 7], "top_k": 20, "top_p": 0.8,
+            "repetition_penalty": 1.0, "temperature": 0.7}"#,
+    )
+    .unwrap();
+    let (out, v) = run_json_in(tmp.path(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = v.unwrap();
+    let s = &v["sampling"];
+    assert_eq!(s["mode"], "sample", "{v}");
+    assert_eq!(s["from_generation_config"], true, "{v}");
+    assert_eq!(
+        (
+            s["temperature"].as_f64(),
+            s["top_k"].as_u64(),
+            s["top_p"].as_f64()
+        ),
+        (Some(0.7), Some(20), Some(0.8)),
+        "{v}"
+    );
+    assert!(s["seed"].is_u64(), "{v}");
+    let stops: Vec<u64> = v["stop_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert!(stops.contains(&1005) && stops.contains(&7), "{v}");
+    let (out, greedy) = run_json_in(tmp.path(), &["--temperature", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let greedy = greedy.unwrap();
+    assert_eq!(greedy["sampling"]["mode"], "greedy", "{greedy}");
+    let (_, fixture_default) = run_json(&[]);
+    assert_eq!(generated(&greedy), generated(&fixture_default.unwrap()));
+    // A generation_config.json that is not JSON is bad input, not a panic.
+    std::fs::write(tmp.path().join("generation_config.json"), "{ not json").unwrap();
+    let (out, _) = run_json_in(tmp.path(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("error") && err.contains("generation_config.json"),
+        "{err}"
+    );
+}

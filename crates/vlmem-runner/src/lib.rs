@@ -9,13 +9,16 @@
 //! - [`vision`]: the vision tower with DeepStack mergers;
 //! - [`text`]: the decoder (GQA, QK-norm, SwiGLU or MoE, DeepStack injection, lm_head);
 //! - [`kv`]: the KV cache behind [`KvStore`];
-//! - [`model`]: prefill and greedy generation; [`runner`]: a checkpoint folder ready to run.
+//! - [`sample`]: how each generated token is chosen (greedy, or sampled with temperature,
+//!   top-k, top-p, min-p and penalties) and the checkpoint's `generation_config.json`;
+//! - [`model`]: prefill and generation; [`runner`]: a checkpoint folder ready to run.
 //!
 //! All arithmetic is f32, matching the reference implementation (bf16 weights upcast to f32,
 //! eager attention) to about 1e-5 on the bundled fixtures.
 
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
@@ -27,17 +30,21 @@ pub mod preprocess;
 pub mod prompt;
 pub mod rope;
 pub mod runner;
+pub mod sample;
 pub mod text;
 pub mod vision;
 pub mod weights;
 
+pub use chat::{ChatTemplate, Message, Part, Role};
 pub use error::{Result, RunnerError};
 pub use kv::{KvCache, KvStore, PagedKv};
 pub use managed::{ManagedWeights, ReaderActivity, StagingReport};
 pub use model::{
-    Activations, GenerateOptions, Generation, Prefill, PrefillOptions, PrefillProgress, Qwen3Vl,
+    Activations, FinishReason, GenerateOptions, Generation, Prefill, PrefillOptions,
+    PrefillProgress, Qwen3Vl,
 };
 pub use preprocess::{ImageInput, PreprocessConfig};
 pub use runner::Runner;
+pub use sample::{GenerationConfig, Sampler, SamplingParams};
 pub use text::LogitsFor;
 pub use weights::{CachedWeights, CheckpointWeights, WeightSource};

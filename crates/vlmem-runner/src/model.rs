@@ -6,6 +6,7 @@ use crate::kv::{KvCache, KvStore};
 use crate::nn::Params;
 use crate::preprocess::ImageInput;
 use crate::rope::{MropePositions, rope_index};
+use crate::sample::{Sampler, SamplingParams};
 use crate::text::{Deepstack, LogitsFor, Outputs, TextDecoder};
 use crate::vision::{VisionOutput, VisionTower};
 use crate::weights::WeightSource;
@@ -78,16 +79,45 @@ pub enum PrefillProgress {
 /// A progress callback: see [`Qwen3Vl::on_prefill_progress`].
 pub type PrefillProgressFn = dyn Fn(PrefillProgress) + Send + Sync;
 
-/// Greedy-generation settings.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Generation settings. The default samples nothing: greedy, as the reference outputs were
+/// made.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct GenerateOptions {
     /// Tokens to generate at most.
     pub max_new_tokens: usize,
     /// Ids that end generation (kept as the last generated id).
     pub stop_ids: Vec<u32>,
+    /// How each token is chosen ([`SamplingParams::default`] is greedy); checked before any
+    /// work ([`SamplingParams::validate`]).
+    pub sampling: SamplingParams,
 }
 
-/// The result of greedy generation.
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop id was generated (it is the last generated id).
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+}
+
+impl FinishReason {
+    /// `"stop"` or `"length"`, as the OpenAI and vLLM APIs name them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
     /// The prompt as the model received it.
@@ -96,12 +126,17 @@ pub struct Generation {
     pub generated_ids: Vec<u32>,
     /// `[generated, vocab]`: the logits each generated id was chosen from.
     pub generated_logits: Vec<Vec<f32>>,
-    /// From the call to the first generated id (vision tower + prefill + argmax).
+    /// From the call to the first generated id (vision tower + prefill + token choice).
     pub time_to_first_token: Duration,
     /// Time spent on the remaining tokens.
     pub decode_time: Duration,
     /// Where the decode steps kept their activations.
     pub activations: Activations,
+    /// Why it ended: a stop id, or `max_new_tokens` (also when that is 0).
+    pub finish_reason: FinishReason,
+    /// The seed the sampled ids were drawn with (drawn from entropy when the options gave
+    /// none; the same seed and settings replay them); `None` when greedy.
+    pub seed: Option<u64>,
 }
 
 /// Where decode steps keep their activations (the per-step vectors: hidden states, q/k/v,
@@ -486,8 +521,9 @@ impl Qwen3Vl {
         Ok(logits.squeeze(0)?)
     }
 
-    /// Greedy generation: prefill, then pick the arg-max id and feed it back until
-    /// `max_new_tokens` or a stop id. `on_token` sees each id as it is chosen.
+    /// Generation: prefill, then choose each id per `opts.sampling` (greedy by default: the
+    /// arg-max) and feed it back until `max_new_tokens` or a stop id. `on_token` sees each id
+    /// as it is chosen.
     pub fn generate(
         &self,
         ids: &[u32],
@@ -509,6 +545,7 @@ impl Qwen3Vl {
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
         let start = Instant::now();
+        let mut sampler = Sampler::new(opts.sampling.clone())?;
         let mut generation = Generation {
             prompt_ids: ids.to_vec(),
             generated_ids: Vec::new(),
@@ -518,6 +555,8 @@ impl Qwen3Vl {
             activations: Activations::InProcess {
                 reason: "no decode step".into(),
             },
+            finish_reason: FinishReason::Length,
+            seed: sampler.seed(),
         };
         if opts.max_new_tokens == 0 {
             self.positions(ids, images)?;
@@ -540,7 +579,7 @@ impl Qwen3Vl {
         let mut position = prefill.positions.next_position;
         let mut decode_start = start;
         loop {
-            let next = argmax(&logits);
+            let next = sampler.sample(&logits, ids, &generation.generated_ids)?;
             generation.generated_ids.push(next);
             generation.generated_logits.push(logits);
             on_token(next);
@@ -548,9 +587,11 @@ impl Qwen3Vl {
                 generation.time_to_first_token = start.elapsed();
                 decode_start = Instant::now();
             }
-            if generation.generated_ids.len() >= opts.max_new_tokens
-                || opts.stop_ids.contains(&next)
-            {
+            if opts.stop_ids.contains(&next) {
+                generation.finish_reason = FinishReason::Stop;
+                break;
+            }
+            if generation.generated_ids.len() >= opts.max_new_tokens {
                 break;
             }
             logits = match arena.as_mut() {

@@ -160,6 +160,7 @@ impl Runner {
         let opts = GenerateOptions {
             max_new_tokens,
             stop_ids: self.stop_ids(),
+            ..GenerateOptions::default()
         };
         self.model.generate(ids, images, &opts, on_token)
     }

@@ -111,6 +111,7 @@ fn ids_out_of_vocabulary_are_errors() {
     let opts = GenerateOptions {
         max_new_tokens: 2,
         stop_ids: vec![],
+        ..Default::default()
     };
     let err = runner
         .model()
@@ -147,6 +148,7 @@ fn image_pads_must_match_the_images() {
     let opts = GenerateOptions {
         max_new_tokens: 1,
         stop_ids: vec![],
+        ..Default::default()
     };
     let pad = runner.model().config().image_token_id;
     let good = runner.chat_ids("hi", &images).unwrap();

@@ -173,6 +173,7 @@ fn run_fixture_with(name: &str, score_bytes: Option<usize>) {
             &GenerateOptions {
                 max_new_tokens: want_ids.len(),
                 stop_ids: Vec::new(),
+                ..Default::default()
             },
             &mut |_| {},
         )

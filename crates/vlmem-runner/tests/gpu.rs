@@ -167,6 +167,7 @@ fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
             &GenerateOptions {
                 max_new_tokens: want.len(),
                 stop_ids: vec![],
+                ..Default::default()
             },
             &mut |_| {},
         )
@@ -402,6 +403,7 @@ mod on_gpu {
                         &GenerateOptions {
                             max_new_tokens: want_ids.len(),
                             stop_ids: vec![],
+                            ..Default::default()
                         },
                         &mut |_| {},
                     )

@@ -37,6 +37,7 @@ fn outputs(runner: &Runner, dir: &Path) -> (Vec<f32>, Vec<u32>) {
     let generate = GenerateOptions {
         max_new_tokens: 4,
         stop_ids: vec![],
+        ..Default::default()
     };
     let generated = model
         .generate(&ids, &images, &generate, &mut |_| {})
@@ -127,6 +128,7 @@ fn managed_decode_matches_the_reference_with_the_kernel() {
                     &GenerateOptions {
                         max_new_tokens: want_ids.len(),
                         stop_ids: vec![],
+                        ..Default::default()
                     },
                     &mut |_| {},
                 )
@@ -286,6 +288,7 @@ fn streamed_weights_bypass_the_kept_set() {
                 &GenerateOptions {
                     max_new_tokens: 6,
                     stop_ids: vec![],
+                    ..Default::default()
                 },
                 &mut |_| {
                     if at_first.is_none() {

@@ -108,6 +108,7 @@ fn generation_through_the_paged_pool_matches() {
     let opts = vlmem_runner::GenerateOptions {
         max_new_tokens: 6,
         stop_ids: vec![],
+        ..Default::default()
     };
     let model = runner.model();
     let plain = model.generate(&ids, &images, &opts, &mut |_| {}).unwrap();
@@ -143,6 +144,7 @@ fn decode_in_the_step_arena_matches_with_either_cache() {
         let opts = vlmem_runner::GenerateOptions {
             max_new_tokens: 6,
             stop_ids: vec![],
+            ..Default::default()
         };
         let plain = plain_runner
             .model()
@@ -235,6 +237,7 @@ fn decode_in_the_arena_over_several_kv_chunks() {
         let opts = vlmem_runner::GenerateOptions {
             max_new_tokens: 4,
             stop_ids: vec![],
+            ..Default::default()
         };
         let plain = runner
             .model()

@@ -37,6 +37,7 @@ fn prefill_reports_each_vision_block_then_each_layer() {
             &GenerateOptions {
                 max_new_tokens: 4,
                 stop_ids: Vec::new(),
+                ..Default::default()
             },
             &mut |_| {},
         )

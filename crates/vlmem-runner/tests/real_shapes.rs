@@ -65,6 +65,7 @@ fn qwen3_vl_2b_shapes_run_end_to_end() {
             &GenerateOptions {
                 max_new_tokens: 8,
                 stop_ids: vec![],
+                ..Default::default()
             },
             &mut |_| {},
         )
@@ -85,6 +86,7 @@ fn qwen3_vl_2b_shapes_run_end_to_end() {
             &GenerateOptions {
                 max_new_tokens: 8,
                 stop_ids: vec![],
+                ..Default::default()
             },
             &mut |_| {},
         )

@@ -46,6 +46,7 @@ fn outputs(runner: &Runner, dir: &Path) -> (Vec<f32>, Vec<u32>) {
             &GenerateOptions {
                 max_new_tokens: 4,
                 stop_ids: vec![],
+                ..Default::default()
             },
             &mut |_| {},
         )
@@ -168,6 +169,7 @@ fn cached_decode_matches_recomputing_the_whole_sequence() {
                 &GenerateOptions {
                     max_new_tokens: 6,
                     stop_ids: vec![],
+                    ..Default::default()
                 },
                 &mut |_| {},
             )
