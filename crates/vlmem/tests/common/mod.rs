@@ -49,3 +49,42 @@ pub fn read_all(m: &MemoryManager, h: TensorHandle, len: usize) -> Vec<u8> {
     m.read(h, 0, &mut buf).unwrap();
     buf
 }
+
+/// Lines up the process's allocator id counters before a manager with a KV slab is built:
+/// its split arenas take a slab pool's id and a general allocator's id next, and those two
+/// must differ (a split arena routes a freed block by the id it carries). Where every
+/// allocator draws from one counter this changes nothing that matters; where the slab pools
+/// and the general allocators had counters of their own, it makes them meet, so the next
+/// split arena gets two equal ids and a test over it shows what that breaks.
+pub fn align_allocator_ids() {
+    use vlmem_core::OffsetAllocator;
+    let general = || {
+        let a = vlmem_tier::FirstFitAllocator::new(4096, 4096).expect("allocator");
+        let b = a.allocate(4096).expect("block");
+        let id = b.allocator_id();
+        a.free(b).expect("free");
+        id
+    };
+    let slab = || {
+        vlmem_alloc::SlabPool::new(vlmem_alloc::SlabConfig {
+            block_bytes: 4096,
+            capacity_blocks: 1,
+            cache_blocks: 1,
+            caches: 1,
+            kind: None,
+        })
+        .expect("slab")
+        .id()
+    };
+    let (g, s) = (general(), slab());
+    // Far apart: ids that carry their kind, nothing to line up.
+    if g.abs_diff(s) > 10_000 {
+        return;
+    }
+    for _ in s..g {
+        slab();
+    }
+    for _ in g..s {
+        general();
+    }
+}
