@@ -9,21 +9,15 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
-use vlmem::vision_cache::VisionCache;
-use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
+use vlmem::{TensorKind, Tier};
 use vlmem_core::bytes::format_bytes;
 use vlmem_core::profile::{HardwareProfile, Overrides};
-use vlmem_qwen3vl::checkpoint::Checkpoint;
-use vlmem_runner::preprocess::{load_image, preprocess};
+use vlmem_runner::engine::KV_BLOCK_TOKENS;
 use vlmem_runner::{
-    Activations, GenerateOptions, GenerationConfig, KvStore, LogitsFor, ManagedWeights, PagedKv,
-    PrefillOptions, PreprocessConfig, Runner, RunnerError, SamplingParams,
+    Activations, Engine, EngineError, FinishReason, GenerationConfig, Prompt, Request,
+    RequestImage, RunnerError, SamplingParams,
 };
-
-/// Tokens per KV block (vLLM's default).
-const KV_BLOCK_TOKENS: u32 = 16;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -204,6 +198,23 @@ fn parse_ids(text: &str) -> Result<Vec<u32>, CliError> {
         .collect()
 }
 
+impl From<EngineError> for CliError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::BadRequest(_) | EngineError::Profile(_) => CliError::bad_input(e),
+            EngineError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                CliError::bad_input(e)
+            }
+            EngineError::Checkpoint(c) => c.into(),
+            EngineError::Model(r) => r.into(),
+            EngineError::OutOfMemory { .. } => CliError::failure(format!(
+                "{e}; give more --host-mem, fewer --max-new-tokens, or --disk-path on a disk with room"
+            )),
+            _ => CliError::failure(e),
+        }
+    }
+}
+
 pub fn run(a: RunArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let overrides = Overrides::parse(
@@ -212,191 +223,90 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         a.disk_mem.as_deref(),
     )?;
     let profile = HardwareProfile::resolve(&a.profile)?.with_overrides(overrides);
-    let checkpoint = Checkpoint::open(&a.model)?;
-    let generation_config = GenerationConfig::load(&checkpoint.dir)?;
-    let sampling = sampling_params(&a.sampling, &generation_config)?;
-    // The request before any weight: images, prompt ids (so the tiers can be sized for it).
-    let tokenizer = Runner::open_tokenizer(&checkpoint)?;
-    let preprocess_cfg = PreprocessConfig::for_vision(&checkpoint.config.vision);
-    let images = a
-        .images
-        .iter()
-        .map(|p| preprocess(&load_image(p)?, &preprocess_cfg))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ids = match (&a.prompt_ids, &a.prompt, &tokenizer) {
-        (Some(text), _, _) => parse_ids(text)?,
-        (None, Some(text), Some(t)) => Runner::chat_ids_with(t, &preprocess_cfg, text, &images)?,
-        (None, Some(_), None) => return Err(Runner::no_tokenizer(&checkpoint.dir).into()),
-        (None, None, _) => {
+    let prompt = match (&a.prompt_ids, &a.prompt) {
+        (Some(text), _) => Prompt::Ids(parse_ids(text)?),
+        (None, Some(text)) => Prompt::Text(text.clone()),
+        (None, None) => {
             return Err(CliError::bad_input(
                 "give --prompt TEXT or --prompt-ids IDS",
             ));
         }
     };
-    // The KV cache's blocks: 16 tokens of every layer's f32 keys and values per layer
-    // sequence, from a slab region of the host arena.
-    let text_cfg = &checkpoint.config.text;
-    let (kv_layers, kv_heads, head_dim) = (
-        text_cfg.num_hidden_layers as usize,
-        text_cfg.num_key_value_heads as usize,
-        text_cfg.head_dim as usize,
-    );
-    let kv_bytes_per_token = (2 * kv_heads * head_dim * 4) as u64;
-    let kv_block_bytes = KV_BLOCK_TOKENS as u64 * kv_bytes_per_token;
-    // Saturating: an absurd --max-new-tokens is refused by size_tiers, not an overflow.
-    let context_tokens = ids.len().saturating_add(a.max_new_tokens) as u64;
-    let kv_need_bytes = (kv_layers as u64)
-        .saturating_mul(context_tokens.div_ceil(KV_BLOCK_TOKENS as u64))
-        .saturating_mul(kv_block_bytes);
-    let mut config = size_tiers(&profile, context_tokens, kv_need_bytes, kv_block_bytes)?;
-    config.disk.dir = a.disk_path.clone();
-    // With the `cuda` feature, a GPU and a device budget: the device tier is the GPU, and
-    // the first decoder layers that fit it compute there.
-    let use_gpu = gpu_present() && config.device_bytes > 0;
-    let gpu_plan = if use_gpu {
-        config.gpu_ordinal = Some(0);
-        vlmem_runner::gpu::GpuLayerPlan::new(
-            &checkpoint,
-            config.budgets.get(Tier::Device, TensorKind::Weight),
-        )
-    } else {
-        vlmem_runner::gpu::GpuLayerPlan::default()
-    };
-    let manager = MemoryManager::new(config).map_err(CliError::failure)?;
-    let weights = Arc::new(ManagedWeights::register_except(
-        manager.clone(),
-        &checkpoint,
-        Tier::Host,
-        &Device::Cpu,
-        &gpu_plan.matrices,
-    )?);
-    weights.set_prefetch_layers(a.prefetch_layers);
-    let gpu = gpu_layers(use_gpu, &weights, &checkpoint, &gpu_plan)?;
-    let source: Arc<dyn vlmem_runner::WeightSource> = match &gpu {
-        Some((g, _)) => g.clone(),
-        None => weights.clone(),
-    };
-    let runner = Runner::with_tokenizer(&checkpoint, source, &Device::Cpu, tokenizer)?;
-    // Image embeddings by content, in the manager, under the host's vision budget.
-    let budgets = manager.stats().budgets;
-    let vision_budget = budgets.get(Tier::Host, TensorKind::VisionEmbedding);
-    let vision_cache = (vision_budget > 0).then(|| {
-        Arc::new(VisionCache::new(
-            manager.clone(),
-            &format!("{}", a.model.display()),
-            vision_budget,
-        ))
-    });
-    if let Some(c) = &vision_cache {
-        runner.model().use_vision_cache(c.clone());
-    }
-    // Decode steps' activations in a step arena on the host, under its activation budget.
-    runner.model().use_step_arena(manager.clone(), Tier::Host);
+    let mut request = Request::new(prompt).max_new_tokens(a.max_new_tokens);
+    request.images = a.images.iter().cloned().map(RequestImage::Path).collect();
     // A progress bar for the prompt's forward pass (a large image or a long prompt takes
     // minutes on a laptop's CPU), on stderr when it is a terminal; cleared at the first token.
     let bar = prefill_bar();
-    {
-        let bar = bar.clone();
-        runner
-            .model()
-            .on_prefill_progress(Arc::new(move |p| show_prefill(&bar, p)));
+    let mut builder = Engine::builder(&a.model)
+        .profile(profile)
+        .prefetch_layers(a.prefetch_layers)
+        .on_prefill_progress({
+            let bar = bar.clone();
+            move |p| show_prefill(&bar, p)
+        });
+    if let Some(dir) = &a.disk_path {
+        builder = builder.disk_path(dir);
     }
-    // The KV cache in the manager's paged pool when the host's KV budget holds a block; the
-    // plain in-process cache otherwise (`--host-mem 0`).
-    let kv_pool = KvPool::new(
-        manager.clone(),
-        KvPoolConfig {
-            block_tokens: KV_BLOCK_TOKENS,
-            bytes_per_token: kv_bytes_per_token,
-            compute_tier: Tier::Host,
-        },
-    )
-    .ok()
-    .map(Arc::new);
-    let mut kv: Box<dyn KvStore> = match &kv_pool {
-        Some(pool) => Box::new(PagedKv::new(pool.clone(), kv_layers, kv_heads, head_dim)?),
-        None => Box::new(runner.model().new_kv_cache()),
-    };
+    // The tiers sized for this request's context; the request comes back tokenized, its
+    // images preprocessed.
+    let (engine, mut request) = builder.build_for(&request)?;
+    request.sampling = Some(sampling_params(&a.sampling, engine.generation_config())?);
     let open_s = started.elapsed().as_secs_f64();
+    let images: Vec<vlmem_runner::ImageInput> = request
+        .images
+        .iter()
+        .filter_map(|i| match i {
+            RequestImage::Preprocessed(x) => Some(x.clone()),
+            _ => None,
+        })
+        .collect();
     // The decode speed the placement plan allows on this profile (its bandwidths, these
     // budgets): what the report sets the measured speed against.
-    let plan_bound = plan_bound(&a, &profile, &images, ids.len());
+    let prompt_len = match &request.prompt {
+        Prompt::Ids(ids) => ids.len(),
+        _ => 0,
+    };
+    let plan_bound = plan_bound(&a, engine.profile(), &images, prompt_len);
 
-    let host = Tier::Host.index();
-    // Bytes brought into RAM or read past it (staged), counted from the first token on.
-    let streamed_now = || manager.stats().counters.bytes_in[host] + weights.staged_bytes();
-    let mut at_first_token = None;
     let mut streamed = Vec::new();
     let mut printed = 0usize;
-    // The tokenizer's end-of-turn ids and the checkpoint's eos ids.
-    let mut stop_ids = runner.stop_ids();
-    for id in &generation_config.eos_token_ids {
-        if !stop_ids.contains(id) {
-            stop_ids.push(*id);
+    let reply = engine.generate(&request, &mut |id| {
+        if streamed.is_empty() {
+            bar.finish_and_clear();
         }
-    }
-    let generate = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        stop_ids,
-        sampling,
-    };
-    let gen_ = runner
-        .model()
-        .generate_in(&ids, &images, &generate, kv.as_mut(), &mut |id| {
-            if at_first_token.is_none() {
-                at_first_token = Some((streamed_now(), weights.kernel_read()));
-                bar.finish_and_clear();
-            }
-            streamed.push(id);
-            if !a.json
-                && let Ok(Some(text)) = runner.decode(&streamed)
-                && text.len() > printed
-                && text.is_char_boundary(printed)
-            {
-                print!("{}", &text[printed..]);
-                let _ = std::io::stdout().flush();
-                printed = text.len();
-            }
-        })?;
+        streamed.push(id);
+        if !a.json
+            && let Ok(Some(text)) = engine.decode(&streamed)
+            && text.len() > printed
+            && text.is_char_boundary(printed)
+        {
+            print!("{}", &text[printed..]);
+            let _ = std::io::stdout().flush();
+            printed = text.len();
+        }
+    })?;
     bar.finish_and_clear();
-    let text = runner.decode(&gen_.generated_ids)?;
-    if text.is_none() && !a.json {
+    let ids = &reply.prompt_ids;
+    if reply.text.is_none() && !a.json {
         println!(
             "(no tokenizer.json in the folder: the reply as ids) {:?}",
-            gen_.generated_ids
+            reply.ids
         );
     }
     if let Some(path) = &a.dump {
-        dump(&runner, &ids, &images, &gen_.generated_logits, path)?;
+        dump(&engine, &request, &reply.generated_logits, path)?;
     }
+    let (manager, weights) = (engine.manager(), engine.weights());
     let stats = manager.stats();
-    let tokens = gen_.generated_ids.len().max(1) as f64;
-    let decode_steps = gen_.generated_ids.len().saturating_sub(1);
-    let streamed_per_decode_token = match at_first_token {
-        Some((b0, _)) if decode_steps > 0 => {
-            (stats.counters.bytes_in[host] + weights.staged_bytes()).saturating_sub(b0) as f64
-                / decode_steps as f64
-        }
-        _ => 0.0,
-    };
-    // The decode kernels' own read speed over the decode steps, and their share of its time.
-    let (kernel_gb_s, kernel_share) = match at_first_token {
-        Some((_, (kb0, ks0))) if decode_steps > 0 => {
-            let (kb, ks) = weights.kernel_read();
-            let (bytes, secs) = (kb.saturating_sub(kb0) as f64, ks - ks0);
-            let decode_s = gen_.decode_time.as_secs_f64();
-            (
-                if secs > 0.0 { bytes / secs / 1e9 } else { 0.0 },
-                if decode_s > 0.0 { secs / decode_s } else { 0.0 },
-            )
-        }
-        _ => (0.0, 0.0),
-    };
-    let weight_bytes = checkpoint.total_bytes();
+    let host = Tier::Host.index();
+    let tokens = reply.ids.len().max(1) as f64;
+    let rs = &reply.stats;
+    let weight_bytes = engine.checkpoint().total_bytes();
     let device_w = stats.resident.get(Tier::Device, TensorKind::Weight);
     let host_w = stats.resident.get(Tier::Host, TensorKind::Weight);
     // Weights with no faster copy are read in place from the checkpoint (the disk tier).
     let disk_only_w = weight_bytes.saturating_sub(device_w + host_w);
+    let gpu = engine.gpu_report();
     if a.json {
         let st = weights.staging();
         let streaming = json!({
@@ -413,13 +323,13 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
             "read_on_demand": st.stats.misses,
             "dropped_unused": st.stats.dropped,
         });
-        let p = &generate.sampling;
+        let p = &reply.sampling;
         let v = json!({
             "prompt_ids": ids,
-            "generated_ids": gen_.generated_ids,
-            "text": text,
-            "finish_reason": gen_.finish_reason.as_str(),
-            "stop_ids": generate.stop_ids,
+            "generated_ids": reply.ids,
+            "text": reply.text,
+            "finish_reason": reply.finish_reason.as_str(),
+            "stop_ids": reply.stop_ids,
             "sampling": {
                 "mode": if p.is_greedy() { "greedy" } else { "sample" },
                 "temperature": f32_json(p.temperature),
@@ -429,16 +339,16 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 "repetition_penalty": f32_json(p.repetition_penalty),
                 "presence_penalty": f32_json(p.presence_penalty),
                 "frequency_penalty": f32_json(p.frequency_penalty),
-                "seed": gen_.seed,
-                "from_generation_config": generation_config.do_sample,
+                "seed": reply.seed,
+                "from_generation_config": engine.generation_config().do_sample,
             },
-            "tokens_per_s": gen_.decode_tokens_per_s(),
+            "tokens_per_s": reply.decode_tokens_per_s(),
             "plan_bound_tokens_per_s": plan_bound,
-            "time_to_first_token_s": gen_.time_to_first_token.as_secs_f64(),
+            "time_to_first_token_s": reply.timings.time_to_first_token.as_secs_f64(),
             "open_s": open_s,
             "memory": {
-                "host_weight_bytes": stats.resident.get(Tier::Host, TensorKind::Weight),
-                "device_weight_bytes": stats.resident.get(Tier::Device, TensorKind::Weight),
+                "host_weight_bytes": host_w,
+                "device_weight_bytes": device_w,
                 "bytes_into_host_per_token": stats.counters.bytes_in[host] as f64 / tokens,
                 "host_hit_ratio": stats.counters.hit_ratio(Tier::Host),
                 "tiers": manager.describe_tiers(),
@@ -453,15 +363,14 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                     "host": host_w,
                     "disk_only": disk_only_w,
                 },
-                "bytes_streamed_per_decode_token": streamed_per_decode_token,
+                "bytes_streamed_per_decode_token": rs.streamed_bytes_per_decode_token,
                 "staged_bytes": weights.staged_bytes(),
                 "prefetch_layers": weights.prefetch_layers(),
                 "streaming": streaming,
                 "prefetch_hints": weights.prefetch_hints(),
                 "peak_rss_bytes": vlmem_core::profile::process_peak_rss_bytes(),
             },
-            "gpu": gpu.as_ref().map(|(_, report)| {
-                let r = report();
+            "gpu": gpu.as_ref().map(|r| {
                 json!({
                     "device": r.device,
                     "layers": r.layers,
@@ -477,23 +386,20 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                 })
             }),
             "kernel": vlmem_runner::kernels::isa(),
-            "kernel_read_gb_per_s": kernel_gb_s,
-            "kernel_share_of_decode": kernel_share,
-            "kv_cache": match &kv_pool {
-                Some(pool) => {
-                    let k = pool.stats();
-                    json!({
-                        "paged": true,
-                        "block_tokens": KV_BLOCK_TOKENS,
-                        "blocks": k.blocks,
-                        "resident_blocks": k.resident_blocks,
-                        "swap_outs": k.swap_outs,
-                        "swap_ins": k.swap_ins,
-                    })
-                }
+            "kernel_read_gb_per_s": rs.kernel_read_gb_per_s,
+            "kernel_share_of_decode": rs.kernel_share_of_decode,
+            "kv_cache": match &rs.kv_pool {
+                Some(k) => json!({
+                    "paged": true,
+                    "block_tokens": KV_BLOCK_TOKENS,
+                    "blocks": k.blocks,
+                    "resident_blocks": k.resident_blocks,
+                    "swap_outs": k.swap_outs,
+                    "swap_ins": k.swap_ins,
+                }),
                 None => json!({ "paged": false }),
             },
-            "activations": match &gen_.activations {
+            "activations": match &rs.activations {
                 Activations::Arena {
                     tier,
                     capacity_bytes,
@@ -511,7 +417,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
                     "reason": reason,
                 }),
             },
-            "vision_cache": vision_cache.as_ref().map(|c| {
+            "vision_cache": engine.vision_cache().map(|c| {
                 let v = c.stats();
                 json!({ "hits": v.hits, "misses": v.misses, "resident_bytes": v.resident_bytes })
             }),
@@ -528,13 +434,13 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         "{} prompt ids, {} image(s), {} generated; open {:.2} s, time to first token {:.2} s, decode {:.2} tokens/s",
         ids.len(),
         images.len(),
-        gen_.generated_ids.len(),
+        reply.ids.len(),
         open_s,
-        gen_.time_to_first_token.as_secs_f64(),
-        gen_.decode_tokens_per_s()
+        reply.timings.time_to_first_token.as_secs_f64(),
+        reply.decode_tokens_per_s()
     );
-    let p = &generate.sampling;
-    let choice = match gen_.seed {
+    let p = &reply.sampling;
+    let choice = match reply.seed {
         Some(seed) => format!(
             "sampled (temperature {}, top_k {}, top_p {}, min_p {}, seed {seed})",
             p.temperature, p.top_k, p.top_p, p.min_p
@@ -551,24 +457,24 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     };
     println!(
         "tokens: {choice}{penalties}; finished: {}",
-        match gen_.finish_reason {
-            vlmem_runner::FinishReason::Stop => "stop id",
-            vlmem_runner::FinishReason::Length => "--max-new-tokens reached",
+        match reply.finish_reason {
+            FinishReason::Stop => "stop id",
+            FinishReason::Length => "--max-new-tokens reached",
         }
     );
     if let Some(b) = plan_bound.filter(|&b| b > 0.0) {
         println!(
             "decode against the plan's bound: {:.2} of {:.2} tokens/s ({:.0}%; the bound uses profile {}'s bandwidths, see vlmem plan)",
-            gen_.decode_tokens_per_s(),
+            reply.decode_tokens_per_s(),
             b,
-            gen_.decode_tokens_per_s() / b * 100.0,
-            profile.name
+            reply.decode_tokens_per_s() / b * 100.0,
+            engine.profile().name
         );
     }
     println!(
         "memory: weights resident in RAM {}, on the device {}; {} into RAM per generated token (first loads included); RAM hit ratio {:.3}",
-        format_bytes(stats.resident.get(Tier::Host, TensorKind::Weight)),
-        format_bytes(stats.resident.get(Tier::Device, TensorKind::Weight)),
+        format_bytes(host_w),
+        format_bytes(device_w),
         format_bytes((stats.counters.bytes_in[host] as f64 / tokens) as u64),
         stats.counters.hit_ratio(Tier::Host)
     );
@@ -578,15 +484,14 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         format_bytes(host_w),
         format_bytes(disk_only_w),
         format_bytes(weight_bytes),
-        format_bytes(streamed_per_decode_token as u64),
+        format_bytes(rs.streamed_bytes_per_decode_token as u64),
         weights.prefetch_layers(),
         weights.prefetch_hints(),
         vlmem_runner::kernels::isa(),
-        kernel_gb_s,
-        kernel_share * 100.0,
+        rs.kernel_read_gb_per_s,
+        rs.kernel_share_of_decode * 100.0,
     );
-    if let Some((_, report)) = &gpu {
-        let r = report();
+    if let Some(r) = &gpu {
         println!(
             "GPU: {}, decoder layers 0..{} ({}) compute there, kernels read {} in {:.3} s; {} CPU fallback(s)",
             r.device,
@@ -597,9 +502,8 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
             r.fallbacks
         );
     }
-    match &kv_pool {
-        Some(pool) => {
-            let k = pool.stats();
+    match &rs.kv_pool {
+        Some(k) => {
             println!(
                 "KV cache: paged in the manager, {} blocks of {} tokens ({} on the host), {} whole-layer swap-outs, {} swap-ins",
                 k.blocks, KV_BLOCK_TOKENS, k.resident_blocks, k.swap_outs, k.swap_ins
@@ -607,7 +511,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         }
         None => println!("KV cache: in process (the host has no KV budget for one block)"),
     }
-    match &gen_.activations {
+    match &rs.activations {
         Activations::Arena {
             tier,
             capacity_bytes,
@@ -620,7 +524,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         ),
         Activations::InProcess { reason } => println!("activations: in process ({reason})"),
     }
-    if let Some(c) = &vision_cache {
+    if let Some(c) = engine.vision_cache() {
         let v = c.stats();
         println!(
             "vision cache: {} hit(s), {} miss(es), {} held",
@@ -639,54 +543,6 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         println!("tier: {t}");
     }
     Ok(())
-}
-
-/// The manager's tiers for this request. Swap holds what the host cannot: the KV blocks of
-/// layers swapped out (the weights are read in place from the checkpoint). It is 1 GiB (at
-/// most the profile's free disk), grown so that the disk's KV budget holds the request's whole
-/// KV cache (`kv_need_bytes` for `context_tokens`); a request whose KV cache fits neither is refused here, before
-/// any work, rather than failing mid-prompt.
-fn size_tiers(
-    profile: &HardwareProfile,
-    context_tokens: u64,
-    kv_need_bytes: u64,
-    kv_block_bytes: u64,
-) -> Result<ManagerConfig, CliError> {
-    let mut config = ManagerConfig::from_profile(profile);
-    // Tier capacities are whole MiBs.
-    let mib = vlmem_core::bytes::MIB;
-    let disk_free = profile.disk.free_bytes / mib * mib;
-    config.disk_bytes = config.disk_bytes.min(1 << 30);
-    config.budgets =
-        vlmem::Budgets::default_split([config.device_bytes, config.host_bytes, config.disk_bytes]);
-    let (disk, kv) = (Tier::Disk.index(), TensorKind::KvCache.index());
-    let disk_kv = config.budgets.bytes[disk][kv];
-    if kv_need_bytes > disk_kv {
-        // Whole MiBs, within the free disk.
-        let extra = (kv_need_bytes - disk_kv)
-            .div_ceil(mib)
-            .saturating_mul(mib)
-            .min(disk_free.saturating_sub(config.disk_bytes));
-        config.disk_bytes += extra;
-        config.budgets.bytes[disk][kv] += extra;
-    }
-    let host_kv = config.budgets.get(Tier::Host, TensorKind::KvCache);
-    let room = host_kv + config.budgets.bytes[disk][kv];
-    // With no host KV budget for one block the cache stays in process, unbounded.
-    if host_kv >= kv_block_bytes && kv_need_bytes > room {
-        return Err(CliError::failure(format!(
-            "the KV cache of this request needs {} ({} tokens of context): the host's KV budget holds {} and the disk's {} ({} free for swap); give more --host-mem, fewer --max-new-tokens, or --disk-path on a disk with room",
-            format_bytes(kv_need_bytes),
-            context_tokens,
-            format_bytes(host_kv),
-            format_bytes(config.budgets.bytes[disk][kv]),
-            format_bytes(disk_free),
-        )));
-    }
-    if kv_block_bytes.is_multiple_of(256) {
-        config.kv_block_bytes = Some(kv_block_bytes);
-    }
-    Ok(config)
 }
 
 /// A bar on stderr when it is a terminal, hidden otherwise (tests, pipes, logs).
@@ -757,71 +613,15 @@ fn plan_bound(
         .map(|p| p.decode_tokens_per_s_bound)
 }
 
-/// Whether this build can compute on a GPU and one is present.
-fn gpu_present() -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        vlmem_tier::cuda::probe().is_some()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        false
-    }
-}
-
-/// The GPU source over `weights` and a way to read its report, when `use_gpu` (the
-/// manager's device tier is the GPU; only with the `cuda` feature).
-type GpuParts = (
-    Arc<dyn vlmem_runner::WeightSource>,
-    Box<dyn Fn() -> vlmem_runner::gpu::GpuReport>,
-);
-
-fn gpu_layers(
-    use_gpu: bool,
-    weights: &Arc<ManagedWeights>,
-    checkpoint: &Checkpoint,
-    plan: &vlmem_runner::gpu::GpuLayerPlan,
-) -> Result<Option<GpuParts>, CliError> {
-    #[cfg(feature = "cuda")]
-    {
-        if !use_gpu {
-            return Ok(None);
-        }
-        let kernels = vlmem_runner::kernels::cuda::GpuKernels::new(0)?;
-        let layers = Arc::new(vlmem_runner::gpu::GpuLayers::new(
-            weights.clone(),
-            checkpoint,
-            plan,
-            kernels,
-        )?);
-        let reporter = layers.clone();
-        Ok(Some((layers, Box::new(move || reporter.report()))))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (use_gpu, weights, checkpoint, plan);
-        Ok(None)
-    }
-}
-
 /// The prompt's logits and the generated logits, as safetensors.
 fn dump(
-    runner: &Runner,
-    ids: &[u32],
-    images: &[vlmem_runner::ImageInput],
+    engine: &Engine,
+    request: &Request,
     generated_logits: &[Vec<f32>],
     path: &PathBuf,
 ) -> Result<(), CliError> {
-    let model = runner.model();
-    let mut kv = model.new_kv_cache();
-    let opts = PrefillOptions {
-        logits: LogitsFor::All,
-        ..PrefillOptions::default()
-    };
-    let pre = model.prefill(ids, images, &mut kv, opts)?;
-    let logits = pre
-        .logits
-        .ok_or_else(|| CliError::failure("prefill returned no logits"))?
+    let logits = engine
+        .prompt_logits(request)?
         .unsqueeze(0)
         .map_err(CliError::failure)?;
     let vocab = logits.dim(2).map_err(CliError::failure)?;
@@ -834,58 +634,4 @@ fn dump(
     candle_core::safetensors::save(&tensors, path)
         .map_err(|e| CliError::failure(format!("{}: {e}", path.display())))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vlmem_core::bytes::{GIB, MIB};
-
-    /// The laptop with `host` bytes of RAM and `disk` free for swap.
-    fn laptop(host: u64, disk: u64) -> HardwareProfile {
-        let mut p = HardwareProfile::resolve("laptop-i5-10210u-mx250").unwrap();
-        p.host.memory_bytes = host;
-        p.host.reserved_bytes = 0;
-        p.disk.free_bytes = disk;
-        p
-    }
-
-    /// qwen3-vl-2b: 28 layers, blocks of 16 tokens x 8 KiB.
-    const BLOCK: u64 = 16 * 8192;
-    fn kv_need(tokens: u64) -> u64 {
-        28 * tokens.div_ceil(16) * BLOCK
-    }
-
-    #[test]
-    fn swap_is_one_gib_while_the_kv_cache_fits_it() {
-        let c = size_tiers(&laptop(GIB, 200 * GIB), 500, kv_need(500), BLOCK).unwrap();
-        assert_eq!(c.disk_bytes, GIB);
-        assert_eq!(c.kv_block_bytes, Some(BLOCK));
-    }
-
-    #[test]
-    fn swap_grows_to_hold_a_long_requests_whole_kv_cache() {
-        // 3,005 tokens of context: 673 MB of KV, more than the 40% of 1 GiB the disk's KV
-        // budget would hold (the run that failed mid-prompt before).
-        let need = kv_need(3005);
-        let c = size_tiers(&laptop(GIB, 200 * GIB), 3005, need, BLOCK).unwrap();
-        let disk_kv = c.budgets.get(Tier::Disk, TensorKind::KvCache);
-        assert!(disk_kv >= need, "{disk_kv} < {need}");
-        assert!(disk_kv < need + MIB, "grown by whole MiBs only: {disk_kv}");
-        assert_eq!(c.disk_bytes - GIB, disk_kv - (GIB as f64 * 0.40) as u64);
-    }
-
-    #[test]
-    fn a_kv_cache_larger_than_host_and_disk_is_refused_before_any_work() {
-        let need = kv_need(100_000);
-        let err = size_tiers(&laptop(GIB, 2 * GIB), 100_000, need, BLOCK).unwrap_err();
-        assert_eq!(err.code, 1, "{}", err.message);
-        assert!(
-            err.message.contains("100000 tokens of context"),
-            "{}",
-            err.message
-        );
-        // With no host KV budget for one block, the cache is in process and unbounded.
-        assert!(size_tiers(&laptop(0, 2 * GIB), 100_000, need, BLOCK).is_ok());
-    }
 }

@@ -11,7 +11,9 @@
 //! - [`kv`]: the KV cache behind [`KvStore`];
 //! - [`sample`]: how each generated token is chosen (greedy, or sampled with temperature,
 //!   top-k, top-p, min-p and penalties) and the checkpoint's `generation_config.json`;
-//! - [`model`]: prefill and generation; [`runner`]: a checkpoint folder ready to run.
+//! - [`model`]: prefill and generation; [`runner`]: a checkpoint folder ready to run;
+//! - [`engine`]: the [`Engine`], a checkpoint through the memory manager (tiered weights, the
+//!   paged KV pool, the vision cache, step arenas) serving [`Request`]s; what `vlmem run` uses.
 //!
 //! All arithmetic is f32, matching the reference implementation (bf16 weights upcast to f32,
 //! eager attention) to about 1e-5 on the bundled fixtures.
@@ -19,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod chat;
+pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
@@ -36,6 +39,9 @@ pub mod vision;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message, Part, Role};
+pub use engine::{
+    Engine, EngineBuilder, EngineError, Prompt, Reply, Request, RequestImage, RequestStats, Timings,
+};
 pub use error::{Result, RunnerError};
 pub use kv::{KvCache, KvStore, PagedKv};
 pub use managed::{ManagedWeights, ReaderActivity, StagingReport};
