@@ -206,6 +206,22 @@ impl<R: std::marker::Copy> Entry<R> {
         DemoteStep::WriteBack { src: c.res }
     }
 
+    /// Whether [`Entry::begin_demote`] would ask for a write-back now (the copy on `tier` is
+    /// the last one, idle and unpinned, and a tier lies below): the caller can find room
+    /// below before claiming the entry.
+    pub fn needs_write_back(&self, tier: Tier, keep: impl Fn(&R) -> bool) -> bool {
+        let Some(c) = self.copies[tier.index()] else {
+            return false;
+        };
+        !(self.busy
+            || c.pins > 0
+            || keep(&c.res)
+            || !self.lends.is_empty()
+            || !self.reads.is_empty()
+            || self.has_other_copy(tier)
+            || tier.below().is_none())
+    }
+
     /// Second half: on success (`Some(dst)` on `below`) the copy on `tier` moves down and its
     /// old reservation is returned for release; on failure the entry is unchanged.
     pub fn finish_demote(&mut self, tier: Tier, below: Tier, dst: Option<R>) -> Option<R> {

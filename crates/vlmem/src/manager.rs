@@ -1875,14 +1875,47 @@ impl Inner {
     /// copy. Returns the bytes freed on `tier` (0 if it became pinned or busy meanwhile).
     fn demote(&self, h: TensorHandle, tier: Tier, waits: &Waits) -> Result<u64> {
         let shard = self.shard_of(h)?;
-        let (src, kind, len_bytes, written, id) = {
+        let below = tier.below().unwrap_or(Tier::Disk);
+        // Room below is found before the entry is claimed: a write-back that waits for room
+        // (a full tier below) must not hold the tensor busy meanwhile, or its readers would
+        // wait as long.
+        let needs = {
             let mut st = shard.state.lock();
             let e = self.entry(&mut st, h)?;
+            e.needs_write_back(tier, Reservation::is_in_place)
+                .then_some((e.kind, e.len_bytes, e.id))
+        };
+        let mut room = match needs {
+            Some((kind, len_bytes, id)) => {
+                Some((kind, self.reserve_on(below, kind, len_bytes, id, waits)?))
+            }
+            None => None,
+        };
+        let give_back = |room: Option<(TensorKind, Reservation)>| {
+            if let Some((kind, dst)) = room {
+                self.release(below, kind, dst);
+            }
+        };
+        let (src, kind, len_bytes, written, id) = {
+            let mut st = shard.state.lock();
+            let e = match self.entry(&mut st, h) {
+                Ok(e) => e,
+                Err(err) => {
+                    drop(st);
+                    give_back(room);
+                    return Err(err);
+                }
+            };
             match e.begin_demote(tier, Reservation::is_in_place) {
-                DemoteStep::Skip => return Ok(0),
+                DemoteStep::Skip => {
+                    drop(st);
+                    give_back(room);
+                    return Ok(0);
+                }
                 DemoteStep::Dropped(res) => {
                     let kind = e.kind;
                     drop(st);
+                    give_back(room);
                     self.release(tier, kind, res);
                     self.counters.eviction(tier, res.len_bytes(), false);
                     return Ok(res.len_bytes());
@@ -1890,26 +1923,29 @@ impl Inner {
                 DemoteStep::WriteBack { src } => (src, e.kind, e.len_bytes, e.written, e.id),
             }
         };
-        let below = tier.below().unwrap_or(Tier::Disk);
         let claim = BusyClaim {
             inner: self,
             handle: h,
             armed: true,
         };
-        let moved = self
-            .reserve_on(below, kind, len_bytes, id, waits)
-            .and_then(|dst| {
-                let copied = self
-                    .copy(src, dst, written, Priority::WriteBack)
-                    .and_then(|()| self.verify_write_back(&src, &dst, written, id));
-                match copied {
-                    Ok(()) => Ok(dst),
-                    Err(e) => {
-                        self.release(below, kind, dst);
-                        Err(e)
-                    }
+        // The room found above; none when the entry changed in between (rare: then the
+        // reservation is made with the entry busy).
+        let dst = match room.take() {
+            Some((_, dst)) => Ok(dst),
+            None => self.reserve_on(below, kind, len_bytes, id, waits),
+        };
+        let moved = dst.and_then(|dst| {
+            let copied = self
+                .copy(src, dst, written, Priority::WriteBack)
+                .and_then(|()| self.verify_write_back(&src, &dst, written, id));
+            match copied {
+                Ok(()) => Ok(dst),
+                Err(e) => {
+                    self.release(below, kind, dst);
+                    Err(e)
                 }
-            });
+            }
+        });
         claim.disarm();
         let old = {
             let mut st = shard.state.lock();
