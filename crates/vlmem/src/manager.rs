@@ -406,6 +406,19 @@ impl Drop for PinGuard {
     }
 }
 
+/// What one eviction pass did.
+struct Eviction {
+    /// Bytes freed on the tier.
+    freed: u64,
+    /// Candidates skipped because their tensors were moving.
+    moving: u64,
+    /// A demotion failed (the tier below fails, or is full of pinned data).
+    failed: bool,
+    /// Bytes of the kind's copies on the tier that stay by rule (pinned, last copies on the
+    /// disk).
+    settled_bytes: u64,
+}
+
 /// Eviction rounds a reservation still makes once its call's waiting is spent, while they
 /// free room (the call's own work, not a wait; bounded, since other threads may take the
 /// room each time).
@@ -1343,28 +1356,40 @@ impl Inner {
             if waits.spent() {
                 rounds_after_spent += 1;
             }
-            let (freed, moving) = if rounds_after_spent > MAX_ROUNDS_AFTER_SPENT {
-                (0, 0)
-            } else {
-                self.evict_kind_counting(tier, kind, bytes, waits)?
-            };
-            if freed == 0 && moving > 0 && waits.pause() {
-                if !waited {
-                    self.counters.oom_waits.fetch_add(1, Ordering::Relaxed);
-                    waited = true;
-                }
-                continue;
+            if rounds_after_spent > MAX_ROUNDS_AFTER_SPENT {
+                return Err(self.out_of_memory(tier, kind, bytes, budget));
             }
-            if freed == 0 {
+            let ev = self.evict_kind_counting(tier, kind, bytes, waits)?;
+            if ev.freed == 0 {
+                // Nothing could go now. Unless everything charged to the kind here stays by
+                // rule (pinned, or last copies on the disk), or the tier below fails, some of
+                // it is in flight: being moved, reserved by another call and not yet in the
+                // table, or under a plain read. It will be evictable in a moment: wait for
+                // it, out of the call's budget.
                 let used = self.used[tier.index()][kind.index()].load(Ordering::Acquire);
-                return Err(ManagerError::OutOfMemory {
-                    tier,
-                    kind,
-                    requested_bytes: bytes,
-                    free_bytes: budget.saturating_sub(used),
-                    pinned_bytes: self.pinned_bytes(tier, kind),
-                });
+                let in_flight = ev.moving > 0 || used > ev.settled_bytes;
+                if in_flight && !ev.failed && waits.pause() {
+                    if !waited {
+                        self.counters.oom_waits.fetch_add(1, Ordering::Relaxed);
+                        waited = true;
+                    }
+                    continue;
+                }
+                return Err(self.out_of_memory(tier, kind, bytes, budget));
             }
+        }
+    }
+
+    /// The out-of-memory error of a reservation of `bytes` of `kind` on `tier`, with its
+    /// numbers now.
+    fn out_of_memory(&self, tier: Tier, kind: TensorKind, bytes: u64, budget: u64) -> ManagerError {
+        let used = self.used[tier.index()][kind.index()].load(Ordering::Acquire);
+        ManagerError::OutOfMemory {
+            tier,
+            kind,
+            requested_bytes: bytes,
+            free_bytes: budget.saturating_sub(used),
+            pinned_bytes: self.pinned_bytes(tier, kind),
         }
     }
 
@@ -1635,10 +1660,12 @@ impl Inner {
     /// farthest next use (Belady's choice for a known cyclic order), everything else least
     /// recently used first.
     /// Also returns how many of the kind's copies on the tier belong to entries that are
-    /// moving right now (they may become evictable in a moment).
-    fn victims(&self, tier: Tier, kind: TensorKind) -> (Vec<(TensorHandle, u64)>, u64) {
+    /// moving right now (they may become evictable in a moment), and the bytes of its copies
+    /// there that stay by rule (pinned, or a last copy on the disk).
+    fn victims(&self, tier: Tier, kind: TensorKind) -> (Vec<(TensorHandle, u64)>, u64, u64) {
         let mut found: Vec<(TensorHandle, u64, u64)> = Vec::new();
         let mut moving = 0u64;
+        let mut settled_bytes = 0u64;
         let n = self.shards.len();
         for (si, shard) in self.shards.iter().enumerate() {
             let st = shard.state.lock();
@@ -1658,7 +1685,11 @@ impl Inner {
                 }
                 // The disk keeps a tensor's last copy; in-place extents cost nothing to keep.
                 let last_on_disk = tier == Tier::Disk && !e.has_other_copy(tier);
-                if c.pins > 0 || last_on_disk || c.res.is_in_place() {
+                if c.res.is_in_place() {
+                    continue;
+                }
+                if c.pins > 0 || last_on_disk {
+                    settled_bytes += e.len_bytes;
                     continue;
                 }
                 let h = TensorHandle {
@@ -1685,7 +1716,7 @@ impl Inner {
             found.sort_by_key(|&(_, last_use, _)| last_use);
         }
         let order = found.into_iter().map(|(h, _, len)| (h, len)).collect();
-        (order, moving)
+        (order, moving, settled_bytes)
     }
 
     /// Reads a write-back to the disk back and compares it with its source before the
@@ -1835,19 +1866,21 @@ impl Inner {
 
     /// Demotes `kind`'s tensors from `tier` until `bytes` are freed; returns bytes freed.
     fn evict_kind(&self, tier: Tier, kind: TensorKind, bytes: u64, waits: &Waits) -> Result<u64> {
-        Ok(self.evict_kind_counting(tier, kind, bytes, waits)?.0)
+        Ok(self.evict_kind_counting(tier, kind, bytes, waits)?.freed)
     }
 
-    /// [`Self::evict_kind`], also returning how many candidates were moving (skipped).
+    /// [`Self::evict_kind`], also returning how many candidates were moving (skipped) and
+    /// whether a demotion failed (the tier below is failing or full of pinned data).
     fn evict_kind_counting(
         &self,
         tier: Tier,
         kind: TensorKind,
         bytes: u64,
         waits: &Waits,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<Eviction> {
         let mut freed = 0;
-        let (victims, moving) = self.victims(tier, kind);
+        let mut failed = false;
+        let (victims, moving, settled_bytes) = self.victims(tier, kind);
         for (h, _) in victims {
             if freed >= bytes {
                 break;
@@ -1864,11 +1897,17 @@ impl Inner {
                     // The tier below is failing (I/O error, or full of pinned data): other
                     // victims would fail the same way, and trying them all from nested
                     // evictions multiplies the failing I/O. Stop here.
+                    failed = true;
                     break;
                 }
             }
         }
-        Ok((freed, moving))
+        Ok(Eviction {
+            freed,
+            moving,
+            failed,
+            settled_bytes,
+        })
     }
 
     /// Drops `h`'s copy on `tier`, writing it back one tier down first when it is the only
