@@ -4,7 +4,7 @@
 //! thread audits the allocator (counters equal the walked live blocks under churn). At the
 //! end every block is freed: zero leaks, all space merged.
 //!
-//! Operations per thread: `VLMEM_STRESS_OPS` (default 200,000; the full run is
+//! Operations per thread: `VLMEM_STRESS_OPS` (default 200,000; the full run is
 //! 1,000,000: `VLMEM_STRESS_OPS=1000000 cargo test -p vlmem-alloc --release --test stress`, or
 //! the ignored `stress_full_million_*` tests).
 #![cfg(not(vlmem_loom))]
@@ -222,19 +222,19 @@ fn stress_slab_ledger() {
 }
 
 #[test]
-#[ignore = "the issue's full run: 8 threads x 1,000,000 ops; run with --release --ignored"]
+#[ignore = "the full run: 8 threads x 1,000,000 ops; run with --release --ignored"]
 fn stress_full_million_buddy() {
     run_buddy(1_000_000);
 }
 
 #[test]
-#[ignore = "the issue's full run: 8 threads x 1,000,000 ops; run with --release --ignored"]
+#[ignore = "the full run: 8 threads x 1,000,000 ops; run with --release --ignored"]
 fn stress_full_million_binned() {
     run_binned(1_000_000);
 }
 
 #[test]
-#[ignore = "the issue's full run: 8 threads x 1,000,000 ops; run with --release --ignored"]
+#[ignore = "the full run: 8 threads x 1,000,000 ops; run with --release --ignored"]
 fn stress_full_million_slab() {
     run_slab(1_000_000);
 }

@@ -1,5 +1,5 @@
 //! The decode kernel split across threads two ways, on the same buffer in the same run:
-//! rayon's `par_chunks` (what the kernels used before session 6) and the kernels' spinning
+//! rayon's `par_chunks` (what the kernels once used) and the kernels' spinning
 //! work pool (`kernels::pool`), beside the memory read probe.
 //! `cargo run --release -p vlmem-bench --example matvec_pool`
 use rayon::prelude::*;

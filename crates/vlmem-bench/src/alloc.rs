@@ -1,5 +1,5 @@
 //! `vlmem bench alloc`: the allocators of vlmem-alloc against their baselines, all in this
-//! process (issue 3).
+//! process.
 //!
 //! - **KV churn**: 256 sequences decode; a sequence takes a 64 KiB block (16 tokens of one
 //!   layer's K+V for Qwen3-VL-8B) every 16 tokens, its prompt's blocks at once when it starts,

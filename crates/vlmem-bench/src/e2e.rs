@@ -14,7 +14,7 @@
 //!   and after the streamed runs, with the disk tier's own O_DIRECT reads of 4 MiB (the
 //!   read-ahead's piece size) from 1, 2, 4 and 8 threads at once (queue depth) and with
 //!   `dd iflag=direct` (depth 1); the best of all of them counts, and `@dd` keeps the bound
-//!   from `dd` alone (what sessions 1-4 used, which understates a disk that serves more at
+//!   from `dd` alone (the first bound used, which understates a disk that serves more at
 //!   depth), `@depth_mean` the one from the best depth's mean of before and after;
 //!   `@streamed_extents` the one from the disk read over exactly the streamed tensors'
 //!   extents, in the read-ahead's order, at depths 1 and 4, right after the streamed run and

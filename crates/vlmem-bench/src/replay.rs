@@ -19,7 +19,7 @@
 //!   `@bound`): the same stream with the plan alone, no prefetch hints;
 //! - `kv_growth_tokens_per_s`, `kv_growth_preemptions`, `kv_growth_device_hit_ratio`.
 //!
-//! Targets (issue 5): weights within 1 point of OPT; images within 3 points of OPT and at
+//! Targets: weights within 1 point of OPT; images within 3 points of OPT and at
 //! least 5 points above LRU; step time within 15% of the bound. The notes say which were met.
 
 use crate::{BenchOptions, BenchResult, SuiteReport};

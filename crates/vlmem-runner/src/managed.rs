@@ -9,7 +9,7 @@
 //! small staging area (a few buffers on huge pages, reused round after round), and the
 //! decode kernel multiplies each piece's rows as the piece lands: the reads land in few MiB
 //! of memory, which this project's test VM's disk serves faster than reads spread over a
-//! tensor-sized area (docs/BENCHMARKS.md, session 8).
+//! tensor-sized area (docs/BENCHMARKS.md, "Streamed tensors piece by piece").
 
 use crate::error::{Result, RunnerError};
 use crate::kernels::{self, WeightType};
@@ -43,7 +43,7 @@ const STAGE_BUF_BYTES: usize = 4 << 20;
 /// and the one the kernel is reading. Reads landing in a few buffers reused round after round
 /// run at about the disk's probe speed on the test VM, and reads spread over a 64 MiB area
 /// about 25% slower; 9 buffers kept the disk busier than 6 (0.96-0.97 of the decode time
-/// against 0.92-0.95) and did better than 12 (docs/BENCHMARKS.md, session 8).
+/// against 0.92-0.95) and did better than 12 (docs/BENCHMARKS.md, "Streamed tensors piece by piece").
 const STAGING_BUFFERS: usize = 2 * STREAM_READERS + 1;
 
 /// A [`WeightSource`] over a [`MemoryManager`].
@@ -379,7 +379,7 @@ fn phase_range(buf: &[u8], file_offset: u64, len: usize) -> std::ops::Range<usiz
 
 /// The read-ahead's buffer size for a staging area of `area_bytes`: [`STAGE_BUF_BYTES`] (4
 /// MiB: about the request size this kind of disk serves fastest, ../shared/research/peers.md:
-/// `dd iflag=direct` at 4 MiB beat 1, 16 and 64 MiB; fio in session 4: 4 MiB at depth 4 beat
+/// `dd iflag=direct` at 4 MiB beat 1, 16 and 64 MiB; fio on the development VM: 4 MiB at depth 4 beat
 /// 1 MiB at depth 8 and 16 MiB at depth 1), or in an area too small for [`STAGING_BUFFERS`]
 /// of them (a budget of a few MiB) an even share of it, else of half of it; at least three
 /// alignment units, so a piece of at least one fits at any file phase. 0 when the area has
@@ -413,9 +413,9 @@ fn piece_bytes(buf_bytes: usize) -> usize {
     }
 }
 
-/// Reader threads of the read-ahead pool: reads in flight while pieces are queued (fio in
-/// session 4: 4 MiB reads at depth 1 1.09 GB/s, depth 2 1.66, depth 4 1.79; session 5's
-/// VM, `stream_sweep` example, 3 alternating rounds: the streamed decode read 1.16 GB/s
+/// Reader threads of the read-ahead pool: reads in flight while pieces are queued (fio on
+/// the development VM: 4 MiB reads at depth 1 1.09 GB/s, depth 2 1.66, depth 4 1.79; on the
+/// same VM, `stream_sweep` example, 3 alternating rounds: the streamed decode read 1.16 GB/s
 /// with 1 reader, 1.23 with 2, 1.32 with 4, on a disk that swung 0.87-1.5 GB/s).
 pub const STREAM_READERS: usize = 4;
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use vlmem_runner::preprocess::{load_image, preprocess};
 use vlmem_runner::{GenerateOptions, LogitsFor, PrefillOptions, Runner};
 
-/// Logits, hidden states and embeddings: the bound.
+/// Logits, hidden states and embeddings: the bound the engine promises against the reference.
 const TOL_ACTIVATIONS: f32 = 1e-4;
 /// Preprocessed pixels.
 const TOL_PIXELS: f32 = 1e-5;

@@ -4,7 +4,7 @@
 //! after another with a little serial work between. Rayon's workers go to sleep between them
 //! and a call from outside its pool waits for them to wake. This pool's workers spin for a
 //! short while after each job ([`SPIN`]) so the next job starts at once, then sleep on a
-//! condition variable, so an idle process costs nothing. On the 2-vCPU VM of session 6
+//! condition variable, so an idle process costs nothing. On the 2-vCPU development VM
 //! (`cargo run --release -p vlmem-bench --example matvec_pool`, the same kernel and the same
 //! 1 MiB tasks both ways, 3 runs of 4 rounds) the kernel read 0.71-0.86 of the machine's read
 //! bandwidth split by rayon and 0.83-0.94 split by this pool, after the first round (0.57-0.62

@@ -251,7 +251,7 @@ pub(crate) fn run(
     // The run: the manager has the plan; each pin is preceded by a prefetch hint
     // `lookahead` chunks ahead. (A long-lived worker that pins ahead instead would move the
     // plan's cursor, which tracks the last pin, past chunks not yet used, and the weights
-    // policy would then evict exactly those: see the report to the lead.)
+    // policy would then evict exactly those.)
     m.set_access_plan(&handles);
     let bar = progress_bar(opts, steps as u64, "weights-stream");
     let mut demand_hits = 0u64;
