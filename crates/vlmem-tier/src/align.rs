@@ -20,7 +20,7 @@ pub const fn round_up(n: u64, align: u64) -> Option<u64> {
 /// when small, and from [`HUGE_PAGE_BYTES`] up its own mapping on transparent huge pages,
 /// where an O_DIRECT read into it reaches the disk as a few large segments instead of one per
 /// 4 KiB page (twice the read rate on our test VM's virtio disk: docs/BENCHMARKS.md,
-/// session 7).
+/// "Disk reads on huge pages").
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len_bytes: usize,
@@ -51,7 +51,9 @@ impl AlignedBuf {
             || TierError::InvalidConfig(format!("cannot allocate a {alloc_bytes}-byte I/O buffer"));
         if alloc_bytes >= HUGE_PAGE_BYTES {
             // The kernel zero-fills the mapping's pages on first touch.
-            let map_bytes = alloc_bytes.next_multiple_of(HUGE_PAGE_BYTES);
+            let map_bytes = alloc_bytes
+                .checked_next_multiple_of(HUGE_PAGE_BYTES)
+                .ok_or_else(no_room)?;
             let map = Mapping::new(map_bytes, true).map_err(|_| no_room())?;
             let ptr = NonNull::new(map.ptr()).ok_or_else(no_room)?;
             return Ok(AlignedBuf {
@@ -140,7 +142,10 @@ pub fn is_io_aligned(buf: &[u8]) -> bool {
 /// in pieces of about 4 MiB that are whole multiples of the tier's
 /// [I/O unit](crate::TierBackend::io_unit_bytes) (one unit when the unit is larger), so each
 /// piece is a write the tier accepts (the disk tier refuses writes that are not whole
-/// integrity units).
+/// integrity units). Within one reservation it is a `memmove`: when the destination lies
+/// after an overlapping source, the pieces go from the last one down, so no piece reads
+/// bytes an earlier piece already overwrote (each piece is written at the same place as
+/// going forward, so the tier accepts the same writes).
 pub(crate) fn copy_in_pieces<T: crate::TierBackend + ?Sized>(
     tier: &T,
     src: &crate::Reservation,
@@ -160,13 +165,18 @@ pub(crate) fn copy_in_pieces<T: crate::TierBackend + ?Sized>(
     let first = usize::try_from(len_bytes.min(piece))
         .map_err(|_| TierError::InvalidConfig(format!("a copy piece of {piece} bytes")))?;
     let mut buf = AlignedBuf::new(first)?;
-    let mut done = 0u64;
-    while done < len_bytes {
-        let n = (len_bytes - done).min(piece);
+    let pieces = len_bytes.div_ceil(piece);
+    // A later piece of the destination overlaps an earlier piece of the source only when the
+    // destination starts inside the source's range of the same reservation.
+    let backwards = src == dst
+        && dst_offset_bytes > src_offset_bytes
+        && dst_offset_bytes < src_offset_bytes + len_bytes;
+    for k in 0..pieces {
+        let at = if backwards { pieces - 1 - k } else { k } * piece;
+        let n = (len_bytes - at).min(piece);
         let _ = buf.set_len(n as usize);
-        tier.read(src, src_offset_bytes + done, buf.as_mut_slice())?;
-        tier.write(dst, dst_offset_bytes + done, buf.as_slice())?;
-        done += n;
+        tier.read(src, src_offset_bytes + at, buf.as_mut_slice())?;
+        tier.write(dst, dst_offset_bytes + at, buf.as_slice())?;
     }
     Ok(())
 }

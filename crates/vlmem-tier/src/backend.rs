@@ -84,9 +84,12 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
     /// Reads `dst.len()` bytes from `offset_bytes` inside the reservation.
     fn read(&self, res: &Reservation, offset_bytes: u64, dst: &mut [u8]) -> Result<()>;
     /// Copies `len_bytes` from one reservation of this tier to another (compaction,
-    /// duplication). The default goes through a bounded staging buffer, in pieces of whole
-    /// [`TierBackend::io_unit_bytes`] (at least one unit), so every piece is a write the
-    /// tier accepts whatever its unit.
+    /// duplication). Within one reservation the two ranges may overlap: the bytes move as
+    /// with `memmove` (the destination range ends up holding the source range's bytes as
+    /// they were before the call), on every tier. The default goes through a bounded staging
+    /// buffer, in pieces of whole [`TierBackend::io_unit_bytes`] (at least one unit), so
+    /// every piece is a write the tier accepts whatever its unit; it copies the pieces from
+    /// the last one down when the destination lies after an overlapping source.
     fn copy_range(
         &self,
         src: &Reservation,
@@ -165,7 +168,10 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
     }
     /// Writes whole small tensors (each `src` covers its reservation from offset 0). The
     /// disk tier coalesces adjacent ones into few large I/Os; the default writes one by one.
+    /// The same reservation twice is refused ([`TierError::Busy`]), before anything is
+    /// written.
     fn write_batch(&self, items: &[(Reservation, &[u8])]) -> Result<()> {
+        refuse_repeats(self.tier(), items.iter().map(|(r, _)| r))?;
         for (res, src) in items {
             self.write(res, 0, src)?;
         }
@@ -184,6 +190,24 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> Result<()> {
         Ok(())
     }
+    /// A mark of this tier's flush history (for tiers that [need a
+    /// flush](TierBackend::needs_flush), the count of flushes that failed so far), taken by a
+    /// writer before its first write and handed to [`TierBackend::flush_since`] after its
+    /// last. The default is 0 (a tier whose flushes never fail).
+    fn flush_epoch(&self) -> u64 {
+        0
+    }
+    /// Flushes like [`TierBackend::flush`], and succeeds only when every flush that may have
+    /// covered the writes made since `epoch` (a [`TierBackend::flush_epoch`] taken before
+    /// the first of them) succeeded too: another writer's failed flush invalidates these
+    /// writes (fsyncgate), and this writer's own, later flush succeeding does not bring them
+    /// back. Then it returns that sync's error. It may fail a writer whose bytes the failed
+    /// flush did not hold; it never reports `Ok` over bytes one invalidated. The default
+    /// calls [`TierBackend::flush`].
+    fn flush_since(&self, epoch: u64) -> Result<()> {
+        let _ = epoch;
+        self.flush()
+    }
     /// Whether writes need a [`TierBackend::flush`] to be known good.
     fn needs_flush(&self) -> bool {
         false
@@ -200,6 +224,24 @@ pub trait TierBackend: Send + Sync + std::fmt::Debug {
         let _ = res;
         None
     }
+}
+
+/// Refuses a list naming one reservation twice ([`TierError::Busy`]: two writes of the same
+/// bytes at once).
+pub(crate) fn refuse_repeats<'a>(
+    tier: Tier,
+    items: impl Iterator<Item = &'a Reservation>,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for res in items {
+        if !seen.insert(*res) {
+            return Err(TierError::Busy {
+                tier,
+                offset_bytes: res.offset_bytes(),
+            });
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn check_range(

@@ -16,19 +16,16 @@ use crate::error::{Result, TierError};
 use crate::fault::IoPoint;
 use crate::io::{FileIo, RealFileIo};
 use crate::registry::Registry;
-use crate::sync::Mutex;
 use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::{Condvar, Mutex, wait_guard};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vlmem_core::{ArenaUsage, Block, OffsetAllocator, Tier};
-
-/// Allocator id stamped on the blocks of read-only extents (they live in no arena).
-pub const EXTENT_ALLOCATOR_ID: u32 = u32::MAX - 1;
 
 /// Smallest integrity unit [`DiskOptions::unit_bytes`] accepts (the O_DIRECT alignment).
 pub const MIN_UNIT_BYTES: u64 = IO_ALIGN_BYTES as u64;
@@ -115,6 +112,23 @@ enum Unit {
 struct ExtentFile {
     file: File,
     direct: bool,
+    /// The open file's device and inode: a path whose file is no longer this one (replaced
+    /// by a rename) is opened anew.
+    dev_ino: (u64, u64),
+}
+
+/// The flushes of a buffered disk tier: which are running, and how many failed.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Id of the next flush to start.
+    next_id: u64,
+    /// Ids of the flushes running now.
+    running: Vec<u64>,
+    /// Flushes that failed so far (it only grows): a writer compares it before its first
+    /// write and after its own flush.
+    failures: u64,
+    /// The OS error of the last failed sync (errno, kind).
+    last_failure: Option<(Option<i32>, std::io::ErrorKind)>,
 }
 
 #[derive(Debug)]
@@ -139,9 +153,14 @@ pub struct DiskTier {
     nonce_counter: AtomicU64,
     swap: Registry<Vec<Unit>>,
     extents: Registry<ExtentMeta>,
+    /// Allocator id of this tier's extents (they live in no arena): process-unique, so an
+    /// extent reservation of another tier is never taken for one of this tier's.
+    extent_allocator_id: u32,
     next_extent_slot: AtomicU32,
     extent_files: Mutex<HashMap<PathBuf, Arc<ExtentFile>>>,
     unsynced: Mutex<Vec<Reservation>>,
+    syncs: Mutex<SyncState>,
+    sync_done: Condvar,
     buffers: Mutex<Vec<AlignedBuf>>,
     notes: Vec<String>,
 }
@@ -325,9 +344,12 @@ impl DiskTier {
             nonce_counter: AtomicU64::new(0),
             swap: Registry::new(Tier::Disk),
             extents: Registry::new(Tier::Disk),
+            extent_allocator_id: vlmem_core::new_allocator_id(),
             next_extent_slot: AtomicU32::new(0),
             extent_files: Mutex::new(HashMap::new()),
             unsynced: Mutex::new(Vec::new()),
+            syncs: Mutex::new(SyncState::default()),
+            sync_done: Condvar::new(),
             buffers: Mutex::new(Vec::new()),
             notes,
         })
@@ -362,6 +384,11 @@ impl DiskTier {
     /// weight inside a safetensors checkpoint) as a tensor resident on the disk tier, with
     /// no copy. Reads go through O_DIRECT on the 4 KiB aligned span around it and slice it
     /// out; writes are refused. No CRC is kept (the file is the source of truth).
+    ///
+    /// The bytes are those of the file at `path` now: a file replaced since an earlier
+    /// registration (renamed over the name) is opened anew, while earlier extents keep
+    /// reading the file they were registered in. Anything but a regular file (a directory, a
+    /// FIFO, a device) is refused with [`TierError::InvalidConfig`], without blocking.
     pub fn register_extent(
         &self,
         path: &Path,
@@ -374,16 +401,25 @@ impl DiskTier {
                 "extent `{name}` of 0 bytes"
             )));
         }
-        let file = self.extent_file(path)?;
+        let not_regular = || {
+            TierError::InvalidConfig(format!(
+                "extent `{name}`: {} is not a regular file",
+                path.display()
+            ))
+        };
+        // Stat before opening: opening a FIFO or a device could block or act.
+        let at_path = std::fs::metadata(path)
+            .map_err(|e| io_err(IoPoint::Open, file_offset_bytes, len_bytes, e))?;
+        if !at_path.is_file() {
+            return Err(not_regular());
+        }
+        let file = self.extent_file(path, (at_path.dev(), at_path.ino()))?;
         let meta = file
             .file
             .metadata()
             .map_err(|e| io_err(IoPoint::Open, file_offset_bytes, len_bytes, e))?;
         if !meta.is_file() {
-            return Err(TierError::InvalidConfig(format!(
-                "extent `{name}`: {} is not a regular file",
-                path.display()
-            )));
+            return Err(not_regular());
         }
         let file_len = meta.len();
         match file_offset_bytes.checked_add(len_bytes) {
@@ -396,7 +432,13 @@ impl DiskTier {
             }
         }
         let slot = self.next_extent_slot.fetch_add(1, Ordering::Relaxed);
-        let block = Block::from_parts(EXTENT_ALLOCATOR_ID, slot, 1, file_offset_bytes, len_bytes);
+        let block = Block::from_parts(
+            self.extent_allocator_id,
+            slot,
+            1,
+            file_offset_bytes,
+            len_bytes,
+        );
         let res = Reservation::new(Tier::Disk, block, len_bytes, true);
         self.extents.insert(
             res,
@@ -409,11 +451,16 @@ impl DiskTier {
         Ok(res)
     }
 
-    fn extent_file(&self, path: &Path) -> Result<Arc<ExtentFile>> {
-        if let Some(f) = self.extent_files.lock().get(path) {
+    /// The open file at `path`, whose device and inode a stat of the path just gave: the
+    /// cached one when it is still that file, otherwise opened anew (and cached in place of
+    /// the stale one).
+    fn extent_file(&self, path: &Path, dev_ino: (u64, u64)) -> Result<Arc<ExtentFile>> {
+        if let Some(f) = self.extent_files.lock().get(path)
+            && f.dev_ino == dev_ino
+        {
             return Ok(f.clone());
         }
-        // Opened outside the lock; a racing open of the same path keeps the first.
+        // Opened outside the lock; a racing open of the same file keeps the first.
         let (file, direct) = match self.io.open_read_only(path, true) {
             Ok(f) => (f, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
@@ -424,13 +471,22 @@ impl DiskTier {
             ),
             Err(e) => return Err(io_err(IoPoint::Open, 0, 0, e)),
         };
-        let f = Arc::new(ExtentFile { file, direct });
-        Ok(self
-            .extent_files
-            .lock()
-            .entry(path.to_path_buf())
-            .or_insert(f)
-            .clone())
+        let meta = file
+            .metadata()
+            .map_err(|e| io_err(IoPoint::Open, 0, 0, e))?;
+        let f = Arc::new(ExtentFile {
+            file,
+            direct,
+            dev_ino: (meta.dev(), meta.ino()),
+        });
+        let mut files = self.extent_files.lock();
+        match files.get(path) {
+            Some(cached) if cached.dev_ino == f.dev_ino => Ok(cached.clone()),
+            _ => {
+                files.insert(path.to_path_buf(), f.clone());
+                Ok(f)
+            }
+        }
     }
 
     fn take_buf(&self, len_bytes: usize) -> Result<AlignedBuf> {
@@ -954,6 +1010,7 @@ impl TierBackend for DiskTier {
         r
     }
     fn write_batch(&self, items: &[(Reservation, &[u8])]) -> Result<()> {
+        crate::backend::refuse_repeats(Tier::Disk, items.iter().map(|(r, _)| r))?;
         for (res, src) in items {
             if res.is_in_place() {
                 return Err(self.read_only_error(res));
@@ -1076,7 +1133,17 @@ impl TierBackend for DiskTier {
         if self.direct {
             return Ok(());
         }
+        // Counted as running before the writes it covers are taken: a writer checking after
+        // its own flush waits for this one (see `flush_since`).
+        let id = {
+            let mut syncs = self.syncs.lock();
+            let id = syncs.next_id;
+            syncs.next_id += 1;
+            syncs.running.push(id);
+            id
+        };
         let suspect: Vec<Reservation> = std::mem::take(&mut *self.unsynced.lock());
+        let mut failure = None;
         for f in &self.files {
             if let Err(e) = self.io.sync_data(f) {
                 // fsyncgate: the kernel may have dropped the dirty pages; a retried sync
@@ -1084,10 +1151,51 @@ impl TierBackend for DiskTier {
                 for res in &suspect {
                     self.clear_units(res, self.unit_range(0, res.len_bytes()));
                 }
-                return Err(io_err(IoPoint::Sync, 0, self.capacity_bytes, e));
+                failure = Some(e);
+                break;
             }
         }
-        Ok(())
+        {
+            let mut syncs = self.syncs.lock();
+            syncs.running.retain(|&r| r != id);
+            if let Some(e) = &failure {
+                syncs.failures += 1;
+                syncs.last_failure = Some((e.raw_os_error(), e.kind()));
+            }
+        }
+        self.sync_done.notify_all();
+        match failure {
+            Some(e) => Err(io_err(IoPoint::Sync, 0, self.capacity_bytes, e)),
+            None => Ok(()),
+        }
+    }
+    fn flush_epoch(&self) -> u64 {
+        self.syncs.lock().failures
+    }
+    fn flush_since(&self, epoch: u64) -> Result<()> {
+        self.flush()?;
+        if self.direct {
+            return Ok(());
+        }
+        // A flush that started before this point may hold (and, failing, invalidate) this
+        // writer's earlier writes: wait for those; later ones started after they were synced.
+        let mut syncs = self.syncs.lock();
+        let started_before = syncs.next_id;
+        while syncs.running.iter().any(|&r| r < started_before) {
+            syncs = wait_guard(&self.sync_done, syncs);
+        }
+        if syncs.failures == epoch {
+            return Ok(());
+        }
+        let (errno, kind) = syncs
+            .last_failure
+            .unwrap_or((None, std::io::ErrorKind::Other));
+        drop(syncs);
+        let source = match errno {
+            Some(n) => std::io::Error::from_raw_os_error(n),
+            None => std::io::Error::new(kind, "a sync covering these writes failed"),
+        };
+        Err(io_err(IoPoint::Sync, 0, self.capacity_bytes, source))
     }
     fn needs_flush(&self) -> bool {
         !self.direct

@@ -153,6 +153,9 @@ struct Status {
     finished_chunks: u64,
     bytes_done: u64,
     started: Option<Instant>,
+    /// The destination tier's [flush epoch](TierBackend::flush_epoch), taken before the
+    /// job's first write.
+    flush_epoch: Option<u64>,
     error: Option<TierError>,
     outcome: Option<Result<TransferReport>>,
 }
@@ -518,6 +521,18 @@ impl Job {
     }
 }
 
+/// The typed error of a panic caught in a tier call.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> TierError {
+    let detail = if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-text payload".to_string()
+    };
+    TierError::Panicked { detail }
+}
+
 struct Staging {
     chunk: Option<AlignedBuf>,
     batch: Option<AlignedBuf>,
@@ -553,16 +568,43 @@ impl Shared {
             let r = if job.stopped() {
                 Ok(0)
             } else {
-                {
-                    let mut st = job.status.lock();
-                    if st.started.is_none() {
-                        st.started = Some(Instant::now());
+                // A panicking backend fails this chunk (so its job) with a typed error; the
+                // worker goes on. The registry's accesses are guards, released by the unwind;
+                // the staging buffers are dropped, as their state is unknown.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    // Taken before this chunk writes, outside the status lock (a tier call):
+                    // the first chunk to start records it, before any chunk of the job writes.
+                    let epoch = self.dst_backend(&job).map(|d| d.flush_epoch());
+                    {
+                        let mut st = job.status.lock();
+                        if st.started.is_none() {
+                            st.started = Some(Instant::now());
+                            st.flush_epoch = epoch;
+                        }
+                    }
+                    self.run_chunk(&job, idx, &mut staging)
+                })) {
+                    Ok(r) => r,
+                    Err(payload) => {
+                        staging = Staging {
+                            chunk: None,
+                            batch: None,
+                        };
+                        Err(panicked(payload.as_ref()))
                     }
                 }
-                self.run_chunk(&job, idx, &mut staging)
             };
             self.finish_chunks(&job, 1, r);
         }
+    }
+
+    /// The backend of a job's destination.
+    fn dst_backend(&self, job: &Job) -> Option<&std::sync::Arc<dyn TierBackend>> {
+        let mv = match &job.work {
+            Work::Single(mv) => Some(mv),
+            Work::Batch(m) => m.first(),
+        }?;
+        self.backend(mv.dst.tier()).ok()
     }
 
     /// The next chunk to run, or `None` when shut down and drained.
@@ -695,6 +737,8 @@ impl Shared {
         let dst = self.backend(first.dst.tier())?;
         let srcs: Vec<Reservation> = moves.iter().map(|m| m.src).collect();
         let dsts: Vec<Reservation> = moves.iter().map(|m| m.dst).collect();
+        // Two writes of one destination: refused on every tier, whatever it does itself.
+        crate::backend::refuse_repeats(first.dst.tier(), dsts.iter())?;
         // No staging when a side can lend its bytes: one copy less per tensor.
         if let Some(r) = dst.write_many_with(&dsts, &mut |outs| {
             let mut items: Vec<(Reservation, &mut [u8])> = srcs
@@ -756,17 +800,22 @@ impl Shared {
         // Flush outside every lock: a deferred write error fails this job (fsyncgate). Every
         // job whose bytes were all copied is flushed, cancelled or not: it reports `Ok` only
         // once they are durable. One stopped early reports its error or `Cancelled`.
+        // The flush succeeds only if no flush that may have held the job's writes failed since
+        // its first write (another job's failed flush invalidates them too).
         let mut flush_error = None;
-        if copied_all
-            && let Some(mv) = match &job.work {
-                Work::Single(mv) => Some(mv),
-                Work::Batch(m) => m.first(),
-            }
-            && let Ok(dst) = self.backend(mv.dst.tier())
-            && dst.needs_flush()
-            && let Err(e) = dst.flush()
-        {
-            flush_error = Some(e);
+        if copied_all && let Some(dst) = self.dst_backend(job) {
+            let epoch = job.status.lock().flush_epoch;
+            let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match (dst.needs_flush(), epoch) {
+                    (false, _) => Ok(()),
+                    (true, Some(epoch)) => dst.flush_since(epoch),
+                    (true, None) => dst.flush(),
+                }
+            }));
+            flush_error = match flushed {
+                Ok(r) => r.err(),
+                Err(payload) => Some(panicked(payload.as_ref())),
+            };
         }
         let mut st = job.status.lock();
         if let Some(e) = flush_error

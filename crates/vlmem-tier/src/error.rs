@@ -183,6 +183,13 @@ pub enum TierError {
     /// A configuration that cannot work; the message says which value to change.
     #[error("invalid tier configuration: {0}")]
     InvalidConfig(String),
+    /// A tier call panicked (a bug in a backend): the operation that ran it failed, its
+    /// destination holds no valid copy, and the engine went on serving other jobs.
+    #[error("a tier call panicked: {detail}")]
+    Panicked {
+        /// The panic's message.
+        detail: String,
+    },
     /// The feature or device is not available here.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -144,6 +144,12 @@ impl TierBackend for FaultyTier {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+    fn flush_epoch(&self) -> u64 {
+        self.inner.flush_epoch()
+    }
+    fn flush_since(&self, epoch: u64) -> Result<()> {
+        self.inner.flush_since(epoch)
+    }
     fn needs_flush(&self) -> bool {
         self.inner.needs_flush()
     }

@@ -234,6 +234,9 @@ type Lent<'a> = (Vec<crate::registry::Access<'a, ()>>, Vec<(*mut u8, usize)>);
 
 impl MemoryTier {
     fn lend_many(&self, items: &[Reservation], write: bool) -> Result<Lent<'_>> {
+        if write {
+            crate::backend::refuse_repeats(self.tier, items.iter())?;
+        }
         let mut accesses = Vec::with_capacity(items.len());
         let mut spans = Vec::with_capacity(items.len());
         for res in items {
@@ -335,6 +338,12 @@ impl TierBackend for MemoryTier {
     ) -> Result<()> {
         check_range(self.tier, src, src_offset_bytes, len_bytes)?;
         check_range(self.tier, dst, dst_offset_bytes, len_bytes)?;
+        if len_bytes == 0 {
+            // No bytes move: no access is taken, so nothing is Busy.
+            self.reg.with_entry(src, |_| ())?;
+            self.reg.with_entry(dst, |_| ())?;
+            return Ok(());
+        }
         if src == dst {
             let lo = src_offset_bytes.min(dst_offset_bytes);
             let hi = src_offset_bytes.max(dst_offset_bytes) + len_bytes;
@@ -433,7 +442,7 @@ impl TierBackend for MemoryTier {
             .map(|&(p, n)| {
                 // SAFETY: each span is a whole live reservation inside the mapping; distinct
                 // live reservations never overlap (registry), and a reservation listed twice
-                // was refused above (its second exclusive access is Busy), so these mutable
+                // was refused in `lend_many` (Busy), so these mutable
                 // slices are disjoint; the exclusive accesses are held until after their
                 // last use below.
                 unsafe { std::slice::from_raw_parts_mut(p, n) }

@@ -110,7 +110,9 @@ impl<M> Registry<M> {
 
     /// Begins a read (shared) or write (exclusive) access to bytes
     /// `offset_bytes..offset_bytes + len_bytes` of a live reservation. Disjoint ranges (the
-    /// chunks of one transfer) are accessed in parallel; an overlapping write is refused.
+    /// chunks of one transfer) are accessed in parallel; an overlapping write is refused. An
+    /// empty range touches no byte, so it conflicts with nothing (it is never `Busy`) and
+    /// nothing conflicts with it; it still needs a live reservation.
     pub(crate) fn access(
         &self,
         res: &Reservation,
@@ -118,16 +120,16 @@ impl<M> Registry<M> {
         len_bytes: u64,
         write: bool,
     ) -> Result<Access<'_, M>> {
-        let (start, end) = (offset_bytes, offset_bytes.saturating_add(len_bytes.max(1)));
+        let (start, end) = (offset_bytes, offset_bytes.saturating_add(len_bytes));
         let mut entries = self.entries.lock();
         let e = match entries.get_mut(&res.key()) {
             Some(e) if e.res == *res => e,
             _ => return Err(self.invalid(res)),
         };
-        let conflict = e
-            .accesses
-            .iter()
-            .any(|&(_, s, x, w)| (w || write) && s < end && start < x);
+        let conflict = start < end
+            && e.accesses
+                .iter()
+                .any(|&(_, s, x, w)| (w || write) && s < x && s < end && start < x);
         if conflict {
             return Err(TierError::Busy {
                 tier: self.tier,

@@ -57,13 +57,26 @@ pub(crate) fn open_swap(dir: &Path, direct: bool) -> io::Result<File> {
     Ok(f)
 }
 
-/// Opens `path` read-only, O_DIRECT when asked.
+/// Opens `path` read-only, O_DIRECT when asked. The open itself never blocks: it is made
+/// O_NONBLOCK (opening a FIFO with no writer would otherwise wait for one), and the flag is
+/// cleared once the file is open.
 pub(crate) fn open_read_only(path: &Path, direct: bool) -> io::Result<File> {
     let direct_flag = if direct { libc::O_DIRECT } else { 0 };
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
-        .custom_flags(direct_flag)
-        .open(path)
+        .custom_flags(direct_flag | libc::O_NONBLOCK)
+        .open(path)?;
+    // SAFETY: the descriptor belongs to `file`, which outlives both calls; F_GETFL and
+    // F_SETFL take no pointers.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// Preallocates `len_bytes` of `file`; a sparse `set_len` where fallocate is unsupported.
@@ -192,7 +205,7 @@ pub const HUGE_PAGE_BYTES: usize = 2 << 20;
 ///
 /// Why: a read into a buffer on 4 KiB pages reaches the disk as one segment per page; on 2
 /// MiB pages a 4 MiB O_DIRECT read is two segments. On the virtio disk of our test VM that
-/// doubled the read rate (docs/BENCHMARKS.md, session 7).
+/// doubled the read rate (docs/BENCHMARKS.md, "Disk reads on huge pages").
 pub fn advise_huge_pages<T>(mem: &mut [T]) {
     let start = mem.as_mut_ptr() as usize;
     let end = start + std::mem::size_of_val(mem);
