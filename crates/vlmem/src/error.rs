@@ -78,6 +78,13 @@ pub enum ManagerError {
         /// How long the call waited in all.
         waited_ms: u64,
     },
+    /// A computation asked, on the thread computing it, for the very value it computes (a
+    /// vision embedding whose computation looks its own image up): it would wait for itself.
+    #[error("re-entrant {what}: asked for by the thread computing it (it would wait for itself)")]
+    Reentrant {
+        /// What was asked for.
+        what: String,
+    },
     /// Read or write outside the tensor.
     #[error("range {offset_bytes}+{len_bytes} is outside the tensor's {tensor_bytes} bytes")]
     OutOfRange {

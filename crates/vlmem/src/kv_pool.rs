@@ -15,7 +15,8 @@
 //! reference (a count per block) instead of recomputing them: [`KvPool::start`] says how
 //! many prompt tokens are already there. Sealed blocks are immutable; a block is freed when
 //! its last sequence finishes. Two sequences that fill identical blocks independently keep
-//! both until one finishes (the index points at the first).
+//! both until one finishes (the index points at the first; when that one is freed, it
+//! points at an identical block that is left, so the content stays shareable).
 //!
 //! ## Pressure: whole sequences move
 //! The pool keeps at most `budget / block bytes` blocks on the compute tier (the manager's KV
@@ -26,23 +27,40 @@
 //! Blocks shared with a running sequence stay. When that running sequence finishes or goes
 //! out later, the block is left on the compute tier to swapped-out sequences only: making
 //! room first swaps such a sequence out again (latest started first), which moves the block
-//! down and preempts nobody, before it swaps out a running one.
+//! down and preempts nobody, before it swaps out a running one. With no other sequence to
+//! swap out (all in use, or none), the sequence that needs the room gives its own oldest
+//! counted blocks (except those a running sequence also holds): they go one tier down and
+//! it is swapped; a use brings back the blocks it touches. A sequence longer than the tier
+//! holds is never brought back whole: its reads and appends bring its blocks back one at a
+//! time, each in the place of its oldest counted one.
+//!
+//! The compute tier is the host for now: blocks are written through
+//! [`MemoryManager::write`], which lands on the host, and [`KvPool::new`] refuses another
+//! tier.
 //!
 //! A block is counted on the compute tier exactly when it is there: the count changes when
-//! a block is made there, when a swap-in pins it there, and after a swap-out by what the
-//! manager reports (a block the manager left in place stays counted). A sequence that is not
-//! swapped holds only counted blocks: one whose prompt takes blocks by reference while they
-//! are swapped out starts swapped, so its first use brings them back and counts them, and a
-//! block that leaves while a second sequence holds it marks that one swapped too.
-//! [`KvPool::check`] verifies all of this against the manager's placement.
+//! a block is made there, when a swap-in, a read's pin or an append's write brings it there,
+//! and after a swap-out by what the manager reports (a block the manager left in place
+//! stays counted). Moves the pool did not make (the manager's own evictions, a direct
+//! [`MemoryManager::evict`]) are followed from the manager's placement before room is made,
+//! in [`KvPool::stats`] and in [`KvPool::check`]. Counted exactly, the blocks on the tier
+//! never exceed `budget / block bytes`. A sequence that is not swapped holds only counted
+//! blocks: one whose prompt takes blocks by reference while they are swapped out, or while
+//! a swap-out moves them (they are marked leaving from when the swap-out chose them until
+//! it noted where each one is), starts swapped, so its first use brings them back and
+//! counts them; uses of a leaving block wait for its move; and a block that leaves while
+//! another sequence holds it marks that one swapped too. [`KvPool::check`] verifies all of
+//! this against the manager's placement, both ways.
 //!
 //! ## Locks
 //! One mutex over the tables (level 2 in docs/ARCHITECTURE.md: above the manager's shard
 //! locks, never held across a manager call, since those may do I/O). A sequence is used by one
-//! thread at a time; a second thread gets [`KvError::SequenceBusy`].
+//! thread at a time; a second thread gets [`KvError::SequenceBusy`]. Waits (a sequence
+//! being swapped out for room, a block leaving) are on one condition variable, notified
+//! when such a move ends; a move never waits on a use.
 
 use crate::error::ManagerError;
-use crate::manager::{MemoryManager, TensorHandle};
+use crate::manager::{MemoryManager, PinGuard, TensorHandle};
 use std::collections::{HashMap, HashSet};
 use vlmem_core::sync::atomic::{AtomicU64, Ordering};
 use vlmem_core::sync::{Condvar, Mutex, wait_guard};
@@ -95,7 +113,9 @@ pub struct KvPoolConfig {
     pub block_tokens: u32,
     /// KV bytes of one token (all layers, keys and values).
     pub bytes_per_token: u64,
-    /// Where attention reads the cache (host for CPU compute, device for GPU).
+    /// Where attention reads the cache. Only [`Tier::Host`] for now: blocks are written
+    /// through [`MemoryManager::write`], which lands on the host, so [`KvPool::new`] refuses
+    /// another tier.
     pub compute_tier: Tier,
 }
 
@@ -152,6 +172,12 @@ struct BlockMeta {
     salt: u64,
     /// Counted on the compute tier.
     resident: bool,
+    /// Chosen for a move down by a call in flight (until it has noted where the block is):
+    /// a new sequence taking it counts it as away, and uses of it wait.
+    leaving: bool,
+    /// Bumped whenever the pool notes where the block is, so a count correction from the
+    /// manager's placement, read without the lock, never overrides a newer note.
+    epoch: u64,
 }
 
 #[derive(Debug)]
@@ -175,6 +201,9 @@ struct Tables {
     seqs: HashMap<u64, Sequence>,
     blocks: HashMap<u64, BlockMeta>,
     prefix: HashMap<u64, u64>,
+    /// Live sealed blocks whose hash the index holds for another block (identical content
+    /// filled independently): one of them takes the entry when the indexed block is freed.
+    dupes: HashMap<u64, Vec<u64>>,
     resident_blocks: u64,
     next_block: u64,
     next_seq: u64,
@@ -216,6 +245,40 @@ fn held_by_others_in_use(seqs: &HashMap<u64, Sequence>, except: u64) -> HashSet<
         .collect()
 }
 
+/// Blocks a call is moving down (marked `leaving`); those whose placement it has not noted
+/// when it returns or unwinds get their mark cleared, and the waiting uses are woken.
+struct LeavingMarks<'a> {
+    pool: &'a KvPool,
+    blocks: Vec<u64>,
+    /// Blocks from here on are still marked by this call.
+    next: usize,
+}
+
+impl Drop for LeavingMarks<'_> {
+    fn drop(&mut self) {
+        let rest = self.blocks.get(self.next..).unwrap_or(&[]);
+        if rest.is_empty() {
+            return;
+        }
+        let mut t = self.pool.tables.lock();
+        for b in rest {
+            if let Some(m) = t.blocks.get_mut(b) {
+                m.leaving = false;
+            }
+        }
+        drop(t);
+        self.pool.swapped_for_room.notify_all();
+    }
+}
+
+/// What `make_room` does next.
+enum Room {
+    /// Swap out this other sequence (marked `swapping`).
+    Sequence(u64),
+    /// Move down this block of the calling sequence (marked `leaving`).
+    Own(u64, TensorHandle),
+}
+
 /// Marks a sequence busy for the duration of one call.
 struct Claim<'a> {
     pool: &'a KvPool,
@@ -232,10 +295,19 @@ impl Drop for Claim<'_> {
 
 impl KvPool {
     /// A pool over `manager`, keeping at most the manager's KV budget on the compute tier.
-    /// [`KvError::InvalidConfig`] when a block has no tokens or no bytes, its bytes
+    /// [`KvError::InvalidConfig`] when the compute tier is not the host (the pool computes
+    /// on the host for now), a block has no tokens or no bytes, its bytes
     /// (`block_tokens * bytes_per_token`) do not fit in 64 bits or the address space, or the
     /// budget is smaller than one block.
     pub fn new(manager: MemoryManager, config: KvPoolConfig) -> KvResult<Self> {
+        if config.compute_tier != Tier::Host {
+            return Err(KvError::InvalidConfig(format!(
+                "the KV pool computes on the host tier for now (blocks are written through \
+                 MemoryManager::write, which lands on the host); compute_tier {} is not \
+                 supported",
+                config.compute_tier
+            )));
+        }
         if config.block_tokens == 0 || config.bytes_per_token == 0 {
             return Err(KvError::InvalidConfig(
                 "block_tokens and bytes_per_token must be at least 1".into(),
@@ -300,8 +372,9 @@ impl KvPool {
         let id = t.next_seq;
         t.next_seq += 1;
         let mut blocks = Vec::new();
-        // A block taken while it is swapped out (its owner is): the new sequence starts
-        // swapped, so its first use brings the block back and counts it on the tier.
+        // A block taken while it is swapped out (its owner is) or being moved down: the new
+        // sequence starts swapped, so its first use brings the block back and counts it on
+        // the tier.
         let mut away = false;
         let mut hash = salt;
         // Only whole blocks strictly before the last prompt token are shared, so the caller
@@ -320,7 +393,8 @@ impl KvPool {
                     if meta.parent == parent && meta.tokens == chunk && meta.salt == salt =>
                 {
                     meta.refs += 1;
-                    away |= !meta.resident;
+                    // A block on its way down counts as away: its move may end after this.
+                    away |= !meta.resident || meta.leaving;
                     blocks.push(b);
                 }
                 _ => break,
@@ -393,7 +467,11 @@ impl KvPool {
                 (position, s.blocks.get(position / bt).copied())
             };
             let block = match block {
-                Some(b) => b,
+                Some(b) => {
+                    // The write brings the block to the host: room for it first.
+                    self.count_in(seq.0, b)?;
+                    b
+                }
                 None => self.new_block(seq)?,
             };
             let handle = self.handle_of(block)?;
@@ -401,6 +479,8 @@ impl KvPool {
             self.manager
                 .write(handle, (position % bt) as u64 * bpt, src)?;
             let mut t = self.tables.lock();
+            // The write landed on the host, the compute tier: counted there.
+            Self::set_counted(&mut t, block, true, Some(seq.0));
             let s = t
                 .seqs
                 .get_mut(&seq.0)
@@ -423,7 +503,17 @@ impl KvPool {
                     meta.tokens = content;
                     meta.salt = salt;
                 }
-                t.prefix.entry(hash).or_insert(block);
+                match t.prefix.get(&hash) {
+                    None => {
+                        t.prefix.insert(hash, block);
+                    }
+                    // An identical block filled independently holds the entry: this one
+                    // takes it over if that one is freed first.
+                    Some(&other) if other != block => {
+                        t.dupes.entry(hash).or_default().push(block);
+                    }
+                    Some(_) => {}
+                }
             }
         }
         Ok(())
@@ -455,8 +545,7 @@ impl KvPool {
             }
             s.blocks[position / bt]
         };
-        let handle = self.handle_of(block)?;
-        let guard = self.manager.pin(handle, self.config.compute_tier)?;
+        let guard = self.pin_counted(seq.0, block)?;
         guard.read((position % bt) as u64 * bpt, dst)?;
         Ok(())
     }
@@ -497,8 +586,7 @@ impl KvPool {
             let block = blocks[pos / bt];
             let in_block = pos % bt;
             let take = (bt - in_block).min(start + n - pos);
-            let handle = self.handle_of(block)?;
-            let guard = self.manager.pin(handle, self.config.compute_tier)?;
+            let guard = self.pin_counted(seq.0, block)?;
             guard.read(
                 (in_block * bpt) as u64,
                 &mut dst[out * bpt..(out + take) * bpt],
@@ -554,10 +642,8 @@ impl KvPool {
                 meta.refs -= 1;
                 if meta.refs == 0 {
                     let meta = t.blocks.remove(&b).expect("present");
-                    if let Some(h) = meta.sealed
-                        && t.prefix.get(&h) == Some(&b)
-                    {
-                        t.prefix.remove(&h);
+                    if let Some(h) = meta.sealed {
+                        Self::unindex(&mut t, h, b);
                     }
                     if meta.resident {
                         t.resident_blocks -= 1;
@@ -584,7 +670,9 @@ impl KvPool {
 
     /// [`KvPool::swap_out`] of a sequence this thread has claimed or marked `swapping`. The
     /// other holders of a block it moves are marked `swapping` meanwhile, so none of them is
-    /// used (or finished) while its block is on the way down.
+    /// used (or finished) while its block is on the way down; the blocks themselves are
+    /// marked `leaving` when the list is made, so a sequence started on them meanwhile starts
+    /// swapped and its uses wait for the move.
     fn swap_out_claimed(&self, seq: u64) -> KvResult<u64> {
         let (own, was_swapped, others): (Vec<(u64, TensorHandle)>, bool, Vec<u64>) = {
             let mut t = self.tables.lock();
@@ -596,8 +684,10 @@ impl KvPool {
                 .blocks
                 .iter()
                 .filter_map(|b| {
-                    let m = blocks.get(b)?;
-                    (m.resident && !held.contains(b)).then_some((*b, m.handle))
+                    let m = blocks.get_mut(b)?;
+                    let go = m.resident && !m.leaving && !held.contains(b);
+                    m.leaving |= go;
+                    go.then_some((*b, m.handle))
                 })
                 .collect();
             let shared: Vec<u64> = own
@@ -617,21 +707,7 @@ impl KvPool {
             }
             (own, was_swapped, others)
         };
-        let mut freed = Ok(0);
-        for (b, h) in own {
-            let moved = self.manager.swap_out(h, self.config.compute_tier);
-            // Where the block is now, not what was asked, decides whether it is counted on
-            // the tier (the manager leaves a pinned block where it is).
-            let on_tier = self.on_compute_tier(h);
-            self.note_placement(b, on_tier);
-            match moved {
-                Ok(m) => freed = freed.map(|f| f + m),
-                Err(e) => {
-                    freed = Err(e);
-                    break;
-                }
-            }
-        }
+        let freed = self.move_down(seq, own);
         if !others.is_empty() {
             let mut t = self.tables.lock();
             for id in others {
@@ -645,7 +721,29 @@ impl KvPool {
         if !was_swapped {
             self.swap_outs.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(freed?)
+        freed
+    }
+
+    /// Moves blocks of `holder` that this call marked `leaving` one tier down, noting where
+    /// each one is afterwards (which clears its mark); stops at the first error (the marks
+    /// of the blocks not moved are cleared). Returns the bytes freed on the compute tier.
+    fn move_down(&self, holder: u64, blocks: Vec<(u64, TensorHandle)>) -> KvResult<u64> {
+        let mut marks = LeavingMarks {
+            pool: self,
+            blocks: blocks.iter().map(|(b, _)| *b).collect(),
+            next: 0,
+        };
+        let mut freed = 0;
+        for (b, h) in blocks {
+            let moved = self.manager.swap_out(h, self.config.compute_tier);
+            // Where the block is now, not what was asked, decides whether it is counted on
+            // the tier (the manager leaves a pinned block where it is).
+            let on_tier = self.on_compute_tier(h);
+            self.note_placement(b, on_tier, Some(holder));
+            marks.next += 1;
+            freed += moved?;
+        }
+        Ok(freed)
     }
 
     /// Whether the manager has a copy of the block on the compute tier now (`None`: it
@@ -657,18 +755,34 @@ impl KvPool {
             .map(|(tiers, _)| tiers.contains(&self.config.compute_tier))
     }
 
-    /// Records where a block is after a move: counted on the compute tier or not. The one
-    /// place a block's count changes after it is made. A block that left while another
-    /// sequence holds it (taken by reference during the move) marks that sequence swapped,
-    /// so its next use brings the block back.
-    fn note_placement(&self, block: u64, on_tier: Option<bool>) {
-        let Some(on_tier) = on_tier else {
-            return;
-        };
+    /// Records where a block is after the pool moved or pinned it: counted on the compute
+    /// tier or not (`None`: unknown, the count stays). Clears its `leaving` mark and wakes
+    /// the uses waiting for it.
+    fn note_placement(&self, block: u64, on_tier: Option<bool>, holder: Option<u64>) {
         let mut t = self.tables.lock();
         let Some(m) = t.blocks.get_mut(&block) else {
             return;
         };
+        let was_leaving = std::mem::replace(&mut m.leaving, false);
+        m.epoch += 1;
+        if let Some(on_tier) = on_tier {
+            Self::set_counted(&mut t, block, on_tier, holder);
+        }
+        drop(t);
+        if was_leaving {
+            self.swapped_for_room.notify_all();
+        }
+    }
+
+    /// Counts a block on the compute tier or not (the one place the count changes after a
+    /// block is made). A block not counted there marks every sequence holding it swapped,
+    /// so its next use brings the block back (`holder`: the one holder, when the caller
+    /// knows it and the block has no other).
+    fn set_counted(t: &mut Tables, block: u64, on_tier: bool, holder: Option<u64>) {
+        let Some(m) = t.blocks.get_mut(&block) else {
+            return;
+        };
+        m.epoch += 1;
         let was = std::mem::replace(&mut m.resident, on_tier);
         let refs = m.refs;
         match (was, on_tier) {
@@ -676,23 +790,117 @@ impl KvPool {
             (true, false) => t.resident_blocks -= 1,
             _ => {}
         }
-        if !on_tier && refs > 1 {
-            for s in t.seqs.values_mut() {
-                if s.blocks.contains(&block) {
+        if on_tier {
+            return;
+        }
+        match holder.filter(|_| refs <= 1) {
+            Some(h) => {
+                if let Some(s) = t.seqs.get_mut(&h) {
                     s.swapped = true;
+                }
+            }
+            None => {
+                for s in t.seqs.values_mut() {
+                    if s.blocks.contains(&block) {
+                        s.swapped = true;
+                    }
                 }
             }
         }
     }
 
+    /// Follows moves the pool did not make (the manager's own evictions, a direct
+    /// [`MemoryManager::evict`]): a block counted on the compute tier that the manager no
+    /// longer has there stops being counted, and its holders are marked swapped (their
+    /// next use brings it back). Only counted blocks are asked about; a block the pool
+    /// noted again meanwhile keeps the newer note.
+    fn reconcile(&self) {
+        let counted: Vec<(u64, TensorHandle, u64)> = {
+            let t = self.tables.lock();
+            t.blocks
+                .iter()
+                .filter(|(_, m)| m.resident && !m.leaving)
+                .map(|(b, m)| (*b, m.handle, m.epoch))
+                .collect()
+        };
+        let gone: Vec<(u64, u64)> = counted
+            .into_iter()
+            .filter(|(_, h, _)| self.on_compute_tier(*h) == Some(false))
+            .map(|(b, _, epoch)| (b, epoch))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let mut t = self.tables.lock();
+        for (b, epoch) in gone {
+            if t.blocks
+                .get(&b)
+                .is_some_and(|m| m.epoch == epoch && m.resident && !m.leaving)
+            {
+                Self::set_counted(&mut t, b, false, None);
+            }
+        }
+    }
+
+    /// Waits while `block` is being moved down by another call; then, when it is not
+    /// counted on the compute tier, makes room for it (the caller brings it there next and
+    /// counts it).
+    fn count_in(&self, seq: u64, block: u64) -> KvResult<()> {
+        let mut t = self.tables.lock();
+        loop {
+            let m = t
+                .blocks
+                .get(&block)
+                .ok_or_else(|| KvError::InvalidConfig(format!("block {block} vanished")))?;
+            if m.leaving {
+                t = wait_guard(&self.swapped_for_room, t);
+                continue;
+            }
+            if m.resident {
+                return Ok(());
+            }
+            break;
+        }
+        drop(t);
+        // Without room (every other block in use), the pin or write that follows lets the
+        // manager evict, and the count follows it at the next reconciliation.
+        self.make_room(seq, &[block])?;
+        Ok(())
+    }
+
+    /// Pins a block of the claimed sequence `seq` on the compute tier, counted there (room
+    /// made first when it was not).
+    fn pin_counted(&self, seq: u64, block: u64) -> KvResult<PinGuard> {
+        self.count_in(seq, block)?;
+        let handle = self.handle_of(block)?;
+        let guard = self.manager.pin(handle, self.config.compute_tier)?;
+        // Counted while the pin holds it there.
+        self.note_placement(block, Some(true), Some(seq));
+        Ok(guard)
+    }
+
     /// Brings a swapped sequence back whole (making room by swapping out others): every
     /// block it holds that is not counted on the compute tier is pinned there and counted.
     /// The sequence is marked back in only once none is left away (a block taken from it
-    /// meanwhile is brought back in the next round).
+    /// meanwhile is brought back in the next round). Waits while a block of it is being
+    /// moved down. A sequence with more blocks than the tier holds, or for which no other
+    /// sequence gives room now, stays swapped: its uses bring the blocks they touch back one
+    /// by one ([`KvPool::pin_counted`]).
     fn ensure_resident(&self, seq: SeqId) -> KvResult<()> {
         loop {
-            let away: Vec<(u64, TensorHandle)> = {
+            let (away, all): (Vec<(u64, TensorHandle)>, Vec<u64>) = {
                 let mut t = self.tables.lock();
+                loop {
+                    let s = t.seqs.get(&seq.0).ok_or(KvError::UnknownSequence(seq.0))?;
+                    if s.blocks
+                        .iter()
+                        .any(|b| t.blocks.get(b).is_some_and(|m| m.leaving))
+                    {
+                        t = wait_guard(&self.swapped_for_room, t);
+                        continue;
+                    }
+                    break;
+                }
                 let Tables { seqs, blocks, .. } = &mut *t;
                 let s = seqs
                     .get_mut(&seq.0)
@@ -714,32 +922,51 @@ impl KvPool {
                     self.swap_ins.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                away
+                if s.blocks.len() as u64 > self.max_resident_blocks {
+                    return Ok(());
+                }
+                (away, s.blocks.clone())
             };
             for (b, h) in away {
-                self.make_room(seq.0)?;
+                // Room from other sequences only: moving its own blocks down would not
+                // bring it back whole.
+                if !self.make_room(seq.0, &all)? {
+                    return Ok(());
+                }
                 let guard = self.manager.pin(h, self.config.compute_tier)?;
                 // Counted while the pin still holds it there.
-                self.note_placement(b, Some(true));
+                self.note_placement(b, Some(true), Some(seq.0));
                 drop(guard);
             }
         }
     }
 
-    /// Makes room for one more block on the compute tier. First the room taken by blocks
-    /// that only swapped-out idle sequences hold (left to them by a running holder that
-    /// finished or went out): such a sequence is swapped out again, which moves them down
-    /// and preempts nobody. Then whole idle running sequences are swapped out, latest
-    /// started first. With nothing left to swap, the manager's own eviction decides.
-    fn make_room(&self, for_seq: u64) -> KvResult<()> {
-        // Sequences swapped out by this call (each once: a block the manager left in place
-        // must not make it try for ever).
+    /// Makes room for one more block on the compute tier; `Ok(false)` when none can be
+    /// had now. At the limit, the count first follows the manager's placement (blocks it
+    /// moved on its own). Then the room taken by blocks that only swapped-out idle
+    /// sequences hold (left to them by a running holder that finished or went out): such a
+    /// sequence is swapped out again, which moves them down and preempts nobody. Then whole
+    /// idle running sequences are swapped out, latest started first. With no other
+    /// sequence to swap, the calling sequence's own counted blocks (it is claimed by the
+    /// caller), oldest first, except `keep` and blocks a running sequence also holds, go
+    /// one tier down.
+    fn make_room(&self, for_seq: u64, keep: &[u64]) -> KvResult<bool> {
+        // Sequences swapped out and own blocks moved by this call (each once: a block the
+        // manager left in place must not make it try for ever).
         let mut tried: Vec<u64> = Vec::new();
+        let mut tried_blocks: Vec<u64> = Vec::new();
+        let mut reconciled = false;
         loop {
-            let victim = {
+            let step = {
                 let mut t = self.tables.lock();
                 if t.resident_blocks < self.max_resident_blocks {
-                    return Ok(());
+                    return Ok(true);
+                }
+                if !reconciled {
+                    drop(t);
+                    self.reconcile();
+                    reconciled = true;
+                    continue;
                 }
                 let idle = |id: &u64, s: &Sequence| {
                     *id != for_seq && !s.busy && !s.swapping && !tried.contains(id)
@@ -769,24 +996,51 @@ impl KvPool {
                         if let Some(s) = t.seqs.get_mut(&v) {
                             s.swapping = true;
                         }
-                        v
+                        Room::Sequence(v)
                     }
-                    None => return Ok(()),
+                    None => {
+                        let held = held_by_others_in_use(&t.seqs, for_seq);
+                        let Tables { seqs, blocks, .. } = &mut *t;
+                        let own = seqs.get(&for_seq).and_then(|s| {
+                            s.blocks.iter().copied().find(|b| {
+                                !keep.contains(b)
+                                    && !tried_blocks.contains(b)
+                                    && !held.contains(b)
+                                    && blocks.get(b).is_some_and(|m| m.resident && !m.leaving)
+                            })
+                        });
+                        let Some(b) = own else {
+                            return Ok(false);
+                        };
+                        let m = blocks.get_mut(&b).expect("found above");
+                        m.leaving = true;
+                        Room::Own(b, m.handle)
+                    }
                 }
             };
-            tried.push(victim);
-            let r = self.swap_out_claimed(victim);
-            if let Some(s) = self.tables.lock().seqs.get_mut(&victim) {
-                s.swapping = false;
+            match step {
+                Room::Sequence(victim) => {
+                    tried.push(victim);
+                    let r = self.swap_out_claimed(victim);
+                    if let Some(s) = self.tables.lock().seqs.get_mut(&victim) {
+                        s.swapping = false;
+                    }
+                    self.swapped_for_room.notify_all();
+                    r?;
+                }
+                Room::Own(b, h) => {
+                    tried_blocks.push(b);
+                    self.move_down(for_seq, vec![(b, h)])?;
+                }
             }
-            self.swapped_for_room.notify_all();
-            r?;
         }
     }
 
     /// A new empty block at the end of the sequence.
     fn new_block(&self, seq: SeqId) -> KvResult<u64> {
-        self.make_room(seq.0)?;
+        // Without room (every other block in use), the allocation lets the manager evict,
+        // and the count follows it at the next reconciliation.
+        self.make_room(seq.0, &[])?;
         let id = {
             let mut t = self.tables.lock();
             t.next_block += 1;
@@ -809,6 +1063,8 @@ impl KvPool {
                 tokens: Vec::new(),
                 salt: 0,
                 resident: true,
+                leaving: false,
+                epoch: 0,
             },
         );
         t.resident_blocks += 1;
@@ -822,6 +1078,40 @@ impl KvPool {
                 self.manager.deallocate(handle)?;
                 Err(KvError::UnknownSequence(seq.0))
             }
+        }
+    }
+
+    /// Drops the index entry of a freed sealed block (`hash`), handing it to an identical
+    /// live block when there is one (preferring one whose chain the index holds too), or
+    /// forgets the block among those identical ones.
+    fn unindex(t: &mut Tables, hash: u64, block: u64) {
+        if t.prefix.get(&hash) != Some(&block) {
+            if let Some(v) = t.dupes.get_mut(&hash) {
+                v.retain(|b| *b != block);
+                if v.is_empty() {
+                    t.dupes.remove(&hash);
+                }
+            }
+            return;
+        }
+        let Some(mut candidates) = t.dupes.remove(&hash) else {
+            t.prefix.remove(&hash);
+            return;
+        };
+        let chained = |b: &u64| {
+            t.blocks.get(b).and_then(|m| m.parent).is_none_or(|p| {
+                t.blocks
+                    .get(&p)
+                    .and_then(|pm| pm.sealed)
+                    .is_some_and(|ph| t.prefix.get(&ph) == Some(&p))
+            })
+        };
+        // The first in seal order among those whose chain is indexed (else the first).
+        let pick = candidates.iter().position(chained).unwrap_or(0);
+        let next = candidates.remove(pick);
+        t.prefix.insert(hash, next);
+        if !candidates.is_empty() {
+            t.dupes.insert(hash, candidates);
         }
     }
 
@@ -845,22 +1135,34 @@ impl KvPool {
             .collect())
     }
 
-    /// Checks the pool's invariants; `Err` names the first broken one. Exact while no call
-    /// is in flight (tests and models call it between operations):
-    /// - `resident_blocks` is the number of blocks counted on the compute tier;
+    /// Checks the pool's invariants; `Err` names the first broken one. The count first
+    /// follows the manager's placement (moves the pool did not make), then, exact while no
+    /// call is in flight (tests and models call it between operations):
+    /// - `resident_blocks` is the number of blocks counted on the compute tier, at most
+    ///   [`KvPool::max_resident_blocks`];
     /// - a block's reference count is the number of sequences that hold it;
     /// - a sequence that is not swapped holds only blocks counted on the compute tier;
-    /// - the prefix index points at live sealed blocks under their own hash;
-    /// - a block not counted on the compute tier has no copy there (the manager's placement
-    ///   agrees with the count: nothing sits on the tier uncounted).
+    /// - no block is marked as being moved down;
+    /// - the prefix index points at live sealed blocks under their own hash, and every
+    ///   live sealed block's hash is in it (an identical block filled independently is
+    ///   kept to take the entry over);
+    /// - the manager's placement agrees with the count both ways: a block counted on the
+    ///   compute tier has a copy there, and a block not counted there has none.
     pub fn check(&self) -> std::result::Result<(), String> {
-        let away: Vec<(u64, TensorHandle)> = {
+        self.reconcile();
+        let all: Vec<(u64, TensorHandle, bool)> = {
             let t = self.tables.lock();
             let counted = t.blocks.values().filter(|m| m.resident).count() as u64;
             if counted != t.resident_blocks {
                 return Err(format!(
                     "resident_blocks {} != {counted} blocks counted on the compute tier",
                     t.resident_blocks
+                ));
+            }
+            if t.resident_blocks > self.max_resident_blocks {
+                return Err(format!(
+                    "{} blocks counted on the compute tier, room for {}",
+                    t.resident_blocks, self.max_resident_blocks
                 ));
             }
             let mut holders: HashMap<u64, u32> = HashMap::new();
@@ -883,6 +1185,19 @@ impl KvPool {
                 if n != m.refs {
                     return Err(format!("block {b}: {} references, {n} holders", m.refs));
                 }
+                if m.leaving {
+                    return Err(format!("block {b} is still marked as leaving"));
+                }
+                if let Some(h) = m.sealed {
+                    let indexed = t.prefix.get(&h) == Some(b)
+                        || (t.prefix.contains_key(&h)
+                            && t.dupes.get(&h).is_some_and(|v| v.contains(b)));
+                    if !indexed {
+                        return Err(format!(
+                            "block {b} is sealed under {h:x} but not reachable from the index"
+                        ));
+                    }
+                }
             }
             for (h, b) in &t.prefix {
                 if t.blocks.get(b).and_then(|m| m.sealed) != Some(*h) {
@@ -891,26 +1206,45 @@ impl KvPool {
                     ));
                 }
             }
+            for (h, v) in &t.dupes {
+                for b in v {
+                    if t.blocks.get(b).and_then(|m| m.sealed) != Some(*h)
+                        || t.prefix.get(h) == Some(b)
+                    {
+                        return Err(format!(
+                            "identical block {b} kept under {h:x} is not a second live block \
+                             sealed so"
+                        ));
+                    }
+                }
+            }
             t.blocks
                 .iter()
-                .filter(|(_, m)| !m.resident)
-                .map(|(b, m)| (*b, m.handle))
+                .map(|(b, m)| (*b, m.handle, m.resident))
                 .collect()
         };
-        for (b, h) in away {
+        let tier = self.config.compute_tier;
+        for (b, h, counted) in all {
             let (tiers, _) = self.manager.residency(h).map_err(|e| e.to_string())?;
-            if tiers.contains(&self.config.compute_tier) {
-                return Err(format!(
-                    "block {b} is on {} but not counted there",
-                    self.config.compute_tier
-                ));
+            match (counted, tiers.contains(&tier)) {
+                (true, false) => {
+                    return Err(format!(
+                        "block {b} is counted on {tier} but not there (on {tiers:?})"
+                    ));
+                }
+                (false, true) => {
+                    return Err(format!("block {b} is on {tier} but not counted there"));
+                }
+                _ => {}
             }
         }
         Ok(())
     }
 
-    /// The pool's counters now.
+    /// The pool's counters now (the count of blocks on the compute tier first follows the
+    /// manager's placement: blocks it moved on its own are not counted).
     pub fn stats(&self) -> KvPoolStats {
+        self.reconcile();
         let t = self.tables.lock();
         KvPoolStats {
             sequences: t.seqs.len() as u64,

@@ -22,7 +22,12 @@
 //! producer that finds no room, with no fill in flight, while a take waits for its key gives
 //! the fill up (`gave_up`), so the take misses instead of waiting forever: neither the ready
 //! buffers nor buffers lent to the waiting consumer can come back while it waits. A take
-//! therefore never waits forever, whatever order the producer fills in.
+//! therefore never waits forever, whatever order the producer fills in, as long as fills in
+//! flight are finished by a thread other than the one taking (a reader, or the producer).
+//! A thread that takes while it still holds the buffer of a fill it has not finished may
+//! wait for itself: the area cannot tell who holds a buffer it lent to a fill, so it waits
+//! for that fill as for any other, until the fill finishes, its producer's `wanted()` turns
+//! false (after a [`StagingArea::wake`]) or the area is closed.
 //!
 //! The last key a take asked for (hit or miss) is recorded: [`StagingArea::begin_fill`]
 //! refuses to start a fill of it until the next [`StagingArea::wake`] (the consumer's "I
@@ -228,7 +233,8 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
     /// buffers whose tag `stale(tag)` says no consumer will take are dropped to make room.
     /// Returns `None` without waiting when `key` is already ready, filling or coming
     /// (another producer has it), was the last key a take asked for, its buffer would take
-    /// more than the capacity or the area is closed, and as soon as `wanted()` turns false
+    /// more than the capacity or than any allocation may (`isize::MAX` bytes) or the area is
+    /// closed, and as soon as `wanted()` turns false
     /// (both predicates are called under the area's lock, on every wake-up) or a take waits
     /// for `key` while nothing is in flight and there is still no room (the take then
     /// misses). A predicate that panics leaves the area as it was (the key is no longer
@@ -244,7 +250,12 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
         // What a new buffer takes: the room is checked and claimed with this, never with the
         // length asked for.
         let need = B::capacity_for(len_bytes) as u64;
-        if need > self.capacity_bytes || (len_bytes as u64) > self.capacity_bytes {
+        // No allocation exceeds `isize::MAX` bytes: such a buffer never fits, whatever the
+        // capacity (and waiting for room for it would wait for ever).
+        if need > self.capacity_bytes
+            || (len_bytes as u64) > self.capacity_bytes
+            || need > isize::MAX as u64
+        {
             return None;
         }
         // Buffers let go here are freed (unmapped) after the lock is released: declared
@@ -298,7 +309,12 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
                     unkept.extend(Self::keep_free(&mut st, r.buf, self.capacity_bytes));
                 }
             }
-            if st.held_bytes + need <= self.capacity_bytes {
+            // Checked: with an area of `u64::MAX` bytes the sum may not fit.
+            if st
+                .held_bytes
+                .checked_add(need)
+                .is_some_and(|h| h <= self.capacity_bytes)
+            {
                 break;
             }
             if registered && st.awaited.contains_key(&key) && st.filling.is_empty() {
@@ -342,7 +358,10 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
             .iter()
             .enumerate()
             .filter(|(_, b)| {
-                b.capacity_bytes() >= len_bytes && held + b.capacity_bytes() as u64 <= capacity
+                b.capacity_bytes() >= len_bytes
+                    && held
+                        .checked_add(b.capacity_bytes() as u64)
+                        .is_some_and(|h| h <= capacity)
             })
             .min_by_key(|(_, b)| b.capacity_bytes())
             .map(|(i, _)| i);
@@ -355,7 +374,12 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
             None => {
                 st.free
                     .sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity_bytes()));
-                while st.held_bytes + st.free_bytes + need > capacity {
+                while st
+                    .held_bytes
+                    .checked_add(st.free_bytes)
+                    .and_then(|h| h.checked_add(need))
+                    .is_none_or(|h| h > capacity)
+                {
                     match st.free.pop() {
                         Some(b) => {
                             st.free_bytes -= b.capacity_bytes() as u64;
@@ -456,10 +480,11 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
                     range: r.range,
                 });
             }
-            let coming = st
-                .coming
-                .get(&key)
-                .is_some_and(|&len| st.lent_bytes + len <= self.capacity_bytes);
+            let coming = st.coming.get(&key).is_some_and(|&len| {
+                st.lent_bytes
+                    .checked_add(len)
+                    .is_some_and(|l| l <= self.capacity_bytes)
+            });
             if !coming && !st.filling.contains_key(&key) {
                 st.stats.misses += 1;
                 // The consumer reads it itself: a fill waiting for room to start is
@@ -540,7 +565,11 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
                 st.held_bytes, self.capacity_bytes
             ));
         }
-        if st.held_bytes + st.free_bytes > self.capacity_bytes {
+        if st
+            .held_bytes
+            .checked_add(st.free_bytes)
+            .is_none_or(|h| h > self.capacity_bytes)
+        {
             return Err(format!(
                 "held {} + free {} > capacity {}",
                 st.held_bytes, st.free_bytes, self.capacity_bytes
@@ -590,7 +619,13 @@ impl<K: Eq + Hash + Copy, B: StageBuf> StagingArea<K, B> {
     #[must_use = "a buffer not kept is freed by dropping it after the lock is released"]
     fn keep_free(st: &mut State<K, B>, buf: B, capacity_bytes: u64) -> Option<B> {
         let len = buf.capacity_bytes() as u64;
-        if !st.closed && st.held_bytes + st.free_bytes + len <= capacity_bytes {
+        if !st.closed
+            && st
+                .held_bytes
+                .checked_add(st.free_bytes)
+                .and_then(|h| h.checked_add(len))
+                .is_some_and(|h| h <= capacity_bytes)
+        {
             st.free_bytes += len;
             st.free.push(buf);
             None

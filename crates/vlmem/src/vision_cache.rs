@@ -15,6 +15,13 @@
 //! waiters then compute their own, as they do when the computation fails or panics (the
 //! panic goes on in the thread that computed; the image is never left in flight).
 //!
+//! The in-flight mark records the computing thread. A computation that asks the cache for
+//! its own image (a tower that consults the cache re-entrantly) would wait for itself: it
+//! gets no wait instead. [`VisionCache::get`] returns `None` (the image is not cached yet),
+//! and [`VisionCache::get_or_insert_with`] and [`VisionCache::get_or_try_insert_with`] return
+//! a re-entrant-computation error at once (nothing computed, nothing counted). Other images
+//! work as usual from inside a computation.
+//!
 //! ## Lifetime
 //! An [`Embedding`] is a reference-counted share of the tensor. Evicting it from the cache
 //! drops the cache's share only; the tensor is freed when the last share drops, so a caller
@@ -138,7 +145,15 @@ impl Embedding {
 
 enum Slot {
     Ready(Embedding),
-    Pending,
+    /// Being computed by this thread.
+    Pending(std::thread::ThreadId),
+}
+
+/// The error a re-entrant computation gets: the thread computing `key` asked for it.
+fn reentrant(key: ImageKey) -> ManagerError {
+    ManagerError::Reentrant {
+        what: format!("vision computation of image {key:032x}"),
+    }
 }
 
 /// The in-flight mark of one image, owned by the thread computing it. Dropped without
@@ -157,7 +172,7 @@ impl Drop for InFlight<'_> {
             return;
         }
         let mut st = self.cache.state.lock();
-        if matches!(st.slots.get(&self.key), Some(Slot::Pending)) {
+        if matches!(st.slots.get(&self.key), Some(Slot::Pending(_))) {
             st.slots.remove(&self.key);
         }
         drop(st);
@@ -252,8 +267,11 @@ impl VisionCache {
     }
 
     /// The cached embedding of this image, if any (counts a hit when found, nothing if not).
+    /// Waits while another thread computes it; `None` at once when the calling thread is the
+    /// one computing it (a re-entrant lookup).
     pub fn get(&self, image_bytes: &[u8]) -> Option<Embedding> {
         let key = self.key_of(image_bytes);
+        let me = std::thread::current().id();
         let mut st = self.state.lock();
         loop {
             match st.slots.get(&key) {
@@ -263,7 +281,8 @@ impl VisionCache {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     return Some(e);
                 }
-                Some(Slot::Pending) => st = wait_guard(&self.cond, st),
+                Some(Slot::Pending(by)) if *by == me => return None,
+                Some(Slot::Pending(_)) => st = wait_guard(&self.cond, st),
                 None => return None,
             }
         }
@@ -284,13 +303,16 @@ impl VisionCache {
     /// Like [`VisionCache::get_or_insert_with`] with a fallible computation; on an error
     /// nothing is cached and waiting threads try again themselves. A computation that
     /// panics is treated as an error (waiting threads go on, one of them computing the image
-    /// again) and the panic goes on in this caller.
+    /// again) and the panic goes on in this caller. Called from inside the computation of
+    /// the same image (on the computing thread), it returns a re-entrant-computation error at
+    /// once instead of waiting for itself.
     pub fn get_or_try_insert_with(
         &self,
         image_bytes: &[u8],
         compute: impl FnOnce() -> Result<Vec<u8>>,
     ) -> Result<(Embedding, bool)> {
         let key = self.key_of(image_bytes);
+        let me = std::thread::current().id();
         {
             let mut st = self.state.lock();
             loop {
@@ -301,9 +323,10 @@ impl VisionCache {
                         self.hits.fetch_add(1, Ordering::Relaxed);
                         return Ok((e, true));
                     }
-                    Some(Slot::Pending) => st = wait_guard(&self.cond, st),
+                    Some(Slot::Pending(by)) if *by == me => return Err(reentrant(key)),
+                    Some(Slot::Pending(_)) => st = wait_guard(&self.cond, st),
                     None => {
-                        st.slots.insert(key, Slot::Pending);
+                        st.slots.insert(key, Slot::Pending(me));
                         self.misses.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
@@ -380,7 +403,7 @@ impl VisionCache {
             .values()
             .filter_map(|s| match s {
                 Slot::Ready(e) => Some(e.clone()),
-                Slot::Pending => None,
+                Slot::Pending(_) => None,
             })
             .collect()
     }
