@@ -14,7 +14,8 @@
 //!    Ranges that do not overlap proceed together. A lend needs a pin on the tensor's only
 //!    copy, so a move never reads a copy under a lend: a miss waits while any lend runs. A
 //!    read in flight without a pin (`MemoryManager::read`) keeps its copy as a pin does: no
-//!    demotion or relocation takes it, and writes and frees of the tensor wait for it.
+//!    demotion or relocation takes it, and writes and frees of the tensor wait for it; while
+//!    one waits (`writers_waiting`), new plain reads wait in turn, so writers are not starved.
 
 use vlmem_core::{TensorKind, Tier};
 
@@ -46,11 +47,14 @@ pub(crate) struct Entry<R> {
     pub reads: Vec<(u64, u64)>,
     /// Byte ranges of lends waiting for reads to finish.
     pub lends_waiting: Vec<(u64, u64)>,
+    /// Writes and frees (`MemoryManager::write`, `deallocate`) waiting for plain reads to
+    /// finish: new plain reads wait for them, so a writer is not starved.
+    pub writers_waiting: u32,
 }
 
-/// Whether `[start, end)` overlaps any range of `list`.
+/// Whether `[start, end)` overlaps any range of `list`. An empty range overlaps nothing.
 pub(crate) fn overlaps(list: &[(u64, u64)], start: u64, end: u64) -> bool {
-    list.iter().any(|&(s, e)| s < end && start < e)
+    start < end && list.iter().any(|&(s, e)| s < e && s < end && start < e)
 }
 
 /// Removes one range equal to `span` from `list` (ranges may repeat: any one goes).
@@ -99,7 +103,18 @@ impl<R: std::marker::Copy> Entry<R> {
             lends: Vec::new(),
             reads: Vec::new(),
             lends_waiting: Vec::new(),
+            writers_waiting: 0,
         }
+    }
+
+    /// Whether [`Entry::begin_bring`] would miss now (no copy on `tier`, nothing in the
+    /// way): the caller can find room on the tier before claiming the entry.
+    pub fn needs_bring(&self, tier: Tier) -> bool {
+        self.copies[tier.index()].is_none()
+            && !self.busy
+            && self.lends.is_empty()
+            && self.lends_waiting.is_empty()
+            && self.fastest().is_some()
     }
 
     /// Whether a read of `[start, end)` must wait: a lend of an overlapping range runs or

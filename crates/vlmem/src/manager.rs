@@ -115,6 +115,8 @@ pub(crate) struct Inner {
     max_call_wait: Duration,
     /// Bytes of each tier's arena that only KV blocks can take (the KV slab).
     kv_slab_bytes: [u64; 3],
+    /// The KV slab's block size (`ManagerConfig::kv_block_bytes`).
+    kv_block_bytes: Option<u64>,
     pub(crate) counters: Counters,
 }
 
@@ -276,10 +278,13 @@ impl PinGuard {
         }
         let end = offset_bytes + src.len() as u64;
         let tier = &self.inner.tiers[self.tier.index()];
-        self.inner
-            .lend(self.handle, self.tier, &[(offset_bytes, end)], |_| {
-                tier.write(&self.res, offset_bytes, src).map_err(Into::into)
-            })
+        self.inner.lend(
+            self.handle,
+            self.tier,
+            &self.res,
+            &[(offset_bytes, end)],
+            |_| tier.write(&self.res, offset_bytes, src).map_err(Into::into),
+        )
     }
 
     /// Lends `len_bytes` bytes at `offset_bytes` of the pinned copy to `f` for writing, in
@@ -334,11 +339,11 @@ impl PinGuard {
         }
         let tier = &self.inner.tiers[self.tier.index()];
         self.inner
-            .lend(self.handle, self.tier, &spans, |was_written| {
+            .lend(self.handle, self.tier, &self.res, &spans, |clean| {
                 let mut f = Some(f);
                 let mut out = None;
                 let lent = tier.write_ranges_with(&self.res, ranges, &mut |views| {
-                    if !was_written {
+                    if !clean {
                         for v in views.iter_mut() {
                             v.fill(0);
                         }
@@ -406,6 +411,10 @@ impl Drop for PinGuard {
     }
 }
 
+/// Victims in a row an eviction pass tries after the tier below refused them for want of
+/// room, before it takes the tier below as full.
+const MAX_REFUSED_BELOW: u32 = 4;
+
 /// What one eviction pass did.
 struct Eviction {
     /// Bytes freed on the tier.
@@ -414,8 +423,8 @@ struct Eviction {
     moving: u64,
     /// A demotion failed (the tier below fails, or is full of pinned data).
     failed: bool,
-    /// Bytes of the kind's copies on the tier that stay by rule (pinned, last copies on the
-    /// disk).
+    /// Bytes of the kind's copies on the tier that stay: by rule (pinned, last copies on the
+    /// disk, this call's own moves) or because the tier below refused them now.
     settled_bytes: u64,
 }
 
@@ -436,6 +445,9 @@ const MODEL_PAUSES_PER_CALL: u32 = 20;
 pub(crate) struct Waits {
     started: Instant,
     until: Instant,
+    /// Tensors this call holds busy (its own moves and writes): never waited for as "in
+    /// flight" by its own nested reservations.
+    own: std::cell::RefCell<Vec<TensorHandle>>,
     #[cfg(any(vlmem_loom, vlmem_shuttle))]
     pauses_left: std::cell::Cell<u32>,
 }
@@ -445,11 +457,25 @@ impl Waits {
         let started = Instant::now();
         Waits {
             started,
+            own: std::cell::RefCell::new(Vec::new()),
             until: started
                 .checked_add(max)
                 .unwrap_or(started + Duration::from_secs(1 << 30)),
             #[cfg(any(vlmem_loom, vlmem_shuttle))]
             pauses_left: std::cell::Cell::new(MODEL_PAUSES_PER_CALL),
+        }
+    }
+
+    /// Whether this call holds `h` busy itself.
+    fn is_own(&self, h: TensorHandle) -> bool {
+        self.own.borrow().contains(&h)
+    }
+
+    /// `h` is no longer held busy by this call.
+    fn disown(&self, h: TensorHandle) {
+        let mut own = self.own.borrow_mut();
+        if let Some(i) = own.iter().rposition(|&x| x == h) {
+            own.swap_remove(i);
         }
     }
 
@@ -584,6 +610,20 @@ fn check_shards(shards: usize) -> Result<()> {
     }
 }
 
+/// Whether `spans` together cover `[0, len_bytes)`.
+fn covers(spans: &[(u64, u64)], len_bytes: u64) -> bool {
+    let mut sorted = spans.to_vec();
+    sorted.sort_unstable();
+    let mut reached = 0u64;
+    for (start, end) in sorted {
+        if start > reached {
+            return false;
+        }
+        reached = reached.max(end);
+    }
+    reached >= len_bytes
+}
+
 fn check_range(offset_bytes: u64, len_bytes: u64, tensor_bytes: u64) -> Result<()> {
     match offset_bytes.checked_add(len_bytes) {
         Some(end) if end <= tensor_bytes => Ok(()),
@@ -703,6 +743,7 @@ impl MemoryManager {
                 verify_write_backs: config.verify_write_backs,
                 max_call_wait: config.max_call_wait,
                 kv_slab_bytes,
+                kv_block_bytes: config.kv_block_bytes,
                 counters: Counters::default(),
             }),
         })
@@ -766,8 +807,15 @@ impl MemoryManager {
         let waits = inner.waits();
         let shard = inner.shard_of(handle)?;
         let mut st = shard.state.lock();
+        // Registered in `writers_waiting` (undone on every way out of the loop).
+        let mut waiting = false;
         let entry = loop {
             let e = inner.entry(&mut st, handle)?;
+            if waiting && (e.busy || e.pins() > 0) {
+                e.writers_waiting -= 1;
+                waiting = false;
+                shard.cond.notify_all();
+            }
             if e.busy {
                 let id = e.id;
                 st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
@@ -778,9 +826,24 @@ impl MemoryManager {
                 return Err(ManagerError::Pinned { id: e.id, pins });
             }
             if !e.reads.is_empty() {
-                // A plain read in flight (not a pin): wait for it to end.
+                // A plain read in flight (not a pin): wait for it to end, holding off new
+                // ones meanwhile.
+                if !waiting {
+                    e.writers_waiting += 1;
+                    waiting = true;
+                }
                 let id = e.id;
-                st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
+                match waits.wait(&shard.cond, st) {
+                    Ok(g) => st = g,
+                    Err(mut g) => {
+                        if let Ok(e) = inner.entry(&mut g, handle) {
+                            e.writers_waiting -= 1;
+                        }
+                        drop(g);
+                        shard.cond.notify_all();
+                        return Err(waits.busy(id));
+                    }
+                }
                 continue;
             }
             let local = (handle.slot as usize) / inner.shards.len();
@@ -791,6 +854,8 @@ impl MemoryManager {
             break entry;
         };
         drop(st);
+        // Readers that waited for this free find the tensor gone.
+        shard.cond.notify_all();
         if let Some(e) = entry {
             for t in Tier::ALL {
                 if let Some(c) = e.copies[t.index()] {
@@ -1095,14 +1160,18 @@ impl Inner {
         let mut st = shard.state.lock();
         loop {
             let e = self.entry(&mut st, h)?;
-            if !e.busy && !e.written {
+            // An empty read waits for nothing: it reads no byte.
+            let settled = !e.busy || len_bytes == 0;
+            if settled && !e.written {
                 return Err(ManagerError::Uninitialized { id: e.id });
             }
-            if !e.busy {
+            if settled {
                 check_range(offset_bytes, len_bytes, e.len_bytes)?;
             }
             let end = offset_bytes.saturating_add(len_bytes);
-            if e.busy || e.read_must_wait(offset_bytes, end) {
+            if len_bytes > 0
+                && (e.busy || e.writers_waiting > 0 || e.read_must_wait(offset_bytes, end))
+            {
                 let id = e.id;
                 st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
                 continue;
@@ -1126,28 +1195,35 @@ impl Inner {
         }
     }
 
-    /// Runs `body`, which writes the pinned copy on `tier` in place at `spans`, with those
-    /// ranges lent: reads and writes of overlapping ranges wait, moves wait, other ranges
-    /// proceed. Refused unless that copy is the tensor's only one and it is writable. No
-    /// lock is held while `body` runs; `body` is told whether the tensor was written before
-    /// (else its bytes are a previous owner's). On success the tensor counts as written.
+    /// Runs `body`, which writes the pinned copy `res` on `tier` in place at `spans`, with
+    /// those ranges lent: reads and writes of overlapping ranges wait, moves wait, other
+    /// ranges proceed. Refused unless that copy is the tensor's only one and it is writable.
+    /// No lock is held while `body` runs; on success the tensor counts as written.
+    ///
+    /// The first lend of a never-written tensor lends the whole tensor and zeroes it first
+    /// unless its spans cover it all, so no byte of a block's previous owner is ever seen
+    /// through the tensor. `body` is told whether the lent bytes are clean (written before,
+    /// or zeroed now); if not, its spans cover the whole tensor and it must not show their
+    /// old bytes.
     fn lend<R>(
         &self,
         h: TensorHandle,
         tier: Tier,
+        res: &Reservation,
         spans: &[(u64, u64)],
         body: impl FnOnce(bool) -> Result<R>,
     ) -> Result<R> {
         let waits = self.waits();
         let shard = self.shard_of(h)?;
         let mut st = shard.state.lock();
-        let mut waiting = false;
-        let unwait = |e: &mut Entry| {
-            for &span in spans {
+        // The spans registered as waiting, if any.
+        let mut waiting: Option<Vec<(u64, u64)>> = None;
+        let unwait = |e: &mut Entry, registered: &[(u64, u64)]| {
+            for &span in registered {
                 remove_span(&mut e.lends_waiting, span);
             }
         };
-        let was_written = loop {
+        let (lent, was_written, len_bytes) = loop {
             let e = self.entry(&mut st, h)?;
             let refused = if e.read_only {
                 Some(ManagerError::ReadOnly { id: e.id })
@@ -1160,23 +1236,34 @@ impl Inner {
                 None
             };
             if let Some(err) = refused {
-                if waiting {
-                    unwait(e);
+                if let Some(reg) = waiting.take() {
+                    unwait(e, &reg);
                     shard.cond.notify_all();
                 }
                 return Err(err);
             }
-            if e.lend_must_wait(spans) {
-                if !waiting {
-                    e.lends_waiting.extend_from_slice(spans);
-                    waiting = true;
+            let want: Vec<(u64, u64)> = if e.written || covers(spans, e.len_bytes) {
+                spans.to_vec()
+            } else {
+                vec![(0, e.len_bytes)]
+            };
+            if let Some(reg) = waiting.as_ref()
+                && *reg != want
+            {
+                unwait(e, reg);
+                waiting = None;
+            }
+            if e.lend_must_wait(&want) {
+                if waiting.is_none() {
+                    e.lends_waiting.extend_from_slice(&want);
+                    waiting = Some(want);
                 }
                 let id = e.id;
                 match waits.wait(&shard.cond, st) {
                     Ok(g) => st = g,
                     Err(mut g) => {
-                        if let Ok(e) = self.entry(&mut g, h) {
-                            unwait(e);
+                        if let (Ok(e), Some(reg)) = (self.entry(&mut g, h), waiting.as_ref()) {
+                            unwait(e, reg);
                         }
                         drop(g);
                         shard.cond.notify_all();
@@ -1185,24 +1272,52 @@ impl Inner {
                 }
                 continue;
             }
-            if waiting {
-                unwait(e);
+            if let Some(reg) = waiting.take() {
+                unwait(e, &reg);
             }
-            e.lends.extend_from_slice(spans);
-            break e.written;
+            e.lends.extend_from_slice(&want);
+            break (want, e.written, e.len_bytes);
         };
         drop(st);
         let mut claim = SpanClaim {
             inner: self,
             handle: h,
-            spans: spans.to_vec(),
+            spans: lent,
             lend: true,
             written: false,
         };
-        let r = body(was_written);
+        let zeroed = !was_written && !covers(spans, len_bytes);
+        if zeroed {
+            self.write_zeros(tier, res)?;
+        }
+        let r = body(was_written || zeroed);
         claim.written = r.is_ok();
         drop(claim);
         r
+    }
+
+    /// Overwrites a whole reservation with zeros, in pieces of whole I/O units of the tier
+    /// (the disk's integrity unit), at least 64 KiB, so every piece is a write the tier
+    /// accepts.
+    fn write_zeros(&self, tier: Tier, res: &Reservation) -> Result<()> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let backend = &self.tiers[tier.index()];
+        let unit = backend.io_unit_bytes().max(1);
+        let piece_bytes = (ZEROS.len() as u64).div_ceil(unit).saturating_mul(unit);
+        let big;
+        let zeros: &[u8] = if piece_bytes as usize <= ZEROS.len() {
+            &ZEROS[..piece_bytes as usize]
+        } else {
+            big = vec![0u8; piece_bytes.min(res.len_bytes()) as usize];
+            &big
+        };
+        let mut done = 0u64;
+        while done < res.len_bytes() {
+            let n = (res.len_bytes() - done).min(zeros.len() as u64);
+            backend.write(res, done, &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
     }
 
     fn shard_of(&self, h: TensorHandle) -> Result<&Shard> {
@@ -1273,32 +1388,17 @@ impl Inner {
         self.free_block(tier, res);
     }
 
-    /// Returns a reservation to its tier's arena, zeroing it first when so configured. A
-    /// block that cannot be zeroed is not freed (it stays reserved, so its bytes cannot
-    /// reach a new owner). Zeros go in pieces of whole I/O units of the tier (the disk's
-    /// integrity unit), at least 64 KiB, so every piece is a write the tier accepts.
+    /// Returns a reservation to its tier's arena, zeroing it first when so configured
+    /// ([`Inner::write_zeros`]). A block that cannot be zeroed is not freed (it stays
+    /// reserved, so its bytes cannot reach a new owner).
     fn free_block(&self, tier: Tier, res: Reservation) {
         let backend = &self.tiers[tier.index()];
-        if self.zero_on_free && !res.is_in_place() {
-            static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-            let unit = backend.io_unit_bytes().max(1);
-            let piece_bytes = (ZEROS.len() as u64).div_ceil(unit).saturating_mul(unit);
-            let big;
-            let zeros: &[u8] = if piece_bytes as usize <= ZEROS.len() {
-                &ZEROS[..piece_bytes as usize]
-            } else {
-                big = vec![0u8; piece_bytes.min(res.len_bytes()) as usize];
-                &big
-            };
-            let mut done = 0u64;
-            while done < res.len_bytes() {
-                let n = (res.len_bytes() - done).min(zeros.len() as u64);
-                if let Err(e) = backend.write(&res, done, &zeros[..n as usize]) {
-                    tracing::warn!(%tier, error = %e, "zeroing a freed block failed; it stays reserved");
-                    return;
-                }
-                done += n;
-            }
+        if self.zero_on_free
+            && !res.is_in_place()
+            && let Err(e) = self.write_zeros(tier, &res)
+        {
+            tracing::warn!(%tier, error = %e, "zeroing a freed block failed; it stays reserved");
+            return;
         }
         if let Err(e) = backend.release(res) {
             tracing::warn!(%tier, error = %e, "release failed; the space stays reserved");
@@ -1320,7 +1420,10 @@ impl Inner {
     ) -> Result<Reservation> {
         let budget = self.budgets.read().get(tier, kind);
         let mut arena_bytes = self.tiers[tier.index()].capacity_bytes();
-        if kind != TensorKind::KvCache {
+        // Only a KV block of exactly the slab's block size can take the slab region; every
+        // other request has the rest of the arena.
+        let slab_block = kind == TensorKind::KvCache && Some(bytes) == self.kv_block_bytes;
+        if !slab_block {
             arena_bytes = arena_bytes.saturating_sub(self.kv_slab_bytes[tier.index()]);
         }
         let limit = budget.min(arena_bytes);
@@ -1425,11 +1528,49 @@ impl Inner {
         waits: &Waits,
     ) -> Result<(Reservation, bool, u64)> {
         let shard = self.shard_of(h)?;
+        // Room on the tier is found before the entry is claimed, as for a write-back: a pin
+        // that waits for room must not hold the tensor busy meanwhile, or its readers would
+        // wait as long. (Two threads racing to bring one tensor may both reserve; the loser
+        // gives its room back.)
+        let needs = {
+            let mut st = shard.state.lock();
+            let e = self.entry(&mut st, h)?;
+            e.needs_bring(tier).then_some((e.kind, e.len_bytes, e.id))
+        };
+        let mut room = match needs {
+            Some((kind, len_bytes, id)) => {
+                match self.reserve_on(tier, kind, len_bytes, id, waits) {
+                    Ok(dst) => Some((kind, dst)),
+                    // Another thread may have brought it meanwhile: look again before failing.
+                    Err(err) => {
+                        let mut st = shard.state.lock();
+                        let e = self.entry(&mut st, h)?;
+                        if e.copies[tier.index()].is_none() {
+                            return Err(err);
+                        }
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let give_back = |room: Option<(TensorKind, Reservation)>| {
+            if let Some((kind, dst)) = room {
+                self.release(tier, kind, dst);
+            }
+        };
         let (src, kind, len_bytes, written, id) = {
             let mut st = shard.state.lock();
             loop {
                 let tick = self.tick();
-                let e = self.entry(&mut st, h)?;
+                let e = match self.entry(&mut st, h) {
+                    Ok(e) => e,
+                    Err(err) => {
+                        drop(st);
+                        give_back(room);
+                        return Err(err);
+                    }
+                };
                 if e.fastest().is_none() {
                     return Err(ManagerError::InvalidConfig(format!(
                         "tensor {} has no copy (invariant broken)",
@@ -1439,12 +1580,22 @@ impl Inner {
                 match e.begin_bring(tier, pin) {
                     PinStep::Wait => {
                         let id = e.id;
-                        st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
+                        match waits.wait(&shard.cond, st) {
+                            Ok(g) => st = g,
+                            Err(g) => {
+                                drop(g);
+                                give_back(room);
+                                return Err(waits.busy(id));
+                            }
+                        }
                     }
                     PinStep::Hit(res) => {
                         e.last_use = tick;
                         self.counters.hit(tier);
-                        return Ok((res, e.written, e.id));
+                        let out = (res, e.written, e.id);
+                        drop(st);
+                        give_back(room);
+                        return Ok(out);
                     }
                     PinStep::Miss { src } => {
                         e.last_use = tick;
@@ -1454,27 +1605,32 @@ impl Inner {
                 }
             }
         };
-        // Unlocked (the entry is busy): reserve, maybe demoting others, and copy.
+        // Unlocked (the entry is busy): copy into the room found above (or, when the entry
+        // changed in between, reserve now), maybe demoting others.
         let claim = BusyClaim {
             inner: self,
             handle: h,
             armed: true,
         };
-        let moved = self
-            .reserve_on(tier, kind, len_bytes, id, waits)
-            .and_then(|dst| {
-                // A copy made on the disk may later be the only one: check it like a write-back.
-                let copied = self
-                    .copy(src, dst, written, priority)
-                    .and_then(|()| self.verify_write_back(&src, &dst, written, id));
-                match copied {
-                    Ok(()) => Ok(dst),
-                    Err(e) => {
-                        self.release(tier, kind, dst);
-                        Err(e)
-                    }
+        waits.own.borrow_mut().push(h);
+        let dst = match room.take() {
+            Some((_, dst)) => Ok(dst),
+            None => self.reserve_on(tier, kind, len_bytes, id, waits),
+        };
+        let moved = dst.and_then(|dst| {
+            // A copy made on the disk may later be the only one: check it like a write-back.
+            let copied = self
+                .copy(src, dst, written, priority)
+                .and_then(|()| self.verify_write_back(&src, &dst, written, id));
+            match copied {
+                Ok(()) => Ok(dst),
+                Err(e) => {
+                    self.release(tier, kind, dst);
+                    Err(e)
                 }
-            });
+            }
+        });
+        waits.disown(h);
         claim.disarm();
         let mut st = shard.state.lock();
         let e = self.entry(&mut st, h)?;
@@ -1545,30 +1701,66 @@ impl Inner {
         // Phase 1: claim the entry.
         let (host_res, kind, len_bytes, written, id, from) = {
             let mut st = shard.state.lock();
+            // Registered in `writers_waiting` while waiting for plain reads to end.
+            let mut waiting = false;
             loop {
+                enum Step {
+                    Wait,
+                    WaitForReads,
+                    Fail(ManagerError),
+                    Nothing,
+                    Go,
+                }
                 let e = self.entry(&mut st, h)?;
-                if e.busy {
-                    let id = e.id;
-                    st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
-                    continue;
-                }
-                if e.read_only {
-                    return Err(ManagerError::ReadOnly { id: e.id });
-                }
-                check_range(offset_bytes, src.len() as u64, e.len_bytes)?;
-                let pins = e.pins();
-                if pins > 0 {
-                    return Err(ManagerError::Pinned { id: e.id, pins });
-                }
-                if !e.reads.is_empty() {
-                    // A plain read in flight (not a pin): wait for it to end.
-                    let id = e.id;
-                    st = waits.wait(&shard.cond, st).map_err(|_| waits.busy(id))?;
-                    continue;
-                }
-                if src.is_empty() {
+                let step = if e.busy {
+                    Step::Wait
+                } else if e.read_only {
+                    Step::Fail(ManagerError::ReadOnly { id: e.id })
+                } else if let Err(err) = check_range(offset_bytes, src.len() as u64, e.len_bytes) {
+                    Step::Fail(err)
+                } else if e.pins() > 0 {
+                    Step::Fail(ManagerError::Pinned {
+                        id: e.id,
+                        pins: e.pins(),
+                    })
+                } else if !e.reads.is_empty() {
+                    // A plain read in flight (not a pin): wait for it to end, holding off
+                    // new ones meanwhile.
+                    Step::WaitForReads
+                } else if src.is_empty() {
                     // Nothing to write: the tensor does not become written by it.
-                    return Ok(());
+                    Step::Nothing
+                } else {
+                    Step::Go
+                };
+                let for_reads = matches!(step, Step::WaitForReads);
+                if for_reads && !waiting {
+                    e.writers_waiting += 1;
+                    waiting = true;
+                } else if !for_reads && waiting {
+                    e.writers_waiting -= 1;
+                    waiting = false;
+                    shard.cond.notify_all();
+                }
+                match step {
+                    Step::Wait | Step::WaitForReads => {
+                        let id = e.id;
+                        match waits.wait(&shard.cond, st) {
+                            Ok(g) => st = g,
+                            Err(mut g) => {
+                                if waiting && let Ok(e) = self.entry(&mut g, h) {
+                                    e.writers_waiting -= 1;
+                                }
+                                drop(g);
+                                shard.cond.notify_all();
+                                return Err(waits.busy(id));
+                            }
+                        }
+                        continue;
+                    }
+                    Step::Fail(err) => return Err(err),
+                    Step::Nothing => return Ok(()),
+                    Step::Go => {}
                 }
                 e.busy = true;
                 let from = e.fastest();
@@ -1583,6 +1775,7 @@ impl Inner {
             handle: h,
             armed: true,
         };
+        waits.own.borrow_mut().push(h);
         let result = (|| -> Result<(Reservation, bool)> {
             let (res, fresh) = match host_res {
                 Some(r) => (r, false),
@@ -1609,6 +1802,7 @@ impl Inner {
             Ok((res, fresh))
         })();
         // Phase 3: install the host copy as the only one.
+        waits.disown(h);
         claim.disarm();
         let mut dropped = Vec::new();
         {
@@ -1662,7 +1856,12 @@ impl Inner {
     /// Also returns how many of the kind's copies on the tier belong to entries that are
     /// moving right now (they may become evictable in a moment), and the bytes of its copies
     /// there that stay by rule (pinned, or a last copy on the disk).
-    fn victims(&self, tier: Tier, kind: TensorKind) -> (Vec<(TensorHandle, u64)>, u64, u64) {
+    fn victims(
+        &self,
+        tier: Tier,
+        kind: TensorKind,
+        waits: &Waits,
+    ) -> (Vec<(TensorHandle, u64)>, u64, u64) {
         let mut found: Vec<(TensorHandle, u64, u64)> = Vec::new();
         let mut moving = 0u64;
         let mut settled_bytes = 0u64;
@@ -1679,12 +1878,26 @@ impl Inner {
                 let Some(c) = e.copies[tier.index()] else {
                     continue;
                 };
-                if e.busy {
-                    moving += u64::from(!c.res.is_in_place());
-                    continue;
-                }
+                let h = TensorHandle {
+                    manager_id: self.id,
+                    slot: (local * n + si) as u32,
+                    generation: slot.generation,
+                };
                 // The disk keeps a tensor's last copy; in-place extents cost nothing to keep.
                 let last_on_disk = tier == Tier::Disk && !e.has_other_copy(tier);
+                if e.busy && !c.res.is_in_place() {
+                    // This call's own move, or a last copy on the disk, is not in flight for
+                    // this reservation: it will not be evictable in a moment.
+                    if waits.is_own(h) || last_on_disk {
+                        settled_bytes += e.len_bytes;
+                    } else {
+                        moving += 1;
+                    }
+                    continue;
+                }
+                if e.busy {
+                    continue;
+                }
                 if c.res.is_in_place() {
                     continue;
                 }
@@ -1692,11 +1905,6 @@ impl Inner {
                     settled_bytes += e.len_bytes;
                     continue;
                 }
-                let h = TensorHandle {
-                    manager_id: self.id,
-                    slot: (local * n + si) as u32,
-                    generation: slot.generation,
-                };
                 found.push((h, e.last_use, e.len_bytes));
             }
         }
@@ -1880,15 +2088,28 @@ impl Inner {
     ) -> Result<Eviction> {
         let mut freed = 0;
         let mut failed = false;
-        let (victims, moving, settled_bytes) = self.victims(tier, kind);
-        for (h, _) in victims {
+        let mut refused_below = 0u32;
+        let (victims, moving, mut settled_bytes) = self.victims(tier, kind, waits);
+        for (h, len_bytes) in victims {
             if freed >= bytes {
                 break;
             }
             match self.demote(h, tier, waits) {
-                Ok(n) => freed += n,
-                // A victim that went away or failed to write back keeps its data; try others.
+                Ok(n) => {
+                    freed += n;
+                    refused_below = 0;
+                }
+                // A victim that went away keeps nothing to free; try others.
                 Err(ManagerError::Stale { .. }) => {}
+                // A victim the tier below cannot take (too large for it, or no room for its
+                // size there now): others, smaller, may fit. A few such refusals in a row
+                // mean the tier below is full.
+                // Such a victim stays where it is: settled for this reservation.
+                Err(ManagerError::TooLarge { .. }) => settled_bytes += len_bytes,
+                Err(ManagerError::OutOfMemory { .. }) if refused_below < MAX_REFUSED_BELOW => {
+                    refused_below += 1;
+                    settled_bytes += len_bytes;
+                }
                 Err(e) => {
                     tracing::warn!(%tier, error = %e, "demotion failed; data stays in place");
                     self.counters
@@ -1969,6 +2190,7 @@ impl Inner {
         };
         // The room found above; none when the entry changed in between (rare: then the
         // reservation is made with the entry busy).
+        waits.own.borrow_mut().push(h);
         let dst = match room.take() {
             Some((_, dst)) => Ok(dst),
             None => self.reserve_on(below, kind, len_bytes, id, waits),
@@ -1985,6 +2207,7 @@ impl Inner {
                 }
             }
         });
+        waits.disown(h);
         claim.disarm();
         let old = {
             let mut st = shard.state.lock();
