@@ -5,6 +5,7 @@
 //! impossible sizes). Errors are one line on stderr.
 
 mod bench_cmd;
+mod chat_cmd;
 mod plan_cmd;
 mod profile_cmd;
 mod replay_cmd;
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run a Qwen3-VL checkpoint through the memory manager (greedy or sampled, CPU).
     Run(run_cmd::RunArgs),
+    /// Chat with a Qwen3-VL checkpoint in the terminal (or on a pipe); images with /image.
+    Chat(chat_cmd::ChatArgs),
     /// Where each part of a model goes on a machine, and how fast decode can be.
     Plan(plan_cmd::PlanArgs),
     /// Write a checkpoint folder with a catalog model's real tensor names and shapes (random bf16).
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run_cmd::run(a),
+        Command::Chat(a) => chat_cmd::run(a),
         Command::Plan(a) => plan_cmd::run(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Profile(a) => profile_cmd::run(a),

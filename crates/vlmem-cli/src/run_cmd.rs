@@ -69,7 +69,7 @@ pub struct RunArgs {
 
 /// `vlmem run`'s token-choice flags, as text so that a bad value is one line of bad input.
 #[derive(Args)]
-struct SamplingArgs {
+pub(crate) struct SamplingArgs {
     /// Sample with this temperature; 0 is greedy (the arg-max). Without it the run is greedy,
     /// unless the checkpoint's generation_config.json sets do_sample: then its temperature,
     /// top_k, top_p (Qwen3-VL-Instruct: 0.7, 20, 0.8) are the defaults these flags override.
@@ -118,7 +118,7 @@ fn parse_flag<T: std::str::FromStr>(
 
 /// The sampling settings of this run: the checkpoint's generation_config.json (greedy unless
 /// it sets do_sample), overridden by the flags given; out-of-range values are bad input.
-fn sampling_params(
+pub(crate) fn sampling_params(
     a: &SamplingArgs,
     config: &GenerationConfig,
 ) -> Result<SamplingParams, CliError> {

@@ -6,7 +6,9 @@
 //! the checkpoint, or on the GPU with the `cuda` feature), and sets up the paged KV pool, the
 //! vision cache and the decode steps' arena. [`Engine::generate`] then runs one
 //! [`Request`] (a prompt as text, a conversation or ids; images; sampling) and returns its
-//! [`Reply`]. Every failure is an [`EngineError`] a caller can match.
+//! [`Reply`]. [`Engine::conversation`] starts a multi-turn [`Conversation`] whose KV cache
+//! stays between turns, so that a later turn prefills only its new tokens. Every failure is
+//! an [`EngineError`] a caller can match.
 //!
 //! An engine is `Send + Sync` and is shared by `Arc`. Each request owns its state: its
 //! sequences in the shared KV pool (a namespace of its own), its sampler and the sampler's
@@ -16,15 +18,17 @@
 //! whole request, after its prompt is tokenized and its images preprocessed (which run
 //! concurrently). Batching steps of several requests comes with the server.
 
-use crate::chat::Message;
+use crate::chat::{Message, Part};
 use crate::error::RunnerError;
 use crate::kv::{KvStore, PagedKv};
 use crate::managed::ManagedWeights;
 use crate::model::{
-    Activations, FinishReason, GenerateOptions, PrefillOptions, PrefillProgress, PrefillProgressFn,
+    Activations, CachedPrefix, FinishReason, GenerateOptions, PrefillOptions, PrefillProgress,
+    PrefillProgressFn,
 };
 use crate::preprocess::{ImageInput, PreprocessConfig, load_image, preprocess};
 use crate::prompt::ChatTokenizer;
+use crate::rope::MropePositions;
 use crate::runner::Runner;
 use crate::sample::{GenerationConfig, SamplingParams};
 use crate::text::LogitsFor;
@@ -265,6 +269,19 @@ pub struct RequestStats {
     /// The KV pool as the request left it, before its sequences were freed (`None`: the KV
     /// cache was in process).
     pub kv_pool: Option<KvPoolStats>,
+    /// Prompt tokens run through the model's prompt pass (the whole prompt, or in a
+    /// [`Conversation`] only what its KV cache did not hold already).
+    pub prefilled_tokens: usize,
+    /// Prompt tokens whose keys and values came from a [`Conversation`]'s KV cache
+    /// (earlier turns' prompts and replies): `prefilled_tokens + reused_tokens` is the prompt.
+    pub reused_tokens: usize,
+    /// Tokens a [`Conversation`]'s KV cache held that the conversation, rendered again, does
+    /// not start with (an earlier reply that the chat template renders to other ids): dropped
+    /// from the cache and prefilled again.
+    pub dropped_tokens: usize,
+    /// Why a [`Conversation`] prefilled its whole prompt again although its KV cache held a
+    /// part of it (`None`: it reused what it could).
+    pub kv_reuse_fallback: Option<String>,
 }
 
 /// The result of a request.
@@ -286,6 +303,8 @@ pub struct Reply {
     pub seed: Option<u64>,
     /// The ids that would have ended the reply.
     pub stop_ids: Vec<u32>,
+    /// The caller's `on_token` stopped it ([`Conversation::send`]).
+    pub cancelled: bool,
     /// Its times.
     pub timings: Timings,
     /// Its costs.
@@ -622,6 +641,15 @@ fn push_new(ids: &mut Vec<u32>, more: &[u32]) {
     }
 }
 
+/// One image of a request, preprocessed.
+fn preprocess_image(image: &RequestImage, cfg: &PreprocessConfig) -> EngineResult<ImageInput> {
+    Ok(match image {
+        RequestImage::Path(p) => preprocess(&load_image(p)?, cfg)?,
+        RequestImage::Rgb(img) => preprocess(img, cfg)?,
+        RequestImage::Preprocessed(x) => x.clone(),
+    })
+}
+
 /// `request` with its prompt as ids and its images preprocessed.
 fn prepare_with(
     tokenizer: Option<&ChatTokenizer>,
@@ -632,11 +660,7 @@ fn prepare_with(
     let images = request
         .images
         .iter()
-        .map(|i| match i {
-            RequestImage::Path(p) => Ok(preprocess(&load_image(p)?, preprocess_cfg)?),
-            RequestImage::Rgb(img) => Ok(preprocess(img, preprocess_cfg)?),
-            RequestImage::Preprocessed(x) => Ok(x.clone()),
-        })
+        .map(|i| preprocess_image(i, preprocess_cfg))
         .collect::<EngineResult<Vec<_>>>()?;
     let counts: Vec<usize> = images
         .iter()
@@ -764,20 +788,63 @@ impl Engine {
         self.check_prepared(&prepared)?;
         let ids = prepared.prompt_ids().unwrap_or_default();
         let images = prepared.preprocessed_images().unwrap_or_default();
-        let sampling = self.sampling_for(&prepared);
-        sampling.validate()?;
-        let mut stop_ids = self.stop_ids.clone();
-        push_new(&mut stop_ids, &prepared.stop_ids);
-        let opts = GenerateOptions {
-            max_new_tokens: prepared.max_new_tokens,
-            stop_ids,
-            sampling,
-        };
+        let opts = self.options(
+            prepared.max_new_tokens,
+            prepared.sampling.as_ref(),
+            &prepared.stop_ids,
+        )?;
         let prepare_time = started.elapsed();
 
         let _turn = self.turn.lock();
         let queued = started.elapsed() - prepare_time;
-        let mut kv: Box<dyn KvStore> = match &self.kv_pool {
+        let mut kv = self.new_kv_store()?;
+        let reply = self.run_locked(
+            Pass {
+                ids,
+                cached: CachedPrefix::default(),
+                images: &images,
+                opts,
+            },
+            kv.as_mut(),
+            &mut |id| {
+                on_token(id);
+                true
+            },
+            Timings {
+                prepare: prepare_time,
+                queued,
+                ..Timings::default()
+            },
+        )?;
+        drop(kv);
+        Ok(reply)
+    }
+
+    /// The generation settings of a request: its sampling (or the checkpoint's), checked, and
+    /// every stop id.
+    fn options(
+        &self,
+        max_new_tokens: usize,
+        sampling: Option<&SamplingParams>,
+        stop_ids: &[u32],
+    ) -> EngineResult<GenerateOptions> {
+        let sampling = sampling
+            .cloned()
+            .unwrap_or_else(|| self.generation_config.sampling());
+        sampling.validate()?;
+        let mut all = self.stop_ids.clone();
+        push_new(&mut all, stop_ids);
+        Ok(GenerateOptions {
+            max_new_tokens,
+            stop_ids: all,
+            sampling,
+        })
+    }
+
+    /// An empty KV cache for one request or conversation: a sequence per layer in the paged
+    /// pool (its own namespace, freed on drop), or in process when there is no pool.
+    fn new_kv_store(&self) -> EngineResult<Box<dyn KvStore + Send>> {
+        Ok(match &self.kv_pool {
             Some(pool) => Box::new(PagedKv::new(
                 pool.clone(),
                 self.shape.layers,
@@ -785,7 +852,25 @@ impl Engine {
                 self.shape.head_dim,
             )?),
             None => Box::new(self.runner.model().new_kv_cache()),
-        };
+        })
+    }
+
+    /// Runs `pass` on `kv` (the caller holds the request lock): the prompt's uncached tokens
+    /// prefilled, then each token chosen and fed back; `timings` brings the time spent
+    /// before the lock.
+    fn run_locked(
+        &self,
+        pass: Pass<'_>,
+        kv: &mut dyn KvStore,
+        on_token: &mut dyn FnMut(u32) -> bool,
+        timings: Timings,
+    ) -> EngineResult<Reply> {
+        let Pass {
+            ids,
+            cached,
+            images,
+            opts,
+        } = pass;
         // Bytes brought into RAM or read past it (staged), and the kernels' reads, from the
         // first token on.
         let host = Tier::Host.index();
@@ -795,14 +880,13 @@ impl Engine {
         let generation =
             self.runner
                 .model()
-                .generate_in(ids, &images, &opts, kv.as_mut(), &mut |id| {
+                .generate_after(ids, cached, images, &opts, kv, &mut |id| {
                     if at_first_token.is_none() {
                         at_first_token = Some((streamed_now(), self.weights.kernel_read()));
                     }
-                    on_token(id);
+                    on_token(id)
                 })?;
         let kv_pool = self.kv_pool.as_ref().map(|p| p.stats());
-        drop(kv);
         let decode_steps = generation.generated_ids.len().saturating_sub(1);
         let (streamed, kernel_gb_s, kernel_share) = match at_first_token {
             Some((b0, (kb0, ks0))) if decode_steps > 0 => {
@@ -828,11 +912,11 @@ impl Engine {
             sampling: opts.sampling,
             seed: generation.seed,
             stop_ids: opts.stop_ids,
+            cancelled: generation.cancelled,
             timings: Timings {
-                prepare: prepare_time,
-                queued,
                 time_to_first_token: generation.time_to_first_token,
                 decode: generation.decode_time,
+                ..timings
             },
             stats: RequestStats {
                 activations: generation.activations,
@@ -840,7 +924,24 @@ impl Engine {
                 kernel_read_gb_per_s: kernel_gb_s,
                 kernel_share_of_decode: kernel_share,
                 kv_pool,
+                prefilled_tokens: ids.len() - cached.tokens,
+                reused_tokens: cached.tokens,
+                dropped_tokens: 0,
+                kv_reuse_fallback: None,
             },
+        })
+    }
+
+    /// A conversation with this engine: see [`Conversation`].
+    pub fn conversation(&self) -> EngineResult<Conversation<'_>> {
+        Ok(Conversation {
+            engine: self,
+            messages: Vec::new(),
+            images: Vec::new(),
+            kv: self.new_kv_store()?,
+            cached_ids: Vec::new(),
+            cached_image_rows: Vec::new(),
+            next_position: 0,
         })
     }
 
@@ -934,6 +1035,332 @@ impl Engine {
     pub fn runner(&self) -> &Runner {
         &self.runner
     }
+}
+
+/// One prompt's forward passes: the whole prompt, how much of it the KV cache holds, the
+/// images of the rest, and how to generate.
+struct Pass<'a> {
+    ids: &'a [u32],
+    cached: CachedPrefix,
+    images: &'a [ImageInput],
+    opts: GenerateOptions,
+}
+
+/// One user turn of a [`Conversation`]: its content (text and images in any order), its
+/// images, and how to answer it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    /// The user's message, text and image placeholders ([`Part::Image`]) in order.
+    pub content: Vec<Part>,
+    /// One image per [`Part::Image`] of `content`, in order.
+    pub images: Vec<RequestImage>,
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// How each token is chosen; `None`: the checkpoint's generation_config.json.
+    pub sampling: Option<SamplingParams>,
+    /// Ids that end the reply besides the tokenizer's end-of-turn ids and the checkpoint's
+    /// eos ids.
+    pub stop_ids: Vec<u32>,
+}
+
+impl Turn {
+    /// A turn of `content` with its `images` (one per [`Part::Image`], in order),
+    /// [`DEFAULT_MAX_NEW_TOKENS`], the checkpoint's sampling.
+    pub fn parts(content: Vec<Part>, images: Vec<RequestImage>) -> Self {
+        Turn {
+            content,
+            images,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+            sampling: None,
+            stop_ids: Vec::new(),
+        }
+    }
+
+    /// A turn of `text`.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self::parts(vec![Part::Text(text.into())], Vec::new())
+    }
+
+    /// Adds an image after the turn's leading images, ahead of its text.
+    pub fn image(mut self, image: impl Into<RequestImage>) -> Self {
+        let at = self
+            .content
+            .iter()
+            .take_while(|p| matches!(p, Part::Image))
+            .count();
+        self.content.insert(at, Part::Image);
+        self.images.push(image.into());
+        self
+    }
+
+    /// Sets the most tokens to generate.
+    pub fn max_new_tokens(mut self, n: usize) -> Self {
+        self.max_new_tokens = n;
+        self
+    }
+
+    /// Sets how tokens are chosen.
+    pub fn sampling(mut self, p: SamplingParams) -> Self {
+        self.sampling = Some(p);
+        self
+    }
+}
+
+/// A multi-turn conversation with an [`Engine`] that keeps its KV cache between turns
+/// ([`Engine::conversation`]).
+///
+/// Each [`Conversation::send`] renders the whole conversation (system message, every user
+/// turn with its images, every earlier reply) with the checkpoint's chat template and
+/// tokenizes it; the KV cache holds the ids of the previous turn's prompt and reply, and
+/// only the tokens after the longest prefix the two share are prefilled, at the M-RoPE
+/// positions that follow the cached ones. When the template renders an earlier reply to
+/// other ids than were generated (a reply cut short, ids that decode and encode again
+/// differently, a template that drops earlier thinking), the cache drops its tokens from
+/// there ([`RequestStats::dropped_tokens`]); when a cache cannot drop tokens, the whole
+/// prompt is prefilled again and [`RequestStats::kv_reuse_fallback`] says why.
+///
+/// The KV cache is a sequence per decoder layer in the engine's paged pool, in a namespace
+/// of its own (in process when the engine has no pool); it stays in the pool between turns,
+/// where the pool may swap it out, and is freed when the conversation is dropped. Turns
+/// run on the engine's request lock like every request.
+pub struct Conversation<'e> {
+    engine: &'e Engine,
+    /// The conversation so far (a system message first, if any).
+    messages: Vec<Message>,
+    /// Its images, preprocessed, in order.
+    images: Vec<ImageInput>,
+    kv: Box<dyn KvStore + Send>,
+    /// The ids whose keys and values `kv` holds.
+    cached_ids: Vec<u32>,
+    /// Per cached id: whether it was computed as an image's row (an image pad of a
+    /// prompt), not as a text token (a generated id equal to the pad's id).
+    cached_image_rows: Vec<bool>,
+    /// The M-RoPE position the token after the cached ones takes.
+    next_position: i64,
+}
+
+impl std::fmt::Debug for Conversation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conversation")
+            .field("messages", &self.messages.len())
+            .field("images", &self.images.len())
+            .field("cached_tokens", &self.cached_ids.len())
+            .field("next_position", &self.next_position)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conversation<'_> {
+    /// Starts the conversation with a system message (replacing one set before; `None`
+    /// removes it). Set after turns, the next turn prefills everything after the change.
+    pub fn set_system(&mut self, text: Option<String>) {
+        if matches!(self.messages.first(), Some(m) if m.role == crate::chat::Role::System) {
+            self.messages.remove(0);
+        }
+        if let Some(t) = text {
+            self.messages.insert(0, Message::system(t));
+        }
+    }
+
+    /// The conversation so far: the system message, if any, then each user turn and reply.
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// The ids whose keys and values the KV cache holds (the last prompt and the reply's
+    /// ids but the last, which is never fed back).
+    pub fn cached_ids(&self) -> &[u32] {
+        &self.cached_ids
+    }
+
+    /// The M-RoPE position the token after the cached ones takes (after an image it is
+    /// not the number of cached tokens).
+    pub fn next_position(&self) -> i64 {
+        self.next_position
+    }
+
+    /// Forgets every turn (the system message stays) and empties the KV cache.
+    pub fn clear(&mut self) {
+        self.messages
+            .retain(|m| m.role == crate::chat::Role::System);
+        self.images.clear();
+        self.forget_cache();
+    }
+
+    fn forget_cache(&mut self) {
+        self.kv.clear();
+        self.cached_ids.clear();
+        self.cached_image_rows.clear();
+        self.next_position = 0;
+    }
+
+    /// Sends a user turn and generates the reply; `on_token` sees each id as it is chosen
+    /// and returns false to end the reply there ([`Reply::cancelled`]). The reply joins
+    /// the conversation (its text, as far as it went). Only the prompt tokens the KV cache
+    /// does not hold are prefilled ([`RequestStats::prefilled_tokens`],
+    /// [`RequestStats::reused_tokens`]). A turn that fails leaves the conversation as it
+    /// was (its KV cache is emptied if the failure left it half-written).
+    pub fn send(
+        &mut self,
+        turn: &Turn,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> EngineResult<Reply> {
+        let started = Instant::now();
+        let engine = self.engine;
+        let placeholders = turn
+            .content
+            .iter()
+            .filter(|p| matches!(p, Part::Image))
+            .count();
+        if placeholders != turn.images.len() {
+            return Err(EngineError::BadRequest(format!(
+                "the turn places {placeholders} image(s) but {} were given",
+                turn.images.len()
+            )));
+        }
+        let preprocess_cfg = engine.runner.preprocess_config();
+        let mut images = self.images.clone();
+        for image in &turn.images {
+            images.push(preprocess_image(image, preprocess_cfg)?);
+        }
+        let mut messages = self.messages.clone();
+        messages.push(Message::user(turn.content.clone()));
+        let counts: Vec<usize> = images
+            .iter()
+            .map(|i| i.num_tokens(preprocess_cfg.merge_size))
+            .collect();
+        let tokenizer = engine.tokenizer().ok_or_else(|| {
+            EngineError::BadRequest(Runner::no_tokenizer(engine.model_dir()).to_string())
+        })?;
+        let ids = tokenizer.encode_messages(&messages, &counts, true)?;
+        let positions = engine.runner.model().positions(&ids, &images)?;
+        let context = ids.len().saturating_add(turn.max_new_tokens) as u64;
+        engine
+            .room
+            .check(context, engine.shape.need_bytes(context))?;
+        let opts = engine.options(turn.max_new_tokens, turn.sampling.as_ref(), &turn.stop_ids)?;
+        let pad = engine.checkpoint.config.image_token_id;
+        let mut keep = self.reusable_prefix(&ids, pad);
+        let prepare = started.elapsed();
+
+        let _turn = engine.turn.lock();
+        let queued = started.elapsed() - prepare;
+        let held = self.cached_ids.len();
+        let mut fallback = None;
+        if self.kv.len_tokens() != held {
+            fallback = Some(format!(
+                "the KV cache holds {} tokens where the conversation recorded {held}: the whole conversation is prefilled again",
+                self.kv.len_tokens()
+            ));
+        } else if keep < held
+            && let Err(e) = self.kv.truncate(keep)
+        {
+            fallback = Some(format!(
+                "the KV cache could not drop its last {} tokens ({e}): the whole conversation is prefilled again",
+                held - keep
+            ));
+        }
+        if fallback.is_some() {
+            self.forget_cache();
+            keep = 0;
+        }
+        let dropped = held.saturating_sub(keep);
+        self.cached_ids.truncate(keep);
+        self.cached_image_rows.truncate(keep);
+        let cached = CachedPrefix {
+            tokens: keep,
+            next_position: position_after(&positions, keep),
+        };
+        let first_image = image_runs(&ids[..keep], pad);
+        let result = engine.run_locked(
+            Pass {
+                ids: &ids,
+                cached,
+                images: &images[first_image..],
+                opts,
+            },
+            self.kv.as_mut(),
+            on_token,
+            Timings {
+                prepare,
+                queued,
+                ..Timings::default()
+            },
+        );
+        let mut reply = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // The common prefix is still there unless the failure wrote part of a layer.
+                if self.kv.len_tokens() != keep || self.kv.truncate(keep).is_err() {
+                    self.forget_cache();
+                } else {
+                    self.next_position = cached.next_position;
+                }
+                return Err(e);
+            }
+        };
+        messages.push(Message::assistant(reply.text.clone().unwrap_or_default()));
+        self.messages = messages;
+        self.images = images;
+        // The cache now holds the prompt and every generated id but the last.
+        let held = self.kv.len_tokens();
+        let sequence: Vec<u32> = ids.iter().chain(&reply.ids).copied().take(held).collect();
+        if sequence.len() == held {
+            self.cached_image_rows = ids
+                .iter()
+                .map(|&id| id == pad)
+                .chain(std::iter::repeat(false))
+                .take(held)
+                .collect();
+            self.cached_ids = sequence;
+            self.next_position = position_after(&positions, held);
+        } else {
+            self.forget_cache();
+        }
+        reply.stats.dropped_tokens = dropped;
+        reply.stats.kv_reuse_fallback = fallback;
+        Ok(reply)
+    }
+
+    /// How many leading tokens of `ids` (the conversation rendered again) the KV cache holds
+    /// as they are: the same ids, image pads computed as images, at least the last token
+    /// left to prefill, and no image's run of pads split.
+    fn reusable_prefix(&self, ids: &[u32], pad: u32) -> usize {
+        let mut n = self
+            .cached_ids
+            .iter()
+            .zip(&self.cached_image_rows)
+            .zip(ids)
+            .take_while(|((c, image_row), id)| c == id && **image_row == (**id == pad))
+            .count()
+            .min(ids.len().saturating_sub(1));
+        while n > 0 && ids[n] == pad && ids[n - 1] == pad {
+            n -= 1;
+        }
+        n
+    }
+}
+
+/// The M-RoPE position after the first `tokens` of a prompt whose positions are
+/// `positions` (positions grow along a prompt; after its end, one per token).
+fn position_after(positions: &MropePositions, tokens: usize) -> i64 {
+    if tokens > positions.len() {
+        return positions.next_position + (tokens - positions.len()) as i64;
+    }
+    positions
+        .thw
+        .iter()
+        .filter_map(|axis| axis[..tokens].iter().max())
+        .max()
+        .map_or(0, |p| p + 1)
+}
+
+/// How many runs of image pads `ids` holds (one per image).
+fn image_runs(ids: &[u32], pad: u32) -> usize {
+    ids.iter()
+        .enumerate()
+        .filter(|&(i, &id)| id == pad && (i == 0 || ids[i - 1] != pad))
+        .count()
 }
 
 /// Whether this build can compute on a GPU and one is present.

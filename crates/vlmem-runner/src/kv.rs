@@ -30,6 +30,18 @@ pub trait KvStore {
 
     /// Drops everything.
     fn clear(&mut self);
+
+    /// Keeps the first `tokens` tokens of every layer and drops the rest (a conversation
+    /// whose re-rendered history differs from what the cache holds after them). A store
+    /// that cannot drop tokens says so with an error and is left as it was.
+    fn truncate(&mut self, tokens: usize) -> Result<()> {
+        if tokens >= self.len_tokens() {
+            return Ok(());
+        }
+        Err(RunnerError::BadRequest(
+            "this KV store cannot drop tokens".into(),
+        ))
+    }
 }
 
 /// Minimum token capacity of a layer's buffers.
@@ -181,6 +193,18 @@ impl KvStore for KvCache {
         for l in &mut self.layers {
             *l = None;
         }
+    }
+
+    /// The buffers stay; only the valid length shrinks.
+    fn truncate(&mut self, tokens: usize) -> Result<()> {
+        for slot in &mut self.layers {
+            match slot {
+                Some(_) if tokens == 0 => *slot = None,
+                Some(l) => l.len = l.len.min(tokens),
+                None => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -382,6 +406,45 @@ impl KvStore for PagedKv {
             }
         }
     }
+
+    /// Pool blocks are sealed and shared, never shortened: each layer gets a new sequence
+    /// that takes the old one's whole blocks before `tokens` by reference (the store's ids
+    /// are positions in its own namespace, so the pool's prefix index finds them), copies
+    /// the few tokens of the partial block after them, and the old sequence is finished.
+    /// A layer that fails keeps its old sequence (the caller clears the store).
+    fn truncate(&mut self, tokens: usize) -> Result<()> {
+        let bpt = self.pool.config().bytes_per_token as usize;
+        for layer in 0..self.layers.len() {
+            let Some((old, len)) = self.layers[layer] else {
+                continue;
+            };
+            if tokens >= len {
+                continue;
+            }
+            if tokens == 0 {
+                self.layers[layer] = None;
+                self.pool.finish(old).map_err(Self::kv_err)?;
+                continue;
+            }
+            let ids: Vec<u32> = (0..tokens).map(|p| p as u32).collect();
+            let (new, shared) = self
+                .pool
+                .start_salted(self.salt + layer as u64, &ids)
+                .map_err(Self::kv_err)?;
+            let mut rest = vec![0u8; (tokens - shared) * bpt];
+            let copied = self
+                .pool
+                .read_range(old, shared, &mut rest)
+                .and_then(|()| self.pool.append(new, &ids[shared..], &rest));
+            if let Err(e) = copied {
+                let _ = self.pool.finish(new);
+                return Err(Self::kv_err(e));
+            }
+            self.layers[layer] = Some((new, tokens));
+            self.pool.finish(old).map_err(Self::kv_err)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for PagedKv {
@@ -477,6 +540,78 @@ mod tests {
             PagedKv::new(pool, 2, 4, 3).is_err(),
             "bytes per token must match"
         );
+    }
+
+    /// Dropping a store's last tokens keeps exactly the first ones (read back as appended,
+    /// from both stores), later appends follow them, the paged store's whole blocks before
+    /// the cut are taken by reference rather than copied, and nothing leaks.
+    #[test]
+    fn a_truncated_store_keeps_its_first_tokens_and_grows_from_there() {
+        use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager};
+        let (heads, dim) = (2usize, 3usize);
+        let row = 2 * heads * dim;
+        let m = MemoryManager::new(ManagerConfig::with_capacities(1 << 20, 16 << 20, 64 << 20))
+            .unwrap();
+        let pool = std::sync::Arc::new(
+            KvPool::new(
+                m,
+                KvPoolConfig {
+                    block_tokens: 16,
+                    bytes_per_token: (row * 4) as u64,
+                    compute_tier: vlmem::Tier::Host,
+                },
+            )
+            .unwrap(),
+        );
+        let mut stores: Vec<Box<dyn KvStore>> = vec![
+            Box::new(KvCache::new(2)),
+            Box::new(PagedKv::new(pool.clone(), 2, heads, dim).unwrap()),
+        ];
+        for (which, store) in stores.iter_mut().enumerate() {
+            let mut ledger: Vec<Vec<f32>> = vec![Vec::new(); 2];
+            let append = |store: &mut Box<dyn KvStore>, ledger: &mut Vec<Vec<f32>>, n, base| {
+                for (layer, rows) in ledger.iter_mut().enumerate() {
+                    for t in 0..n {
+                        let new: Vec<f32> = (0..row)
+                            .map(|i| (base + t * 100 + layer * 10 + i) as f32)
+                            .collect();
+                        store.append_row(layer, heads, &new).unwrap();
+                        rows.extend_from_slice(&new);
+                    }
+                }
+            };
+            append(store, &mut ledger, 40, 0);
+            for (cut, grow) in [(37, 0), (20, 15), (34, 0), (32, 3), (0, 5)] {
+                let before = pool.stats().prefix_hit_tokens;
+                store.truncate(cut).unwrap();
+                if which == 1 && cut > 16 {
+                    assert!(
+                        pool.stats().prefix_hit_tokens >= before + 16,
+                        "whole blocks before the cut are shared, not copied"
+                    );
+                }
+                assert_eq!(store.len_tokens(), cut);
+                for rows in &mut ledger {
+                    rows.truncate(cut * row);
+                }
+                append(store, &mut ledger, grow, 10_000 * (cut + 1));
+                let held = cut + grow;
+                assert_eq!(store.len_tokens(), held);
+                for (layer, rows) in ledger.iter().enumerate() {
+                    if held == 0 {
+                        continue;
+                    }
+                    let mut out = vec![f32::NAN; held * row];
+                    store.read_rows(layer, 0, row, &mut out).unwrap();
+                    assert_eq!(&out[..], &rows[..], "cut {cut} layer {layer}");
+                }
+            }
+            store.truncate(100).unwrap();
+            assert_eq!(store.len_tokens(), 5, "a longer length keeps everything");
+        }
+        drop(stores);
+        assert_eq!(pool.stats().blocks, 0, "no block leaks: {:?}", pool.stats());
+        assert_eq!(pool.stats().sequences, 0);
     }
 
     /// The decode step's row interface: after a prompt appended as tensors, rows appended one

@@ -137,6 +137,20 @@ pub struct Generation {
     /// The seed the sampled ids were drawn with (drawn from entropy when the options gave
     /// none; the same seed and settings replay them); `None` when greedy.
     pub seed: Option<u64>,
+    /// The caller stopped it ([`Qwen3Vl::generate_after`]'s `on_token` returned false):
+    /// `finish_reason` is then [`FinishReason::Length`] unless the last id was a stop id.
+    pub cancelled: bool,
+}
+
+/// The leading tokens of a prompt whose keys and values a KV cache already holds
+/// ([`Qwen3Vl::generate_after`]): a later turn of a conversation prefills only the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CachedPrefix {
+    /// Leading prompt tokens in the cache.
+    pub tokens: usize,
+    /// The multimodal position the first token after them takes on every axis (after an
+    /// image this is not the token count: see [`crate::rope::rope_index`]).
+    pub next_position: i64,
 }
 
 /// Where decode steps keep their activations (the per-step vectors: hidden states, q/k/v,
@@ -427,7 +441,30 @@ impl Qwen3Vl {
         kv: &mut dyn KvStore,
         opts: PrefillOptions,
     ) -> Result<Prefill> {
-        let positions = self.positions(ids, images)?;
+        self.prefill_after(ids, images, kv, opts, 0)
+    }
+
+    /// [`Qwen3Vl::prefill`] of tokens that follow the ones `kv` already holds: `ids` take
+    /// their multimodal positions from `first_position` on (the position after the cached
+    /// tokens) and attend to the cached tokens and to each other causally. `images` are the
+    /// images whose pads are in `ids`; `ids` must not start inside an image's run of pads.
+    pub fn prefill_after(
+        &self,
+        ids: &[u32],
+        images: &[ImageInput],
+        kv: &mut dyn KvStore,
+        opts: PrefillOptions,
+        first_position: i64,
+    ) -> Result<Prefill> {
+        let mut positions = self.positions(ids, images)?;
+        if first_position != 0 {
+            for axis in &mut positions.thw {
+                for p in axis.iter_mut() {
+                    *p += first_position;
+                }
+            }
+            positions.next_position += first_position;
+        }
         let p = self.params();
         let mut vision = Vec::with_capacity(images.len());
         for (i, img) in images.iter().enumerate() {
@@ -535,7 +572,7 @@ impl Qwen3Vl {
     }
 
     /// [`Qwen3Vl::generate`] with the KV cache given (e.g. a [`crate::PagedKv`] in the
-    /// memory manager's paged pool); `kv` should be empty.
+    /// memory manager's paged pool); `kv` must be empty.
     pub fn generate_in(
         &self,
         ids: &[u32],
@@ -544,7 +581,40 @@ impl Qwen3Vl {
         kv: &mut dyn KvStore,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
+        self.generate_after(ids, CachedPrefix::default(), images, opts, kv, &mut |id| {
+            on_token(id);
+            true
+        })
+    }
+
+    /// Generation after a prompt whose first `cached.tokens` tokens are already in `kv`
+    /// (a conversation's earlier turns): only `ids[cached.tokens..]` are prefilled, at
+    /// positions from `cached.next_position` on; `images` are the images whose pads are in
+    /// that suffix. `ids` is the whole prompt (the sampler's penalties see all of it), and at
+    /// least its last token is prefilled (its logits choose the first id). `on_token` sees
+    /// each id as it is chosen and returns false to stop there (the reply is then
+    /// [`Generation::cancelled`]). `kv` holds the prompt and every generated id but the last
+    /// afterwards.
+    pub fn generate_after(
+        &self,
+        ids: &[u32],
+        cached: CachedPrefix,
+        images: &[ImageInput],
+        opts: &GenerateOptions,
+        kv: &mut dyn KvStore,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Generation> {
         let start = Instant::now();
+        if cached.tokens >= ids.len().max(1) || kv.len_tokens() != cached.tokens {
+            return Err(RunnerError::BadRequest(format!(
+                "a prompt of {} tokens after {} cached ones, in a KV cache holding {}: at least \
+                 the last prompt token must be prefilled",
+                ids.len(),
+                cached.tokens,
+                kv.len_tokens()
+            )));
+        }
+        let new_ids = &ids[cached.tokens..];
         let mut sampler = Sampler::new(opts.sampling.clone())?;
         let mut generation = Generation {
             prompt_ids: ids.to_vec(),
@@ -557,12 +627,19 @@ impl Qwen3Vl {
             },
             finish_reason: FinishReason::Length,
             seed: sampler.seed(),
+            cancelled: false,
         };
         if opts.max_new_tokens == 0 {
-            self.positions(ids, images)?;
+            self.positions(new_ids, images)?;
             return Ok(generation);
         }
-        let prefill = self.prefill(ids, images, kv, PrefillOptions::default())?;
+        let prefill = self.prefill_after(
+            new_ids,
+            images,
+            kv,
+            PrefillOptions::default(),
+            cached.next_position,
+        )?;
         // The longest context a decode step sees: the prompt and every generated id but the
         // last (which is never fed back).
         let mut arena = if opts.max_new_tokens > 1 {
@@ -582,7 +659,7 @@ impl Qwen3Vl {
             let next = sampler.sample(&logits, ids, &generation.generated_ids)?;
             generation.generated_ids.push(next);
             generation.generated_logits.push(logits);
-            on_token(next);
+            let go_on = on_token(next);
             if generation.generated_ids.len() == 1 {
                 generation.time_to_first_token = start.elapsed();
                 decode_start = Instant::now();
@@ -592,6 +669,10 @@ impl Qwen3Vl {
                 break;
             }
             if generation.generated_ids.len() >= opts.max_new_tokens {
+                break;
+            }
+            if !go_on {
+                generation.cancelled = true;
                 break;
             }
             logits = match arena.as_mut() {

@@ -90,8 +90,13 @@ fn paged_kv_matches_the_simple_cache_whatever_the_room() {
             let s = pool.stats();
             assert!(s.blocks as usize >= layers, "{s:?}");
             if host_kv_bytes < MIB {
-                assert!(s.swap_outs > 0 && s.swap_ins > 0, "{s:?}");
-                assert!(m.stats().counters.write_backs[Tier::Host.index()] > 0);
+                // Never more than the room on the host; the rest went to the disk and came
+                // back (whole sequences swapped, or a sequence's own oldest blocks moved down
+                // and brought back one at a time).
+                assert!(s.resident_blocks <= 3, "{s:?}");
+                let counters = m.stats().counters;
+                assert!(counters.write_backs[Tier::Host.index()] > 0, "{s:?}");
+                assert!(counters.bytes_in[Tier::Host.index()] > 0, "{s:?}");
             }
             drop(kv);
             assert_eq!(pool.stats().blocks, 0);
