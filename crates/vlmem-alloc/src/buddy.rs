@@ -11,7 +11,8 @@
 //! generation per unit, and intrusive doubly linked free lists per order (`prev`/`next`
 //! unit indices), so finding a buddy, unlinking it and popping a free block are all O(1). A
 //! bitmap of non-empty orders finds the smallest order that can serve a request in one
-//! `trailing_zeros`. Metadata costs 13 bytes per unit.
+//! `trailing_zeros`. Metadata costs 13 bytes per unit, and an allocator has at most
+//! [`BuddyAllocator::MAX_UNITS`] units (832 MiB of metadata); larger arenas are refused.
 //!
 //! Concurrency: one mutex per allocator. Each public method locks once and passes
 //! `&mut BuddyInner` to private helpers (`*_locked`); no helper ever locks, so a lock can
@@ -30,11 +31,14 @@ const NIL: u32 = u32::MAX;
 const NOT_HEAD: u8 = 0xFF;
 /// Unit state flag: head of a live block (the low bits are its order).
 const LIVE: u8 = 0x80;
+/// Bookkeeping per unit: state (1), generation (4), `prev` and `next` (4 each).
+const METADATA_BYTES_PER_UNIT: u64 = 13;
 
 /// Configuration of a [`BuddyAllocator`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuddyConfig {
-    /// Size of the arena; a multiple of `min_block_bytes`, at most 2^32 - 1 units.
+    /// Size of the arena; a multiple of `min_block_bytes`, at most
+    /// [`BuddyAllocator::MAX_UNITS`] units.
     pub capacity_bytes: u64,
     /// The smallest block (order 0); a power of two.
     pub min_block_bytes: u64,
@@ -75,7 +79,14 @@ struct BuddyInner {
 }
 
 impl BuddyAllocator {
-    /// A buddy allocator over `config.capacity_bytes`.
+    /// The most units (`capacity_bytes / min_block_bytes`) an allocator may have: its
+    /// bookkeeping is 13 bytes per unit, so this bounds it at 832 MiB (a 256 GiB arena at
+    /// 4 KiB blocks, 4 TiB at 64 KiB). Larger configurations are refused with `InvalidConfig`.
+    pub const MAX_UNITS: u64 = 1 << 26;
+
+    /// A buddy allocator over `config.capacity_bytes`. Refused with `InvalidConfig`: a
+    /// `min_block_bytes` that is not a power of two, a capacity that is zero or not a multiple
+    /// of it, and more than [`Self::MAX_UNITS`] units.
     pub fn new(config: BuddyConfig) -> Result<Self, AllocError> {
         let shift = unit_shift("min_block_bytes", config.min_block_bytes)?;
         if config.capacity_bytes == 0 || config.capacity_bytes & (config.min_block_bytes - 1) != 0 {
@@ -87,11 +98,12 @@ impl BuddyAllocator {
         let units64 = config.capacity_bytes >> shift;
         let units = u32::try_from(units64)
             .ok()
-            .filter(|&u| u != NIL)
+            .filter(|&u| u64::from(u) <= Self::MAX_UNITS)
             .ok_or_else(|| {
                 AllocError::InvalidConfig(format!(
-                    "{units64} units of {} bytes is too many (at most 2^32 - 2); use a larger min_block_bytes",
-                    config.min_block_bytes
+                    "{units64} units of {} bytes is too many (at most 2^26, {} bytes of \
+                     bookkeeping each); use a larger min_block_bytes",
+                    config.min_block_bytes, METADATA_BYTES_PER_UNIT
                 ))
             })?;
         let max_order = 31 - units.leading_zeros();
@@ -284,7 +296,8 @@ impl BuddyInner {
     ) -> Result<Block, AllocError> {
         let len_bytes = 1u64 << (order + outer.unit_shift);
         let candidates = self.nonempty & !((1u64 << order) - 1);
-        let over_budget = self.counters.in_use_bytes + len_bytes > self.limit_bytes;
+        // `in_use + len` can pass 2^64 in an arena near 2^64 bytes: compare against the room.
+        let over_budget = len_bytes > self.limit_bytes.saturating_sub(self.counters.in_use_bytes);
         if candidates == 0 || over_budget {
             self.counters.failures += 1;
             let real_free = self.free_units() << outer.unit_shift;

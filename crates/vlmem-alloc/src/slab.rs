@@ -36,9 +36,10 @@ use vlmem_core::{AllocError, ArenaUsage, Block, OffsetAllocator, TensorKind};
 pub struct SlabConfig {
     /// Size of every block (e.g. 64 KiB: one layer's K+V for 16 tokens of Qwen3-VL-8B).
     pub block_bytes: u64,
-    /// Number of blocks in the arena (< 2^32 - 1).
+    /// Number of blocks in the arena: 1 to [`SlabPool::MAX_BLOCKS`].
     pub capacity_blocks: u32,
-    /// Bound on the free blocks one cache holds (0 disables caching).
+    /// Bound on the free blocks one cache holds (0 disables caching); at most
+    /// `max(capacity_blocks / caches, 64)` is used.
     pub cache_blocks: u32,
     /// Number of caches (threads map onto them); 1 to 256.
     pub caches: u32,
@@ -97,18 +98,33 @@ pub struct SlabPool {
 }
 
 const REFS: u64 = 0xFFFF_FFFF;
+/// Bookkeeping per block: the state word (8) and a free-stack entry (4).
+const METADATA_BYTES_PER_BLOCK: u64 = 12;
+/// Entries a cache reserves up front (it grows past them on demand).
+const CACHE_PREALLOC_BLOCKS: usize = 4096;
+/// A cache may always hold this many free blocks, whatever its share of the pool.
+const CACHE_FLOOR_BLOCKS: u32 = 64;
 
 impl SlabPool {
-    /// A pool of `config.capacity_blocks` blocks of `config.block_bytes`.
+    /// The most blocks a pool may have: its bookkeeping is 12 bytes per block (a state word
+    /// and a free-stack entry), so this bounds it at 768 MiB (a 256 GiB arena of 4 KiB blocks,
+    /// 4 TiB of 64 KiB blocks). Larger pools are refused with `InvalidConfig`.
+    pub const MAX_BLOCKS: u64 = 1 << 26;
+
+    /// A pool of `config.capacity_blocks` blocks of `config.block_bytes`. Refused with
+    /// `InvalidConfig`: a zero block size, 0 or more than [`Self::MAX_BLOCKS`] blocks, an
+    /// arena past 2^64 bytes, and a number of caches outside 1..=256. `cache_blocks` may be
+    /// anything: a cache holds at most `max(capacity_blocks / caches, 64)` free blocks
+    /// whatever it says, and reserves at most 4,096 entries up front.
     pub fn new(config: SlabConfig) -> Result<Self, AllocError> {
         let bad = |m: String| Err(AllocError::InvalidConfig(m));
         if config.block_bytes == 0 {
             return bad("block_bytes must be at least 1".into());
         }
-        if config.capacity_blocks == 0 || config.capacity_blocks == u32::MAX {
+        if config.capacity_blocks == 0 || u64::from(config.capacity_blocks) > Self::MAX_BLOCKS {
             return bad(format!(
-                "capacity_blocks must be 1..2^32-1, got {}",
-                config.capacity_blocks
+                "capacity_blocks must be 1..=2^26 ({} bytes of bookkeeping each), got {}",
+                METADATA_BYTES_PER_BLOCK, config.capacity_blocks
             ));
         }
         if u64::from(config.capacity_blocks)
@@ -125,7 +141,11 @@ impl SlabPool {
         let shared = Shared {
             free: (0..n).rev().collect(),
         };
-        let cache_limit = config.cache_blocks as usize;
+        // The caches together never need more than the pool: past `n / caches` (or a small
+        // floor) the bound only grows their lists and the refill batches (half the bound, moved
+        // in one call).
+        let cache_limit = (config.cache_blocks as usize)
+            .min((n / config.caches).max(CACHE_FLOOR_BLOCKS) as usize);
         let (id, salt) = new_identity();
         Ok(SlabPool {
             id,
@@ -139,7 +159,9 @@ impl SlabPool {
             caches: (0..config.caches)
                 .map(|_| {
                     Padded(Mutex::new(Cache {
-                        free: Vec::with_capacity(cache_limit + 1),
+                        // Past a few thousand entries the list grows on demand (up to
+                        // the bound) instead of reserving the whole bound up front.
+                        free: Vec::with_capacity(cache_limit.min(CACHE_PREALLOC_BLOCKS) + 1),
                         ..Cache::default()
                     }))
                 })

@@ -22,9 +22,36 @@ pub struct SplitAllocator {
 }
 
 impl SplitAllocator {
-    /// The slab's blocks first, then `rest`'s arena shifted above them.
+    /// The slab's blocks first, then `rest`'s arena shifted above them. Refused with
+    /// `InvalidConfig` when the two regions together pass 2^64 bytes (the general region's
+    /// offsets could not be represented).
+    pub fn try_new(slab: SlabPool, rest: Arc<dyn OffsetAllocator>) -> Result<Self, AllocError> {
+        // SlabPool::new refuses a slab whose bytes overflow, so this product fits.
+        let slab_bytes = slab.block_bytes() * u64::from(slab.capacity_blocks());
+        if slab_bytes.checked_add(rest.capacity_bytes()).is_none() {
+            return Err(AllocError::InvalidConfig(format!(
+                "a slab region of {slab_bytes} bytes and a general region of {} bytes add up \
+                 to more than 2^64 bytes",
+                rest.capacity_bytes()
+            )));
+        }
+        Ok(SplitAllocator {
+            slab,
+            slab_bytes,
+            rest,
+        })
+    }
+
+    /// As [`try_new`](Self::try_new), for callers that cannot take an error: when the two
+    /// regions together pass 2^64 bytes, the split keeps the slab alone (every other request
+    /// is `TooLarge`) rather than hand out offsets past 2^64. Prefer `try_new`.
     pub fn new(slab: SlabPool, rest: Arc<dyn OffsetAllocator>) -> Self {
         let slab_bytes = slab.block_bytes() * u64::from(slab.capacity_blocks());
+        let rest = if slab_bytes.checked_add(rest.capacity_bytes()).is_some() {
+            rest
+        } else {
+            Arc::new(NoRoom)
+        };
         SplitAllocator {
             slab,
             slab_bytes,
@@ -99,6 +126,34 @@ impl OffsetAllocator for SplitAllocator {
             free_bytes: a.free_bytes + b.free_bytes,
             largest_free_bytes: a.largest_free_bytes.max(b.largest_free_bytes),
         }
+    }
+}
+
+/// An empty general region: nothing fits, no block is its own.
+#[derive(Debug)]
+struct NoRoom;
+
+impl OffsetAllocator for NoRoom {
+    fn allocate(&self, bytes: u64) -> Result<Block, AllocError> {
+        if bytes == 0 {
+            return Err(AllocError::ZeroSize);
+        }
+        Err(AllocError::TooLarge {
+            requested_bytes: bytes,
+            capacity_bytes: 0,
+        })
+    }
+    fn free(&self, block: Block) -> Result<(), AllocError> {
+        Err(AllocError::Foreign {
+            allocator_id: block.allocator_id(),
+            offset_bytes: block.offset_bytes(),
+        })
+    }
+    fn capacity_bytes(&self) -> u64 {
+        0
+    }
+    fn usage(&self) -> ArenaUsage {
+        ArenaUsage::default()
     }
 }
 

@@ -648,7 +648,7 @@ impl MemoryManager {
             let kv_budget = config.budgets.get(tier, TensorKind::KvCache).min(cap);
             match config.kv_block_bytes {
                 Some(bb) if bb > 0 && bb % GRANULE == 0 && kv_budget >= bb => {
-                    let blocks = (kv_budget / bb).min(u64::from(u32::MAX - 1)) as u32;
+                    let blocks = (kv_budget / bb).min(vlmem_alloc::SlabPool::MAX_BLOCKS) as u32;
                     let slab = vlmem_alloc::SlabPool::new(vlmem_alloc::SlabConfig {
                         block_bytes: bb,
                         capacity_blocks: blocks,
@@ -664,7 +664,9 @@ impl MemoryManager {
                         0 => StdArc::new(vlmem_tier::FirstFitAllocator::new(0, GRANULE)?) as _,
                         n => mk(n, GRANULE)?,
                     };
-                    Ok(StdArc::new(vlmem_alloc::SplitAllocator::new(slab, rest)))
+                    Ok(StdArc::new(vlmem_alloc::SplitAllocator::try_new(
+                        slab, rest,
+                    )?))
                 }
                 Some(bb) if bb % GRANULE != 0 => Err(ManagerError::InvalidConfig(format!(
                     "kv_block_bytes {bb} is not a multiple of {GRANULE}"
