@@ -13,7 +13,6 @@ use clap::Args;
 use serde_json::json;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
-use vlmem_core::profile::{HardwareProfile, Overrides};
 use vlmem_core::sync::Arc;
 use vlmem_core::sync::atomic::{AtomicBool, Ordering};
 use vlmem_runner::engine::{Conversation, Turn};
@@ -30,21 +29,9 @@ pub struct ChatArgs {
     /// Tokens to generate at most per answer.
     #[arg(long, default_value_t = 512)]
     max_new_tokens: usize,
-    /// A built-in profile, `detect`, or a .toml file: sizes the tiers.
-    #[arg(long, default_value = "detect")]
-    profile: String,
-    /// Usable GPU memory (the simulated device without a GPU), e.g. 0 or 512MiB.
-    #[arg(long)]
-    gpu_mem: Option<String>,
-    /// Usable host memory; 0 streams every weight from the checkpoint on disk.
-    #[arg(long)]
-    host_mem: Option<String>,
-    /// Where swap files go (default: a private temp folder, removed at exit).
-    #[arg(long)]
-    disk_path: Option<PathBuf>,
-    /// Most disk space for swap files (default: the profile's free disk).
-    #[arg(long)]
-    disk_mem: Option<String>,
+    /// The hardware and the budgets.
+    #[command(flatten)]
+    budget: crate::run_cmd::BudgetArgs,
     /// The longest conversation (every turn and answer, in tokens) the swap file is sized
     /// to hold the KV cache of; a longer one is refused turn by turn (0: a 1 GiB swap file).
     #[arg(long, default_value_t = 0)]
@@ -110,20 +97,12 @@ fn out(text: &str) -> bool {
 }
 
 pub fn run(a: ChatArgs) -> Result<(), CliError> {
-    let overrides = Overrides::parse(
-        a.gpu_mem.as_deref(),
-        a.host_mem.as_deref(),
-        a.disk_mem.as_deref(),
-    )?;
-    let profile = HardwareProfile::resolve(&a.profile)?.with_overrides(overrides);
-    let mut builder = Engine::builder(&a.model)
-        .profile(profile)
+    let engine = a
+        .budget
+        .builder(&a.model)?
         .prefetch_layers(a.prefetch_layers)
-        .max_context_tokens(a.max_context_tokens);
-    if let Some(dir) = &a.disk_path {
-        builder = builder.disk_path(dir);
-    }
-    let engine = builder.build()?;
+        .max_context_tokens(a.max_context_tokens)
+        .build()?;
     let sampling = sampling_params(&a.sampling, engine.generation_config())?;
     let mut conv = engine.conversation()?;
     conv.set_system(a.system.clone());

@@ -36,22 +36,9 @@ pub struct RunArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 16)]
     max_new_tokens: usize,
-    /// A built-in profile, `detect`, or a .toml file: sizes the tiers.
-    #[arg(long, default_value = "detect")]
-    profile: String,
-    /// Usable GPU memory (the simulated device without a GPU), e.g. 0 or 512MiB.
-    #[arg(long)]
-    gpu_mem: Option<String>,
-    /// Usable host memory; 0 streams every weight from the checkpoint on disk.
-    #[arg(long)]
-    host_mem: Option<String>,
-    /// Where swap files go (default: a private temp folder, removed at exit).
-    #[arg(long)]
-    disk_path: Option<PathBuf>,
-    /// Most disk space for swap files (default: the profile's free disk). The swap file is
-    /// 1 GiB, grown to hold this request's whole KV cache when it needs more.
-    #[arg(long)]
-    disk_mem: Option<String>,
+    /// The hardware and the budgets.
+    #[command(flatten)]
+    pub(crate) budget: BudgetArgs,
     /// Write `logits` [1, prompt_len, vocab] and `generated_logits` [new_tokens, vocab] (f32)
     /// to this safetensors file.
     #[arg(long)]
@@ -215,14 +202,49 @@ impl From<EngineError> for CliError {
     }
 }
 
+/// The hardware profile and the tiers' budgets, shared by `vlmem run` and `vlmem chat`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BudgetArgs {
+    /// A built-in profile, `detect`, or a .toml file: sizes the tiers.
+    #[arg(long, default_value = "detect")]
+    pub(crate) profile: String,
+    /// Usable GPU memory (the simulated device without a GPU), e.g. 0 or 512MiB.
+    #[arg(long)]
+    pub(crate) gpu_mem: Option<String>,
+    /// Usable host memory; 0 streams every weight from the checkpoint on disk.
+    #[arg(long)]
+    pub(crate) host_mem: Option<String>,
+    /// Where swap files go (default: a private temp folder, removed at exit).
+    #[arg(long)]
+    pub(crate) disk_path: Option<PathBuf>,
+    /// Most disk space for swap files (default: the profile's free disk). The swap file is
+    /// 1 GiB, grown to hold the KV cache of the longest request when it needs more.
+    #[arg(long)]
+    pub(crate) disk_mem: Option<String>,
+}
+
+impl BudgetArgs {
+    /// An engine builder for `model` on this profile, with these budgets and swap folder.
+    pub(crate) fn builder(
+        &self,
+        model: &std::path::Path,
+    ) -> Result<vlmem_runner::EngineBuilder, CliError> {
+        let overrides = Overrides::parse(
+            self.gpu_mem.as_deref(),
+            self.host_mem.as_deref(),
+            self.disk_mem.as_deref(),
+        )?;
+        let profile = HardwareProfile::resolve(&self.profile)?.with_overrides(overrides);
+        let mut builder = Engine::builder(model).profile(profile);
+        if let Some(dir) = &self.disk_path {
+            builder = builder.disk_path(dir);
+        }
+        Ok(builder)
+    }
+}
+
 pub fn run(a: RunArgs) -> Result<(), CliError> {
     let started = Instant::now();
-    let overrides = Overrides::parse(
-        a.gpu_mem.as_deref(),
-        a.host_mem.as_deref(),
-        a.disk_mem.as_deref(),
-    )?;
-    let profile = HardwareProfile::resolve(&a.profile)?.with_overrides(overrides);
     let prompt = match (&a.prompt_ids, &a.prompt) {
         (Some(text), _) => Prompt::Ids(parse_ids(text)?),
         (None, Some(text)) => Prompt::Text(text.clone()),
@@ -237,16 +259,14 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     // A progress bar for the prompt's forward pass (a large image or a long prompt takes
     // minutes on a laptop's CPU), on stderr when it is a terminal; cleared at the first token.
     let bar = prefill_bar();
-    let mut builder = Engine::builder(&a.model)
-        .profile(profile)
+    let builder = a
+        .budget
+        .builder(&a.model)?
         .prefetch_layers(a.prefetch_layers)
         .on_prefill_progress({
             let bar = bar.clone();
             move |p| show_prefill(&bar, p)
         });
-    if let Some(dir) = &a.disk_path {
-        builder = builder.disk_path(dir);
-    }
     // The tiers sized for this request's context; the request comes back tokenized, its
     // images preprocessed.
     let (engine, mut request) = builder.build_for(&request)?;

@@ -1203,25 +1203,6 @@ impl TierBackend for DiskTier {
     fn io_unit_bytes(&self) -> u64 {
         self.unit_bytes
     }
-    /// Reads (verifying) and rewrites (resealing for the new place) in pieces of whole
-    /// integrity units, so every write is one the tier accepts whatever the unit size.
-    fn copy_range(
-        &self,
-        src: &Reservation,
-        src_offset_bytes: u64,
-        dst: &Reservation,
-        dst_offset_bytes: u64,
-        len_bytes: u64,
-    ) -> Result<()> {
-        crate::align::copy_in_pieces(
-            self,
-            src,
-            src_offset_bytes,
-            dst,
-            dst_offset_bytes,
-            len_bytes,
-        )
-    }
 }
 
 impl DiskTier {

@@ -123,24 +123,6 @@ impl TierBackend for FaultyTier {
         }
     }
     // read_with / write_with stay `None`: every copy goes through `read` / `write` above.
-    fn copy_range(
-        &self,
-        src: &Reservation,
-        src_offset_bytes: u64,
-        dst: &Reservation,
-        dst_offset_bytes: u64,
-        len_bytes: u64,
-    ) -> Result<()> {
-        // Through `read` / `write` above (faults apply), in whole I/O units of the inner tier.
-        crate::align::copy_in_pieces(
-            self,
-            src,
-            src_offset_bytes,
-            dst,
-            dst_offset_bytes,
-            len_bytes,
-        )
-    }
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
