@@ -544,7 +544,10 @@ impl Drop for SpanClaim<'_> {
             return;
         };
         let mut st = shard.state.lock();
-        let tick = self.inner.tick();
+        // The end of a lend may let anyone go on; the end of a read only a lend, write or
+        // free that registered as waiting for reads (a read is the hot path: no wake-up and
+        // no clock tick for nobody).
+        let mut wake = true;
         if let Ok(e) = self.inner.entry(&mut st, self.handle) {
             let list = if self.lend {
                 &mut e.lends
@@ -556,11 +559,14 @@ impl Drop for SpanClaim<'_> {
             }
             if self.written {
                 e.written = true;
-                e.last_use = tick;
+                e.last_use = self.inner.tick();
             }
+            wake = self.lend || !e.lends_waiting.is_empty() || e.writers_waiting > 0;
         }
         drop(st);
-        shard.cond.notify_all();
+        if wake {
+            shard.cond.notify_all();
+        }
     }
 }
 
@@ -1450,6 +1456,7 @@ impl Inner {
                     }
                 }
             }
+            let used_before = self.used[tier.index()][kind.index()].load(Ordering::Acquire);
             // Not enough room: demote the kind's unpinned tensors from this tier. When the
             // only candidates are moving (another thread is bringing them up, writing them
             // back or compacting them), wait a little for them rather than fail at once; the
@@ -1472,6 +1479,10 @@ impl Inner {
                 // table, or under a plain read. It will be evictable in a moment: wait for
                 // it, out of the call's budget.
                 let used = self.used[tier.index()][kind.index()].load(Ordering::Acquire);
+                if used < used_before {
+                    // Others gave bytes back meanwhile: try again before judging.
+                    continue;
+                }
                 let in_flight = ev.moving > 0 || used > ev.settled_bytes;
                 if in_flight && !ev.failed && waits.pause() {
                     if !waited {

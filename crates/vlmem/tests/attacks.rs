@@ -8,37 +8,13 @@
 
 mod common;
 
-use common::{KIB, MIB, config, pattern};
+use common::{KIB, MIB, bounded, config, pattern};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 use vlmem::{
     ManagerConfig, ManagerError, MemoryManager, StepArena, TensorHandle, TensorKind, Tier,
 };
-
-/// Runs `f` on its own thread and fails the test if it does not finish within `limit`.
-fn bounded<T: Send + 'static>(
-    name: &str,
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    let worker = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let r = f();
-            let _ = tx.send(());
-            r
-        })
-        .unwrap();
-    match rx.recv_timeout(limit) {
-        Ok(()) | Err(RecvTimeoutError::Disconnected) => worker
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p)),
-        Err(RecvTimeoutError::Timeout) => panic!("{name}: no answer within {limit:?} (a hang)"),
-    }
-}
 
 fn quiet_panic<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))

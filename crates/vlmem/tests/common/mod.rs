@@ -88,3 +88,28 @@ pub fn align_allocator_ids() {
         general();
     }
 }
+
+/// Runs `f` on its own thread and fails the test if it does not finish within `limit`.
+pub fn bounded<T: Send + 'static>(
+    name: &str,
+    limit: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let r = f();
+            let _ = tx.send(());
+            r
+        })
+        .unwrap();
+    match rx.recv_timeout(limit) {
+        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => worker
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{name}: no answer within {limit:?} (a hang)")
+        }
+    }
+}
