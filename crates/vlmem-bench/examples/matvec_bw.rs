@@ -1,7 +1,7 @@
 //! Decode kernel speed against the memory read bound on the same buffer.
 //! `cargo run --release -p vlmem-bench --example matvec_bw [huge]`
 use std::time::Instant;
-use vlmem_runner::kernels::{self, WeightType};
+use vlmem_runner::kernels::{self, WeightFormat};
 
 fn main() {
     let huge = std::env::args().any(|a| a == "huge");
@@ -35,7 +35,7 @@ fn main() {
                     std::thread::sleep(std::time::Duration::from_micros(gap_us));
                 }
                 let t0 = Instant::now();
-                let y = kernels::matvec(w, WeightType::Bf16, r, c, &x[..c]).unwrap();
+                let y = kernels::matvec(w, WeightFormat::Bf16, r, c, &x[..c]).unwrap();
                 in_kernel += t0.elapsed().as_secs_f64();
                 sum += y[0];
                 off += r * c * 2;
@@ -61,7 +61,7 @@ fn lm_head_probe(buf: &[u8]) {
     let x: Vec<f32> = (0..c).map(|i| (i as f32 * 0.001).sin()).collect();
     for _ in 0..5 {
         let t = Instant::now();
-        let y = kernels::matvec(w, WeightType::Bf16, r, c, &x).unwrap();
+        let y = kernels::matvec(w, WeightFormat::Bf16, r, c, &x).unwrap();
         let s = t.elapsed().as_secs_f64();
         std::hint::black_box(&y);
         println!(

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 use std::time::Instant;
 use vlmem_bench::QWEN3VL_2B_LAYER_SHAPES as SHAPES;
-use vlmem_runner::kernels::{self, WeightType, bf16, pool};
+use vlmem_runner::kernels::{self, WeightFormat, bf16, pool};
 
 /// Rows per task: about 1 MiB of bf16 weights, a multiple of 4 rows.
 fn rows_per_task(cols: usize) -> usize {
@@ -49,7 +49,7 @@ fn main() {
             let per = rows_per_task(c);
             y.par_chunks_mut(per)
                 .zip(w.par_chunks(per * c * 2))
-                .for_each(|(y, w)| bf16::matvec_rows(w, WeightType::Bf16, c, &x[..c], y));
+                .for_each(|(y, w)| bf16::matvec_rows(w, WeightFormat::Bf16, c, &x[..c], y));
             check += y[0];
         });
         let rayon_gbps = bytes / t.elapsed().as_secs_f64() / 1e9;
@@ -59,7 +59,7 @@ fn main() {
             let per = rows_per_task(c);
             let parts = y.chunks_mut(per).zip(w.chunks(per * c * 2));
             pool.for_each(parts, |(y, w)| {
-                bf16::matvec_rows(w, WeightType::Bf16, c, &x[..c], y)
+                bf16::matvec_rows(w, WeightFormat::Bf16, c, &x[..c], y)
             });
             check += y[0];
         });

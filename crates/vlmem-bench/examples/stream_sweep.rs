@@ -1,5 +1,6 @@
-//! The streamed decode of `vlmem bench e2e` at several read-ahead reader counts, alternating,
-//! each beside the disk tier's O_DIRECT probe at the same depth:
+//! The streamed decode of `vlmem bench e2e` (through the engine `vlmem run` uses, 1 GiB of
+//! host RAM for weights) at several read-ahead reader counts, alternating, each beside the
+//! disk tier's O_DIRECT probe at the same depth:
 //! `cargo run --release -p vlmem-bench --example stream_sweep -- [READERS,...] [ROUNDS]`
 //! (default `1,2,4 3`; the checkpoint from `$VLMEM_CACHE` as in the suite).
 

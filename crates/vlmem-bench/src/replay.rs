@@ -1,4 +1,4 @@
-//! `vlmem bench replay`: the standard replays (`vlmem::replay`) at a size that fits this
+//! `vlmem bench replay`: the standard replays (`vlmem_workloads::replay`) at a size that fits this
 //! machine: Qwen3-VL-2B on the laptop profile (MX250 2 GiB, PCIe 3.0 x4, 16 GiB RAM), every
 //! byte size scaled by 1/64 (the weights stream by 1/16 in the full run), the device simulated in host memory with its link capped at the
 //! profile's bandwidth.
@@ -23,8 +23,8 @@
 //! least 5 points above LRU; step time within 15% of the bound. The notes say which were met.
 
 use crate::{BenchOptions, BenchResult, SuiteReport};
-use vlmem::replay::{ReplayOptions, Workload, run as replay};
 use vlmem_core::profile::HardwareProfile;
+use vlmem_workloads::replay::{ReplayOptions, Workload, run as replay};
 
 /// The model of the standard replays.
 pub const MODEL: &str = "qwen3-vl-2b";

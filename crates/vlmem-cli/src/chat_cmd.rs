@@ -32,9 +32,9 @@ pub struct ChatArgs {
     /// The hardware and the budgets.
     #[command(flatten)]
     budget: crate::run_cmd::BudgetArgs,
-    /// The longest conversation (every turn and answer, in tokens) the swap file is sized
-    /// to hold the KV cache of; a longer one is refused turn by turn (0: a 1 GiB swap file).
-    #[arg(long, default_value_t = 0)]
+    /// The longest conversation (every turn and answer, in tokens) the KV budgets and the
+    /// swap file are sized to hold; a longer one is refused turn by turn.
+    #[arg(long, default_value_t = vlmem_runner::engine::DEFAULT_CONTEXT_TOKENS)]
     max_context_tokens: u64,
     /// Layers whose weights are prefetched while one computes (0 turns prefetch off).
     #[arg(long, default_value_t = vlmem_runner::managed::DEFAULT_PREFETCH_LAYERS)]

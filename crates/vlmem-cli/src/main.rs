@@ -10,6 +10,7 @@ mod plan_cmd;
 mod profile_cmd;
 mod replay_cmd;
 mod run_cmd;
+mod run_report;
 mod stress_cmd;
 mod synth_cmd;
 

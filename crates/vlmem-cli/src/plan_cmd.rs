@@ -1,12 +1,12 @@
 //! `vlmem plan`: the placement plan of a model on a machine.
 
 use crate::CliError;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use vlmem_core::Tier;
 use vlmem_core::bytes::format_bytes;
 use vlmem_core::profile::{HardwareProfile, Overrides};
+use vlmem_qwen3vl::format::WeightFormat;
 use vlmem_qwen3vl::plan::{ModelSource, Plan, PlanRequest, plan};
-use vlmem_qwen3vl::tensors::Dtype;
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -25,9 +25,10 @@ pub struct PlanArgs {
     /// An image of WIDTHxHEIGHT pixels in the prompt (repeatable), e.g. 1024x1024.
     #[arg(long = "image", value_parser = parse_image)]
     images: Vec<(u64, u64)>,
-    /// How weights are held in the tiers (default: as stored, bf16 for the catalog).
-    #[arg(long, value_enum)]
-    dtype: Option<DtypeArg>,
+    /// How weights are held in the tiers: bf16, f16 or f32 (default: as stored, bf16 for the
+    /// catalog).
+    #[arg(long, value_parser = parse_format)]
+    dtype: Option<WeightFormat>,
     /// Usable GPU memory, e.g. 0, 512MiB, 2GiB (replaces the profile's).
     #[arg(long)]
     gpu_mem: Option<String>,
@@ -42,11 +43,9 @@ pub struct PlanArgs {
     json: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    Bf16,
-    F16,
-    F32,
+fn parse_format(s: &str) -> Result<WeightFormat, String> {
+    s.parse()
+        .map_err(|e: vlmem_qwen3vl::format::ParseFormatError| e.to_string())
 }
 
 fn parse_image(s: &str) -> Result<(u64, u64), String> {
@@ -73,11 +72,7 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         context_tokens: a.context,
         batch: a.batch,
         images: a.images,
-        dtype: a.dtype.map(|d| match d {
-            DtypeArg::Bf16 => Dtype::BF16,
-            DtypeArg::F16 => Dtype::F16,
-            DtypeArg::F32 => Dtype::F32,
-        }),
+        dtype: a.dtype,
     };
     let p = plan(&model, &profile, &req)?;
     if a.json {
@@ -211,11 +206,23 @@ fn print_table(p: &Plan) {
             units_on(p, tier)
         );
     }
+    let b = &pl.budgets.host;
     println!(
-        "  gpu also keeps {} for activations; host keeps {} to stream units from disk",
-        format_bytes(pl.gpu_activation_bytes),
-        format_bytes(pl.host_staging_bytes)
+        "  host budgets: weights {} (of which {} stage streamed tensors), KV {}, one step's activations {}, images {}",
+        format_bytes(b.weights),
+        format_bytes(pl.host_staging_bytes),
+        format_bytes(b.kv),
+        format_bytes(b.activations),
+        format_bytes(b.vision)
     );
+    if pl.budgets.gpu.total() > 0 {
+        println!(
+            "  gpu budgets: weights {}, kernels' vectors {}",
+            format_bytes(pl.budgets.gpu.weights),
+            format_bytes(pl.budgets.gpu.scratch)
+        );
+    }
+    println!("  (a layer on two tiers keeps its norms and first matrices on the faster one)");
     if p.fits {
         println!(
             "decode    at most {:.2} tokens/s",

@@ -5,8 +5,8 @@ use crate::CliError;
 use clap::Args;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use vlmem::replay::{ReplayOptions, Workload, parse_scale, run};
 use vlmem_core::profile::HardwareProfile;
+use vlmem_workloads::replay::{ReplayOptions, Workload, parse_scale, run};
 
 #[derive(Args)]
 pub struct ReplayArgs {

@@ -3,20 +3,17 @@
 //! built with `cuda` on a machine with a GPU, the first decoder layers on the GPU).
 
 use crate::CliError;
+use crate::run_report;
 use candle_core::{Device, Tensor};
 use clap::Args;
-use serde_json::json;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
-use vlmem::{TensorKind, Tier};
-use vlmem_core::bytes::format_bytes;
 use vlmem_core::profile::{HardwareProfile, Overrides};
-use vlmem_runner::engine::KV_BLOCK_TOKENS;
 use vlmem_runner::{
-    Activations, Engine, EngineError, FinishReason, GenerationConfig, Prompt, Request,
-    RequestImage, RunnerError, SamplingParams,
+    Engine, EngineError, GenerationConfig, Prompt, Request, RequestImage, RunnerError,
+    SamplingParams,
 };
 
 #[derive(Args)]
@@ -154,18 +151,16 @@ pub(crate) fn sampling_params(
     Ok(p)
 }
 
-/// An f32 setting as the shortest decimal that reads back as it (0.7, not 0.699999988).
-fn f32_json(x: f32) -> f64 {
-    x.to_string().parse().unwrap_or(f64::from(x))
-}
-
 impl From<RunnerError> for CliError {
     fn from(e: RunnerError) -> Self {
         match e {
             RunnerError::Candle(_)
-            | RunnerError::Weights(_)
+            | RunnerError::Weight { .. }
+            | RunnerError::WeightBuffer { .. }
+            | RunnerError::VisionCache(_)
+            | RunnerError::MalformedEmbedding
             | RunnerError::Gpu(_)
-            | RunnerError::Arena(_)
+            | RunnerError::Arena { .. }
             | RunnerError::KvCache(_) => CliError::failure(e),
             RunnerError::Io { ref source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
                 CliError::failure(e)
@@ -243,8 +238,8 @@ impl BudgetArgs {
     }
 }
 
-pub fn run(a: RunArgs) -> Result<(), CliError> {
-    let started = Instant::now();
+/// The request the flags ask for: the prompt (text or ids), its images, the token limit.
+fn request_of(a: &RunArgs) -> Result<Request, CliError> {
     let prompt = match (&a.prompt_ids, &a.prompt) {
         (Some(text), _) => Prompt::Ids(parse_ids(text)?),
         (None, Some(text)) => Prompt::Text(text.clone()),
@@ -256,6 +251,12 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     };
     let mut request = Request::new(prompt).max_new_tokens(a.max_new_tokens);
     request.images = a.images.iter().cloned().map(RequestImage::Path).collect();
+    Ok(request)
+}
+
+pub fn run(a: RunArgs) -> Result<(), CliError> {
+    let started = Instant::now();
+    let request = request_of(&a)?;
     // A progress bar for the prompt's forward pass (a large image or a long prompt takes
     // minutes on a laptop's CPU), on stderr when it is a terminal; cleared at the first token.
     let bar = prefill_bar();
@@ -272,21 +273,10 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     let (engine, mut request) = builder.build_for(&request)?;
     request.sampling = Some(sampling_params(&a.sampling, engine.generation_config())?);
     let open_s = started.elapsed().as_secs_f64();
-    let images: Vec<vlmem_runner::ImageInput> = request
-        .images
-        .iter()
-        .filter_map(|i| match i {
-            RequestImage::Preprocessed(x) => Some(x.clone()),
-            _ => None,
-        })
-        .collect();
-    // The decode speed the placement plan allows on this profile (its bandwidths, these
-    // budgets): what the report sets the measured speed against.
-    let prompt_len = match &request.prompt {
-        Prompt::Ids(ids) => ids.len(),
-        _ => 0,
-    };
-    let plan_bound = plan_bound(&a, engine.profile(), &images, prompt_len);
+    let image_count = request.images.len();
+    // The decode speed the engine's placement plan allows on this profile (its bandwidths,
+    // these budgets): what the report sets the measured speed against.
+    let plan_bound = Some(engine.plan().decode_tokens_per_s_bound);
 
     let mut streamed = Vec::new();
     let mut printed = 0usize;
@@ -306,7 +296,6 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         }
     })?;
     bar.finish_and_clear();
-    let ids = &reply.prompt_ids;
     if reply.text.is_none() && !a.json {
         println!(
             "(no tokenizer.json in the folder: the reply as ids) {:?}",
@@ -316,252 +305,15 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     if let Some(path) = &a.dump {
         dump(&engine, &request, &reply.generated_logits, path)?;
     }
-    let (manager, weights) = (engine.manager(), engine.weights());
-    let stats = manager.stats();
-    let host = Tier::Host.index();
-    let tokens = reply.ids.len().max(1) as f64;
-    let rs = &reply.stats;
-    let weight_bytes = engine.checkpoint().total_bytes();
-    let device_w = stats.resident.get(Tier::Device, TensorKind::Weight);
-    let host_w = stats.resident.get(Tier::Host, TensorKind::Weight);
-    // Weights with no faster copy are read in place from the checkpoint (the disk tier).
-    let disk_only_w = weight_bytes.saturating_sub(device_w + host_w);
-    let gpu = engine.gpu_report();
     if a.json {
-        let st = weights.staging();
-        let streaming = json!({
-            "staging_area_bytes": st.capacity_bytes,
-            "kept_bytes": st.kept_bytes,
-            "streamed_bytes": st.streamed_bytes,
-            "streamed_tensors": st.streamed_tensors,
-            "streamed_pieces": st.streamed_pieces,
-            "buffer_bytes": st.buffer_bytes,
-            "read_ahead": st.stats.filled,
-            "read_ahead_bytes": st.stats.filled_bytes,
-            "taken": st.stats.hits,
-            "waited": st.stats.waits,
-            "read_on_demand": st.stats.misses,
-            "dropped_unused": st.stats.dropped,
-        });
-        let p = &reply.sampling;
-        let v = json!({
-            "prompt_ids": ids,
-            "generated_ids": reply.ids,
-            "text": reply.text,
-            "finish_reason": reply.finish_reason.as_str(),
-            "stop_ids": reply.stop_ids,
-            "sampling": {
-                "mode": if p.is_greedy() { "greedy" } else { "sample" },
-                "temperature": f32_json(p.temperature),
-                "top_k": p.top_k,
-                "top_p": f32_json(p.top_p),
-                "min_p": f32_json(p.min_p),
-                "repetition_penalty": f32_json(p.repetition_penalty),
-                "presence_penalty": f32_json(p.presence_penalty),
-                "frequency_penalty": f32_json(p.frequency_penalty),
-                "seed": reply.seed,
-                "from_generation_config": engine.generation_config().do_sample,
-            },
-            "tokens_per_s": reply.decode_tokens_per_s(),
-            "plan_bound_tokens_per_s": plan_bound,
-            "time_to_first_token_s": reply.timings.time_to_first_token.as_secs_f64(),
-            "open_s": open_s,
-            "memory": {
-                "host_weight_bytes": host_w,
-                "device_weight_bytes": device_w,
-                "bytes_into_host_per_token": stats.counters.bytes_in[host] as f64 / tokens,
-                "host_hit_ratio": stats.counters.hit_ratio(Tier::Host),
-                "tiers": manager.describe_tiers(),
-                "tier_bytes": {
-                    "device": stats.resident.tier_total(Tier::Device),
-                    "host": stats.resident.tier_total(Tier::Host),
-                    "disk": stats.resident.tier_total(Tier::Disk),
-                },
-                "weight_bytes": {
-                    "total": weight_bytes,
-                    "device": device_w,
-                    "host": host_w,
-                    "disk_only": disk_only_w,
-                },
-                "bytes_streamed_per_decode_token": rs.streamed_bytes_per_decode_token,
-                "staged_bytes": weights.staged_bytes(),
-                "prefetch_layers": weights.prefetch_layers(),
-                "streaming": streaming,
-                "prefetch_hints": weights.prefetch_hints(),
-                "peak_rss_bytes": vlmem_core::profile::process_peak_rss_bytes(),
-            },
-            "gpu": gpu.as_ref().map(|r| {
-                json!({
-                    "device": r.device,
-                    "layers": r.layers,
-                    "weight_bytes": r.weight_bytes,
-                    "kernel_read_bytes": r.kernel_bytes,
-                    "kernel_s": r.kernel_s,
-                    "kernel_read_gb_per_s": if r.kernel_s > 0.0 {
-                        r.kernel_bytes as f64 / r.kernel_s / 1e9
-                    } else {
-                        0.0
-                    },
-                    "cpu_fallbacks": r.fallbacks,
-                })
-            }),
-            "kernel": vlmem_runner::kernels::isa(),
-            "kernel_read_gb_per_s": rs.kernel_read_gb_per_s,
-            "kernel_share_of_decode": rs.kernel_share_of_decode,
-            "kv_cache": match &rs.kv_pool {
-                Some(k) => json!({
-                    "paged": true,
-                    "block_tokens": KV_BLOCK_TOKENS,
-                    "blocks": k.blocks,
-                    "resident_blocks": k.resident_blocks,
-                    "swap_outs": k.swap_outs,
-                    "swap_ins": k.swap_ins,
-                }),
-                None => json!({ "paged": false }),
-            },
-            "activations": match &rs.activations {
-                Activations::Arena {
-                    tier,
-                    capacity_bytes,
-                    peak_bytes,
-                    steps,
-                } => json!({
-                    "in_arena": true,
-                    "tier": tier.to_string(),
-                    "arena_bytes": capacity_bytes,
-                    "peak_bytes": peak_bytes,
-                    "steps": steps,
-                }),
-                Activations::InProcess { reason } => json!({
-                    "in_arena": false,
-                    "reason": reason,
-                }),
-            },
-            "vision_cache": engine.vision_cache().map(|c| {
-                let v = c.stats();
-                json!({ "hits": v.hits, "misses": v.misses, "resident_bytes": v.resident_bytes })
-            }),
-        });
+        let report = run_report::json(&engine, &reply, open_s, plan_bound);
         println!(
             "{}",
-            serde_json::to_string_pretty(&v).map_err(CliError::failure)?
+            serde_json::to_string_pretty(&report).map_err(CliError::failure)?
         );
         return Ok(());
     }
-    println!();
-    println!("---");
-    println!(
-        "{} prompt ids, {} image(s), {} generated; open {:.2} s, time to first token {:.2} s, decode {:.2} tokens/s",
-        ids.len(),
-        images.len(),
-        reply.ids.len(),
-        open_s,
-        reply.timings.time_to_first_token.as_secs_f64(),
-        reply.decode_tokens_per_s()
-    );
-    let p = &reply.sampling;
-    let choice = match reply.seed {
-        Some(seed) => format!(
-            "sampled (temperature {}, top_k {}, top_p {}, min_p {}, seed {seed})",
-            p.temperature, p.top_k, p.top_p, p.min_p
-        ),
-        None => "greedy".to_string(),
-    };
-    let penalties = if p.has_penalties() {
-        format!(
-            ", penalties: repetition {}, presence {}, frequency {}",
-            p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-        )
-    } else {
-        String::new()
-    };
-    println!(
-        "tokens: {choice}{penalties}; finished: {}",
-        match reply.finish_reason {
-            FinishReason::Stop => "stop id",
-            FinishReason::Length => "--max-new-tokens reached",
-        }
-    );
-    if let Some(b) = plan_bound.filter(|&b| b > 0.0) {
-        println!(
-            "decode against the plan's bound: {:.2} of {:.2} tokens/s ({:.0}%; the bound uses profile {}'s bandwidths, see vlmem plan)",
-            reply.decode_tokens_per_s(),
-            b,
-            reply.decode_tokens_per_s() / b * 100.0,
-            engine.profile().name
-        );
-    }
-    println!(
-        "memory: weights resident in RAM {}, on the device {}; {} into RAM per generated token (first loads included); RAM hit ratio {:.3}",
-        format_bytes(host_w),
-        format_bytes(device_w),
-        format_bytes((stats.counters.bytes_in[host] as f64 / tokens) as u64),
-        stats.counters.hit_ratio(Tier::Host)
-    );
-    println!(
-        "weights by tier: device {}, host {}, read in place from disk {} (of {}); streamed per decode token {}; prefetch {} layer(s) ahead, {} hint(s); decode kernel {} reading {:.1} GB/s, {:.0}% of decode time",
-        format_bytes(device_w),
-        format_bytes(host_w),
-        format_bytes(disk_only_w),
-        format_bytes(weight_bytes),
-        format_bytes(rs.streamed_bytes_per_decode_token as u64),
-        weights.prefetch_layers(),
-        weights.prefetch_hints(),
-        vlmem_runner::kernels::isa(),
-        rs.kernel_read_gb_per_s,
-        rs.kernel_share_of_decode * 100.0,
-    );
-    if let Some(r) = &gpu {
-        println!(
-            "GPU: {}, decoder layers 0..{} ({}) compute there, kernels read {} in {:.3} s; {} CPU fallback(s)",
-            r.device,
-            r.layers,
-            format_bytes(r.weight_bytes),
-            format_bytes(r.kernel_bytes),
-            r.kernel_s,
-            r.fallbacks
-        );
-    }
-    match &rs.kv_pool {
-        Some(k) => {
-            println!(
-                "KV cache: paged in the manager, {} blocks of {} tokens ({} on the host), {} whole-layer swap-outs, {} swap-ins",
-                k.blocks, KV_BLOCK_TOKENS, k.resident_blocks, k.swap_outs, k.swap_ins
-            );
-        }
-        None => println!("KV cache: in process (the host has no KV budget for one block)"),
-    }
-    match &rs.activations {
-        Activations::Arena {
-            tier,
-            capacity_bytes,
-            peak_bytes,
-            steps,
-        } => println!(
-            "activations: in a step arena of the manager on the {tier} tier, {} (peak {}), {steps} decode step(s)",
-            format_bytes(*capacity_bytes),
-            format_bytes(*peak_bytes)
-        ),
-        Activations::InProcess { reason } => println!("activations: in process ({reason})"),
-    }
-    if let Some(c) = engine.vision_cache() {
-        let v = c.stats();
-        println!(
-            "vision cache: {} hit(s), {} miss(es), {} held",
-            v.hits,
-            v.misses,
-            format_bytes(v.resident_bytes)
-        );
-    }
-    if let Some(rss) = vlmem_core::profile::process_peak_rss_bytes() {
-        println!(
-            "process: peak resident memory {} (the tiers' pages in use, candle's buffers for the prompt and the vision tower, and the rest)",
-            format_bytes(rss)
-        );
-    }
-    for t in manager.describe_tiers() {
-        println!("tier: {t}");
-    }
+    run_report::print_text(&engine, &reply, image_count, open_s, plan_bound);
     Ok(())
 }
 
@@ -608,29 +360,6 @@ fn show_prefill(bar: &indicatif::ProgressBar, p: vlmem_runner::PrefillProgress) 
         bar.set_length(total as u64);
     }
     bar.set_position(done as u64);
-}
-
-/// The plan's decode bound (tokens/s) for this checkpoint, profile, prompt and images; `None`
-/// when the plan cannot be made.
-fn plan_bound(
-    a: &RunArgs,
-    profile: &HardwareProfile,
-    images: &[vlmem_runner::ImageInput],
-    prompt_len: usize,
-) -> Option<f64> {
-    use vlmem_qwen3vl::plan::{ModelSource, PlanRequest, plan};
-    let model = ModelSource::resolve(a.model.to_str()?).ok()?;
-    let req = PlanRequest {
-        context_tokens: prompt_len.saturating_add(a.max_new_tokens).max(1) as u64,
-        images: images
-            .iter()
-            .map(|i| (i.grid_thw[2] as u64 * 16, i.grid_thw[1] as u64 * 16))
-            .collect(),
-        ..PlanRequest::default()
-    };
-    plan(&model, profile, &req)
-        .ok()
-        .map(|p| p.decode_tokens_per_s_bound)
 }
 
 /// The prompt's logits and the generated logits, as safetensors.

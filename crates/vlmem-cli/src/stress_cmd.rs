@@ -3,7 +3,7 @@
 
 use crate::CliError;
 use clap::Args;
-use vlmem::stress::{StressOptions, run};
+use vlmem_workloads::stress::{StressOptions, run};
 
 #[derive(Args)]
 pub struct StressArgs {

@@ -216,8 +216,8 @@ fn run_bad_input_is_exit_2() {
 fn a_kv_cache_with_no_room_is_refused_up_front() {
     let dir = fixture("qwen3-vl-tiny");
     let tmp = tempfile::tempdir().unwrap();
-    // 2 layers x 256 blocks of 16 tokens x 4 KiB = 2 MiB of KV for 94 + 4,000 tokens; the
-    // host's KV budget holds 153 blocks (15% of 4 MiB), the disk's 102 (40% of 1 MiB).
+    // 2 layers x 631 blocks of 16 tokens x 4 KiB = 4.93 MiB of KV for 94 + 10,000 tokens; the
+    // plan gives the host's KV budget at most half of 4 MiB, the disk's is 40% of 1 MiB.
     let out = vlmem(&[
         "run",
         "--model",
@@ -227,7 +227,7 @@ fn a_kv_cache_with_no_room_is_refused_up_front() {
         "--image",
         dir.join("image0.png").to_str().unwrap(),
         "--max-new-tokens",
-        "4000",
+        "10000",
         "--host-mem",
         "4MiB",
         "--disk-mem",
@@ -238,7 +238,7 @@ fn a_kv_cache_with_no_room_is_refused_up_front() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("the KV cache of this request needs 2.00 MiB (4094 tokens of context)")
+        err.contains("the KV cache of this request needs 4.93 MiB (10094 tokens of context)")
             && err.contains("--host-mem"),
         "{err}"
     );

@@ -19,6 +19,16 @@ mod imp {
     /// Thread spawning and yielding.
     pub mod thread {
         pub use std::thread::{JoinHandle, spawn, yield_now};
+
+        /// Spawns a thread named `name` (shown by debuggers and `top -H`); `Err` when the
+        /// system refuses a thread, so the caller can go on without it.
+        pub fn spawn_named<F, T>(name: &str, f: F) -> std::io::Result<JoinHandle<T>>
+        where
+            F: FnOnce() -> T + Send + 'static,
+            T: Send + 'static,
+        {
+            std::thread::Builder::new().name(name.to_string()).spawn(f)
+        }
     }
 }
 
@@ -111,6 +121,15 @@ mod imp {
     /// Thread spawning and yielding.
     pub mod thread {
         pub use super::backend::thread::{JoinHandle, spawn, yield_now};
+
+        /// Spawns a thread (the model's threads carry no names); never refused here.
+        pub fn spawn_named<F, T>(_name: &str, f: F) -> std::io::Result<JoinHandle<T>>
+        where
+            F: FnOnce() -> T + Send + 'static,
+            T: Send + 'static,
+        {
+            Ok(spawn(f))
+        }
     }
 }
 

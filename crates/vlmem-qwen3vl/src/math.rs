@@ -1,15 +1,18 @@
 //! Memory math: what each part of a Qwen3-VL model costs in bytes.
 //!
 //! Weight bytes come from the tensor list (the catalog's, or a checkpoint's headers), so they
-//! are exact. KV bytes per token = 2 (K and V) x layers x kv_heads x head_dim x element size.
+//! are exact: each tensor's bytes are its shape in its [`WeightFormat`] (whole rows of whole
+//! blocks), as stored or as held in another format. KV bytes per token = 2 (K and V) x layers x kv_heads x head_dim x element size.
 //! Image costs follow the released preprocessor: `smart_resize` to a multiple of
 //! patch_size x merge_size (32) between min and max pixels, one ViT patch per 16x16 pixels,
 //! one LLM token per 2x2 patches.
 
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::TensorInfo;
 use crate::config::Qwen3VlConfig;
 use crate::error::{Error, Result};
-use crate::tensors::{Dtype, TensorClass, expected_tensors};
+use crate::format::WeightFormat;
+use crate::tensors::{Dtype, TensorClass, TensorSpec, expected_tensors};
 use serde::Serialize;
 
 /// Released preprocessor limits: `size.shortest_edge` (min pixels) and `longest_edge` (max).
@@ -105,10 +108,103 @@ impl WeightBytes {
     pub fn of_checkpoint(ckpt: &Checkpoint) -> Self {
         let mut w = WeightBytes::default();
         for t in &ckpt.tensors {
-            let numel = t.bytes / t.dtype.size_bytes();
+            let numel = t.shape.iter().product();
             w.add(t.class, t.layer, t.bytes, numel);
         }
         w
+    }
+
+    /// Weight bytes of `tensors` held as `format` (`None`: as stored). Each tensor is sized
+    /// on its own, by its shape in that format; tensors that are not floating-point weights
+    /// (integer tables) keep their stored bytes. An error names the first tensor whose rows
+    /// the format cannot store (not whole blocks, or past 64 bits).
+    pub fn of_tensors<'a>(
+        tensors: impl IntoIterator<Item = &'a WeightTensor>,
+        format: Option<WeightFormat>,
+    ) -> Result<Self> {
+        let mut w = WeightBytes::default();
+        for t in tensors {
+            let numel = t.params().ok_or_else(|| {
+                Error::BadRequest(format!("{}: {:?} elements overflow", t.name, t.shape))
+            })?;
+            w.add(t.class, t.layer, t.held_bytes(format)?, numel);
+        }
+        Ok(w)
+    }
+}
+
+/// A weight tensor as the memory math counts it: what it is part of, its shape, and its
+/// stored type and bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WeightTensor {
+    /// The checkpoint name.
+    pub name: String,
+    /// Dimensions; rows run along the last.
+    pub shape: Vec<u64>,
+    /// Stored element type.
+    pub dtype: Dtype,
+    /// Bytes as stored.
+    pub stored_bytes: u64,
+    /// What it is part of (`None` for names that are not Qwen3-VL weights).
+    pub class: Option<TensorClass>,
+    /// Decoder layer, for text-layer tensors.
+    pub layer: Option<u64>,
+}
+
+impl WeightTensor {
+    /// The tensors of a catalog model stored as `dtype`.
+    pub fn of_config(cfg: &Qwen3VlConfig, dtype: Dtype) -> Vec<Self> {
+        expected_tensors(cfg, dtype)
+            .iter()
+            .map(Self::from)
+            .collect()
+    }
+
+    /// The tensors of a checkpoint, as its headers describe them.
+    pub fn of_checkpoint(ckpt: &Checkpoint) -> Vec<Self> {
+        ckpt.tensors.iter().map(Self::from).collect()
+    }
+
+    /// Elements; `None` past 64 bits.
+    pub fn params(&self) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+    }
+
+    /// Bytes held as `format` (`None`: the stored bytes). A tensor whose stored type is not
+    /// a [`WeightFormat`] (an integer table) keeps its stored bytes in any format.
+    pub fn held_bytes(&self, format: Option<WeightFormat>) -> Result<u64> {
+        match format {
+            Some(f) if WeightFormat::from_dtype(self.dtype).is_some() => f
+                .tensor_bytes(&self.shape)
+                .map_err(|e| Error::BadRequest(format!("{}: {e}", self.name))),
+            _ => Ok(self.stored_bytes),
+        }
+    }
+}
+
+impl From<&TensorSpec> for WeightTensor {
+    fn from(t: &TensorSpec) -> Self {
+        WeightTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+            stored_bytes: t.bytes(),
+            class: Some(t.class),
+            layer: t.layer,
+        }
+    }
+}
+
+impl From<&TensorInfo> for WeightTensor {
+    fn from(t: &TensorInfo) -> Self {
+        WeightTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+            stored_bytes: t.bytes,
+            class: t.class,
+            layer: t.layer,
+        }
     }
 }
 
@@ -343,6 +439,107 @@ mod tests {
         let w30 =
             WeightBytes::of_config(&catalog::config("qwen3-vl-30b-a3b").unwrap(), Dtype::BF16);
         assert_eq!(w30.layer_expert_bytes[0], 128 * 9 * 1024 * 1024);
+    }
+
+    fn weight(name: &str, shape: &[u64], dtype: Dtype) -> WeightTensor {
+        WeightTensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            stored_bytes: shape.iter().product::<u64>() * dtype.size_bytes(),
+            class: TensorClass::of_name(name),
+            layer: crate::tensors::layer_of_name(name),
+        }
+    }
+
+    /// A checkpoint with bf16 matrices, f32 norms and an integer table.
+    fn mixed_tensors() -> Vec<WeightTensor> {
+        vec![
+            weight(
+                "model.language_model.embed_tokens.weight",
+                &[64, 16],
+                Dtype::BF16,
+            ),
+            weight(
+                "model.language_model.layers.0.self_attn.q_proj.weight",
+                &[16, 16],
+                Dtype::BF16,
+            ),
+            weight(
+                "model.language_model.layers.0.input_layernorm.weight",
+                &[16],
+                Dtype::F32,
+            ),
+            weight("model.language_model.norm.weight", &[16], Dtype::F32),
+            weight("position_ids", &[8], Dtype::I64),
+        ]
+    }
+
+    #[test]
+    fn each_tensor_is_held_in_the_requested_format_by_its_own_shape() {
+        let tensors = mixed_tensors();
+        let stored = WeightBytes::of_tensors(&tensors, None).unwrap();
+        assert_eq!(
+            stored.total_bytes,
+            64 * 16 * 2 + 16 * 16 * 2 + 16 * 4 + 16 * 4 + 8 * 8
+        );
+        assert_eq!(stored.total_params, 64 * 16 + 16 * 16 + 16 + 16 + 8);
+        let f32 = WeightBytes::of_tensors(&tensors, Some(WeightFormat::F32)).unwrap();
+        // f32 norms stay 4 bytes a value (not 8, as scaling the total by 4 / 2 would give);
+        // the integer table keeps its stored bytes.
+        assert_eq!(f32.total_bytes, (64 * 16 + 16 * 16 + 16 + 16) * 4 + 8 * 8);
+        assert_eq!(f32.embedding_bytes, 64 * 16 * 4);
+        assert_eq!(f32.final_norm_bytes, 16 * 4);
+        assert_eq!(f32.layer_bytes, [16 * 16 * 4 + 16 * 4]);
+        assert_eq!(f32.other_bytes, 8 * 8);
+        let bf16 = WeightBytes::of_tensors(&tensors, Some(WeightFormat::Bf16)).unwrap();
+        assert_eq!(bf16.final_norm_bytes, 16 * 2);
+        assert_eq!(bf16.total_bytes, (64 * 16 + 16 * 16 + 16 + 16) * 2 + 8 * 8);
+        assert_eq!(bf16.total_params, stored.total_params);
+    }
+
+    #[test]
+    fn a_tensor_the_format_cannot_size_is_an_error_naming_it() {
+        let mut tensors = mixed_tensors();
+        tensors.push(weight(
+            "model.language_model.layers.0.mlp.up_proj.weight",
+            &[1, 1],
+            Dtype::BF16,
+        ));
+        tensors.last_mut().unwrap().shape = vec![u64::MAX / 2, 4];
+        let e = WeightBytes::of_tensors(&tensors, Some(WeightFormat::F32)).unwrap_err();
+        assert!(
+            matches!(&e, Error::BadRequest(m) if m.starts_with("model.language_model.layers.0.mlp.up_proj.weight: ")),
+            "{e}"
+        );
+        tensors.last_mut().unwrap().shape = vec![u64::MAX, 4];
+        assert!(matches!(
+            WeightBytes::of_tensors(&tensors, None),
+            Err(Error::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn catalog_weights_match_their_tensors_in_every_format() {
+        for name in catalog::NAMES {
+            let cfg = catalog::config(name).unwrap();
+            let tensors = WeightTensor::of_config(&cfg, Dtype::BF16);
+            let as_stored = WeightBytes::of_config(&cfg, Dtype::BF16);
+            assert_eq!(WeightBytes::of_tensors(&tensors, None).unwrap(), as_stored);
+            for f in WeightFormat::ALL {
+                let held = WeightBytes::of_tensors(&tensors, Some(f)).unwrap();
+                assert_eq!(
+                    held,
+                    WeightBytes::of_config(&cfg, f.plain_dtype().unwrap()),
+                    "{name} {f}"
+                );
+                assert_eq!(
+                    held.total_bytes,
+                    held.total_params * f.block_bytes(),
+                    "{name} {f}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -27,7 +27,12 @@ use crate::catalog;
 use crate::checkpoint::Checkpoint;
 use crate::config::Qwen3VlConfig;
 use crate::error::{Error, Result};
-use crate::math::{ImageCost, WeightBytes, image_cost, kv_bytes_per_token};
+use crate::format::WeightFormat;
+use crate::math::{ImageCost, WeightBytes, WeightTensor, image_cost, kv_bytes_per_token};
+use crate::placement::{
+    self, Budgets, EMBED_TOKENS, FINAL_NORM, Home, KV_ELEMENT_BYTES, LM_HEAD, PlanTensor,
+    RequestNeeds, TensorPlacement, WeightPlacement, is_expert_stack, place_weights, text_layer,
+};
 use crate::tensors::Dtype;
 use serde::Serialize;
 use std::path::Path;
@@ -44,8 +49,8 @@ pub struct PlanRequest {
     pub batch: u64,
     /// Images as (width, height), in prompt order.
     pub images: Vec<(u64, u64)>,
-    /// How weights are held in the tiers; `None` keeps the stored type.
-    pub dtype: Option<Dtype>,
+    /// How weights are held in the tiers; `None` keeps the stored format.
+    pub dtype: Option<WeightFormat>,
 }
 
 impl Default for PlanRequest {
@@ -68,11 +73,13 @@ pub struct ModelSource {
     pub config: Qwen3VlConfig,
     /// Its weight bytes as stored.
     pub weights: WeightBytes,
-    /// Stored element type (bf16 for catalog entries).
-    pub stored_dtype: Dtype,
+    /// Stored format of the largest tensor (bf16 for catalog entries).
+    pub stored_format: WeightFormat,
     /// Whether the checkpoint already lies on disk (a folder) or would have to be fetched
     /// (a catalog name).
     pub on_disk: bool,
+    /// Every weight as stored (the checkpoint's, or the catalog's tensor list).
+    pub tensors: Vec<WeightTensor>,
 }
 
 impl ModelSource {
@@ -80,31 +87,20 @@ impl ModelSource {
     pub fn resolve(arg: &str) -> Result<Self> {
         if let Some(config) = catalog::config(arg) {
             let weights = WeightBytes::of_config(&config, Dtype::BF16);
+            let tensors = WeightTensor::of_config(&config, Dtype::BF16);
             return Ok(ModelSource {
                 name: arg.to_string(),
                 config,
                 weights,
-                stored_dtype: Dtype::BF16,
+                stored_format: WeightFormat::Bf16,
                 on_disk: false,
+                tensors,
             });
         }
         let path = Path::new(arg);
         if path.exists() {
             let ckpt = Checkpoint::open(path)?;
-            let weights = WeightBytes::of_checkpoint(&ckpt);
-            let stored_dtype = ckpt
-                .tensors
-                .iter()
-                .max_by_key(|t| t.bytes)
-                .map(|t| t.dtype)
-                .unwrap_or(Dtype::BF16);
-            return Ok(ModelSource {
-                name: arg.to_string(),
-                config: ckpt.config,
-                weights,
-                stored_dtype,
-                on_disk: true,
-            });
+            return Ok(ModelSource::of_checkpoint(arg, &ckpt));
         }
         if arg.contains('/') || arg.starts_with('.') {
             return Err(Error::Missing {
@@ -113,6 +109,24 @@ impl ModelSource {
             });
         }
         Err(Error::UnknownModel(arg.to_string()))
+    }
+
+    /// An opened checkpoint, shown as `name`.
+    pub fn of_checkpoint(name: &str, ckpt: &Checkpoint) -> Self {
+        let stored_format = ckpt
+            .tensors
+            .iter()
+            .max_by_key(|t| t.bytes)
+            .and_then(|t| WeightFormat::from_dtype(t.dtype))
+            .unwrap_or(WeightFormat::Bf16);
+        ModelSource {
+            name: name.to_string(),
+            config: ckpt.config.clone(),
+            weights: WeightBytes::of_checkpoint(ckpt),
+            stored_format,
+            on_disk: true,
+            tensors: WeightTensor::of_checkpoint(ckpt),
+        }
     }
 }
 
@@ -137,8 +151,8 @@ pub struct PlanWeights {
     pub expert_bytes_per_layer: u64,
     /// Parameters.
     pub total_params: u64,
-    /// The element type counted.
-    pub dtype: Dtype,
+    /// The format counted.
+    pub dtype: WeightFormat,
 }
 
 /// A unit of placement: what is placed, where, and what it costs per decoded token.
@@ -161,20 +175,25 @@ pub struct Placement {
     pub gpu_bytes: u64,
     /// Weight bytes resident in host RAM.
     pub host_bytes: u64,
-    /// Weight bytes left on disk (read in place from the checkpoint).
+    /// Weight bytes streamed from disk (read in place from the checkpoint).
     pub disk_bytes: u64,
-    /// The KV cache's tier and size.
+    /// The KV cache's tier: host, or disk when the host's KV budget holds only part of it
+    /// (the KV pool swaps the rest).
     pub kv_tier: Tier,
-    /// KV bytes for the whole context and batch.
+    /// KV bytes for the whole context and batch (f32, whole blocks).
     pub kv_bytes: u64,
-    /// GPU bytes kept for activations (text prefill, the vision tower's working set).
-    pub gpu_activation_bytes: u64,
-    /// Host bytes kept for double-buffered staging of units streamed from disk.
+    /// Host bytes kept for the staging area streamed weights are read ahead into.
     pub host_staging_bytes: u64,
-    /// Decoder layers fully resident (and computed) on the GPU.
+    /// Decoder layers whose matrices compute on the GPU.
     pub gpu_layers: u64,
-    /// Every unit.
+    /// Each memory class's budget on the GPU and the host, sized from the request.
+    pub budgets: Budgets,
+    /// Every unit (a decoder layer, lm_head, the embedding, the vision tower), split by tier
+    /// where its tensors are on more than one.
     pub units: Vec<PlacedUnit>,
+    /// Every weight: `{"name", "tier": "gpu"|"host"|"stream", "bytes"}`. The engine executes
+    /// exactly this (`vlmem run --json` reports the same array).
+    pub tensors: Vec<TensorPlacement>,
 }
 
 /// One term of the speed bound.
@@ -233,9 +252,9 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             "--batch or --context is absurdly large".into(),
         ));
     }
-    let dtype = req.dtype.unwrap_or(model.stored_dtype);
-    // Bytes as held in the tiers: stored bytes scaled to the requested element size.
-    let scale = |b: u64| b / model.stored_dtype.size_bytes() * dtype.size_bytes();
+    let format = req.dtype.unwrap_or(model.stored_format);
+    // Bytes as held in the tiers: each tensor by its own shape in the requested format.
+    let held = WeightBytes::of_tensors(&model.tensors, req.dtype)?;
     let w = &model.weights;
     let act_bytes = 4; // activations are f32 (SM 6.1 has no bf16 arithmetic)
     let images = req
@@ -243,8 +262,9 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         .iter()
         .map(|&(iw, ih)| image_cost(cfg, iw, ih, act_bytes))
         .collect::<Result<Vec<_>>>()?;
-    let kv_per_token = kv_bytes_per_token(cfg, dtype.size_bytes());
-    let kv_bytes = kv_per_token * req.context_tokens * req.batch;
+    // The KV cache as the engine holds it (f32, whole blocks).
+    let kv_per_token = kv_bytes_per_token(cfg, KV_ELEMENT_BYTES);
+    let kv_bytes = placement::kv_need_bytes(cfg, req.context_tokens, req.batch);
 
     let mut notes = Vec::new();
     let mut reason: Option<String> = None;
@@ -262,188 +282,58 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         ));
     }
 
-    // Streamed text units in decode order: (name, bytes held, bytes read per token).
-    let moe = cfg.text.moe.as_ref();
-    let mut text_units: Vec<(String, u64, u64)> = Vec::new();
-    for (l, (&layer, &experts)) in w.layer_bytes.iter().zip(&w.layer_expert_bytes).enumerate() {
-        let dense = scale(layer - experts);
-        text_units.push((format!("layer {l}"), dense, dense));
-        if experts > 0 {
-            let e = scale(experts);
-            let per_token = match moe {
-                Some(m) => e / m.num_experts * m.num_experts_per_tok,
-                None => e,
-            };
-            text_units.push((format!("layer {l} experts"), e, per_token));
-        }
-    }
-    let final_norm = scale(w.final_norm_bytes);
-    let (head_name, head_bytes) = if w.lm_head_bytes > 0 {
-        ("lm_head", scale(w.lm_head_bytes) + final_norm)
-    } else {
-        (
-            "lm_head (tied embedding)",
-            scale(w.embedding_bytes) + final_norm,
-        )
-    };
-    text_units.push((head_name.into(), head_bytes, head_bytes));
-    // Units that decode does not stream: the embedding (unless tied, where lm_head holds
-    // it) and the vision tower.
-    let mut cold_units: Vec<(String, u64)> = Vec::new();
-    if w.lm_head_bytes > 0 {
-        cold_units.push(("embedding".into(), scale(w.embedding_bytes)));
-    }
-    cold_units.push(("vision tower".into(), scale(w.vision_bytes)));
-    if w.other_bytes > 0 {
-        cold_units.push(("other tensors".into(), scale(w.other_bytes)));
-        notes.push(format!(
-            "{} bytes of tensors are not Qwen3-VL weights; they are counted but never read",
-            w.other_bytes
-        ));
-    }
-
-    // Activations on the device: text prefill of the context chunk and the vision tower.
-    let h = cfg.text.hidden_size;
-    let text_act = 8 * h * act_bytes * req.batch * 512.min(req.context_tokens.max(1));
-    let vision_act = images
+    // Every weight as held in the tiers, the budgets of the request, and the one placement.
+    let tensors: Vec<PlanTensor> = model
+        .tensors
         .iter()
-        .map(|i| i.vision_working_set_bytes + i.embeds_bytes + i.deepstack_bytes)
-        .max()
-        .unwrap_or(0);
-    let activation_bytes = text_act.max(vision_act);
-
+        .map(|t| {
+            Ok(PlanTensor {
+                name: t.name.clone(),
+                bytes: t.held_bytes(req.dtype)?,
+                dims: t.shape.len(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let embedding_row_bytes = format
+        .row_bytes(cfg.text.hidden_size)
+        .map_err(|e| Error::BadRequest(e.to_string()))?;
     let gpu_usable = profile.gpu_usable_bytes();
     let host_usable = profile.host.usable_bytes();
-    let has_gpu = profile.gpu.is_some() && activation_bytes < gpu_usable;
-    if profile.gpu.is_some() && !has_gpu {
-        notes.push(format!(
-            "the GPU's {gpu_usable} usable bytes cannot hold the activations ({activation_bytes}): the CPU computes everything"
-        ));
-    }
-    let mut gpu_left = if has_gpu {
-        gpu_usable - activation_bytes
-    } else {
-        0
+    let needs = RequestNeeds {
+        context_tokens: req.context_tokens,
+        batch: req.batch,
+        image_bytes: images
+            .iter()
+            .map(|i| i.embeds_bytes + i.deepstack_bytes)
+            .collect(),
     };
-    let mut host_left = host_usable;
-
-    // KV cache: on the GPU if it takes at most half of what is left there, else host.
-    let kv_tier = if has_gpu && kv_bytes <= gpu_left / 2 {
-        gpu_left -= kv_bytes;
-        Tier::Device
-    } else if kv_bytes <= host_left {
-        host_left -= kv_bytes;
+    let budgets = placement::budgets(cfg, gpu_usable, host_usable, &needs);
+    let placed = place_weights(cfg, &tensors, budgets.gpu.weights, budgets.host.weights);
+    let kv_tier = if budgets.host.kv >= kv_bytes {
         Tier::Host
     } else {
-        reason.get_or_insert(format!(
-            "the KV cache for {} tokens x {} sequences needs {}, more than the GPU and host budgets",
-            req.context_tokens,
-            req.batch,
-            format_bytes(kv_bytes)
-        ));
         Tier::Disk
     };
-    // What does not fit GPU and host streams from disk through a double buffer in host RAM.
-    let gpu_fit: u64 = {
-        let mut left = gpu_left;
-        text_units
-            .iter()
-            .take_while(|u| {
-                let fits = u.1 <= left;
-                left = left.saturating_sub(u.1);
-                fits
-            })
-            .map(|u| u.1)
-            .sum()
-    };
-    let total_text: u64 = text_units.iter().map(|u| u.1).sum();
-    // lm_head is a row-split matrix-vector product: it streams in chunks of a layer's size.
-    // An experts unit streams only the experts a token is routed to.
-    let largest_unit = text_units
-        .iter()
-        .filter(|u| u.0.starts_with("layer "))
-        .map(|u| u.2)
-        .max()
-        .unwrap_or(0);
-    let host_staging_bytes = if total_text - gpu_fit > host_left {
-        let staging = 2 * largest_unit;
-        if staging > host_left {
-            reason.get_or_insert(format!(
-                "host RAM ({} usable) cannot hold the double buffer ({}) that streams units from disk",
-                format_bytes(host_usable),
-                format_bytes(staging)
-            ));
-            0
-        } else {
-            host_left -= staging;
-            staging
-        }
-    } else {
-        0
-    };
-
-    let mut units: Vec<PlacedUnit> = Vec::new();
-    let mut gpu_layers: u64 = 0;
-    let mut prefix_on_gpu = true;
-    for (name, bytes, per_token) in &text_units {
-        let tier = if prefix_on_gpu && has_gpu && *bytes <= gpu_left {
-            gpu_left -= bytes;
-            Tier::Device
-        } else if *bytes <= host_left {
-            host_left -= bytes;
-            Tier::Host
-        } else {
-            Tier::Disk
-        };
-        // Only a prefix of layers lives on the GPU (one GPU -> CPU hand-over per token);
-        // lm_head may still go to the GPU if it fits there.
-        if name.starts_with("layer ") {
-            if tier != Tier::Device {
-                if prefix_on_gpu && name.ends_with("experts") {
-                    gpu_layers = gpu_layers.saturating_sub(1);
-                }
-                prefix_on_gpu = false;
-            } else if !name.ends_with("experts") {
-                gpu_layers += 1;
-            }
-        }
-        units.push(PlacedUnit {
-            name: name.clone(),
-            bytes: *bytes,
-            bytes_per_token: *per_token,
-            tier,
-        });
+    if budgets.host.weights == 0 && host_usable > 0 {
+        reason.get_or_insert(format!(
+            "host RAM ({} usable) holds no weights after one step's activations ({}) and the images' embeddings ({})",
+            format_bytes(host_usable),
+            format_bytes(budgets.host.activations),
+            format_bytes(budgets.host.vision)
+        ));
     }
-    // lm_head comes last in text_units: let it onto the GPU even after the layer prefix.
-    if let Some(head) = units.last_mut()
-        && head.tier != Tier::Device
-        && has_gpu
-        && head.bytes <= gpu_left
-    {
-        if head.tier == Tier::Host {
-            host_left += head.bytes;
-        }
-        head.tier = Tier::Device;
+    if host_usable == 0 {
+        reason.get_or_insert("no usable host RAM".into());
     }
-    for (name, bytes) in cold_units {
-        let tier = if bytes <= host_left {
-            host_left -= bytes;
-            Tier::Host
-        } else {
-            Tier::Disk
-        };
-        let per_token = if name == "embedding" {
-            h * dtype.size_bytes()
-        } else {
-            0
-        };
-        units.push(PlacedUnit {
-            name,
-            bytes,
-            bytes_per_token: per_token,
-            tier,
-        });
+    if placed.bytes_on(Home::Stream) > 0 && placed.staging_bytes == 0 {
+        notes.push(
+            "streamed weights are read on demand: the host budget has no room for a staging area"
+                .into(),
+        );
     }
+    let h = cfg.text.hidden_size;
+    let units = units_of(cfg, &tensors, &placed, embedding_row_bytes);
+    let gpu_layers = placed.gpu_layers;
     let sum_tier = |t: Tier| {
         units
             .iter()
@@ -463,9 +353,10 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             .map(|u| u.bytes_per_token)
             .sum::<u64>()
     };
+    let has_gpu = gpu_bytes > 0;
 
     // A checkpoint that is not on disk yet must fit there.
-    let total_held = scale(w.total_bytes);
+    let total_held = held.total_bytes;
     if !model.on_disk && total_held > profile.disk.free_bytes.saturating_add(host_usable) {
         reason.get_or_insert(format!(
             "the weights take {}, more than the profile's free disk ({}) and usable RAM ({}) together",
@@ -499,7 +390,7 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
     if let (Some(gpu), true) = (&profile.gpu, has_gpu) {
         compute.push(bw_term(
             "gpu_memory",
-            per_token_from(Tier::Device) + kv_on(Tier::Device),
+            per_token_from(Tier::Device),
             gpu.memory_bandwidth.bytes_per_s,
         ));
         // The hidden state crosses the link to the CPU and back once per token per sequence.
@@ -551,15 +442,15 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         batch: req.batch,
         weights: PlanWeights {
             total_bytes: total_held,
-            text_bytes: scale(w.text_bytes),
-            vision_bytes: scale(w.vision_bytes),
-            per_layer_bytes: scale(w.per_layer_bytes()),
+            text_bytes: held.text_bytes,
+            vision_bytes: held.vision_bytes,
+            per_layer_bytes: held.per_layer_bytes(),
             layers: cfg.text.num_hidden_layers,
-            embedding_bytes: scale(w.embedding_bytes),
-            lm_head_bytes: scale(w.lm_head_bytes),
-            expert_bytes_per_layer: scale(w.layer_expert_bytes.iter().copied().max().unwrap_or(0)),
+            embedding_bytes: held.embedding_bytes,
+            lm_head_bytes: held.lm_head_bytes,
+            expert_bytes_per_layer: held.layer_expert_bytes.iter().copied().max().unwrap_or(0),
             total_params: w.total_params,
-            dtype,
+            dtype: format,
         },
         kv_bytes_per_token: kv_per_token,
         images,
@@ -569,10 +460,11 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             disk_bytes,
             kv_tier,
             kv_bytes,
-            gpu_activation_bytes: if has_gpu { activation_bytes } else { 0 },
-            host_staging_bytes,
+            host_staging_bytes: placed.staging_bytes,
             gpu_layers,
+            budgets,
             units,
+            tensors: placed.tensors,
         },
         fits,
         reason,
@@ -580,6 +472,90 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         bound_terms: terms,
         notes,
     })
+}
+
+/// The tier a placement home is reported on.
+fn tier_of(home: Home) -> Tier {
+    match home {
+        Home::Gpu => Tier::Device,
+        Home::Host => Tier::Host,
+        Home::Stream => Tier::Disk,
+    }
+}
+
+/// The placement by unit (a decoder layer, its experts, lm_head, the embedding, the vision
+/// tower), split by tier where a unit's tensors are on more than one, in decode order, with
+/// the bytes decode reads of each per token: a layer and lm_head whole, the routed share of
+/// an expert stack, one row of an untied embedding, nothing of the vision tower.
+fn units_of(
+    cfg: &Qwen3VlConfig,
+    tensors: &[PlanTensor],
+    placed: &WeightPlacement,
+    embedding_row_bytes: u64,
+) -> Vec<PlacedUnit> {
+    let layers = cfg.text.num_hidden_layers;
+    let head = if cfg.text.tie_word_embeddings {
+        "lm_head (tied embedding)"
+    } else {
+        "lm_head"
+    };
+    // (order, name, share of bytes read per token as (numerator, denominator)).
+    let unit = |name: &str| -> (u64, String, (u64, u64)) {
+        if let Some(l) = text_layer(name).filter(|&l| l < layers) {
+            if is_expert_stack(name) {
+                let (k, e) = cfg
+                    .text
+                    .moe
+                    .as_ref()
+                    .map_or((1, 1), |m| (m.num_experts_per_tok, m.num_experts.max(1)));
+                return (2 * l + 1, format!("layer {l} experts"), (k, e));
+            }
+            return (2 * l, format!("layer {l}"), (1, 1));
+        }
+        let last = 2 * layers;
+        if name == FINAL_NORM
+            || name == LM_HEAD
+            || (name == EMBED_TOKENS && cfg.text.tie_word_embeddings)
+        {
+            (last, head.to_string(), (1, 1))
+        } else if name == EMBED_TOKENS {
+            (last + 1, "embedding".into(), (0, 1))
+        } else if name.starts_with("model.visual.") {
+            (last + 2, "vision tower".into(), (0, 1))
+        } else {
+            (last + 3, "other tensors".into(), (0, 1))
+        }
+    };
+    let mut out: Vec<(u64, PlacedUnit)> = Vec::new();
+    for (t, p) in tensors.iter().zip(&placed.tensors) {
+        let (order, name, (num, den)) = unit(&t.name);
+        let tier = tier_of(p.tier);
+        let per_token = if name == "embedding" {
+            embedding_row_bytes
+        } else {
+            t.bytes / den * num
+        };
+        match out
+            .iter_mut()
+            .find(|(_, u)| u.name == name && u.tier == tier)
+        {
+            Some((_, u)) => {
+                u.bytes += t.bytes;
+                u.bytes_per_token += per_token;
+            }
+            None => out.push((
+                order,
+                PlacedUnit {
+                    name,
+                    bytes: t.bytes,
+                    bytes_per_token: per_token,
+                    tier,
+                },
+            )),
+        }
+    }
+    out.sort_by_key(|(order, u)| (*order, u.tier.index()));
+    out.into_iter().map(|(_, u)| u).collect()
 }
 
 #[cfg(test)]
@@ -604,26 +580,16 @@ mod tests {
                 "{name}"
             );
             assert_eq!(p.weights.total_bytes, 2 * p.weights.total_params, "{name}");
-            let gpu_total = pl.gpu_bytes
-                + pl.gpu_activation_bytes
-                + if pl.kv_tier == Tier::Device {
-                    pl.kv_bytes
-                } else {
-                    0
-                };
+            let by_tensor: u64 = pl.tensors.iter().map(|t| t.bytes).sum();
+            assert_eq!(by_tensor, p.weights.total_bytes, "{name}");
             assert!(
-                gpu_total <= laptop().gpu_usable_bytes(),
+                pl.gpu_bytes <= pl.budgets.gpu.weights
+                    && pl.budgets.gpu.total() <= laptop().gpu_usable_bytes(),
                 "{name}: GPU overcommitted"
             );
-            let host_total = pl.host_bytes
-                + pl.host_staging_bytes
-                + if pl.kv_tier == Tier::Host {
-                    pl.kv_bytes
-                } else {
-                    0
-                };
             assert!(
-                host_total <= laptop().host.usable_bytes(),
+                pl.host_bytes + pl.host_staging_bytes <= pl.budgets.host.weights
+                    && pl.budgets.host.total() <= laptop().host.usable_bytes(),
                 "{name}: host overcommitted"
             );
         }
@@ -657,8 +623,8 @@ mod tests {
         assert_eq!(p.placement.disk_bytes, 0);
         assert_eq!(p.placement.gpu_bytes, 0);
         // 28 layers x 100,672,000 B + tied embedding 622,329,856 B + final norm 4,096 B,
-        // + KV 114,688 B x 1000 tokens.
-        let per_token = 28 * 100_672_000u64 + 622_329_856 + 4_096 + 114_688 * 1000;
+        // + f32 KV 229,376 B x 1000 tokens.
+        let per_token = 28 * 100_672_000u64 + 622_329_856 + 4_096 + 229_376 * 1000;
         let expect = profile.host.bandwidth.bytes_per_s / per_token as f64;
         assert!(
             (p.decode_tokens_per_s_bound - expect).abs() < 1e-9,

@@ -6,6 +6,7 @@
 //! agree by construction; tests check it against real fixture headers.
 
 use crate::config::Qwen3VlConfig;
+use crate::format::WeightFormat;
 use serde::Serialize;
 use std::fmt;
 
@@ -34,7 +35,8 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    /// Bytes per element.
+    /// Bytes per element. Weights are sized by their [`WeightFormat`] instead, whose rows
+    /// may be blocks of many elements.
     pub const fn size_bytes(self) -> u64 {
         match self {
             Dtype::BF16 | Dtype::F16 => 2,
@@ -204,9 +206,12 @@ impl TensorSpec {
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
-    /// Bytes stored.
+    /// Bytes stored: the shape in the dtype's [`WeightFormat`] (elements x size for types
+    /// that are not weight formats).
     pub fn bytes(&self) -> u64 {
-        self.numel() * self.dtype.size_bytes()
+        WeightFormat::from_dtype(self.dtype)
+            .and_then(|f| f.tensor_bytes(&self.shape).ok())
+            .unwrap_or_else(|| self.numel() * self.dtype.size_bytes())
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::time::Instant;
 use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
-use vlmem_runner::kernels::WeightType;
+use vlmem_runner::kernels::WeightFormat;
 use vlmem_runner::kernels::cuda::GpuKernels;
 
 const GIB: u64 = 1 << 30;
@@ -71,13 +71,13 @@ fn main() {
         let pin = m.pin(h, Tier::Device).expect("pin");
         let x = vec![0.5f32; cols];
         for _ in 0..3 {
-            k.matmul(&pin, WeightType::Bf16, rows, cols, &x, 1)
+            k.matmul(&pin, WeightFormat::Bf16, rows, cols, &x, 1)
                 .expect("warm");
         }
         let iters = (2_000_000_000 / bytes).clamp(20, 2000);
         let t = Instant::now();
         for _ in 0..iters {
-            k.matmul(&pin, WeightType::Bf16, rows, cols, &x, 1)
+            k.matmul(&pin, WeightFormat::Bf16, rows, cols, &x, 1)
                 .expect("matmul");
         }
         let per_call_s = t.elapsed().as_secs_f64() / iters as f64;

@@ -1,4 +1,6 @@
-//! Runs a Qwen3-VL checkpoint folder on a prompt and images, greedy, on the CPU.
+//! Runs a Qwen3-VL checkpoint folder on a prompt and images, greedy, on the CPU, through the
+//! engine `vlmem run` uses (the memory manager with the detected host's budgets, the managed
+//! weights, the paged KV pool, the vision cache, the step arena).
 //!
 //! ```text
 //! cargo run --release -p vlmem-runner --example run -- fixtures/qwen3-vl-tiny \
@@ -10,7 +12,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
-use vlmem_runner::{Runner, RunnerError};
+use vlmem_runner::{
+    Engine, EngineError, Prompt, Request, RequestImage, RunnerError, SamplingParams,
+};
 
 struct Args {
     dir: PathBuf,
@@ -64,33 +68,38 @@ fn parse() -> Result<Args, String> {
     Ok(args)
 }
 
-fn run(args: Args) -> Result<(), RunnerError> {
+fn run(args: Args) -> Result<(), EngineError> {
     let t0 = Instant::now();
-    let runner = Runner::open(&args.dir)?;
-    let images = runner.load_images(&args.images)?;
-    let ids = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, text) => runner.chat_ids(
-            text.as_deref()
-                .unwrap_or("Describe this image in one sentence."),
-            &images,
-        )?,
+    let prompt = match (args.prompt_ids, args.prompt) {
+        (Some(ids), _) => Prompt::Ids(ids),
+        (None, text) => {
+            Prompt::Text(text.unwrap_or_else(|| "Describe this image in one sentence.".into()))
+        }
     };
+    let mut request = Request::new(prompt)
+        .max_new_tokens(args.max_new_tokens)
+        .sampling(SamplingParams::greedy());
+    request.images = args.images.into_iter().map(RequestImage::Path).collect();
+    // The tiers sized for this request's context, on the CPU; the request comes back
+    // tokenized, its images preprocessed.
+    let (engine, request) = Engine::builder(&args.dir).gpu_mem(0).build_for(&request)?;
+    engine.check_request(&request)?;
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
-    println!("prompt: {} ids, {} image(s)", ids.len(), images.len());
-    let mut text_so_far = Vec::new();
-    let gen_ = runner.generate_ids(&ids, &images, args.max_new_tokens, &mut |id| {
-        text_so_far.push(id);
-    })?;
-    println!("generated ids: {:?}", gen_.generated_ids);
+    let prompt_len = match &request.prompt {
+        Prompt::Ids(ids) => ids.len(),
+        _ => 0,
+    };
     println!(
-        "text: {:?}",
-        runner.decode(&gen_.generated_ids)?.unwrap_or_default()
+        "prompt: {prompt_len} ids, {} image(s)",
+        request.images.len()
     );
+    let reply = engine.generate(&request, &mut |_| {})?;
+    println!("generated ids: {:?}", reply.ids);
+    println!("text: {:?}", reply.text.as_deref().unwrap_or_default());
     println!(
         "open {open_ms:.1} ms, time to first token {:.1} ms, decode {:.1} tokens/s",
-        gen_.time_to_first_token.as_secs_f64() * 1e3,
-        gen_.decode_tokens_per_s()
+        reply.timings.time_to_first_token.as_secs_f64() * 1e3,
+        reply.decode_tokens_per_s()
     );
     Ok(())
 }
@@ -105,7 +114,7 @@ fn main() -> ExitCode {
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(RunnerError::Candle(e)) => {
+        Err(e @ (EngineError::Model(RunnerError::Candle(_)) | EngineError::Manager(_))) => {
             eprintln!("internal error: {e}");
             ExitCode::from(1)
         }

@@ -81,20 +81,44 @@ pub enum RunnerError {
     #[error("{0}")]
     BadRequest(String),
     /// The memory manager could not provide a weight (I/O error, corrupt data, no room).
-    #[error("weight {0}")]
-    Weights(String),
+    #[error("weight {name}: {source}")]
+    Weight {
+        /// The tensor name.
+        name: String,
+        /// What the manager said.
+        source: vlmem::ManagerError,
+    },
+    /// No buffer could be had to read a weight into (a weight read on demand).
+    #[error("weight {name}: no buffer to read it into: {source}")]
+    WeightBuffer {
+        /// The tensor name.
+        name: String,
+        /// Why.
+        source: vlmem_tier::TierError,
+    },
+    /// The vision cache could not keep or lend an image's embedding.
+    #[error("vision cache: {0}")]
+    VisionCache(#[source] vlmem::ManagerError),
+    /// A cached image embedding is not one the runner wrote.
+    #[error("vision cache: malformed embedding")]
+    MalformedEmbedding,
     /// The GPU kernels could not run (no driver, a launch or copy failed, a weight not in
     /// GPU memory).
     #[error("GPU: {0}")]
     Gpu(String),
     /// The step arena could not hold a decode step's activations (a sizing bug), or lending
     /// its views failed.
-    #[error("step arena: {0}")]
-    Arena(String),
+    #[error("step arena of a decode step at {tokens} tokens: {source}")]
+    Arena {
+        /// The step's context.
+        tokens: usize,
+        /// What the manager said.
+        source: vlmem::ManagerError,
+    },
     /// The paged KV pool refused (no room left in the KV budgets of the host and the disk, an
     /// I/O error while swapping).
     #[error("KV cache: {0}")]
-    KvCache(String),
+    KvCache(#[from] vlmem::KvError),
     /// The tensor library failed (shape bugs, device errors).
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

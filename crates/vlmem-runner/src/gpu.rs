@@ -10,9 +10,8 @@
 //! manager brings it up from the checkpoint on first use and keeps it there; a pin that fails
 //! (no room, no GPU memory) falls back to the CPU path with the same result.
 
-use crate::kernels::WeightType;
-use std::collections::{BTreeMap, BTreeSet};
-use vlmem_qwen3vl::checkpoint::Checkpoint;
+use std::collections::BTreeSet;
+use vlmem_qwen3vl::placement::{Home, WeightPlacement};
 
 #[cfg(feature = "cuda")]
 pub use on_gpu::GpuLayers;
@@ -34,8 +33,9 @@ pub struct GpuReport {
     pub fallbacks: u64,
 }
 
-/// Which decoder layers compute on the GPU: from layer 0 up, as many whole layers as a
-/// device weight budget holds, and their 2-D matrices (the weights the GPU kernels multiply;
+/// The decoder layers that compute on the GPU, as the engine's plan places them
+/// ([`vlmem_qwen3vl::placement::place_weights`]: from layer 0 up, as many whole layers as the
+/// GPU's weight budget holds), and their 2-D matrices (the weights the GPU kernels multiply;
 /// norms and expert stacks stay with the CPU).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpuLayerPlan {
@@ -48,28 +48,14 @@ pub struct GpuLayerPlan {
 }
 
 impl GpuLayerPlan {
-    /// The plan for `checkpoint` and `budget_bytes` of device memory for weights.
-    pub fn new(checkpoint: &Checkpoint, budget_bytes: u64) -> Self {
-        let mut by_layer: BTreeMap<u64, Vec<(&str, u64)>> = BTreeMap::new();
-        for t in &checkpoint.tensors {
-            if let (Some(layer), 2, Some(_)) =
-                (t.layer, t.shape.len(), WeightType::from_dtype(t.dtype))
-            {
-                by_layer.entry(layer).or_default().push((&t.name, t.bytes));
-            }
+    /// The GPU's share of `placement`.
+    pub fn of(placement: &WeightPlacement) -> Self {
+        let on_gpu = placement.tensors.iter().filter(|t| t.tier == Home::Gpu);
+        GpuLayerPlan {
+            layers: placement.gpu_layers as usize,
+            weight_bytes: on_gpu.clone().map(|t| t.bytes).sum(),
+            matrices: on_gpu.map(|t| t.name.clone()).collect(),
         }
-        let mut plan = GpuLayerPlan::default();
-        for (expect, (layer, mats)) in by_layer.into_iter().enumerate() {
-            let bytes: u64 = mats.iter().map(|m| m.1).sum();
-            if layer != expect as u64 || plan.weight_bytes + bytes > budget_bytes {
-                break;
-            }
-            plan.weight_bytes += bytes;
-            plan.layers += 1;
-            plan.matrices
-                .extend(mats.into_iter().map(|(n, _)| n.to_string()));
-        }
-        plan
     }
 
     /// Whether `name` computes on the GPU.
@@ -82,7 +68,7 @@ impl GpuLayerPlan {
 mod on_gpu {
     use super::{GpuLayerPlan, GpuReport};
     use crate::error::{Result, RunnerError};
-    use crate::kernels::WeightType;
+    use crate::kernels::WeightFormat;
     use crate::kernels::cuda::GpuKernels;
     use crate::managed::ManagedWeights;
     use crate::weights::WeightSource;
@@ -99,7 +85,7 @@ mod on_gpu {
         handle: TensorHandle,
         rows: usize,
         cols: usize,
-        ty: WeightType,
+        ty: WeightFormat,
     }
 
     /// See the module documentation.
@@ -149,7 +135,7 @@ mod on_gpu {
                     .handle(name)
                     .ok_or_else(|| RunnerError::MissingTensor { name: name.clone() })?;
                 let (Some(ty), [r, c]) =
-                    (WeightType::from_dtype(info.dtype), info.shape.as_slice())
+                    (WeightFormat::from_dtype(info.dtype), info.shape.as_slice())
                 else {
                     continue;
                 };

@@ -279,7 +279,7 @@ impl PagedKv {
     }
 
     fn kv_err(e: vlmem::KvError) -> crate::error::RunnerError {
-        crate::error::RunnerError::KvCache(e.to_string())
+        crate::error::RunnerError::KvCache(e)
     }
 }
 

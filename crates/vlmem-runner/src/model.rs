@@ -397,11 +397,8 @@ impl Qwen3Vl {
         if let Some(e) = failed {
             return Err(e);
         }
-        let (embedding, _hit) =
-            got.map_err(|e| RunnerError::Weights(format!("vision cache: {e}")))?;
-        let bytes = embedding
-            .to_vec()
-            .map_err(|e| RunnerError::Weights(format!("vision cache: {e}")))?;
+        let (embedding, _hit) = got.map_err(RunnerError::VisionCache)?;
+        let bytes = embedding.to_vec().map_err(RunnerError::VisionCache)?;
         decode_vision(&bytes, &self.device)
     }
 
@@ -719,7 +716,7 @@ fn encode_vision(out: &VisionOutput) -> Result<Vec<u8>> {
 
 /// The inverse of [`encode_vision`]; a malformed buffer is an error.
 fn decode_vision(bytes: &[u8], device: &Device) -> Result<VisionOutput> {
-    let bad = || RunnerError::Weights("vision cache: malformed embedding".into());
+    let bad = || RunnerError::MalformedEmbedding;
     let word = |i: usize| -> Result<usize> {
         let b = bytes.get(i * 8..i * 8 + 8).ok_or_else(bad)?;
         Ok(u64::from_le_bytes(b.try_into().map_err(|_| bad())?) as usize)

@@ -18,6 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
+use vlmem_qwen3vl::format::WeightFormat;
 use vlmem_qwen3vl::tensors::Dtype;
 
 /// A source of model weights, staged as f32 tensors on the compute device.
@@ -348,8 +349,12 @@ impl WeightSource for CheckpointWeights {
                 });
             }
         };
-        let elem_bytes = info.dtype.size_bytes() as usize;
-        let row_bytes = cols * elem_bytes;
+        let ty =
+            WeightFormat::from_dtype(info.dtype).ok_or_else(|| RunnerError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: info.dtype.safetensors_name().to_string(),
+            })?;
+        let row_bytes = crate::kernels::row_bytes(ty, cols)?;
         let file = self
             .files
             .get(&info.file)

@@ -78,8 +78,19 @@ fn gpu_kernels_pass_their_cpu_emulation() {
     assert!(text.contains("44 of 44 checks passed"), "{text}");
 }
 
-/// The GPU takes whole decoder layers from layer 0 up while the budget holds them, only
-/// their 2-D matrices (never norms or 3-D expert stacks), and nothing else.
+/// The GPU's share of the plan for `budget` bytes of GPU weights.
+fn gpu_plan(
+    ckpt: &vlmem_qwen3vl::checkpoint::Checkpoint,
+    budget: u64,
+) -> vlmem_runner::gpu::GpuLayerPlan {
+    let tensors = vlmem_runner::managed::plan_tensors(ckpt);
+    let placement =
+        vlmem_qwen3vl::placement::place_weights(&ckpt.config, &tensors, budget, u64::MAX);
+    vlmem_runner::gpu::GpuLayerPlan::of(&placement)
+}
+
+/// The plan gives the GPU whole decoder layers from layer 0 up while its budget holds them,
+/// only their 2-D matrices (never norms or 3-D expert stacks), and nothing else.
 #[test]
 fn gpu_layer_plan_takes_whole_layers_from_the_first() {
     use vlmem_qwen3vl::checkpoint::Checkpoint;
@@ -95,20 +106,16 @@ fn gpu_layer_plan_takes_whole_layers_from_the_first() {
         };
         let bytes = |l: u64| matrices(l).map(|t| t.bytes).sum::<u64>();
         let all: u64 = (0..layers as u64).map(bytes).sum();
-        assert_eq!(
-            GpuLayerPlan::new(&ckpt, 0),
-            GpuLayerPlan::default(),
-            "{name}"
-        );
-        assert_eq!(GpuLayerPlan::new(&ckpt, bytes(0) - 1).layers, 0, "{name}");
-        let one = GpuLayerPlan::new(&ckpt, bytes(0) + bytes(1) - 1);
+        assert_eq!(gpu_plan(&ckpt, 0), GpuLayerPlan::default(), "{name}");
+        assert_eq!(gpu_plan(&ckpt, bytes(0) - 1).layers, 0, "{name}");
+        let one = gpu_plan(&ckpt, bytes(0) + bytes(1) - 1);
         assert_eq!((one.layers, one.weight_bytes), (1, bytes(0)), "{name}");
         assert_eq!(
             one.matrices,
             matrices(0).map(|t| t.name.clone()).collect(),
             "{name}"
         );
-        let every = GpuLayerPlan::new(&ckpt, u64::MAX);
+        let every = gpu_plan(&ckpt, u64::MAX);
         assert_eq!((every.layers, every.weight_bytes), (layers, all), "{name}");
         for t in &ckpt.tensors {
             let want = t.layer.is_some() && t.shape.len() == 2;
@@ -126,7 +133,6 @@ fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
     use std::sync::Arc;
     use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
     use vlmem_qwen3vl::checkpoint::Checkpoint;
-    use vlmem_runner::gpu::GpuLayerPlan;
     use vlmem_runner::{GenerateOptions, ManagedWeights, Runner};
     let dir = fixture_dir("qwen3-vl-tiny");
     let ckpt = Checkpoint::open(&dir).unwrap();
@@ -136,7 +142,7 @@ fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
         .filter(|t| t.layer == Some(0) && t.shape.len() == 2)
         .map(|t| t.bytes)
         .sum();
-    let plan = GpuLayerPlan::new(&ckpt, layer0);
+    let plan = gpu_plan(&ckpt, layer0);
     assert_eq!(plan.layers, 1);
     let manager = || {
         let mut c = ManagerConfig::with_capacities(0, 8 << 20, 4 << 20);
@@ -146,8 +152,10 @@ fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
     let all = ManagedWeights::register(manager(), &ckpt, Tier::Host, &Device::Cpu)
         .unwrap()
         .staging();
+    let tensors = vlmem_runner::managed::plan_tensors(&ckpt);
+    let placement = vlmem_qwen3vl::placement::place_weights(&ckpt.config, &tensors, layer0, 0);
     let except =
-        ManagedWeights::register_except(manager(), &ckpt, Tier::Host, &Device::Cpu, &plan.matrices)
+        ManagedWeights::register_planned(manager(), &ckpt, Tier::Host, &Device::Cpu, &placement)
             .unwrap();
     let st = except.staging();
     assert_eq!(
@@ -185,7 +193,7 @@ mod on_gpu {
     use vlmem_qwen3vl::checkpoint::Checkpoint;
     use vlmem_runner::gpu::{GpuLayerPlan, GpuLayers};
     use vlmem_runner::kernels::cuda::GpuKernels;
-    use vlmem_runner::kernels::{self, WeightType};
+    use vlmem_runner::kernels::{self, WeightFormat};
     use vlmem_runner::{GenerateOptions, LogitsFor, ManagedWeights, PrefillOptions, Runner};
 
     const MIB: u64 = 1 << 20;
@@ -225,17 +233,17 @@ mod on_gpu {
             .collect()
     }
 
-    fn stored(v: &[f32], ty: WeightType) -> Vec<u8> {
+    fn stored(v: &[f32], ty: WeightFormat) -> Vec<u8> {
         match ty {
-            WeightType::Bf16 => v
+            WeightFormat::Bf16 => v
                 .iter()
                 .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
                 .collect(),
-            WeightType::F16 => v
+            WeightFormat::F16 => v
                 .iter()
                 .flat_map(|&x| f16::from_f32(x).to_le_bytes())
                 .collect(),
-            WeightType::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+            WeightFormat::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
         }
     }
 
@@ -251,7 +259,7 @@ mod on_gpu {
         eprintln!("{}", k.describe());
         let shapes = [(1, 1), (7, 13), (3, 8), (33, 264), (64, 2048), (257, 1000)];
         let mut seed = 1;
-        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+        for ty in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32] {
             for &(rows, cols) in &shapes {
                 for n in [1usize, 3, 40] {
                     seed += 1;
@@ -290,13 +298,13 @@ mod on_gpu {
         require_gpu();
         let m = gpu_manager(MIB, MIB);
         let k = GpuKernels::new(0).unwrap();
-        let w = stored(&values(64, 1), WeightType::Bf16);
+        let w = stored(&values(64, 1), WeightFormat::Bf16);
         let on_host = m.allocate(w.len() as u64, TensorKind::Weight, 1).unwrap();
         m.write(on_host, 0, &w).unwrap();
         let pin = m.pin(on_host, Tier::Host).unwrap();
         assert!(pin.device_address().unwrap().is_none());
         assert!(
-            k.matmul(&pin, WeightType::Bf16, 8, 8, &[0.0; 8], 1)
+            k.matmul(&pin, WeightFormat::Bf16, 8, 8, &[0.0; 8], 1)
                 .is_err()
         );
         drop(pin);
@@ -307,23 +315,23 @@ mod on_gpu {
         let pin = m.pin(on_dev, Tier::Device).unwrap();
         // 8 x 16 bf16 is 256 bytes, the pin holds 128.
         assert!(
-            k.matmul(&pin, WeightType::Bf16, 8, 16, &[0.0; 16], 1)
+            k.matmul(&pin, WeightFormat::Bf16, 8, 16, &[0.0; 16], 1)
                 .is_err()
         );
         // 7 inputs for an 8-wide matrix.
         assert!(
-            k.matmul(&pin, WeightType::Bf16, 8, 8, &[0.0; 7], 1)
+            k.matmul(&pin, WeightFormat::Bf16, 8, 8, &[0.0; 7], 1)
                 .is_err()
         );
         // Right at last; zero input rows give nothing.
         assert_eq!(
-            k.matmul(&pin, WeightType::Bf16, 8, 8, &[1.0; 8], 1)
+            k.matmul(&pin, WeightFormat::Bf16, 8, 8, &[1.0; 8], 1)
                 .unwrap()
                 .len(),
             8
         );
         assert!(
-            k.matmul(&pin, WeightType::Bf16, 8, 8, &[], 0)
+            k.matmul(&pin, WeightFormat::Bf16, 8, 8, &[], 0)
                 .unwrap()
                 .is_empty()
         );
@@ -364,14 +372,20 @@ mod on_gpu {
             ] {
                 let what = format!("{name}, device {device_w} B, host {host_w} B");
                 let m = gpu_manager(device_w, host_w);
-                let plan = GpuLayerPlan::new(&ckpt, device_w);
+                let placement = vlmem_qwen3vl::placement::place_weights(
+                    &ckpt.config,
+                    &vlmem_runner::managed::plan_tensors(&ckpt),
+                    device_w,
+                    host_w,
+                );
+                let plan = GpuLayerPlan::of(&placement);
                 let weights = Arc::new(
-                    ManagedWeights::register_except(
+                    ManagedWeights::register_planned(
                         m.clone(),
                         &ckpt,
                         Tier::Host,
                         &Device::Cpu,
-                        &plan.matrices,
+                        &placement,
                     )
                     .unwrap(),
                 );

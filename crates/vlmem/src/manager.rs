@@ -936,6 +936,37 @@ impl MemoryManager {
         }
     }
 
+    /// A prefetch its caller waits for: brings the tensor to `tier` on the calling thread,
+    /// as a prefetch worker would (the prefetch priority; nothing to do when it is there
+    /// already), waiting for other threads (a move of it, room being made) until `deadline`
+    /// at most, and no longer than a call may (`ManagerConfig::max_call_wait`). Returns
+    /// whether the tensor is on `tier` when the call returns: false when the bring failed
+    /// (no room, a foreign or freed handle) or the waiting ran out. Counted as a prefetch,
+    /// and as a failed one when it returns false. For a thread that reads ahead in order,
+    /// one tensor at a time: it learns when each landed without polling, and nothing of the
+    /// prefetch goes on after the call.
+    pub fn prefetch_wait(&self, handle: TensorHandle, tier: Tier, deadline: Instant) -> bool {
+        let inner = &self.inner;
+        inner.counters.prefetches.fetch_add(1, Ordering::Relaxed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let waits = Waits::new(left.min(inner.max_call_wait));
+        let landed = match inner.prefetch_is_stale(handle, tier, inner.tick()) {
+            Ok(false) => inner
+                .bring(handle, tier, Priority::Prefetch, false, &waits)
+                .is_ok(),
+            Ok(true) | Err(_) => self
+                .residency(handle)
+                .is_ok_and(|(tiers, _)| tiers.contains(&tier)),
+        };
+        if !landed {
+            inner
+                .counters
+                .prefetch_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        landed
+    }
+
     /// The order in which weights are used, cyclically (layer order). Under pressure the
     /// weights policy then evicts the weight whose next use is farthest (Belady's choice for
     /// a known order) instead of the least recently used one.

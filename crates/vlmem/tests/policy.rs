@@ -1,6 +1,7 @@
 //! Cache policies against hand-worked traces, the Zipf ordering of policies (OPT >= S3-FIFO >
-//! LRU), the weights plan against OPT on a cyclic scan, the content hash, and the vision cache
-//! (single flight, budget never exceeded under 4 threads, bytes intact).
+//! LRU), the weights plan against OPT on a cyclic scan, the manager's plan-driven weight
+//! eviction after a pin ahead of the plan, the content hash, and the vision cache (single
+//! flight, budget never exceeded under 4 threads, bytes intact).
 
 mod common;
 
@@ -373,6 +374,35 @@ fn demand_paging_min_gets_k_minus_1_per_cycle() {
     assert!(min.hits >= warm * (k - 1), "{}", min.hits);
     assert!(min.hits < warm * k, "{}", min.hits);
     assert_eq!(min.hits, simulate(PolicyKind::Belady, &t, k).hits - 2);
+}
+
+/// The weights policy measures "next use" from the weight being pinned, not from the last
+/// pinned one: after a pin ahead of the plan, the next eviction must not take exactly the
+/// weight needed next.
+#[test]
+fn pin_ahead_of_the_plan_does_not_evict_the_next_weight() {
+    let mut c = ManagerConfig::with_capacities(4 * MIB, 16 * MIB, 16 * MIB);
+    c.budgets.bytes[Tier::Device.index()][TensorKind::Weight.index()] = 3 * MIB;
+    let m = MemoryManager::new(c).unwrap();
+    let hs: Vec<_> = (0..6)
+        .map(|i| {
+            let h = m.allocate(MIB, TensorKind::Weight, i).unwrap();
+            m.write(h, 0, &vec![i as u8; MIB as usize]).unwrap();
+            h
+        })
+        .collect();
+    m.set_access_plan(&hs);
+    for &i in &[0usize, 1] {
+        drop(m.pin(hs[i], Tier::Device).unwrap());
+    }
+    // Weight 4 is brought early (the device now holds 0, 1, 4), then 3 is used.
+    drop(m.pin(hs[4], Tier::Device).unwrap());
+    drop(m.pin(hs[3], Tier::Device).unwrap());
+    // After 3 come 4, 5, 0, 1: the farthest next use is 1 (or 0), never 4.
+    assert!(
+        m.residency(hs[4]).unwrap().0.contains(&Tier::Device),
+        "the weight needed next was evicted"
+    );
 }
 
 /// A sweep of S3-FIFO's parameters on an image-like trace (variable sizes, Zipf 1.0, budget

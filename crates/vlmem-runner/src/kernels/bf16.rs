@@ -9,7 +9,7 @@
 
 #![allow(unsafe_code)]
 
-use super::WeightType;
+use super::WeightFormat;
 
 /// Whether the AVX2 + FMA + F16C paths can run here.
 pub fn has_avx2_fma() -> bool {
@@ -25,19 +25,31 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
+/// Bytes of one value of `ty`: these loops read formats that store each value on its own
+/// (a block format brings its own kernels, and must be added here to compile).
 #[inline]
-fn elem(w: &[u8], ty: WeightType, i: usize) -> f32 {
+const fn value_bytes(ty: WeightFormat) -> usize {
     match ty {
-        WeightType::Bf16 => {
+        WeightFormat::Bf16 | WeightFormat::F16 => 2,
+        WeightFormat::F32 => 4,
+    }
+}
+
+#[inline]
+fn elem(w: &[u8], ty: WeightFormat, i: usize) -> f32 {
+    match ty {
+        WeightFormat::Bf16 => {
             f32::from_bits(u32::from(u16::from_le_bytes([w[2 * i], w[2 * i + 1]])) << 16)
         }
-        WeightType::F16 => half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32(),
-        WeightType::F32 => f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]),
+        WeightFormat::F16 => half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32(),
+        WeightFormat::F32 => {
+            f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]])
+        }
     }
 }
 
 /// `y[r] = sum_c W[r, c] x[c]` for the `y.len()` rows held by `w`.
-pub fn matvec_rows(w: &[u8], ty: WeightType, cols: usize, x: &[f32], y: &mut [f32]) {
+pub fn matvec_rows(w: &[u8], ty: WeightFormat, cols: usize, x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports avx2, fma and f16c (checked just above), which is all the
@@ -49,7 +61,7 @@ pub fn matvec_rows(w: &[u8], ty: WeightType, cols: usize, x: &[f32], y: &mut [f3
 }
 
 /// The portable path of [`matvec_rows`].
-pub fn matvec_rows_scalar(w: &[u8], ty: WeightType, cols: usize, x: &[f32], y: &mut [f32]) {
+pub fn matvec_rows_scalar(w: &[u8], ty: WeightFormat, cols: usize, x: &[f32], y: &mut [f32]) {
     for (r, out) in y.iter_mut().enumerate() {
         let base = r * cols;
         let mut acc = [0f32; 4];
@@ -63,7 +75,7 @@ pub fn matvec_rows_scalar(w: &[u8], ty: WeightType, cols: usize, x: &[f32], y: &
 /// `y[j] = sum_r x[r] W[r, col0 + j]` for `W: [rows, cols]`.
 pub fn vecmat_cols(
     w: &[u8],
-    ty: WeightType,
+    ty: WeightFormat,
     rows: usize,
     cols: usize,
     col0: usize,
@@ -82,7 +94,7 @@ pub fn vecmat_cols(
 /// The portable path of [`vecmat_cols`].
 pub fn vecmat_cols_scalar(
     w: &[u8],
-    ty: WeightType,
+    ty: WeightFormat,
     rows: usize,
     cols: usize,
     col0: usize,
@@ -127,7 +139,7 @@ pub fn read_sum(buf: &[u8]) -> u64 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{WeightType, elem};
+    use super::{WeightFormat, elem, value_bytes};
     use std::arch::x86_64::*;
 
     /// How far ahead of its reads each row stream asks for lines (bytes): about a dozen
@@ -150,16 +162,16 @@ mod x86 {
     /// avx2 and f16c.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(p: *const u8, ty: WeightType) -> __m256 {
+    unsafe fn load8(p: *const u8, ty: WeightFormat) -> __m256 {
         // SAFETY: the caller guarantees 8 readable elements; unaligned loads are used.
         unsafe {
             match ty {
-                WeightType::Bf16 => {
+                WeightFormat::Bf16 => {
                     let h = _mm_loadu_si128(p as *const __m128i);
                     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
                 }
-                WeightType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-                WeightType::F32 => _mm256_loadu_ps(p as *const f32),
+                WeightFormat::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                WeightFormat::F32 => _mm256_loadu_ps(p as *const f32),
             }
         }
     }
@@ -178,8 +190,8 @@ mod x86 {
     /// # Safety
     /// The CPU must have avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn matvec_rows(w: &[u8], ty: WeightType, cols: usize, x: &[f32], y: &mut [f32]) {
-        let es = ty.size_bytes();
+    pub unsafe fn matvec_rows(w: &[u8], ty: WeightFormat, cols: usize, x: &[f32], y: &mut [f32]) {
+        let es = value_bytes(ty);
         let rows = y.len();
         assert!(x.len() >= cols && w.len() >= rows * cols * es);
         let row_bytes = cols * es;
@@ -293,14 +305,14 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn vecmat_cols(
         w: &[u8],
-        ty: WeightType,
+        ty: WeightFormat,
         rows: usize,
         cols: usize,
         col0: usize,
         x: &[f32],
         y: &mut [f32],
     ) {
-        let es = ty.size_bytes();
+        let es = value_bytes(ty);
         let n = y.len();
         assert!(col0 + n <= cols && x.len() >= rows && w.len() >= rows * cols * es);
         let vec_n = n / 8 * 8;

@@ -14,7 +14,7 @@
 //! work. The weight stays pinned (its [`PinGuard`]) for the whole call.
 #![allow(unsafe_code)]
 
-use super::WeightType;
+use super::WeightFormat;
 use crate::error::{Result, RunnerError};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -124,17 +124,14 @@ impl GpuKernels {
     pub fn matmul(
         &self,
         w: &PinGuard,
-        ty: WeightType,
+        ty: WeightFormat,
         rows: usize,
         cols: usize,
         x: &[f32],
         n: usize,
     ) -> Result<Vec<f32>> {
         let started = Instant::now();
-        let want_bytes = rows
-            .checked_mul(cols)
-            .and_then(|e| e.checked_mul(ty.size_bytes()))
-            .ok_or_else(|| RunnerError::BadRequest(format!("{rows} x {cols} overflows")))?;
+        let want_bytes = super::matrix_bytes(ty, rows, cols)?;
         if w.tier() != Tier::Device || w.len_bytes() != want_bytes as u64 {
             return Err(RunnerError::BadRequest(format!(
                 "GPU matmul: a {} byte weight pinned on {:?}, expected {want_bytes} bytes on \
@@ -161,19 +158,25 @@ impl GpuKernels {
         }
         let addr = w
             .device_address()
-            .map_err(|e| RunnerError::Weights(e.to_string()))?
+            .map_err(|e| RunnerError::Gpu(format!("the weight's device address: {e}")))?
             .ok_or_else(|| RunnerError::Gpu("the weight is not in GPU memory".into()))?;
-        let align = ty.size_bytes() as u64;
+        // Each kernel loads its format's values one at a time.
+        let align: u64 = match ty {
+            WeightFormat::Bf16 | WeightFormat::F16 => 2,
+            WeightFormat::F32 => 4,
+        };
         if !addr.is_multiple_of(align) {
             return Err(RunnerError::Gpu(format!(
                 "weight at {addr:#x} is not aligned to {align} bytes"
             )));
         }
         let func = match ty {
-            WeightType::Bf16 if cols.is_multiple_of(8) && addr.is_multiple_of(16) => &self.bf16_v8,
-            WeightType::Bf16 => &self.bf16,
-            WeightType::F16 => &self.f16,
-            WeightType::F32 => &self.f32,
+            WeightFormat::Bf16 if cols.is_multiple_of(8) && addr.is_multiple_of(16) => {
+                &self.bf16_v8
+            }
+            WeightFormat::Bf16 => &self.bf16,
+            WeightFormat::F16 => &self.f16,
+            WeightFormat::F32 => &self.f32,
         };
         let mut lane = self.take_lane(x.len().max(1), out_len)?;
         let result = (|| {

@@ -22,40 +22,28 @@ pub mod cuda;
 pub mod pool;
 
 use crate::error::{Result, RunnerError};
-use vlmem_qwen3vl::tensors::Dtype;
+pub use vlmem_qwen3vl::format::WeightFormat;
 
 /// Elements of weight below which a call stays on the calling thread (the fork costs more).
 const MIN_ELEMS_PER_TASK: usize = 1 << 16;
 
-/// Element types the kernels read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightType {
-    /// bfloat16.
-    Bf16,
-    /// IEEE half.
-    F16,
-    /// f32.
-    F32,
+/// Bytes of one row of `cols` values of `ty`, as the kernels index memory; an error when the
+/// format cannot store such a row (not whole blocks) or the bytes pass the address space.
+pub fn row_bytes(ty: WeightFormat, cols: usize) -> Result<usize> {
+    ty.row_bytes(cols as u64)
+        .map_err(|e| RunnerError::BadRequest(e.to_string()))
+        .and_then(|b| {
+            usize::try_from(b).map_err(|_| {
+                RunnerError::BadRequest(format!("a row of {cols} {ty} values is {b} bytes"))
+            })
+        })
 }
 
-impl WeightType {
-    /// The kernel type for a checkpoint dtype; `None` for types the runner does not read.
-    pub fn from_dtype(dtype: Dtype) -> Option<Self> {
-        match dtype {
-            Dtype::BF16 => Some(WeightType::Bf16),
-            Dtype::F16 => Some(WeightType::F16),
-            Dtype::F32 => Some(WeightType::F32),
-            _ => None,
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size_bytes(self) -> usize {
-        match self {
-            WeightType::Bf16 | WeightType::F16 => 2,
-            WeightType::F32 => 4,
-        }
-    }
+/// Bytes of a `rows x cols` matrix of `ty`; an error as for [`row_bytes`].
+pub fn matrix_bytes(ty: WeightFormat, rows: usize, cols: usize) -> Result<usize> {
+    row_bytes(ty, cols)?
+        .checked_mul(rows)
+        .ok_or_else(|| RunnerError::BadRequest(format!("a {rows} x {cols} {ty} matrix overflows")))
 }
 
 /// Which instruction set the kernels use on this machine.
@@ -70,16 +58,14 @@ pub fn isa() -> &'static str {
 fn check(
     what: &str,
     w: &[u8],
-    ty: WeightType,
+    ty: WeightFormat,
     rows: usize,
     cols: usize,
     x_len: usize,
     x_want: usize,
 ) -> Result<()> {
-    let want = rows
-        .checked_mul(cols)
-        .and_then(|n| n.checked_mul(ty.size_bytes()))
-        .ok_or_else(|| RunnerError::BadRequest(format!("{what}: {rows} x {cols} overflows")))?;
+    let want = matrix_bytes(ty, rows, cols)
+        .map_err(|e| RunnerError::BadRequest(format!("{what}: {rows} x {cols}: {e}")))?;
     if w.len() != want {
         return Err(RunnerError::BadRequest(format!(
             "{what}: weight has {} bytes, a {rows} x {cols} {ty:?} matrix needs {want}",
@@ -100,19 +86,19 @@ fn check(
 const TASK_BYTES: usize = 1 << 20;
 
 /// Rows per parallel task: a multiple of 4 (the AVX2 kernel's row block) holding at least
-/// [`MIN_ELEMS_PER_TASK`] weights and about [`TASK_BYTES`] of them, with at least two tasks
-/// per thread where the matrix has the rows.
-fn rows_per_task(rows: usize, cols: usize, elem_bytes: usize) -> usize {
+/// [`MIN_ELEMS_PER_TASK`] weights and about [`TASK_BYTES`] of them (rows of `row_bytes`),
+/// with at least two tasks per thread where the matrix has the rows.
+fn rows_per_task(rows: usize, cols: usize, row_bytes: usize) -> usize {
     let threads = pool::global().threads();
     let by_balance = rows.div_ceil(threads * 2);
     let by_size = MIN_ELEMS_PER_TASK.div_ceil(cols.max(1));
-    let by_bytes = TASK_BYTES.div_ceil((cols * elem_bytes).max(1));
+    let by_bytes = TASK_BYTES.div_ceil(row_bytes.max(1));
     by_bytes.min(by_balance).max(by_size).max(1).div_ceil(4) * 4
 }
 
 /// `y = W x`: `w` holds `W` as `rows x cols` row-major elements of `ty` (little-endian),
 /// `x` has `cols` values; returns `rows` values, each accumulated in f32.
-pub fn matvec(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
+pub fn matvec(w: &[u8], ty: WeightFormat, rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
     // Checked before the output is allocated: `rows` may be absurd.
     check("matvec", w, ty, rows, cols, x.len(), cols)?;
     let mut y = vec![0f32; rows];
@@ -123,7 +109,7 @@ pub fn matvec(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
 /// [`matvec`] into `y` (`rows` values, e.g. a view of the step arena), overwritten.
 pub fn matvec_into(
     w: &[u8],
-    ty: WeightType,
+    ty: WeightFormat,
     rows: usize,
     cols: usize,
     x: &[f32],
@@ -138,8 +124,8 @@ pub fn matvec_into(
         y.fill(0.0);
         return Ok(());
     }
-    let row_bytes = cols * ty.size_bytes();
-    let per_task = rows_per_task(rows, cols, ty.size_bytes());
+    let row_bytes = row_bytes(ty, cols)?;
+    let per_task = rows_per_task(rows, cols, row_bytes);
     if per_task >= rows {
         bf16::matvec_rows(w, ty, cols, x, y);
     } else {
@@ -164,7 +150,7 @@ fn check_out(what: &str, have: usize, want: usize) -> Result<()> {
 /// large ones'. `mats` holds each matrix's bytes, type and rows; all take `cols` inputs.
 /// Each result equals [`matvec`] of that matrix bit for bit.
 pub fn matvec_many(
-    mats: &[(&[u8], WeightType, usize)],
+    mats: &[(&[u8], WeightFormat, usize)],
     cols: usize,
     x: &[f32],
 ) -> Result<Vec<Vec<f32>>> {
@@ -179,7 +165,7 @@ pub fn matvec_many(
 
 /// [`matvec_many`] into `ys` (one output per matrix, each its rows long), overwritten.
 pub fn matvec_many_into(
-    mats: &[(&[u8], WeightType, usize)],
+    mats: &[(&[u8], WeightFormat, usize)],
     cols: usize,
     x: &[f32],
     ys: &mut [&mut [f32]],
@@ -200,11 +186,14 @@ pub fn matvec_many_into(
         return Ok(());
     }
     let total_rows: usize = mats.iter().map(|&(_, _, rows)| rows).sum();
-    let elem_bytes = mats.iter().map(|m| m.1.size_bytes()).max().unwrap_or(4);
-    let per_task = rows_per_task(total_rows, cols, elem_bytes);
-    let mut tasks: Vec<(&[u8], WeightType, &mut [f32])> = Vec::new();
+    let max_row_bytes = mats
+        .iter()
+        .map(|m| row_bytes(m.1, cols))
+        .try_fold(0, |max, b| b.map(|b| max.max(b)))?;
+    let per_task = rows_per_task(total_rows, cols, max_row_bytes);
+    let mut tasks: Vec<(&[u8], WeightFormat, &mut [f32])> = Vec::new();
     for (&(w, ty, _), y) in mats.iter().zip(ys.iter_mut()) {
-        let row_bytes = cols * ty.size_bytes();
+        let row_bytes = row_bytes(ty, cols)?;
         for (yc, wc) in y.chunks_mut(per_task).zip(w.chunks(per_task * row_bytes)) {
             tasks.push((wc, ty, yc));
         }
@@ -215,7 +204,7 @@ pub fn matvec_many_into(
 
 /// [`matvec`] on f32 values in memory (a resident f32 tensor).
 pub fn matvec_f32(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
-    matvec(bf16::f32_bytes(w), WeightType::F32, rows, cols, x)
+    matvec(bf16::f32_bytes(w), WeightFormat::F32, rows, cols, x)
 }
 
 /// Rows of `X` up to which [`matmul`] beats widening the weights to f32 for candle's matmul:
@@ -232,7 +221,7 @@ const MATMUL_BLOCK_BYTES: usize = 512 << 10;
 /// [`matvec`] accumulates it (row `t` of the result equals `matvec` of input row `t`).
 pub fn matmul(
     w: &[u8],
-    ty: WeightType,
+    ty: WeightFormat,
     rows: usize,
     cols: usize,
     x: &[f32],
@@ -249,13 +238,11 @@ pub fn matmul(
     if rows == 0 || cols == 0 || n == 0 {
         return Ok(y);
     }
-    let row_bytes = cols * ty.size_bytes();
+    let row_bytes = row_bytes(ty, cols)?;
     // Blocks of whole 4-row groups (the kernel's row block, so every row is summed the way
     // `matvec` sums it), small enough for L2, and at least a few per thread.
     let by_cache = (MATMUL_BLOCK_BYTES / row_bytes.max(1)).max(4) / 4 * 4;
-    let per_task = by_cache
-        .min(rows_per_task(rows, cols, ty.size_bytes()))
-        .max(4);
+    let per_task = by_cache.min(rows_per_task(rows, cols, row_bytes)).max(4);
     let mut blocks: Vec<(usize, Vec<f32>)> = (0..rows)
         .step_by(per_task)
         .map(|r0| (r0, vec![0f32; n * per_task.min(rows - r0)]))
@@ -280,7 +267,7 @@ pub fn matmul(
 
 /// `y = x W`: `w` holds `W` as `rows x cols` row-major elements of `ty` (`rows` inputs,
 /// `cols` outputs), `x` has `rows` values; returns `cols` values accumulated in f32.
-pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
+pub fn vecmat(w: &[u8], ty: WeightFormat, rows: usize, cols: usize, x: &[f32]) -> Result<Vec<f32>> {
     check("vecmat", w, ty, rows, cols, x.len(), rows)?;
     let mut y = vec![0f32; cols];
     vecmat_into(w, ty, rows, cols, x, &mut y)?;
@@ -290,7 +277,7 @@ pub fn vecmat(w: &[u8], ty: WeightType, rows: usize, cols: usize, x: &[f32]) -> 
 /// [`vecmat`] into `y` (`cols` values), overwritten.
 pub fn vecmat_into(
     w: &[u8],
-    ty: WeightType,
+    ty: WeightFormat,
     rows: usize,
     cols: usize,
     x: &[f32],
@@ -350,23 +337,23 @@ mod tests {
     }
 
     /// The matrix as stored bytes of `ty` and as the exact values those bytes hold.
-    fn matrix(rng: &mut Rng, ty: WeightType, n: usize) -> (Vec<u8>, Vec<f64>) {
-        let mut bytes = Vec::with_capacity(n * ty.size_bytes());
+    fn matrix(rng: &mut Rng, ty: WeightFormat, n: usize) -> (Vec<u8>, Vec<f64>) {
+        let mut bytes = Vec::with_capacity(matrix_bytes(ty, n, 1).unwrap());
         let mut values = Vec::with_capacity(n);
         for _ in 0..n {
             let v = rng.uniform();
             match ty {
-                WeightType::Bf16 => {
+                WeightFormat::Bf16 => {
                     let b = Bf16::from_f32(v);
                     bytes.extend_from_slice(&b.to_le_bytes());
                     values.push(b.to_f64());
                 }
-                WeightType::F16 => {
+                WeightFormat::F16 => {
                     let b = F16::from_f32(v);
                     bytes.extend_from_slice(&b.to_le_bytes());
                     values.push(b.to_f64());
                 }
-                WeightType::F32 => {
+                WeightFormat::F32 => {
                     bytes.extend_from_slice(&v.to_le_bytes());
                     values.push(f64::from(v));
                 }
@@ -396,9 +383,36 @@ mod tests {
     ];
 
     #[test]
+    fn weights_must_be_exactly_the_formats_bytes() {
+        for ty in WeightFormat::ALL {
+            let (rows, cols) = (5, 12);
+            let want = matrix_bytes(ty, rows, cols).unwrap();
+            assert_eq!(want as u64, ty.tensor_bytes(&[5, 12]).unwrap());
+            let x = vec![0.5f32; cols];
+            let w = vec![0u8; want + 1];
+            assert_eq!(
+                matvec(&w[..want], ty, rows, cols, &x).unwrap(),
+                vec![0.0; rows]
+            );
+            assert!(matvec(&w, ty, rows, cols, &x).is_err(), "{ty}");
+            assert!(matvec(&w[..want - 1], ty, rows, cols, &x).is_err(), "{ty}");
+            assert!(matmul(&w, ty, rows, cols, &x, 1).is_err(), "{ty}");
+            assert!(vecmat(&w, ty, rows, cols, &x[..rows]).is_err(), "{ty}");
+        }
+        assert!(matches!(
+            row_bytes(WeightFormat::F32, usize::MAX),
+            Err(RunnerError::BadRequest(_))
+        ));
+        assert!(matches!(
+            matrix_bytes(WeightFormat::Bf16, usize::MAX, 2),
+            Err(RunnerError::BadRequest(_))
+        ));
+    }
+
+    #[test]
     fn matvec_matches_f64_reference_on_odd_shapes() {
         let mut rng = Rng(7);
-        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+        for ty in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32] {
             for (rows, cols) in SHAPES {
                 let (w, wv) = matrix(&mut rng, ty, rows * cols);
                 let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
@@ -420,7 +434,7 @@ mod tests {
     #[test]
     fn vecmat_matches_f64_reference_on_odd_shapes() {
         let mut rng = Rng(11);
-        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+        for ty in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32] {
             for (rows, cols) in SHAPES {
                 let (w, wv) = matrix(&mut rng, ty, rows * cols);
                 let x: Vec<f32> = (0..rows).map(|_| rng.uniform()).collect();
@@ -444,7 +458,7 @@ mod tests {
     #[test]
     fn vector_and_scalar_paths_agree_on_unaligned_bytes() {
         let mut rng = Rng(3);
-        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+        for ty in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32] {
             let (rows, cols) = (37, 203);
             let (w, _) = matrix(&mut rng, ty, rows * cols);
             let mut shifted = vec![0u8; 1];
@@ -474,7 +488,7 @@ mod tests {
     #[test]
     fn matmul_rows_equal_matvec() {
         let mut rng = Rng(5);
-        for ty in [WeightType::Bf16, WeightType::F16, WeightType::F32] {
+        for ty in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32] {
             for (rows, cols) in SHAPES {
                 for n in [2usize, 3, 7] {
                     let (w, _) = matrix(&mut rng, ty, rows * cols);
@@ -495,13 +509,13 @@ mod tests {
         }
         // Large enough for several tasks.
         let (rows, cols) = (4099, 700);
-        let (w, _) = matrix(&mut rng, WeightType::Bf16, rows * cols);
+        let (w, _) = matrix(&mut rng, WeightFormat::Bf16, rows * cols);
         let x: Vec<f32> = (0..5 * cols).map(|_| rng.uniform()).collect();
-        let y = matmul(&w, WeightType::Bf16, rows, cols, &x, 5).unwrap();
+        let y = matmul(&w, WeightFormat::Bf16, rows, cols, &x, 5).unwrap();
         for t in 0..5 {
             let want = matvec(
                 &w,
-                WeightType::Bf16,
+                WeightFormat::Bf16,
                 rows,
                 cols,
                 &x[t * cols..(t + 1) * cols],
@@ -509,8 +523,8 @@ mod tests {
             .unwrap();
             assert_eq!(&y[t * rows..(t + 1) * rows], &want[..]);
         }
-        assert!(matmul(&w, WeightType::Bf16, rows, cols, &x[1..], 5).is_err());
-        assert!(matmul(&w, WeightType::Bf16, rows, cols, &x, usize::MAX).is_err());
+        assert!(matmul(&w, WeightFormat::Bf16, rows, cols, &x[1..], 5).is_err());
+        assert!(matmul(&w, WeightFormat::Bf16, rows, cols, &x, usize::MAX).is_err());
     }
 
     /// [`matvec_many`] gives each matrix's [`matvec`], bit for bit.
@@ -519,16 +533,16 @@ mod tests {
         let mut rng = Rng(9);
         let cols = 333;
         let shapes = [
-            (1030usize, WeightType::Bf16),
-            (7, WeightType::F16),
-            (4099, WeightType::Bf16),
+            (1030usize, WeightFormat::Bf16),
+            (7, WeightFormat::F16),
+            (4099, WeightFormat::Bf16),
         ];
-        let mats: Vec<(Vec<u8>, WeightType, usize)> = shapes
+        let mats: Vec<(Vec<u8>, WeightFormat, usize)> = shapes
             .iter()
             .map(|&(rows, ty)| (matrix(&mut rng, ty, rows * cols).0, ty, rows))
             .collect();
         let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
-        let refs: Vec<(&[u8], WeightType, usize)> = mats
+        let refs: Vec<(&[u8], WeightFormat, usize)> = mats
             .iter()
             .map(|(w, ty, rows)| (&w[..], *ty, *rows))
             .collect();
@@ -546,40 +560,40 @@ mod tests {
     fn into_forms_overwrite_their_output() {
         let mut rng = Rng(21);
         let (rows, cols) = (301usize, 77usize);
-        let (w, _) = matrix(&mut rng, WeightType::Bf16, rows * cols);
+        let (w, _) = matrix(&mut rng, WeightFormat::Bf16, rows * cols);
         let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
         let xr: Vec<f32> = (0..rows).map(|_| rng.uniform()).collect();
         let mut y = vec![f32::NAN; rows];
-        matvec_into(&w, WeightType::Bf16, rows, cols, &x, &mut y).unwrap();
-        assert_eq!(y, matvec(&w, WeightType::Bf16, rows, cols, &x).unwrap());
+        matvec_into(&w, WeightFormat::Bf16, rows, cols, &x, &mut y).unwrap();
+        assert_eq!(y, matvec(&w, WeightFormat::Bf16, rows, cols, &x).unwrap());
         let mut y = vec![1e9f32; cols];
-        vecmat_into(&w, WeightType::Bf16, rows, cols, &xr, &mut y).unwrap();
-        assert_eq!(y, vecmat(&w, WeightType::Bf16, rows, cols, &xr).unwrap());
-        let (w2, _) = matrix(&mut rng, WeightType::F16, 9 * cols);
+        vecmat_into(&w, WeightFormat::Bf16, rows, cols, &xr, &mut y).unwrap();
+        assert_eq!(y, vecmat(&w, WeightFormat::Bf16, rows, cols, &xr).unwrap());
+        let (w2, _) = matrix(&mut rng, WeightFormat::F16, 9 * cols);
         let mats = [
-            (&w[..], WeightType::Bf16, rows),
-            (&w2[..], WeightType::F16, 9),
+            (&w[..], WeightFormat::Bf16, rows),
+            (&w2[..], WeightFormat::F16, 9),
         ];
         let (mut a, mut b) = (vec![f32::NAN; rows], vec![-7f32; 9]);
         matvec_many_into(&mats, cols, &x, &mut [&mut a, &mut b]).unwrap();
         let want = matvec_many(&mats, cols, &x).unwrap();
         assert_eq!((a, b), (want[0].clone(), want[1].clone()));
         // An output of the wrong length, or a missing one, is an error.
-        assert!(matvec_into(&w, WeightType::Bf16, rows, cols, &x, &mut [0.0; 3]).is_err());
-        assert!(vecmat_into(&w, WeightType::Bf16, rows, cols, &xr, &mut [0.0; 3]).is_err());
+        assert!(matvec_into(&w, WeightFormat::Bf16, rows, cols, &x, &mut [0.0; 3]).is_err());
+        assert!(vecmat_into(&w, WeightFormat::Bf16, rows, cols, &xr, &mut [0.0; 3]).is_err());
         assert!(matvec_many_into(&mats, cols, &x, &mut [&mut [0f32; 301][..]]).is_err());
     }
 
     #[test]
     fn bad_sizes_are_errors() {
         let w = vec![0u8; 2 * 3 * 4];
-        assert!(matvec(&w, WeightType::Bf16, 3, 4, &[0.0; 4]).is_ok());
-        assert!(matvec(&w, WeightType::Bf16, 3, 4, &[0.0; 3]).is_err());
-        assert!(matvec(&w, WeightType::Bf16, 4, 4, &[0.0; 4]).is_err());
-        assert!(matvec(&w, WeightType::F32, 3, 4, &[0.0; 4]).is_err());
-        assert!(vecmat(&w, WeightType::Bf16, 3, 4, &[0.0; 3]).is_ok());
-        assert!(vecmat(&w, WeightType::Bf16, 3, 4, &[0.0; 4]).is_err());
-        assert!(matvec(&w, WeightType::Bf16, usize::MAX, 4, &[0.0; 4]).is_err());
+        assert!(matvec(&w, WeightFormat::Bf16, 3, 4, &[0.0; 4]).is_ok());
+        assert!(matvec(&w, WeightFormat::Bf16, 3, 4, &[0.0; 3]).is_err());
+        assert!(matvec(&w, WeightFormat::Bf16, 4, 4, &[0.0; 4]).is_err());
+        assert!(matvec(&w, WeightFormat::F32, 3, 4, &[0.0; 4]).is_err());
+        assert!(vecmat(&w, WeightFormat::Bf16, 3, 4, &[0.0; 3]).is_ok());
+        assert!(vecmat(&w, WeightFormat::Bf16, 3, 4, &[0.0; 4]).is_err());
+        assert!(matvec(&w, WeightFormat::Bf16, usize::MAX, 4, &[0.0; 4]).is_err());
     }
 
     #[test]

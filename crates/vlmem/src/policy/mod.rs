@@ -1,8 +1,9 @@
 //! Cache policies and simulators over traces of `(key, bytes)` accesses with a byte capacity.
 //!
 //! Everything here is pure and deterministic: no clock, no threads, no manager. The replay
-//! workloads ([`crate::replay`]) run the same traces through the real manager and through these
-//! simulators, so a figure is always reported beside Belady's OPT and LRU on the same trace.
+//! workloads (`vlmem_workloads::replay`) run the same traces through the real manager and
+//! through these simulators, so a figure is always reported beside Belady's OPT and LRU on the
+//! same trace.
 //!
 //! - [`Lru`]: least recently used, by bytes.
 //! - [`Fifo`]: first in, first out, by bytes.

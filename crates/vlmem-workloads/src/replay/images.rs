@@ -1,13 +1,13 @@
 //! `image-cache`: Zipf-distributed repeated images through the vision cache.
 
 use super::{ReplayOptions, pattern, progress_bar, scaled};
-use crate::policy::trace::{SplitMix64, zipf};
-use crate::policy::{Access, HitStats, PolicyKind, simulate};
-use crate::vision_cache::{ImageKey, VisionCache};
-use crate::{MemoryManager, Result, TensorKind, Tier};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Instant;
+use vlmem::policy::trace::{SplitMix64, zipf};
+use vlmem::policy::{Access, HitStats, PolicyKind, simulate};
+use vlmem::vision_cache::{ImageKey, VisionCache};
+use vlmem::{MemoryManager, Result, TensorKind, Tier};
 use vlmem_qwen3vl::config::Qwen3VlConfig;
 use vlmem_qwen3vl::math::image_cost;
 

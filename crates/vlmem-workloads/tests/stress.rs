@@ -1,7 +1,7 @@
 //! The stress workload: 8 and 64 threads over every kind and tier, ending with the ledger
 //! check (no overlap, nothing lost or corrupted, counters equal to the recount, no stall).
 
-use vlmem::stress::{StressOptions, run};
+use vlmem_workloads::stress::{StressOptions, run};
 
 #[test]
 fn stress_8_threads_loses_nothing() {

@@ -2,12 +2,12 @@
 //! budget smaller than the model.
 
 use super::{ReplayOptions, fill, pattern, progress_bar, scaled, tempdir::TempDir};
-use crate::policy::{Access, HitStats, PolicyKind, simulate};
-use crate::{ManagerConfig, ManagerError, MemoryManager, Result, TensorHandle, TensorKind, Tier};
 use serde::Serialize;
 use std::io::Write as _;
 use std::path::Path;
 use std::time::Instant;
+use vlmem::policy::{Access, HitStats, PolicyKind, simulate};
+use vlmem::{ManagerConfig, ManagerError, MemoryManager, Result, TensorHandle, TensorKind, Tier};
 use vlmem_qwen3vl::config::Qwen3VlConfig;
 use vlmem_qwen3vl::tensors::{Dtype, TensorClass, expected_tensors};
 
@@ -158,7 +158,7 @@ fn calibrate(
 /// Pins on the device, retrying while the only evictable chunks are still being moved (the
 /// manager answers OutOfMemory at once when every other chunk is pinned or busy; busy ones
 /// free up when their move lands).
-fn pin_retrying(m: &MemoryManager, h: TensorHandle) -> Result<crate::PinGuard> {
+fn pin_retrying(m: &MemoryManager, h: TensorHandle) -> Result<vlmem::PinGuard> {
     let mut tries = 0;
     loop {
         match m.pin(h, Tier::Device) {
@@ -281,7 +281,7 @@ pub(crate) fn run(
     } else {
         0
     };
-    let mut pinned: Vec<crate::PinGuard> = Vec::with_capacity(prefix);
+    let mut pinned: Vec<vlmem::PinGuard> = Vec::with_capacity(prefix);
     // `hints_in_flight` hints at a time (default one), none for chunks already on the
     // device: concurrent evictions pick the same farthest victim, and the loser then evicts
     // the next farthest (a chunk the plan keeps), which erodes the kept set.

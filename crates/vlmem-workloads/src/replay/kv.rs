@@ -14,11 +14,11 @@
 //! frees. Finished sequences have every block checked against what was written, then freed.
 
 use super::{ReplayOptions, pattern, progress_bar, scaled};
-use crate::policy::trace::SplitMix64;
-use crate::{MemoryManager, Result, TensorHandle, TensorKind, Tier};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::time::Instant;
+use vlmem::policy::trace::SplitMix64;
+use vlmem::{MemoryManager, Result, TensorHandle, TensorKind, Tier};
 use vlmem_qwen3vl::config::Qwen3VlConfig;
 use vlmem_qwen3vl::math::{image_cost, kv_bytes_per_token};
 
@@ -242,7 +242,7 @@ pub(crate) fn run(
             } else {
                 waiting.pop_front()
             }
-            .ok_or_else(|| crate::ManagerError::InvalidConfig("queue emptied".into()))?;
+            .ok_or_else(|| vlmem::ManagerError::InvalidConfig("queue emptied".into()))?;
             if s.tokens == 0 {
                 let prompt = s.prompt;
                 append(m, &mut s, prompt, block_bytes)?;
@@ -290,7 +290,7 @@ pub(crate) fn run(
             hs.into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(crate::ManagerError::InvalidConfig(
+                        Err(vlmem::ManagerError::InvalidConfig(
                             "kv worker panicked".into(),
                         ))
                     })

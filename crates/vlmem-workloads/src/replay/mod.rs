@@ -11,7 +11,7 @@
 //! - `kv-growth`: many concurrent requests with growing contexts; KV blocks are manager
 //!   tensors of kind KV cache; the scheduler preempts whole sequences (youngest first) when
 //!   the device's KV budget cannot hold the running set, and resumes them later.
-//! - `image-cache`: Zipf-distributed repeated images through [`crate::vision_cache`];
+//! - `image-cache`: Zipf-distributed repeated images through [`vlmem::vision_cache`];
 //!   hit ratio beside OPT and LRU on the same trace.
 //! - `mixed`: all three at once on one manager, from several threads.
 //!
@@ -29,13 +29,15 @@ pub use kv::KvReport;
 pub use svg::{OccupancySample, render_svg};
 pub use weights::WeightsReport;
 
-use crate::stats::CounterSnapshot;
-use crate::{ManagerConfig, ManagerError, MemoryManager, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vlmem::stats::CounterSnapshot;
+use vlmem::{ManagerConfig, ManagerError, MemoryManager, Result};
 use vlmem_core::profile::{HardwareProfile, simulated_gpu};
+use vlmem_core::sync::Arc;
+use vlmem_core::sync::atomic::{AtomicBool, Ordering};
 use vlmem_qwen3vl::config::Qwen3VlConfig;
 
 /// Which workload to replay.
@@ -166,9 +168,9 @@ impl ReplayOptions {
 /// Prometheus text at the end), and the compaction passes made while it ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct Inspection {
-    /// [`crate::ManagerStats::to_text`].
+    /// [`vlmem::ManagerStats::to_text`].
     pub table: String,
-    /// [`crate::ManagerStats::to_prometheus`].
+    /// [`vlmem::ManagerStats::to_prometheus`].
     pub prometheus: String,
     /// Per tier: compaction passes, mean fragmentation before and after them, copies moved,
     /// bytes copied, seconds spent.
@@ -197,16 +199,16 @@ pub struct CompactionLine {
 /// Compacts every tier periodically while a workload runs (compaction under load) and keeps
 /// the manager's statistics at the moment the most bytes were resident.
 struct Compactor {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Result<Inspection>>,
 }
 
 impl Compactor {
     fn start(m: &MemoryManager, every: Duration) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let (m, flag) = (m.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            let mut lines: Vec<CompactionLine> = crate::Tier::ALL
+            let mut lines: Vec<CompactionLine> = vlmem::Tier::ALL
                 .iter()
                 .map(|t| CompactionLine {
                     tier: t.to_string(),
@@ -218,11 +220,11 @@ impl Compactor {
                     seconds: 0.0,
                 })
                 .collect();
-            let mut peak: Option<(u64, crate::ManagerStats)> = None;
+            let mut peak: Option<(u64, vlmem::ManagerStats)> = None;
             loop {
-                let last = flag.load(std::sync::atomic::Ordering::Relaxed);
+                let last = flag.load(Ordering::Relaxed);
                 let stats = m.stats();
-                let resident: u64 = crate::Tier::ALL
+                let resident: u64 = vlmem::Tier::ALL
                     .iter()
                     .map(|&t| stats.resident.tier_total(t))
                     .sum();
@@ -233,10 +235,10 @@ impl Compactor {
                     // Running means of the fragmentation seen before and left after.
                     let n = line.passes as f64;
                     line.fragmentation_before = (line.fragmentation_before * n
-                        + crate::fragmentation(&r.before))
+                        + vlmem::fragmentation(&r.before))
                         / (n + 1.0);
                     line.fragmentation_after =
-                        (line.fragmentation_after * n + crate::fragmentation(&r.after)) / (n + 1.0);
+                        (line.fragmentation_after * n + vlmem::fragmentation(&r.after)) / (n + 1.0);
                     line.passes += 1;
                     line.moved += r.moved;
                     line.bytes_moved += r.bytes_moved;
@@ -260,7 +262,7 @@ impl Compactor {
     }
 
     fn stop(self) -> Result<Inspection> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         join(self.thread.join())
     }
 }
@@ -474,7 +476,7 @@ pub(crate) fn scaled(bytes: u64, scale: f64, min: u64) -> u64 {
 
 /// Fills `buf` with the deterministic stream of `seed` (SplitMix64 words).
 pub(crate) fn fill(seed: u64, buf: &mut [u8]) {
-    let mut rng = crate::policy::trace::SplitMix64::new(seed);
+    let mut rng = vlmem::policy::trace::SplitMix64::new(seed);
     let mut chunks = buf.chunks_exact_mut(8);
     for c in &mut chunks {
         c.copy_from_slice(&rng.next_u64().to_le_bytes());
@@ -512,7 +514,7 @@ pub(crate) fn manager_config(
     let device = scaled(gpu.usable_bytes(), s, 4 << 20);
     let host = scaled(p.host.usable_bytes(), s, 16 << 20);
     let disk = scaled(
-        p.disk.free_bytes.min(crate::config::DEFAULT_MAX_SWAP_BYTES),
+        p.disk.free_bytes.min(vlmem::config::DEFAULT_MAX_SWAP_BYTES),
         s,
         32 << 20,
     );
@@ -527,8 +529,8 @@ pub(crate) fn manager_config(
 
 /// A private directory removed on drop.
 pub(crate) mod tempdir {
-    use crate::{ManagerError, Result};
     use std::path::{Path, PathBuf};
+    use vlmem::{ManagerError, Result};
 
     /// A private directory removed on drop.
     #[derive(Debug)]
@@ -541,8 +543,9 @@ pub(crate) mod tempdir {
             let base = parent
                 .map(Path::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
-            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            use vlmem_core::sync::atomic::{AtomicU64, Ordering};
+            static N: AtomicU64 = AtomicU64::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
             let dir = base.join(format!("vlmem-replay-{}-{n}", std::process::id()));
             std::fs::create_dir_all(&dir)
                 .and_then(|()| {

@@ -1,12 +1,12 @@
 //! Tier occupancy over time: a sampler thread and a hand-written SVG (three stacked-area
 //! panels, device / host / disk, one colour per tensor kind).
 
-use crate::MemoryManager;
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use vlmem::MemoryManager;
+use vlmem_core::sync::Arc;
+use vlmem_core::sync::atomic::{AtomicBool, Ordering};
 
 /// Resident bytes per tier and kind at one instant.
 #[derive(Debug, Clone, Copy, Serialize)]

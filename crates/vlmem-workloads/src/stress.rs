@@ -28,15 +28,15 @@
 //! pins of their own and `MemoryManager::read`; each such read must succeed and show one
 //! whole version of the ledger (the last one before the read began, or a newer one).
 
-use crate::config::ManagerConfig;
-use crate::error::ManagerError;
-use crate::manager::PinGuard;
-use crate::manager::{MemoryManager, TensorHandle};
-use crate::policy::trace::SplitMix64;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vlmem::PinGuard;
+use vlmem::config::ManagerConfig;
+use vlmem::error::ManagerError;
+use vlmem::policy::trace::SplitMix64;
+use vlmem::{MemoryManager, TensorHandle};
 use vlmem_core::bytes::{KIB, MIB};
 use vlmem_core::sync::Arc;
 use vlmem_core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,7 +62,7 @@ pub struct StressOptions {
     pub disk_dir: Option<PathBuf>,
     /// Disk tier bytes (default 128 MiB; a few MiB makes write-backs find it full).
     pub disk_bytes: u64,
-    /// The disk's integrity unit (default: [`vlmem_tier::DiskOptions`]'s, 1 MiB). The
+    /// The disk's integrity unit (default: `vlmem_tier::DiskOptions`'s, 1 MiB). The
     /// transfer engine's chunk is then a whole number of units, about 4 MiB.
     pub disk_unit_bytes: Option<u64>,
     /// A KV slab of blocks of this size on the device and the host; KV tensors are then one

@@ -1,8 +1,8 @@
 //! Replay quick runs of every workload: each ends with every tensor's checksum verified, and
 //! the figures keep their order against the simulations on the same trace.
 
-use vlmem::replay::{ReplayOptions, Workload, parse_scale, render_svg, run};
 use vlmem_core::profile::HardwareProfile;
+use vlmem_workloads::replay::{ReplayOptions, Workload, parse_scale, render_svg, run};
 
 fn opts(w: Workload) -> ReplayOptions {
     let p = HardwareProfile::resolve("laptop-i5-10210u-mx250").unwrap();
@@ -120,7 +120,8 @@ fn svg_of_no_samples_is_still_an_svg() {
     assert!(t.contains("empty &amp; &lt;odd&gt;"));
 }
 
-/// Full-size runs for tuning: `VLMEM_REPLAY=weights-stream cargo test --test replay -- --ignored`.
+/// Full-size runs for tuning:
+/// `VLMEM_REPLAY=weights-stream cargo test -p vlmem-workloads --test replay -- --ignored`.
 #[test]
 #[ignore]
 fn full_run_from_env() {
@@ -156,35 +157,4 @@ fn full_run_from_env() {
     }
     let r = run(&o).unwrap();
     println!("{}", r.to_text());
-}
-
-/// Found by the weights replay: the weights policy measured "next use" from the last pinned
-/// weight, so after a pin ahead of the plan the next eviction took exactly the weight needed
-/// next. The cursor now moves to the weight being pinned before its eviction runs.
-#[test]
-fn pin_ahead_of_the_plan_does_not_evict_the_next_weight() {
-    use vlmem::{ManagerConfig, MemoryManager, TensorKind, Tier};
-    const MIB: u64 = 1 << 20;
-    let mut c = ManagerConfig::with_capacities(4 * MIB, 16 * MIB, 16 * MIB);
-    c.budgets.bytes[Tier::Device.index()][TensorKind::Weight.index()] = 3 * MIB;
-    let m = MemoryManager::new(c).unwrap();
-    let hs: Vec<_> = (0..6)
-        .map(|i| {
-            let h = m.allocate(MIB, TensorKind::Weight, i).unwrap();
-            m.write(h, 0, &vec![i as u8; MIB as usize]).unwrap();
-            h
-        })
-        .collect();
-    m.set_access_plan(&hs);
-    for &i in &[0usize, 1] {
-        drop(m.pin(hs[i], Tier::Device).unwrap());
-    }
-    // Weight 4 is brought early (the device now holds 0, 1, 4), then 3 is used.
-    drop(m.pin(hs[4], Tier::Device).unwrap());
-    drop(m.pin(hs[3], Tier::Device).unwrap());
-    // After 3 come 4, 5, 0, 1: the farthest next use is 1 (or 0), never 4.
-    assert!(
-        m.residency(hs[4]).unwrap().0.contains(&Tier::Device),
-        "the weight needed next was evicted"
-    );
 }

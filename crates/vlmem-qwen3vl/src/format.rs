@@ -1,0 +1,390 @@
+//! Weight formats: how a weight matrix's values are laid out in bytes, row by row.
+//!
+//! A format stores each row as whole blocks: `block_elems` consecutive values of the row in
+//! `block_bytes` bytes. The plain types are blocks of one value (bf16: 1 value in 2 bytes);
+//! a block-quantized type packs many values with their scale (e.g. 32 values and an f16
+//! scale in 34 bytes). So a row of `cols` values takes `cols / block_elems` blocks, and a
+//! row whose length is not a whole number of blocks cannot be stored in that format.
+//!
+//! Everything that sizes weights (the memory math, the weight store, the kernels' length
+//! checks) asks the format for [`WeightFormat::row_bytes`] or [`WeightFormat::tensor_bytes`]
+//! instead of multiplying elements by an element size, so a new format is one more variant
+//! here (its block sizes and name) plus the kernels that read it.
+
+use crate::tensors::Dtype;
+use serde::{Serialize, Serializer};
+use std::fmt;
+use std::str::FromStr;
+use thiserror::Error;
+
+/// How a weight's values are stored. The kernels read every format in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WeightFormat {
+    /// bfloat16, little-endian: 1 value in 2 bytes.
+    Bf16,
+    /// IEEE half, little-endian: 1 value in 2 bytes.
+    F16,
+    /// IEEE single, little-endian: 1 value in 4 bytes.
+    F32,
+}
+
+/// A size that a format cannot express.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FormatError {
+    /// Rows of this length are not a whole number of the format's blocks.
+    #[error(
+        "rows of {cols} values are not a whole number of {format} blocks of {block_elems} values"
+    )]
+    PartialBlock {
+        /// The format asked for.
+        format: WeightFormat,
+        /// Values per row.
+        cols: u64,
+        /// Values per block of that format.
+        block_elems: u64,
+    },
+    /// The byte count does not fit in 64 bits.
+    #[error("a {shape:?} tensor in {format} is more bytes than 64 bits count")]
+    Overflow {
+        /// The format asked for.
+        format: WeightFormat,
+        /// The shape asked for (`[cols]` for one row).
+        shape: Vec<u64>,
+    },
+}
+
+/// A format name that is not one of [`WeightFormat::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown weight format '{name}': use one of {}", WeightFormat::names().join(", "))]
+pub struct ParseFormatError {
+    /// The name given.
+    pub name: String,
+}
+
+impl WeightFormat {
+    /// Every format, in the order help texts list them.
+    pub const ALL: [WeightFormat; 3] = [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32];
+
+    /// Values per block.
+    #[inline]
+    pub const fn block_elems(self) -> u64 {
+        match self {
+            WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 => 1,
+        }
+    }
+
+    /// Bytes per block.
+    #[inline]
+    pub const fn block_bytes(self) -> u64 {
+        match self {
+            WeightFormat::Bf16 | WeightFormat::F16 => 2,
+            WeightFormat::F32 => 4,
+        }
+    }
+
+    /// Bytes of one row of `cols` values; an error when `cols` is not a whole number of
+    /// blocks or the bytes overflow.
+    #[inline]
+    pub fn row_bytes(self, cols: u64) -> Result<u64, FormatError> {
+        let block_elems = self.block_elems();
+        if !cols.is_multiple_of(block_elems) {
+            return Err(FormatError::PartialBlock {
+                format: self,
+                cols,
+                block_elems,
+            });
+        }
+        (cols / block_elems)
+            .checked_mul(self.block_bytes())
+            .ok_or_else(|| FormatError::Overflow {
+                format: self,
+                shape: vec![cols],
+            })
+    }
+
+    /// Bytes of a tensor of `shape`, stored as rows of its last dimension (a scalar, `[]`,
+    /// is one row of one value). A tensor with a zero dimension takes 0 bytes, though its
+    /// rows must still be whole blocks.
+    pub fn tensor_bytes(self, shape: &[u64]) -> Result<u64, FormatError> {
+        let (cols, outer) = match shape.split_last() {
+            Some((&cols, outer)) => (cols, outer),
+            None => (1, &[][..]),
+        };
+        let block_elems = self.block_elems();
+        if !cols.is_multiple_of(block_elems) {
+            return Err(FormatError::PartialBlock {
+                format: self,
+                cols,
+                block_elems,
+            });
+        }
+        if shape.contains(&0) {
+            return Ok(0);
+        }
+        // Every factor is at least 1, so a partial product that overflows means the whole
+        // does: the check is exact.
+        outer
+            .iter()
+            .try_fold(cols / block_elems, |acc, &d| acc.checked_mul(d))
+            .and_then(|blocks| blocks.checked_mul(self.block_bytes()))
+            .ok_or_else(|| FormatError::Overflow {
+                format: self,
+                shape: shape.to_vec(),
+            })
+    }
+
+    /// The format of a checkpoint's element type; `None` for types that are not weights the
+    /// kernels read (integers, f64).
+    pub const fn from_dtype(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::BF16 => Some(WeightFormat::Bf16),
+            Dtype::F16 => Some(WeightFormat::F16),
+            Dtype::F32 => Some(WeightFormat::F32),
+            Dtype::I64 | Dtype::I32 | Dtype::U8 | Dtype::I8 | Dtype::BOOL | Dtype::F64 => None,
+        }
+    }
+
+    /// The checkpoint element type that stores this format value by value; `None` for a
+    /// block format, which no safetensors type stores.
+    pub const fn plain_dtype(self) -> Option<Dtype> {
+        match self {
+            WeightFormat::Bf16 => Some(Dtype::BF16),
+            WeightFormat::F16 => Some(Dtype::F16),
+            WeightFormat::F32 => Some(Dtype::F32),
+        }
+    }
+
+    /// The name the command line and reports use ("bf16", "f16", "f32").
+    pub const fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::F16 => "f16",
+            WeightFormat::F32 => "f32",
+        }
+    }
+
+    /// Every format's [`name`](Self::name).
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|f| f.name()).collect()
+    }
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for WeightFormat {
+    type Err = ParseFormatError;
+
+    /// Parses a [`name`](WeightFormat::name), ignoring ASCII case ("BF16" as safetensors
+    /// writes it is accepted too).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| ParseFormatError {
+                name: s.to_string(),
+            })
+    }
+}
+
+impl Serialize for WeightFormat {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn plain_formats_store_one_value_per_block() {
+        let sizes: Vec<(u64, u64)> = WeightFormat::ALL
+            .iter()
+            .map(|f| (f.block_elems(), f.block_bytes()))
+            .collect();
+        assert_eq!(sizes, [(1, 2), (1, 2), (1, 4)]);
+        assert_eq!(WeightFormat::Bf16.row_bytes(2048), Ok(4096));
+        assert_eq!(WeightFormat::F32.row_bytes(7), Ok(28));
+        assert_eq!(WeightFormat::F16.row_bytes(0), Ok(0));
+    }
+
+    #[test]
+    fn tensor_bytes_count_rows_of_the_last_dimension() {
+        let bf16 = WeightFormat::Bf16;
+        assert_eq!(bf16.tensor_bytes(&[151_936, 2048]), Ok(151_936 * 2048 * 2));
+        assert_eq!(
+            bf16.tensor_bytes(&[128, 2048, 1536]),
+            Ok(128 * 2048 * 1536 * 2)
+        );
+        assert_eq!(WeightFormat::F32.tensor_bytes(&[2048]), Ok(8192));
+        assert_eq!(WeightFormat::F32.tensor_bytes(&[]), Ok(4));
+        assert_eq!(bf16.tensor_bytes(&[0, 2048]), Ok(0));
+        // A zero dimension ends the count even where the others would overflow.
+        assert_eq!(bf16.tensor_bytes(&[u64::MAX, u64::MAX, 0, 8]), Ok(0));
+    }
+
+    #[test]
+    fn sizes_past_64_bits_are_typed_errors() {
+        let f32 = WeightFormat::F32;
+        assert_eq!(
+            f32.row_bytes(u64::MAX),
+            Err(FormatError::Overflow {
+                format: f32,
+                shape: vec![u64::MAX],
+            })
+        );
+        assert_eq!(
+            f32.tensor_bytes(&[1 << 40, 1 << 30]),
+            Err(FormatError::Overflow {
+                format: f32,
+                shape: vec![1 << 40, 1 << 30],
+            })
+        );
+        assert_eq!(
+            f32.tensor_bytes(&[2, u64::MAX / 4]),
+            Err(FormatError::Overflow {
+                format: f32,
+                shape: vec![2, u64::MAX / 4],
+            })
+        );
+    }
+
+    #[test]
+    fn a_row_that_is_not_whole_blocks_is_a_typed_error_naming_the_block() {
+        // No plain format has blocks over one value, so the rule is checked through the
+        // error itself: it names the format, the row and the block.
+        let e = FormatError::PartialBlock {
+            format: WeightFormat::Bf16,
+            cols: 33,
+            block_elems: 32,
+        };
+        assert_eq!(
+            e.to_string(),
+            "rows of 33 values are not a whole number of bf16 blocks of 32 values"
+        );
+        for f in WeightFormat::ALL {
+            assert!(f.row_bytes(33).is_ok(), "{f}");
+        }
+    }
+
+    #[test]
+    fn names_parse_back_and_unknown_names_are_typed_errors() {
+        for f in WeightFormat::ALL {
+            assert_eq!(f.name().parse::<WeightFormat>(), Ok(f));
+            assert_eq!(f.to_string(), f.name());
+            assert_eq!(f.plain_dtype().and_then(WeightFormat::from_dtype), Some(f));
+        }
+        assert_eq!("BF16".parse::<WeightFormat>(), Ok(WeightFormat::Bf16));
+        let e = "q8".parse::<WeightFormat>().unwrap_err();
+        assert_eq!(e, ParseFormatError { name: "q8".into() });
+        assert_eq!(
+            e.to_string(),
+            "unknown weight format 'q8': use one of bf16, f16, f32"
+        );
+        assert!("".parse::<WeightFormat>().is_err());
+        assert_eq!(
+            serde_json::to_string(&WeightFormat::F16).unwrap(),
+            "\"f16\""
+        );
+    }
+
+    #[test]
+    fn only_float_dtypes_are_weight_formats() {
+        assert_eq!(
+            WeightFormat::from_dtype(Dtype::BF16),
+            Some(WeightFormat::Bf16)
+        );
+        assert_eq!(
+            WeightFormat::from_dtype(Dtype::F16),
+            Some(WeightFormat::F16)
+        );
+        assert_eq!(
+            WeightFormat::from_dtype(Dtype::F32),
+            Some(WeightFormat::F32)
+        );
+        for d in [
+            Dtype::I64,
+            Dtype::I32,
+            Dtype::U8,
+            Dtype::I8,
+            Dtype::BOOL,
+            Dtype::F64,
+        ] {
+            assert_eq!(WeightFormat::from_dtype(d), None, "{d}");
+        }
+    }
+
+    /// Bytes of `shape` in `f` computed in 128 bits: `None` when it does not fit in 64.
+    fn reference_bytes(f: WeightFormat, shape: &[u64]) -> Option<u64> {
+        let elems = shape
+            .iter()
+            .try_fold(1u128, |acc, &d| acc.checked_mul(u128::from(d)));
+        let bytes = match elems {
+            Some(e) => {
+                (e / u128::from(f.block_elems())).checked_mul(u128::from(f.block_bytes()))?
+            }
+            // Past 128 bits: surely past 64 unless a dimension is zero.
+            None if shape.contains(&0) => 0,
+            None => return None,
+        };
+        u64::try_from(bytes).ok()
+    }
+
+    fn any_format() -> impl Strategy<Value = WeightFormat> {
+        prop::sample::select(WeightFormat::ALL.to_vec())
+    }
+
+    /// Dimensions from tiny to absurd, so both sides of the 64-bit edge are visited.
+    fn any_dim() -> impl Strategy<Value = u64> {
+        prop_oneof![0u64..64, 0u64..1 << 20, any::<u64>(), Just(u64::MAX)]
+    }
+
+    proptest! {
+        #[test]
+        fn rows_times_row_bytes_is_tensor_bytes(f in any_format(), rows in 0u64..1 << 24, cols in 0u64..1 << 24) {
+            let cols = cols / f.block_elems() * f.block_elems();
+            let row = f.row_bytes(cols).unwrap();
+            prop_assert_eq!(f.tensor_bytes(&[rows, cols]), Ok(row * rows));
+            prop_assert_eq!(f.tensor_bytes(&[cols]), Ok(row));
+        }
+
+        #[test]
+        fn more_values_never_take_fewer_bytes(
+            f in any_format(),
+            a in 0u64..1 << 40,
+            b in 0u64..1 << 40,
+            rows in 0u64..1 << 20,
+            more_rows in 0u64..1 << 20,
+        ) {
+            let whole = |n: u64| n / f.block_elems() * f.block_elems();
+            let (lo, hi) = (whole(a.min(b)), whole(a.max(b)));
+            prop_assert!(f.row_bytes(lo).unwrap() <= f.row_bytes(hi).unwrap());
+            let cols = whole(a >> 20);
+            prop_assert!(
+                f.tensor_bytes(&[rows, cols]).unwrap()
+                    <= f.tensor_bytes(&[rows + more_rows, cols]).unwrap()
+            );
+        }
+
+        #[test]
+        fn any_shape_gives_the_exact_bytes_or_a_typed_error(f in any_format(), shape in prop::collection::vec(any_dim(), 0..5)) {
+            let cols = shape.last().copied().unwrap_or(1);
+            match (f.tensor_bytes(&shape), reference_bytes(f, &shape)) {
+                (Ok(got), Some(want)) => prop_assert_eq!(got, want),
+                (Err(FormatError::Overflow { format, shape: s }), None) => {
+                    prop_assert_eq!(format, f);
+                    prop_assert_eq!(s, shape);
+                }
+                (Err(FormatError::PartialBlock { .. }), _) => {
+                    prop_assert!(!cols.is_multiple_of(f.block_elems()));
+                }
+                (got, want) => prop_assert!(false, "{shape:?} in {f}: {got:?}, reference {want:?}"),
+            }
+        }
+    }
+}
