@@ -17,7 +17,7 @@ pub enum Error {
     /// config.json is not a Qwen3-VL config, or is malformed.
     #[error("{path}: not a usable Qwen3-VL config: {message}")]
     Config {
-        /// The file (or "<catalog>").
+        /// The file (or `<catalog>`).
         path: PathBuf,
         /// What is wrong.
         message: String,

@@ -1,5 +1,5 @@
-//! Decoder layers on the GPU (feature `cuda`): a [`WeightSource`] over [`ManagedWeights`]
-//! whose first decoder layers' matrices live on the memory manager's CUDA device tier and
+//! Decoder layers on the GPU (feature `cuda`): a [`WeightSource`](crate::weights::WeightSource)
+//! over [`ManagedWeights`](crate::managed::ManagedWeights) whose first decoder layers' matrices live on the memory manager's CUDA device tier and
 //! multiply there (`kernels::cuda::GpuKernels`), read in place in their stored type. Everything else (the
 //! other layers, norms, the embedding, lm_head, the vision tower, expert stacks) goes to the
 //! wrapped source and computes on the CPU, as without a GPU.

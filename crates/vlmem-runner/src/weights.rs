@@ -3,7 +3,7 @@
 //! tensor by its checkpoint name each time it needs one, so whoever implements the trait
 //! decides residency: [`CheckpointWeights`] reads the exact byte range from the checkpoint
 //! file on every call (nothing resident), [`CachedWeights`] keeps converted tensors after the
-//! first use (everything resident), and `ManagedWeights` (managed.rs) implements the same
+//! first use (everything resident), and `ManagedWeights` (managed/) implements the same
 //! trait over the memory manager's tiers.
 //!
 //! Weights stay in their stored type (bf16 for the released checkpoints) on disk and are

@@ -25,7 +25,7 @@
 //! Invariants:
 //! - *Area*: the staging area never holds more than its capacity, and every fill begun is
 //!   finished exactly once (published, or its room given back): a fill travels as a
-//!   [`PendingFill`], which gives the room back when it is dropped unfinished.
+//!   `PendingFill`, which gives the room back when it is dropped unfinished.
 //! - *Queue*: every read submitted to the pool runs exactly once, or is dropped unrun once
 //!   the pool is closed (which fails its fill).
 //! - *Cursor*: only the pieces the cursor that moved last has not passed, within the

@@ -242,3 +242,274 @@ fn a_waited_prefetch_returns_once_the_tensor_landed_or_failed() {
     let c = f.manager.stats().counters;
     assert_eq!((c.prefetches, c.prefetch_failures), (3, 1));
 }
+
+/// Runs `body` on its own thread and fails when it has not returned within `limit` (a
+/// take waiting for a fill that is never finished hangs for ever): a bounded test.
+fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(body());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => {
+            worker.join().unwrap();
+            v
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            panic!(
+                "still running after {limit:?}: a fill is never finished, or a take waits for one"
+            )
+        }
+        Err(RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the body returned without sending"),
+        },
+    }
+}
+
+/// The plans of a disk tier's faults: `eio` fails reads, `slow` delays them (two layers, so
+/// each counts its own).
+struct DiskFaults {
+    eio: std::sync::Arc<vlmem_tier::FaultPlan>,
+    slow: std::sync::Arc<vlmem_tier::FaultPlan>,
+}
+
+/// Like [`fixture`], over a manager whose disk tier reads the checkpoint through a faulty
+/// file layer: of the first `calls` reads, about 1 in 10 fails with EIO and about 1 in 20
+/// sleeps 1-4 ms, drawn from `seed`.
+fn faulty_fixture(
+    lens: &[usize],
+    host_weight_bytes: u64,
+    seed: u64,
+    calls: u64,
+) -> (Fixture, DiskFaults) {
+    use rand::{Rng, SeedableRng};
+    use std::sync::Arc as StdArc;
+    use vlmem_tier::io::{FaultyFileIo, RealFileIo};
+    use vlmem_tier::{
+        DiskOptions, DiskTier, FaultKind, FaultPlan, FaultRule, FirstFitAllocator, HostOptions,
+        IoPoint, MemoryTier, TierBackend,
+    };
+    let faults = DiskFaults {
+        eio: StdArc::new(FaultPlan::new()),
+        slow: StdArc::new(FaultPlan::new()),
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for call in 0..calls {
+        if rng.gen_ratio(1, 10) {
+            faults
+                .eio
+                .add(FaultRule::once(IoPoint::Read, FaultKind::Eio).after(call));
+        } else if rng.gen_ratio(1, 20) {
+            let ms = rng.gen_range(1..=4);
+            faults.slow.add(
+                FaultRule::once(IoPoint::Read, FaultKind::Slow(Duration::from_millis(ms)))
+                    .after(call),
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let alloc = |cap: u64, granule: u64| StdArc::new(FirstFitAllocator::new(cap, granule).unwrap());
+    let device: StdArc<dyn TierBackend> =
+        StdArc::new(MemoryTier::simulated_device(alloc(1 << 20, 256), None).unwrap());
+    let host: StdArc<dyn TierBackend> =
+        StdArc::new(MemoryTier::host(alloc(8 << 20, 256), HostOptions::default()).unwrap());
+    let slow_io = StdArc::new(FaultyFileIo::new(
+        StdArc::new(RealFileIo),
+        faults.slow.clone(),
+    ));
+    let io = StdArc::new(FaultyFileIo::new(slow_io, faults.eio.clone()));
+    let disk = StdArc::new(
+        DiskTier::with_io(
+            alloc(8 << 20, 4096),
+            DiskOptions {
+                dir: Some(dir.path().join("swap")),
+                preallocate: false,
+                ..DiskOptions::default()
+            },
+            io,
+        )
+        .unwrap(),
+    );
+    let mut c = ManagerConfig::with_capacities(1 << 20, 8 << 20, 8 << 20);
+    c.budgets.bytes[Tier::Host.index()][TensorKind::Weight.index()] = host_weight_bytes;
+    let manager = MemoryManager::with_tiers(c, device, host, disk).unwrap();
+    let total: usize = lens.iter().map(|l| l + 123).sum();
+    let file: Vec<u8> = (0..total).map(|i| (i * 7 + i / 4093 + 1) as u8).collect();
+    let path = dir.path().join("weights.bin");
+    std::fs::write(&path, &file).unwrap();
+    let mut offset = 0u64;
+    let tensors = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            offset += 123;
+            let h = manager
+                .register_extent(&path, offset, len as u64, TensorKind::Weight, i as u64)
+                .unwrap();
+            let t = (h, offset, len);
+            offset += len as u64;
+            t
+        })
+        .collect();
+    let f = Fixture {
+        _dir: dir,
+        manager,
+        file,
+        tensors,
+    };
+    (f, faults)
+}
+
+/// Reads `dst.len()` bytes of `h` at `from` on demand, as the runner does after a miss: a
+/// failed disk read must be a typed I/O error (counted in `errors`), and a later try reads
+/// the bytes.
+fn read_on_demand(f: &Fixture, h: TensorHandle, from: usize, dst: &mut [u8], errors: &mut u64) {
+    for _ in 0..64 {
+        match f.manager.read(h, from as u64, dst) {
+            Ok(()) => return,
+            Err(ManagerError::Tier(vlmem_tier::TierError::Io {
+                tier: Tier::Disk, ..
+            })) => *errors += 1,
+            Err(e) => panic!("a failed read must be a disk I/O error, not {e:?}"),
+        }
+    }
+    panic!("64 reads of {h:?} at {from} failed in a row");
+}
+
+/// What the runner does with one unit over a faulty disk: the streamed tensors' pieces
+/// taken from the area must be the file's bytes (the area's ledger checked at every take),
+/// what was not read ahead is read on demand, whose failures must be typed errors. The
+/// consumer is slower than the readers when `slow`. Returns the bytes taken.
+fn compute_unit_over_faults(
+    f: &Fixture,
+    ra: &ReadAhead,
+    cursor: &Cursor,
+    u: usize,
+    slow: bool,
+    errors: &mut u64,
+) -> u64 {
+    cursor.begin_unit(u);
+    let area = &ra.control.shared.area;
+    let mut taken = 0;
+    for need in &ra.units()[u] {
+        let (off, len) = (need.file_offset_bytes as usize, need.len_bytes as usize);
+        let want = &f.file[off..off + len];
+        let mut got = vec![0u8; len];
+        let mut from = 0;
+        if need.streamed {
+            let mut next = 0;
+            let rest = cursor
+                .take_pieces(need.handle, |start, bytes| {
+                    assert_eq!(start, next, "pieces are taken in order");
+                    assert!(
+                        bytes == &want[start..start + bytes.len()],
+                        "unit {u}: a taken piece of {:?} at {start} has foreign bytes",
+                        need.handle
+                    );
+                    area.check().unwrap();
+                    got[start..start + bytes.len()].copy_from_slice(bytes);
+                    next = start + bytes.len();
+                    taken += bytes.len() as u64;
+                    if slow {
+                        std::thread::sleep(Duration::from_micros(300));
+                    }
+                    Ok::<(), ManagerError>(())
+                })
+                .unwrap();
+            area.check().unwrap();
+            match rest {
+                None => from = len,
+                Some(start) => {
+                    assert_eq!(start, next, "the rest starts after the taken pieces");
+                    from = start;
+                }
+            }
+        }
+        if from < len {
+            read_on_demand(f, need.handle, from, &mut got[from..], errors);
+        }
+        assert!(
+            got == want,
+            "unit {u}: tensor {:?} has foreign bytes",
+            need.handle
+        );
+    }
+    taken
+}
+
+/// Over a disk tier where about 1 in 10 reads fails with EIO and 1 in 20 is slow (1-4 ms),
+/// streamed tensors of 1 to 6 pieces over six units are decoded for six rounds with the
+/// consumer sometimes slower than the readers (it dawdles over pieces, or lets the readers
+/// fill the area before a unit): every piece taken carries the file's bytes, the area's
+/// ledger holds at every take, a failed read surfaces only as a typed error of a read on
+/// demand (whose retry reads the bytes), every fill begun is finished once (a failed read
+/// gives its buffer's room back, so no take waits for it for ever), no room is held once
+/// the cursor goes, and the facility stops cleanly, after which units are read on demand.
+#[test]
+fn failed_disk_reads_give_their_room_back_and_surface_only_on_demand() {
+    within(Duration::from_secs(30), || {
+        let lens: Vec<usize> = (0..24).map(|i| 1 + (i * 9_173) % 48_000).collect();
+        let (f, faults) = faulty_fixture(&lens, 1 << 20, 0x5eed_f17e, 50_000);
+        let ra = ReadAhead::new(
+            f.manager.clone(),
+            Tier::Host,
+            plan(&f, 4, |i| i % 4 != 0, 9 * 16 * 1024),
+            2,
+        )
+        .unwrap();
+        assert_eq!(ra.buffer_bytes(), 16 * 1024);
+        let cursor = ra.cursor();
+        let (mut taken, mut errors) = (0, 0);
+        for round in 0..6usize {
+            for u in 0..ra.units().len() {
+                if (round * 7 + u) % 4 == 0 {
+                    // The readers get ahead: the area fills up, claims wait for room.
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                let slow = (round + u) % 3 == 0;
+                taken += compute_unit_over_faults(&f, &ra, &cursor, u, slow, &mut errors);
+                ra.control.shared.area.check().unwrap();
+            }
+        }
+        let s = ra.stats();
+        let eio = faults.eio.fired();
+        let c = f.manager.stats().counters;
+        assert!(eio > 0 && faults.slow.fired() > 0, "faults injected: {s:?}");
+        assert!(s.area.hits > 0 && taken > 0, "{s:?}");
+        // Failed reads not seen by the consumer nor by a kept tensor's bring were the
+        // read-ahead's own.
+        assert!(
+            eio > errors + c.prefetch_failures,
+            "the readers met failed reads: {eio} failed, {errors} on demand, {} brings: {s:?}",
+            c.prefetch_failures
+        );
+        assert!(
+            s.area.filled < s.fills_begun,
+            "some fills gave their room back: {s:?}"
+        );
+        drop(cursor);
+        let s = settle(&ra);
+        assert_eq!(s.fills_begun, s.fills_finished, "{s:?}");
+        assert_eq!(s.held_bytes, 0, "the request's cursor went: {s:?}");
+        ra.control.shared.area.check().unwrap();
+        ra.stop();
+        let s = ra.stats();
+        assert_eq!(s.fills_begun, s.fills_finished, "{s:?}");
+        assert_eq!(s.held_bytes, 0, "{s:?}");
+        // Stopped: a request still reads every tensor, all of it on demand.
+        let cursor = ra.cursor();
+        assert!(cursor.is_stopped());
+        for u in 0..ra.units().len() {
+            assert_eq!(
+                compute_unit_over_faults(&f, &ra, &cursor, u, false, &mut errors),
+                0
+            );
+        }
+        drop(cursor);
+        assert_eq!(ra.stats().fills_begun, s.fills_begun);
+        ra.control.shared.area.check().unwrap();
+        drop(ra);
+    });
+}
