@@ -35,6 +35,23 @@ impl WeightTiers {
     }
 }
 
+/// What both reports read after the run: the manager's statistics, the tokens generated (at
+/// least 1), where the weights are, and the GPU's report.
+fn facts(
+    engine: &Engine,
+    reply: &Reply,
+) -> (
+    ManagerStats,
+    f64,
+    WeightTiers,
+    Option<vlmem_runner::gpu::GpuReport>,
+) {
+    let stats = engine.manager().stats();
+    let tokens = reply.ids.len().max(1) as f64;
+    let w = WeightTiers::of(engine, &stats);
+    (stats, tokens, w, engine.gpu_report())
+}
+
 /// The `--json` report: the reply, its sampling settings, the speeds and the memory.
 /// `open_s` is the time to open the engine; `plan_bound` the decode speed its plan allows.
 pub(crate) fn json(
@@ -44,12 +61,8 @@ pub(crate) fn json(
     plan_bound: Option<f64>,
 ) -> serde_json::Value {
     let (manager, weights) = (engine.manager(), engine.weights());
-    let stats = manager.stats();
-    let host = Tier::Host.index();
-    let tokens = reply.ids.len().max(1) as f64;
-    let rs = &reply.stats;
-    let w = WeightTiers::of(engine, &stats);
-    let gpu = engine.gpu_report();
+    let (stats, tokens, w, gpu) = facts(engine, reply);
+    let (host, rs) = (Tier::Host.index(), &reply.stats);
     let st = weights.staging();
     let streaming = json!({
         "staging_area_bytes": st.capacity_bytes,
@@ -178,12 +191,8 @@ pub(crate) fn print_text(
     plan_bound: Option<f64>,
 ) {
     let (manager, weights) = (engine.manager(), engine.weights());
-    let stats = manager.stats();
-    let host = Tier::Host.index();
-    let tokens = reply.ids.len().max(1) as f64;
-    let rs = &reply.stats;
-    let w = WeightTiers::of(engine, &stats);
-    let gpu = engine.gpu_report();
+    let (stats, tokens, w, gpu) = facts(engine, reply);
+    let (host, rs) = (Tier::Host.index(), &reply.stats);
     println!();
     println!("---");
     println!(

@@ -86,15 +86,7 @@ impl WeightFormat {
     /// blocks or the bytes overflow.
     #[inline]
     pub fn row_bytes(self, cols: u64) -> Result<u64, FormatError> {
-        let block_elems = self.block_elems();
-        if !cols.is_multiple_of(block_elems) {
-            return Err(FormatError::PartialBlock {
-                format: self,
-                cols,
-                block_elems,
-            });
-        }
-        (cols / block_elems)
+        self.row_blocks(cols)?
             .checked_mul(self.block_bytes())
             .ok_or_else(|| FormatError::Overflow {
                 format: self,
@@ -110,6 +102,25 @@ impl WeightFormat {
             Some((&cols, outer)) => (cols, outer),
             None => (1, &[][..]),
         };
+        let blocks = self.row_blocks(cols)?;
+        if shape.contains(&0) {
+            return Ok(0);
+        }
+        // Every factor is at least 1, so a partial product that overflows means the whole
+        // does: the check is exact.
+        outer
+            .iter()
+            .try_fold(blocks, |acc, &d| acc.checked_mul(d))
+            .and_then(|blocks| blocks.checked_mul(self.block_bytes()))
+            .ok_or_else(|| FormatError::Overflow {
+                format: self,
+                shape: shape.to_vec(),
+            })
+    }
+
+    /// Blocks in one row of `cols` values; an error when `cols` is not a whole number of
+    /// blocks.
+    fn row_blocks(self, cols: u64) -> Result<u64, FormatError> {
         let block_elems = self.block_elems();
         if !cols.is_multiple_of(block_elems) {
             return Err(FormatError::PartialBlock {
@@ -118,19 +129,7 @@ impl WeightFormat {
                 block_elems,
             });
         }
-        if shape.contains(&0) {
-            return Ok(0);
-        }
-        // Every factor is at least 1, so a partial product that overflows means the whole
-        // does: the check is exact.
-        outer
-            .iter()
-            .try_fold(cols / block_elems, |acc, &d| acc.checked_mul(d))
-            .and_then(|blocks| blocks.checked_mul(self.block_bytes()))
-            .ok_or_else(|| FormatError::Overflow {
-                format: self,
-                shape: shape.to_vec(),
-            })
+        Ok(cols / block_elems)
     }
 
     /// The format of a checkpoint's element type; `None` for types that are not weights the
