@@ -25,8 +25,9 @@ pub struct PlanArgs {
     /// An image of WIDTHxHEIGHT pixels in the prompt (repeatable), e.g. 1024x1024.
     #[arg(long = "image", value_parser = parse_image)]
     images: Vec<(u64, u64)>,
-    /// How weights are held in the tiers: bf16, f16 or f32 (default: as stored, bf16 for the
-    /// catalog).
+    /// How weights are held in the tiers: bf16, f16, f32 or q8_0 (default: as stored, bf16
+    /// for the catalog). q8_0 holds matrices whose rows are whole blocks of 32 values; other
+    /// tensors (norms, biases, rows of other lengths) stay as stored.
     #[arg(long, value_parser = parse_format)]
     dtype: Option<WeightFormat>,
     /// Usable GPU memory, e.g. 0, 512MiB, 2GiB (replaces the profile's).

@@ -10,6 +10,14 @@
 //! checks) asks the format for [`WeightFormat::row_bytes`] or [`WeightFormat::tensor_bytes`]
 //! instead of multiplying elements by an element size, so a new format is one more variant
 //! here (its block sizes and name) plus the kernels that read it.
+//!
+//! [`WeightFormat::Q8_0`] is the one block format: 32 values as an f16 scale `d` and 32
+//! signed bytes `q` (34 bytes, value = `d * q`), laid out as GGUF's `block_q8_0`;
+//! [`q8_0`] quantizes and dequantizes rows of it. It stores matrices only: a tensor it
+//! cannot hold (a 1-D norm or bias, rows that are not whole blocks) stays in its stored type
+//! (see `math::WeightTensor::held_bytes`).
+
+pub mod q8_0;
 
 use crate::tensors::Dtype;
 use serde::{Serialize, Serializer};
@@ -26,6 +34,9 @@ pub enum WeightFormat {
     F16,
     /// IEEE single, little-endian: 1 value in 4 bytes.
     F32,
+    /// Blocks of 32 values: an f16 scale `d` (little-endian) then 32 `i8` `q`, 34 bytes;
+    /// value `i` of a block is `d * q[i]` (GGUF's `block_q8_0`).
+    Q8_0,
 }
 
 /// A size that a format cannot express.
@@ -42,6 +53,30 @@ pub enum FormatError {
         cols: u64,
         /// Values per block of that format.
         block_elems: u64,
+    },
+    /// A buffer's length does not match the values it should hold.
+    #[error("{what}: {have} bytes/values where {format} needs {want}")]
+    Length {
+        /// What was being converted.
+        what: &'static str,
+        /// The format asked for.
+        format: WeightFormat,
+        /// The length given.
+        have: usize,
+        /// The length the other buffer implies.
+        want: usize,
+    },
+    /// A block's scale is not a finite f16: a value is NaN or infinite, or the block's
+    /// largest magnitude is past `127 * 65504`.
+    #[error(
+        "block {block} of a {format} row has no finite f16 scale: a value is NaN or infinite, \
+         or past 127 x 65504 in magnitude"
+    )]
+    OutOfRange {
+        /// The format asked for.
+        format: WeightFormat,
+        /// The block's index in the row.
+        block: usize,
     },
     /// The byte count does not fit in 64 bits.
     #[error("a {shape:?} tensor in {format} is more bytes than 64 bits count")]
@@ -63,13 +98,19 @@ pub struct ParseFormatError {
 
 impl WeightFormat {
     /// Every format, in the order help texts list them.
-    pub const ALL: [WeightFormat; 3] = [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32];
+    pub const ALL: [WeightFormat; 4] = [
+        WeightFormat::Bf16,
+        WeightFormat::F16,
+        WeightFormat::F32,
+        WeightFormat::Q8_0,
+    ];
 
     /// Values per block.
     #[inline]
     pub const fn block_elems(self) -> u64 {
         match self {
             WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 => 1,
+            WeightFormat::Q8_0 => q8_0::BLOCK_ELEMS as u64,
         }
     }
 
@@ -79,7 +120,15 @@ impl WeightFormat {
         match self {
             WeightFormat::Bf16 | WeightFormat::F16 => 2,
             WeightFormat::F32 => 4,
+            WeightFormat::Q8_0 => q8_0::BLOCK_BYTES as u64,
         }
+    }
+
+    /// Whether each block holds one value (the format stores any tensor); `false` for a
+    /// block-quantized format, which stores only rows of whole blocks.
+    #[inline]
+    pub const fn is_plain(self) -> bool {
+        self.block_elems() == 1
     }
 
     /// Bytes of one row of `cols` values; an error when `cols` is not a whole number of
@@ -150,15 +199,17 @@ impl WeightFormat {
             WeightFormat::Bf16 => Some(Dtype::BF16),
             WeightFormat::F16 => Some(Dtype::F16),
             WeightFormat::F32 => Some(Dtype::F32),
+            WeightFormat::Q8_0 => None,
         }
     }
 
-    /// The name the command line and reports use ("bf16", "f16", "f32").
+    /// The name the command line and reports use ("bf16", "f16", "f32", "q8_0").
     pub const fn name(self) -> &'static str {
         match self {
             WeightFormat::Bf16 => "bf16",
             WeightFormat::F16 => "f16",
             WeightFormat::F32 => "f32",
+            WeightFormat::Q8_0 => "q8_0",
         }
     }
 
@@ -206,7 +257,9 @@ mod tests {
             .iter()
             .map(|f| (f.block_elems(), f.block_bytes()))
             .collect();
-        assert_eq!(sizes, [(1, 2), (1, 2), (1, 4)]);
+        assert_eq!(sizes, [(1, 2), (1, 2), (1, 4), (32, 34)]);
+        let plain: Vec<bool> = WeightFormat::ALL.iter().map(|f| f.is_plain()).collect();
+        assert_eq!(plain, [true, true, true, false]);
         assert_eq!(WeightFormat::Bf16.row_bytes(2048), Ok(4096));
         assert_eq!(WeightFormat::F32.row_bytes(7), Ok(28));
         assert_eq!(WeightFormat::F16.row_bytes(0), Ok(0));
@@ -255,20 +308,38 @@ mod tests {
 
     #[test]
     fn a_row_that_is_not_whole_blocks_is_a_typed_error_naming_the_block() {
-        // No plain format has blocks over one value, so the rule is checked through the
-        // error itself: it names the format, the row and the block.
-        let e = FormatError::PartialBlock {
-            format: WeightFormat::Bf16,
-            cols: 33,
-            block_elems: 32,
-        };
+        let q8 = WeightFormat::Q8_0;
+        let e = q8.row_bytes(33).unwrap_err();
+        assert_eq!(
+            e,
+            FormatError::PartialBlock {
+                format: q8,
+                cols: 33,
+                block_elems: 32,
+            }
+        );
         assert_eq!(
             e.to_string(),
-            "rows of 33 values are not a whole number of bf16 blocks of 32 values"
+            "rows of 33 values are not a whole number of q8_0 blocks of 32 values"
         );
-        for f in WeightFormat::ALL {
+        assert!(q8.tensor_bytes(&[2048]).is_ok());
+        assert!(q8.tensor_bytes(&[4, 16]).is_err());
+        for f in WeightFormat::ALL.into_iter().filter(|f| f.is_plain()) {
             assert!(f.row_bytes(33).is_ok(), "{f}");
         }
+    }
+
+    #[test]
+    fn q8_0_sizes_are_34_bytes_per_32_values() {
+        let q8 = WeightFormat::Q8_0;
+        assert_eq!(q8.row_bytes(0), Ok(0));
+        assert_eq!(q8.row_bytes(32), Ok(34));
+        assert_eq!(q8.row_bytes(2048), Ok(64 * 34));
+        // The 2B's MLP up projection and the 8B's vocabulary table.
+        assert_eq!(q8.tensor_bytes(&[6144, 2048]), Ok(6144 * 64 * 34));
+        assert_eq!(q8.tensor_bytes(&[151_936, 4096]), Ok(151_936 * 128 * 34));
+        assert_eq!(q8.tensor_bytes(&[0, 64]), Ok(0));
+        assert_eq!(q8.plain_dtype(), None);
     }
 
     #[test]
@@ -276,14 +347,17 @@ mod tests {
         for f in WeightFormat::ALL {
             assert_eq!(f.name().parse::<WeightFormat>(), Ok(f));
             assert_eq!(f.to_string(), f.name());
-            assert_eq!(f.plain_dtype().and_then(WeightFormat::from_dtype), Some(f));
+            if f.is_plain() {
+                assert_eq!(f.plain_dtype().and_then(WeightFormat::from_dtype), Some(f));
+            }
         }
         assert_eq!("BF16".parse::<WeightFormat>(), Ok(WeightFormat::Bf16));
+        assert_eq!("Q8_0".parse::<WeightFormat>(), Ok(WeightFormat::Q8_0));
         let e = "q8".parse::<WeightFormat>().unwrap_err();
         assert_eq!(e, ParseFormatError { name: "q8".into() });
         assert_eq!(
             e.to_string(),
-            "unknown weight format 'q8': use one of bf16, f16, f32"
+            "unknown weight format 'q8': use one of bf16, f16, f32, q8_0"
         );
         assert!("".parse::<WeightFormat>().is_err());
         assert_eq!(

@@ -170,15 +170,30 @@ impl WeightTensor {
         self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
     }
 
-    /// Bytes held as `format` (`None`: the stored bytes). A tensor whose stored type is not
-    /// a [`WeightFormat`] (an integer table) keeps its stored bytes in any format.
+    /// Bytes held as `format` (`None`: the stored bytes). A tensor keeps its stored bytes
+    /// where `format` cannot hold it: a stored type that is not a [`WeightFormat`] (an
+    /// integer table), and, for a block format such as q8_0, a tensor that is not a matrix
+    /// (a 1-D norm or bias, as GGUF files keep norms in f32) or whose rows are not whole
+    /// blocks (e.g. the vision patch embedding's rows of 16). An error only when the bytes
+    /// pass 64 bits.
     pub fn held_bytes(&self, format: Option<WeightFormat>) -> Result<u64> {
         match format {
-            Some(f) if WeightFormat::from_dtype(self.dtype).is_some() => f
+            Some(f) if WeightFormat::from_dtype(self.dtype).is_some() && self.holds_in(f) => f
                 .tensor_bytes(&self.shape)
                 .map_err(|e| Error::BadRequest(format!("{}: {e}", self.name))),
             _ => Ok(self.stored_bytes),
         }
+    }
+
+    /// Whether `format` can hold this tensor: any plain format holds any shape; a block
+    /// format holds tensors of two or more dimensions whose rows are whole blocks.
+    fn holds_in(&self, format: WeightFormat) -> bool {
+        format.is_plain()
+            || (self.shape.len() >= 2
+                && self
+                    .shape
+                    .last()
+                    .is_some_and(|&cols| cols.is_multiple_of(format.block_elems())))
     }
 }
 
@@ -526,7 +541,7 @@ mod tests {
             let tensors = WeightTensor::of_config(&cfg, Dtype::BF16);
             let as_stored = WeightBytes::of_config(&cfg, Dtype::BF16);
             assert_eq!(WeightBytes::of_tensors(&tensors, None).unwrap(), as_stored);
-            for f in WeightFormat::ALL {
+            for f in WeightFormat::ALL.into_iter().filter(|f| f.is_plain()) {
                 let held = WeightBytes::of_tensors(&tensors, Some(f)).unwrap();
                 assert_eq!(
                     held,
@@ -539,6 +554,55 @@ mod tests {
                     "{name} {f}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn q8_0_holds_matrices_of_whole_blocks_and_leaves_the_rest_as_stored() {
+        let mut tensors = mixed_tensors();
+        // Rows of 16 values: not whole q8_0 blocks (like the vision patch embedding).
+        let q8 = WeightBytes::of_tensors(&tensors, Some(WeightFormat::Q8_0)).unwrap();
+        assert_eq!(q8, WeightBytes::of_tensors(&tensors, None).unwrap());
+        for t in &mut tensors {
+            if let Some(cols) = t.shape.last_mut() {
+                *cols = 64;
+            }
+            t.stored_bytes = t.shape.iter().product::<u64>() * t.dtype.size_bytes();
+        }
+        let q8 = WeightBytes::of_tensors(&tensors, Some(WeightFormat::Q8_0)).unwrap();
+        // The matrices take 34 bytes per 32 values; the f32 norms and the integer table
+        // keep their stored bytes.
+        assert_eq!(q8.embedding_bytes, 64 * 2 * 34);
+        assert_eq!(q8.layer_bytes, [16 * 2 * 34 + 64 * 4]);
+        assert_eq!(q8.final_norm_bytes, 64 * 4);
+        assert_eq!(q8.other_bytes, 64 * 8);
+        assert_eq!(q8.total_params, 64 * 64 + 16 * 64 + 64 * 3);
+    }
+
+    #[test]
+    fn catalog_weights_in_q8_0_are_34_bytes_per_32_matrix_values() {
+        for name in catalog::NAMES {
+            let cfg = catalog::config(name).unwrap();
+            let tensors = WeightTensor::of_config(&cfg, Dtype::BF16);
+            let held = WeightBytes::of_tensors(&tensors, Some(WeightFormat::Q8_0)).unwrap();
+            let mut want = 0;
+            let mut quantized_params = 0;
+            for t in &tensors {
+                let n = t.params().unwrap();
+                if t.shape.len() >= 2 && t.shape.last().unwrap() % 32 == 0 {
+                    want += n / 32 * 34;
+                    quantized_params += n;
+                } else {
+                    want += t.stored_bytes;
+                }
+            }
+            assert_eq!(held.total_bytes, want, "{name}");
+            // Nearly every parameter is in a matrix q8_0 holds. The largest exception: the
+            // 8B and larger vision towers' MLP down projections, rows of 4304 values (134.5
+            // blocks), which stay bf16 (about 1.6% of the 8B's parameters).
+            assert!(quantized_params * 100 > held.total_params * 95, "{name}");
+            let bf16 = WeightBytes::of_tensors(&tensors, None).unwrap();
+            assert!(held.total_bytes < bf16.total_bytes * 54 / 100, "{name}");
         }
     }
 

@@ -316,6 +316,45 @@ pub fn widen_into(name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Re
     Ok(())
 }
 
+/// Widens `bytes` of `format` to f32 into `out`, which must hold exactly the values `bytes`
+/// stores (for Q8_0, whole 34-byte blocks of 32 values, each dequantized to `d * q`).
+pub fn widen_format_into(
+    name: &str,
+    format: WeightFormat,
+    bytes: &[u8],
+    out: &mut [f32],
+) -> Result<()> {
+    match format.plain_dtype() {
+        Some(dtype) => widen_into(name, dtype, bytes, out),
+        None => match format {
+            WeightFormat::Q8_0 => vlmem_qwen3vl::format::q8_0::dequantize_row_into(bytes, out)
+                .map_err(|e| RunnerError::BadRequest(format!("{name}: {e}"))),
+            WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 => Err(
+                RunnerError::BadRequest(format!("{name}: {format} has no plain element type")),
+            ),
+        },
+    }
+}
+
+/// [`widen_format_into`] to a new vector of `values` values.
+pub fn widen_format_to_f32(
+    name: &str,
+    format: WeightFormat,
+    bytes: &[u8],
+    values: usize,
+) -> Result<Vec<f32>> {
+    let want = crate::kernels::row_bytes(format, values)?;
+    if bytes.len() != want {
+        return Err(RunnerError::BadRequest(format!(
+            "{name}: {} bytes of {format} for {values} values (needs {want})",
+            bytes.len()
+        )));
+    }
+    let mut out = vec![0f32; values];
+    widen_format_into(name, format, bytes, &mut out)?;
+    Ok(out)
+}
+
 fn usize_shape(shape: &[u64]) -> Vec<usize> {
     shape.iter().map(|&d| d as usize).collect()
 }
@@ -486,5 +525,42 @@ impl<S: WeightSource + ?Sized> WeightSource for Arc<S> {
 
     fn begin_layer(&self, layer: usize, layers: usize) {
         (**self).begin_layer(layer, layers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widening_q8_0_dequantizes_each_block() {
+        let values: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.125).collect();
+        let bytes = vlmem_qwen3vl::format::q8_0::quantize_row(&values).unwrap();
+        let mut out = vec![f32::NAN; 64];
+        widen_format_into("w", WeightFormat::Q8_0, &bytes, &mut out).unwrap();
+        let mut want = vec![0f32; 64];
+        vlmem_qwen3vl::format::q8_0::dequantize_row_into(&bytes, &mut want).unwrap();
+        assert_eq!(out, want);
+        for (v, o) in values.iter().zip(&out) {
+            assert!((v - o).abs() <= 0.04, "{v} -> {o}");
+        }
+        assert_eq!(
+            widen_format_to_f32("w", WeightFormat::Q8_0, &bytes, 64).unwrap(),
+            want
+        );
+        // Plain formats widen as their element type does.
+        let bf = [
+            half::bf16::from_f32(1.5).to_le_bytes(),
+            half::bf16::from_f32(-2.0).to_le_bytes(),
+        ]
+        .concat();
+        assert_eq!(
+            widen_format_to_f32("w", WeightFormat::Bf16, &bf, 2).unwrap(),
+            [1.5, -2.0]
+        );
+        // Lengths that disagree, or rows of partial blocks, are typed errors.
+        assert!(widen_format_into("w", WeightFormat::Q8_0, &bytes[..33], &mut out).is_err());
+        assert!(widen_format_to_f32("w", WeightFormat::Q8_0, &bytes, 63).is_err());
+        assert!(widen_format_to_f32("w", WeightFormat::Q8_0, &bytes, 32).is_err());
     }
 }

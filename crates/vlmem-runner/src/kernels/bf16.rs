@@ -25,18 +25,20 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
-/// Bytes of one value of `ty`: these loops read formats that store each value on its own
-/// (a block format brings its own kernels, and must be added here to compile).
+/// Bytes of one value of `ty`, for the formats that store each value on its own; `None` for
+/// a block format (its rows have their own kernels, e.g. [`super::q8_0`]).
 #[inline]
-const fn value_bytes(ty: WeightFormat) -> usize {
+const fn value_bytes(ty: WeightFormat) -> Option<usize> {
     match ty {
-        WeightFormat::Bf16 | WeightFormat::F16 => 2,
-        WeightFormat::F32 => 4,
+        WeightFormat::Bf16 | WeightFormat::F16 => Some(2),
+        WeightFormat::F32 => Some(4),
+        WeightFormat::Q8_0 => None,
     }
 }
 
+/// Value `i` of the row-major matrix `w` whose rows are `cols` values of `ty`.
 #[inline]
-fn elem(w: &[u8], ty: WeightFormat, i: usize) -> f32 {
+fn elem(w: &[u8], ty: WeightFormat, cols: usize, i: usize) -> f32 {
     match ty {
         WeightFormat::Bf16 => {
             f32::from_bits(u32::from(u16::from_le_bytes([w[2 * i], w[2 * i + 1]])) << 16)
@@ -45,11 +47,19 @@ fn elem(w: &[u8], ty: WeightFormat, i: usize) -> f32 {
         WeightFormat::F32 => {
             f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]])
         }
+        WeightFormat::Q8_0 => super::q8_0::elem(w, cols, i),
     }
 }
 
-/// `y[r] = sum_c W[r, c] x[c]` for the `y.len()` rows held by `w`.
+/// `y[r] = sum_c W[r, c] x[c]` for the `y.len()` rows held by `w`. Q8_0 rows go to
+/// [`super::q8_0::matvec_rows`] with `x` quantized here (callers that run many row blocks
+/// quantize once and call it themselves).
 pub fn matvec_rows(w: &[u8], ty: WeightFormat, cols: usize, x: &[f32], y: &mut [f32]) {
+    if value_bytes(ty).is_none() {
+        let xq = super::q8_0::Q8Input::new(&x[..cols]);
+        super::q8_0::matvec_rows(w, cols, &xq, y);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports avx2, fma and f16c (checked just above), which is all the
@@ -60,13 +70,14 @@ pub fn matvec_rows(w: &[u8], ty: WeightFormat, cols: usize, x: &[f32], y: &mut [
     matvec_rows_scalar(w, ty, cols, x, y);
 }
 
-/// The portable path of [`matvec_rows`].
+/// The portable path of [`matvec_rows`] (for Q8_0, each weight dequantized and `x` kept in
+/// f32).
 pub fn matvec_rows_scalar(w: &[u8], ty: WeightFormat, cols: usize, x: &[f32], y: &mut [f32]) {
     for (r, out) in y.iter_mut().enumerate() {
         let base = r * cols;
         let mut acc = [0f32; 4];
         for (c, &xc) in x.iter().enumerate().take(cols) {
-            acc[c % 4] += elem(w, ty, base + c) * xc;
+            acc[c % 4] += elem(w, ty, cols, base + c) * xc;
         }
         *out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     }
@@ -105,7 +116,7 @@ pub fn vecmat_cols_scalar(
     for (r, &xr) in x.iter().enumerate().take(rows) {
         let base = r * cols + col0;
         for (j, out) in y.iter_mut().enumerate() {
-            *out += xr * elem(w, ty, base + j);
+            *out += xr * elem(w, ty, cols, base + j);
         }
     }
 }
@@ -140,6 +151,17 @@ pub fn read_sum(buf: &[u8]) -> u64 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{WeightFormat, elem, value_bytes};
+
+    /// The value size of a plain format (the only ones these loops read: the public entry
+    /// points send block formats elsewhere, and this falls back to the scalar loops if not).
+    macro_rules! plain_or {
+        ($ty:expr, $fallback:expr) => {
+            match value_bytes($ty) {
+                Some(es) => es,
+                None => return $fallback,
+            }
+        };
+    }
     use std::arch::x86_64::*;
 
     /// How far ahead of its reads each row stream asks for lines (bytes): about a dozen
@@ -172,6 +194,9 @@ mod x86 {
                 }
                 WeightFormat::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
                 WeightFormat::F32 => _mm256_loadu_ps(p as *const f32),
+                // Never called with a block format (`plain_or!` above every caller); zeros
+                // keep it total.
+                WeightFormat::Q8_0 => _mm256_setzero_ps(),
             }
         }
     }
@@ -191,7 +216,7 @@ mod x86 {
     /// The CPU must have avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn matvec_rows(w: &[u8], ty: WeightFormat, cols: usize, x: &[f32], y: &mut [f32]) {
-        let es = value_bytes(ty);
+        let es = plain_or!(ty, super::matvec_rows_scalar(w, ty, cols, x, y));
         let rows = y.len();
         assert!(x.len() >= cols && w.len() >= rows * cols * es);
         let row_bytes = cols * es;
@@ -271,7 +296,7 @@ mod x86 {
                 for (k, sk) in s.iter_mut().enumerate() {
                     let base = (r + k) * cols;
                     for (cc, &xc) in x.iter().enumerate().take(cols).skip(vec_cols) {
-                        *sk += elem(w, ty, base + cc) * xc;
+                        *sk += elem(w, ty, cols, base + cc) * xc;
                     }
                 }
                 y[r..r + 4].copy_from_slice(&s);
@@ -292,7 +317,7 @@ mod x86 {
                 let mut s = hsum(a0);
                 let base = r * cols;
                 for (cc, &xc) in x.iter().enumerate().take(cols).skip(vec_cols) {
-                    s += elem(w, ty, base + cc) * xc;
+                    s += elem(w, ty, cols, base + cc) * xc;
                 }
                 y[r] = s;
             }
@@ -312,7 +337,7 @@ mod x86 {
         x: &[f32],
         y: &mut [f32],
     ) {
-        let es = value_bytes(ty);
+        let es = plain_or!(ty, super::vecmat_cols_scalar(w, ty, rows, cols, col0, x, y));
         let n = y.len();
         assert!(col0 + n <= cols && x.len() >= rows && w.len() >= rows * cols * es);
         let vec_n = n / 8 * 8;
@@ -348,7 +373,7 @@ mod x86 {
             for (k, &xk) in x.iter().enumerate().skip(r).take(4) {
                 let base = k * cols + col0;
                 for (j, yj) in y.iter_mut().enumerate().skip(vec_n) {
-                    *yj += xk * elem(w, ty, base + j);
+                    *yj += xk * elem(w, ty, cols, base + j);
                 }
             }
             r += 4;
@@ -369,7 +394,7 @@ mod x86 {
             let base = r * cols + col0;
             let xr = x[r];
             for (j, yj) in y.iter_mut().enumerate().skip(vec_n) {
-                *yj += xr * elem(w, ty, base + j);
+                *yj += xr * elem(w, ty, cols, base + j);
             }
             r += 1;
         }

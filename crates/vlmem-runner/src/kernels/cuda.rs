@@ -164,6 +164,11 @@ impl GpuKernels {
         let align: u64 = match ty {
             WeightFormat::Bf16 | WeightFormat::F16 => 2,
             WeightFormat::F32 => 4,
+            WeightFormat::Q8_0 => {
+                return Err(RunnerError::Gpu(format!(
+                    "the GPU kernels do not read {ty} weights yet"
+                )));
+            }
         };
         if !addr.is_multiple_of(align) {
             return Err(RunnerError::Gpu(format!(
@@ -177,6 +182,11 @@ impl GpuKernels {
             WeightFormat::Bf16 => &self.bf16,
             WeightFormat::F16 => &self.f16,
             WeightFormat::F32 => &self.f32,
+            WeightFormat::Q8_0 => {
+                return Err(RunnerError::Gpu(format!(
+                    "the GPU kernels do not read {ty} weights yet"
+                )));
+            }
         };
         let mut lane = self.take_lane(x.len().max(1), out_len)?;
         let result = (|| {

@@ -11,6 +11,9 @@
 //!   machine's memory read bandwidth.
 //!
 //! AVX2 + FMA is used when the CPU has it (detected at run time), else a portable scalar loop.
+//! Q8_0 weights ([`q8_0`]) are multiplied by the input quantized once per call to Q8 blocks
+//! of 32: integer dot products per block (AVX-512 VNNI, AVX2 or scalar), f32 accumulation;
+//! [`vecmat`] reads them dequantized.
 //! Rows (or, for [`vecmat`], output columns) are split across [`pool::global`], a pool whose
 //! threads spin briefly between jobs, so the few hundred short products of a decode step do
 //! not each wait for sleeping threads. The crate's `unsafe` lives in this module's
@@ -20,6 +23,7 @@ pub mod bf16;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod pool;
+pub mod q8_0;
 
 use crate::error::{Result, RunnerError};
 pub use vlmem_qwen3vl::format::WeightFormat;
@@ -44,6 +48,38 @@ pub fn matrix_bytes(ty: WeightFormat, rows: usize, cols: usize) -> Result<usize>
     row_bytes(ty, cols)?
         .checked_mul(rows)
         .ok_or_else(|| RunnerError::BadRequest(format!("a {rows} x {cols} {ty} matrix overflows")))
+}
+
+/// Which instruction set the Q8_0 kernels use on this machine.
+pub fn q8_0_isa() -> &'static str {
+    q8_0::Isa::best().name()
+}
+
+/// The input as the kernels read it: f32 for the plain formats, and quantized once to Q8
+/// blocks when a Q8_0 matrix is among those multiplied.
+struct Input<'a> {
+    x: &'a [f32],
+    q8: Option<q8_0::Q8Input>,
+}
+
+impl<'a> Input<'a> {
+    fn new(x: &'a [f32], mut formats: impl Iterator<Item = WeightFormat>) -> Self {
+        let q8 = formats
+            .any(|ty| ty == WeightFormat::Q8_0)
+            .then(|| q8_0::Q8Input::new(x));
+        Input { x, q8 }
+    }
+
+    /// `y = W x` for the rows of `w` (whole rows of `cols` values of `ty`).
+    fn rows_into(&self, w: &[u8], ty: WeightFormat, cols: usize, y: &mut [f32]) {
+        match (ty, &self.q8) {
+            (WeightFormat::Q8_0, Some(xq)) => q8_0::matvec_rows(w, cols, xq, y),
+            (
+                WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 | WeightFormat::Q8_0,
+                _,
+            ) => bf16::matvec_rows(w, ty, cols, self.x, y),
+        }
+    }
 }
 
 /// Which instruction set the kernels use on this machine.
@@ -126,11 +162,12 @@ pub fn matvec_into(
     }
     let row_bytes = row_bytes(ty, cols)?;
     let per_task = rows_per_task(rows, cols, row_bytes);
+    let input = Input::new(x, std::iter::once(ty));
     if per_task >= rows {
-        bf16::matvec_rows(w, ty, cols, x, y);
+        input.rows_into(w, ty, cols, y);
     } else {
         let parts = y.chunks_mut(per_task).zip(w.chunks(per_task * row_bytes));
-        pool::global().for_each(parts, |(y, w)| bf16::matvec_rows(w, ty, cols, x, y));
+        pool::global().for_each(parts, |(y, w)| input.rows_into(w, ty, cols, y));
     }
     Ok(())
 }
@@ -198,7 +235,8 @@ pub fn matvec_many_into(
             tasks.push((wc, ty, yc));
         }
     }
-    pool::global().for_each(tasks, |(w, ty, y)| bf16::matvec_rows(w, ty, cols, x, y));
+    let input = Input::new(x, mats.iter().map(|m| m.1));
+    pool::global().for_each(tasks, |(w, ty, y)| input.rows_into(w, ty, cols, y));
     Ok(())
 }
 
@@ -247,13 +285,17 @@ pub fn matmul(
         .step_by(per_task)
         .map(|r0| (r0, vec![0f32; n * per_task.min(rows - r0)]))
         .collect();
+    let inputs: Vec<Input> = x
+        .chunks(cols)
+        .map(|xt| Input::new(xt, std::iter::once(ty)))
+        .collect();
     let items = w
         .chunks(per_task * row_bytes)
         .zip(blocks.iter_mut().map(|(_, local)| local));
     pool::global().for_each(items, |(wb, local)| {
         let rb = wb.len() / row_bytes;
-        for (t, out) in local.chunks_mut(rb).enumerate() {
-            bf16::matvec_rows(wb, ty, cols, &x[t * cols..(t + 1) * cols], out);
+        for (input, out) in inputs.iter().zip(local.chunks_mut(rb)) {
+            input.rows_into(wb, ty, cols, out);
         }
     });
     for (r0, local) in blocks {
@@ -338,7 +380,7 @@ mod tests {
 
     /// The matrix as stored bytes of `ty` and as the exact values those bytes hold.
     fn matrix(rng: &mut Rng, ty: WeightFormat, n: usize) -> (Vec<u8>, Vec<f64>) {
-        let mut bytes = Vec::with_capacity(matrix_bytes(ty, n, 1).unwrap());
+        let mut bytes = Vec::with_capacity(n * 4);
         let mut values = Vec::with_capacity(n);
         for _ in 0..n {
             let v = rng.uniform();
@@ -357,7 +399,15 @@ mod tests {
                     bytes.extend_from_slice(&v.to_le_bytes());
                     values.push(f64::from(v));
                 }
+                WeightFormat::Q8_0 => values.push(f64::from(v)),
             }
+        }
+        if ty == WeightFormat::Q8_0 {
+            let x: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+            bytes = vlmem_qwen3vl::format::q8_0::quantize_row(&x).unwrap();
+            let mut back = vec![0f32; n];
+            vlmem_qwen3vl::format::q8_0::dequantize_row_into(&bytes, &mut back).unwrap();
+            values = back.into_iter().map(f64::from).collect();
         }
         (bytes, values)
     }
@@ -385,9 +435,9 @@ mod tests {
     #[test]
     fn weights_must_be_exactly_the_formats_bytes() {
         for ty in WeightFormat::ALL {
-            let (rows, cols) = (5, 12);
+            let (rows, cols) = (5, 64);
             let want = matrix_bytes(ty, rows, cols).unwrap();
-            assert_eq!(want as u64, ty.tensor_bytes(&[5, 12]).unwrap());
+            assert_eq!(want as u64, ty.tensor_bytes(&[5, 64]).unwrap());
             let x = vec![0.5f32; cols];
             let w = vec![0u8; want + 1];
             assert_eq!(
@@ -582,6 +632,82 @@ mod tests {
         assert!(matvec_into(&w, WeightFormat::Bf16, rows, cols, &x, &mut [0.0; 3]).is_err());
         assert!(vecmat_into(&w, WeightFormat::Bf16, rows, cols, &xr, &mut [0.0; 3]).is_err());
         assert!(matvec_many_into(&mats, cols, &x, &mut [&mut [0f32; 301][..]]).is_err());
+    }
+
+    /// Q8_0 through the public entry points: `matvec` is the quantized-input kernel (equal
+    /// to the one-thread call, bit for bit, whatever the split over threads), `matmul` rows
+    /// and `matvec_many` equal `matvec`, and `vecmat` reads the weights dequantized.
+    #[test]
+    fn q8_0_runs_through_every_entry_point() {
+        let ty = WeightFormat::Q8_0;
+        let mut rng = Rng(33);
+        for (rows, cols) in [
+            (1usize, 32usize),
+            (5, 64),
+            (37, 96),
+            (1030, 256),
+            (4099, 512),
+        ] {
+            let (w, wv) = matrix(&mut rng, ty, rows * cols);
+            assert_eq!(w.len(), matrix_bytes(ty, rows, cols).unwrap());
+            let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
+            let y = matvec(&w, ty, rows, cols, &x).unwrap();
+            let xq = q8_0::Q8Input::new(&x);
+            let mut one = vec![0f32; rows];
+            q8_0::matvec_rows(&w, cols, &xq, &mut one);
+            assert_eq!(y, one, "{rows}x{cols}");
+            let mut via_rows = vec![0f32; rows];
+            bf16::matvec_rows(&w, ty, cols, &x, &mut via_rows);
+            assert_eq!(y, via_rows, "{rows}x{cols}");
+            // Against the exact product: within the input's rounding to Q8 (half a step of
+            // each block's scale) and f32 accumulation.
+            for r in 0..rows {
+                let row = &wv[r * cols..(r + 1) * cols];
+                let exact: f64 = row.iter().zip(&x).map(|(w, &x)| w * f64::from(x)).sum();
+                let bound: f64 = row
+                    .iter()
+                    .enumerate()
+                    .map(|(c, w)| w.abs() * (f64::from(xq.d[c / 32]) / 2.0 + 1e-6))
+                    .sum();
+                assert!(
+                    (f64::from(y[r]) - exact).abs() <= bound,
+                    "{rows}x{cols} row {r}"
+                );
+            }
+            let n = 3;
+            let xs: Vec<f32> = (0..n * cols).map(|_| rng.uniform()).collect();
+            let ys = matmul(&w, ty, rows, cols, &xs, n).unwrap();
+            for t in 0..n {
+                let want = matvec(&w, ty, rows, cols, &xs[t * cols..(t + 1) * cols]).unwrap();
+                assert_eq!(
+                    &ys[t * rows..(t + 1) * rows],
+                    &want[..],
+                    "{rows}x{cols} row {t}"
+                );
+            }
+            let (w2, _) = matrix(&mut rng, WeightFormat::Bf16, 9 * cols);
+            let mats = [(&w[..], ty, rows), (&w2[..], WeightFormat::Bf16, 9)];
+            let many = matvec_many(&mats, cols, &x).unwrap();
+            assert_eq!(many[0], y);
+            assert_eq!(
+                many[1],
+                matvec(&w2, WeightFormat::Bf16, 9, cols, &x).unwrap()
+            );
+            let xr: Vec<f32> = (0..rows).map(|_| rng.uniform()).collect();
+            let yv = vecmat(&w, ty, rows, cols, &xr).unwrap();
+            for (c, &yc) in yv.iter().enumerate() {
+                let want: f64 = (0..rows).map(|r| wv[r * cols + c] * f64::from(xr[r])).sum();
+                assert!(
+                    (f64::from(yc) - want).abs() <= tol(rows),
+                    "{rows}x{cols} col {c}"
+                );
+            }
+        }
+        // Rows that are not whole blocks are typed errors, never panics.
+        assert!(matches!(
+            matvec(&[0u8; 34], ty, 1, 33, &[0.0; 33]),
+            Err(RunnerError::BadRequest(_))
+        ));
     }
 
     #[test]
