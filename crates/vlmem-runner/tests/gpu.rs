@@ -244,6 +244,7 @@ mod on_gpu {
                 .flat_map(|&x| f16::from_f32(x).to_le_bytes())
                 .collect(),
             WeightFormat::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+            WeightFormat::Q8_0 => vlmem_qwen3vl::format::q8_0::quantize_row(v).unwrap(),
         }
     }
 
