@@ -274,9 +274,6 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     request.sampling = Some(sampling_params(&a.sampling, engine.generation_config())?);
     let open_s = started.elapsed().as_secs_f64();
     let image_count = request.images.len();
-    // The decode speed the engine's placement plan allows on this profile (its bandwidths,
-    // these budgets): what the report sets the measured speed against.
-    let plan_bound = Some(engine.plan().decode_tokens_per_s_bound);
 
     let mut streamed = Vec::new();
     let mut printed = 0usize;
@@ -306,14 +303,14 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         dump(&engine, &request, &reply.generated_logits, path)?;
     }
     if a.json {
-        let report = run_report::json(&engine, &reply, open_s, plan_bound);
+        let report = run_report::json(&engine, &reply, open_s);
         println!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(CliError::failure)?
         );
         return Ok(());
     }
-    run_report::print_text(&engine, &reply, image_count, open_s, plan_bound);
+    run_report::print_text(&engine, &reply, image_count, open_s);
     Ok(())
 }
 

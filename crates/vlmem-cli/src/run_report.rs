@@ -53,13 +53,9 @@ fn facts(
 }
 
 /// The `--json` report: the reply, its sampling settings, the speeds and the memory.
-/// `open_s` is the time to open the engine; `plan_bound` the decode speed its plan allows.
-pub(crate) fn json(
-    engine: &Engine,
-    reply: &Reply,
-    open_s: f64,
-    plan_bound: Option<f64>,
-) -> serde_json::Value {
+/// `open_s` is the time to open the engine; the report sets the decode speed against the
+/// bound of the engine's plan (its bandwidths, these budgets).
+pub(crate) fn json(engine: &Engine, reply: &Reply, open_s: f64) -> serde_json::Value {
     let (manager, weights) = (engine.manager(), engine.weights());
     let (stats, tokens, w, gpu) = facts(engine, reply);
     let (host, rs) = (Tier::Host.index(), &reply.stats);
@@ -98,7 +94,7 @@ pub(crate) fn json(
             "from_generation_config": engine.generation_config().do_sample,
         },
         "tokens_per_s": reply.decode_tokens_per_s(),
-        "plan_bound_tokens_per_s": plan_bound,
+        "plan_bound_tokens_per_s": engine.plan().decode_tokens_per_s_bound,
         "placement": engine.plan().placement,
         "time_to_first_token_s": reply.timings.time_to_first_token.as_secs_f64(),
         "open_s": open_s,
@@ -183,13 +179,7 @@ pub(crate) fn json(
 /// The text report printed after the reply: counts and speeds, how tokens were chosen, the
 /// plan's bound, where the weights, the KV cache and the activations live, and the tiers.
 /// `images` is the number of images in the request.
-pub(crate) fn print_text(
-    engine: &Engine,
-    reply: &Reply,
-    images: usize,
-    open_s: f64,
-    plan_bound: Option<f64>,
-) {
+pub(crate) fn print_text(engine: &Engine, reply: &Reply, images: usize, open_s: f64) {
     let (manager, weights) = (engine.manager(), engine.weights());
     let (stats, tokens, w, gpu) = facts(engine, reply);
     let (host, rs) = (Tier::Host.index(), &reply.stats);
@@ -227,7 +217,7 @@ pub(crate) fn print_text(
             FinishReason::Length => "--max-new-tokens reached",
         }
     );
-    if let Some(b) = plan_bound.filter(|&b| b > 0.0) {
+    if let Some(b) = Some(engine.plan().decode_tokens_per_s_bound).filter(|&b| b > 0.0) {
         println!(
             "decode against the plan's bound: {:.2} of {:.2} tokens/s ({:.0}%; the bound uses profile {}'s bandwidths, see vlmem plan)",
             reply.decode_tokens_per_s(),

@@ -326,7 +326,10 @@ pub fn decode_units(cfg: &Qwen3VlConfig, tensors: &[PlanTensor]) -> Vec<Vec<usiz
     let layers = cfg.text.num_hidden_layers as usize;
     let mut units: Vec<Vec<usize>> = vec![Vec::new(); layers + 1];
     let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by_key(|&i| (use_order(&tensors[i].name), tensors[i].name.clone()));
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| (use_order(&tensors[i].name), tensors[i].name.as_str());
+        key(a).cmp(&key(b))
+    });
     for i in order {
         let name = &tensors[i].name;
         if let Some(l) = text_layer(name)
