@@ -16,6 +16,10 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// e2e only: measure llama.cpp in the same run, on the same shapes and threads (a Python
+    /// environment with llama-cpp-python, built once under the cache folder: minutes).
+    #[arg(long)]
+    peers: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -33,10 +37,16 @@ enum Suite {
 
 pub fn run(a: BenchArgs) -> Result<(), CliError> {
     let opts = BenchOptions { quick: a.quick };
+    if a.peers && !matches!(a.suite, Suite::E2e) {
+        return Err(CliError::bad_input("--peers applies to the e2e suite only"));
+    }
     let report: SuiteReport = match a.suite {
         Suite::Alloc => vlmem_bench::alloc::run(opts),
         Suite::Io => vlmem_bench::io::run(opts),
         Suite::Replay => vlmem_bench::replay::run(opts),
+        Suite::E2e if a.peers => {
+            vlmem_bench::e2e::run_with_peers(opts).map_err(CliError::failure)?
+        }
         Suite::E2e => vlmem_bench::e2e::run(opts),
     };
     if a.json {
@@ -49,6 +59,13 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
     println!("suite {}", report.suite);
     for r in &report.results {
         println!("  {:48} {:>14.3} {}", r.name, r.value, r.unit);
+    }
+    let peers = vlmem_bench::e2e::peer_table(&report);
+    if !peers.is_empty() {
+        println!("llama.cpp beside vlmem (same run, same threads):");
+        for line in peers {
+            println!("{line}");
+        }
     }
     for n in &report.notes {
         println!("note: {n}");

@@ -8,6 +8,7 @@ mod bench_cmd;
 mod chat_cmd;
 mod plan_cmd;
 mod profile_cmd;
+mod quantize_cmd;
 mod replay_cmd;
 mod run_cmd;
 mod run_report;
@@ -36,6 +37,8 @@ enum Command {
     Chat(chat_cmd::ChatArgs),
     /// Where each part of a model goes on a machine, and how fast decode can be.
     Plan(plan_cmd::PlanArgs),
+    /// Write a checkpoint folder with its weights quantized (q8_0, q4_k), loaded directly.
+    Quantize(quantize_cmd::QuantizeArgs),
     /// Write a checkpoint folder with a catalog model's real tensor names and shapes (random bf16).
     Synth(synth_cmd::SynthArgs),
     /// Show hardware profiles.
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run_cmd::run(a),
         Command::Chat(a) => chat_cmd::run(a),
         Command::Plan(a) => plan_cmd::run(a),
+        Command::Quantize(a) => quantize_cmd::run(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Profile(a) => profile_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),

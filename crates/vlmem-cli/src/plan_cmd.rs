@@ -6,6 +6,7 @@ use vlmem_core::Tier;
 use vlmem_core::bytes::format_bytes;
 use vlmem_core::profile::{HardwareProfile, Overrides};
 use vlmem_qwen3vl::format::WeightFormat;
+use vlmem_qwen3vl::kv_dtype::KvDtype;
 use vlmem_qwen3vl::plan::{ModelSource, Plan, PlanRequest, plan};
 
 #[derive(Args)]
@@ -25,11 +26,16 @@ pub struct PlanArgs {
     /// An image of WIDTHxHEIGHT pixels in the prompt (repeatable), e.g. 1024x1024.
     #[arg(long = "image", value_parser = parse_image)]
     images: Vec<(u64, u64)>,
-    /// How weights are held in the tiers: bf16, f16, f32 or q8_0 (default: as stored, bf16
-    /// for the catalog). q8_0 holds matrices whose rows are whole blocks of 32 values; other
-    /// tensors (norms, biases, rows of other lengths) stay as stored.
+    /// How weights are held in the tiers: bf16, f16, f32, q8_0 or q4_k (default: as stored,
+    /// bf16 for the catalog). A block format holds matrices whose rows are whole blocks (32
+    /// values for q8_0, 256 for q4_k); other tensors (norms, biases, rows of other lengths)
+    /// stay as stored; q4_k holds the decoder layers' projections, and the embedding, router
+    /// and vision tower take q8_0 (as `vlmem quantize` and `--quant` write them).
     #[arg(long, value_parser = parse_format)]
     dtype: Option<WeightFormat>,
+    /// How the KV cache holds keys and values: f32, bf16 (the default) or q8_0.
+    #[arg(long, value_parser = parse_kv_dtype)]
+    kv_dtype: Option<KvDtype>,
     /// Usable GPU memory, e.g. 0, 512MiB, 2GiB (replaces the profile's).
     #[arg(long)]
     gpu_mem: Option<String>,
@@ -47,6 +53,11 @@ pub struct PlanArgs {
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
     s.parse()
         .map_err(|e: vlmem_qwen3vl::format::ParseFormatError| e.to_string())
+}
+
+fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    s.parse()
+        .map_err(|e: vlmem_qwen3vl::kv_dtype::ParseKvDtypeError| e.to_string())
 }
 
 fn parse_image(s: &str) -> Result<(u64, u64), String> {
@@ -74,6 +85,7 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         batch: a.batch,
         images: a.images,
         dtype: a.dtype,
+        kv_dtype: a.kv_dtype.unwrap_or_default(),
     };
     let p = plan(&model, &profile, &req)?;
     if a.json {

@@ -7,10 +7,12 @@ use crate::run_report;
 use candle_core::{Device, Tensor};
 use clap::Args;
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 use vlmem_core::profile::{HardwareProfile, Overrides};
+use vlmem_qwen3vl::format::WeightFormat;
+use vlmem_qwen3vl::kv_dtype::KvDtype;
 use vlmem_runner::{
     Engine, EngineError, GenerationConfig, Prompt, Request, RequestImage, RunnerError,
     SamplingParams,
@@ -197,7 +199,8 @@ impl From<EngineError> for CliError {
     }
 }
 
-/// The hardware profile and the tiers' budgets, shared by `vlmem run` and `vlmem chat`.
+/// The hardware profile, the tiers' budgets and the formats held in them, shared by
+/// `vlmem run` and `vlmem chat`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct BudgetArgs {
     /// A built-in profile, `detect`, or a .toml file: sizes the tiers.
@@ -216,6 +219,15 @@ pub(crate) struct BudgetArgs {
     /// 1 GiB, grown to hold the KV cache of the longest request when it needs more.
     #[arg(long)]
     pub(crate) disk_mem: Option<String>,
+    /// Hold the weights quantized: q8_0 or q4_k (q4_k: the decoder layers' projections; the
+    /// embedding, router and vision tower in q8_0). The quantized copy is written once to
+    /// the cache folder ($VLMEM_CACHE, else ~/.cache/vlmem) and reused; a folder written by
+    /// `vlmem quantize` loads as it is. Default: the weights as stored.
+    #[arg(long, value_name = "FORMAT")]
+    pub(crate) quant: Option<String>,
+    /// How the KV cache holds keys and values: f32, bf16 (the default) or q8_0.
+    #[arg(long, value_name = "DTYPE")]
+    pub(crate) kv_dtype: Option<String>,
 }
 
 impl BudgetArgs {
@@ -233,6 +245,20 @@ impl BudgetArgs {
         let mut builder = Engine::builder(model).profile(profile);
         if let Some(dir) = &self.disk_path {
             builder = builder.disk_path(dir);
+        }
+        if let Some(name) = &self.quant {
+            let format: WeightFormat = name
+                .parse()
+                .map_err(|e| CliError::bad_input(format!("--quant: {e}")))?;
+            builder = builder
+                .quant(format)
+                .quant_progress(std::io::stderr().is_terminal());
+        }
+        if let Some(name) = &self.kv_dtype {
+            let dtype: KvDtype = name
+                .parse()
+                .map_err(|e| CliError::bad_input(format!("--kv-dtype: {e}")))?;
+            builder = builder.kv_dtype(dtype);
         }
         Ok(builder)
     }

@@ -70,9 +70,10 @@ fn plan_json_matches_fixture_safetensors_byte_for_byte() {
             + p["disk_bytes"].as_u64().unwrap();
         assert_eq!(placed, data_bytes);
         assert_eq!(v["fits"], true);
-        // fixture: 2 layers x 2 KV heads x 16 x f32 (the KV cache as the engine holds it), K
-        // and V.
-        assert_eq!(v["kv_bytes_per_token"].as_u64(), Some(2 * 2 * 2 * 16 * 4));
+        // fixture: 2 layers x 2 KV heads x 16 x bf16 (the KV cache as the engine holds it by
+        // default), K and V.
+        assert_eq!(v["kv_dtype"], "bf16");
+        assert_eq!(v["kv_bytes_per_token"].as_u64(), Some(2 * 2 * 2 * 16 * 2));
         let img = &v["images"][0];
         assert_eq!(
             (
@@ -108,8 +109,8 @@ fn plan_of_catalog_sizes() {
     assert_eq!(v["images"][0]["tokens"].as_u64(), Some(1024));
     assert_eq!(v["images"][0]["patches"].as_u64(), Some(4096));
     let v = json(&vlmem(&["plan", "--model", "qwen3-vl-8b", "--json"]));
-    // 36 layers x 8 KV heads x 128 x f32, K and V.
-    assert_eq!(v["kv_bytes_per_token"].as_u64(), Some(294_912));
+    // 36 layers x 8 KV heads x 128 x bf16, K and V.
+    assert_eq!(v["kv_bytes_per_token"].as_u64(), Some(147_456));
     // A model that cannot run is still an answer: exit 0, fits false, a reason.
     let v = json(&vlmem(&["plan", "--model", "qwen3-vl-235b-a22b", "--json"]));
     assert_eq!(v["fits"], false);

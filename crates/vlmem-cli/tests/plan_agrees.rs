@@ -6,15 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn vlmem(args: &[&str]) -> Output {
+fn vlmem(args: &[&str], cache: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vlmem"))
         .args(args)
+        .env("VLMEM_CACHE", cache)
         .output()
         .expect("run vlmem")
 }
 
-fn json(args: &[&str]) -> serde_json::Value {
-    let out = vlmem(args);
+/// `vlmem ARGS` with its cache folder (quantized copies) in `cache`.
+fn json(args: &[&str], cache: &Path) -> serde_json::Value {
+    let out = vlmem(args, cache);
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -45,7 +47,20 @@ fn assert_agree(
     max_new_tokens: usize,
     budgets: &[&str],
 ) -> serde_json::Value {
+    assert_agree_held(model, prompt_ids, image, max_new_tokens, budgets, None)
+}
+
+/// [`assert_agree`] with the weights held in `format` (`run --quant`, `plan --dtype`).
+fn assert_agree_held(
+    model: &Path,
+    prompt_ids: &[u32],
+    image: Option<&Path>,
+    max_new_tokens: usize,
+    budgets: &[&str],
+    format: Option<&str>,
+) -> serde_json::Value {
     let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
     let ids = prompt_ids
         .iter()
         .map(u32::to_string)
@@ -74,7 +89,10 @@ fn assert_agree(
         run.extend(["--image", p.as_str()]);
     }
     run.extend(budgets);
-    let ran = json(&run);
+    if let Some(f) = format {
+        run.extend(["--quant", f]);
+    }
+    let ran = json(&run, &cache);
     let context = (prompt_ids.len() + max_new_tokens).to_string();
     let size = image.map(|p| {
         let (w, h) = png_size(p);
@@ -96,7 +114,10 @@ fn assert_agree(
         plan.extend(["--image", s.as_str()]);
     }
     plan.extend(budgets);
-    let planned = json(&plan);
+    if let Some(f) = format {
+        plan.extend(["--dtype", f]);
+    }
+    let planned = json(&plan, &cache);
     let (a, b) = (&ran["placement"], &planned["placement"]);
     let tensors = a["tensors"]
         .as_array()
@@ -148,6 +169,45 @@ fn plan_and_run_place_every_fixture_tensor_alike() {
     }
 }
 
+#[test]
+fn plan_and_run_agree_on_quantized_weights() {
+    let dir = fixture("qwen3-vl-tiny");
+    let prompt = reference_prompt(&dir);
+    let image = dir.join("image0.png");
+    for budgets in [
+        &[][..],
+        &["--host-mem", "0"][..],
+        &["--host-mem", "1MiB"][..],
+    ] {
+        // Quantized at load, and planned in the same format.
+        let ran = assert_agree_held(&dir, &prompt, Some(&image), 4, budgets, Some("q8_0"));
+        let plain = assert_agree(&dir, &prompt, Some(&image), 4, budgets);
+        let held = |r: &serde_json::Value| -> u64 {
+            r["placement"]["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["bytes"].as_u64().unwrap())
+                .sum()
+        };
+        // 34 bytes per 32 values for nearly every weight, against 64 in bf16.
+        assert!(
+            held(&ran) * 3 < held(&plain) * 2,
+            "{} bytes held in q8_0, {} in bf16",
+            held(&ran),
+            held(&plain)
+        );
+        // Qwen's FP8 layout, transcoded to q8_0 by run and planned so by plan.
+        assert_agree(
+            &fixture("qwen3-vl-tiny-fp8"),
+            &prompt,
+            Some(&image),
+            4,
+            budgets,
+        );
+    }
+}
+
 /// The reference prompt's ids (`input_ids` of reference.safetensors).
 fn reference_prompt(dir: &Path) -> Vec<u32> {
     let r = candle_core::safetensors::load(
@@ -163,15 +223,18 @@ fn reference_prompt(dir: &Path) -> Vec<u32> {
 fn plan_and_run_agree_on_a_real_sized_model_that_streams() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("qwen3-vl-2b-4-layers");
-    let out = vlmem(&[
-        "synth",
-        "--model",
-        "qwen3-vl-2b",
-        "--out",
-        dir.to_str().unwrap(),
-        "--layers",
-        "4",
-    ]);
+    let out = vlmem(
+        &[
+            "synth",
+            "--model",
+            "qwen3-vl-2b",
+            "--out",
+            dir.to_str().unwrap(),
+            "--layers",
+            "4",
+        ],
+        &tmp.path().join("cache"),
+    );
     assert!(
         out.status.success(),
         "{}",

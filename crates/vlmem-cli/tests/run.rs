@@ -72,6 +72,9 @@ fn run_matches_the_reference_in_every_tiering() {
                 dir.join("image0.png").to_str().unwrap(),
                 "--max-new-tokens",
                 "16",
+                // The reference's KV cache is f32: compared to 1e-4, so held as it is.
+                "--kv-dtype",
+                "f32",
                 "--profile",
                 "laptop-i5-10210u-mx250",
                 "--disk-path",
@@ -216,8 +219,9 @@ fn run_bad_input_is_exit_2() {
 fn a_kv_cache_with_no_room_is_refused_up_front() {
     let dir = fixture("qwen3-vl-tiny");
     let tmp = tempfile::tempdir().unwrap();
-    // 2 layers x 631 blocks of 16 tokens x 4 KiB = 4.93 MiB of KV for 94 + 10,000 tokens; the
-    // plan gives the host's KV budget at most half of 4 MiB, the disk's is 40% of 1 MiB.
+    // 2 layers x 631 blocks of 16 tokens x 2 KiB (bf16) = 2.46 MiB of KV for 94 + 10,000
+    // tokens; the plan gives the host's KV budget at most half of 4 MiB, the disk's is 40% of
+    // 1 MiB.
     let out = vlmem(&[
         "run",
         "--model",
@@ -238,7 +242,7 @@ fn a_kv_cache_with_no_room_is_refused_up_front() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("the KV cache of this request needs 4.93 MiB (10094 tokens of context)")
+        err.contains("the KV cache of this request needs 2.46 MiB (10094 tokens of context)")
             && err.contains("--host-mem"),
         "{err}"
     );

@@ -4,9 +4,15 @@
 //! valid JSON, known dtypes, offsets inside the data section, byte counts equal to
 //! shape x dtype, no overlapping tensors. Other `.safetensors` files in the folder (e.g. a
 //! fixture's `reference.safetensors`) are not weights and are ignored.
+//!
+//! A quantized checkpoint (`vlmem quantize`) stores a block-quantized matrix as a `U8`
+//! tensor of shape `[rows..., row_bytes]` and names its format in the header's
+//! `__metadata__` under `vlmem.format.<tensor name>` (e.g. `"q8_0"`); [`TensorInfo`] then
+//! gives the matrix's own shape (`[rows..., cols]`) and its [`WeightFormat`].
 
 use crate::config::Qwen3VlConfig;
 use crate::error::{Error, Result};
+use crate::format::WeightFormat;
 use crate::tensors::{Dtype, TensorClass, layer_of_name};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,14 +23,22 @@ use std::path::{Path, PathBuf};
 /// safetensors' own limit on the header size.
 pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 
+/// The `__metadata__` key prefix that names a tensor's block format: the key
+/// `vlmem.format.<tensor name>` holds the format's name (e.g. `"q8_0"`).
+pub const FORMAT_KEY_PREFIX: &str = "vlmem.format.";
+
 /// One tensor as stored in a checkpoint file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TensorInfo {
     /// The tensor's name.
     pub name: String,
-    /// Stored element type.
+    /// Stored element type (`U8` for a block-quantized matrix).
     pub dtype: Dtype,
-    /// Dimensions.
+    /// The format its bytes hold, as the kernels read them: the dtype's plain format, or
+    /// the block format the header names; `None` for types that are not weights (integers).
+    pub format: Option<WeightFormat>,
+    /// Dimensions of the values (for a block-quantized matrix, `[rows..., cols]`, not the
+    /// stored bytes' shape).
     pub shape: Vec<u64>,
     /// Bytes of data.
     pub bytes: u64,
@@ -225,9 +239,10 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorInfo>> {
                     file: path.to_path_buf(),
                     file_offset_bytes: data_start + e.begin,
                     bytes: e.end - e.begin,
+                    format: e.format.or(WeightFormat::from_dtype(e.dtype)),
+                    shape: e.value_shape(),
                     name: e.name,
                     dtype: e.dtype,
-                    shape: e.shape,
                 })
                 .collect()
         })
@@ -265,12 +280,83 @@ pub struct HeaderEntry {
     pub name: String,
     /// Element type.
     pub dtype: Dtype,
-    /// Dimensions.
+    /// Dimensions as stored (for a block-quantized matrix, `[rows..., row_bytes]` of `U8`).
     pub shape: Vec<u64>,
+    /// The block format the header's metadata names for it (`None`: its dtype's values).
+    pub format: Option<WeightFormat>,
     /// First byte in the data section.
     pub begin: u64,
     /// One past the last byte.
     pub end: u64,
+}
+
+impl HeaderEntry {
+    /// The shape of the values: the stored shape, or for a block-quantized matrix its rows
+    /// of `row_bytes / block_bytes * block_elems` values.
+    pub fn value_shape(&self) -> Vec<u64> {
+        let mut shape = self.shape.clone();
+        if let (Some(f), Some(last)) = (self.format, shape.last_mut()) {
+            *last = *last / f.block_bytes() * f.block_elems();
+        }
+        shape
+    }
+}
+
+/// The block formats a header's `__metadata__` names, by tensor name.
+fn metadata_formats(
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<BTreeMap<String, WeightFormat>, String> {
+    let Some(meta) = obj.get("__metadata__") else {
+        return Ok(BTreeMap::new());
+    };
+    let meta = meta
+        .as_object()
+        .ok_or("__metadata__ is not a JSON object")?;
+    let mut formats = BTreeMap::new();
+    for (key, value) in meta {
+        let Some(name) = key.strip_prefix(FORMAT_KEY_PREFIX) else {
+            continue;
+        };
+        let text = value
+            .as_str()
+            .ok_or_else(|| format!("{key}: the format is not a string"))?;
+        let format: WeightFormat = text.parse().map_err(|e| format!("{key}: {e}"))?;
+        if format.is_plain() {
+            return Err(format!(
+                "{key}: {format} is stored by its own dtype, not named in the metadata"
+            ));
+        }
+        if !obj.contains_key(name) {
+            return Err(format!("{key}: no tensor {name} in this file"));
+        }
+        formats.insert(name.to_string(), format);
+    }
+    Ok(formats)
+}
+
+/// Checks that a tensor the metadata says holds `format` blocks is stored as such: `U8`
+/// rows of whole blocks.
+fn check_block_tensor(
+    name: &str,
+    dtype: Dtype,
+    shape: &[u64],
+    format: WeightFormat,
+) -> std::result::Result<(), String> {
+    let row_bytes = match shape {
+        [_, .., row_bytes] if dtype == Dtype::U8 => *row_bytes,
+        _ => {
+            return Err(format!(
+                "{name}: {format} blocks are stored as U8 of [rows..., row_bytes], not {dtype} {shape:?}"
+            ));
+        }
+    };
+    if row_bytes == 0 || !row_bytes.is_multiple_of(format.block_bytes()) {
+        return Err(format!(
+            "{name}: rows of {row_bytes} bytes are not whole {format} blocks of {} bytes",
+            format.block_bytes()
+        ));
+    }
+    Ok(())
 }
 
 /// Parses and checks a header's JSON against a data section of `data_len` bytes. Entries
@@ -280,6 +366,7 @@ pub fn parse_header(header: &[u8], data_len: u64) -> std::result::Result<Vec<Hea
     let value: serde_json::Value = serde_json::from_str(text.trim_end_matches(' '))
         .map_err(|e| format!("header is not JSON: {e}"))?;
     let obj = value.as_object().ok_or("header is not a JSON object")?;
+    let formats = metadata_formats(obj)?;
     let mut entries = Vec::with_capacity(obj.len());
     for (name, v) in obj {
         if name == "__metadata__" {
@@ -333,10 +420,15 @@ pub fn parse_header(header: &[u8], data_len: u64) -> std::result::Result<Vec<Hea
                 end - begin
             ));
         }
+        let format = formats.get(name).copied();
+        if let Some(f) = format {
+            check_block_tensor(name, dtype, &shape, f)?;
+        }
         entries.push(HeaderEntry {
             name: name.clone(),
             dtype,
             shape,
+            format,
             begin,
             end,
         });
@@ -368,6 +460,73 @@ mod tests {
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].name, "a");
         assert_eq!(e[1].shape, vec![2, 3]);
+    }
+
+    #[test]
+    fn a_block_format_named_in_the_metadata_gives_the_matrix_shape() {
+        // Two rows of 64 q8_0 values: 2 blocks of 34 bytes each.
+        let h = header(
+            r#"{"__metadata__":{"format":"pt","vlmem.format.w":"q8_0"},"w":{"dtype":"U8","shape":[2,68],"data_offsets":[0,136]},"n":{"dtype":"F32","shape":[64],"data_offsets":[136,392]}}"#,
+        );
+        let e = parse_header(&h, 392).unwrap();
+        assert_eq!(e[0].name, "w");
+        assert_eq!(e[0].format, Some(WeightFormat::Q8_0));
+        assert_eq!(e[0].shape, vec![2, 68]);
+        assert_eq!(e[0].value_shape(), vec![2, 64]);
+        assert_eq!(e[1].format, None);
+        assert_eq!(e[1].value_shape(), vec![64]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.safetensors");
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&h);
+        bytes.resize(bytes.len() + 392, 0);
+        std::fs::write(&path, bytes).unwrap();
+        let infos = read_header(&path).unwrap();
+        assert_eq!(infos[0].shape, vec![2, 64]);
+        assert_eq!(infos[0].format, Some(WeightFormat::Q8_0));
+        assert_eq!(infos[0].dtype, Dtype::U8);
+        assert_eq!(infos[0].bytes, 136);
+        assert_eq!(infos[1].format, Some(WeightFormat::F32));
+    }
+
+    #[test]
+    fn rejects_bad_block_format_metadata() {
+        let cases = [
+            (
+                r#"{"__metadata__":{"vlmem.format.w":"q9"},"w":{"dtype":"U8","shape":[2,68],"data_offsets":[0,136]}}"#,
+                "unknown weight format",
+            ),
+            (
+                r#"{"__metadata__":{"vlmem.format.w":"bf16"},"w":{"dtype":"U8","shape":[2,68],"data_offsets":[0,136]}}"#,
+                "its own dtype",
+            ),
+            (
+                r#"{"__metadata__":{"vlmem.format.x":"q8_0"},"w":{"dtype":"U8","shape":[2,68],"data_offsets":[0,136]}}"#,
+                "no tensor x",
+            ),
+            (
+                r#"{"__metadata__":{"vlmem.format.w":"q8_0"},"w":{"dtype":"U8","shape":[2,67],"data_offsets":[0,134]}}"#,
+                "not whole q8_0 blocks",
+            ),
+            (
+                r#"{"__metadata__":{"vlmem.format.w":"q8_0"},"w":{"dtype":"U8","shape":[136],"data_offsets":[0,136]}}"#,
+                "stored as U8 of [rows..., row_bytes]",
+            ),
+            (
+                r#"{"__metadata__":{"vlmem.format.w":"q8_0"},"w":{"dtype":"I8","shape":[2,68],"data_offsets":[0,136]}}"#,
+                "stored as U8",
+            ),
+            (
+                r#"{"__metadata__":{"vlmem.format.w":7},"w":{"dtype":"U8","shape":[2,68],"data_offsets":[0,136]}}"#,
+                "not a string",
+            ),
+            (r#"{"__metadata__":[1]}"#, "__metadata__ is not"),
+        ];
+        for (json, needle) in cases {
+            let err = parse_header(json.as_bytes(), 136).unwrap_err();
+            assert!(err.contains(needle), "{json}: {err}");
+        }
     }
 
     #[test]

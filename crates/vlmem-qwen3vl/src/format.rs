@@ -11,12 +11,19 @@
 //! instead of multiplying elements by an element size, so a new format is one more variant
 //! here (its block sizes and name) plus the kernels that read it.
 //!
-//! [`WeightFormat::Q8_0`] is the one block format: 32 values as an f16 scale `d` and 32
-//! signed bytes `q` (34 bytes, value = `d * q`), laid out as GGUF's `block_q8_0`;
-//! [`q8_0`] quantizes and dequantizes rows of it. It stores matrices only: a tensor it
-//! cannot hold (a 1-D norm or bias, rows that are not whole blocks) stays in its stored type
-//! (see `math::WeightTensor::held_bytes`).
+//! Two block formats, each laid out byte for byte as GGUF's block of the same name:
+//!
+//! - [`WeightFormat::Q8_0`]: 32 values as an f16 scale `d` and 32 signed bytes `q` (34
+//!   bytes, value = `d * q`); [`q8_0`] quantizes and dequantizes rows of it;
+//! - [`WeightFormat::Q4_K`]: super-blocks of 256 values in 144 bytes, 8 sub-blocks of 32
+//!   with six-bit scales and mins under two f16 scales, and 4-bit quants (value =
+//!   `d * sc * q - dmin * m`, 4.5 bits a value); [`q4_k`] quantizes and dequantizes rows.
+//!
+//! They store matrices only: a tensor a block format cannot hold (a 1-D norm or bias, rows
+//! that are not whole blocks) stays in its stored type (see `math::WeightTensor::held_bytes`).
 
+pub mod fp8;
+pub mod q4_k;
 pub mod q8_0;
 
 use crate::tensors::Dtype;
@@ -37,6 +44,11 @@ pub enum WeightFormat {
     /// Blocks of 32 values: an f16 scale `d` (little-endian) then 32 `i8` `q`, 34 bytes;
     /// value `i` of a block is `d * q[i]` (GGUF's `block_q8_0`).
     Q8_0,
+    /// Super-blocks of 256 values in 144 bytes: f16 `d` and `dmin`, 12 bytes of six-bit
+    /// scales `sc` and mins `m` for 8 sub-blocks of 32, then 128 bytes of 4-bit quants `q`;
+    /// value `i` is `d * sc[i / 32] * q[i] - dmin * m[i / 32]` (GGUF's `block_q4_K`).
+    #[allow(non_camel_case_types)]
+    Q4_K,
 }
 
 /// A size that a format cannot express.
@@ -67,10 +79,11 @@ pub enum FormatError {
         want: usize,
     },
     /// A block's scale is not a finite f16: a value is NaN or infinite, or the block's
-    /// largest magnitude is past `127 * 65504`.
+    /// values are too large for the format's f16 scales (for q8_0, a magnitude past
+    /// `127 * 65504`; for q4_k, a sub-block range past about `15 * 63 * 65504`).
     #[error(
         "block {block} of a {format} row has no finite f16 scale: a value is NaN or infinite, \
-         or past 127 x 65504 in magnitude"
+         or too large for the format's f16 scales"
     )]
     OutOfRange {
         /// The format asked for.
@@ -98,11 +111,12 @@ pub struct ParseFormatError {
 
 impl WeightFormat {
     /// Every format, in the order help texts list them.
-    pub const ALL: [WeightFormat; 4] = [
+    pub const ALL: [WeightFormat; 5] = [
         WeightFormat::Bf16,
         WeightFormat::F16,
         WeightFormat::F32,
         WeightFormat::Q8_0,
+        WeightFormat::Q4_K,
     ];
 
     /// Values per block.
@@ -111,6 +125,7 @@ impl WeightFormat {
         match self {
             WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 => 1,
             WeightFormat::Q8_0 => q8_0::BLOCK_ELEMS as u64,
+            WeightFormat::Q4_K => q4_k::BLOCK_ELEMS as u64,
         }
     }
 
@@ -121,6 +136,7 @@ impl WeightFormat {
             WeightFormat::Bf16 | WeightFormat::F16 => 2,
             WeightFormat::F32 => 4,
             WeightFormat::Q8_0 => q8_0::BLOCK_BYTES as u64,
+            WeightFormat::Q4_K => q4_k::BLOCK_BYTES as u64,
         }
     }
 
@@ -188,7 +204,13 @@ impl WeightFormat {
             Dtype::BF16 => Some(WeightFormat::Bf16),
             Dtype::F16 => Some(WeightFormat::F16),
             Dtype::F32 => Some(WeightFormat::F32),
-            Dtype::I64 | Dtype::I32 | Dtype::U8 | Dtype::I8 | Dtype::BOOL | Dtype::F64 => None,
+            Dtype::I64
+            | Dtype::I32
+            | Dtype::U8
+            | Dtype::I8
+            | Dtype::BOOL
+            | Dtype::F64
+            | Dtype::F8E4M3 => None,
         }
     }
 
@@ -199,17 +221,18 @@ impl WeightFormat {
             WeightFormat::Bf16 => Some(Dtype::BF16),
             WeightFormat::F16 => Some(Dtype::F16),
             WeightFormat::F32 => Some(Dtype::F32),
-            WeightFormat::Q8_0 => None,
+            WeightFormat::Q8_0 | WeightFormat::Q4_K => None,
         }
     }
 
-    /// The name the command line and reports use ("bf16", "f16", "f32", "q8_0").
+    /// The name the command line and reports use ("bf16", "f16", "f32", "q8_0", "q4_k").
     pub const fn name(self) -> &'static str {
         match self {
             WeightFormat::Bf16 => "bf16",
             WeightFormat::F16 => "f16",
             WeightFormat::F32 => "f32",
             WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_K => "q4_k",
         }
     }
 
@@ -257,9 +280,9 @@ mod tests {
             .iter()
             .map(|f| (f.block_elems(), f.block_bytes()))
             .collect();
-        assert_eq!(sizes, [(1, 2), (1, 2), (1, 4), (32, 34)]);
+        assert_eq!(sizes, [(1, 2), (1, 2), (1, 4), (32, 34), (256, 144)]);
         let plain: Vec<bool> = WeightFormat::ALL.iter().map(|f| f.is_plain()).collect();
-        assert_eq!(plain, [true, true, true, false]);
+        assert_eq!(plain, [true, true, true, false, false]);
         assert_eq!(WeightFormat::Bf16.row_bytes(2048), Ok(4096));
         assert_eq!(WeightFormat::F32.row_bytes(7), Ok(28));
         assert_eq!(WeightFormat::F16.row_bytes(0), Ok(0));
@@ -343,6 +366,31 @@ mod tests {
     }
 
     #[test]
+    fn q4_k_sizes_are_144_bytes_per_256_values() {
+        let q4 = WeightFormat::Q4_K;
+        assert_eq!(q4.row_bytes(0), Ok(0));
+        assert_eq!(q4.row_bytes(256), Ok(144));
+        assert_eq!(q4.row_bytes(2048), Ok(8 * 144));
+        // 32 values are a whole q8_0 block but not a q4_k one.
+        assert_eq!(
+            q4.row_bytes(32),
+            Err(FormatError::PartialBlock {
+                format: q4,
+                cols: 32,
+                block_elems: 256,
+            })
+        );
+        // The 2B's MLP up and down projections, and the 8B's vocabulary table.
+        assert_eq!(q4.tensor_bytes(&[6144, 2048]), Ok(6144 * 8 * 144));
+        assert_eq!(q4.tensor_bytes(&[2048, 6144]), Ok(2048 * 24 * 144));
+        assert_eq!(q4.tensor_bytes(&[151_936, 4096]), Ok(151_936 * 16 * 144));
+        // 4.5 bits a value: 0.5625 of bf16's bytes, 0.529 of q8_0's.
+        assert_eq!(q4.row_bytes(4096).unwrap() * 32, 4096 * 2 * 9);
+        assert_eq!(q4.plain_dtype(), None);
+        assert!(!q4.is_plain());
+    }
+
+    #[test]
     fn names_parse_back_and_unknown_names_are_typed_errors() {
         for f in WeightFormat::ALL {
             assert_eq!(f.name().parse::<WeightFormat>(), Ok(f));
@@ -353,11 +401,14 @@ mod tests {
         }
         assert_eq!("BF16".parse::<WeightFormat>(), Ok(WeightFormat::Bf16));
         assert_eq!("Q8_0".parse::<WeightFormat>(), Ok(WeightFormat::Q8_0));
+        // GGUF spells it Q4_K.
+        assert_eq!("Q4_K".parse::<WeightFormat>(), Ok(WeightFormat::Q4_K));
+        assert_eq!(WeightFormat::Q4_K.to_string(), "q4_k");
         let e = "q8".parse::<WeightFormat>().unwrap_err();
         assert_eq!(e, ParseFormatError { name: "q8".into() });
         assert_eq!(
             e.to_string(),
-            "unknown weight format 'q8': use one of bf16, f16, f32, q8_0"
+            "unknown weight format 'q8': use one of bf16, f16, f32, q8_0, q4_k"
         );
         assert!("".parse::<WeightFormat>().is_err());
         assert_eq!(

@@ -8,11 +8,14 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod format;
+pub mod kv_dtype;
 pub mod math;
 pub mod placement;
 pub mod plan;
+pub mod quantize;
 pub mod synth;
 pub mod tensors;
 
 pub use config::Qwen3VlConfig;
 pub use error::{Error, Result};
+pub use kv_dtype::KvDtype;

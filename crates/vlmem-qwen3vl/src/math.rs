@@ -141,8 +141,10 @@ pub struct WeightTensor {
     pub name: String,
     /// Dimensions; rows run along the last.
     pub shape: Vec<u64>,
-    /// Stored element type.
+    /// Stored element type (`U8` for a block-quantized matrix).
     pub dtype: Dtype,
+    /// The format the stored bytes hold (`None`: not a weight format, e.g. integers).
+    pub format: Option<WeightFormat>,
     /// Bytes as stored.
     pub stored_bytes: u64,
     /// What it is part of (`None` for names that are not Qwen3-VL weights).
@@ -160,9 +162,18 @@ impl WeightTensor {
             .collect()
     }
 
-    /// The tensors of a checkpoint, as its headers describe them.
+    /// The tensors of a checkpoint, as its headers describe them, but for the scales of
+    /// FP8 weights, which are folded into the weights' blocks when they are transcoded (an
+    /// FP8 checkpoint always is).
     pub fn of_checkpoint(ckpt: &Checkpoint) -> Vec<Self> {
-        ckpt.tensors.iter().map(Self::from).collect()
+        let fp8 = crate::quantize::fp8_weights(ckpt);
+        ckpt.tensors
+            .iter()
+            .filter(|t| {
+                crate::format::fp8::weight_of_scale(&t.name).is_none_or(|w| !fp8.contains(w))
+            })
+            .map(Self::from)
+            .collect()
     }
 
     /// Elements; `None` past 64 bits.
@@ -170,19 +181,73 @@ impl WeightTensor {
         self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
     }
 
-    /// Bytes held as `format` (`None`: the stored bytes). A tensor keeps its stored bytes
-    /// where `format` cannot hold it: a stored type that is not a [`WeightFormat`] (an
-    /// integer table), and, for a block format such as q8_0, a tensor that is not a matrix
-    /// (a 1-D norm or bias, as GGUF files keep norms in f32) or whose rows are not whole
-    /// blocks (e.g. the vision patch embedding's rows of 16). An error only when the bytes
-    /// pass 64 bits.
+    /// The format this tensor is held in when the weights are asked for in `requested`
+    /// (`None`: as stored). This is the one place that decides it, for the plan's math,
+    /// `vlmem quantize` and quantization at load alike:
+    ///
+    /// - a tensor already stored in a block format, or in a type that is not a weight
+    ///   format (an integer table), keeps its stored bytes;
+    /// - a plain format holds any tensor;
+    /// - a block format holds matrices (two or more dimensions) whose rows are whole blocks;
+    ///   the rest (1-D norms and biases, as GGUF files keep norms in f32; the vision patch
+    ///   embedding's rows of 16 in q8_0) keep their stored type;
+    /// - a format of fewer than 8 bits per value (q4_k) is used only for the decoder
+    ///   layers' projections (attention, dense MLP, experts), which hold nearly all the
+    ///   parameters and are read every token; the embedding and output projection (one
+    ///   row per token, and the logits' last step), the MoE router and the vision tower
+    ///   (read once per image, and more sensitive to rounding) take q8_0 instead, as
+    ///   llama.cpp's `_M` mixes keep their most sensitive tensors in more bits.
+    ///
+    /// FP8 weights (`F8_E4M3`, which no kernel reads) are values to transcode: they take
+    /// the format asked for by the same rule, as if stored in a plain format.
+    pub fn held_format(&self, requested: Option<WeightFormat>) -> Option<WeightFormat> {
+        let Some(requested) = requested else {
+            return self.stored_format();
+        };
+        let stored = match self.stored_format() {
+            Some(f) => f,
+            None if self.dtype == Dtype::F8E4M3 => WeightFormat::Bf16,
+            None => return None,
+        };
+        if !stored.is_plain() || requested.is_plain() {
+            return Some(if stored.is_plain() { requested } else { stored });
+        }
+        // Fewer than 8 bits per value: bytes x 8 < 8 x values.
+        let low_bit = requested.block_bytes() < requested.block_elems();
+        let wanted = if low_bit && !self.is_layer_projection() {
+            WeightFormat::Q8_0
+        } else {
+            requested
+        };
+        Some(if self.holds_in(wanted) {
+            wanted
+        } else {
+            stored
+        })
+    }
+
+    /// Bytes held as `format` (`None`: the stored bytes), in the format
+    /// [`WeightTensor::held_format`] chooses. An error only when the bytes pass 64 bits.
     pub fn held_bytes(&self, format: Option<WeightFormat>) -> Result<u64> {
-        match format {
-            Some(f) if WeightFormat::from_dtype(self.dtype).is_some() && self.holds_in(f) => f
+        match self.held_format(format) {
+            Some(f) if Some(f) != self.stored_format() => f
                 .tensor_bytes(&self.shape)
                 .map_err(|e| Error::BadRequest(format!("{}: {e}", self.name))),
             _ => Ok(self.stored_bytes),
         }
+    }
+
+    /// The format the stored bytes hold; `None` for a type that is not a weight format.
+    pub fn stored_format(&self) -> Option<WeightFormat> {
+        self.format
+    }
+
+    /// Whether this is a decoder layer's projection (attention, dense MLP, experts).
+    fn is_layer_projection(&self) -> bool {
+        matches!(
+            self.class,
+            Some(TensorClass::Attention | TensorClass::Mlp | TensorClass::Expert)
+        )
     }
 
     /// Whether `format` can hold this tensor: any plain format holds any shape; a block
@@ -203,6 +268,7 @@ impl From<&TensorSpec> for WeightTensor {
             name: t.name.clone(),
             shape: t.shape.clone(),
             dtype: t.dtype,
+            format: WeightFormat::from_dtype(t.dtype),
             stored_bytes: t.bytes(),
             class: Some(t.class),
             layer: t.layer,
@@ -216,6 +282,7 @@ impl From<&TensorInfo> for WeightTensor {
             name: t.name.clone(),
             shape: t.shape.clone(),
             dtype: t.dtype,
+            format: t.format,
             stored_bytes: t.bytes,
             class: t.class,
             layer: t.layer,
@@ -461,6 +528,7 @@ mod tests {
             name: name.to_string(),
             shape: shape.to_vec(),
             dtype,
+            format: WeightFormat::from_dtype(dtype),
             stored_bytes: shape.iter().product::<u64>() * dtype.size_bytes(),
             class: TensorClass::of_name(name),
             layer: crate::tensors::layer_of_name(name),

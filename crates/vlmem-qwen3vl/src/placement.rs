@@ -8,7 +8,8 @@
 //! The rules, in order:
 //! - **Budgets from the request.** On the host: activations for one decode step at the
 //!   request's context ([`decode_step_bytes`]), the KV cache for its context in whole blocks
-//!   (at most half of the host: beyond that the KV pool swaps blocks to disk), the image
+//!   of its KV dtype ([`RequestNeeds::kv_dtype`]; at most half of the host: beyond that the KV
+//!   pool swaps blocks to disk), the image
 //!   embeddings of the images it gives, and every other byte for weights. The KV cache is
 //!   computed on the host, so the GPU holds weights and a small share for its kernels' vectors.
 //! - **GPU**: from layer 0 up, every 2-D matrix of as many whole decoder layers as the GPU's
@@ -26,13 +27,11 @@
 //!   decode step reads one row of it.
 
 use crate::config::{Qwen3VlConfig, TextConfig};
+use crate::kv_dtype::{KvDtype, KvDtypeError};
 use serde::Serialize;
 
 /// Tokens per block of the paged KV cache.
 pub const KV_BLOCK_TOKENS: u64 = 16;
-
-/// Bytes of each key and value element in the KV cache (f32).
-pub const KV_ELEMENT_BYTES: u64 = 4;
 
 /// Keys a decode step's attention scores at once (its arena holds one chunk of them).
 pub const DECODE_KV_CHUNK_TOKENS: u64 = 256;
@@ -174,26 +173,49 @@ pub struct RequestNeeds {
     pub batch: u64,
     /// Each image's embedding and DeepStack bytes.
     pub image_bytes: Vec<u64>,
+    /// How the KV cache holds keys and values (bf16 by default).
+    pub kv_dtype: KvDtype,
 }
 
-/// One layer's keys and values for one token.
-pub fn kv_layer_bytes_per_token(cfg: &Qwen3VlConfig) -> u64 {
-    2 * cfg.text.num_key_value_heads * cfg.text.head_dim * KV_ELEMENT_BYTES
+/// One layer's keys and values for one token in `kv_dtype`; an error when a row of
+/// `kv_heads * head_dim` values is not whole blocks of it.
+pub fn kv_layer_bytes_per_token(
+    cfg: &Qwen3VlConfig,
+    kv_dtype: KvDtype,
+) -> Result<u64, KvDtypeError> {
+    kv_dtype.token_bytes(cfg.text.num_key_value_heads, cfg.text.head_dim)
 }
 
-/// One block of one layer's KV cache.
-pub fn kv_block_bytes(cfg: &Qwen3VlConfig) -> u64 {
-    KV_BLOCK_TOKENS * kv_layer_bytes_per_token(cfg)
+/// Every layer's keys and values for one token in `kv_dtype`.
+pub fn kv_bytes_per_token(cfg: &Qwen3VlConfig, kv_dtype: KvDtype) -> Result<u64, KvDtypeError> {
+    let layer = kv_layer_bytes_per_token(cfg, kv_dtype)?;
+    layer
+        .checked_mul(cfg.text.num_hidden_layers)
+        .ok_or(KvDtypeError::Overflow {
+            dtype: kv_dtype,
+            values: u64::MAX,
+        })
 }
 
-/// Every layer's whole KV blocks for `context_tokens` of `batch` sequences (saturating: an
-/// absurd context is refused by the caller, not an overflow).
-pub fn kv_need_bytes(cfg: &Qwen3VlConfig, context_tokens: u64, batch: u64) -> u64 {
-    cfg.text
+/// One block of one layer's KV cache in `kv_dtype`.
+pub fn kv_block_bytes(cfg: &Qwen3VlConfig, kv_dtype: KvDtype) -> Result<u64, KvDtypeError> {
+    Ok(KV_BLOCK_TOKENS.saturating_mul(kv_layer_bytes_per_token(cfg, kv_dtype)?))
+}
+
+/// Every layer's whole KV blocks in `kv_dtype` for `context_tokens` of `batch` sequences
+/// (saturating: an absurd context is refused by the caller, not an overflow).
+pub fn kv_need_bytes(
+    cfg: &Qwen3VlConfig,
+    context_tokens: u64,
+    batch: u64,
+    kv_dtype: KvDtype,
+) -> Result<u64, KvDtypeError> {
+    Ok(cfg
+        .text
         .num_hidden_layers
         .saturating_mul(context_tokens.div_ceil(KV_BLOCK_TOKENS))
-        .saturating_mul(kv_block_bytes(cfg))
-        .saturating_mul(batch.max(1))
+        .saturating_mul(kv_block_bytes(cfg, kv_dtype)?)
+        .saturating_mul(batch.max(1)))
 }
 
 /// The f32 lengths of a decode step's views with `tokens` tokens in the KV cache after the
@@ -244,13 +266,13 @@ pub fn decode_step_bytes(cfg: &Qwen3VlConfig, tokens: u64) -> u64 {
 /// The class budgets for `needs` on a GPU of `gpu_usable_bytes` (0: none computes) and a
 /// host of `host_usable_bytes` (see the module's rules), each rounded down to whole MiBs as
 /// the memory manager's tiers are. Each class but weights is whole MiBs; weights take what is
-/// left.
+/// left. An error when the model's KV rows are not whole blocks of `needs.kv_dtype`.
 pub fn budgets(
     cfg: &Qwen3VlConfig,
     gpu_usable_bytes: u64,
     host_usable_bytes: u64,
     needs: &RequestNeeds,
-) -> Budgets {
+) -> Result<Budgets, KvDtypeError> {
     let mib_up = |b: u64| b.div_ceil(MIB).saturating_mul(MIB);
     let mib_down = |b: u64| b / MIB * MIB;
     // Tiers are whole MiBs.
@@ -264,13 +286,18 @@ pub fn budgets(
         .iter()
         .fold(0u64, |acc, &b| acc.saturating_add(mib_up(b)))
         .min(host - activations);
-    let kv = mib_up(kv_need_bytes(cfg, needs.context_tokens, needs.batch))
-        .min(mib_down(host / 2))
-        .min(host - activations - vision);
+    let kv = mib_up(kv_need_bytes(
+        cfg,
+        needs.context_tokens,
+        needs.batch,
+        needs.kv_dtype,
+    )?)
+    .min(mib_down(host / 2))
+    .min(host - activations - vision);
     let weights = host - activations - vision - kv;
     // The GPU: weights, and a twentieth for its kernels' vectors.
     let gpu_scratch = mib_up(gpu_usable_bytes / 20).min(gpu_usable_bytes);
-    Budgets {
+    Ok(Budgets {
         gpu: ClassBudgets {
             weights: gpu_usable_bytes - gpu_scratch,
             scratch: gpu_scratch,
@@ -283,7 +310,7 @@ pub fn budgets(
             vision,
             scratch: 0,
         },
-    }
+    })
 }
 
 /// The decoder layer a tensor belongs to (`model.language_model.layers.N.`).
@@ -604,26 +631,84 @@ mod tests {
             context_tokens: 16,
             batch: 1,
             image_bytes: vec![],
+            kv_dtype: KvDtype::F32,
         };
-        let b = budgets(&cfg, 0, host, &short);
+        let b = budgets(&cfg, 0, host, &short).unwrap();
         assert_eq!(b.host.total(), host);
         assert_eq!(b.host.vision, 0);
         // 36 layers x one 16-token block of f32 K and V (8 heads x 128: 128 KiB) = 4.5 MiB,
         // in whole MiBs.
         assert_eq!(b.host.kv, 5 << 20);
         assert!(b.host.weights > host - (16 << 20), "{b:?}");
+        // The same in bf16 (64 KiB a block: 2.25 MiB) and q8_0 (16 x 2 x 32 blocks of 34
+        // bytes, 34 KiB a block: 1.2 MiB).
+        for (kv_dtype, mib) in [(KvDtype::Bf16, 3), (KvDtype::Q8_0, 2)] {
+            let needs = RequestNeeds {
+                kv_dtype,
+                ..short.clone()
+            };
+            let b = budgets(&cfg, 0, host, &needs).unwrap();
+            assert_eq!(b.host.kv, mib << 20, "{kv_dtype}");
+            assert_eq!(b.host.total(), host);
+        }
         let long = RequestNeeds {
             context_tokens: 1 << 20,
             batch: 1,
             image_bytes: vec![5 << 20, 1],
+            kv_dtype: KvDtype::Bf16,
         };
-        let b = budgets(&cfg, 0, host, &long);
+        let b = budgets(&cfg, 0, host, &long).unwrap();
         assert_eq!(b.host.kv, host / 2);
         assert_eq!(b.host.vision, 6 << 20);
         assert_eq!(b.host.total(), host);
         // A host too small for anything still adds up.
-        let b = budgets(&cfg, 0, 1 << 20, &long);
+        let b = budgets(&cfg, 0, 1 << 20, &long).unwrap();
         assert_eq!(b.host.total(), 1 << 20);
+    }
+
+    /// The KV math of each dtype by hand on qwen3-vl-2b (28 layers x 8 KV heads x 128), and
+    /// a model whose KV rows are not whole q8_0 blocks: a typed error from every function,
+    /// budgets included, and the plain dtypes still sized.
+    #[test]
+    fn kv_bytes_follow_the_dtype() {
+        let cfg = catalog::config("qwen3-vl-2b").unwrap();
+        for (dtype, layer_token) in [
+            (KvDtype::F32, 2 * 8 * 128 * 4),
+            (KvDtype::Bf16, 2 * 8 * 128 * 2),
+            (KvDtype::Q8_0, 2 * (8 * 128 / 32) * 34),
+        ] {
+            assert_eq!(kv_layer_bytes_per_token(&cfg, dtype), Ok(layer_token));
+            assert_eq!(kv_bytes_per_token(&cfg, dtype), Ok(28 * layer_token));
+            assert_eq!(kv_block_bytes(&cfg, dtype), Ok(16 * layer_token));
+            // 1000 tokens: 63 blocks a layer.
+            assert_eq!(
+                kv_need_bytes(&cfg, 1000, 2, dtype),
+                Ok(2 * 28 * 63 * 16 * layer_token)
+            );
+        }
+        assert_eq!(kv_bytes_per_token(&cfg, KvDtype::Bf16), Ok(114_688));
+        assert_eq!(kv_bytes_per_token(&cfg, KvDtype::Q8_0), Ok(60_928));
+        let mut odd = cfg.clone();
+        odd.text.head_dim = 20;
+        odd.text.num_key_value_heads = 1;
+        let err = KvDtypeError::PartialBlock {
+            dtype: KvDtype::Q8_0,
+            values: 20,
+            block_elems: 32,
+        };
+        assert_eq!(
+            kv_layer_bytes_per_token(&odd, KvDtype::Q8_0),
+            Err(err.clone())
+        );
+        assert_eq!(kv_need_bytes(&odd, 16, 1, KvDtype::Q8_0), Err(err.clone()));
+        let needs = RequestNeeds {
+            context_tokens: 16,
+            batch: 1,
+            image_bytes: vec![],
+            kv_dtype: KvDtype::Q8_0,
+        };
+        assert_eq!(budgets(&odd, 0, 1 << 30, &needs), Err(err));
+        assert_eq!(kv_layer_bytes_per_token(&odd, KvDtype::Bf16), Ok(80));
     }
 
     #[test]

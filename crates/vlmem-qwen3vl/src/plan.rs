@@ -28,10 +28,11 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Qwen3VlConfig;
 use crate::error::{Error, Result};
 use crate::format::WeightFormat;
-use crate::math::{ImageCost, WeightBytes, WeightTensor, image_cost, kv_bytes_per_token};
+use crate::kv_dtype::{KvDtype, KvDtypeError};
+use crate::math::{ImageCost, WeightBytes, WeightTensor, image_cost};
 use crate::placement::{
-    self, Budgets, EMBED_TOKENS, FINAL_NORM, Home, KV_ELEMENT_BYTES, LM_HEAD, PlanTensor,
-    RequestNeeds, TensorPlacement, WeightPlacement, is_expert_stack, place_weights, text_layer,
+    self, Budgets, EMBED_TOKENS, FINAL_NORM, Home, LM_HEAD, PlanTensor, RequestNeeds,
+    TensorPlacement, WeightPlacement, is_expert_stack, place_weights, text_layer,
 };
 use crate::tensors::Dtype;
 use serde::Serialize;
@@ -51,6 +52,8 @@ pub struct PlanRequest {
     pub images: Vec<(u64, u64)>,
     /// How weights are held in the tiers; `None` keeps the stored format.
     pub dtype: Option<WeightFormat>,
+    /// How the KV cache holds keys and values ([`KvDtype::Bf16`] by default, as the engine).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for PlanRequest {
@@ -60,6 +63,7 @@ impl Default for PlanRequest {
             batch: 1,
             images: Vec::new(),
             dtype: None,
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -73,8 +77,13 @@ pub struct ModelSource {
     pub config: Qwen3VlConfig,
     /// Its weight bytes as stored.
     pub weights: WeightBytes,
-    /// Stored format of the largest tensor (bf16 for catalog entries).
+    /// Stored format: the block format of a quantized folder, else the largest tensor's
+    /// (bf16 for catalog entries).
     pub stored_format: WeightFormat,
+    /// The format the engine loads the weights in when none is asked for (`None`: as
+    /// stored; q8_0 for an FP8 checkpoint, whose bytes the kernels do not read: see
+    /// [`crate::quantize::load_format`]).
+    pub load_dtype: Option<WeightFormat>,
     /// Whether the checkpoint already lies on disk (a folder) or would have to be fetched
     /// (a catalog name).
     pub on_disk: bool,
@@ -93,6 +102,7 @@ impl ModelSource {
                 config,
                 weights,
                 stored_format: WeightFormat::Bf16,
+                load_dtype: None,
                 on_disk: false,
                 tensors,
             });
@@ -113,17 +123,33 @@ impl ModelSource {
 
     /// An opened checkpoint, shown as `name`.
     pub fn of_checkpoint(name: &str, ckpt: &Checkpoint) -> Self {
-        let stored_format = ckpt
-            .tensors
-            .iter()
-            .max_by_key(|t| t.bytes)
-            .and_then(|t| WeightFormat::from_dtype(t.dtype))
+        // A quantized folder is named by its block format (its largest tensor may be one it
+        // keeps as stored, such as a vision patch embedding); any other by its largest tensor.
+        // (A q4_k folder also holds q8_0 tensors: the block format holding the most bytes.)
+        let mut block_bytes = std::collections::BTreeMap::new();
+        for t in &ckpt.tensors {
+            if let Some(f) = t.format.filter(|f| !f.is_plain()) {
+                *block_bytes.entry(f).or_insert(0u64) += t.bytes;
+            }
+        }
+        let quantized = block_bytes
+            .into_iter()
+            .max_by_key(|&(_, b)| b)
+            .map(|(f, _)| f);
+        let stored_format = quantized
+            .or_else(|| {
+                ckpt.tensors
+                    .iter()
+                    .max_by_key(|t| t.bytes)
+                    .and_then(|t| t.format)
+            })
             .unwrap_or(WeightFormat::Bf16);
         ModelSource {
             name: name.to_string(),
             config: ckpt.config.clone(),
             weights: WeightBytes::of_checkpoint(ckpt),
             stored_format,
+            load_dtype: crate::quantize::load_format(ckpt),
             on_disk: true,
             tensors: WeightTensor::of_checkpoint(ckpt),
         }
@@ -180,7 +206,7 @@ pub struct Placement {
     /// The KV cache's tier: host, or disk when the host's KV budget holds only part of it
     /// (the KV pool swaps the rest).
     pub kv_tier: Tier,
-    /// KV bytes for the whole context and batch (f32, whole blocks).
+    /// KV bytes for the whole context and batch (in the plan's KV dtype, whole blocks).
     pub kv_bytes: u64,
     /// Host bytes kept for the staging area streamed weights are read ahead into.
     pub host_staging_bytes: u64,
@@ -222,7 +248,9 @@ pub struct Plan {
     pub batch: u64,
     /// Weight bytes.
     pub weights: PlanWeights,
-    /// KV bytes per token of context.
+    /// How the KV cache holds keys and values ("f32", "bf16" or "q8_0").
+    pub kv_dtype: KvDtype,
+    /// KV bytes per token of context (every layer's keys and values in `kv_dtype`).
     pub kv_bytes_per_token: u64,
     /// Each image's cost, in order.
     pub images: Vec<ImageCost>,
@@ -252,9 +280,10 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             "--batch or --context is absurdly large".into(),
         ));
     }
-    let format = req.dtype.unwrap_or(model.stored_format);
+    let dtype = req.dtype.or(model.load_dtype);
+    let format = dtype.unwrap_or(model.stored_format);
     // Bytes as held in the tiers: each tensor by its own shape in the requested format.
-    let held = WeightBytes::of_tensors(&model.tensors, req.dtype)?;
+    let held = WeightBytes::of_tensors(&model.tensors, dtype)?;
     let w = &model.weights;
     let act_bytes = 4; // activations are f32 (SM 6.1 has no bf16 arithmetic)
     let images = req
@@ -262,9 +291,10 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         .iter()
         .map(|&(iw, ih)| image_cost(cfg, iw, ih, act_bytes))
         .collect::<Result<Vec<_>>>()?;
-    // The KV cache as the engine holds it (f32, whole blocks).
-    let kv_per_token = kv_bytes_per_token(cfg, KV_ELEMENT_BYTES);
-    let kv_bytes = placement::kv_need_bytes(cfg, req.context_tokens, req.batch);
+    // The KV cache as the engine holds it (in the request's KV dtype, whole blocks).
+    let kv_per_token = placement::kv_bytes_per_token(cfg, req.kv_dtype).map_err(kv_error)?;
+    let kv_bytes = placement::kv_need_bytes(cfg, req.context_tokens, req.batch, req.kv_dtype)
+        .map_err(kv_error)?;
 
     let mut notes = Vec::new();
     let mut reason: Option<String> = None;
@@ -289,12 +319,19 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         .map(|t| {
             Ok(PlanTensor {
                 name: t.name.clone(),
-                bytes: t.held_bytes(req.dtype)?,
+                bytes: t.held_bytes(dtype)?,
                 dims: t.shape.len(),
             })
         })
         .collect::<Result<_>>()?;
-    let embedding_row_bytes = format
+    // The embedding's own held format (a low-bit request keeps it in q8_0).
+    let embedding_format = model
+        .tensors
+        .iter()
+        .find(|t| t.name == EMBED_TOKENS)
+        .and_then(|t| t.held_format(dtype))
+        .unwrap_or(format);
+    let embedding_row_bytes = embedding_format
         .row_bytes(cfg.text.hidden_size)
         .map_err(|e| Error::BadRequest(e.to_string()))?;
     let gpu_usable = profile.gpu_usable_bytes();
@@ -306,8 +343,9 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             .iter()
             .map(|i| i.embeds_bytes + i.deepstack_bytes)
             .collect(),
+        kv_dtype: req.kv_dtype,
     };
-    let budgets = placement::budgets(cfg, gpu_usable, host_usable, &needs);
+    let budgets = placement::budgets(cfg, gpu_usable, host_usable, &needs).map_err(kv_error)?;
     let placed = place_weights(cfg, &tensors, budgets.gpu.weights, budgets.host.weights);
     let kv_tier = if budgets.host.kv >= kv_bytes {
         Tier::Host
@@ -452,6 +490,7 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
             total_params: w.total_params,
             dtype: format,
         },
+        kv_dtype: req.kv_dtype,
         kv_bytes_per_token: kv_per_token,
         images,
         placement: Placement {
@@ -472,6 +511,11 @@ pub fn plan(model: &ModelSource, profile: &HardwareProfile, req: &PlanRequest) -
         bound_terms: terms,
         notes,
     })
+}
+
+/// A KV dtype the model's rows cannot be held in, as a bad request.
+fn kv_error(e: KvDtypeError) -> Error {
+    Error::BadRequest(format!("--kv-dtype: {e}"))
 }
 
 /// The tier a placement home is reported on.
@@ -615,22 +659,57 @@ mod tests {
         profile.gpu = None;
         profile.host.memory_bytes = 64 * GIB;
         let m = ModelSource::resolve("qwen3-vl-2b").unwrap();
-        let req = PlanRequest {
-            context_tokens: 1000,
+        // 28 layers x 100,672,000 B + tied embedding 622,329,856 B + final norm 4,096 B,
+        // + the KV cache of 1000 tokens: 229,376 B a token in f32, half in bf16 (the
+        // default), 28 x 2 x 32 blocks of 34 B in q8_0.
+        for (kv_dtype, kv_token) in [
+            (KvDtype::F32, 229_376u64),
+            (KvDtype::Bf16, 114_688),
+            (KvDtype::Q8_0, 60_928),
+        ] {
+            let req = PlanRequest {
+                context_tokens: 1000,
+                kv_dtype,
+                ..Default::default()
+            };
+            let p = plan(&m, &profile, &req).unwrap();
+            assert_eq!(p.placement.disk_bytes, 0);
+            assert_eq!(p.placement.gpu_bytes, 0);
+            assert_eq!((p.kv_dtype, p.kv_bytes_per_token), (kv_dtype, kv_token));
+            // 63 blocks of 16 tokens.
+            assert_eq!(p.placement.kv_bytes, 63 * 16 * kv_token);
+            let per_token = 28 * 100_672_000u64 + 622_329_856 + 4_096 + kv_token * 1000;
+            let expect = profile.host.bandwidth.bytes_per_s / per_token as f64;
+            assert!(
+                (p.decode_tokens_per_s_bound - expect).abs() < 1e-9,
+                "{kv_dtype}: {} vs {expect}",
+                p.decode_tokens_per_s_bound
+            );
+        }
+        let p = plan(&m, &profile, &PlanRequest::default()).unwrap();
+        assert_eq!(p.kv_dtype, KvDtype::Bf16, "the default");
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["kv_dtype"], "bf16");
+        assert_eq!(json["kv_bytes_per_token"], 114_688);
+    }
+
+    /// A KV dtype whose blocks do not divide the model's KV rows is a bad request, not a
+    /// panic; the same model plans in the plain dtypes.
+    #[test]
+    fn a_kv_dtype_the_rows_cannot_hold_is_a_bad_request() {
+        let mut m = ModelSource::resolve("qwen3-vl-2b").unwrap();
+        m.config.text.head_dim = 20;
+        m.config.text.num_key_value_heads = 1;
+        let req = |kv_dtype| PlanRequest {
+            kv_dtype,
             ..Default::default()
         };
-        let p = plan(&m, &profile, &req).unwrap();
-        assert_eq!(p.placement.disk_bytes, 0);
-        assert_eq!(p.placement.gpu_bytes, 0);
-        // 28 layers x 100,672,000 B + tied embedding 622,329,856 B + final norm 4,096 B,
-        // + f32 KV 229,376 B x 1000 tokens.
-        let per_token = 28 * 100_672_000u64 + 622_329_856 + 4_096 + 229_376 * 1000;
-        let expect = profile.host.bandwidth.bytes_per_s / per_token as f64;
-        assert!(
-            (p.decode_tokens_per_s_bound - expect).abs() < 1e-9,
-            "{} vs {expect}",
-            p.decode_tokens_per_s_bound
-        );
+        match plan(&m, &laptop(), &req(KvDtype::Q8_0)) {
+            Err(Error::BadRequest(msg)) => assert!(msg.contains("q8_0"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        let p = plan(&m, &laptop(), &req(KvDtype::Bf16)).unwrap();
+        assert_eq!(p.kv_bytes_per_token, 28 * 2 * 20 * 2);
     }
 
     #[test]

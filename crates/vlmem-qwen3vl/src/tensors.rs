@@ -32,6 +32,9 @@ pub enum Dtype {
     BOOL,
     /// IEEE double.
     F64,
+    /// 8-bit float, E4M3 (`e4m3fn`): Qwen's FP8 checkpoints, with a scale per 128 x 128
+    /// tile (see `format::fp8`).
+    F8E4M3,
 }
 
 impl Dtype {
@@ -42,7 +45,7 @@ impl Dtype {
             Dtype::BF16 | Dtype::F16 => 2,
             Dtype::F32 | Dtype::I32 => 4,
             Dtype::I64 | Dtype::F64 => 8,
-            Dtype::U8 | Dtype::I8 | Dtype::BOOL => 1,
+            Dtype::U8 | Dtype::I8 | Dtype::BOOL | Dtype::F8E4M3 => 1,
         }
     }
 
@@ -58,6 +61,7 @@ impl Dtype {
             Dtype::I8 => "I8",
             Dtype::BOOL => "BOOL",
             Dtype::F64 => "F64",
+            Dtype::F8E4M3 => "F8_E4M3",
         }
     }
 
@@ -73,6 +77,7 @@ impl Dtype {
             "I8" => Dtype::I8,
             "BOOL" => Dtype::BOOL,
             "F64" => Dtype::F64,
+            "F8_E4M3" => Dtype::F8E4M3,
             _ => return None,
         })
     }

@@ -134,9 +134,7 @@ mod on_gpu {
                 let handle = inner
                     .handle(name)
                     .ok_or_else(|| RunnerError::MissingTensor { name: name.clone() })?;
-                let (Some(ty), [r, c]) =
-                    (WeightFormat::from_dtype(info.dtype), info.shape.as_slice())
-                else {
+                let (Some(ty), [r, c]) = (info.format, info.shape.as_slice()) else {
                     continue;
                 };
                 let (Ok(rows), Ok(cols)) = (usize::try_from(*r), usize::try_from(*c)) else {

@@ -195,25 +195,66 @@ impl<'a> Params<'a> {
     }
 
     /// `x @ W^T` for the 2-D weight `name` (`[out, in]`): a one-row `x` goes through
-    /// [`WeightSource::matvec`] (the bf16 kernel on tiered sources), up to
-    /// [`WeightSource::matmul_rows_max`] rows through [`WeightSource::matmul`], more rows
-    /// through candle on the staged f32 tensor.
+    /// [`WeightSource::matvec`] (the decode kernel on tiered sources), more rows (up to
+    /// [`WeightSource::matmul_rows_max`], any number on the CPU) through
+    /// [`WeightSource::matmul`] (the tiled product on the stored weight,
+    /// [`crate::kernels::gemm`]), past that through candle on the staged f32 tensor.
     pub fn linear(&self, name: &str, x: &Tensor) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
         if n == 1 {
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let y = self.src.matvec(name, &xs)?;
+            let y = with_values(x, |xs| self.src.matvec(name, xs))?;
             let len = y.len();
             Ok(Tensor::from_vec(y, (1, len), x.device())?)
         } else if n <= self.src.matmul_rows_max(name) {
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let y = self.src.matmul(name, &xs, n)?;
-            let out = y.len() / n;
+            let y = with_values(x, |xs| self.src.matmul(name, xs, n))?;
+            let out = y.len().checked_div(n).unwrap_or(0);
             Ok(Tensor::from_vec(y, (n, out), x.device())?)
         } else {
             linear(x, &self.src.tensor_f32(name)?, None)
         }
     }
+
+    /// `x @ W^T + b` for the weight `name` read as the matrix `[out, in]` of its first
+    /// dimension by the product of the others (a 2-D weight as it is; a convolution whose
+    /// stride equals its kernel, the patch embedding, as its flattened kernels) and the bias
+    /// `bias` (`[out]`), for any number of rows: [`WeightSource::matmul`] on the stored
+    /// weight, then the bias added to each row (as candle adds it after its matmul).
+    pub fn linear_bias(&self, name: &str, bias: &str, x: &Tensor) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        let b = self.src.tensor_f32(bias)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = with_values(x, |xs| self.src.matmul(name, xs, n))?;
+        if Some(y.len()) != n.checked_mul(b.len()) {
+            return Err(RunnerError::BadRequest(format!(
+                "{name}: {} outputs for {n} rows and a bias of {}",
+                y.len(),
+                b.len()
+            )));
+        }
+        if !b.is_empty() {
+            for row in y.chunks_exact_mut(b.len()) {
+                for (v, b) in row.iter_mut().zip(&b) {
+                    *v += b;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(y, (n, b.len()), x.device())?)
+    }
+}
+
+/// Runs `f` on the values of the f32 tensor `x` in row-major order: borrowed from its
+/// storage when it is contiguous on the CPU (a prompt's activations are not copied), else
+/// copied out.
+fn with_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return f(&values[a..b]);
+        }
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    f(&xs)
 }
 
 /// Errors unless `name` exists with exactly `shape`.

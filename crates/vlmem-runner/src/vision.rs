@@ -4,7 +4,7 @@
 //! DeepStack mergers.
 
 use crate::error::{Result, RunnerError};
-use crate::nn::{Params, attention_in_row_chunks, gelu_erf, gelu_tanh, layer_norm, linear};
+use crate::nn::{Params, attention_in_row_chunks, gelu_erf, gelu_tanh, layer_norm};
 use crate::preprocess::ImageInput;
 use crate::rope::vision_cos_sin;
 use candle_core::{Device, Tensor};
@@ -163,17 +163,16 @@ impl VisionTower {
         }
         let pixels = Tensor::from_slice(&image.pixel_values, (n, image.patch_len), &self.device)?;
         // Patch embedding: Conv3d with kernel = stride = the patch, i.e. a linear map.
-        let pe_w = p.get_any(&format!("{PREFIX}.patch_embed.proj.weight"))?;
-        let pe_w = pe_w.reshape((d, pe_w.elem_count() / d))?;
-        if pe_w.dim(1)? != image.patch_len {
+        let pe_w = format!("{PREFIX}.patch_embed.proj.weight");
+        let (_, pe_in) = crate::weights::matrix_dims(&pe_w, &p.shape(&pe_w)?)?;
+        if pe_in != image.patch_len {
             return Err(RunnerError::BadRequest(format!(
-                "patch rows hold {} values, the patch embedding takes {}",
+                "patch rows hold {} values, the patch embedding takes {pe_in}",
                 image.patch_len,
-                pe_w.dim(1)?
             )));
         }
-        let pe_b = p.get_any(&format!("{PREFIX}.patch_embed.proj.bias"))?;
-        let patch_embed = linear(&pixels, &pe_w, Some(&pe_b))?;
+        let pe_b = format!("{PREFIX}.patch_embed.proj.bias");
+        let patch_embed = p.linear_bias(&pe_w, &pe_b, &pixels)?;
         let pos = self.interpolated_pos_embed(p, image.grid_thw)?;
         let mut h = (&patch_embed + &pos)?;
         let embeddings = trace.then(|| h.clone());
@@ -288,10 +287,13 @@ impl VisionTower {
         let heads = self.cfg.num_heads as usize;
         let pre = format!("{PREFIX}.blocks.{b}");
         let w = |n: &str| p.get_any(&format!("{pre}.{n}"));
+        let lin = |n: &str, x: &Tensor| {
+            p.linear_bias(&format!("{pre}.{n}.weight"), &format!("{pre}.{n}.bias"), x)
+        };
         let (n, d) = h.dims2()?;
         let head_dim = d / heads;
         let x = layer_norm(h, &w("norm1.weight")?, &w("norm1.bias")?, VISION_LN_EPS)?;
-        let qkv = linear(&x, &w("attn.qkv.weight")?, Some(&w("attn.qkv.bias")?))?;
+        let qkv = lin("attn.qkv", &x)?;
         // [n, 3, heads, hd] -> [3, heads, n, hd]
         let qkv = qkv
             .reshape((n, 3, heads, head_dim))?
@@ -305,20 +307,12 @@ impl VisionTower {
         // Full attention over the image, a block of query rows at a time: [1, heads, n, hd].
         let attn = attention_in_row_chunks(&q, &k, &v, scale, None, score_bytes)?;
         let attn = attn.squeeze(0)?.transpose(0, 1)?.reshape((n, d))?;
-        let attn = linear(&attn, &w("attn.proj.weight")?, Some(&w("attn.proj.bias")?))?;
+        let attn = lin("attn.proj", &attn)?;
         let h = (h + attn)?;
         let x = layer_norm(&h, &w("norm2.weight")?, &w("norm2.bias")?, VISION_LN_EPS)?;
-        let x = linear(
-            &x,
-            &w("mlp.linear_fc1.weight")?,
-            Some(&w("mlp.linear_fc1.bias")?),
-        )?;
+        let x = lin("mlp.linear_fc1", &x)?;
         let x = gelu_tanh(&x)?;
-        let x = linear(
-            &x,
-            &w("mlp.linear_fc2.weight")?,
-            Some(&w("mlp.linear_fc2.bias")?),
-        )?;
+        let x = lin("mlp.linear_fc2", &x)?;
         Ok((h + x)?)
     }
 
@@ -339,9 +333,12 @@ impl VisionTower {
         } else {
             layer_norm(h, &w("norm.weight")?, &w("norm.bias")?, VISION_LN_EPS)?.reshape(grouped)?
         };
-        let x = linear(&x, &w("linear_fc1.weight")?, Some(&w("linear_fc1.bias")?))?;
+        let lin = |n: &str, x: &Tensor| {
+            p.linear_bias(&format!("{pre}.{n}.weight"), &format!("{pre}.{n}.bias"), x)
+        };
+        let x = lin("linear_fc1", &x)?;
         let x = gelu_erf(&x)?;
-        linear(&x, &w("linear_fc2.weight")?, Some(&w("linear_fc2.bias")?))
+        lin("linear_fc2", &x)
     }
 }
 

@@ -59,20 +59,24 @@ pub trait WeightSource: Send + Sync {
         names.iter().map(|n| self.matvec(n, x)).collect()
     }
 
-    /// `X W^T` for the 2-D weight `name` and `n` input rows `x` (`n x in` values, row-major):
-    /// a short prefill. Returns `n x out` values. The default stages the tensor as f32 and
-    /// multiplies with candle; a source holding the stored bytes runs
-    /// [`crate::kernels::matmul`] on them (no widened copy).
+    /// `X W^T` for the weight `name` read as the matrix `[out, in]` of its first dimension
+    /// by the product of the others ([`matrix_dims`]) and `n` input rows `x` (`n x in`
+    /// values, row-major): prefill and the vision tower. Returns `n x out` values. The
+    /// default stages the tensor as f32 and multiplies with candle; a source holding the
+    /// stored bytes runs [`crate::kernels::matmul`] (the tiled product) on them, with no
+    /// widened copy.
     fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let w = self.tensor_f32(name)?;
-        let cols = x.len().checked_div(n).unwrap_or(0);
-        let xt = Tensor::from_slice(x, (n, cols), w.device())?;
+        let (rows, cols) = matrix_dims(name, w.dims())?;
+        let w = w.reshape((rows, cols))?;
+        let xt = Tensor::from_slice(x, (n, x.len().checked_div(n).unwrap_or(0)), w.device())?;
         Ok(crate::nn::linear(&xt, &w, None)?.flatten_all()?.to_vec1()?)
     }
 
     /// The most input rows [`WeightSource::matmul`] takes for `name`; more rows go through
-    /// candle on the staged f32 tensor ([`crate::nn::Params::linear`]). A source that
-    /// computes `name` elsewhere (on the GPU) can take any number.
+    /// candle on the staged f32 tensor ([`crate::nn::Params::linear`]). The CPU kernels
+    /// take any number ([`crate::kernels::MATMUL_MAX_ROWS`]); a source that computes `name`
+    /// elsewhere (on the GPU) may bound it.
     fn matmul_rows_max(&self, name: &str) -> usize {
         let _ = name;
         crate::kernels::MATMUL_MAX_ROWS
@@ -150,6 +154,25 @@ pub trait WeightSource: Send + Sync {
     /// final norm and lm_head), so a tiered source can prefetch what comes next. The default
     /// does nothing.
     fn begin_layer(&self, _layer: usize, _layers: usize) {}
+}
+
+/// Rows and columns of a weight of `shape` read as a matrix: its first dimension by the
+/// product of the others (`[out, in]` as it is; a convolution's `[out, c, t, h, w]` whose
+/// stride equals its kernel as `[out, c * t * h * w]`); a shape error for fewer than two
+/// dimensions.
+pub fn matrix_dims(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape {
+        [rows, rest @ ..] if !rest.is_empty() => rest
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .map(|cols| (*rows, cols))
+            .ok_or_else(|| RunnerError::BadRequest(format!("{name}: {shape:?} overflows"))),
+        _ => Err(RunnerError::TensorShape {
+            name: name.to_string(),
+            expected: "a matrix (two or more dimensions)".into(),
+            found: shape.to_vec(),
+        }),
+    }
 }
 
 /// Errors unless there is one output per weight.
@@ -317,7 +340,8 @@ pub fn widen_into(name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Re
 }
 
 /// Widens `bytes` of `format` to f32 into `out`, which must hold exactly the values `bytes`
-/// stores (for Q8_0, whole 34-byte blocks of 32 values, each dequantized to `d * q`).
+/// stores (for Q8_0, whole 34-byte blocks of 32 values, each dequantized to `d * q`; for
+/// Q4_K, whole 144-byte blocks of 256 values, each `d * sc * q - dmin * m`).
 pub fn widen_format_into(
     name: &str,
     format: WeightFormat,
@@ -329,11 +353,36 @@ pub fn widen_format_into(
         None => match format {
             WeightFormat::Q8_0 => vlmem_qwen3vl::format::q8_0::dequantize_row_into(bytes, out)
                 .map_err(|e| RunnerError::BadRequest(format!("{name}: {e}"))),
+            WeightFormat::Q4_K => vlmem_qwen3vl::format::q4_k::dequantize_row_into(bytes, out)
+                .map_err(|e| RunnerError::BadRequest(format!("{name}: {e}"))),
             WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 => Err(
                 RunnerError::BadRequest(format!("{name}: {format} has no plain element type")),
             ),
         },
     }
+}
+
+/// The format a checkpoint tensor's bytes hold (its dtype's, or the block format a
+/// quantized checkpoint names); an error for a type that is not a weight (integers).
+pub(crate) fn weight_format(name: &str, info: &TensorInfo) -> Result<WeightFormat> {
+    info.format.ok_or_else(|| RunnerError::UnsupportedDtype {
+        name: name.to_string(),
+        dtype: info.dtype.safetensors_name().to_string(),
+    })
+}
+
+/// Widens whole blocks of `format` (any number of values) to a new f32 vector.
+pub fn widen_blocks(name: &str, format: WeightFormat, bytes: &[u8]) -> Result<Vec<f32>> {
+    let block_bytes = format.block_bytes() as usize;
+    if !bytes.len().is_multiple_of(block_bytes) {
+        return Err(RunnerError::BadRequest(format!(
+            "{name}: {} bytes are not whole {format} blocks of {block_bytes} bytes",
+            bytes.len()
+        )));
+    }
+    let mut out = vec![0f32; bytes.len() / block_bytes * format.block_elems() as usize];
+    widen_format_into(name, format, bytes, &mut out)?;
+    Ok(out)
 }
 
 /// [`widen_format_into`] to a new vector of `values` values.
@@ -360,10 +409,23 @@ fn usize_shape(shape: &[u64]) -> Vec<usize> {
 }
 
 impl WeightSource for CheckpointWeights {
+    /// The tiled product on the stored bytes (one read of the tensor, no f32 copy).
+    fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let info = self.info(name)?;
+        let (rows, cols) = matrix_dims(name, &usize_shape(&info.shape))?;
+        let ty =
+            WeightFormat::from_dtype(info.dtype).ok_or_else(|| RunnerError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: info.dtype.safetensors_name().to_string(),
+            })?;
+        let bytes = self.raw_bytes(name)?;
+        crate::kernels::matmul(&bytes, ty, rows, cols, x, n)
+    }
+
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
         let info = self.info(name)?;
         let bytes = self.raw_bytes(name)?;
-        let values = widen_to_f32(name, info.dtype, &bytes)?;
+        let values = widen_blocks(name, weight_format(name, info)?, &bytes)?;
         Ok(Tensor::from_vec(
             values,
             usize_shape(&info.shape),
@@ -388,11 +450,7 @@ impl WeightSource for CheckpointWeights {
                 });
             }
         };
-        let ty =
-            WeightFormat::from_dtype(info.dtype).ok_or_else(|| RunnerError::UnsupportedDtype {
-                name: name.to_string(),
-                dtype: info.dtype.safetensors_name().to_string(),
-            })?;
+        let ty = weight_format(name, info)?;
         let row_bytes = crate::kernels::row_bytes(ty, cols)?;
         let file = self
             .files
@@ -414,7 +472,7 @@ impl WeightSource for CheckpointWeights {
             let offset = info.file_offset_bytes + (id as u64) * row_bytes as u64;
             file.read_exact_at(&mut buf, offset)
                 .map_err(|e| RunnerError::io(&info.file, e))?;
-            values.extend(widen_to_f32(name, info.dtype, &buf)?);
+            values.extend(widen_blocks(name, ty, &buf)?);
         }
         Ok(Tensor::from_vec(values, (ids.len(), cols), &self.device)?)
     }
@@ -482,6 +540,13 @@ impl<S: WeightSource> WeightSource for CachedWeights<S> {
             }
         }
     }
+
+    /// The inner source's product on the stored weight ([`CheckpointWeights`]: the tiled
+    /// product on the stored bytes), not on the resident f32 copy: the same path, and the
+    /// same bits, as every other source holding those bytes.
+    fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        self.inner.matmul(name, x, n)
+    }
 }
 
 impl<S: WeightSource + ?Sized> WeightSource for Arc<S> {
@@ -503,6 +568,10 @@ impl<S: WeightSource + ?Sized> WeightSource for Arc<S> {
 
     fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
         (**self).matmul(name, x, n)
+    }
+
+    fn matmul_rows_max(&self, name: &str) -> usize {
+        (**self).matmul_rows_max(name)
     }
 
     fn matvec_many(&self, names: &[&str], x: &[f32]) -> Result<Vec<Vec<f32>>> {
@@ -562,5 +631,32 @@ mod tests {
         assert!(widen_format_into("w", WeightFormat::Q8_0, &bytes[..33], &mut out).is_err());
         assert!(widen_format_to_f32("w", WeightFormat::Q8_0, &bytes, 63).is_err());
         assert!(widen_format_to_f32("w", WeightFormat::Q8_0, &bytes, 32).is_err());
+    }
+
+    #[test]
+    fn widening_q4_k_dequantizes_each_block() {
+        use vlmem_qwen3vl::format::q4_k;
+        let values: Vec<f32> = (0..512)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 0.7)
+            .collect();
+        let bytes = q4_k::quantize_row(&values).unwrap();
+        assert_eq!(bytes.len(), 2 * 144);
+        let mut out = vec![f32::NAN; 512];
+        widen_format_into("w", WeightFormat::Q4_K, &bytes, &mut out).unwrap();
+        let mut want = vec![0f32; 512];
+        q4_k::dequantize_row_into(&bytes, &mut want).unwrap();
+        assert_eq!(out, want);
+        // 16 levels over a range of 2: each value within a step of 2 / 15.
+        for (v, o) in values.iter().zip(&out) {
+            assert!((v - o).abs() <= 2.0 / 15.0, "{v} -> {o}");
+        }
+        assert_eq!(
+            widen_format_to_f32("w", WeightFormat::Q4_K, &bytes, 512).unwrap(),
+            want
+        );
+        // Lengths that disagree, or rows of partial blocks, are typed errors.
+        assert!(widen_format_into("w", WeightFormat::Q4_K, &bytes[..143], &mut out).is_err());
+        assert!(widen_format_to_f32("w", WeightFormat::Q4_K, &bytes, 256).is_err());
+        assert!(widen_format_to_f32("w", WeightFormat::Q4_K, &bytes, 288).is_err());
     }
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Barrier};
 use vlmem::{TensorKind, Tier};
 use vlmem_core::bytes::MIB;
 use vlmem_core::profile::HardwareProfile;
+use vlmem_runner::kv::KvDtype;
 use vlmem_runner::{
     Activations, Engine, EngineError, FinishReason, Message, Part, Prompt, Reply, Request,
     RequestImage, SamplingParams,
@@ -28,9 +29,13 @@ fn engine(dir: &Path, streamed: bool, swap: &Path) -> Engine {
     engine_with_host(dir, streamed.then_some(0), swap)
 }
 
-/// An engine for `dir` with no GPU and `host_bytes` of RAM (`None`: the profile's).
+/// An engine for `dir` with no GPU and `host_bytes` of RAM (`None`: the profile's), its KV
+/// cache exact (f32): the reference's bound holds for it.
 fn engine_with_host(dir: &Path, host_bytes: Option<u64>, swap: &Path) -> Engine {
-    let mut b = Engine::builder(dir).profile(laptop()).disk_path(swap);
+    let mut b = Engine::builder(dir)
+        .profile(laptop())
+        .disk_path(swap)
+        .kv_dtype(KvDtype::F32);
     if let Some(bytes) = host_bytes {
         b = b.gpu_mem(0).host_mem(bytes);
     }
@@ -212,10 +217,11 @@ fn sampled_requests_on_two_threads_replay_their_seeds() {
 fn a_request_whose_kv_cache_fits_nowhere_is_refused_up_front() {
     let dir = fixture_dir("qwen3-vl-tiny");
     let swap = tempfile::tempdir().unwrap();
-    // 2 layers x 631 blocks of 16 tokens x 4 KiB = 4.9 MiB of KV for 94 + 10,000 tokens; the
-    // plan gives the host's KV budget the default context's 2 MiB (at most half of 4 MiB),
-    // the disk's is 40% of 1 MiB.
+    // 2 layers x 631 blocks of 16 tokens x 4 KiB (f32) = 4.9 MiB of KV for 94 + 10,000
+    // tokens; the plan gives the host's KV budget the default context's 2 MiB (at most half
+    // of 4 MiB), the disk's is 40% of 1 MiB.
     let engine = Engine::builder(&dir)
+        .kv_dtype(KvDtype::F32)
         .profile(laptop())
         .host_mem(4 * MIB)
         .disk_mem(MIB)
@@ -254,6 +260,7 @@ fn a_request_whose_kv_cache_fits_nowhere_is_refused_up_front() {
     // absurd number of new tokens is the same refusal, not an overflow.
     let sized = |r: &Request| {
         Engine::builder(&dir)
+            .kv_dtype(KvDtype::F32)
             .profile(laptop())
             .host_mem(4 * MIB)
             .disk_mem(MIB)

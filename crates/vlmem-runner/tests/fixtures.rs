@@ -7,8 +7,9 @@ use common::{fixture_dir, ids as ids_of};
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
+use vlmem_runner::kv::KvDtype;
 use vlmem_runner::preprocess::{load_image, preprocess};
-use vlmem_runner::{GenerateOptions, LogitsFor, PrefillOptions, Runner};
+use vlmem_runner::{GenerateOptions, KvCache, LogitsFor, PrefillOptions, Runner};
 
 /// Logits, hidden states and embeddings: the bound the engine promises against the reference.
 const TOL_ACTIVATIONS: f32 = 1e-4;
@@ -100,8 +101,10 @@ fn run_fixture_with(name: &str, score_bytes: Option<usize>) {
     let got_pos: Vec<i64> = pos.thw.iter().flatten().copied().collect();
     assert_eq!(got_pos, want_pos, "position_ids");
 
-    // The prompt's forward pass with every intermediate.
-    let mut kv = model.new_kv_cache();
+    // The prompt's forward pass with every intermediate, its KV cache exact (f32): the
+    // reference's bound holds for it.
+    let layers = model.config().text.num_hidden_layers as usize;
+    let mut kv = KvCache::with_dtype(layers, KvDtype::F32);
     let pre = model
         .prefill(
             &ids,
@@ -164,10 +167,10 @@ fn run_fixture_with(name: &str, score_bytes: Option<usize>) {
         TOL_ACTIVATIONS,
     );
 
-    // Greedy generation with the KV cache.
+    // Greedy generation with an f32 KV cache.
     let want_ids = ids_of(&r["generated_ids"]);
     let gen_ = model
-        .generate(
+        .generate_in(
             &ids,
             &images,
             &GenerateOptions {
@@ -175,6 +178,7 @@ fn run_fixture_with(name: &str, score_bytes: Option<usize>) {
                 stop_ids: Vec::new(),
                 ..Default::default()
             },
+            &mut KvCache::with_dtype(layers, KvDtype::F32),
             &mut |_| {},
         )
         .unwrap();

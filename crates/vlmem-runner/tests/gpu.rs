@@ -245,6 +245,7 @@ mod on_gpu {
                 .collect(),
             WeightFormat::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
             WeightFormat::Q8_0 => vlmem_qwen3vl::format::q8_0::quantize_row(v).unwrap(),
+            WeightFormat::Q4_K => vlmem_qwen3vl::format::q4_k::quantize_row(v).unwrap(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The KV cache in the manager's paged pool gives the same logits, bit for bit, as the
-//! simple growable cache: with room for every block, and with room for only a few blocks
-//! (whole layers' sequences swapped out to the disk tier and back at every step).
+//! simple in-process cache of the same KV dtype: with room for every block, and with room for
+//! only a few blocks (whole layers' sequences swapped out to the disk tier and back at every
+//! step).
 
 mod common;
 use common::fixture_dir;
@@ -9,27 +10,34 @@ use candle_core::Tensor;
 use std::sync::Arc;
 use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier};
 use vlmem_runner::Activations;
+use vlmem_runner::kv::KvDtype;
 use vlmem_runner::model::argmax;
 use vlmem_runner::text::KV_CHUNK_TOKENS;
-use vlmem_runner::{KvStore, PagedKv, PrefillOptions, Runner};
+use vlmem_runner::{KvCache, KvStore, PagedKv, PrefillOptions, Runner};
 
 const MIB: u64 = 1 << 20;
 
-/// A paged KV store of `layers` layers of `heads x dim` over a new pool of 16-token blocks in
-/// `m`'s host tier, and the pool.
-fn paged(m: MemoryManager, layers: usize, heads: usize, dim: usize) -> (Arc<KvPool>, PagedKv) {
+/// A paged KV store of `layers` layers of `heads x dim` in `dtype` over a new pool of
+/// 16-token blocks in `m`'s host tier, and the pool.
+fn paged(
+    m: MemoryManager,
+    layers: usize,
+    heads: usize,
+    dim: usize,
+    dtype: KvDtype,
+) -> (Arc<KvPool>, PagedKv) {
     let pool = Arc::new(
         KvPool::new(
             m,
             KvPoolConfig {
                 block_tokens: 16,
-                bytes_per_token: (2 * heads * dim * 4) as u64,
+                bytes_per_token: dtype.token_bytes(heads as u64, dim as u64).unwrap(),
                 compute_tier: Tier::Host,
             },
         )
         .unwrap(),
     );
-    let kv = PagedKv::new(pool.clone(), layers, heads, dim).unwrap();
+    let kv = PagedKv::new(pool.clone(), layers, heads, dim, dtype).unwrap();
     (pool, kv)
 }
 
@@ -64,16 +72,28 @@ fn run(runner: &Runner, kv: &mut dyn KvStore) -> Vec<Vec<f32>> {
 
 #[test]
 fn paged_kv_matches_the_simple_cache_whatever_the_room() {
-    for name in ["qwen3-vl-tiny", "qwen3-vl-moe-tiny"] {
+    for (name, dtype) in [
+        ("qwen3-vl-tiny", KvDtype::F32),
+        ("qwen3-vl-moe-tiny", KvDtype::F32),
+        ("qwen3-vl-tiny", KvDtype::Bf16),
+        ("qwen3-vl-moe-tiny", KvDtype::Q8_0),
+    ] {
         let runner = Runner::open(&fixture_dir(name)).unwrap();
-        let expected = run(&runner, &mut runner.model().new_kv_cache());
         let text = &runner.model().config().text;
         let (layers, kv_heads, head_dim) = (
             text.num_hidden_layers as usize,
             text.num_key_value_heads as usize,
             text.head_dim as usize,
         );
-        let bytes_per_token = (2 * kv_heads * head_dim * 4) as u64;
+        let expected = run(&runner, &mut KvCache::with_dtype(layers, dtype));
+        if dtype == KvDtype::F32 {
+            assert_eq!(
+                expected,
+                run(&runner, &mut runner.model().new_kv_cache()),
+                "the model's own cache is f32"
+            );
+        }
+        let bytes_per_token = dtype.token_bytes(kv_heads as u64, head_dim as u64).unwrap();
         let block_bytes = 16 * bytes_per_token;
         // Ample room, then room for 3 blocks: most layers live on the disk between uses.
         for host_kv_bytes in [8 * MIB, 3 * block_bytes] {
@@ -81,11 +101,11 @@ fn paged_kv_matches_the_simple_cache_whatever_the_room() {
             c.budgets.bytes[Tier::Host.index()][TensorKind::KvCache.index()] = host_kv_bytes;
             c.disk.preallocate = false;
             let m = MemoryManager::new(c).unwrap();
-            let (pool, mut kv) = paged(m.clone(), layers, kv_heads, head_dim);
+            let (pool, mut kv) = paged(m.clone(), layers, kv_heads, head_dim, dtype);
             let got = run(&runner, &mut kv);
             assert_eq!(
                 got, expected,
-                "{name} with {host_kv_bytes} bytes of KV room"
+                "{name} in {dtype} with {host_kv_bytes} bytes of KV room"
             );
             let s = pool.stats();
             assert!(s.blocks as usize >= layers, "{s:?}");
@@ -124,7 +144,7 @@ fn generation_through_the_paged_pool_matches() {
         text.head_dim as usize,
     );
     let m = MemoryManager::new(ManagerConfig::with_capacities(0, 16 * MIB, 16 * MIB)).unwrap();
-    let (_, mut kv) = paged(m, layers, heads, dim);
+    let (_, mut kv) = paged(m, layers, heads, dim, KvDtype::F32);
     let paged = model
         .generate_in(&ids, &images, &opts, &mut kv, &mut |_| {})
         .unwrap();
@@ -162,7 +182,7 @@ fn decode_in_the_step_arena_matches_with_either_cache() {
             text.num_key_value_heads as usize,
             text.head_dim as usize,
         );
-        let bytes_per_token = (2 * heads * dim * 4) as u64;
+        let bytes_per_token = KvDtype::F32.token_bytes(heads as u64, dim as u64).unwrap();
         let run = |host_kv_bytes: Option<u64>, activation_bytes: u64| {
             let mut c = ManagerConfig::with_capacities(0, 16 * MIB, 16 * MIB);
             c.budgets.bytes[Tier::Host.index()][TensorKind::Activation.index()] = activation_bytes;
@@ -179,7 +199,7 @@ fn decode_in_the_step_arena_matches_with_either_cache() {
                     .generate(&ids, &images, &opts, &mut |_| {})
                     .unwrap(),
                 Some(_) => {
-                    let (_, mut kv) = paged(m.clone(), layers, heads, dim);
+                    let (_, mut kv) = paged(m.clone(), layers, heads, dim, KvDtype::F32);
                     runner
                         .model()
                         .generate_in(&ids, &images, &opts, &mut kv, &mut |_| {})
@@ -261,7 +281,7 @@ fn decode_in_the_arena_over_several_kv_chunks() {
             let r = Runner::open(&dir).unwrap();
             assert!(r.model().use_step_arena(m.clone(), Tier::Host));
             let g = if through_pool {
-                let (_, mut kv) = paged(m.clone(), layers, heads, dim);
+                let (_, mut kv) = paged(m.clone(), layers, heads, dim, KvDtype::F32);
                 r.model()
                     .generate_in(&ids, &[], &opts, &mut kv, &mut |_| {})
                     .unwrap()

@@ -35,7 +35,11 @@
 //! - how the disk was used over the decode steps: the read-ahead's own count of time with a
 //!   read in flight and how many (`read_ahead_busy_share`, `read_ahead_mean_depth`), and the
 //!   block device's counters (`disk_*@sysfs`: busy share, requests in flight, mean request
-//!   size, read rate; Linux, when the checkpoint is on a block device).
+//!   size, read rate; Linux, when the checkpoint is on a block device);
+//! - with `--peers` ([`run_with_peers`]), llama.cpp on the same text decoder's shapes and
+//!   threads (`decode_tok_s.FMT@llama_cpp`, `prefill_tok_s.FMT@llama_cpp` for bf16, q8_0 and
+//!   q4_k) and vlmem / llama.cpp where vlmem has the figure (`FIGURE.FMT_over_llama_cpp`),
+//!   through a Python environment kept under the cache folder ([`peers`]).
 //!
 //! The checkpoint goes to `$VLMEM_CACHE/qwen3-vl-2b-synth` (default
 //! `~/.cache/vlmem/qwen3-vl-2b-synth`). `--quick` uses a scaled-down config (4 layers,
@@ -43,6 +47,9 @@
 
 mod bounds;
 mod decode;
+pub mod peers;
+
+pub use peers::{PeerError, peer_table};
 
 use crate::{BenchOptions, BenchResult, SuiteReport};
 use bounds::DiskBest;
@@ -211,6 +218,20 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
     cases.push_figures(&mut report);
     push_bounds(&mut report, &cases, &disk, membw, step);
     report
+}
+
+/// The suite with llama.cpp measured in the same run (`--peers`, [`peers`]): the Python
+/// environment and the GGUF files are made (or reused) first, so that a missing Python or a
+/// failed install stops the suite before minutes of measuring; llama.cpp runs after vlmem's
+/// cases, and its figures are set against vlmem's of the same names.
+pub fn run_with_peers(opts: BenchOptions) -> Result<SuiteReport, PeerError> {
+    let Some(s) = setup(opts) else {
+        return Ok(run(opts));
+    };
+    let prepared = peers::prepare(&s.cfg, s.name, opts.quick)?;
+    let mut report = run(opts);
+    peers::measure(&prepared, &mut report);
+    Ok(report)
 }
 
 /// The setting of `opts` and its checkpoint, synthesized or reused (a note in `report`);

@@ -19,8 +19,11 @@ use vlmem::{KvPool, KvPoolConfig, ManagerConfig, MemoryManager, TensorKind, Tier
 use vlmem_core::profile::{HardwareProfile, Overrides};
 use vlmem_core::sync::Mutex;
 use vlmem_qwen3vl::checkpoint::Checkpoint;
+use vlmem_qwen3vl::format::WeightFormat;
+use vlmem_qwen3vl::kv_dtype::KvDtype;
 use vlmem_qwen3vl::placement::WeightPlacement;
 use vlmem_qwen3vl::plan::{ModelSource, Plan, PlanRequest};
+use vlmem_qwen3vl::quantize::{cache_root, load_format, quantized_copy};
 
 /// Builds an [`Engine`]: see [`Engine::builder`].
 pub struct EngineBuilder {
@@ -31,6 +34,19 @@ pub struct EngineBuilder {
     pub(super) prefetch_layers: usize,
     pub(super) max_context_tokens: u64,
     pub(super) progress: Option<Arc<PrefillProgressFn>>,
+    pub(super) kv_dtype: KvDtype,
+    pub(super) quant: Quantize,
+}
+
+/// How the weights are held (see [`EngineBuilder::quant`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Quantize {
+    /// The block format asked for (`None`: as stored, or as the kernels need).
+    format: Option<WeightFormat>,
+    /// Where quantized copies are kept (`None`: the cache folder).
+    cache_root: Option<PathBuf>,
+    /// A progress bar while a copy is written.
+    progress: bool,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -41,6 +57,8 @@ impl std::fmt::Debug for EngineBuilder {
             .field("disk_path", &self.disk_path)
             .field("prefetch_layers", &self.prefetch_layers)
             .field("max_context_tokens", &self.max_context_tokens)
+            .field("kv_dtype", &self.kv_dtype)
+            .field("quant", &self.quant)
             .finish_non_exhaustive()
     }
 }
@@ -94,6 +112,43 @@ impl EngineBuilder {
         self
     }
 
+    /// How the KV cache holds keys and values (default [`KvDtype::Bf16`]): the plan's KV
+    /// budgets, the KV pool's blocks and every request's cache follow it. [`KvDtype::F32`]
+    /// is exact; bf16 rounds each key and value to 8 significant bits, q8_0 to blocks of 32
+    /// (a model whose `kv_heads * head_dim` is not a multiple of 32 is refused by `build`).
+    pub fn kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
+    }
+
+    /// Holds the weights in the block format `format` (`q8_0`, `q4_k`; each tensor as
+    /// `vlmem plan --dtype` sizes it). A checkpoint already in that format (written by
+    /// `vlmem quantize`) loads as it is. Otherwise its quantized copy is loaded from the
+    /// cache folder (`$VLMEM_CACHE`, else `~/.cache/vlmem`, under `quantized/`), and written
+    /// there first if there is none yet (about as long as reading the checkpoint once);
+    /// the copy is registered in place like any checkpoint, so weights streamed from disk
+    /// are read quantized. A plain format (`bf16`) asks for nothing: the checkpoint loads
+    /// as stored.
+    ///
+    /// An FP8 checkpoint (Qwen's `-FP8` releases), whose bytes the kernels do not read, is
+    /// transcoded this way to q8_0 when no format is asked for.
+    pub fn quant(mut self, format: WeightFormat) -> Self {
+        self.quant.format = (!format.is_plain()).then_some(format);
+        self
+    }
+
+    /// Where quantized copies are kept (default: `$VLMEM_CACHE`, else `~/.cache/vlmem`).
+    pub fn quant_cache(mut self, root: impl Into<PathBuf>) -> Self {
+        self.quant.cache_root = Some(root.into());
+        self
+    }
+
+    /// Draws a progress bar on stderr while a quantized copy is written.
+    pub fn quant_progress(mut self, show: bool) -> Self {
+        self.quant.progress = show;
+        self
+    }
+
     /// `f` is told where each prompt's forward pass is (vision blocks, then decoder layers).
     pub fn on_prefill_progress(
         mut self,
@@ -126,10 +181,19 @@ impl EngineBuilder {
         }
         .with_overrides(self.overrides);
         let checkpoint = Checkpoint::open(&self.dir)?;
+        // Weights in a block format asked for, or in the format the kernels need (an FP8
+        // checkpoint is transcoded to q8_0): a quantized copy from the cache folder.
+        let checkpoint = match self.quant.format.or_else(|| load_format(&checkpoint)) {
+            Some(format) => {
+                let root = self.quant.cache_root.clone().unwrap_or_else(cache_root);
+                quantized_copy(&checkpoint, format, &root, self.quant.progress)?.checkpoint
+            }
+            None => checkpoint,
+        };
         let generation_config = GenerationConfig::load(&checkpoint.dir)?;
         let tokenizer = Runner::open_tokenizer(&checkpoint)?;
         let preprocess_cfg = PreprocessConfig::for_vision(&checkpoint.config.vision);
-        let shape = KvShape::of(&checkpoint);
+        let shape = KvShape::of(&checkpoint, self.kv_dtype)?;
         let prepared = request
             .map(|r| prepare_with(tokenizer.as_ref(), &preprocess_cfg, &checkpoint.dir, r))
             .transpose()?;
@@ -150,7 +214,14 @@ impl EngineBuilder {
                 _ => None,
             })
             .collect();
-        let plan = plan_for(&checkpoint, &profile, use_gpu, context_tokens, &image_sizes)?;
+        let plan = plan_for(
+            &checkpoint,
+            &profile,
+            use_gpu,
+            context_tokens,
+            &image_sizes,
+            shape.dtype,
+        )?;
         let (mut config, room) = size_tiers(
             &profile,
             &plan.placement.budgets,
@@ -190,7 +261,8 @@ impl EngineBuilder {
         let vision_cache = (vision_budget > 0).then(|| {
             Arc::new(VisionCache::new(
                 manager.clone(),
-                &format!("{}", self.dir.display()),
+                // The folder loaded: a quantized copy's embeddings differ from its source's.
+                &format!("{}", checkpoint.dir.display()),
                 vision_budget,
             ))
         });
@@ -236,27 +308,37 @@ impl EngineBuilder {
     }
 }
 
-/// The KV cache's layout: every layer's f32 keys and values per token.
+/// The KV cache's layout: every layer's keys and values per token, in `dtype`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct KvShape {
     pub(super) layers: usize,
     pub(super) kv_heads: usize,
     pub(super) head_dim: usize,
+    pub(super) dtype: KvDtype,
+    /// One layer's keys and values of one token in `dtype`.
+    token_bytes: u64,
 }
 
 impl KvShape {
-    fn of(checkpoint: &Checkpoint) -> Self {
+    /// The checkpoint's KV layout in `dtype`; refused when its rows are not whole blocks of
+    /// it (the plan sizes the same bytes: [`vlmem_qwen3vl::placement::kv_layer_bytes_per_token`]).
+    fn of(checkpoint: &Checkpoint, dtype: KvDtype) -> EngineResult<Self> {
+        let token_bytes =
+            vlmem_qwen3vl::placement::kv_layer_bytes_per_token(&checkpoint.config, dtype)
+                .map_err(|e| EngineError::BadRequest(format!("KV dtype: {e}")))?;
         let t = &checkpoint.config.text;
-        KvShape {
+        Ok(KvShape {
             layers: t.num_hidden_layers as usize,
             kv_heads: t.num_key_value_heads as usize,
             head_dim: t.head_dim as usize,
-        }
+            dtype,
+            token_bytes,
+        })
     }
 
     /// One layer's keys and values of one token.
     fn bytes_per_token(&self) -> u64 {
-        (2 * self.kv_heads * self.head_dim) as u64 * vlmem_qwen3vl::placement::KV_ELEMENT_BYTES
+        self.token_bytes
     }
 
     fn block_bytes(&self) -> u64 {
@@ -352,13 +434,15 @@ fn size_tiers(
 }
 
 /// The one placement plan of this engine: the checkpoint on the profile (its GPU only when
-/// one computes here) for a request of `context_tokens` with `images`.
+/// one computes here) for a request of `context_tokens` with `images`, its KV cache in
+/// `kv_dtype`.
 fn plan_for(
     checkpoint: &Checkpoint,
     profile: &HardwareProfile,
     use_gpu: bool,
     context_tokens: u64,
     image_sizes: &[(u64, u64)],
+    kv_dtype: KvDtype,
 ) -> EngineResult<Plan> {
     let mut profile = profile.clone();
     if !use_gpu {
@@ -370,6 +454,7 @@ fn plan_for(
         batch: 1,
         images: image_sizes.to_vec(),
         dtype: None,
+        kv_dtype,
     };
     let model = ModelSource::of_checkpoint(&checkpoint.dir.display().to_string(), checkpoint);
     Ok(vlmem_qwen3vl::plan::plan(&model, &profile, &request)?)
@@ -454,13 +539,15 @@ mod tests {
             context_tokens: tokens,
             batch: 1,
             image_bytes: vec![],
+            kv_dtype: KvDtype::F32,
         };
         let budgets =
-            vlmem_qwen3vl::placement::budgets(&cfg, 0, profile.host.usable_bytes(), &needs);
+            vlmem_qwen3vl::placement::budgets(&cfg, 0, profile.host.usable_bytes(), &needs)
+                .unwrap();
         size_tiers(profile, &budgets, tokens, need, BLOCK)
     }
 
-    /// qwen3-vl-2b: 28 layers, blocks of 16 tokens x 8 KiB.
+    /// qwen3-vl-2b: 28 layers, blocks of 16 tokens x 8 KiB (f32).
     const BLOCK: u64 = 16 * 8192;
     fn kv_need(tokens: u64) -> u64 {
         28 * tokens.div_ceil(16) * BLOCK

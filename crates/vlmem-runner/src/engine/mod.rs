@@ -29,7 +29,7 @@ pub use error::{EngineError, EngineResult};
 pub use request::{Prompt, Reply, Request, RequestImage, RequestStats, Timings};
 
 use crate::error::RunnerError;
-use crate::kv::{KvStore, PagedKv};
+use crate::kv::{KvCache, KvDtype, KvStore, PagedKv};
 use crate::managed::ManagedWeights;
 use crate::model::{CachedPrefix, GenerateOptions, PrefillOptions};
 use crate::preprocess::{ImageInput, PreprocessConfig};
@@ -108,6 +108,8 @@ impl Engine {
             prefetch_layers: crate::managed::DEFAULT_PREFETCH_LAYERS,
             max_context_tokens: DEFAULT_CONTEXT_TOKENS,
             progress: None,
+            kv_dtype: KvDtype::default(),
+            quant: Default::default(),
         }
     }
 
@@ -227,8 +229,9 @@ impl Engine {
                 self.shape.layers,
                 self.shape.kv_heads,
                 self.shape.head_dim,
+                self.shape.dtype,
             )?),
-            None => Box::new(self.runner.model().new_kv_cache()),
+            None => Box::new(KvCache::with_dtype(self.shape.layers, self.shape.dtype)),
         })
     }
 
@@ -323,14 +326,14 @@ impl Engine {
     }
 
     /// The logits `[prompt tokens, vocab]` of every position of `request`'s prompt (one
-    /// forward pass, its KV cache in process and dropped).
+    /// forward pass, its KV cache in process, in the engine's KV dtype, and dropped).
     pub fn prompt_logits(&self, request: &Request) -> EngineResult<Tensor> {
         let prepared = self.prepare(request)?;
         let ids = prepared.prompt_ids().unwrap_or_default();
         let images = prepared.preprocessed_images().unwrap_or_default();
         let _turn = self.turn.lock();
         let model = self.runner.model();
-        let mut kv = model.new_kv_cache();
+        let mut kv = KvCache::with_dtype(self.shape.layers, self.shape.dtype);
         let opts = PrefillOptions {
             logits: LogitsFor::All,
             ..PrefillOptions::default()
@@ -397,6 +400,12 @@ impl Engine {
     /// The weights in the manager (host-resident or streamed).
     pub fn weights(&self) -> &Arc<ManagedWeights> {
         &self.weights
+    }
+
+    /// How the KV cache holds keys and values ([`EngineBuilder::kv_dtype`]; the plan's
+    /// `kv_dtype`).
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.shape.dtype
     }
 
     /// The paged KV pool (`None` when the host's KV budget holds no block: the KV cache of

@@ -164,7 +164,7 @@ impl GpuKernels {
         let align: u64 = match ty {
             WeightFormat::Bf16 | WeightFormat::F16 => 2,
             WeightFormat::F32 => 4,
-            WeightFormat::Q8_0 => {
+            WeightFormat::Q8_0 | WeightFormat::Q4_K => {
                 return Err(RunnerError::Gpu(format!(
                     "the GPU kernels do not read {ty} weights yet"
                 )));
@@ -182,7 +182,7 @@ impl GpuKernels {
             WeightFormat::Bf16 => &self.bf16,
             WeightFormat::F16 => &self.f16,
             WeightFormat::F32 => &self.f32,
-            WeightFormat::Q8_0 => {
+            WeightFormat::Q8_0 | WeightFormat::Q4_K => {
                 return Err(RunnerError::Gpu(format!(
                     "the GPU kernels do not read {ty} weights yet"
                 )));

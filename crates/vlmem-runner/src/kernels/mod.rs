@@ -5,24 +5,32 @@
 //!
 //! - [`matvec`]: `y = W x` for `W: [out, in]` (a linear layer, `x @ W^T`);
 //! - [`vecmat`]: `y = x W` for `W: [in, out]` (the released layout's fused experts, `x @ W`);
-//! - [`matmul`]: `Y = X W^T` for a few rows of `X` (a short prefill): each block of weight
-//!   rows is read from memory once and reused from the L2 cache for every input row;
+//! - [`matmul`]: `Y = X W^T` for several rows of `X` (prefill, the vision tower): the tiled
+//!   product of [`gemm`], which packs panels of weight rows into the micro-kernels' lanes
+//!   (f32, bf16 pairs or Q8) a few KiB at a time, never the whole weight;
 //! - [`read_bandwidth_probe`]: a vectorized read of a buffer on all cores, to measure the
 //!   machine's memory read bandwidth.
 //!
 //! AVX2 + FMA is used when the CPU has it (detected at run time), else a portable scalar loop.
 //! Q8_0 weights ([`q8_0`]) are multiplied by the input quantized once per call to Q8 blocks
 //! of 32: integer dot products per block (AVX-512 VNNI, AVX2 or scalar), f32 accumulation;
-//! [`vecmat`] reads them dequantized.
+//! [`vecmat`] reads them dequantized. Q4_K weights ([`q4_k`]) likewise, with the input
+//! quantized once per call to 8-bit blocks of 256 with per-32 sums (integer products per
+//! super-block, two f32 products per block); [`vecmat`] dequantizes each row's blocks once.
 //! Rows (or, for [`vecmat`], output columns) are split across [`pool::global`], a pool whose
 //! threads spin briefly between jobs, so the few hundred short products of a decode step do
 //! not each wait for sleeping threads. The crate's `unsafe` lives in this module's
-//! [`bf16`] (SIMD), [`pool`] (a job's borrowed function) and `cuda` submodules.
+//! [`bf16`] (SIMD), [`q8_0`] (SIMD), [`gemm`] (SIMD, and the output its tasks share),
+//! [`pool`] (a job's borrowed function) and `cuda` submodules.
 
 pub mod bf16;
+#[cfg(target_arch = "x86_64")]
+pub mod bf16_avx512;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gemm;
 pub mod pool;
+pub mod q4_k;
 pub mod q8_0;
 
 use crate::error::{Result, RunnerError};
@@ -55,29 +63,52 @@ pub fn q8_0_isa() -> &'static str {
     q8_0::Isa::best().name()
 }
 
-/// The input as the kernels read it: f32 for the plain formats, and quantized once to Q8
-/// blocks when a Q8_0 matrix is among those multiplied.
+/// Which instruction set the Q4_K kernels use on this machine.
+pub fn q4_k_isa() -> &'static str {
+    q4_k::best_isa().name()
+}
+
+/// The input as the kernels read it: f32 for the plain formats, quantized once to Q8 blocks
+/// of 32 when a Q8_0 matrix is among those multiplied, and to 8-bit blocks of 256 when a
+/// Q4_K matrix is.
 struct Input<'a> {
     x: &'a [f32],
     q8: Option<q8_0::Q8Input>,
+    q8k: Option<q4_k::Q8KInput>,
+    /// `x` reordered for the bf16 split kernels, when a bf16 matrix is among those multiplied.
+    split: Option<bf16::SplitInput>,
 }
 
 impl<'a> Input<'a> {
-    fn new(x: &'a [f32], mut formats: impl Iterator<Item = WeightFormat>) -> Self {
-        let q8 = formats
-            .any(|ty| ty == WeightFormat::Q8_0)
-            .then(|| q8_0::Q8Input::new(x));
-        Input { x, q8 }
+    fn new(x: &'a [f32], formats: impl Iterator<Item = WeightFormat>) -> Self {
+        let (mut q8, mut q8k, mut split) = (false, false, false);
+        for ty in formats {
+            q8 |= ty == WeightFormat::Q8_0;
+            q8k |= ty == WeightFormat::Q4_K;
+            split |= ty == WeightFormat::Bf16 && bf16::Isa::best().splits();
+        }
+        Input {
+            x,
+            q8: q8.then(|| q8_0::Q8Input::new(x)),
+            q8k: q8k.then(|| q4_k::Q8KInput::new(x)),
+            split: split.then(|| bf16::SplitInput::new(x)),
+        }
     }
 
     /// `y = W x` for the rows of `w` (whole rows of `cols` values of `ty`).
     fn rows_into(&self, w: &[u8], ty: WeightFormat, cols: usize, y: &mut [f32]) {
-        match (ty, &self.q8) {
-            (WeightFormat::Q8_0, Some(xq)) => q8_0::matvec_rows(w, cols, xq, y),
+        match (ty, &self.q8, &self.q8k) {
+            (WeightFormat::Q8_0, Some(xq), _) => q8_0::matvec_rows(w, cols, xq, y),
+            (WeightFormat::Q4_K, _, Some(xq)) => q4_k::matvec_rows(w, cols, xq, y),
             (
-                WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 | WeightFormat::Q8_0,
+                WeightFormat::Bf16
+                | WeightFormat::F16
+                | WeightFormat::F32
+                | WeightFormat::Q8_0
+                | WeightFormat::Q4_K,
                 _,
-            ) => bf16::matvec_rows(w, ty, cols, self.x, y),
+                _,
+            ) => bf16::matvec_rows_prepared(w, ty, cols, self.x, self.split.as_ref(), y),
         }
     }
 }
@@ -121,15 +152,24 @@ fn check(
 /// task (one atomic add) costs nothing beside reading it.
 const TASK_BYTES: usize = 1 << 20;
 
-/// Rows per parallel task: a multiple of 4 (the AVX2 kernel's row block) holding at least
-/// [`MIN_ELEMS_PER_TASK`] weights and about [`TASK_BYTES`] of them (rows of `row_bytes`),
-/// with at least two tasks per thread where the matrix has the rows.
+/// Rows per parallel task: a multiple of 4 (the AVX2 kernel's row block) holding about at
+/// least [`MIN_ELEMS_PER_TASK`] weights and at most about [`TASK_BYTES`] of them (rows of
+/// `row_bytes`), with at least two tasks per thread where the matrix has the rows. Where the
+/// matrix is split, the tasks are made as many as a multiple of the threads and as equal as
+/// the row block allows: tasks are claimed one at a time, so 7 equal tasks on 2 threads take
+/// 4 tasks' time where 8 smaller ones take 3.5 (a quantized matrix's few bytes per row give
+/// few 1 MiB tasks, e.g. 7 for the 2B's MLP matrices in Q4_K).
 fn rows_per_task(rows: usize, cols: usize, row_bytes: usize) -> usize {
     let threads = pool::global().threads();
     let by_balance = rows.div_ceil(threads * 2);
     let by_size = MIN_ELEMS_PER_TASK.div_ceil(cols.max(1));
     let by_bytes = TASK_BYTES.div_ceil(row_bytes.max(1));
-    by_bytes.min(by_balance).max(by_size).max(1).div_ceil(4) * 4
+    let per_task = by_bytes.min(by_balance).max(by_size).max(1).div_ceil(4) * 4;
+    if per_task >= rows {
+        return per_task;
+    }
+    let tasks = rows.div_ceil(per_task).next_multiple_of(threads);
+    rows.div_ceil(tasks).div_ceil(4) * 4
 }
 
 /// `y = W x`: `w` holds `W` as `rows x cols` row-major elements of `ty` (little-endian),
@@ -245,18 +285,15 @@ pub fn matvec_f32(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Result<Vec<
     matvec(bf16::f32_bytes(w), WeightFormat::F32, rows, cols, x)
 }
 
-/// Rows of `X` up to which [`matmul`] beats widening the weights to f32 for candle's matmul:
-/// the kernel re-reads each cached weight block once per input row, so its cost grows with
-/// the rows, while widening costs a write of every weight in f32 whatever the rows.
-pub const MATMUL_MAX_ROWS: usize = 32;
-
-/// Bytes of weights per [`matmul`] task: a block that stays in a core's L2 cache while every
-/// input row passes over it.
-const MATMUL_BLOCK_BYTES: usize = 512 << 10;
+/// The most rows of `X` [`matmul`] takes: any number (kept as the default of
+/// [`crate::weights::WeightSource::matmul_rows_max`]).
+pub const MATMUL_MAX_ROWS: usize = usize::MAX;
 
 /// `Y = X W^T`: `w` holds `W` as `rows x cols` elements of `ty`, `x` holds `n` input rows of
-/// `cols` values; returns `n x rows` values (row-major), each accumulated in f32 exactly as
-/// [`matvec`] accumulates it (row `t` of the result equals `matvec` of input row `t`).
+/// `cols` values; returns `n x rows` values (row-major), each accumulated in f32: the tiled
+/// product [`gemm::gemm`] on the stored bytes (no widened copy of the weight). Up to
+/// [`gemm::ROWS_PATH_MAX_N`] rows, row `t` of the result equals [`matvec`] of input row `t`
+/// bit for bit; past it, within f32 accumulation of the same product.
 pub fn matmul(
     w: &[u8],
     ty: WeightFormat,
@@ -265,46 +302,7 @@ pub fn matmul(
     x: &[f32],
     n: usize,
 ) -> Result<Vec<f32>> {
-    let x_want = n
-        .checked_mul(cols)
-        .ok_or_else(|| RunnerError::BadRequest(format!("matmul: {n} x {cols} overflows")))?;
-    check("matmul", w, ty, rows, cols, x.len(), x_want)?;
-    if n == 1 {
-        return matvec(w, ty, rows, cols, x);
-    }
-    let mut y = vec![0f32; n * rows];
-    if rows == 0 || cols == 0 || n == 0 {
-        return Ok(y);
-    }
-    let row_bytes = row_bytes(ty, cols)?;
-    // Blocks of whole 4-row groups (the kernel's row block, so every row is summed the way
-    // `matvec` sums it), small enough for L2, and at least a few per thread.
-    let by_cache = (MATMUL_BLOCK_BYTES / row_bytes.max(1)).max(4) / 4 * 4;
-    let per_task = by_cache.min(rows_per_task(rows, cols, row_bytes)).max(4);
-    let mut blocks: Vec<(usize, Vec<f32>)> = (0..rows)
-        .step_by(per_task)
-        .map(|r0| (r0, vec![0f32; n * per_task.min(rows - r0)]))
-        .collect();
-    let inputs: Vec<Input> = x
-        .chunks(cols)
-        .map(|xt| Input::new(xt, std::iter::once(ty)))
-        .collect();
-    let items = w
-        .chunks(per_task * row_bytes)
-        .zip(blocks.iter_mut().map(|(_, local)| local));
-    pool::global().for_each(items, |(wb, local)| {
-        let rb = wb.len() / row_bytes;
-        for (input, out) in inputs.iter().zip(local.chunks_mut(rb)) {
-            input.rows_into(wb, ty, cols, out);
-        }
-    });
-    for (r0, local) in blocks {
-        let rb = local.len() / n;
-        for (t, out) in local.chunks(rb).enumerate() {
-            y[t * rows + r0..t * rows + r0 + rb].copy_from_slice(out);
-        }
-    }
-    Ok(y)
+    gemm::gemm(w, ty, rows, cols, x, n, None)
 }
 
 /// `y = x W`: `w` holds `W` as `rows x cols` row-major elements of `ty` (`rows` inputs,
@@ -332,15 +330,26 @@ pub fn vecmat_into(
         return Ok(());
     }
     let threads = pool::global().threads();
-    // Column blocks: multiples of 8 (one AVX2 vector), at least MIN_ELEMS_PER_TASK weights.
+    // Column blocks: multiples of 8 (one AVX2 vector), at least MIN_ELEMS_PER_TASK weights;
+    // for Q4_K whole blocks of 256 (each row's blocks are dequantized once per task).
     let by_balance = cols.div_ceil(threads * 2);
     let by_size = MIN_ELEMS_PER_TASK.div_ceil(rows);
-    let per_task = (by_balance.max(by_size).max(1).div_ceil(8) * 8).min(cols);
+    let align = match ty {
+        WeightFormat::Q4_K => vlmem_qwen3vl::format::q4_k::BLOCK_ELEMS,
+        WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 | WeightFormat::Q8_0 => 8,
+    };
+    let per_task = (by_balance.max(by_size).max(1).div_ceil(align) * align).min(cols);
+    let cols_into = |col0: usize, y: &mut [f32]| match ty {
+        WeightFormat::Q4_K => q4_k::vecmat_cols(w, rows, cols, col0, x, y),
+        WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 | WeightFormat::Q8_0 => {
+            bf16::vecmat_cols(w, ty, rows, cols, col0, x, y)
+        }
+    };
     if per_task >= cols {
-        bf16::vecmat_cols(w, ty, rows, cols, 0, x, y);
+        cols_into(0, y);
     } else {
         pool::global().for_each(y.chunks_mut(per_task).enumerate(), |(i, y)| {
-            bf16::vecmat_cols(w, ty, rows, cols, i * per_task, x, y)
+            cols_into(i * per_task, y)
         });
     }
     Ok(())
@@ -399,7 +408,7 @@ mod tests {
                     bytes.extend_from_slice(&v.to_le_bytes());
                     values.push(f64::from(v));
                 }
-                WeightFormat::Q8_0 => values.push(f64::from(v)),
+                WeightFormat::Q8_0 | WeightFormat::Q4_K => values.push(f64::from(v)),
             }
         }
         if ty == WeightFormat::Q8_0 {
@@ -407,6 +416,13 @@ mod tests {
             bytes = vlmem_qwen3vl::format::q8_0::quantize_row(&x).unwrap();
             let mut back = vec![0f32; n];
             vlmem_qwen3vl::format::q8_0::dequantize_row_into(&bytes, &mut back).unwrap();
+            values = back.into_iter().map(f64::from).collect();
+        }
+        if ty == WeightFormat::Q4_K {
+            let x: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+            bytes = vlmem_qwen3vl::format::q4_k::quantize_row(&x).unwrap();
+            let mut back = vec![0f32; n];
+            vlmem_qwen3vl::format::q4_k::dequantize_row_into(&bytes, &mut back).unwrap();
             values = back.into_iter().map(f64::from).collect();
         }
         (bytes, values)
@@ -435,9 +451,9 @@ mod tests {
     #[test]
     fn weights_must_be_exactly_the_formats_bytes() {
         for ty in WeightFormat::ALL {
-            let (rows, cols) = (5, 64);
+            let (rows, cols) = (5, 256);
             let want = matrix_bytes(ty, rows, cols).unwrap();
-            assert_eq!(want as u64, ty.tensor_bytes(&[5, 64]).unwrap());
+            assert_eq!(want as u64, ty.tensor_bytes(&[5, 256]).unwrap());
             let x = vec![0.5f32; cols];
             let w = vec![0u8; want + 1];
             assert_eq!(
@@ -533,8 +549,18 @@ mod tests {
         }
     }
 
-    /// Every row of a [`matmul`] equals [`matvec`] of that input row, bit for bit, on odd
-    /// shapes and all three types.
+    /// `a` and `b` agree as two f32 sums of `cols` products in different orders do: within
+    /// `cols` roundings of the larger magnitude.
+    fn assert_sums_agree(a: &[f32], b: &[f32], cols: usize, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let tol = 4.0 * cols as f32 * f32::EPSILON * (x.abs().max(y.abs()) + 1.0);
+            assert!((x - y).abs() <= tol, "{what} [{i}]: {x} vs {y}");
+        }
+    }
+
+    /// Every row of a [`matmul`] (the tiled GEMM) equals [`matvec`] of that input row up to
+    /// the order of its sums, on odd shapes and all three types.
     #[test]
     fn matmul_rows_equal_matvec() {
         let mut rng = Rng(5);
@@ -548,10 +574,11 @@ mod tests {
                     for t in 0..n {
                         let want =
                             matvec(&w, ty, rows, cols, &x[t * cols..(t + 1) * cols]).unwrap();
-                        assert_eq!(
+                        assert_sums_agree(
                             &y[t * rows..(t + 1) * rows],
-                            &want[..],
-                            "{ty:?} {rows}x{cols} n {n} row {t}"
+                            &want,
+                            cols,
+                            &format!("{ty:?} {rows}x{cols} n {n} row {t}"),
                         );
                     }
                 }
@@ -571,7 +598,12 @@ mod tests {
                 &x[t * cols..(t + 1) * cols],
             )
             .unwrap();
-            assert_eq!(&y[t * rows..(t + 1) * rows], &want[..]);
+            assert_sums_agree(
+                &y[t * rows..(t + 1) * rows],
+                &want,
+                cols,
+                &format!("{rows}x{cols} row {t}"),
+            );
         }
         assert!(matmul(&w, WeightFormat::Bf16, rows, cols, &x[1..], 5).is_err());
         assert!(matmul(&w, WeightFormat::Bf16, rows, cols, &x, usize::MAX).is_err());
@@ -679,10 +711,11 @@ mod tests {
             let ys = matmul(&w, ty, rows, cols, &xs, n).unwrap();
             for t in 0..n {
                 let want = matvec(&w, ty, rows, cols, &xs[t * cols..(t + 1) * cols]).unwrap();
-                assert_eq!(
+                assert_sums_agree(
                     &ys[t * rows..(t + 1) * rows],
-                    &want[..],
-                    "{rows}x{cols} row {t}"
+                    &want,
+                    cols,
+                    &format!("{rows}x{cols} row {t}"),
                 );
             }
             let (w2, _) = matrix(&mut rng, WeightFormat::Bf16, 9 * cols);
@@ -708,6 +741,146 @@ mod tests {
             matvec(&[0u8; 34], ty, 1, 33, &[0.0; 33]),
             Err(RunnerError::BadRequest(_))
         ));
+    }
+
+    /// Q4_K through the public entry points, as Q8_0 above: `matvec` is the quantized-input
+    /// kernel whatever the split over threads, `matmul` rows and `matvec_many` (beside a
+    /// Q8_0 and a bf16 matrix, so the input is quantized both ways in one call) equal
+    /// `matvec`, and `vecmat` reads the weights dequantized, split over threads in whole
+    /// blocks.
+    #[test]
+    fn q4_k_runs_through_every_entry_point() {
+        let ty = WeightFormat::Q4_K;
+        let mut rng = Rng(34);
+        for (rows, cols) in [
+            (1usize, 256usize),
+            (5, 512),
+            (37, 768),
+            (1030, 256),
+            (4099, 512),
+            (3, 4096),
+        ] {
+            let (w, wv) = matrix(&mut rng, ty, rows * cols);
+            assert_eq!(w.len(), matrix_bytes(ty, rows, cols).unwrap());
+            let x: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
+            let y = matvec(&w, ty, rows, cols, &x).unwrap();
+            let xq = q4_k::Q8KInput::new(&x);
+            let mut one = vec![0f32; rows];
+            q4_k::matvec_rows(&w, cols, &xq, &mut one);
+            assert_eq!(y, one, "{rows}x{cols}");
+            let mut via_rows = vec![0f32; rows];
+            bf16::matvec_rows(&w, ty, cols, &x, &mut via_rows);
+            assert_eq!(y, via_rows, "{rows}x{cols}");
+            // Against the exact product: within the input's rounding (half a step of each
+            // block's scale) and f32 accumulation (see `q4_k`'s tests for the tight form).
+            let within = |y: &[f32], x: &[f32], what: &str| {
+                let xq = q4_k::Q8KInput::new(x);
+                for (r, &yr) in y.iter().enumerate() {
+                    let row = &wv[r * cols..(r + 1) * cols];
+                    let exact: f64 = row.iter().zip(x).map(|(w, &x)| w * f64::from(x)).sum();
+                    let rounding: f64 = row
+                        .iter()
+                        .enumerate()
+                        .map(|(c, w)| w.abs() * (f64::from(xq.d[c / 256]) / 2.0 + 1.2e-7))
+                        .sum();
+                    let err = (f64::from(yr) - exact).abs();
+                    assert!(
+                        err <= rounding + tol(cols),
+                        "{what} {rows}x{cols} row {r}: err {err:e}"
+                    );
+                }
+            };
+            within(&y, &x, "matvec");
+            // A few input rows: each within the same bound of its exact product (whether
+            // `matmul` quantizes the input or not).
+            let n = 3;
+            let xs: Vec<f32> = (0..n * cols).map(|_| rng.uniform()).collect();
+            let ys = matmul(&w, ty, rows, cols, &xs, n).unwrap();
+            for t in 0..n {
+                within(
+                    &ys[t * rows..(t + 1) * rows],
+                    &xs[t * cols..(t + 1) * cols],
+                    "matmul",
+                );
+            }
+            let (w8, _) = matrix(&mut rng, WeightFormat::Q8_0, 7 * cols);
+            let (w2, _) = matrix(&mut rng, WeightFormat::Bf16, 9 * cols);
+            let mats = [
+                (&w[..], ty, rows),
+                (&w8[..], WeightFormat::Q8_0, 7),
+                (&w2[..], WeightFormat::Bf16, 9),
+            ];
+            let many = matvec_many(&mats, cols, &x).unwrap();
+            assert_eq!(many[0], y);
+            assert_eq!(
+                many[1],
+                matvec(&w8, WeightFormat::Q8_0, 7, cols, &x).unwrap()
+            );
+            assert_eq!(
+                many[2],
+                matvec(&w2, WeightFormat::Bf16, 9, cols, &x).unwrap()
+            );
+            let xr: Vec<f32> = (0..rows).map(|_| rng.uniform()).collect();
+            let yv = vecmat(&w, ty, rows, cols, &xr).unwrap();
+            for (c, &yc) in yv.iter().enumerate() {
+                let want: f64 = (0..rows).map(|r| wv[r * cols + c] * f64::from(xr[r])).sum();
+                assert!(
+                    (f64::from(yc) - want).abs() <= tol(rows),
+                    "{rows}x{cols} col {c}"
+                );
+            }
+        }
+        // Rows that are not whole blocks are typed errors, never panics (a whole Q8_0 row
+        // is not a whole Q4_K one).
+        assert!(matches!(
+            matvec(&[0u8; 144], ty, 1, 32, &[0.0; 32]),
+            Err(RunnerError::BadRequest(_))
+        ));
+        assert!(matches!(
+            vecmat(&[0u8; 144], ty, 1, 255, &[0.0; 1]),
+            Err(RunnerError::BadRequest(_))
+        ));
+    }
+
+    /// The tasks `rows_per_task` makes leave no thread idle at the end of a job: claimed
+    /// one at a time, each by the thread that is free first, the busiest thread gets its
+    /// fair share of rows plus at most the row block's rounding per task (before the tasks
+    /// were made a multiple of the threads, the 2B's MLP matrices in Q4_K gave 7 tasks, and
+    /// on 2 threads one thread 11% more than its share).
+    #[test]
+    fn tasks_split_rows_evenly_over_the_threads() {
+        let threads = pool::global().threads();
+        for (rows, cols) in [
+            (2048usize, 6144usize),
+            (6144, 2048),
+            (151_936, 2048),
+            (4096, 12_288),
+            (1030, 512),
+            (4099, 768),
+        ] {
+            for ty in WeightFormat::ALL {
+                let rb = row_bytes(ty, cols).unwrap();
+                let per = rows_per_task(rows, cols, rb);
+                assert_eq!(per % 4, 0, "{ty} {rows}x{cols}");
+                assert!(per * rb <= 2 * TASK_BYTES || per * cols <= 2 * MIN_ELEMS_PER_TASK);
+                if per >= rows {
+                    continue;
+                }
+                let mut load = vec![0usize; threads];
+                let mut tasks = 0usize;
+                for r0 in (0..rows).step_by(per) {
+                    let free = (0..threads).min_by_key(|&t| load[t]).unwrap();
+                    load[free] += per.min(rows - r0);
+                    tasks += 1;
+                }
+                let busiest = load.iter().copied().max().unwrap();
+                let bound = rows.div_ceil(threads) + 4 * tasks.div_ceil(threads);
+                assert!(
+                    busiest <= bound,
+                    "{ty} {rows}x{cols}: {tasks} tasks of {per} rows, busiest thread {busiest} > {bound}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -75,10 +75,7 @@ fn manager_error(name: &str, e: ManagerError) -> RunnerError {
 }
 
 fn weight_type(name: &str, info: &TensorInfo) -> Result<WeightFormat> {
-    WeightFormat::from_dtype(info.dtype).ok_or_else(|| RunnerError::UnsupportedDtype {
-        name: name.to_string(),
-        dtype: info.dtype.safetensors_name().to_string(),
-    })
+    crate::weights::weight_format(name, info)
 }
 
 fn usize_of(name: &str, v: u64) -> Result<usize> {

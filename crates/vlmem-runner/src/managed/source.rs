@@ -4,7 +4,9 @@
 use super::{ManagedWeights, usize_of, weight_type};
 use crate::error::{Result, RunnerError};
 use crate::kernels::{self, WeightFormat};
-use crate::weights::{WeightSource, check_outputs, matvec_each_into, widen_into, widen_to_f32};
+use crate::weights::{
+    WeightSource, check_outputs, matvec_each_into, widen_blocks, widen_format_into,
+};
 use candle_core::Tensor;
 use vlmem_qwen3vl::checkpoint::TensorInfo;
 
@@ -59,7 +61,9 @@ impl ManagedWeights {
 impl WeightSource for ManagedWeights {
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
         let (_, info) = self.entry(name)?;
-        let values = self.with_stored(name, |bytes| widen_to_f32(name, info.dtype, bytes))?;
+        let values = self.with_stored(name, |bytes| {
+            widen_blocks(name, weight_type(name, info)?, bytes)
+        })?;
         let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
         Ok(Tensor::from_vec(values, shape, &self.device)?)
     }
@@ -155,16 +159,24 @@ impl WeightSource for ManagedWeights {
         self.lend_all(names, &[], &mut run)
     }
 
-    /// The kernel on the stored bytes for a few input rows (a short prefill).
+    /// The tiled product on the stored bytes (prefill, the vision tower), the weight read
+    /// as `[first dimension, the rest]`: pinned in place or staged, or for a streamed weight
+    /// piece by piece as the pieces arrive (no buffer the size of the weight).
     fn matmul(&self, name: &str, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let (rows, cols, ty) = self.matrix(name)?;
+        let (h, info) = self.entry(name)?;
+        let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
+        let (rows, cols) = crate::weights::matrix_dims(name, &shape)?;
+        let ty = weight_type(name, info)?;
+        if let Some(s) = self.readahead.streamed(*h) {
+            return self.matmul_streamed(name, *h, s, (rows, cols, ty), x, n);
+        }
         self.with_stored(name, |bytes| kernels::matmul(bytes, ty, rows, cols, x, n))
     }
 
     fn expert_f32(&self, name: &str, expert: usize) -> Result<Tensor> {
         let (_, info) = self.entry(name)?;
         let (bytes, _, a, b) = self.expert_slice(name, expert)?;
-        let values = widen_to_f32(name, info.dtype, &bytes)?;
+        let values = widen_blocks(name, weight_type(name, info)?, &bytes)?;
         Ok(Tensor::from_vec(values, (a, b), &self.device)?)
     }
 
@@ -200,7 +212,9 @@ impl WeightSource for ManagedWeights {
     /// Widens the stored bytes (pinned in place, or staged) straight into `out`.
     fn values_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
         let (_, info) = self.entry(name)?;
-        self.with_stored(name, |bytes| widen_into(name, info.dtype, bytes, out))
+        self.with_stored(name, |bytes| {
+            widen_format_into(name, weight_type(name, info)?, bytes, out)
+        })
     }
 
     /// Reads only that row, from the table's fastest copy.
@@ -216,7 +230,7 @@ impl WeightSource for ManagedWeights {
         }
         let row_bytes = kernels::row_bytes(weight_type(name, info)?, cols)?;
         let bytes = self.read_range(name, id as u64 * row_bytes as u64, row_bytes)?;
-        widen_into(name, info.dtype, &bytes, out)
+        widen_format_into(name, weight_type(name, info)?, &bytes, out)
     }
 
     /// Moves this thread's read-ahead cursor to `layer` (`layer == layers`: the final

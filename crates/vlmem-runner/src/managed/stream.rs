@@ -98,10 +98,64 @@ impl ManagedWeights {
         Ok(())
     }
 
-    /// `W x` for a streamed matrix, row block by row block as its pieces arrive: the rows
-    /// wholly inside a piece are multiplied from its buffer, and a row cut by a piece
-    /// boundary (pieces end on aligned file offsets, not on rows) is put together in a
-    /// small buffer first.
+    /// Hands `f` a streamed matrix's rows in order as its pieces arrive, as `(first row,
+    /// bytes of whole rows, whether they were put together)`: the rows wholly inside a
+    /// piece straight from its buffer, and a row cut by a piece boundary (pieces end on
+    /// aligned file offsets, not on rows) put together in a small buffer first.
+    fn stream_rows(
+        &self,
+        name: &str,
+        h: TensorHandle,
+        s: &Streamed,
+        (rows, cols, row_bytes): (usize, usize, usize),
+        mut f: impl FnMut(usize, &[u8], bool) -> Result<()>,
+    ) -> Result<()> {
+        let shape_error = |found: usize| RunnerError::TensorShape {
+            name: name.to_string(),
+            expected: format!("{rows} rows of {row_bytes} bytes"),
+            found: vec![found, cols],
+        };
+        let mut carry: Vec<u8> = Vec::with_capacity(row_bytes);
+        self.stream_pieces(name, h, s, |start, mut bytes| {
+            let mut at = start;
+            if !carry.is_empty() {
+                let take = (row_bytes - carry.len()).min(bytes.len());
+                carry.extend_from_slice(&bytes[..take]);
+                bytes = &bytes[take..];
+                at += take;
+                if carry.len() == row_bytes {
+                    let row = at / row_bytes - 1;
+                    if row >= rows {
+                        return Err(shape_error(row + 1));
+                    }
+                    f(row, &carry, true)?;
+                    carry.clear();
+                }
+            }
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            // `at` is on a row boundary here: a carried row was completed, or the piece
+            // starts one (the tensor's start, or the end of the rows before it).
+            let first = at / row_bytes;
+            let whole = bytes.len() / row_bytes;
+            if first + whole > rows {
+                return Err(shape_error(first + whole));
+            }
+            if whole > 0 {
+                f(first, &bytes[..whole * row_bytes], false)?;
+            }
+            carry.extend_from_slice(&bytes[whole * row_bytes..]);
+            Ok(())
+        })?;
+        if !carry.is_empty() {
+            return Err(shape_error(rows));
+        }
+        Ok(())
+    }
+
+    /// `W x` for a streamed matrix, row block by row block as its pieces arrive
+    /// ([`ManagedWeights::stream_rows`]).
     pub(super) fn matvec_streamed(
         &self,
         name: &str,
@@ -118,52 +172,49 @@ impl ManagedWeights {
                 kernels::matvec_into(bytes, ty, rows, cols, x, y)
             });
         }
-        let mut carry: Vec<u8> = Vec::with_capacity(row_bytes);
-        self.stream_pieces(name, h, s, |start, mut bytes| {
-            let mut at = start;
-            if !carry.is_empty() {
-                let take = (row_bytes - carry.len()).min(bytes.len());
-                carry.extend_from_slice(&bytes[..take]);
-                bytes = &bytes[take..];
-                at += take;
-                if carry.len() == row_bytes {
-                    let row = at / row_bytes - 1;
-                    kernels::matvec_into(&carry, ty, 1, cols, x, &mut y[row..row + 1])?;
-                    carry.clear();
+        self.stream_rows(
+            name,
+            h,
+            s,
+            (rows, cols, row_bytes),
+            |first, block, carried| {
+                let count = block.len() / row_bytes;
+                let out = &mut y[first..first + count];
+                if carried {
+                    kernels::matvec_into(block, ty, count, cols, x, out)
+                } else {
+                    self.timed(block.len(), || {
+                        kernels::matvec_into(block, ty, count, cols, x, out)
+                    })
                 }
-            }
-            if bytes.is_empty() {
-                return Ok(());
-            }
-            // `at` is on a row boundary here: a carried row was completed, or the piece
-            // starts one (the tensor's start, or the end of the rows before it).
-            let first = at / row_bytes;
-            let whole = bytes.len() / row_bytes;
-            if first + whole > rows {
-                return Err(RunnerError::TensorShape {
-                    name: name.to_string(),
-                    expected: format!("{rows} rows of {row_bytes} bytes"),
-                    found: vec![first + whole, cols],
-                });
-            }
-            if whole > 0 {
-                let block = &bytes[..whole * row_bytes];
-                let out = &mut y[first..first + whole];
-                self.timed(block.len(), || {
-                    kernels::matvec_into(block, ty, whole, cols, x, out)
-                })?;
-            }
-            carry.extend_from_slice(&bytes[whole * row_bytes..]);
-            Ok(())
-        })?;
-        if !carry.is_empty() {
-            return Err(RunnerError::TensorShape {
-                name: name.to_string(),
-                expected: format!("{rows} rows of {row_bytes} bytes"),
-                found: vec![rows, cols],
-            });
+            },
+        )
+    }
+
+    /// `X W^T` for a streamed matrix (prefill), row block by row block as its pieces
+    /// arrive ([`ManagedWeights::stream_rows`]), each block's outputs written into their
+    /// columns ([`kernels::gemm::gemm_cols_into`]): the same bits as the whole weight gives.
+    pub(super) fn matmul_streamed(
+        &self,
+        name: &str,
+        h: TensorHandle,
+        s: &Streamed,
+        (rows, cols, ty): (usize, usize, WeightFormat),
+        x: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let row_bytes = kernels::row_bytes(ty, cols)?;
+        let fits = n.checked_mul(cols) == Some(x.len()) && n.checked_mul(rows).is_some();
+        if row_bytes == 0 || n == 0 || !fits {
+            // Empty rows or inputs, or a wrong input: the kernel reports it (or fills zeros).
+            return self.with_stored(name, |bytes| kernels::matmul(bytes, ty, rows, cols, x, n));
         }
-        Ok(())
+        let mut y = vec![0f32; n * rows];
+        self.stream_rows(name, h, s, (rows, cols, row_bytes), |first, block, _| {
+            let count = block.len() / row_bytes;
+            kernels::gemm::gemm_cols_into(block, ty, count, cols, x, n, None, &mut y, rows, first)
+        })?;
+        Ok(y)
     }
 }
 
