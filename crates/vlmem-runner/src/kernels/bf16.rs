@@ -20,7 +20,10 @@
 #![allow(unsafe_code)]
 
 use super::WeightFormat;
-use vlmem_core::sync::atomic::{AtomicU32, Ordering};
+// A process-wide setting read once per call, not shared state a model checks: std's atomic
+// (const-constructible in a static, also under the loom build), as `pool::global` uses std's
+// `OnceLock`.
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Whether the AVX2 + FMA + F16C paths can run here.
 pub fn has_avx2_fma() -> bool {

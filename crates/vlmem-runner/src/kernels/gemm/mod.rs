@@ -60,7 +60,10 @@ pub mod x86;
 use super::{WeightFormat, pool};
 use crate::error::{Result, RunnerError};
 use pack::{PackedX, Panel, X_SCRATCH, X_SCRATCH_KEEP_BYTES, pack_x};
-use vlmem_core::sync::atomic::{AtomicU32, Ordering};
+// A process-wide setting read once per call, not shared state a model checks: std's atomic
+// (const-constructible in a static, also under the loom build), as `pool::global` uses std's
+// `OnceLock`.
+use std::sync::atomic::{AtomicU32, Ordering};
 use vlmem_qwen3vl::format::q8_0::{BLOCK_BYTES as Q8_BLOCK_BYTES, BLOCK_ELEMS as Q8_BLOCK};
 
 /// Rows of `X` per chunk: each chunk's packed `X` for one k block (`CHUNK_ROWS x kc`, at
