@@ -54,7 +54,7 @@ pub use peers::{PeerError, peer_table};
 use crate::{BenchOptions, BenchResult, SuiteReport};
 use bounds::DiskBest;
 use decode::Cases;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 use vlmem_qwen3vl::Qwen3VlConfig;
 use vlmem_qwen3vl::checkpoint::Checkpoint;
@@ -118,16 +118,9 @@ fn setup(opts: BenchOptions) -> Option<Setup> {
     }
 }
 
-/// `$VLMEM_CACHE`, else `~/.cache/vlmem`, else the temp folder.
-pub fn cache_root() -> PathBuf {
-    if let Some(d) = std::env::var_os("VLMEM_CACHE") {
-        return PathBuf::from(d);
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache").join("vlmem"),
-        None => std::env::temp_dir().join("vlmem-cache"),
-    }
-}
+/// The cache folder the engine's quantized copies also use: `$VLMEM_CACHE`, else
+/// `~/.cache/vlmem`, else the temp folder.
+pub use vlmem_qwen3vl::quantize::cache_root;
 
 /// The synthesized checkpoint in `dir`, made once: a folder with a `complete` marker is
 /// reused; anything else there is replaced.
