@@ -12,6 +12,7 @@ mod quantize_cmd;
 mod replay_cmd;
 mod run_cmd;
 mod run_report;
+mod serve_cmd;
 mod stress_cmd;
 mod synth_cmd;
 
@@ -35,6 +36,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Chat with a Qwen3-VL checkpoint in the terminal (or on a pipe); images with /image.
     Chat(chat_cmd::ChatArgs),
+    /// Serve a Qwen3-VL checkpoint over HTTP with OpenAI's API (chat, completions, images).
+    Serve(serve_cmd::ServeArgs),
     /// Where each part of a model goes on a machine, and how fast decode can be.
     Plan(plan_cmd::PlanArgs),
     /// Write a checkpoint folder with its weights quantized (q8_0, q4_k), loaded directly.
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run_cmd::run(a),
         Command::Chat(a) => chat_cmd::run(a),
+        Command::Serve(a) => serve_cmd::run(a),
         Command::Plan(a) => plan_cmd::run(a),
         Command::Quantize(a) => quantize_cmd::run(a),
         Command::Synth(a) => synth_cmd::run(a),

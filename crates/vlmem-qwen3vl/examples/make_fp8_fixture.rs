@@ -8,10 +8,11 @@
 //! cargo run -p vlmem-qwen3vl --example make_fp8_fixture -- fixtures/qwen3-vl-tiny fixtures/qwen3-vl-tiny-fp8
 //! ```
 
+use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
-use vlmem_qwen3vl::format::fp8;
+use vlmem_qwen3vl::checkpoint::{Checkpoint, ShardTensor, TensorInfo, write_sharded};
+use vlmem_qwen3vl::format::{WeightFormat, fp8};
 use vlmem_qwen3vl::tensors::{Dtype, TensorClass};
 
 fn read(t: &TensorInfo) -> Vec<u8> {
@@ -24,10 +25,10 @@ fn read(t: &TensorInfo) -> Vec<u8> {
 
 /// `[rows, cols]` bf16 bytes to FP8 bytes and bf16 tile scales.
 fn to_fp8(bytes: &[u8], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
-    let values: Vec<f32> = bytes
-        .chunks_exact(2)
-        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect();
+    let mut values = vec![0f32; rows * cols];
+    WeightFormat::Bf16
+        .decode_row_into(bytes, &mut values)
+        .expect("a bf16 matrix of rows x cols");
     let [tile_rows, tile_cols] = fp8::scale_shape(rows as u64, cols as u64).map(|d| d as usize);
     let mut scales = vec![0f32; tile_rows * tile_cols];
     for r in 0..rows {
@@ -48,10 +49,10 @@ fn to_fp8(bytes: &[u8], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
             q[r * cols + c] = fp8::from_f32(values[r * cols + c] / s);
         }
     }
-    let scale_bytes = scales
-        .iter()
-        .flat_map(|&s| half::bf16::from_f32(s).to_le_bytes())
-        .collect();
+    let mut scale_bytes = vec![0u8; scales.len() * 2];
+    WeightFormat::Bf16
+        .encode_row_into(&scales, &mut scale_bytes)
+        .expect("two bytes a scale");
     (q, scale_bytes)
 }
 
@@ -63,16 +64,8 @@ fn main() {
     };
     let ckpt = Checkpoint::open(src).expect("the source checkpoint opens");
     std::fs::create_dir_all(out).expect("out folder");
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    let mut put = |name: &str, dtype: &str, shape: &[u64], bytes: &[u8]| {
-        let begin = data.len();
-        data.extend_from_slice(bytes);
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [begin, data.len()]}),
-        );
-    };
+    // Each tensor's header and bytes, in the source's order.
+    let mut tensors: Vec<(ShardTensor, Vec<u8>)> = Vec::new();
     let mut converted = 0;
     for t in &ckpt.tensors {
         let bytes = read(t);
@@ -80,22 +73,21 @@ fn main() {
         match (projection, t.dtype, &t.shape[..]) {
             (true, Dtype::BF16, &[rows, cols]) => {
                 let (q, scales) = to_fp8(&bytes, rows as usize, cols as usize);
-                put(&t.name, "F8_E4M3", &t.shape, &q);
-                let shape = fp8::scale_shape(rows, cols);
-                put(&fp8::scale_name(&t.name), "BF16", &shape, &scales);
+                tensors.push((ShardTensor::new(&t.name, Dtype::F8E4M3, t.shape.clone()), q));
+                let shape = fp8::scale_shape(rows, cols).to_vec();
+                let scale_name = fp8::scale_name(&t.name);
+                tensors.push((ShardTensor::new(scale_name, Dtype::BF16, shape), scales));
                 converted += 1;
             }
-            _ => put(&t.name, t.dtype.safetensors_name(), &t.shape, &bytes),
+            _ => tensors.push((ShardTensor::new(&t.name, t.dtype, t.shape.clone()), bytes)),
         }
     }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header");
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut file = (h.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&h);
-    file.extend_from_slice(&data);
-    std::fs::write(out.join("model.safetensors"), file).expect("write weights");
+    let headers: Vec<ShardTensor> = tensors.iter().map(|(h, _)| h.clone()).collect();
+    // One file, no metadata, as the fixture was written.
+    write_sharded(out, &headers, u64::MAX, &BTreeMap::new(), |i, w| {
+        w.write(&tensors[i].1)
+    })
+    .expect("write weights");
 
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).expect("config"))

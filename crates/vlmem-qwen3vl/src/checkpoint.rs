@@ -9,6 +9,12 @@
 //! tensor of shape `[rows..., row_bytes]` and names its format in the header's
 //! `__metadata__` under `vlmem.format.<tensor name>` (e.g. `"q8_0"`); [`TensorInfo`] then
 //! gives the matrix's own shape (`[rows..., cols]`) and its [`WeightFormat`].
+//!
+//! Writing such files is [`mod@write`]'s ([`ShardWriter`], [`write_sharded`]).
+
+pub mod write;
+
+pub use write::{ShardTensor, ShardWriter, WrittenShards, pt_metadata, write_sharded};
 
 use crate::config::Qwen3VlConfig;
 use crate::error::{Error, Result};
@@ -22,6 +28,12 @@ use std::path::{Path, PathBuf};
 
 /// safetensors' own limit on the header size.
 pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+/// The weights of a checkpoint held in one file.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// The index of a sharded checkpoint: each tensor's shard.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// The `__metadata__` key prefix that names a tensor's block format: the key
 /// `vlmem.format.<tensor name>` holds the format's name (e.g. `"q8_0"`).
@@ -87,7 +99,7 @@ impl Checkpoint {
         for f in &files {
             tensors.extend(read_header(f)?);
         }
-        let index = dir.join("model.safetensors.index.json");
+        let index = dir.join(INDEX_FILE);
         if index.is_file() {
             check_index_covers(&index, &tensors)?;
         }
@@ -120,7 +132,7 @@ impl Checkpoint {
 /// The weight files of a folder: the shards named by model.safetensors.index.json, else
 /// model.safetensors.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
+    let index = dir.join(INDEX_FILE);
     if index.is_file() {
         let map = read_index(&index)?;
         let shards: BTreeSet<&String> = map.values().collect();
@@ -143,7 +155,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
         return Ok(files);
     }
-    let single = dir.join("model.safetensors");
+    let single = dir.join(SINGLE_FILE);
     if single.is_file() {
         return Ok(vec![single]);
     }

@@ -240,6 +240,87 @@ impl WeightFormat {
     pub fn names() -> Vec<&'static str> {
         Self::ALL.iter().map(|f| f.name()).collect()
     }
+
+    /// Decodes `bytes`, whole blocks of this format (a row, or any run of rows), into
+    /// `out.len()` f32 values: a plain format's little-endian values widened exactly, a block
+    /// format's blocks dequantized ([`q8_0::dequantize_row_into`],
+    /// [`q4_k::dequantize_row_into`]). An error when `bytes` is not exactly the blocks of
+    /// `out.len()` values.
+    pub fn decode_row_into(self, bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
+        match self {
+            WeightFormat::Bf16 => decode_plain(self, bytes, out, |b: [u8; 2]| {
+                half::bf16::from_le_bytes(b).to_f32()
+            }),
+            WeightFormat::F16 => decode_plain(self, bytes, out, |b: [u8; 2]| {
+                half::f16::from_le_bytes(b).to_f32()
+            }),
+            WeightFormat::F32 => decode_plain(self, bytes, out, f32::from_le_bytes),
+            WeightFormat::Q8_0 => q8_0::dequantize_row_into(bytes, out),
+            WeightFormat::Q4_K => q4_k::dequantize_row_into(bytes, out),
+        }
+    }
+
+    /// Encodes `values` (whole blocks of this format) into `out`, which must be exactly their
+    /// bytes: a plain format's values rounded to nearest (ties to even) and stored
+    /// little-endian, a block format's blocks quantized ([`q8_0::quantize_row_into`],
+    /// [`q4_k::quantize_row_into`], whose errors it returns).
+    pub fn encode_row_into(self, values: &[f32], out: &mut [u8]) -> Result<(), FormatError> {
+        match self {
+            WeightFormat::Bf16 => {
+                encode_plain(self, values, out, |v| half::bf16::from_f32(v).to_le_bytes())
+            }
+            WeightFormat::F16 => {
+                encode_plain(self, values, out, |v| half::f16::from_f32(v).to_le_bytes())
+            }
+            WeightFormat::F32 => encode_plain(self, values, out, f32::to_le_bytes),
+            WeightFormat::Q8_0 => q8_0::quantize_row_into(values, out),
+            WeightFormat::Q4_K => q4_k::quantize_row_into(values, out),
+        }
+    }
+}
+
+/// A plain format's `N`-byte little-endian values in `bytes` into `out`, one each.
+#[inline]
+fn decode_plain<const N: usize>(
+    format: WeightFormat,
+    bytes: &[u8],
+    out: &mut [f32],
+    widen: impl Fn([u8; N]) -> f32,
+) -> Result<(), FormatError> {
+    if bytes.len() != out.len() * N {
+        return Err(FormatError::Length {
+            what: "decoding a row",
+            format,
+            have: bytes.len(),
+            want: out.len() * N,
+        });
+    }
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+        *o = widen(b.try_into().expect("chunks_exact gives N bytes"));
+    }
+    Ok(())
+}
+
+/// `values` into a plain format's `N`-byte little-endian values in `out`, one each.
+#[inline]
+fn encode_plain<const N: usize>(
+    format: WeightFormat,
+    values: &[f32],
+    out: &mut [u8],
+    narrow: impl Fn(f32) -> [u8; N],
+) -> Result<(), FormatError> {
+    if out.len() != values.len() * N {
+        return Err(FormatError::Length {
+            what: "encoding a row",
+            format,
+            have: out.len(),
+            want: values.len() * N,
+        });
+    }
+    for (o, &v) in out.chunks_exact_mut(N).zip(values) {
+        o.copy_from_slice(&narrow(v));
+    }
+    Ok(())
 }
 
 impl fmt::Display for WeightFormat {
@@ -440,6 +521,71 @@ mod tests {
             Dtype::F64,
         ] {
             assert_eq!(WeightFormat::from_dtype(d), None, "{d}");
+        }
+    }
+
+    #[test]
+    fn plain_rows_decode_and_encode_little_endian_values() {
+        let values = [1.5f32, -2.0, 0.0, 65504.0, 1e-3];
+        for f in WeightFormat::ALL.into_iter().filter(|f| f.is_plain()) {
+            let mut bytes = vec![0u8; values.len() * f.block_bytes() as usize];
+            f.encode_row_into(&values, &mut bytes).unwrap();
+            let mut back = [f32::NAN; 5];
+            f.decode_row_into(&bytes, &mut back).unwrap();
+            for (i, (&v, &b)) in values.iter().zip(&back).enumerate() {
+                let (want, stored) = match f {
+                    WeightFormat::Bf16 => {
+                        let h = half::bf16::from_f32(v);
+                        (h.to_f32(), h.to_le_bytes().to_vec())
+                    }
+                    WeightFormat::F16 => {
+                        let h = half::f16::from_f32(v);
+                        (h.to_f32(), h.to_le_bytes().to_vec())
+                    }
+                    _ => (v, v.to_le_bytes().to_vec()),
+                };
+                assert_eq!(b.to_bits(), want.to_bits(), "{f} value {i}");
+                let n = stored.len();
+                assert_eq!(&bytes[i * n..(i + 1) * n], &stored[..], "{f} value {i}");
+            }
+            // Lengths that disagree are typed errors, both ways.
+            let e = f.decode_row_into(&bytes[1..], &mut back).unwrap_err();
+            assert!(
+                matches!(e, FormatError::Length { format, .. } if format == f),
+                "{e}"
+            );
+            let e = f.encode_row_into(&values[1..], &mut bytes).unwrap_err();
+            assert!(
+                matches!(e, FormatError::Length { format, .. } if format == f),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn block_rows_decode_and_encode_through_their_modules() {
+        let values: Vec<f32> = (0..512)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 0.7)
+            .collect();
+        let formats = [
+            (WeightFormat::Q8_0, q8_0::quantize_row(&values).unwrap()),
+            (WeightFormat::Q4_K, q4_k::quantize_row(&values).unwrap()),
+        ];
+        for (f, want_bytes) in formats {
+            let mut bytes = vec![0u8; f.row_bytes(512).unwrap() as usize];
+            f.encode_row_into(&values, &mut bytes).unwrap();
+            assert_eq!(bytes, want_bytes, "{f}");
+            let mut got = vec![f32::NAN; 512];
+            f.decode_row_into(&bytes, &mut got).unwrap();
+            let mut want = vec![0f32; 512];
+            match f {
+                WeightFormat::Q8_0 => q8_0::dequantize_row_into(&bytes, &mut want),
+                _ => q4_k::dequantize_row_into(&bytes, &mut want),
+            }
+            .unwrap();
+            assert_eq!(got, want, "{f}");
+            assert!(f.decode_row_into(&bytes[1..], &mut got).is_err());
+            assert!(f.encode_row_into(&values[..511], &mut bytes).is_err());
         }
     }
 

@@ -15,17 +15,18 @@
 //! finished. Values are read row by row in chunks of at most [`CHUNK_BYTES`], so memory
 //! stays small whatever the tensor.
 
-use crate::checkpoint::{Checkpoint, FORMAT_KEY_PREFIX, TensorInfo};
+use crate::checkpoint::{
+    Checkpoint, ShardTensor, ShardWriter, TensorInfo, pt_metadata, write_sharded,
+};
 use crate::error::{Error, Result};
-use crate::format::{WeightFormat, fp8, q4_k, q8_0};
+use crate::format::{WeightFormat, fp8};
 use crate::math::WeightTensor;
 use crate::tensors::Dtype;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// Source bytes read (and converted) at a time, in whole rows.
@@ -91,7 +92,6 @@ struct OutTensor<'a> {
     /// The safetensors dtype and shape written.
     dtype: Dtype,
     shape: Vec<u64>,
-    bytes: u64,
 }
 
 impl<'a> OutTensor<'a> {
@@ -111,7 +111,6 @@ impl<'a> OutTensor<'a> {
                     Error::BadRequest(format!("{}: {e}", info.name))
                 };
                 let row_bytes = f.row_bytes(cols).map_err(bad)?;
-                let bytes = f.tensor_bytes(&info.shape).map_err(bad)?;
                 let mut shape = outer.to_vec();
                 shape.push(row_bytes);
                 let (dtype, shape) = match f.plain_dtype() {
@@ -124,7 +123,6 @@ impl<'a> OutTensor<'a> {
                     convert: Some(f),
                     dtype,
                     shape,
-                    bytes,
                 })
             }
             _ => Ok(OutTensor {
@@ -133,7 +131,6 @@ impl<'a> OutTensor<'a> {
                 convert: None,
                 dtype: info.dtype,
                 shape: stored_shape(info),
-                bytes: info.bytes,
             }),
         }
     }
@@ -269,51 +266,24 @@ fn write_folder(
     dir: &Path,
     opts: &QuantizeOptions,
 ) -> Result<u64> {
-    let shards = split_shards(tensors, opts.shard_max_bytes);
+    let headers: Vec<ShardTensor> = tensors
+        .iter()
+        .map(|t| ShardTensor {
+            block_format: t.convert.or(t.info.format).filter(|f| !f.is_plain()),
+            ..ShardTensor::new(t.info.name.clone(), t.dtype, t.shape.clone())
+        })
+        .collect();
     let bar = progress_bar(opts.progress, src.total_bytes(), opts.format);
-    let mut weight_map = BTreeMap::new();
-    let mut written = 0;
-    let n = shards.len();
-    for (i, shard) in shards.iter().enumerate() {
-        let file_name = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-        };
-        written += write_shard(&dir.join(&file_name), shard, &bar)?;
-        for t in shard.iter() {
-            weight_map.insert(t.info.name.clone(), file_name.clone());
-        }
-    }
+    let written = write_sharded(
+        dir,
+        &headers,
+        opts.shard_max_bytes,
+        &pt_metadata(),
+        |i, w| write_tensor(&tensors[i], w, &bar),
+    )?;
     bar.finish_and_clear();
-    if n > 1 {
-        let index = json!({"metadata": {"total_size": written}, "weight_map": weight_map});
-        let path = dir.join("model.safetensors.index.json");
-        let text = serde_json::to_string_pretty(&index)
-            .map_err(|e| Error::BadRequest(format!("cannot encode the index: {e}")))?;
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-    }
     copy_other_files(&src.dir, dir)?;
-    Ok(written)
-}
-
-/// Tensors in order, cut into shards of at most `max_bytes` (a larger tensor alone).
-fn split_shards<'t, 'a>(tensors: &'t [OutTensor<'a>], max_bytes: u64) -> Vec<&'t [OutTensor<'a>]> {
-    let mut shards = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0u64;
-    for (i, t) in tensors.iter().enumerate() {
-        if i > start && bytes.saturating_add(t.bytes) > max_bytes {
-            shards.push(&tensors[start..i]);
-            start = i;
-            bytes = 0;
-        }
-        bytes = bytes.saturating_add(t.bytes);
-    }
-    if start < tensors.len() || shards.is_empty() {
-        shards.push(&tensors[start..]);
-    }
-    shards
+    Ok(written.data_bytes)
 }
 
 fn progress_bar(show: bool, total_bytes: u64, format: WeightFormat) -> ProgressBar {
@@ -332,66 +302,16 @@ fn progress_bar(show: bool, total_bytes: u64, format: WeightFormat) -> ProgressB
     b
 }
 
-/// Writes one shard; returns its data bytes.
-fn write_shard(path: &Path, tensors: &[OutTensor<'_>], bar: &ProgressBar) -> Result<u64> {
-    let mut meta = serde_json::Map::new();
-    meta.insert("format".into(), json!("pt"));
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for t in tensors {
-        let end = offset + t.bytes;
-        header.insert(
-            t.info.name.clone(),
-            json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}),
-        );
-        if let Some(f) = t.convert.or(t.info.format).filter(|f| !f.is_plain()) {
-            meta.insert(
-                format!("{FORMAT_KEY_PREFIX}{}", t.info.name),
-                json!(f.name()),
-            );
-        }
-        offset = end;
-    }
-    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
-    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header))
-        .map_err(|e| Error::BadRequest(format!("cannot encode header: {e}")))?;
-    // Pad with spaces so the data section starts 8-byte aligned (as safetensors does).
-    while !header_bytes.len().is_multiple_of(8) {
-        header_bytes.push(b' ');
-    }
-    let io = |e| Error::io(path, e);
-    let file = File::create(path).map_err(io)?;
-    let mut w = BufWriter::with_capacity(8 << 20, file);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&header_bytes).map_err(io)?;
-    for t in tensors {
-        write_tensor(t, &mut w, path, bar)?;
-    }
-    w.flush().map_err(io)?;
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(offset)
-}
-
 /// Streams one tensor from its source file into `w`, converted or copied.
-fn write_tensor(
-    t: &OutTensor<'_>,
-    w: &mut impl Write,
-    out_path: &Path,
-    bar: &ProgressBar,
-) -> Result<()> {
+fn write_tensor(t: &OutTensor<'_>, w: &mut ShardWriter, bar: &ProgressBar) -> Result<()> {
     let info = t.info;
     let src_io = |e| Error::io(&info.file, e);
     let mut file = File::open(&info.file).map_err(src_io)?;
     file.seek(SeekFrom::Start(info.file_offset_bytes))
         .map_err(src_io)?;
     let mut file = file.take(info.bytes);
-    let out_io = |e| Error::io(out_path, e);
     let Some(format) = t.convert else {
-        let copied = std::io::copy(&mut file, w).map_err(out_io)?;
+        let copied = w.copy_from(&mut file)?;
         if copied != info.bytes {
             return Err(truncated(info, copied));
         }
@@ -441,7 +361,7 @@ fn write_tensor(
             Error::BadRequest(m) => Error::BadRequest(format!("{}: {m}", info.name)),
             e => e,
         })?;
-        w.write_all(&output).map_err(out_io)?;
+        w.write(&output)?;
         bar.inc(in_len as u64);
         done += n;
     }
@@ -471,7 +391,9 @@ fn convert_rows(
             .zip(first..)
         {
             source.decode(row_in, row, &mut values)?;
-            encode_row(format, &values, row_out)?;
+            format
+                .encode_row_into(&values, row_out)
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
         }
         Ok(())
     };
@@ -507,10 +429,9 @@ impl RowSource {
     /// Row `row` of the source (`bytes`) into `out`'s values.
     fn decode(&self, bytes: &[u8], row: usize, out: &mut [f32]) -> Result<()> {
         match self {
-            RowSource::Plain(f) => {
-                decode_plain_row(*f, bytes, out);
-                Ok(())
-            }
+            RowSource::Plain(f) => f
+                .decode_row_into(bytes, out)
+                .map_err(|e| Error::BadRequest(e.to_string())),
             RowSource::Fp8 { scales } => {
                 fp8::decode_row_into(bytes, row, scales, out).map_err(Error::BadRequest)
             }
@@ -572,7 +493,9 @@ fn read_scales(info: &TensorInfo) -> Result<Vec<f32>> {
     file.read_exact(&mut bytes).map_err(io)?;
     let format = info.format.unwrap_or(WeightFormat::F32);
     let mut out = vec![0f32; bytes.len() / format.block_bytes() as usize];
-    decode_plain_row(format, &bytes, &mut out);
+    format
+        .decode_row_into(&bytes, &mut out)
+        .map_err(|e| Error::safetensors(&info.file, format!("{}: {e}", info.name)))?;
     Ok(out)
 }
 
@@ -588,56 +511,6 @@ fn truncated(info: &TensorInfo, copied: u64) -> Error {
 
 fn too_big(info: &TensorInfo) -> Error {
     Error::BadRequest(format!("{}: rows too large for this machine", info.name))
-}
-
-/// Little-endian values of a plain format into f32 (`out.len()` values).
-fn decode_plain_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
-    match format {
-        WeightFormat::Bf16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
-            }
-        }
-        WeightFormat::F16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-            }
-        }
-        WeightFormat::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        // Block formats are refused before any row is read.
-        _ => out.fill(f32::NAN),
-    }
-}
-
-/// One row of values in `format` (a plain format for an FP8 matrix no block format holds).
-fn encode_row(format: WeightFormat, values: &[f32], out: &mut [u8]) -> Result<()> {
-    let encoded = match format {
-        WeightFormat::Q8_0 => q8_0::quantize_row_into(values, out),
-        WeightFormat::Q4_K => q4_k::quantize_row_into(values, out),
-        WeightFormat::Bf16 => {
-            for (o, v) in out.chunks_exact_mut(2).zip(values) {
-                o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
-            }
-            Ok(())
-        }
-        WeightFormat::F16 => {
-            for (o, v) in out.chunks_exact_mut(2).zip(values) {
-                o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-            }
-            Ok(())
-        }
-        WeightFormat::F32 => {
-            for (o, v) in out.chunks_exact_mut(4).zip(values) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
-            Ok(())
-        }
-    };
-    encoded.map_err(|e| Error::BadRequest(e.to_string()))
 }
 
 /// Copies the regular files of `src` that are not weights (config.json, the tokenizer, the

@@ -8,14 +8,11 @@
 //! seed gives the same bytes.
 
 use crate::catalog;
+use crate::checkpoint::{ShardTensor, pt_metadata, write_sharded};
 use crate::config::Qwen3VlConfig;
 use crate::error::{Error, Result};
 use crate::tensors::{Dtype, TensorSpec, expected_tensors};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// Shard size limit of the released checkpoints' writer (transformers: 5 GB).
@@ -86,20 +83,6 @@ pub fn synth_config(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let tensors = expected_tensors(&cfg, Dtype::BF16);
 
-    // Greedy shards in tensor order, each at most shard_max_bytes (a larger tensor gets its own).
-    let mut shards: Vec<Vec<&TensorSpec>> = vec![Vec::new()];
-    let mut shard_bytes = 0u64;
-    for t in &tensors {
-        let last_len = shards.last().map_or(0, Vec::len);
-        if shard_bytes + t.bytes() > opts.shard_max_bytes && last_len > 0 {
-            shards.push(Vec::new());
-            shard_bytes = 0;
-        }
-        shard_bytes += t.bytes();
-        if let Some(s) = shards.last_mut() {
-            s.push(t);
-        }
-    }
     let data_bytes: u64 = tensors.iter().map(TensorSpec::bytes).sum();
     let bar = if opts.progress {
         let b = ProgressBar::new(data_bytes);
@@ -116,41 +99,37 @@ pub fn synth_config(
         ProgressBar::hidden()
     };
 
+    // Shards in tensor order, each at most shard_max_bytes (a larger tensor gets its own).
+    let headers: Vec<ShardTensor> = tensors
+        .iter()
+        .map(|t| ShardTensor::new(t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
     let mut rng = SplitMix64(opts.seed ^ 0x005E_ED0F_71A4);
-    let mut files = Vec::new();
-    let mut weight_map = BTreeMap::new();
-    let n = shards.len();
-    for (i, shard) in shards.iter().enumerate() {
-        let file_name = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-        };
-        let path = out.join(&file_name);
-        write_shard(&path, shard, &mut rng, &bar)?;
-        for t in shard {
-            weight_map.insert(t.name.clone(), file_name.clone());
-        }
-        files.push(path);
-    }
+    let mut buf = vec![0u8; 4 << 20];
+    let written = write_sharded(
+        out,
+        &headers,
+        opts.shard_max_bytes,
+        &pt_metadata(),
+        |i, w| {
+            let t = &tensors[i];
+            let fill = fill_of(&t.name);
+            let mut left = t.bytes();
+            while left > 0 {
+                let chunk = left.min(buf.len() as u64) as usize;
+                fill_bf16(&mut buf[..chunk], fill, &mut rng);
+                w.write(&buf[..chunk])?;
+                bar.inc(chunk as u64);
+                left -= chunk as u64;
+            }
+            Ok(())
+        },
+    )?;
     bar.finish_and_clear();
-    if n > 1 {
-        let index = json!({
-            "metadata": {"total_size": data_bytes},
-            "weight_map": weight_map,
-        });
-        write_json(&out.join("model.safetensors.index.json"), &index)?;
-    } else {
-        // A stale index from an earlier sharded run would shadow model.safetensors.
-        let stale = out.join("model.safetensors.index.json");
-        if stale.exists() {
-            std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
-        }
-    }
     write_json(&out.join("config.json"), &catalog::to_released_json(&cfg))?;
     Ok(SynthReport {
         dir: out.to_path_buf(),
-        files,
+        files: written.files,
         tensors: tensors.len(),
         data_bytes,
     })
@@ -160,53 +139,6 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| Error::BadRequest(format!("cannot encode JSON: {e}")))?;
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
-}
-
-fn write_shard(
-    path: &Path,
-    tensors: &[&TensorSpec],
-    rng: &mut SplitMix64,
-    bar: &ProgressBar,
-) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0u64;
-    for t in tensors {
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, offset + t.bytes()]}),
-        );
-        offset += t.bytes();
-    }
-    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header))
-        .map_err(|e| Error::BadRequest(format!("cannot encode header: {e}")))?;
-    // Pad with spaces so the data section starts 8-byte aligned (as safetensors does).
-    while (header_bytes.len()) % 8 != 0 {
-        header_bytes.push(b' ');
-    }
-    let io = |e| Error::io(path, e);
-    let file = File::create(path).map_err(io)?;
-    let mut w = BufWriter::with_capacity(8 << 20, file);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&header_bytes).map_err(io)?;
-    let mut buf = vec![0u8; 4 << 20];
-    for t in tensors {
-        let fill = fill_of(&t.name);
-        let mut left = t.bytes();
-        while left > 0 {
-            let chunk = left.min(buf.len() as u64) as usize;
-            fill_bf16(&mut buf[..chunk], fill, rng);
-            w.write_all(&buf[..chunk]).map_err(io)?;
-            bar.inc(chunk as u64);
-            left -= chunk as u64;
-        }
-    }
-    w.flush().map_err(io)?;
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(io)
 }
 
 #[derive(Clone, Copy)]

@@ -40,7 +40,9 @@ pub mod weights;
 
 pub use chat::{ChatTemplate, Message, Part, Role};
 pub use engine::{
-    Engine, EngineBuilder, EngineError, Prompt, Reply, Request, RequestImage, RequestStats, Timings,
+    Engine, EngineBuilder, EngineError, Finished, Prompt, Reply, Request, RequestImage,
+    RequestStats, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, Sink, SubmitError, Ticket,
+    Timings,
 };
 pub use error::{Result, RunnerError};
 pub use kv::{KvCache, KvStore, PagedKv};
@@ -52,5 +54,5 @@ pub use model::{
 pub use preprocess::{ImageInput, PreprocessConfig};
 pub use runner::Runner;
 pub use sample::{GenerationConfig, Sampler, SamplingParams};
-pub use text::LogitsFor;
+pub use text::{BatchRow, LogitsFor};
 pub use weights::{CachedWeights, CheckpointWeights, WeightSource};

@@ -373,6 +373,10 @@ impl Qwen3Vl {
         let Some(cache) = self.vision_cache.get().filter(|_| !trace) else {
             return self.run_vision(image, trace, which);
         };
+        // An embedding larger than the whole cache is computed and used, not cached.
+        if encoded_vision_bytes(&self.config, image) > cache.budget_bytes() {
+            return self.run_vision(image, false, which);
+        }
         let mut key = Vec::with_capacity(image.pixel_values.len() * 4 + 32);
         for d in image.grid_thw.iter().chain([&image.patch_len]) {
             key.extend_from_slice(&(*d as u64).to_le_bytes());
@@ -555,6 +559,14 @@ impl Qwen3Vl {
         Ok(logits.squeeze(0)?)
     }
 
+    /// One decode step for a batch of sequences in one pass over the weights (see
+    /// [`crate::text::BatchRow`]); returns each row's next-token logits `[vocab]`, in order.
+    /// A row's logits do not depend on the other rows: they are those of its sequence
+    /// decoded alone through the same kernels.
+    pub fn decode_batch(&self, rows: &mut [crate::text::BatchRow<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.text.decode_batch(&self.params(), rows)
+    }
+
     /// Generation: prefill, then choose each id per `opts.sampling` (greedy by default: the
     /// arg-max) and feed it back until `max_new_tokens` or a stop id. `on_token` sees each id
     /// as it is chosen.
@@ -690,6 +702,19 @@ impl Qwen3Vl {
         };
         Ok(generation)
     }
+}
+
+/// Bytes [`encode_vision`] gives for `image`'s vision output: the header, then the
+/// embedding and each DeepStack feature (`tokens x out_hidden_size` f32 each).
+fn encoded_vision_bytes(cfg: &vlmem_qwen3vl::Qwen3VlConfig, image: &ImageInput) -> u64 {
+    let v = &cfg.vision;
+    let tokens = image.num_tokens(v.spatial_merge_size.max(1) as usize) as u64;
+    let levels = 1 + v.deepstack_visual_indexes.len() as u64;
+    levels
+        .saturating_mul(tokens)
+        .saturating_mul(v.out_hidden_size)
+        .saturating_mul(4)
+        .saturating_add(24)
 }
 
 /// A vision output as bytes: `[rows, cols, levels]` as u64, then the image embedding and

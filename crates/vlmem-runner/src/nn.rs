@@ -34,7 +34,64 @@ pub fn score_rows(heads: usize, keys: usize, score_bytes: usize, rows: usize) ->
 /// `0..=past + i` only (the prompt after `past` cached tokens; `keys = past + n`); `None`
 /// lets every query see every key (the vision tower's full attention per image). Returns
 /// `[1, heads, n, d]`. The softmax of each row is the same whatever the blocking.
+///
+/// f32 tensors on the CPU go through the fused kernel [`crate::kernels::attention`], which
+/// streams keys per block of query rows and never holds more than one small score tile per
+/// task (so `score_bytes` does not matter there); `k` and `v` may then also have fewer heads
+/// than `q` (grouped-query attention, query head `h` reading kv head `h / (heads /
+/// kv_heads)`). Other tensors take [`attention_in_row_chunks_candle`].
 pub fn attention_in_row_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal_past: Option<usize>,
+    score_bytes: usize,
+) -> Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v)) {
+        return attention_in_row_chunks_candle(q, k, v, scale, causal_past, score_bytes);
+    }
+    let (b, heads, n, d) = q.dims4()?;
+    let (kb, kv_heads, keys, kd) = k.dims4()?;
+    let (vb, vh, vkeys, dv) = v.dims4()?;
+    if (kb, kd) != (b, d) || (vb, vh, vkeys) != (b, kv_heads, keys) {
+        return Err(RunnerError::BadRequest(format!(
+            "attention of q {:?} over k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let shape = crate::kernels::attention::Shape {
+        heads: b * heads,
+        kv_heads: b * kv_heads,
+        n,
+        keys,
+        d,
+        dv,
+        scale: scale as f32,
+        past: causal_past,
+    };
+    // Batches folded into heads: query head `bi * heads + h` reads kv head
+    // `(bi * heads + h) / groups = bi * kv_heads + h / groups`.
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(RunnerError::BadRequest(format!(
+            "attention of {heads} query heads over {kv_heads} kv heads"
+        )));
+    }
+    let out = with_values(q, |q| {
+        with_values(k, |k| {
+            with_values(v, |v| crate::kernels::attention::attention(q, k, v, &shape))
+        })
+    })?;
+    Ok(Tensor::from_vec(out, (b, heads, n, dv), q.device())?)
+}
+
+/// [`attention_in_row_chunks`] on candle's tensor operations: `Q K^T` into a score tensor
+/// of at most `score_bytes` per block of query rows, softmax, times `V`. Any device and
+/// dtype; `k` and `v` must have `q`'s heads.
+pub fn attention_in_row_chunks_candle(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -332,15 +389,27 @@ mod tests {
             let want = reference(&q, &k, &v, 0.35, causal);
             // One row per block, uneven blocks, and everything in one block.
             for score_bytes in [1, 5 * h * keys * 4, usize::MAX] {
-                let got = attention_in_row_chunks(&q, &k, &v, 0.35, causal, score_bytes).unwrap();
-                assert_eq!(got.dims4().unwrap(), (1, h, n, d));
-                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                assert!(err < 1e-5, "{causal:?} {score_bytes}: max-abs {err}");
+                // The fused kernel, then candle's operations.
+                for (path, got) in [
+                    attention_in_row_chunks(&q, &k, &v, 0.35, causal, score_bytes),
+                    attention_in_row_chunks_candle(&q, &k, &v, 0.35, causal, score_bytes),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let got = got.unwrap();
+                    assert_eq!(got.dims4().unwrap(), (1, h, n, d));
+                    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        err < 1e-5,
+                        "path {path} {causal:?} {score_bytes}: max-abs {err}"
+                    );
+                }
             }
         }
     }
@@ -358,11 +427,15 @@ mod tests {
     fn causal_attention_needs_past_plus_queries_keys() {
         let q = tensor((1, 2, 4, 8), 1);
         let k = tensor((1, 2, 9, 8), 2);
-        let err = attention_in_row_chunks(&q, &k, &k, 1.0, Some(3), 1 << 20).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("4 queries after 3 tokens over 9 keys"),
-            "{err}"
-        );
+        for err in [
+            attention_in_row_chunks(&q, &k, &k, 1.0, Some(3), 1 << 20).unwrap_err(),
+            attention_in_row_chunks_candle(&q, &k, &k, 1.0, Some(3), 1 << 20).unwrap_err(),
+        ] {
+            assert!(
+                err.to_string()
+                    .contains("4 queries after 3 tokens over 9 keys"),
+                "{err}"
+            );
+        }
     }
 }

@@ -11,7 +11,6 @@
 
 use crate::error::{Result, RunnerError};
 use candle_core::{Device, Tensor};
-use half::{bf16, f16};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -19,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vlmem_qwen3vl::checkpoint::{Checkpoint, TensorInfo};
 use vlmem_qwen3vl::format::WeightFormat;
-use vlmem_qwen3vl::tensors::Dtype;
 
 /// A source of model weights, staged as f32 tensors on the compute device.
 ///
@@ -299,67 +297,19 @@ impl CheckpointWeights {
     }
 }
 
-/// Widens stored little-endian `bytes` of type `dtype` to f32.
-pub fn widen_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    let n = match dtype {
-        Dtype::F32 => bytes.len() / 4,
-        _ => bytes.len() / 2,
-    };
-    let mut out = vec![0f32; n];
-    widen_into(name, dtype, bytes, &mut out)?;
-    Ok(out)
-}
-
-/// [`widen_to_f32`] into `out`, which must hold exactly the values `bytes` stores.
-pub fn widen_into(name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    let elem = match dtype {
-        Dtype::BF16 | Dtype::F16 => 2,
-        Dtype::F32 => 4,
-        other => {
-            return Err(RunnerError::UnsupportedDtype {
-                name: name.to_string(),
-                dtype: other.safetensors_name().to_string(),
-            });
-        }
-    };
-    if bytes.len() / elem != out.len() {
-        return Err(RunnerError::BadRequest(format!(
-            "{name}: {} bytes of {} for {} values",
-            bytes.len(),
-            dtype.safetensors_name(),
-            out.len()
-        )));
-    }
-    let chunks = bytes.chunks_exact(elem).zip(out.iter_mut());
-    match dtype {
-        Dtype::BF16 => chunks.for_each(|(c, o)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        Dtype::F16 => chunks.for_each(|(c, o)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        _ => chunks.for_each(|(c, o)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-    }
-    Ok(())
-}
-
 /// Widens `bytes` of `format` to f32 into `out`, which must hold exactly the values `bytes`
-/// stores (for Q8_0, whole 34-byte blocks of 32 values, each dequantized to `d * q`; for
-/// Q4_K, whole 144-byte blocks of 256 values, each `d * sc * q - dmin * m`).
+/// stores ([`WeightFormat::decode_row_into`]: plain values widened exactly; for Q8_0, whole
+/// 34-byte blocks of 32 values, each dequantized to `d * q`; for Q4_K, whole 144-byte
+/// blocks of 256 values, each `d * sc * q - dmin * m`); its errors name the tensor.
 pub fn widen_format_into(
     name: &str,
     format: WeightFormat,
     bytes: &[u8],
     out: &mut [f32],
 ) -> Result<()> {
-    match format.plain_dtype() {
-        Some(dtype) => widen_into(name, dtype, bytes, out),
-        None => match format {
-            WeightFormat::Q8_0 => vlmem_qwen3vl::format::q8_0::dequantize_row_into(bytes, out)
-                .map_err(|e| RunnerError::BadRequest(format!("{name}: {e}"))),
-            WeightFormat::Q4_K => vlmem_qwen3vl::format::q4_k::dequantize_row_into(bytes, out)
-                .map_err(|e| RunnerError::BadRequest(format!("{name}: {e}"))),
-            WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 => Err(
-                RunnerError::BadRequest(format!("{name}: {format} has no plain element type")),
-            ),
-        },
-    }
+    format
+        .decode_row_into(bytes, out)
+        .map_err(|e| RunnerError::BadRequest(format!("{name}: {e}")))
 }
 
 /// The format a checkpoint tensor's bytes hold (its dtype's, or the block format a

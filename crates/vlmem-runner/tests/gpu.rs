@@ -1,5 +1,7 @@
 //! The GPU path (feature `cuda`): the committed PTX is built from the committed CUDA source;
-//! on a machine with a GPU, the GPU kernels equal the CPU kernels, bad calls are errors, and
+//! the kernels, run by a CPU emulation of the GPU, equal a reference (the float kernels) and
+//! the CPU kernels (Q8_0 and Q4_K); on a machine with a GPU, the GPU kernels equal the CPU
+//! kernels, bad calls are errors, and
 //! the runner with its first decoder layers on the GPU (the manager's CUDA device tier)
 //! reproduces the reference outputs on all four fixtures. The tests that need a GPU are
 //! `#[ignore]`d (so a machine without one reports them as ignored, not passed); `.ci/gpu/check`
@@ -9,7 +11,8 @@ mod common;
 
 use common::{FIXTURES, fixture_dir, ids, reference};
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use vlmem_runner::kernels::{self, WeightFormat};
 
 fn kernels_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/kernels/cuda")
@@ -34,7 +37,14 @@ fn committed_ptx_is_generated_from_the_committed_source() {
     // SM 6.1 (the MX250) is the oldest target, with a PTX ISA drivers from 525 on accept.
     assert!(ptx.contains("\n.target sm_61\n"), "target");
     assert!(ptx.contains("\n.version 8.0\n"), "PTX ISA version");
-    for k in ["matmul_bf16", "matmul_bf16_v8", "matmul_f16", "matmul_f32"] {
+    for k in [
+        "matmul_bf16",
+        "matmul_bf16_v8",
+        "matmul_f16",
+        "matmul_f32",
+        "matmul_q8_0",
+        "matmul_q4_k",
+    ] {
         assert!(
             ptx.contains(&format!(".visible .entry {k}(")),
             "kernel {k} missing"
@@ -43,10 +53,13 @@ fn committed_ptx_is_generated_from_the_committed_source() {
 }
 
 /// The kernels of decode.cu, compiled as C++ and run on the CPU (one thread per GPU thread,
-/// warp shuffles through a barrier: kernels/cuda/emulate.cpp), equal a double-precision
-/// reference for every stored type, odd and aligned widths and 1 or 3 input rows. This checks
-/// their indexing, vector path, remainders and reductions on machines without a GPU; it is
-/// skipped (with a message) where no C++20 compiler is installed.
+/// warp shuffles through a barrier, `dp4a` and f16 widening emulated, every load checked for
+/// the alignment a GPU needs: kernels/cuda/emulate.cpp): the float kernels equal a
+/// double-precision reference for every stored type, odd and aligned widths and 1 or 3 input
+/// rows, and the Q8_0 and Q4_K kernels equal the CPU kernels on the same bytes
+/// ([`emulated_quantized_kernels_equal_the_cpu_kernels`]). This checks their indexing, vector
+/// paths, remainders and reductions on machines without a GPU; it is skipped (with a message)
+/// where no C++20 compiler is installed.
 #[test]
 fn gpu_kernels_pass_their_cpu_emulation() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,6 +89,275 @@ fn gpu_kernels_pass_their_cpu_emulation() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("44 of 44 checks passed"), "{text}");
+    emulated_quantized_kernels_equal_the_cpu_kernels(&exe, dir.path());
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A `rows x cols` Q8_0 or Q4_K weight whose rows differ in magnitude and some in sign balance
+/// (so Q4_K's mins matter).
+fn quantized_weight(ty: WeightFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut w = Vec::new();
+    for (r, row) in values(rows * cols, seed).chunks(cols.max(1)).enumerate() {
+        let (scale, shift) = ([0.02f32, 1.0, 7.5][r % 3], [0.0f32, 0.6, -0.3, 0.0][r % 4]);
+        let row: Vec<f32> = row.iter().map(|v| (v + shift) * scale).collect();
+        w.extend(match ty {
+            WeightFormat::Q8_0 => vlmem_qwen3vl::format::q8_0::quantize_row(&row).unwrap(),
+            WeightFormat::Q4_K => vlmem_qwen3vl::format::q4_k::quantize_row(&row).unwrap(),
+            _ => unreachable!("a quantized format"),
+        });
+    }
+    w
+}
+
+/// For each output (input row t, weight row r) of `Y = X W^T` with a Q8_0 or Q4_K weight:
+/// the exact product of the dequantized weights and the input as the CPU kernels quantize it
+/// (in f64, exact for these data), and the magnitude the error bounds scale with, the sum over
+/// the row of `|xq|` times the weight's terms taken apart (`|d q|` for Q8_0,
+/// `|d| sc q + |dmin| m` for Q4_K, whose difference may cancel).
+fn quantized_exact(
+    ty: WeightFormat,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    use vlmem_qwen3vl::format::{q4_k, q8_0};
+    // Each weight's exact value and two-term magnitude.
+    let mut wv = Vec::with_capacity(rows * cols);
+    match ty {
+        WeightFormat::Q8_0 => {
+            for blk in w.chunks_exact(q8_0::BLOCK_BYTES) {
+                for i in 0..q8_0::BLOCK_ELEMS {
+                    let v = f64::from(q8_0::block_value(blk, i));
+                    wv.push((v, v.abs()));
+                }
+            }
+        }
+        WeightFormat::Q4_K => {
+            for blk in w.chunks_exact(q4_k::BLOCK_BYTES) {
+                let (d, dmin) = q4_k::block_scales(blk);
+                let packed: &[u8; q4_k::SCALES_BYTES] =
+                    blk[q4_k::SCALES_AT..q4_k::QUANTS_AT].try_into().unwrap();
+                for i in 0..q4_k::BLOCK_ELEMS {
+                    let (sc, m) = q4_k::scale_min(packed, i / q4_k::SUB_ELEMS);
+                    let (at, high) = q4_k::quant_position(i);
+                    let q = if high { blk[at] >> 4 } else { blk[at] & 15 };
+                    let a = f64::from(d) * f64::from(sc) * f64::from(q);
+                    let b = f64::from(dmin) * f64::from(m);
+                    wv.push((a - b, a.abs() + b.abs()));
+                }
+            }
+        }
+        _ => unreachable!("a quantized format"),
+    }
+    assert_eq!(wv.len(), rows * cols);
+    let xq: Vec<f64> = match ty {
+        WeightFormat::Q8_0 => {
+            let q = kernels::q8_0::Q8Input::new(x);
+            (0..x.len()).map(|i| q.value(i)).collect()
+        }
+        _ => {
+            let q = kernels::q4_k::Q8KInput::new(x);
+            (0..x.len()).map(|i| q.value(i)).collect()
+        }
+    };
+    let (mut exact, mut mag) = (Vec::new(), Vec::new());
+    for t in 0..n {
+        for r in 0..rows {
+            let (mut e, mut a) = (0f64, 0f64);
+            for c in 0..cols {
+                let (v, m) = wv[r * cols + c];
+                e += v * xq[t * cols + c];
+                a += m * xq[t * cols + c].abs();
+            }
+            exact.push(e);
+            mag.push(a);
+        }
+    }
+    (exact, mag)
+}
+
+/// Checks `got` (`n x rows`, from a GPU kernel or its emulation) for a Q8_0 or Q4_K weight
+/// against the CPU kernels on the same bytes (`kernels::matvec`, one input row at a time) and
+/// against the exact product of the dequantized weights and the quantized input.
+///
+/// Both paths quantize the input with the same code (the GPU's host side calls the CPU
+/// kernels' quantizer) and both form each block's products as exact integers, so they differ
+/// only in the f32 operations that scale and sum those integers. With `u = 2^-24`, `B` blocks
+/// per row and `S` the magnitude of [`quantized_exact`], a sum whose every term passes through
+/// at most `k` roundings (products, conversions, additions) is within `k u S` of the exact
+/// value (to first order; the `(1 + u)^k` remainder is far below the margin left below):
+///
+/// * Q8_0. The block dot product is below `32 * 127 * 128 < 2^24`, so its f32 conversion is
+///   exact. GPU: `d_w * d_x` (1), times the dot (1, or fused into the add), then a lane's
+///   `ceil(B / 8)` additions and the warp's 5 shuffle additions: `k = ceil(B / 8) + 7`. CPU
+///   (AVX2, VNNI or scalar): `d_w * d_x` (1), one fused multiply-add (or product and add) per
+///   block into each of eight lanes (B + 1), an eight-lane horizontal sum (3):
+///   `k = B + 5`. So `|gpu - cpu| <= (2 B + 12) u S`; allowed: `(2 B + 16) u S`.
+/// * Q4_K. The block's scaled dot product is below `256 * 15 * 128 * 63 < 2^25` (its
+///   conversion rounds once), the mins term below `2^21` (exact). GPU: the conversion (1),
+///   `d dx` and `dmin dx` and the two products (2 on each path), the difference (1), then
+///   `ceil(B / 4) + 5` additions: `k = ceil(B / 4) + 9`. CPU: the bound its module proves,
+///   `(B + 6) 2^-23 A = (2 B + 12) u A`. So `|gpu - cpu| <= (2 B + 12 + ceil(B / 4) + 9) u A
+///   <= (3 B + 21) u A`; allowed: `(3 B + 24) u A`.
+///
+/// Against the exact product the GPU alone is held to `(k + 2) u S`. A wrong quant, scale or
+/// block moves an output by about `S / cols` or more, over a thousand times these bounds.
+fn check_quantized(
+    what: &str,
+    ty: WeightFormat,
+    (w, rows, cols): (&[u8], usize, usize),
+    (x, n): (&[f32], usize),
+    got: &[f32],
+) {
+    let u = f64::from(f32::EPSILON) / 2.0;
+    let (cpu_k, gpu_k) = match ty {
+        WeightFormat::Q8_0 => {
+            let b = cols / 32;
+            (2 * b + 16, b.div_ceil(8) + 7)
+        }
+        _ => {
+            let b = cols / 256;
+            (3 * b + 24, b.div_ceil(4) + 9)
+        }
+    };
+    let (exact, mag) = quantized_exact(ty, w, rows, cols, x, n);
+    assert_eq!(got.len(), n * rows, "{what}");
+    let mut worst = 0f64;
+    for t in 0..n {
+        let cpu = kernels::matvec(w, ty, rows, cols, &x[t * cols..(t + 1) * cols]).unwrap();
+        for r in 0..rows {
+            let (g, c, i) = (
+                f64::from(got[t * rows + r]),
+                f64::from(cpu[r]),
+                t * rows + r,
+            );
+            let tol = cpu_k as f64 * u * mag[i];
+            assert!(
+                (g - c).abs() <= tol,
+                "{what} [{t}, {r}]: gpu {g} cpu {c}, |diff| {:e} > {tol:e}",
+                (g - c).abs()
+            );
+            let own = (gpu_k + 2) as f64 * u * mag[i];
+            assert!(
+                (g - exact[i]).abs() <= own,
+                "{what} [{t}, {r}]: gpu {g} exact {}, |diff| {:e} > {own:e}",
+                exact[i],
+                (g - exact[i]).abs()
+            );
+            if tol > 0.0 {
+                worst = worst.max((g - c).abs() / tol);
+            }
+        }
+    }
+    eprintln!("{what}: largest |gpu - cpu| is {worst:.3} of the bound");
+}
+
+/// The input of the Q8_0 and Q4_K kernels as the host packs it for the GPU (the feature-gated
+/// `kernels::cuda::QuantizedInput`, which a test under `--features cuda` holds to this): the
+/// CPU kernels' quantizer's int8 quants, then its f32 scales, then for Q4_K its i16 sums of
+/// 32; with where the scales and the sums start.
+fn packed_input(ty: WeightFormat, x: &[f32]) -> (Vec<u8>, usize, usize) {
+    let (q, d, sums): (Vec<i8>, Vec<f32>, Vec<i16>) = match ty {
+        WeightFormat::Q8_0 => {
+            let xq = kernels::q8_0::Q8Input::new(x);
+            (xq.q, xq.d, Vec::new())
+        }
+        _ => {
+            let xq = kernels::q4_k::Q8KInput::new(x);
+            (xq.q, xq.d, xq.sums)
+        }
+    };
+    let mut bytes: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+    let d_at = bytes.len();
+    bytes.extend(d.iter().flat_map(|v| v.to_le_bytes()));
+    let s_at = bytes.len();
+    bytes.extend(sums.iter().flat_map(|v| v.to_le_bytes()));
+    (bytes, d_at, s_at)
+}
+
+/// The Q8_0 and Q4_K kernels, run by the emulator `exe`: for rows not a multiple of 8
+/// (partial thread blocks), 1 to 3 blocks per row (lanes past the row's end) and more than a
+/// warp's step (Q8_0: 11 blocks, two steps of 8; Q4_K: 5 blocks, two steps of 4), 1 and 3
+/// input rows (one with a block of zeros, whose scale is 0), and weights only 2 (Q8_0) or 4
+/// (Q4_K) bytes past a 16-byte boundary (the emulator aborts on a load the GPU would fault
+/// on), each output equals the CPU kernels' within [`check_quantized`]'s bound.
+fn emulated_quantized_kernels_equal_the_cpu_kernels(exe: &Path, dir: &Path) {
+    let cases = [
+        (
+            WeightFormat::Q8_0,
+            0u32,
+            32usize,
+            [1usize, 7, 13, 33, 9],
+            [1usize, 2, 3, 1, 11],
+        ),
+        (
+            WeightFormat::Q4_K,
+            1,
+            256,
+            [1, 7, 13, 10, 3],
+            [1, 2, 3, 5, 1],
+        ),
+    ];
+    let mut seed = 100;
+    for (ty, code, block, row_counts, block_counts) in cases {
+        for (k, (&rows, &blocks)) in row_counts.iter().zip(&block_counts).enumerate() {
+            for n in [1usize, 3] {
+                seed += 1;
+                let cols = blocks * block;
+                let offset: u32 = match ty {
+                    WeightFormat::Q8_0 => [2, 6, 0, 14, 10][k],
+                    _ => [4, 12, 0, 8, 4][k],
+                };
+                let w = quantized_weight(ty, rows, cols, seed);
+                let mut x: Vec<f32> = values(n * cols, seed + 1000)
+                    .iter()
+                    .map(|v| v * 3.0)
+                    .collect();
+                if n > 1 {
+                    x[cols..cols + 32].fill(0.0);
+                }
+                let mut file = Vec::new();
+                for h in [code, rows as u32, cols as u32, n as u32, offset] {
+                    file.extend(h.to_le_bytes());
+                }
+                file.extend(&w);
+                file.extend(packed_input(ty, &x).0);
+                let (input, output) = (dir.join("case.in"), dir.join("case.out"));
+                std::fs::write(&input, &file).unwrap();
+                let what = format!("emulated {ty:?} {rows}x{cols} (+{offset} B) n={n}");
+                let run = std::process::Command::new(exe)
+                    .arg(&input)
+                    .arg(&output)
+                    .output()
+                    .unwrap();
+                assert!(
+                    run.status.success(),
+                    "{what}: {}",
+                    String::from_utf8_lossy(&run.stderr)
+                );
+                let got: Vec<f32> = std::fs::read(&output)
+                    .unwrap()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                check_quantized(&what, ty, (&w, rows, cols), (&x, n), &got);
+            }
+        }
+    }
 }
 
 /// The GPU's share of the plan for `budget` bytes of GPU weights.
@@ -186,6 +468,7 @@ fn matrices_planned_for_the_gpu_leave_the_ram_plan() {
 #[cfg(feature = "cuda")]
 mod on_gpu {
     use super::common::{FIXTURES, fixture_dir, flat, ids, max_abs, reference};
+    use super::{check_quantized, packed_input, quantized_weight, values};
     use candle_core::Device;
     use half::{bf16, f16};
     use std::sync::Arc;
@@ -197,6 +480,32 @@ mod on_gpu {
     use vlmem_runner::{GenerateOptions, LogitsFor, ManagedWeights, PrefillOptions, Runner};
 
     const MIB: u64 = 1 << 20;
+
+    /// The GPU path packs the quantized input exactly as the emulation test feeds it to the
+    /// emulated kernels (so that test speaks for the real path), and not at all for the
+    /// formats whose kernels read f32. Needs no GPU.
+    #[test]
+    fn the_gpu_path_packs_the_input_the_emulated_kernels_read() {
+        use vlmem_runner::kernels::cuda::QuantizedInput;
+        for (ty, cols) in [(WeightFormat::Q8_0, 96), (WeightFormat::Q4_K, 768)] {
+            for n in [1, 3] {
+                let x: Vec<f32> = values(n * cols, 7 + n as u64)
+                    .iter()
+                    .map(|v| v * 5.0)
+                    .collect();
+                let got = QuantizedInput::new(ty, &x).unwrap();
+                let (bytes, d_at, s_at) = packed_input(ty, &x);
+                assert_eq!((got.d_at, got.s_at), (d_at, s_at), "{ty:?}");
+                assert_eq!(got.bytes, bytes, "{ty:?}");
+                // Quants from 0, scales 4-byte aligned, sums (Q4_K) 4-byte aligned.
+                assert_eq!(d_at, n * cols);
+                assert!(d_at % 32 == 0 && s_at % 4 == 0);
+            }
+        }
+        for ty in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32] {
+            assert!(QuantizedInput::new(ty, &[1.0; 64]).is_none());
+        }
+    }
 
     /// These tests are ignored by default (most machines have no GPU): `.ci/gpu/check` runs
     /// them with `--include-ignored`, and there a missing GPU is a failure, not a pass.
@@ -220,19 +529,6 @@ mod on_gpu {
         m
     }
 
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
     fn stored(v: &[f32], ty: WeightFormat) -> Vec<u8> {
         match ty {
             WeightFormat::Bf16 => v
@@ -251,7 +547,8 @@ mod on_gpu {
 
     /// The GPU kernels equal the CPU kernels (within f32 summation-order error) for every
     /// stored type, odd and aligned widths (the bf16 vector kernel and the scalar one), one
-    /// input row and several.
+    /// input row and several; Q8_0 and Q4_K against `kernels::matvec` (the CPU's prefill
+    /// matmul keeps a Q4_K input in f32, where decode and the GPU quantize it).
     #[test]
     #[ignore = "needs an NVIDIA GPU: run with --include-ignored (.ci/gpu/check)"]
     fn gpu_kernels_equal_the_cpu_kernels() {
@@ -284,6 +581,31 @@ mod on_gpu {
                             "{ty:?} {rows}x{cols} n={n} [{i}]: gpu {a} cpu {b}"
                         );
                     }
+                    m.deallocate(h).unwrap();
+                }
+            }
+        }
+        // Q8_0 and Q4_K: odd row counts, 1 to 16 blocks per row, 1, 3 and 40 input rows,
+        // against the CPU kernels within check_quantized's bound.
+        for (ty, block) in [(WeightFormat::Q8_0, 32), (WeightFormat::Q4_K, 256)] {
+            for &(rows, blocks) in &[(1usize, 1usize), (7, 2), (13, 3), (33, 11), (257, 16)] {
+                for n in [1usize, 3, 40] {
+                    seed += 1;
+                    let cols = blocks * block;
+                    let w = quantized_weight(ty, rows, cols, seed);
+                    let x: Vec<f32> = values(n * cols, seed + 1000)
+                        .iter()
+                        .map(|v| v * 3.0)
+                        .collect();
+                    let h = m
+                        .allocate_on(w.len() as u64, TensorKind::Weight, seed, Tier::Device)
+                        .unwrap();
+                    m.write(h, 0, &w).unwrap();
+                    let pin = m.pin(h, Tier::Device).unwrap();
+                    let got = k.matmul(&pin, ty, rows, cols, &x, n).unwrap();
+                    drop(pin);
+                    let what = format!("GPU {ty:?} {rows}x{cols} n={n}");
+                    check_quantized(&what, ty, (&w, rows, cols), (&x, n), &got);
                     m.deallocate(h).unwrap();
                 }
             }

@@ -69,3 +69,21 @@ fn a_repeated_image_skips_the_vision_tower_and_changes_nothing() {
         assert_eq!(cache.stats().hits, 1);
     }
 }
+
+/// An embedding larger than the whole cache is computed and used, not cached: the request
+/// runs and gives the uncached logits.
+#[test]
+fn an_image_larger_than_the_cache_runs_uncached() {
+    let dir = fixture_dir("qwen3-vl-tiny");
+    let runner = Runner::open(&dir).unwrap();
+    let image = runner.load_images(&[dir.join("image0.png")]).unwrap();
+    let expected = prompt_logits(&runner, &image);
+    let m = MemoryManager::new(ManagerConfig::with_capacities(0, 16 * MIB, 16 * MIB)).unwrap();
+    // Room for a few bytes: less than any embedding.
+    let cache = Arc::new(VisionCache::new(m, "tiny", 64));
+    assert!(runner.model().use_vision_cache(cache.clone()));
+    assert_eq!(prompt_logits(&runner, &image), expected);
+    assert_eq!(prompt_logits(&runner, &image), expected);
+    let s = cache.stats();
+    assert_eq!((s.hits, s.entries), (0, 0), "{s:?}");
+}

@@ -36,6 +36,9 @@
 //!   read in flight and how many (`read_ahead_busy_share`, `read_ahead_mean_depth`), and the
 //!   block device's counters (`disk_*@sysfs`: busy share, requests in flight, mean request
 //!   size, read rate; Linux, when the checkpoint is on a block device);
+//! - the weight formats side by side, resident ([`formats`]): `decode_tok_s.{bf16,q8_0,q4_k}`,
+//!   `prefill_tok_s.{bf16,q8_0,q4_k}` (a 512-id prompt) and `ttft_s.image_1024` (one
+//!   1024 x 1024 image, q8_0), the quantized copies written once into the cache folder;
 //! - with `--peers` ([`run_with_peers`]), llama.cpp on the same text decoder's shapes and
 //!   threads (`decode_tok_s.FMT@llama_cpp`, `prefill_tok_s.FMT@llama_cpp` for bf16, q8_0 and
 //!   q4_k) and vlmem / llama.cpp where vlmem has the figure (`FIGURE.FMT_over_llama_cpp`),
@@ -47,6 +50,7 @@
 
 mod bounds;
 mod decode;
+mod formats;
 pub mod peers;
 
 pub use peers::{PeerError, peer_table};
@@ -70,6 +74,8 @@ pub const MODEL: &str = "qwen3-vl-2b";
 /// What one setting of the suite runs.
 struct Setup {
     name: &'static str,
+    /// The scaled-down setting (`--quick`).
+    quick: bool,
     cfg: Qwen3VlConfig,
     /// The streamed runs' host budget for weights (the engine's host memory is sized so that
     /// its weight class holds this).
@@ -94,8 +100,17 @@ fn setup(opts: BenchOptions) -> Option<Setup> {
         cfg.vision.depth = 1;
         cfg.vision.deepstack_visual_indexes = vec![0];
         cfg.vision.out_hidden_size = 1024;
+        // The vision tokens inside the smaller vocabulary, so the image request runs.
+        let top = t.vocab_size as u32;
+        (
+            cfg.vision_start_token_id,
+            cfg.vision_end_token_id,
+            cfg.image_token_id,
+            cfg.video_token_id,
+        ) = (top - 4, top - 3, top - 2, top - 1);
         Some(Setup {
             name: "qwen3-vl-2b-quick-synth",
+            quick: true,
             cfg,
             // Above the 64 MiB lm_head, which at a 64 MiB budget would fill it alone each
             // token and leave nothing kept.
@@ -108,6 +123,7 @@ fn setup(opts: BenchOptions) -> Option<Setup> {
     } else {
         Some(Setup {
             name: "qwen3-vl-2b-synth",
+            quick: false,
             cfg,
             streamed_host_bytes: GIB,
             new_tokens: 8,
@@ -122,12 +138,13 @@ fn setup(opts: BenchOptions) -> Option<Setup> {
 /// `~/.cache/vlmem`, else the temp folder.
 pub use vlmem_qwen3vl::quantize::cache_root;
 
-/// The synthesized checkpoint in `dir`, made once: a folder with a `complete` marker is
-/// reused; anything else there is replaced.
+/// The synthesized checkpoint in `dir`, made once: a folder with a `complete` marker and the
+/// configuration asked for is reused; anything else there is replaced.
 fn ensure_checkpoint(dir: &Path, cfg: &Qwen3VlConfig) -> Result<(Checkpoint, String), String> {
     let marker = dir.join("complete");
     if marker.exists()
         && let Ok(c) = Checkpoint::open(dir)
+        && c.config == *cfg
     {
         return Ok((c, format!("checkpoint {} (reused)", dir.display())));
     }
@@ -210,6 +227,7 @@ pub fn run(opts: BenchOptions) -> SuiteReport {
     );
     cases.push_figures(&mut report);
     push_bounds(&mut report, &cases, &disk, membw, step);
+    formats::run_formats(&mut report, &ckpt, &s, &cache_root());
     report
 }
 

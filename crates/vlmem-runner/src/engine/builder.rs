@@ -364,6 +364,11 @@ pub(super) struct KvRoom {
 }
 
 impl KvRoom {
+    /// The KV bytes the pool may hold: the host's KV budget and the disk's.
+    pub(super) fn budget_bytes(&self) -> u64 {
+        self.host_bytes.saturating_add(self.disk_bytes)
+    }
+
     /// Refuses `need_bytes` of KV for `context_tokens` when the pool cannot hold it. With no
     /// host KV budget for one block the cache stays in process, unbounded.
     pub(super) fn check(&self, context_tokens: u64, need_bytes: u64) -> EngineResult<()> {

@@ -22,11 +22,15 @@ mod builder;
 mod conversation;
 mod error;
 mod request;
+mod scheduler;
 
 pub use builder::EngineBuilder;
 pub use conversation::{Conversation, Turn};
 pub use error::{EngineError, EngineResult};
 pub use request::{Prompt, Reply, Request, RequestImage, RequestStats, Timings};
+pub use scheduler::{
+    Finished, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, Sink, SubmitError, Ticket,
+};
 
 use crate::error::RunnerError;
 use crate::kv::{KvCache, KvDtype, KvStore, PagedKv};
@@ -162,6 +166,20 @@ impl Engine {
         request: &Request,
         on_token: &mut dyn FnMut(u32),
     ) -> EngineResult<Reply> {
+        self.generate_until(request, &mut |id| {
+            on_token(id);
+            true
+        })
+    }
+
+    /// [`Engine::generate`], where `on_token` returns false to end the reply at that id
+    /// ([`Reply::cancelled`]; a server stops a request whose client went away). The prompt's
+    /// forward pass is not interrupted: the first chance to stop is the first generated id.
+    pub fn generate_until(
+        &self,
+        request: &Request,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> EngineResult<Reply> {
         let started = Instant::now();
         let prepared = self.prepare(request)?;
         self.check_prepared(&prepared)?;
@@ -185,10 +203,7 @@ impl Engine {
                 opts,
             },
             kv.as_mut(),
-            &mut |id| {
-                on_token(id);
-                true
-            },
+            on_token,
             Timings {
                 prepare: prepare_time,
                 queued,

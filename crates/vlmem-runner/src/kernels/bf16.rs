@@ -164,7 +164,7 @@ impl SplitInput {
 /// The sum of `x[c] * w[c]` over the columns `from..` of the bf16 row `row` (the columns
 /// after the split paths' whole blocks; `from` is at most the row's length).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn bf16_tail(row: &[u8], x: &[f32], from: usize) -> f32 {
+pub(super) fn bf16_tail(row: &[u8], x: &[f32], from: usize) -> f32 {
     let cols = row.len() / 2;
     let mut s = 0f32;
     for (pair, &xc) in row[2 * from..].chunks_exact(2).zip(&x[from..cols]) {
@@ -741,20 +741,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
+    use crate::kernels::test_util::Rng;
 
     const PLAIN: [WeightFormat; 3] = [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::F32];
 

@@ -203,7 +203,7 @@ unsafe fn rows1(w: *const u8, xs: *const f32, n: usize, out: *mut f32) {
 
 /// The sum of one row's 16 partial sums (a fixed order: halves, then quarters...).
 #[inline]
-fn lanes_sum(p: &[f32]) -> f32 {
+pub(super) fn lanes_sum(p: &[f32]) -> f32 {
     let mut v = [0f32; 16];
     v.copy_from_slice(&p[..16]);
     let mut k = 8;

@@ -1,7 +1,17 @@
 //! GPU decode kernels (feature `cuda`): `Y = X W^T` for a weight pinned on the CUDA device
-//! tier, read in place in its stored type (bf16, f16, f32) and accumulated in f32, for one
-//! input row (decode) or a few (a short prefill). SM 6.1 (the MX250) has no bf16 arithmetic:
-//! the kernels widen each element in registers.
+//! tier, read in place in its stored type (bf16, f16, f32, Q8_0, Q4_K) and accumulated in
+//! f32, for one input row (decode) or a few (a short prefill). SM 6.1 (the MX250) has no bf16
+//! arithmetic: the kernels widen each element in registers.
+//!
+//! Q8_0 and Q4_K weights are multiplied in 8-bit integers with `dp4a`: the host quantizes the
+//! input rows with the CPU kernels' own quantizer ([`Q8Input`] in blocks of 32 for Q8_0,
+//! [`Q8KInput`] in blocks of 256 with sums of each 32 for Q4_K) and copies the quants, scales
+//! and sums in, so the GPU and the CPU multiply the same integers and differ only in the order
+//! of the f32 operations that scale and sum them (the decode path then gives the same numbers
+//! whichever tier a layer's weights are on, up to that rounding). Quantizing on the host
+//! rather than in a kernel costs a few microseconds of CPU per input row of a few thousand
+//! values, saves a second launch (and a block-wide max reduction) per call, and copies about
+//! 1.1 bytes per input value instead of 4.
 //!
 //! The kernels are CUDA C (`kernels/cuda/decode.cu`) compiled ahead to PTX for compute_61
 //! (`kernels/cuda/decode.ptx`, by `gen_ptx.py` with NVRTC) and JIT-compiled by the driver when
@@ -15,6 +25,8 @@
 #![allow(unsafe_code)]
 
 use super::WeightFormat;
+use super::q4_k::Q8KInput;
+use super::q8_0::Q8Input;
 use crate::error::{Result, RunnerError};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -36,7 +48,57 @@ const MAX_INPUT_ROWS: usize = 65_535;
 struct Lane {
     stream: Arc<CudaStream>,
     x: CudaSlice<f32>,
+    /// The quantized input of the Q8_0 and Q4_K kernels ([`QuantizedInput`]).
+    xq: CudaSlice<u8>,
     y: CudaSlice<f32>,
+}
+
+/// The input rows of a Q8_0 or Q4_K matmul as the kernels read them, packed into one buffer:
+/// the int8 quants (`n * cols` bytes, from offset 0: 16-byte aligned in the device buffer),
+/// then one f32 scale per input block (from `d_at`, a multiple of 32), then for Q4_K one i16
+/// sum per 32 quants (from `s_at`). `cols` is whole weight blocks, so the blocks of the whole
+/// `n * cols` input are those of each row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedInput {
+    /// The packed bytes.
+    pub bytes: Vec<u8>,
+    /// Where the scales start.
+    pub d_at: usize,
+    /// Where the sums start (the end of the buffer for Q8_0, which has none).
+    pub s_at: usize,
+}
+
+impl QuantizedInput {
+    /// Quantizes `x` for a `ty` weight with the CPU kernels' quantizer; `None` for the formats
+    /// the kernels read in f32.
+    pub fn new(ty: WeightFormat, x: &[f32]) -> Option<Self> {
+        let (q, d, sums) = match ty {
+            WeightFormat::Q8_0 => {
+                let xq = Q8Input::new(x);
+                (xq.q, xq.d, Vec::new())
+            }
+            WeightFormat::Q4_K => {
+                let xq = Q8KInput::new(x);
+                (xq.q, xq.d, xq.sums)
+            }
+            WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F32 => return None,
+        };
+        let d_at = q.len();
+        let s_at = d_at + 4 * d.len();
+        let mut bytes = vec![0u8; s_at + 2 * sums.len()];
+        let (qb, rest) = bytes.split_at_mut(d_at);
+        let (db, sb) = rest.split_at_mut(s_at - d_at);
+        for (o, &v) in qb.iter_mut().zip(&q) {
+            *o = v as u8;
+        }
+        for (o, v) in db.chunks_exact_mut(4).zip(&d) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+        for (o, v) in sb.chunks_exact_mut(2).zip(&sums) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+        Some(QuantizedInput { bytes, d_at, s_at })
+    }
 }
 
 /// The decode kernels loaded on one GPU; see the module documentation.
@@ -46,6 +108,8 @@ pub struct GpuKernels {
     bf16_v8: CudaFunction,
     f16: CudaFunction,
     f32: CudaFunction,
+    q8_0: CudaFunction,
+    q4_k: CudaFunction,
     lanes: Mutex<Vec<Lane>>,
     name: String,
     compute_capability: (i32, i32),
@@ -92,6 +156,8 @@ impl GpuKernels {
             bf16_v8: load("matmul_bf16_v8")?,
             f16: load("matmul_f16")?,
             f32: load("matmul_f32")?,
+            q8_0: load("matmul_q8_0")?,
+            q4_k: load("matmul_q4_k")?,
             name: ctx.name().unwrap_or_else(|_| "CUDA device".into()),
             compute_capability: ctx.compute_capability().unwrap_or((0, 0)),
             ctx,
@@ -160,15 +226,11 @@ impl GpuKernels {
             .device_address()
             .map_err(|e| RunnerError::Gpu(format!("the weight's device address: {e}")))?
             .ok_or_else(|| RunnerError::Gpu("the weight is not in GPU memory".into()))?;
-        // Each kernel loads its format's values one at a time.
+        // Each kernel loads its format's values one at a time; Q8_0 in 2-byte halves (its
+        // blocks are 34 bytes), Q4_K in 4-byte words (144-byte blocks).
         let align: u64 = match ty {
-            WeightFormat::Bf16 | WeightFormat::F16 => 2,
-            WeightFormat::F32 => 4,
-            WeightFormat::Q8_0 | WeightFormat::Q4_K => {
-                return Err(RunnerError::Gpu(format!(
-                    "the GPU kernels do not read {ty} weights yet"
-                )));
-            }
+            WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::Q8_0 => 2,
+            WeightFormat::F32 | WeightFormat::Q4_K => 4,
         };
         if !addr.is_multiple_of(align) {
             return Err(RunnerError::Gpu(format!(
@@ -182,41 +244,64 @@ impl GpuKernels {
             WeightFormat::Bf16 => &self.bf16,
             WeightFormat::F16 => &self.f16,
             WeightFormat::F32 => &self.f32,
-            WeightFormat::Q8_0 | WeightFormat::Q4_K => {
-                return Err(RunnerError::Gpu(format!(
-                    "the GPU kernels do not read {ty} weights yet"
-                )));
-            }
+            WeightFormat::Q8_0 => &self.q8_0,
+            WeightFormat::Q4_K => &self.q4_k,
         };
-        let mut lane = self.take_lane(x.len().max(1), out_len)?;
+        let quantized = QuantizedInput::new(ty, x);
+        let (x_len, xq_len) = match &quantized {
+            Some(q) => (1, q.bytes.len().max(1)),
+            None => (x.len().max(1), 1),
+        };
+        let mut lane = self.take_lane(x_len, xq_len, out_len)?;
         let result = (|| {
             let stream = lane.stream.clone();
-            if !x.is_empty() {
-                let mut xv = lane.x.slice_mut(0..x.len());
-                stream
-                    .memcpy_htod(x, &mut xv)
-                    .map_err(|e| gpu_err("copying the input in", e))?;
+            match &quantized {
+                Some(q) if !q.bytes.is_empty() => {
+                    let mut xv = lane.xq.slice_mut(0..q.bytes.len());
+                    stream
+                        .memcpy_htod(&q.bytes, &mut xv)
+                        .map_err(|e| gpu_err("copying the input in", e))?;
+                }
+                None if !x.is_empty() => {
+                    let mut xv = lane.x.slice_mut(0..x.len());
+                    stream
+                        .memcpy_htod(x, &mut xv)
+                        .map_err(|e| gpu_err("copying the input in", e))?;
+                }
+                _ => {}
             }
             let cfg = LaunchConfig {
                 grid_dim: ((rows.div_ceil(ROWS_PER_BLOCK)) as u32, n as u32, 1),
                 block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
+            // The quantized input's parts: quants, scales, sums.
+            let parts = quantized.as_ref().map(|q| {
+                [
+                    lane.xq.slice(0..q.d_at),
+                    lane.xq.slice(q.d_at..q.s_at),
+                    lane.xq.slice(q.s_at..q.bytes.len()),
+                ]
+            });
             let mut launch = stream.launch_builder(func);
-            launch
-                .arg(&addr)
-                .arg(&lane.x)
-                .arg(&mut lane.y)
-                .arg(&rows32)
-                .arg(&cols32);
+            launch.arg(&addr);
+            match &parts {
+                Some([qs, ds, ss]) => launch.arg(qs).arg(ds).arg(ss),
+                None => launch.arg(&lane.x),
+            };
+            launch.arg(&mut lane.y).arg(&rows32).arg(&cols32);
             // SAFETY: the arguments match the kernels' signatures in decode.cu (weight
-            // pointer, x, y, rows, cols as u32). `addr .. addr + rows*cols*size` is the
-            // pinned weight's copy in GPU memory (checked: its length is exactly that, on the
-            // device tier, aligned for its type and, for the v8 kernel, to 16 bytes with cols
-            // a multiple of 8), in the primary context these kernels were loaded in; the pin
-            // keeps it from being moved, evicted or freed until this call returns, which is
-            // after the stream is synchronised below. x holds at least n*cols values and y at
-            // least n*rows (the lane was sized for them); grid.y = n <= 65,535.
+            // pointer, x (or for Q8_0 and Q4_K the quants, scales and sums), y, rows, cols as
+            // u32). `addr .. addr + matrix_bytes` is the pinned weight's copy in GPU memory
+            // (checked: its length is exactly that, on the device tier, aligned for its
+            // kernel's loads and, for the v8 kernel, to 16 bytes with cols a multiple of 8), in
+            // the primary context these kernels were loaded in; the pin keeps it from being
+            // moved, evicted or freed until this call returns, which is after the stream is
+            // synchronised below. x holds at least n*cols values, or the quantized buffer
+            // n*cols quants from its (allocation-aligned) start, n*cols/32 or /256 f32 scales
+            // from d_at (a multiple of 32) and, for Q4_K, n*cols/32 sums from s_at (a multiple
+            // of 4), as `QuantizedInput` packs them; y holds at least n*rows values (the lane
+            // was sized for them); grid.y = n <= 65,535.
             unsafe { launch.launch(cfg) }.map_err(|e| gpu_err("launching the kernel", e))?;
             let mut y = vec![0f32; out_len];
             stream
@@ -243,7 +328,7 @@ impl GpuKernels {
         result
     }
 
-    fn take_lane(&self, x_len: usize, y_len: usize) -> Result<Lane> {
+    fn take_lane(&self, x_len: usize, xq_len: usize, y_len: usize) -> Result<Lane> {
         let pooled = self.lanes.lock().map(|mut l| l.pop()).unwrap_or(None);
         let mut lane = match pooled {
             Some(l) => l,
@@ -255,10 +340,13 @@ impl GpuKernels {
                 let x = stream
                     .alloc_zeros::<f32>(1)
                     .map_err(|e| gpu_err("alloc", e))?;
+                let xq = stream
+                    .alloc_zeros::<u8>(1)
+                    .map_err(|e| gpu_err("alloc", e))?;
                 let y = stream
                     .alloc_zeros::<f32>(1)
                     .map_err(|e| gpu_err("alloc", e))?;
-                Lane { stream, x, y }
+                Lane { stream, x, xq, y }
             }
         };
         if lane.x.len() < x_len {
@@ -266,6 +354,12 @@ impl GpuKernels {
                 .stream
                 .alloc_zeros::<f32>(x_len.next_power_of_two())
                 .map_err(|e| gpu_err("allocating the input buffer", e))?;
+        }
+        if lane.xq.len() < xq_len {
+            lane.xq = lane
+                .stream
+                .alloc_zeros::<u8>(xq_len.next_power_of_two())
+                .map_err(|e| gpu_err("allocating the quantized input buffer", e))?;
         }
         if lane.y.len() < y_len {
             lane.y = lane

@@ -5,9 +5,11 @@
 //!
 //! - [`matvec`]: `y = W x` for `W: [out, in]` (a linear layer, `x @ W^T`);
 //! - [`vecmat`]: `y = x W` for `W: [in, out]` (the released layout's fused experts, `x @ W`);
-//! - [`matmul`]: `Y = X W^T` for several rows of `X` (prefill, the vision tower): the tiled
-//!   product of [`gemm`], which packs panels of weight rows into the micro-kernels' lanes
-//!   (f32, bf16 pairs or Q8) a few KiB at a time, never the whole weight;
+//! - [`matmul`]: `Y = X W^T` for several rows of `X`: for a few rows (a decode batch) the
+//!   batched kernels of [`batch`], which read each weight row once for every input row; for
+//!   more (prefill, the vision tower) the tiled product of [`gemm`], which packs panels of
+//!   weight rows into the micro-kernels' lanes (f32, bf16 pairs or Q8) a few KiB at a time,
+//!   never the whole weight;
 //! - [`read_bandwidth_probe`]: a vectorized read of a buffer on all cores, to measure the
 //!   machine's memory read bandwidth.
 //!
@@ -20,9 +22,11 @@
 //! Rows (or, for [`vecmat`], output columns) are split across [`pool::global`], a pool whose
 //! threads spin briefly between jobs, so the few hundred short products of a decode step do
 //! not each wait for sleeping threads. The crate's `unsafe` lives in this module's
-//! [`bf16`] (SIMD), [`q8_0`] (SIMD), [`gemm`] (SIMD, and the output its tasks share),
-//! [`pool`] (a job's borrowed function) and `cuda` submodules.
+//! [`bf16`] (SIMD), [`q8_0`] (SIMD), [`q4_k`] (SIMD), [`batch`] (SIMD), [`gemm`] (SIMD, and
+//! the output its tasks share), [`pool`] (a job's borrowed function) and `cuda` submodules.
 
+pub mod attention;
+pub mod batch;
 pub mod bf16;
 #[cfg(target_arch = "x86_64")]
 pub mod bf16_avx512;
@@ -32,6 +36,8 @@ pub mod gemm;
 pub mod pool;
 pub mod q4_k;
 pub mod q8_0;
+#[cfg(test)]
+pub(crate) mod test_util;
 
 use crate::error::{Result, RunnerError};
 pub use vlmem_qwen3vl::format::WeightFormat;
@@ -77,6 +83,10 @@ struct Input<'a> {
     q8k: Option<q4_k::Q8KInput>,
     /// `x` reordered for the bf16 split kernels, when a bf16 matrix is among those multiplied.
     split: Option<bf16::SplitInput>,
+    /// `x` as the batched Q8_0 kernel's one input row, where that kernel has AVX-512 VNNI:
+    /// its unsigned-input form (one `vpdpbusd` per block, the weights' sum subtracted once)
+    /// gives the single-row kernel's integers, so the same bits, in about 0.6 of its time.
+    q8_batch: Option<batch::BatchInput<'a>>,
 }
 
 impl<'a> Input<'a> {
@@ -87,16 +97,23 @@ impl<'a> Input<'a> {
             q8k |= ty == WeightFormat::Q4_K;
             split |= ty == WeightFormat::Bf16 && bf16::Isa::best().splits();
         }
+        let q8_batch = (q8 && batch::path_for(WeightFormat::Q8_0) == Some(batch::Path::Avx512))
+            .then(|| batch::BatchInput::new(batch::Path::Avx512, WeightFormat::Q8_0, x, 1, x.len()))
+            .flatten();
         Input {
             x,
-            q8: q8.then(|| q8_0::Q8Input::new(x)),
+            q8: (q8 && q8_batch.is_none()).then(|| q8_0::Q8Input::new(x)),
             q8k: q8k.then(|| q4_k::Q8KInput::new(x)),
             split: split.then(|| bf16::SplitInput::new(x)),
+            q8_batch,
         }
     }
 
     /// `y = W x` for the rows of `w` (whole rows of `cols` values of `ty`).
     fn rows_into(&self, w: &[u8], ty: WeightFormat, cols: usize, y: &mut [f32]) {
+        if let (WeightFormat::Q8_0, Some(b)) = (ty, &self.q8_batch) {
+            return batch::rows_into(b, w, y);
+        }
         match (ty, &self.q8, &self.q8k) {
             (WeightFormat::Q8_0, Some(xq), _) => q8_0::matvec_rows(w, cols, xq, y),
             (WeightFormat::Q4_K, _, Some(xq)) => q4_k::matvec_rows(w, cols, xq, y),
@@ -290,10 +307,12 @@ pub fn matvec_f32(w: &[f32], rows: usize, cols: usize, x: &[f32]) -> Result<Vec<
 pub const MATMUL_MAX_ROWS: usize = usize::MAX;
 
 /// `Y = X W^T`: `w` holds `W` as `rows x cols` elements of `ty`, `x` holds `n` input rows of
-/// `cols` values; returns `n x rows` values (row-major), each accumulated in f32: the tiled
-/// product [`gemm::gemm`] on the stored bytes (no widened copy of the weight). Up to
-/// [`gemm::ROWS_PATH_MAX_N`] rows, row `t` of the result equals [`matvec`] of input row `t`
-/// bit for bit; past it, within f32 accumulation of the same product.
+/// `cols` values; returns `n x rows` values (row-major), each accumulated in f32:
+/// [`gemm::gemm`] on the stored bytes (no widened copy of the weight). Where it takes the
+/// decode kernels ([`gemm::route_for`]: bf16, Q8_0 and Q4_K weights up to
+/// [`gemm::batch_max_n`] rows, the batched kernels of [`batch`]; f16 and f32 up to
+/// [`gemm::ROWS_PATH_MAX_N`] rows), row `t` of the result equals [`matvec`] of input row `t`
+/// bit for bit; past them (the tiled product), within f32 accumulation of the same product.
 pub fn matmul(
     w: &[u8],
     ty: WeightFormat,
@@ -371,21 +390,8 @@ pub fn read_bandwidth_probe(buf: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_util::Rng;
     use half::{bf16 as Bf16, f16 as F16};
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
 
     /// The matrix as stored bytes of `ty` and as the exact values those bytes hold.
     fn matrix(rng: &mut Rng, ty: WeightFormat, n: usize) -> (Vec<u8>, Vec<f64>) {
@@ -607,6 +613,104 @@ mod tests {
         }
         assert!(matmul(&w, WeightFormat::Bf16, rows, cols, &x[1..], 5).is_err());
         assert!(matmul(&w, WeightFormat::Bf16, rows, cols, &x, usize::MAX).is_err());
+    }
+
+    /// For bf16, Q8_0 and Q4_K weights, [`matmul`] of up to [`gemm::batch_max_n`] rows
+    /// takes the batched kernels, and each of its rows equals [`matvec`] of that input row
+    /// bit for bit, whatever the split over tasks (rows that are not a multiple of a task,
+    /// several tasks), with a bias added after, and through a weight streamed in blocks of
+    /// rows; every batched path this CPU has runs over the pool with the same results as on
+    /// one thread.
+    #[test]
+    fn matmul_batches_equal_matvec_bit_for_bit() {
+        let mut rng = Rng(44);
+        for ty in [WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_K] {
+            let max = gemm::batch_max_n(ty, gemm::precision());
+            assert!(max >= 16, "{ty}: batched up to {max} rows");
+            let block = usize::try_from(ty.block_elems()).unwrap().max(32);
+            for (rows, cols) in [
+                (37usize, block),
+                (1030, 2 * block),
+                (4099, block + 64 * (ty == WeightFormat::Bf16) as usize),
+            ] {
+                let (w, _) = matrix(&mut rng, ty, rows * cols);
+                for n in [2usize, 3, 5, 16] {
+                    assert_eq!(gemm::route_for(ty, n), gemm::Route::Batch);
+                    let x = rng.values(n * cols);
+                    let y = matmul(&w, ty, rows, cols, &x, n).unwrap();
+                    let bias = rng.values(rows);
+                    let yb = gemm::gemm(&w, ty, rows, cols, &x, n, Some(&bias)).unwrap();
+                    // The weight in two blocks of rows, as a streamed weight is multiplied.
+                    let split = rows / 3;
+                    let rb = row_bytes(ty, cols).unwrap();
+                    let mut ys = vec![f32::NAN; n * rows];
+                    for (first, count) in [(0, split), (split, rows - split)] {
+                        let block = &w[first * rb..(first + count) * rb];
+                        gemm::gemm_cols_into(
+                            block, ty, count, cols, &x, n, None, &mut ys, rows, first,
+                        )
+                        .unwrap();
+                    }
+                    assert_eq!(ys, y, "{ty} {rows}x{cols} n {n} streamed");
+                    for t in 0..n {
+                        let want =
+                            matvec(&w, ty, rows, cols, &x[t * cols..(t + 1) * cols]).unwrap();
+                        assert_eq!(
+                            &y[t * rows..(t + 1) * rows],
+                            &want[..],
+                            "{ty} {rows}x{cols} n {n} row {t}"
+                        );
+                        let with_bias: Vec<f32> =
+                            want.iter().zip(&bias).map(|(v, b)| v + b).collect();
+                        assert_eq!(
+                            &yb[t * rows..(t + 1) * rows],
+                            &with_bias[..],
+                            "{ty} bias row {t}"
+                        );
+                    }
+                    for path in batch::Path::ALL.into_iter().filter(|p| p.available(ty)) {
+                        let pooled =
+                            gemm::gemm_batch_on(path, &w, ty, rows, cols, &x, n, None).unwrap();
+                        let input = batch::BatchInput::new(path, ty, &x, n, cols).unwrap();
+                        let mut one = vec![f32::NAN; n * rows];
+                        batch::rows_into(&input, &w, &mut one);
+                        assert_eq!(pooled, one, "{ty} {path:?} {rows}x{cols} n {n}");
+                    }
+                }
+            }
+        }
+        // f16 and f32 weights have no batched kernel: the rows route up to 2 rows, then tiles.
+        assert_eq!(gemm::batch_max_n(WeightFormat::F32, gemm::precision()), 0);
+        assert_eq!(gemm::route_for(WeightFormat::F16, 2), gemm::Route::Rows);
+        assert_eq!(gemm::route_for(WeightFormat::F16, 3), gemm::Route::Tiled);
+        assert_eq!(gemm::route_for(WeightFormat::Bf16, 1), gemm::Route::Rows);
+        let (w, _) = matrix(&mut rng, WeightFormat::F32, 4 * 32);
+        assert!(
+            gemm::gemm_via(
+                gemm::Route::Batch,
+                &w,
+                WeightFormat::F32,
+                4,
+                32,
+                &[0.5; 64],
+                2,
+                None
+            )
+            .is_err()
+        );
+        assert!(
+            gemm::gemm_batch_on(
+                batch::Path::Scalar,
+                &w,
+                WeightFormat::F32,
+                4,
+                32,
+                &[0.5; 64],
+                2,
+                None
+            )
+            .is_err()
+        );
     }
 
     /// [`matvec_many`] gives each matrix's [`matvec`], bit for bit.

@@ -3,7 +3,10 @@
 //! first layers, the final norm and the (tied or untied) lm_head.
 
 mod attend;
+mod batch;
 mod step;
+
+pub use batch::BatchRow;
 
 pub use attend::KV_CHUNK_TOKENS;
 

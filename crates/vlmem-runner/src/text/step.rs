@@ -194,7 +194,13 @@ impl TextDecoder {
     /// [`TextDecoder::moe`] for one row on arena views: the router's top-k experts (ties to
     /// the lower index), weights renormalised when the config says so, each routed expert's
     /// SwiGLU through its slice only, summed in expert order into `out`.
-    fn moe_in_arena(&self, p: &Params, pre: &str, layer: usize, b: MoeBufs<'_>) -> Result<()> {
+    pub(super) fn moe_in_arena(
+        &self,
+        p: &Params,
+        pre: &str,
+        layer: usize,
+        b: MoeBufs<'_>,
+    ) -> Result<()> {
         let moe = self
             .cfg
             .moe
@@ -329,17 +335,17 @@ impl<'a> StepBufs<'a> {
 }
 
 /// The views a MoE block works in (see [`StepBufs`]).
-struct MoeBufs<'b> {
-    x: &'b [f32],
-    gate: &'b mut [f32],
-    act: &'b mut [f32],
-    router: &'b mut [f32],
-    expert_out: &'b mut [f32],
-    out: &'b mut [f32],
+pub(super) struct MoeBufs<'b> {
+    pub(super) x: &'b [f32],
+    pub(super) gate: &'b mut [f32],
+    pub(super) act: &'b mut [f32],
+    pub(super) router: &'b mut [f32],
+    pub(super) expert_out: &'b mut [f32],
+    pub(super) out: &'b mut [f32],
 }
 
 /// `out = w * x / sqrt(mean(x^2) + eps)`, as [`rms_norm`](crate::nn::rms_norm) computes it.
-fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+pub(super) fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (ms + eps).sqrt();
     for ((o, &v), &wv) in out.iter_mut().zip(x).zip(w) {
@@ -348,7 +354,7 @@ fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// RMSNorm of each `w.len()`-wide head of `x`, in place.
-fn head_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+pub(super) fn head_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     for head in x.chunks_exact_mut(w.len()) {
         let ms = head.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
         let inv = 1.0 / (ms + eps).sqrt();
@@ -360,7 +366,7 @@ fn head_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
 
 /// Rotary embedding of each head of `x` in place, the halves rotated as candle's `rope`
 /// (and the reference's `rotate_half`) rotate them.
-fn rope_in_place(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+pub(super) fn rope_in_place(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
     for head in x.chunks_exact_mut(2 * half) {
         let (a, b) = head.split_at_mut(half);
@@ -388,11 +394,11 @@ fn softmax_in_place(x: &mut [f32]) {
     }
 }
 
-fn silu(g: f32) -> f32 {
+pub(super) fn silu(g: f32) -> f32 {
     g / (1.0 + (-g).exp())
 }
 
-fn add_in_place(h: &mut [f32], d: &[f32]) {
+pub(super) fn add_in_place(h: &mut [f32], d: &[f32]) {
     for (a, &b) in h.iter_mut().zip(d) {
         *a += b;
     }

@@ -1,6 +1,8 @@
 //! Tiled matrix products for prefill and the vision tower: `Y = X W^T (+ b)` for `n` input
 //! rows `X: [n, in]` and a weight `W: [out, in]` read in its stored format, with no widened
-//! copy of the weight.
+//! copy of the weight. A few rows (a decode batch) go to the decode kernels instead
+//! ([`route_for`]: [`super::batch`], or each row's [`super::matvec`] loop), whose work is the
+//! rows there are, where a tile's is a whole tile.
 //!
 //! The loops (after Goto and van de Geijn's layered GEMM):
 //! - `X` is packed once per chunk of up to [`CHUNK_ROWS`] rows ([`pack`]), in the lanes the
@@ -80,11 +82,76 @@ pub const KC_PACKED: usize = 512;
 /// 256 KiB) stays in L2 beside the block of `X`.
 const MAX_PANEL_MICRO: usize = 4;
 
-/// Rows of `X` up to which [`gemm`] multiplies each input row against L2-cached blocks of
-/// the stored weights (the matrix-vector kernel's row loop, so each row equals
+/// Rows of `X` up to which [`gemm`] multiplies weights that have no batched kernel (f16,
+/// f32: [`super::batch::path_for`]) one input row at a time against L2-cached blocks of the
+/// stored weights ([`Route::Rows`]: the matrix-vector kernel's row loop, so each row equals
 /// [`super::matvec`] of it bit for bit) instead of packing tiles, whose work is a whole tile
-/// (12 or 32 rows) whatever the rows.
+/// (12 or 32 rows) whatever the rows. bf16, Q8_0 and Q4_K weights take [`Route::Batch`]
+/// up to [`batch_max_n`] rows instead.
 pub const ROWS_PATH_MAX_N: usize = 2;
+
+/// Which loop [`gemm`] runs a product with ([`route_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Each input row through the matrix-vector kernel, against L2-sized blocks of the
+    /// weight: each output row equals [`super::matvec`]'s bit for bit.
+    Rows,
+    /// The batched decode kernels ([`super::batch`]): each weight row read once for every
+    /// input row, each output row equal to [`super::matvec`]'s bit for bit.
+    Batch,
+    /// The tiled product on [`path_for`]'s micro-kernel.
+    Tiled,
+}
+
+/// The most rows of `X` [`gemm`] gives the batched kernels for weights of `ty` at
+/// `precision` (0 where `ty` has no batched kernel on this CPU): the batched kernels' time
+/// grows with the rows (each row is its own dot products), the tiled product's by whole
+/// tiles, so past some rows the tiles win. Measured on the development VM (2 vCPUs of a
+/// Xeon with AVX-512 VNNI and BF16, no AMX exposed; `examples/batch_decode.rs`, medians of
+/// interleaved runs, 2048 x 6144 and 6144 x 2048), batched against tiled:
+///
+/// | weights | AVX-512 (batched / tiled ms)              | AVX2 paths on the same CPU       |
+/// |---------|-------------------------------------------|----------------------------------|
+/// | bf16    | 32 rows: 5.1 / 8.5, 11.2 / 16.8; 48: tie  | 32: 7.4 / 9.8, 15.0 / 21.1; 48: tie |
+/// | Q8_0    | 24: 3.9 / 4.4, 7.9 / 9.7; 32: tie         | 32: 7.3 / 8.3, 15.4 / 17.1; 48: tie |
+/// | Q4_K    | 48: 5.7 / 9.7, 12.2 / 19.6                | 48: 6.3 / 12.0, 15.1 / 28.3       |
+///
+/// so bf16 up to 32 rows, Q8_0 up to 24 (AVX-512 VNNI tiles) or 32 (AVX2 tiles), Q4_K (whose
+/// tiles widen the weights to f32) up to 48. The AMX tiles (32 rows a tile) and the portable
+/// paths were not measured (the VM has no AMX): 16 rows there, the decode batches.
+pub fn batch_max_n(ty: WeightFormat, precision: Precision) -> usize {
+    let Some(batched) = super::batch::path_for(ty) else {
+        return 0;
+    };
+    if batched == super::batch::Path::Scalar {
+        return 16;
+    }
+    match (ty, path_for(ty, precision)) {
+        (_, Path::AmxExact | Path::AmxBf16) => 16,
+        (WeightFormat::Bf16, _) => 32,
+        (WeightFormat::Q8_0, Path::Q8Avx512) => 24,
+        (WeightFormat::Q8_0, Path::Q8Avx2) => 32,
+        (WeightFormat::Q4_K, Path::F32Avx512 | Path::F32Avx2) => 48,
+        _ => 16,
+    }
+}
+
+/// The loop [`gemm`] takes for `n` rows of `X` and weights of `ty` at [`precision`]:
+/// [`Route::Batch`] from 2 rows up to [`batch_max_n`], else [`Route::Rows`] up to
+/// [`ROWS_PATH_MAX_N`] rows (one row: [`super::matvec`] itself; the batched kernels read
+/// each weight once either way, and on one row ran no faster), else [`Route::Tiled`]. At 2
+/// and 3 rows the batched kernels ran as fast as the rows route or faster (best of 41
+/// interleaved runs: bf16 0.66 against 0.72 ms, Q8_0 0.40 against 0.63, Q4_K 0.36 against
+/// 0.38 on 2048 x 6144 and 2 rows).
+pub fn route_for(ty: WeightFormat, n: usize) -> Route {
+    if n >= 2 && n <= batch_max_n(ty, precision()) {
+        Route::Batch
+    } else if n <= ROWS_PATH_MAX_N {
+        Route::Rows
+    } else {
+        Route::Tiled
+    }
+}
 
 /// How the activations enter a product (the module doc gives the bounds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -554,7 +621,9 @@ fn check(
 
 /// `Y = X W^T (+ b)`: `w` holds `W` as `rows x cols` elements of `ty` (`rows` outputs),
 /// `x` holds `n` input rows of `cols` values, `bias` (if any) `rows` values; returns
-/// `n x rows` values (row-major), on the path [`path_for`] gives at [`precision`].
+/// `n x rows` values (row-major), on the route [`route_for`] gives: a few rows through the
+/// decode kernels (each row equal to [`super::matvec`] of it, bit for bit, plus the bias),
+/// more through the tiled product on the path [`path_for`] gives at [`precision`].
 pub fn gemm(
     w: &[u8],
     ty: WeightFormat,
@@ -610,10 +679,54 @@ pub fn gemm_cols_into(
         cols,
         row_bytes,
     };
-    if n <= ROWS_PATH_MAX_N {
-        return rows_path(wt, x, n, bias, &out);
+    run_route(route_for(ty, n), wt, x, n, bias, &out)
+}
+
+/// Runs a product (sizes checked) on `route`; an error for [`Route::Batch`] where `ty` has
+/// no batched kernel on this CPU.
+fn run_route(
+    route: Route,
+    wt: Weights<'_>,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &Out,
+) -> Result<()> {
+    match route {
+        Route::Rows => rows_path(wt, x, n, bias, out),
+        Route::Batch => {
+            let path = super::batch::path_for(wt.ty).ok_or_else(|| no_batch_kernel(wt.ty))?;
+            batch_path(path, wt, x, n, bias, out)
+        }
+        Route::Tiled => run(path_for(wt.ty, precision()), wt, x, n, bias, out),
     }
-    run(path_for(ty, precision()), wt, x, n, bias, &out)
+}
+
+/// [`gemm`] on a given route (tests and benchmarks): [`Route::Batch`] is an error where
+/// `ty` has no batched kernel on this CPU.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_via(
+    route: Route,
+    w: &[u8],
+    ty: WeightFormat,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let row_bytes = check(w, ty, rows, cols, x.len(), n, bias)?;
+    let mut y = vec![0f32; n * rows];
+    let out = out_view(&mut y, n, rows, 0, rows)?;
+    let wt = Weights {
+        w,
+        ty,
+        rows,
+        cols,
+        row_bytes,
+    };
+    run_route(route, wt, x, n, bias, &out)?;
+    Ok(y)
 }
 
 /// [`gemm`] on a given path (tests and benchmarks): an error if this CPU lacks it or it
@@ -923,6 +1036,77 @@ fn rows_path(wt: Weights<'_>, x: &[f32], n: usize, bias: Option<&[f32]>, out: &O
         for (t, input) in inputs.iter().enumerate() {
             input.rows_into(wb, wt.ty, wt.cols, &mut local);
             out.store(t, r0, &local, bias);
+        }
+    });
+    Ok(())
+}
+
+/// [`gemm`] on the batched route with a given batched path (tests and benchmarks: a path
+/// other than [`super::batch::path_for`]'s may give other bits than [`super::matvec`]); an
+/// error if this CPU lacks it or it does not read `ty`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_batch_on(
+    path: super::batch::Path,
+    w: &[u8],
+    ty: WeightFormat,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let row_bytes = check(w, ty, rows, cols, x.len(), n, bias)?;
+    if !path.available(ty) {
+        return Err(no_batch_kernel(ty));
+    }
+    let mut y = vec![0f32; n * rows];
+    let out = out_view(&mut y, n, rows, 0, rows)?;
+    let wt = Weights {
+        w,
+        ty,
+        rows,
+        cols,
+        row_bytes,
+    };
+    batch_path(path, wt, x, n, bias, &out)?;
+    Ok(y)
+}
+
+fn no_batch_kernel(ty: WeightFormat) -> RunnerError {
+    RunnerError::BadRequest(format!(
+        "gemm: no batched kernel for {ty} weights on this CPU"
+    ))
+}
+
+/// The batched route: the inputs prepared once ([`super::batch::BatchInput`]: quantized or
+/// split, as the matrix-vector kernels take them), then tasks of whole rows
+/// ([`super::rows_per_task`]) over the pool, each reading its rows once for every input row.
+fn batch_path(
+    path: super::batch::Path,
+    wt: Weights<'_>,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &Out,
+) -> Result<()> {
+    if n == 0 || wt.rows == 0 {
+        return Ok(());
+    }
+    if wt.cols == 0 {
+        let zeros = vec![0f32; wt.rows];
+        (0..n).for_each(|t| out.store(t, 0, &zeros, bias));
+        return Ok(());
+    }
+    let input = super::batch::BatchInput::new(path, wt.ty, x, n, wt.cols)
+        .ok_or_else(|| no_batch_kernel(wt.ty))?;
+    let per_task = super::rows_per_task(wt.rows, wt.cols, wt.row_bytes);
+    pool::global().for_each((0..wt.rows).step_by(per_task), |r0| {
+        let rb = per_task.min(wt.rows - r0);
+        let wb = &wt.w[r0 * wt.row_bytes..(r0 + rb) * wt.row_bytes];
+        let mut local = vec![0f32; n * rb];
+        super::batch::rows_into(&input, wb, &mut local);
+        for (t, yt) in local.chunks_exact(rb).enumerate() {
+            out.store(t, r0, yt, bias);
         }
     });
     Ok(())

@@ -1,0 +1,326 @@
+//! The continuous-batching scheduler on the bundled fixtures: requests submitted together
+//! (joining the batch one prompt pass at a time) each get the ids they get alone; every
+//! request ends exactly once; cancelling, a full queue, bad requests and shutdown behave as
+//! documented; and no KV block is left behind.
+
+mod common;
+use common::{FIXTURES, fixture_dir, ids as ids_of};
+
+use crossbeam_channel::{Receiver, unbounded};
+use std::sync::Arc;
+use std::time::Duration;
+use vlmem_runner::kv::KvDtype;
+use vlmem_runner::{
+    Engine, FinishReason, Request, RequestImage, SamplingParams, Scheduler, SchedulerConfig,
+    SeqEvent, SubmitError,
+};
+
+/// A sink that forwards every event to a channel, and the channel's receiving end.
+fn channel_sink() -> (vlmem_runner::Sink, Receiver<SeqEvent>) {
+    let (tx, rx) = unbounded();
+    (Box::new(move |e| tx.send(e).is_ok()), rx)
+}
+
+/// The ids of a request's events, and how it ended.
+fn collect(rx: &Receiver<SeqEvent>) -> (Vec<u32>, vlmem_runner::Finished) {
+    let mut ids = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)).expect("an event") {
+            SeqEvent::Token(id) => ids.push(id),
+            SeqEvent::Finished(f) => {
+                assert!(rx.try_recv().is_err(), "nothing follows the end");
+                return (ids, f);
+            }
+            SeqEvent::Failed(e) => panic!("failed: {e}"),
+        }
+    }
+}
+
+fn engine(fixture: &str) -> Arc<Engine> {
+    Arc::new(
+        Engine::builder(fixture_dir(fixture))
+            .kv_dtype(KvDtype::F32)
+            .build()
+            .unwrap(),
+    )
+}
+
+/// Text ids below the vision tokens, `n` of them from `seed`.
+fn text_ids(engine: &Engine, n: usize, seed: u32) -> Vec<u32> {
+    let cfg = engine.runner().model().config();
+    let bound = cfg
+        .text
+        .vocab_size
+        .min(cfg.image_token_id as u64)
+        .min(cfg.vision_start_token_id as u64) as u32;
+    let mut x = seed.wrapping_mul(0x9E37_79B9) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x % bound
+        })
+        .collect()
+}
+
+fn greedy(r: Request, new_tokens: usize) -> Request {
+    r.max_new_tokens(new_tokens)
+        .sampling(SamplingParams::greedy())
+}
+
+/// Live blocks in the engine's paged KV pool (every fixture's engine has one).
+fn kv_blocks(engine: &Engine) -> u64 {
+    engine.kv_pool().expect("a paged KV pool").stats().blocks
+}
+
+#[test]
+fn batched_requests_each_get_their_ids_alone() {
+    for fixture in FIXTURES {
+        let engine = engine(fixture);
+        let dir = fixture_dir(fixture);
+        let image_prompt = ids_of(&common::reference(&dir)["input_ids"]);
+        let requests: Vec<Request> = (0..8)
+            .map(|i| {
+                let r = if i % 3 == 0 {
+                    Request::ids(image_prompt.clone())
+                        .image(RequestImage::Path(dir.join("image0.png")))
+                } else {
+                    Request::ids(text_ids(&engine, 1 + 3 * i, i as u32 + 1))
+                };
+                greedy(r, 4 + i)
+            })
+            .collect();
+        let alone: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| engine.generate(r, &mut |_| {}).unwrap().ids)
+            .collect();
+        let scheduler = Scheduler::start(engine.clone(), SchedulerConfig::default());
+        let receivers: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let (sink, rx) = channel_sink();
+                let ticket = scheduler.submit(r, sink).unwrap();
+                assert!(ticket.prompt_tokens() > 0);
+                rx
+            })
+            .collect();
+        for (i, (rx, want)) in receivers.iter().zip(&alone).enumerate() {
+            let (ids, f) = collect(rx);
+            assert_eq!(&ids, want, "{fixture}: request {i}");
+            assert_eq!(f.generated_tokens, ids.len());
+            assert!(!f.cancelled);
+            let stopped = f.finish_reason == FinishReason::Stop;
+            assert_eq!(stopped, ids.len() < 4 + i, "{fixture}: request {i}: {f:?}");
+        }
+        let stats = scheduler.stats();
+        assert_eq!(stats.completed, 8);
+        assert_eq!((stats.running, stats.queued, stats.rejected), (0, 0, 0));
+        assert!(stats.max_batch > 1, "{fixture}: never batched: {stats:?}");
+        assert_eq!(
+            stats.generated_tokens,
+            alone.iter().map(|a| a.len() as u64).sum::<u64>()
+        );
+        assert_eq!(kv_blocks(&engine), 0, "{fixture}: KV blocks left");
+        scheduler.shutdown(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn a_cancelled_request_ends_once_and_frees_its_blocks() {
+    let engine = engine(FIXTURES[0]);
+    let scheduler = Scheduler::start(engine.clone(), SchedulerConfig::default());
+    // A sink that stops after three ids (a client that went away).
+    let (tx, rx) = unbounded();
+    let mut seen = 0;
+    let sink: vlmem_runner::Sink = Box::new(move |e| {
+        if matches!(e, SeqEvent::Token(_)) {
+            seen += 1;
+        }
+        let _ = tx.send(e);
+        seen < 3
+    });
+    scheduler
+        .submit(&greedy(Request::ids(text_ids(&engine, 6, 9)), 500), sink)
+        .unwrap();
+    let (ids, f) = collect(&rx);
+    assert_eq!(ids.len(), 3);
+    assert!(f.cancelled);
+    // A ticket cancels as well, while the request runs.
+    let (sink, rx) = channel_sink();
+    let ticket = scheduler
+        .submit(&greedy(Request::ids(text_ids(&engine, 6, 10)), 500), sink)
+        .unwrap();
+    assert!(matches!(rx.recv().unwrap(), SeqEvent::Token(_)));
+    ticket.cancel();
+    let (ids, f) = collect(&rx);
+    assert!(f.cancelled && ids.len() < 499, "{f:?}");
+    assert_eq!(scheduler.stats().completed, 2);
+    assert_eq!(kv_blocks(&engine), 0);
+}
+
+#[test]
+fn a_full_queue_refuses_and_bad_requests_are_refused_at_once() {
+    let engine = engine(FIXTURES[0]);
+    let scheduler = Scheduler::start(
+        engine.clone(),
+        SchedulerConfig {
+            max_seqs: 1,
+            max_queue: 1,
+        },
+    );
+    let long = greedy(Request::ids(text_ids(&engine, 4, 1)), 400);
+    let (sink_a, rx_a) = channel_sink();
+    let a = scheduler.submit(&long, sink_a).unwrap();
+    // A runs once its first id arrives; B then waits in the one queue slot.
+    assert!(matches!(rx_a.recv().unwrap(), SeqEvent::Token(_)));
+    let (sink_b, rx_b) = channel_sink();
+    scheduler.submit(&long, sink_b).unwrap();
+    let (sink_c, _rx_c) = channel_sink();
+    match scheduler.submit(&long, sink_c) {
+        Err(SubmitError::QueueFull { queued: 1 }) => {}
+        other => panic!("expected a full queue, got {other:?}"),
+    }
+    assert_eq!(scheduler.stats().rejected, 1);
+    // An id outside the vocabulary and impossible sampling are refused before queueing.
+    let vocab = engine.runner().model().config().text.vocab_size as u32;
+    let (sink, _rx) = channel_sink();
+    assert!(matches!(
+        scheduler.submit(&Request::ids(vec![vocab + 5]), sink),
+        Err(SubmitError::Refused(_))
+    ));
+    let bad = Request::ids(vec![1, 2]).sampling(SamplingParams {
+        temperature: -1.0,
+        ..SamplingParams::greedy()
+    });
+    let (sink, _rx) = channel_sink();
+    assert!(matches!(
+        scheduler.submit(&bad, sink),
+        Err(SubmitError::Refused(_))
+    ));
+    a.cancel();
+    let (_, fa) = collect(&rx_a);
+    assert!(fa.cancelled);
+    // B starts once A's slot frees.
+    assert!(matches!(rx_b.recv().unwrap(), SeqEvent::Token(_)));
+    // Shutdown with no grace cancels B, then refuses new requests.
+    scheduler.shutdown(Duration::ZERO);
+    let (_, fb) = collect(&rx_b);
+    assert!(fb.cancelled);
+    let (sink, _rx) = channel_sink();
+    assert!(matches!(
+        scheduler.submit(&long, sink),
+        Err(SubmitError::ShuttingDown)
+    ));
+    assert_eq!(kv_blocks(&engine), 0);
+}
+
+#[test]
+fn shutdown_lets_running_requests_finish_within_the_grace() {
+    let engine = engine(FIXTURES[0]);
+    let scheduler = Scheduler::start(engine.clone(), SchedulerConfig::default());
+    let receivers: Vec<_> = (0..3)
+        .map(|i| {
+            let (sink, rx) = channel_sink();
+            scheduler
+                .submit(&greedy(Request::ids(text_ids(&engine, 3, i)), 5), sink)
+                .unwrap();
+            rx
+        })
+        .collect();
+    scheduler.shutdown(Duration::from_secs(60));
+    for rx in &receivers {
+        let (ids, f) = collect(rx);
+        assert!(!f.cancelled, "{f:?}");
+        assert!(!ids.is_empty());
+    }
+    assert_eq!(kv_blocks(&engine), 0);
+}
+
+/// `cancel_all` while nothing runs does not cancel a request submitted afterwards.
+#[test]
+fn cancelling_an_idle_scheduler_spares_later_requests() {
+    let engine = engine(FIXTURES[0]);
+    let scheduler = Scheduler::start(engine.clone(), SchedulerConfig::default());
+    scheduler.cancel_all();
+    std::thread::sleep(Duration::from_millis(50));
+    let (sink, rx) = channel_sink();
+    scheduler
+        .submit(&greedy(Request::ids(text_ids(&engine, 4, 2)), 3), sink)
+        .unwrap();
+    let (ids, f) = collect(&rx);
+    assert!(!f.cancelled && !ids.is_empty(), "{f:?}");
+    scheduler.close();
+    assert!(scheduler.join(Duration::from_secs(60)));
+}
+
+/// Eight threads submit, cancel and drop requests at once against a small queue: the
+/// ledger holds. Every accepted request ends exactly once (a second end would show as an
+/// event after the end), refusals are counted, nothing is left running or queued, and no KV
+/// block is left.
+#[test]
+fn concurrent_clients_keep_the_ledger() {
+    let engine = engine(FIXTURES[2]);
+    let scheduler = Arc::new(Scheduler::start(
+        engine.clone(),
+        SchedulerConfig {
+            max_seqs: 4,
+            max_queue: 6,
+        },
+    ));
+    let threads: Vec<_> = (0..8u32)
+        .map(|t| {
+            let scheduler = scheduler.clone();
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                let (mut accepted, mut refused, mut ended) = (0u64, 0u64, 0u64);
+                let mut pending = Vec::new();
+                for i in 0..12u32 {
+                    let r = greedy(
+                        Request::ids(text_ids(&engine, 1 + (i % 5) as usize, t * 100 + i)),
+                        2 + (i % 7) as usize,
+                    );
+                    let (sink, rx) = channel_sink();
+                    match scheduler.submit(&r, sink) {
+                        Ok(ticket) => {
+                            accepted += 1;
+                            if i % 4 == 3 {
+                                ticket.cancel();
+                            }
+                            pending.push(rx);
+                        }
+                        Err(SubmitError::QueueFull { .. }) => refused += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                    if i % 3 == 2 {
+                        for rx in pending.drain(..) {
+                            collect(&rx);
+                            ended += 1;
+                        }
+                    }
+                }
+                for rx in pending.drain(..) {
+                    collect(&rx);
+                    ended += 1;
+                }
+                (accepted, refused, ended)
+            })
+        })
+        .collect();
+    let (mut accepted, mut refused, mut ended) = (0, 0, 0);
+    for t in threads {
+        let (a, r, e) = t.join().unwrap();
+        accepted += a;
+        refused += r;
+        ended += e;
+    }
+    assert_eq!(accepted + refused, 96);
+    assert_eq!(ended, accepted);
+    let stats = scheduler.stats();
+    assert_eq!(stats.completed, accepted, "{stats:?}");
+    assert_eq!(stats.rejected, refused, "{stats:?}");
+    assert_eq!((stats.running, stats.queued), (0, 0), "{stats:?}");
+    assert!(stats.max_batch <= 4, "{stats:?}");
+    assert_eq!(kv_blocks(&engine), 0);
+    scheduler.shutdown(Duration::from_secs(10));
+}
