@@ -176,7 +176,8 @@ struct Queue {
 }
 
 struct Shared {
-    engine: Arc<Engine>,
+    /// The engine, shared as its callers share it (std's `Arc`, as [`Engine`]'s API takes).
+    engine: std::sync::Arc<Engine>,
     config: SchedulerConfig,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -212,7 +213,7 @@ impl std::fmt::Debug for Scheduler {
 impl Scheduler {
     /// Starts the worker thread for `engine`. `max_seqs` and `max_queue` of 0 count as 1
     /// and 0.
-    pub fn start(engine: Arc<Engine>, config: SchedulerConfig) -> Self {
+    pub fn start(engine: std::sync::Arc<Engine>, config: SchedulerConfig) -> Self {
         let config = SchedulerConfig {
             max_seqs: config.max_seqs.max(1),
             ..config
@@ -249,7 +250,7 @@ impl Scheduler {
     }
 
     /// The engine it runs.
-    pub fn engine(&self) -> &Arc<Engine> {
+    pub fn engine(&self) -> &std::sync::Arc<Engine> {
         &self.shared.engine
     }
 

@@ -14,7 +14,9 @@
 use super::attend::{
     ATTENTION_FORK_ELEMS, AttentionBufs, AttentionShape, KV_CHUNK_TOKENS, attend_chunked,
 };
-use super::step::{MoeBufs, add_in_place, head_norm_in_place, rms_norm_into, rope_in_place, silu};
+use super::step::{
+    AttentionDims, MoeBufs, add_in_place, head_norm_in_place, rms_norm_into, rope_in_place, silu,
+};
 use super::{EMBED_TOKENS, PREFIX, TextDecoder};
 use crate::error::{Result, RunnerError};
 use crate::kv::KvStore;
@@ -53,21 +55,16 @@ impl TextDecoder {
         let c = &self.cfg;
         let src = p.source();
         let eps = c.rms_norm_eps as f32;
-        let hd = c.head_dim as usize;
-        let (nh, nkv) = (
-            c.num_attention_heads as usize,
-            c.num_key_value_heads as usize,
-        );
-        if nkv == 0 || !nh.is_multiple_of(nkv) {
-            return Err(RunnerError::BadRequest(format!(
-                "{nh} attention heads for {nkv} key/value heads"
-            )));
-        }
+        let AttentionDims {
+            head_dim: hd,
+            heads: nh,
+            kv_heads: nkv,
+            groups,
+            scale,
+        } = self.attention_dims()?;
         let hidden = c.hidden_size as usize;
-        let groups = nh / nkv;
         let kv_width = nkv * hd;
         let q_width = nh * hd;
-        let scale = (hd as f64).powf(-0.5) as f32;
         let half = self.inv_freq.len();
         let tokens: Vec<usize> = rows.iter().map(|r| r.kv.len_tokens() + 1).collect();
 

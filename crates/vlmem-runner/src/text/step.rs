@@ -77,19 +77,14 @@ impl TextDecoder {
         let c = &self.cfg;
         let src = p.source();
         let eps = c.rms_norm_eps as f32;
-        let hd = c.head_dim as usize;
-        let (nh, nkv) = (
-            c.num_attention_heads as usize,
-            c.num_key_value_heads as usize,
-        );
-        if nkv == 0 || !nh.is_multiple_of(nkv) {
-            return Err(RunnerError::BadRequest(format!(
-                "{nh} attention heads for {nkv} key/value heads"
-            )));
-        }
-        let groups = nh / nkv;
+        let AttentionDims {
+            head_dim: hd,
+            heads: nh,
+            kv_heads: nkv,
+            groups,
+            scale,
+        } = self.attention_dims()?;
         let row = nkv * hd;
-        let scale = (hd as f64).powf(-0.5) as f32;
         src.row_into(EMBED_TOKENS, token, b.h)?;
         // A text token: the same position on all three M-RoPE axes.
         for ((cs, sn), &f) in b.cos.iter_mut().zip(b.sin.iter_mut()).zip(&self.inv_freq) {
@@ -252,6 +247,42 @@ impl TextDecoder {
             }
         }
         Ok(())
+    }
+}
+
+/// The attention's sizes, as a decode step uses them.
+pub(super) struct AttentionDims {
+    pub(super) head_dim: usize,
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    /// Query heads per key/value head.
+    pub(super) groups: usize,
+    /// `head_dim^-0.5`.
+    pub(super) scale: f32,
+}
+
+impl TextDecoder {
+    /// The config's attention sizes; an error when the query heads are not a whole multiple
+    /// of the key/value heads.
+    pub(super) fn attention_dims(&self) -> Result<AttentionDims> {
+        let c = &self.cfg;
+        let hd = c.head_dim as usize;
+        let (nh, nkv) = (
+            c.num_attention_heads as usize,
+            c.num_key_value_heads as usize,
+        );
+        if nkv == 0 || !nh.is_multiple_of(nkv) {
+            return Err(RunnerError::BadRequest(format!(
+                "{nh} attention heads for {nkv} key/value heads"
+            )));
+        }
+        Ok(AttentionDims {
+            head_dim: hd,
+            heads: nh,
+            kv_heads: nkv,
+            groups: nh / nkv,
+            scale: (hd as f64).powf(-0.5) as f32,
+        })
     }
 }
 
