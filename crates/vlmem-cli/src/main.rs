@@ -98,7 +98,27 @@ impl From<vlmem_core::profile::ProfileError> for CliError {
     }
 }
 
+/// A reader that closed the output early (`vlmem plan | head`) ends the program quietly with
+/// the status a shell gives a command stopped by SIGPIPE (128 + 13), as other command-line
+/// tools end, instead of a panic from `println!`.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run_cmd::run(a),

@@ -307,3 +307,38 @@ fn inspect_shows_stats_and_compaction_under_load() {
     assert!(moved > 0, "{v}");
     assert_bad_input(&["inspect", "--workload", "nope"]);
 }
+
+/// A reader that closes the output early (`vlmem plan | head -1`) ends vlmem quietly (the
+/// shell's SIGPIPE status), never with a panic.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vlmem"))
+        .args([
+            "plan",
+            "--model",
+            "qwen3-vl-2b",
+            "--profile",
+            "laptop-i5-10210u-mx250",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before vlmem writes.
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        status.success() || status.code() == Some(141),
+        "{status:?}: {stderr}"
+    );
+}
