@@ -458,23 +458,33 @@ impl Worker {
         // Cancelled while waiting: end them without running.
         let cancelled: VecDeque<Waiting> = {
             let mut q = self.shared.queue.lock();
+            let is_cancelled = |w: &Waiting| w.cancel.load(Ordering::Acquire);
+            // Most steps find none: no rebuilding of the queue then.
+            if !q.waiting.iter().any(is_cancelled) {
+                return;
+            }
             let (gone, kept) = std::mem::take(&mut q.waiting)
                 .into_iter()
-                .partition(|w| w.cancel.load(Ordering::Acquire));
+                .partition(is_cancelled);
             q.waiting = kept;
             gone
         };
-        for mut w in cancelled {
-            self.shared.completed.fetch_add(1, Ordering::Relaxed);
-            (w.sink)(SeqEvent::Finished(Finished {
-                finish_reason: FinishReason::Length,
-                cancelled: true,
-                prompt_tokens: w.ids.len(),
-                generated_tokens: 0,
-                time_to_first_token: Duration::ZERO,
-                queued: w.submitted.elapsed(),
-            }));
+        for w in cancelled {
+            self.end_waiting(w);
         }
+    }
+
+    /// Ends a request cancelled before it started.
+    fn end_waiting(&self, mut w: Waiting) {
+        self.shared.completed.fetch_add(1, Ordering::Relaxed);
+        (w.sink)(SeqEvent::Finished(Finished {
+            finish_reason: FinishReason::Length,
+            cancelled: true,
+            prompt_tokens: w.ids.len(),
+            generated_tokens: 0,
+            time_to_first_token: Duration::ZERO,
+            queued: w.submitted.elapsed(),
+        }));
     }
 
     fn cancel_all(&mut self) {
@@ -482,16 +492,8 @@ impl Worker {
             self.ended(r, FinishReason::Length, true);
         }
         let waiting = std::mem::take(&mut self.shared.queue.lock().waiting);
-        for mut w in waiting {
-            self.shared.completed.fetch_add(1, Ordering::Relaxed);
-            (w.sink)(SeqEvent::Finished(Finished {
-                finish_reason: FinishReason::Length,
-                cancelled: true,
-                prompt_tokens: w.ids.len(),
-                generated_tokens: 0,
-                time_to_first_token: Duration::ZERO,
-                queued: w.submitted.elapsed(),
-            }));
+        for w in waiting {
+            self.end_waiting(w);
         }
     }
 
@@ -654,9 +656,13 @@ impl Worker {
                 }
             }
             Err(panic) => {
+                // The model's failure, not the request's: each request of the step gets it.
                 let message = panicked(panic).to_string();
                 for r in batch {
-                    self.failed(r, EngineError::BadRequest(message.clone()));
+                    self.failed(
+                        r,
+                        EngineError::Model(crate::error::RunnerError::BadRequest(message.clone())),
+                    );
                 }
             }
         }
