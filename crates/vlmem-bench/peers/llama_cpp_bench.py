@@ -17,6 +17,11 @@ Commands (each prints one JSON object on its last stdout line; logs go to stderr
                                 decode tok/s (one token per llama_decode, greedy on the
                                 logits) and prompt processing tok/s (one llama_decode of the
                                 whole prompt), medians over the repetitions after a warm-up
+  serve   --model F --threads N --seqs 1,4,16 --prompt-tokens 16 --gen-tokens 32 --reps 2
+                                batched decode as llama-batched-bench measures it: N sequences
+                                of distinct random prompts (one llama_decode of all prompts),
+                                then gen-tokens - 1 steps of one token per sequence in one
+                                llama_decode (greedy per sequence); every run's times
 """
 
 import argparse
@@ -314,6 +319,179 @@ def cmd_bench(a):
     emit(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+def peak_rss_bytes():
+    """This process's peak resident set: VmHWM, the peak of its own address space.
+
+    Not ru_maxrss: Linux carries it across fork and exec, so a process started by a large
+    parent reports the parent's resident set at the fork.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def evict_page_cache(path):
+    """Drops the file's clean pages from the page cache (posix_fadvise DONTNEED).
+
+    A memory cgroup is charged for the page cache its processes bring in, but pages already
+    cached (charged to whoever read them first) are used uncharged: a model file left in the
+    cache by an earlier run would be read for free past the cgroup's limit.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cmd_serve(a):
+    """Batched decode of N sequences at once, as llama-batched-bench measures it.
+
+    One context holds max(N) sequences (n_seq_max); its KV cache is unified (one buffer of
+    n_ctx = max(N) * (prompt + gen) cells) unless --kv-unified 0, where llama.cpp gives each
+    sequence its own 256-cell-padded stream. For each N: the memory cleared, the N prompts in
+    one llama_decode (each sequence's last token outputs logits), then gen-tokens - 1 steps,
+    each one llama_decode of one token per sequence at its next position, the next tokens
+    chosen greedily from each sequence's logits between steps (outside the timed calls).
+    S_TG = N * (gen-tokens - 1) / (the steps' llama_decode time), as llama-batched-bench
+    counts it. The runs go 1, 4, 16 then 16, 4, 1 and so on, after one warm-up run at the
+    smallest N (it pages the weights in when they fit).
+    """
+    import ctypes
+    import random
+    import numpy as np
+    import llama_cpp as L
+
+    if a.evict:
+        evict_page_cache(a.model)
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    t0 = time.time()
+    model = L.llama_model_load_from_file(a.model.encode(), mp)
+    if not model:
+        raise SystemExit(f"llama.cpp could not load {a.model}")
+    load_s = time.time() - t0
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    seqs = sorted({int(x) for x in a.seqs.split(",") if x.strip()})
+    if not seqs or seqs[0] < 1 or a.prompt_tokens < 1 or a.gen_tokens < 2:
+        raise SystemExit("serve needs sequences >= 1, a prompt and at least 2 new tokens")
+    nmax = seqs[-1]
+    per_seq = a.prompt_tokens + a.gen_tokens
+    cp = L.llama_context_default_params()
+    cp.n_seq_max = nmax
+    cp.kv_unified = bool(a.kv_unified)
+    cp.n_ctx = nmax * per_seq
+    cp.n_batch = max(nmax * a.prompt_tokens, nmax)
+    cp.n_ubatch = cp.n_batch
+    cp.n_threads = a.threads
+    cp.n_threads_batch = a.threads
+    cp.no_perf = False
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        raise SystemExit("llama.cpp could not make a context")
+    mem = L.llama_get_memory(ctx)
+    batch = L.llama_batch_init(cp.n_batch, 0, 1)
+    rnd = random.Random(a.seed)
+    lo = min(1000, n_vocab // 2)
+    # Distinct ids within each prompt, and a different prompt for each sequence.
+    prompts = [rnd.sample(range(lo, n_vocab), a.prompt_tokens) for _ in range(nmax)]
+
+    def fill(entries):
+        batch.n_tokens = len(entries)
+        for i, (tok, pos, seq, out) in enumerate(entries):
+            batch.token[i] = tok
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1 if out else 0
+
+    def decode():
+        t = time.perf_counter()
+        rc = L.llama_decode(ctx, batch)
+        spent = time.perf_counter() - t
+        if rc != 0:
+            raise SystemExit(f"llama_decode of {batch.n_tokens} tokens returned {rc}")
+        return spent
+
+    def argmax(i):
+        logits = L.llama_get_logits_ith(ctx, i)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
+
+    def run(n, gen):
+        L.llama_memory_clear(mem, True)
+        started = time.perf_counter()
+        p = a.prompt_tokens
+        fill([(tok, k, j, k == p - 1) for j in range(n) for k, tok in enumerate(prompts[j])])
+        prefill_s = decode()
+        toks = [argmax(j * p + p - 1) for j in range(n)]
+        ids = [[t] for t in toks]
+        decode_s = 0.0
+        for step in range(gen - 1):
+            fill([(toks[j], p + step, j, True) for j in range(n)])
+            decode_s += decode()
+            toks = [argmax(j) for j in range(n)]
+            for j in range(n):
+                ids[j].append(toks[j])
+        wall_s = time.perf_counter() - started
+        rows = n * (gen - 1)
+        return {"seqs": n, "prefill_s": prefill_s, "decode_s": decode_s, "decode_rows": rows,
+                "steps": gen - 1, "wall_s": wall_s, "tok_s": rows / decode_s if decode_s > 0 else 0.0,
+                "ids": ids}
+
+    t = time.time()
+    run(seqs[0], min(a.gen_tokens, 4))
+    warmup_s = time.time() - t
+    runs = []
+    for rep in range(a.reps):
+        for n in (seqs if rep % 2 == 0 else list(reversed(seqs))):
+            r = run(n, a.gen_tokens)
+            r["rep"] = rep
+            runs.append(r)
+            log(f"serve: {n} sequences, rep {rep}: {r['tok_s']:.3f} tok/s")
+    # Whether each sequence got the same ids at every N (llama.cpp does not promise it).
+    first = {}
+    same = True
+    for r in runs:
+        for j, ids in enumerate(r.pop("ids")):
+            same = same and first.setdefault(j, ids) == ids
+    desc = ctypes.create_string_buffer(256)
+    L.llama_model_desc(model, desc, len(desc))
+    out = {
+        "model": a.model,
+        "desc": desc.value.decode("utf-8", "replace"),
+        "model_bytes": int(L.llama_model_size(model)),
+        "threads": a.threads,
+        "n_ctx": int(L.llama_n_ctx(ctx)),
+        "n_batch": int(cp.n_batch),
+        "kv_unified": bool(a.kv_unified),
+        "evicted": bool(a.evict),
+        "load_s": round(load_s, 3),
+        "warmup_s": round(warmup_s, 3),
+        "prompt_tokens": a.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "ids_agree": same,
+        "runs": runs,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    emit(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -340,9 +518,19 @@ def main():
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--reps", type=int, default=3)
     b.add_argument("--seed", type=int, default=1)
+    s = sub.add_parser("serve")
+    s.add_argument("--model", required=True)
+    s.add_argument("--threads", type=int, required=True)
+    s.add_argument("--seqs", default="1,4,16")
+    s.add_argument("--prompt-tokens", type=int, default=16)
+    s.add_argument("--gen-tokens", type=int, default=32)
+    s.add_argument("--reps", type=int, default=2)
+    s.add_argument("--kv-unified", type=int, choices=[0, 1], default=1)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--evict", type=int, choices=[0, 1], default=0)
     a = ap.parse_args()
     {"versions": cmd_versions, "cpu": cmd_cpu, "write": cmd_write, "quantize": cmd_quantize,
-     "bench": cmd_bench}[a.cmd](a)
+     "bench": cmd_bench, "serve": cmd_serve}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ pub mod io;
 
 pub mod replay;
 
+pub mod serve;
+
 /// The weight matrices of one qwen3-vl-2b text layer as (rows, cols) of its linear layers, in
 /// use order: q, k, v, o, gate, up, down (the kernel examples' decode shapes).
 pub const QWEN3VL_2B_LAYER_SHAPES: [(usize, usize); 7] = [

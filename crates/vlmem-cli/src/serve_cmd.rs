@@ -38,6 +38,14 @@ pub struct ServeArgs {
     /// Requests that may wait for the engine; more are refused with 429 and Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Prompt tokens one scheduler step computes at most: a long prompt delays the running
+    /// sequences by one such piece per step (an image is never split).
+    #[arg(long, default_value_t = vlmem_runner::DEFAULT_PREFILL_CHUNK_TOKENS)]
+    prefill_chunk: usize,
+    /// Finished requests whose prompt blocks stay in the KV pool for later requests with
+    /// the same prefix (a system prompt, an image) to reuse; 0 keeps none.
+    #[arg(long, default_value_t = 16)]
+    kept_prompts: usize,
     /// Requests to /v1 must send `Authorization: Bearer KEY` (default: the VLMEM_API_KEY
     /// environment variable; none: no key needed).
     #[arg(long, value_name = "KEY")]
@@ -53,6 +61,10 @@ pub struct ServeArgs {
     /// budgets and the swap file; longer requests are refused with 400.
     #[arg(long, default_value_t = vlmem_runner::engine::DEFAULT_CONTEXT_TOKENS)]
     max_context_tokens: u64,
+    /// Images of 1024 x 1024 whose embeddings the vision cache has room for (an image seen
+    /// again is not encoded again); 0: no vision cache.
+    #[arg(long, default_value_t = 4)]
+    vision_cache_images: u64,
     /// Layers whose weights are prefetched while one computes (0 turns prefetch off).
     #[arg(long, default_value_t = vlmem_runner::managed::DEFAULT_PREFETCH_LAYERS)]
     prefetch_layers: usize,
@@ -79,6 +91,9 @@ fn address(host: &str, port: u16) -> Result<SocketAddr, CliError> {
 }
 
 pub fn run(a: ServeArgs) -> Result<(), CliError> {
+    if a.prefill_chunk == 0 {
+        return Err(CliError::bad_input("--prefill-chunk must be at least 1"));
+    }
     if a.max_seqs == 0 {
         return Err(CliError::bad_input("--max-seqs must be at least 1"));
     }
@@ -90,7 +105,9 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         .budget
         .builder(&a.model)?
         .prefetch_layers(a.prefetch_layers)
-        .max_context_tokens(a.max_context_tokens);
+        .max_context_tokens(a.max_context_tokens)
+        .max_seqs(a.max_seqs as u64)
+        .plan_images(vec![(1024, 1024); a.vision_cache_images as usize]);
     let mut config = ServerConfig::for_model(&a.model);
     config.api_key = a
         .api_key
@@ -120,6 +137,8 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
     let scheduler = vlmem_runner::SchedulerConfig {
         max_seqs: a.max_seqs,
         max_queue: a.max_queue,
+        prefill_chunk_tokens: a.prefill_chunk,
+        kept_prompts: a.kept_prompts,
     };
     let result = runtime.block_on(async move {
         let server = Server::bind(addr, config)

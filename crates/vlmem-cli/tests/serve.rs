@@ -19,7 +19,8 @@ struct Served {
     url: String,
     /// Every stderr line after the address.
     lines: mpsc::Receiver<String>,
-    _swap: tempfile::TempDir,
+    /// The `--disk-path` folder.
+    swap: tempfile::TempDir,
 }
 
 impl Drop for Served {
@@ -82,7 +83,7 @@ fn serve(extra: &[&str]) -> Served {
         child,
         url,
         lines: rx,
-        _swap: swap,
+        swap,
     }
 }
 
@@ -222,6 +223,20 @@ fn serve_answers_as_run_does_and_stops_cleanly_on_sigterm() {
         metrics.contains("\nvlmem_server_requests_running 1\n"),
         "the stream should still be running: {metrics}"
     );
+    // The disk tier's swap files are open while the server runs, and already unlinked, so
+    // that no exit (not even SIGKILL) leaves them behind.
+    let swap_dir = served.swap.path().canonicalize().unwrap();
+    let open_swap: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", served.child.id()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.display().to_string())
+        .filter(|target| target.starts_with(&*swap_dir.to_string_lossy()))
+        .collect();
+    assert!(!open_swap.is_empty(), "no swap file open while serving");
+    assert!(
+        open_swap.iter().all(|t| t.ends_with(" (deleted)")),
+        "swap files still linked: {open_swap:?}"
+    );
     let signalled = Instant::now();
     terminate(&served.child);
     let mut rest = String::new();
@@ -238,6 +253,12 @@ fn serve_answers_as_run_does_and_stops_cleanly_on_sigterm() {
     );
     let said: Vec<String> = served.lines.try_iter().collect();
     assert!(said.iter().any(|l| l.contains("stopping")), "{said:?}");
+    // The swap files are gone with it.
+    let left: Vec<_> = std::fs::read_dir(served.swap.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "swap files left after the exit: {left:?}");
     // Nothing listens there any more.
     assert!(
         client()

@@ -44,6 +44,31 @@ pub trait KvStore {
     /// Drops everything.
     fn clear(&mut self);
 
+    /// Takes the keys and values of the longest prefix of a prompt that other requests'
+    /// live blocks already hold, in whole blocks and short of the last key, into this
+    /// empty store; returns the tokens taken (0 for a store that shares nothing).
+    ///
+    /// `keys` names the prompt's tokens for sharing: equal keys at equal positions after
+    /// equal keys must mean equal keys and values (see [`prefix_keys`]). The tokens
+    /// appended later, past `keys`, are never shared.
+    fn share_prefix(&mut self, keys: &[u32]) -> Result<usize> {
+        let _ = keys;
+        Ok(0)
+    }
+
+    /// Tokens per shared block, for a store whose whole blocks can outlive it in another
+    /// store (see [`KvStore::share_prefix`]); `None` for a store that shares nothing.
+    fn block_tokens(&self) -> Option<usize> {
+        None
+    }
+
+    /// Moves what only this store holds out of the compute tier (a sequence set aside under
+    /// memory pressure); it comes back when next used. Returns the bytes freed there (0 for
+    /// a store outside the manager).
+    fn swap_out(&mut self) -> Result<u64> {
+        Ok(0)
+    }
+
     /// Keeps the first `tokens` tokens of every layer and drops the rest (a conversation
     /// whose re-rendered history differs from what the cache holds after them). A store
     /// that cannot drop tokens says so with an error and is left as it was.
@@ -340,11 +365,17 @@ impl KvStore for KvCache {
 /// when read. A decode step's read lands in its f32 view of the step arena and is widened
 /// there, in place: no other buffer.
 ///
-/// The decoder does not pass token ids to the cache, so each store takes a fresh namespace
-/// (salt) and shares no blocks with other requests: prefix sharing needs the ids.
+/// The decoder does not pass token ids to the cache: a store names its tokens by position in
+/// a fresh namespace (salt) of its own and shares no blocks, unless the prompt's keys are
+/// given first ([`KvStore::share_prefix`]): then it takes the namespace shared by every such
+/// store, its prompt's tokens are named by those keys and the tokens after them by keys no
+/// prompt has ([`GENERATED_KEY`] and the position), so only prompt blocks are ever shared.
 pub struct PagedKv {
     pool: std::sync::Arc<vlmem::KvPool>,
     salt: u64,
+    /// The prompt's keys, given by [`KvStore::share_prefix`] (then `shared`).
+    keys: Vec<u32>,
+    shared: bool,
     layers: Vec<Option<(vlmem::SeqId, usize)>>,
     kv_heads: usize,
     head_dim: usize,
@@ -366,6 +397,51 @@ impl std::fmt::Debug for PagedKv {
 }
 
 static NEXT_SALT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The namespace of stores that share prompt blocks (private ones count up from `1 << 16`).
+const SHARED_SALT: u64 = 1 << 63;
+
+/// The keys of an image's pad tokens: this bit and 30 bits of the image's content hash mixed
+/// with the pad's index (text ids are far below it: vocabularies hold under 2^30 ids).
+pub const IMAGE_KEY: u32 = 1 << 30;
+
+/// The keys of the tokens a shared store holds past its prompt: this bit and the position.
+/// No prompt key has it, so no block holding such a token is ever shared.
+pub const GENERATED_KEY: u32 = 1 << 31;
+
+/// The sharing keys of a prompt ([`KvStore::share_prefix`]): each text token's id, and for
+/// the `k`-th pad (`image_token_id`) of image `j`, [`IMAGE_KEY`] with 30 bits of a mix of
+/// `image_hashes[j]` and `k` (images take their `pads[j]` pads in order). Two prompts get
+/// equal keys up to a position exactly when their tokens and the images before it are
+/// equal, but for a collision of those 30 bits on every pad of a block.
+pub fn prefix_keys(
+    ids: &[u32],
+    image_token_id: u32,
+    image_hashes: &[u64],
+    pads: &[usize],
+) -> Vec<u32> {
+    let mut image = 0;
+    let mut k = 0usize;
+    ids.iter()
+        .map(|&id| {
+            if id != image_token_id {
+                return id;
+            }
+            while image < pads.len() && k >= pads[image] {
+                image += 1;
+                k = 0;
+            }
+            let h = image_hashes.get(image).copied().unwrap_or(0);
+            k += 1;
+            // splitmix64's finalizer over the hash and the pad's index.
+            let mut x = h ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            x ^= x >> 31;
+            IMAGE_KEY | (x as u32 & (IMAGE_KEY - 1))
+        })
+        .collect()
+}
 
 impl PagedKv {
     /// A store for `layers` layers of `kv_heads x head_dim` in `dtype` over `pool`, whose
@@ -390,6 +466,8 @@ impl PagedKv {
         Ok(PagedKv {
             pool,
             salt: NEXT_SALT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 16,
+            keys: Vec::new(),
+            shared: false,
             layers: vec![None; layers],
             kv_heads,
             head_dim,
@@ -417,6 +495,15 @@ impl PagedKv {
         }
     }
 
+    /// The key of the token at `position`: the prompt's key, else a private one.
+    fn key(&self, position: usize) -> u32 {
+        match self.keys.get(position) {
+            Some(&k) => k,
+            None if self.shared => GENERATED_KEY | (position as u32 & (GENERATED_KEY - 1)),
+            None => position as u32,
+        }
+    }
+
     fn kv_err(e: vlmem::KvError) -> crate::error::RunnerError {
         crate::error::RunnerError::KvCache(e)
     }
@@ -437,8 +524,7 @@ impl KvStore for PagedKv {
         let mut bytes = Vec::with_capacity(n * self.token_bytes);
         encode_tokens(self.dtype, k, v, self.token_bytes, &mut bytes)?;
         let (seq, len) = self.layer_seq(layer)?;
-        // Token ids are positions here (the namespace keeps requests apart).
-        let ids: Vec<u32> = (len..len + n).map(|p| p as u32).collect();
+        let ids: Vec<u32> = (len..len + n).map(|p| self.key(p)).collect();
         self.pool.append(seq, &ids, &bytes).map_err(Self::kv_err)?;
         let total = len + n;
         self.layers[layer] = Some((seq, total));
@@ -473,7 +559,7 @@ impl KvStore for PagedKv {
         encode(self.dtype, &kv_row[row..], dv)?;
         let (seq, len) = self.layer_seq(layer)?;
         self.pool
-            .append(seq, &[len as u32], &self.row_bytes)
+            .append(seq, &[self.key(len)], &self.row_bytes)
             .map_err(Self::kv_err)?;
         self.layers[layer] = Some((seq, len + 1));
         Ok(len + 1)
@@ -523,9 +609,49 @@ impl KvStore for PagedKv {
         }
     }
 
+    /// The pool's prefix index finds the prompt's sealed blocks by `keys` in the shared
+    /// namespace; each layer takes them (layers that found more are cut to the fewest).
+    fn share_prefix(&mut self, keys: &[u32]) -> Result<usize> {
+        if self.layers.iter().any(Option::is_some) || self.shared {
+            return Err(RunnerError::BadRequest(
+                "a KV store shares a prefix only before its first token".into(),
+            ));
+        }
+        self.salt = SHARED_SALT;
+        self.shared = true;
+        self.keys = keys.to_vec();
+        let mut fewest = usize::MAX;
+        for layer in 0..self.layers.len() {
+            let (seq, taken) = self
+                .pool
+                .start_salted(self.salt + layer as u64, keys)
+                .map_err(Self::kv_err)?;
+            self.layers[layer] = Some((seq, taken));
+            fewest = fewest.min(taken);
+        }
+        if fewest == usize::MAX {
+            return Ok(0);
+        }
+        self.truncate(fewest)?;
+        Ok(fewest)
+    }
+
+    fn block_tokens(&self) -> Option<usize> {
+        Some(self.pool.config().block_tokens as usize)
+    }
+
+    /// Each layer's sequence goes out whole; its first use brings it back.
+    fn swap_out(&mut self) -> Result<u64> {
+        let mut freed = 0u64;
+        for (seq, _) in self.layers.iter().flatten() {
+            freed = freed.saturating_add(self.pool.swap_out(*seq).map_err(Self::kv_err)?);
+        }
+        Ok(freed)
+    }
+
     /// Pool blocks are sealed and shared, never shortened: each layer gets a new sequence
-    /// that takes the old one's whole blocks before `tokens` by reference (the store's ids
-    /// are positions in its own namespace, so the pool's prefix index finds them), copies
+    /// that takes the old one's whole blocks before `tokens` by reference (found by the
+    /// store's keys in its namespace, see [`PagedKv`]), copies
     /// the few tokens of the partial block after them, and the old sequence is finished.
     /// A layer that fails keeps its old sequence (the caller clears the store).
     fn truncate(&mut self, tokens: usize) -> Result<()> {
@@ -542,7 +668,7 @@ impl KvStore for PagedKv {
                 self.pool.finish(old).map_err(Self::kv_err)?;
                 continue;
             }
-            let ids: Vec<u32> = (0..tokens).map(|p| p as u32).collect();
+            let ids: Vec<u32> = (0..tokens).map(|p| self.key(p)).collect();
             let (new, shared) = self
                 .pool
                 .start_salted(self.salt + layer as u64, &ids)

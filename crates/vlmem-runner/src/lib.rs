@@ -40,9 +40,9 @@ pub mod weights;
 
 pub use chat::{ChatTemplate, Message, Part, Role};
 pub use engine::{
-    Engine, EngineBuilder, EngineError, Finished, Prompt, Reply, Request, RequestImage,
-    RequestStats, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, Sink, SubmitError, Ticket,
-    Timings,
+    DEFAULT_PREFILL_CHUNK_TOKENS, Engine, EngineBuilder, EngineError, Finished, Prompt, Reply,
+    Request, RequestImage, RequestStats, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent,
+    Sink, SubmitError, Ticket, Timings,
 };
 pub use error::{Result, RunnerError};
 pub use kv::{KvCache, KvStore, PagedKv};

@@ -408,6 +408,19 @@ impl Qwen3Vl {
 
     /// Checks `ids` against the vocabulary and the images, and computes their positions.
     pub fn positions(&self, ids: &[u32], images: &[ImageInput]) -> Result<MropePositions> {
+        self.check_vocab(ids)?;
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        rope_index(
+            ids,
+            &grids,
+            self.config.vision.spatial_merge_size as usize,
+            self.config.image_token_id,
+            self.config.video_token_id,
+        )
+    }
+
+    /// An error for an empty prompt or an id outside the vocabulary.
+    fn check_vocab(&self, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {
             return Err(RunnerError::BadRequest("the prompt is empty".into()));
         }
@@ -423,14 +436,7 @@ impl Qwen3Vl {
                 vocab_size: vocab,
             });
         }
-        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
-        rope_index(
-            ids,
-            &grids,
-            self.config.vision.spatial_merge_size as usize,
-            self.config.image_token_id,
-            self.config.video_token_id,
-        )
+        Ok(())
     }
 
     /// The prompt's forward pass: vision tower per image, embeddings with the image rows
@@ -466,6 +472,32 @@ impl Qwen3Vl {
             }
             positions.next_position += first_position;
         }
+        self.prefill_piece(ids, positions, images, 0, kv, opts)
+    }
+
+    /// A piece of a prompt whose earlier tokens `kv` already holds, with its `positions`
+    /// (the piece's share of the whole prompt's [`Qwen3Vl::positions`]; `next_position` is
+    /// returned as given). `images` are the images whose pads lie in `ids`, in order; the
+    /// first may have had its first `skip_rows` pads in the tokens before the piece, and
+    /// its rows from there on go to this piece's pads. Unlike [`Qwen3Vl::prefill_after`] a
+    /// piece may start inside an image (after a prefix shared in whole KV blocks).
+    pub fn prefill_piece(
+        &self,
+        ids: &[u32],
+        positions: MropePositions,
+        images: &[ImageInput],
+        skip_rows: usize,
+        kv: &mut dyn KvStore,
+        opts: PrefillOptions,
+    ) -> Result<Prefill> {
+        self.check_vocab(ids)?;
+        if positions.len() != ids.len() {
+            return Err(RunnerError::BadRequest(format!(
+                "{} positions for a piece of {} tokens",
+                positions.len(),
+                ids.len()
+            )));
+        }
         let p = self.params();
         let mut vision = Vec::with_capacity(images.len());
         for (i, img) in images.iter().enumerate() {
@@ -483,6 +515,15 @@ impl Qwen3Vl {
                 .collect();
             let image_rows: Vec<&Tensor> = vision.iter().map(|v| &v.image_embeds).collect();
             let image_rows = Tensor::cat(&image_rows, 0)?;
+            // The rows of this piece's pads: past the ones an earlier piece took.
+            let have = image_rows.dim(0)?;
+            if skip_rows + pads.len() > have {
+                return Err(RunnerError::BadRequest(format!(
+                    "{} image pads after {skip_rows} earlier ones, for images of {have} rows",
+                    pads.len()
+                )));
+            }
+            let image_rows = image_rows.narrow(0, skip_rows, pads.len())?;
             // Gather from [text rows; image rows]: position i takes its own text row unless
             // it is the k-th image pad, which takes image row k.
             let n = ids.len();
@@ -497,7 +538,7 @@ impl Qwen3Vl {
             let mut features = Vec::with_capacity(levels);
             for level in 0..levels {
                 let parts: Vec<&Tensor> = vision.iter().map(|v| &v.deepstack[level]).collect();
-                features.push(Tensor::cat(&parts, 0)?);
+                features.push(Tensor::cat(&parts, 0)?.narrow(0, skip_rows, pads.len())?);
             }
             let ds = Deepstack {
                 positions: Tensor::from_vec(pads.clone(), pads.len(), &self.device)?,

@@ -75,6 +75,33 @@ impl ImageInput {
     pub fn num_tokens(&self, merge_size: usize) -> usize {
         self.num_patches() / (merge_size * merge_size)
     }
+
+    /// A 64-bit hash of what the vision tower sees (the grid, the row length and every
+    /// value's bits): equal images hash equal; different ones rarely collide (it is not a
+    /// cryptographic hash).
+    pub fn content_hash(&self) -> u64 {
+        // One multiply-xorshift round per 64-bit word (two values), in the manner of
+        // wyhash: fast enough to be noise beside the tower itself.
+        let mix = |h: u64, w: u64| {
+            let x = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            x ^ (x >> 29)
+        };
+        let mut h = 0x243f_6a88_85a3_08d3u64;
+        for d in self.grid_thw.iter().chain([&self.patch_len]) {
+            h = mix(h, *d as u64);
+        }
+        let mut pairs = self.pixel_values.chunks_exact(2);
+        for p in &mut pairs {
+            h = mix(
+                h,
+                u64::from(p[0].to_bits()) | (u64::from(p[1].to_bits()) << 32),
+            );
+        }
+        for v in pairs.remainder() {
+            h = mix(h, u64::from(v.to_bits()));
+        }
+        mix(h, self.pixel_values.len() as u64)
+    }
 }
 
 /// Decodes a PNG or JPEG file into 8-bit RGB (alpha dropped, grey expanded).

@@ -87,3 +87,26 @@ fn an_image_larger_than_the_cache_runs_uncached() {
     let s = cache.stats();
     assert_eq!((s.hits, s.entries), (0, 0), "{s:?}");
 }
+
+/// An engine built for serving (no request) has a vision cache only when told which images
+/// to make room for, and its host KV budget grows with the sequences it plans for.
+#[test]
+fn a_serving_engine_plans_its_vision_cache_and_kv_for_many_sequences() {
+    let dir = fixture_dir("qwen3-vl-tiny");
+    let plain = vlmem_runner::Engine::builder(&dir).build().unwrap();
+    assert!(plain.vision_cache().is_none());
+    let serving = vlmem_runner::Engine::builder(&dir)
+        .max_seqs(8)
+        .plan_images(vec![(1024, 1024); 2])
+        .build()
+        .unwrap();
+    let cache = serving.vision_cache().expect("a vision cache");
+    assert!(cache.budget_bytes() > 0);
+    let blocks = |e: &vlmem_runner::Engine| e.kv_pool().unwrap().max_resident_blocks();
+    assert!(
+        blocks(&serving) >= 8 * blocks(&plain) - 8,
+        "{} blocks for 8 sequences, {} for one",
+        blocks(&serving),
+        blocks(&plain)
+    );
+}

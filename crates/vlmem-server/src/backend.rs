@@ -157,16 +157,42 @@ pub struct Load {
 }
 
 /// The events of one request; dropping it cancels the request.
-#[derive(Debug)]
 pub struct EventStream {
     rx: mpsc::UnboundedReceiver<Event>,
+    /// Called when the stream is dropped (see [`EventStream::on_drop`]).
+    on_drop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("rx", &self.rx)
+            .field("on_drop", &self.on_drop.is_some())
+            .finish()
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_drop.take() {
+            f();
+        }
+    }
 }
 
 impl EventStream {
     /// A stream and the sender its events go through (for other [`Backend`]s).
     pub fn channel() -> (mpsc::UnboundedSender<Event>, EventStream) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (tx, EventStream { rx })
+        (tx, EventStream { rx, on_drop: None })
+    }
+
+    /// Calls `f` when the stream is dropped: how a backend takes a request whose client left
+    /// out of its queue at once, rather than when the request's first event finds the
+    /// stream closed. Called after the last event too, where it must do nothing.
+    pub fn on_drop(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.on_drop = Some(Box::new(f));
+        self
     }
 
     /// The next event; `None` after the last one.

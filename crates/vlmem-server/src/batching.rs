@@ -70,6 +70,8 @@ struct SinkState {
     text: TextStream,
     ids: Vec<u32>,
     prompt_tokens: usize,
+    /// Prompt tokens the scheduler took from the KV pool (prefix sharing).
+    cached_tokens: usize,
     /// The last event was sent (a stop string, a failure, the client gone): ignore the rest.
     done: bool,
     counters: Arc<Counters>,
@@ -105,7 +107,7 @@ impl SinkState {
                 usage: Usage {
                     prompt_tokens: self.prompt_tokens,
                     completion_tokens: self.ids.len(),
-                    cached_tokens: 0,
+                    cached_tokens: self.cached_tokens,
                 },
             },
         };
@@ -118,6 +120,10 @@ impl SinkState {
             return false;
         }
         match event {
+            SeqEvent::Started { cached_tokens } => {
+                self.cached_tokens = cached_tokens;
+                true
+            }
             SeqEvent::Token(id) => {
                 self.ids.push(id);
                 let engine = self.engine.clone();
@@ -195,12 +201,15 @@ impl Backend for SchedulerBackend {
             text: TextStream::new(params.stop),
             ids: Vec::new(),
             prompt_tokens: prepared.prompt_tokens,
+            cached_tokens: 0,
             done: false,
             counters: self.counters.clone(),
         };
         let sink = Box::new(move |e: SeqEvent| state.on_event(e));
         match self.scheduler.submit(&request, sink) {
-            Ok(_) => Ok(stream),
+            // A client that leaves while its request waits takes it out of the queue: it
+            // never takes a sequence slot nor runs its prompt pass.
+            Ok(ticket) => Ok(stream.on_drop(move || ticket.cancel())),
             Err(SubmitError::Refused(e)) => Err(e.into()),
             Err(SubmitError::QueueFull { queued }) => Err(BackendError::QueueFull { queued }),
             Err(SubmitError::ShuttingDown) => Err(BackendError::Unavailable(
@@ -271,6 +280,36 @@ impl Backend for SchedulerBackend {
                 "gauge",
                 "sequences decoded together at most",
                 self.config.max_seqs as u64,
+            ),
+            (
+                "vlmem_scheduler_prompt_tokens_cached_total",
+                "counter",
+                "prompt tokens taken from other requests' KV blocks instead of computed",
+                s.cached_tokens,
+            ),
+            (
+                "vlmem_scheduler_prefill_chunks_total",
+                "counter",
+                "prompt pieces run (a long prompt takes several steps)",
+                s.prefill_chunks,
+            ),
+            (
+                "vlmem_scheduler_kept_prompts_total",
+                "counter",
+                "finished requests whose prompt blocks were kept for sharing",
+                s.kept_prompts,
+            ),
+            (
+                "vlmem_scheduler_preempted",
+                "gauge",
+                "sequences set aside now, their KV swapped out for lack of host room",
+                s.preempted,
+            ),
+            (
+                "vlmem_scheduler_preemptions_total",
+                "counter",
+                "times a sequence was set aside for lack of host KV room",
+                s.preemptions,
             ),
         ] {
             let _ = write!(

@@ -192,7 +192,22 @@ async fn streamed_chat_adds_up_to_the_whole_reply() {
             whole["choices"][0]["finish_reason"]
         );
         assert!(chunks[n - 1]["choices"].as_array().unwrap().is_empty());
-        assert_eq!(chunks[n - 1]["usage"], whole["usage"]);
+        // The same usage, but for the prompt tokens the streamed request, coming after the
+        // whole one, took from its KV blocks.
+        let (mut usage, mut want) = (chunks[n - 1]["usage"].clone(), whole["usage"].clone());
+        let cached = |u: &Value| {
+            u["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap()
+        };
+        let whole_blocks = usage["prompt_tokens"].as_u64().unwrap() > 16;
+        assert!(
+            cached(&usage) > cached(&want) || (!whole_blocks && cached(&usage) == 0),
+            "{usage} after {want}"
+        );
+        usage["prompt_tokens_details"] = Value::Null;
+        want["prompt_tokens_details"] = Value::Null;
+        assert_eq!(usage, want);
         assert!(chunks[..n - 1].iter().all(|c| c["usage"].is_null()));
     }
     // Without include_usage, no chunk carries a usage field.
@@ -982,5 +997,75 @@ async fn concurrent_chats_are_batched_and_each_equals_its_reply_alone() {
     let text = metrics_text(&server).await;
     let max_batch = metric(&text, "vlmem_scheduler_max_batch").unwrap_or(0.0);
     assert!(max_batch > 1.0, "never batched:\n{text}");
+    server.stop().await;
+}
+
+/// A long system prompt and an image repeated across requests: the later requests take the
+/// earlier ones' KV blocks (`cached_tokens` says how many prompt tokens) and still answer
+/// exactly as the engine does alone; the metrics count the reused tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_system_prompt_and_image_are_reused() {
+    let (server, e) = start_engine(config()).await;
+    let system = "You are a careful assistant who answers in short plain sentences. ".repeat(4);
+    let ask = |question: &str, image: bool| {
+        let mut content = vec![json!({"type": "text", "text": question})];
+        if image {
+            content.insert(
+                0,
+                json!({"type": "image_url", "image_url": {"url": image_data_url()}}),
+            );
+        }
+        json!({
+            "model": "qwen3-vl-tiny",
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": content}
+            ],
+            "max_tokens": 6,
+            "temperature": 0
+        })
+    };
+    let mut cached = Vec::new();
+    for (question, image) in [
+        ("What is this?", true),
+        ("What is this?", true),
+        ("Name the colours.", true),
+        ("Say hello.", false),
+    ] {
+        let (status, body) = post(&chat_url(&server), &ask(question, image)).await;
+        assert_eq!(status, 200, "{body}");
+        let usage = &body["usage"];
+        let c = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(c < usage["prompt_tokens"].as_u64().unwrap(), "{usage}");
+        cached.push(c);
+        let mut parts = vec![Part::Text(question.into())];
+        let mut request = Request::new(Prompt::Messages(vec![]));
+        if image {
+            parts.insert(0, Part::Image);
+            request = request.image(vlmem_runner::RequestImage::Path(
+                common::fixture().join("image0.png"),
+            ));
+        }
+        request.prompt =
+            Prompt::Messages(vec![Message::system(system.clone()), Message::user(parts)]);
+        let expected = engine_reply(&e, request.max_new_tokens(6));
+        assert_eq!(
+            body["choices"][0]["message"]["content"].as_str().unwrap(),
+            expected.text.as_deref().unwrap(),
+            "{question}"
+        );
+    }
+    // The first computes everything; the second takes all but the last partial block; the
+    // third and fourth share the system prompt (and the third the image).
+    eprintln!("cached {cached:?}");
+    assert_eq!(cached[0], 0);
+    assert!(cached[1] >= 32, "{cached:?}");
+    assert!(cached[2] >= 32 && cached[2] <= cached[1], "{cached:?}");
+    assert!(cached[3] >= 16, "{cached:?}");
+    let text = metrics_text(&server).await;
+    let total = metric(&text, "vlmem_scheduler_prompt_tokens_cached_total").unwrap();
+    assert_eq!(total as u64, cached.iter().sum::<u64>(), "{text}");
     server.stop().await;
 }

@@ -71,7 +71,7 @@ pub(super) fn decode_run(
 /// memory is found by building: from a guess, each next guess corrects the last by the weight
 /// class's shortfall over its slope in host memory (building registers the checkpoint's
 /// extents and reads no weight).
-pub(super) fn engine_with_host_weights(
+pub(crate) fn engine_with_host_weights(
     c: &Checkpoint,
     weight_bytes: u64,
     prefetch_layers: usize,

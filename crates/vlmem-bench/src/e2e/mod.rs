@@ -49,7 +49,7 @@
 //! hidden 1024, vocab 32768; a 96 MiB RAM budget) so CI can smoke it in seconds.
 
 mod bounds;
-mod decode;
+pub(crate) mod decode;
 mod formats;
 pub mod peers;
 
@@ -65,21 +65,21 @@ use vlmem_qwen3vl::checkpoint::Checkpoint;
 use vlmem_qwen3vl::synth::{SynthOptions, synth_config};
 use vlmem_runner::kernels;
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 /// The model of the full run.
 pub const MODEL: &str = "qwen3-vl-2b";
 
-/// What one setting of the suite runs.
-struct Setup {
-    name: &'static str,
+/// What one setting of the suite runs (`vlmem bench serve` runs the same checkpoints).
+pub(crate) struct Setup {
+    pub(crate) name: &'static str,
     /// The scaled-down setting (`--quick`).
     quick: bool,
-    cfg: Qwen3VlConfig,
+    pub(crate) cfg: Qwen3VlConfig,
     /// The streamed runs' host budget for weights (the engine's host memory is sized so that
     /// its weight class holds this).
-    streamed_host_bytes: u64,
+    pub(crate) streamed_host_bytes: u64,
     new_tokens: usize,
     membw_buffer_bytes: usize,
     dd_bytes: u64,
@@ -87,7 +87,7 @@ struct Setup {
     probe_bytes: u64,
 }
 
-fn setup(opts: BenchOptions) -> Option<Setup> {
+pub(crate) fn setup(opts: BenchOptions) -> Option<Setup> {
     let mut cfg = vlmem_qwen3vl::catalog::config(MODEL)?;
     if opts.quick {
         let t = &mut cfg.text;
@@ -247,7 +247,7 @@ pub fn run_with_peers(opts: BenchOptions) -> Result<SuiteReport, PeerError> {
 
 /// The setting of `opts` and its checkpoint, synthesized or reused (a note in `report`);
 /// `None`, with a note saying why, when there is none.
-fn open(opts: BenchOptions, report: &mut SuiteReport) -> Option<(Setup, Checkpoint)> {
+pub(crate) fn open(opts: BenchOptions, report: &mut SuiteReport) -> Option<(Setup, Checkpoint)> {
     let Some(s) = setup(opts) else {
         report.notes.push(format!("{MODEL} is not in the catalog"));
         return None;

@@ -366,7 +366,7 @@ pub fn parse_last_json<T: for<'de> Deserialize<'de>>(
 }
 
 /// The median of `v` (NaN when empty).
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if s.is_empty() {
         return f64::NAN;
@@ -470,7 +470,12 @@ impl Pair {
 /// For each llama.cpp figure in `report`, the vlmem figure set against it
 /// ([`VLMEM_FIGURES`]).
 pub fn pairs(report: &SuiteReport) -> Vec<Pair> {
-    VLMEM_FIGURES
+    pairs_of(report, &VLMEM_FIGURES)
+}
+
+/// [`pairs`] for another suite's list of (figure, the vlmem figures that stand for it).
+pub(crate) fn pairs_of(report: &SuiteReport, figures: &[(&str, &[&str])]) -> Vec<Pair> {
+    figures
         .iter()
         .filter_map(|(figure, candidates)| {
             let peer = format!("{figure}{PEER}");
@@ -503,12 +508,18 @@ pub fn push_ratios(report: &mut SuiteReport) {
 
 /// The human table of llama.cpp's figures beside vlmem's (empty when there are none).
 pub fn peer_table(report: &SuiteReport) -> Vec<String> {
-    let rows = pairs(report);
+    table_of(pairs(report))
+}
+
+/// The table of `rows` ([`peer_table`]'s layout, the first column as wide as its longest
+/// figure).
+pub(crate) fn table_of(rows: Vec<Pair>) -> Vec<String> {
     if rows.is_empty() {
         return Vec::new();
     }
+    let w = rows.iter().map(|p| p.figure().len()).fold(22, usize::max);
     let mut out = vec![format!(
-        "  {:22} {:>12} {:>12} {:>8}  {}",
+        "  {:w$} {:>12} {:>12} {:>8}  {}",
         "figure (tok/s)", "vlmem", "llama.cpp", "ratio", "vlmem's figure"
     )];
     for p in rows {
@@ -518,7 +529,7 @@ pub fn peer_table(report: &SuiteReport) -> Vec<String> {
         };
         let ratio = p.ratio().map_or("-".into(), |r| format!("{r:.2}"));
         out.push(format!(
-            "  {:22} {v:>12} {:>12.3} {ratio:>8}  {from}",
+            "  {:w$} {v:>12} {:>12.3} {ratio:>8}  {from}",
             p.figure(),
             p.peer_value
         ));
@@ -832,8 +843,25 @@ fn write_script(dir: &Path) -> Result<PathBuf, PeerError> {
 
 /// Runs the script's `args` in the environment: its stdout (the log of stderr in
 /// `dir/peers.log`).
-fn script(venv: &Path, dir: &Path, step: &str, args: &[OsString]) -> Result<String, PeerError> {
+pub(crate) fn script(
+    venv: &Path,
+    dir: &Path,
+    step: &str,
+    args: &[OsString],
+) -> Result<String, PeerError> {
     script_in(&venv_python(venv), dir, step, args)
+}
+
+/// [`script`] run through `launcher` (a program and its arguments, given the interpreter,
+/// the script and `args` after them: a wrapper that puts the process in a memory cgroup).
+pub(crate) fn script_launched(
+    launcher: &[OsString],
+    venv: &Path,
+    dir: &Path,
+    step: &str,
+    args: &[OsString],
+) -> Result<String, PeerError> {
+    script_with(launcher, &venv_python(venv), dir, step, args)
 }
 
 /// Runs the script's `args` with the interpreter `python`: its stdout.
@@ -843,9 +871,27 @@ fn script_in(
     step: &str,
     args: &[OsString],
 ) -> Result<String, PeerError> {
+    script_with(&[], python, dir, step, args)
+}
+
+/// [`script_in`] through `launcher` (empty: none).
+fn script_with(
+    launcher: &[OsString],
+    python: &Path,
+    dir: &Path,
+    step: &str,
+    args: &[OsString],
+) -> Result<String, PeerError> {
     let log = dir.join("peers.log");
     let out = dir.join("script.out");
-    let mut cmd = Command::new(python);
+    let mut cmd = match launcher.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(python);
+            c
+        }
+        None => Command::new(python),
+    };
     cmd.arg(dir.join("llama_cpp_bench.py")).args(args);
     let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     let status = run_watched(cmd, Some(&out), &log, step, None)?;
@@ -871,18 +917,29 @@ fn versions(venv: &Path, dir: &Path) -> Result<Versions, PeerError> {
 
 /// A ready environment and GGUF files.
 pub struct Prepared {
-    dir: PathBuf,
-    venv: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) venv: PathBuf,
     /// (format key, GGUF file).
-    files: Vec<(&'static str, PathBuf)>,
-    threads: usize,
+    pub(crate) files: Vec<(&'static str, PathBuf)>,
+    /// llama.cpp's threads: the threads of vlmem's kernels.
+    pub(crate) threads: usize,
     quick: bool,
-    notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// The environment and the GGUF files of `cfg`'s text decoder (`name` names the files),
 /// made or reused; a typed error when Python, pip, a compiler or the install is missing.
 pub fn prepare(cfg: &Qwen3VlConfig, name: &str, quick: bool) -> Result<Prepared, PeerError> {
+    prepare_formats(cfg, name, quick, &FORMATS)
+}
+
+/// [`prepare`] with only the GGUF files of `formats` (a sub-list of [`FORMATS`]).
+pub(crate) fn prepare_formats(
+    cfg: &Qwen3VlConfig,
+    name: &str,
+    quick: bool,
+    formats: &[(&'static str, Option<&'static str>)],
+) -> Result<Prepared, PeerError> {
     let dir = peers_dir();
     let shape = GgufShape::of(cfg)?;
     let Venv {
@@ -901,7 +958,7 @@ pub fn prepare(cfg: &Qwen3VlConfig, name: &str, quick: bool) -> Result<Prepared,
     let fingerprint = shape.fingerprint(SEED);
     let bf16 = dir.join(format!("{name}-text-bf16.gguf"));
     let mut files = Vec::new();
-    for (key, ftype) in FORMATS {
+    for &(key, ftype) in formats {
         let path = match ftype {
             None => bf16.clone(),
             Some(f) => dir.join(format!("{name}-text-{f}.gguf")),

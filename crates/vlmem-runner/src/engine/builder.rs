@@ -33,6 +33,8 @@ pub struct EngineBuilder {
     pub(super) disk_path: Option<PathBuf>,
     pub(super) prefetch_layers: usize,
     pub(super) max_context_tokens: u64,
+    pub(super) max_seqs: u64,
+    pub(super) plan_images: Vec<(u64, u64)>,
     pub(super) progress: Option<Arc<PrefillProgressFn>>,
     pub(super) kv_dtype: KvDtype,
     pub(super) quant: Quantize,
@@ -109,6 +111,24 @@ impl EngineBuilder {
     /// [`DEFAULT_CONTEXT_TOKENS`]: super::DEFAULT_CONTEXT_TOKENS
     pub fn max_context_tokens(mut self, tokens: u64) -> Self {
         self.max_context_tokens = tokens;
+        self
+    }
+
+    /// Sequences the plan gives KV room for at once (default 1; a server's
+    /// [`super::SchedulerConfig::max_seqs`]): the host's KV budget holds that many contexts
+    /// of [`EngineBuilder::max_context_tokens`] (at most half the host) and the swap file the
+    /// rest. 0 counts as 1.
+    pub fn max_seqs(mut self, seqs: u64) -> Self {
+        self.max_seqs = seqs.max(1);
+        self
+    }
+
+    /// Images (width x height in pixels, after any scaling down) whose embeddings the vision
+    /// cache has room for, when the engine is built without a request ([`EngineBuilder::build`];
+    /// `build_for` makes room for its request's images). Without any, such an engine has no
+    /// vision cache and encodes every image it is given.
+    pub fn plan_images(mut self, sizes: Vec<(u64, u64)>) -> Self {
+        self.plan_images = sizes;
         self
     }
 
@@ -214,11 +234,17 @@ impl EngineBuilder {
                 _ => None,
             })
             .collect();
+        let image_sizes = match &prepared {
+            Some(_) => image_sizes,
+            None => std::mem::take(&mut self.plan_images),
+        };
+        let seqs = if prepared.is_some() { 1 } else { self.max_seqs };
         let plan = plan_for(
             &checkpoint,
             &profile,
             use_gpu,
             context_tokens,
+            seqs,
             &image_sizes,
             shape.dtype,
         )?;
@@ -226,7 +252,8 @@ impl EngineBuilder {
             &profile,
             &plan.placement.budgets,
             context_tokens,
-            shape.need_bytes(context_tokens),
+            // The swap file holds every planned sequence's whole context.
+            shape.need_bytes(context_tokens).saturating_mul(seqs),
             shape.block_bytes(),
         )?;
         config.disk.dir = self.disk_path.clone();
@@ -446,6 +473,7 @@ fn plan_for(
     profile: &HardwareProfile,
     use_gpu: bool,
     context_tokens: u64,
+    seqs: u64,
     image_sizes: &[(u64, u64)],
     kv_dtype: KvDtype,
 ) -> EngineResult<Plan> {
@@ -456,7 +484,7 @@ fn plan_for(
     let request = PlanRequest {
         // An absurd context is refused by the KV check with its numbers, not here.
         context_tokens: context_tokens.min(MAX_PLAN_CONTEXT_TOKENS),
-        batch: 1,
+        batch: seqs,
         images: image_sizes.to_vec(),
         dtype: None,
         kv_dtype,

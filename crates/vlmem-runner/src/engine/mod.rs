@@ -21,15 +21,18 @@
 mod builder;
 mod conversation;
 mod error;
+mod queue;
 mod request;
 mod scheduler;
+mod spans;
 
 pub use builder::EngineBuilder;
 pub use conversation::{Conversation, Turn};
 pub use error::{EngineError, EngineResult};
 pub use request::{Prompt, Reply, Request, RequestImage, RequestStats, Timings};
 pub use scheduler::{
-    Finished, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, Sink, SubmitError, Ticket,
+    DEFAULT_PREFILL_CHUNK_TOKENS, Finished, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent,
+    Sink, SubmitError, Ticket,
 };
 
 use crate::error::RunnerError;
@@ -111,6 +114,8 @@ impl Engine {
             disk_path: None,
             prefetch_layers: crate::managed::DEFAULT_PREFETCH_LAYERS,
             max_context_tokens: DEFAULT_CONTEXT_TOKENS,
+            max_seqs: 1,
+            plan_images: Vec::new(),
             progress: None,
             kv_dtype: KvDtype::default(),
             quant: Default::default(),

@@ -2,41 +2,68 @@
 //!
 //! A [`Scheduler`] owns one worker thread that runs the engine in steps. Each step:
 //! 1. drops the sequences that finished or whose caller went away (their KV blocks return to
-//!    the pool at once);
-//! 2. admits at most one waiting request, if fewer than [`SchedulerConfig::max_seqs`] run and
-//!    the KV budget holds its whole context beside what the running ones reserved, and runs
-//!    its prompt pass (so a new prompt delays the running sequences by one prompt pass at
-//!    most), choosing its first token;
-//! 3. decodes every running sequence's next token in one pass over the weights
-//!    ([`crate::model::Qwen3Vl::decode_batch`]), each with its own sampler.
+//!    the pool at once, or stay for sharing: see below);
+//! 2. brings back sequences set aside for room (see below), the earliest admitted first,
+//!    while the host's KV room allows;
+//! 3. runs prompt pieces, [`SchedulerConfig::prefill_chunk_tokens`] tokens in all (an image
+//!    is never split at a piece's end), so a long prompt or a large image delays the
+//!    running sequences by one budget's worth per step while short prompts join several per
+//!    step: the piece of the request whose prompt pass is under way, else of the oldest
+//!    waiting request, admitted when none is set aside, fewer than
+//!    [`SchedulerConfig::max_seqs`] run, the KV budget holds its whole context beside what
+//!    the running ones reserved, and the host's KV room holds its prompt beside the running
+//!    ones (it takes the prefix the pool already holds and gets [`SeqEvent::Started`]);
+//!    after its last piece a request's first token is chosen and it joins the batch;
+//! 4. sets aside the newest running sequences while the host's KV room cannot hold the
+//!    others' next tokens (see below), then decodes every running sequence's next token in
+//!    one pass over the weights ([`crate::model::Qwen3Vl::decode_batch`]), each with its own
+//!    sampler.
 //!
-//! Requests are prepared (tokenized, images preprocessed) and checked on the caller's
-//! thread by [`Scheduler::submit`], which refuses at once what can never run (a bad request,
-//! a KV cache larger than the budgets) and what the bounded queue has no room for. Events
-//! reach the caller through its sink, called on the worker thread: a sink that returns
-//! false cancels its request (a client that disconnected), as does
+//! **Prefix sharing.** A prompt's tokens are keyed by their ids, and an image's pads by the
+//! image's content hash ([`crate::kv::prefix_keys`]), so a prompt that starts like a running
+//! request's prompt (a system prompt, an image) takes those whole KV blocks from the pool
+//! instead of computing them ([`Finished::cached_tokens`]). A finished request's whole prompt
+//! blocks stay in the pool for later requests ([`SchedulerConfig::kept_prompts`] of them, the
+//! oldest let go first, and all before a request would wait for KV room).
+//!
+//! **Preemption.** When the running sequences' next tokens would not fit the host's KV room,
+//! the newest is set aside: its KV is swapped out to the tier below, and it resumes unchanged
+//! when there is room (one sequence always runs). A request is never dropped or cut for lack
+//! of memory: its whole context was in the KV budget (host and disk) when it was admitted.
+//!
+//! Requests are prepared (tokenized, images preprocessed and hashed) and checked on the
+//! caller's thread by [`Scheduler::submit`], which refuses at once what can never run (a bad
+//! request, a KV cache larger than the budgets) and what the bounded queue has no room for.
+//! Events reach the caller through its sink, called on the worker thread: a sink that
+//! returns false cancels its request (a client that disconnected), as does
 //! [`Ticket::cancel`]. A request's output does not depend on what else runs (see
-//! [`crate::text::BatchRow`]).
+//! [`crate::text::BatchRow`]), nor on the pieces its prompt runs in or the prefix it shares,
+//! within rounding (`tests/prefill_pieces.rs`, `tests/scheduler.rs`).
 //!
 //! Locks: the queue's mutex is held only to push, pop or count, never across model work or a
-//! sink call; the worker holds the engine's turn lock for each step, so
+//! sink call; the worker holds the engine's turn lock for each step's model work, so
 //! [`Engine::generate`] callers interleave with the steps. Invariant: every submitted
 //! request ends with exactly one [`SeqEvent::Finished`] or [`SeqEvent::Failed`], after
-//! which its sink is dropped and its KV blocks are freed; `queued + running` never exceeds
-//! `max_queue + max_seqs`.
+//! which its sink is dropped and its KV blocks are freed (or kept for sharing, until the
+//! worker ends); `queued + running` never exceeds `max_queue + max_seqs` (`running` counts
+//! the admitted requests not ended: in their prompt pass, decoding or set aside).
 
-use super::{Engine, EngineError, Request};
-use crate::kv::KvStore;
+use super::queue::{Refused, RequestQueue};
+use super::spans::ImageSpans;
+use super::{Engine, EngineError, EngineResult, Request};
+use crate::kv::{KvStore, prefix_keys};
 use crate::model::{FinishReason, PrefillOptions};
 use crate::preprocess::ImageInput;
+use crate::rope::MropePositions;
 use crate::sample::Sampler;
 use crate::text::BatchRow;
+use crate::text::LogitsFor;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 use vlmem_core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vlmem_core::sync::thread::{self, JoinHandle};
-use vlmem_core::sync::{Arc, Condvar, Mutex, wait_guard};
+use vlmem_core::sync::{Arc, Mutex};
 
 /// How many requests a [`Scheduler`] runs and holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,20 +73,40 @@ pub struct SchedulerConfig {
     /// Requests waiting to start at most; beyond it [`Scheduler::submit`] refuses
     /// ([`SubmitError::QueueFull`]).
     pub max_queue: usize,
+    /// Prompt tokens one step's prompt pass takes at most, so a long prompt delays the
+    /// running sequences by one such piece per step. An image is never split: a piece that
+    /// would end inside one runs on to its end. 0 counts as 1.
+    pub prefill_chunk_tokens: usize,
+    /// Finished requests whose whole prompt blocks stay in the KV pool for later requests
+    /// with the same prefix to take (the oldest let go first, and all of them before a new
+    /// request waits for KV room). 0 keeps none. Stores that share nothing keep nothing.
+    pub kept_prompts: usize,
 }
+
+/// [`SchedulerConfig::prefill_chunk_tokens`] unless told otherwise.
+pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 512;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             max_seqs: 8,
             max_queue: 64,
+            prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+            kept_prompts: 16,
         }
     }
 }
 
-/// What a request's sink receives, in order: its tokens, then one end.
+/// What a request's sink receives, in order: [`SeqEvent::Started`], its tokens, then one
+/// end (a request cancelled or refused before it started gets only the end).
 #[derive(Debug)]
 pub enum SeqEvent {
+    /// Its prompt pass begins: `cached_tokens` leading prompt tokens were found in the KV
+    /// pool (another request's prompt blocks) and are not computed again.
+    Started {
+        /// Prompt tokens taken from the pool.
+        cached_tokens: usize,
+    },
     /// The next generated id.
     Token(u32),
     /// The request ended.
@@ -77,6 +124,8 @@ pub struct Finished {
     pub cancelled: bool,
     /// Prompt tokens.
     pub prompt_tokens: usize,
+    /// Of those, the ones taken from the KV pool instead of computed.
+    pub cached_tokens: usize,
     /// Generated ids.
     pub generated_tokens: usize,
     /// From submission to the first id (zero when none was generated).
@@ -137,6 +186,17 @@ pub struct SchedulerStats {
     pub completed: u64,
     /// Prompt tokens run through prompt passes.
     pub prompt_tokens: u64,
+    /// Prompt tokens taken from the KV pool instead (prefix sharing).
+    pub cached_tokens: u64,
+    /// Prompt passes run (a long prompt takes several pieces).
+    pub prefill_chunks: u64,
+    /// Finished requests' prompts kept in the pool for sharing.
+    pub kept_prompts: u64,
+    /// Sequences set aside now: their KV swapped out of the host for lack of room, to
+    /// resume when there is room again.
+    pub preempted: u64,
+    /// Times a sequence was set aside so.
+    pub preemptions: u64,
     /// Ids generated.
     pub generated_tokens: u64,
     /// Batched decode steps run.
@@ -145,6 +205,11 @@ pub struct SchedulerStats {
     pub decoded_rows: u64,
     /// The most sequences one decode step held.
     pub max_batch: u64,
+    /// Wall time spent in decode steps, in nanoseconds (`decoded_rows` over it: the
+    /// aggregate decode rate, prompt passes left out).
+    pub decode_ns: u64,
+    /// Wall time spent in prompt passes, in nanoseconds.
+    pub prefill_ns: u64,
 }
 
 /// A request waiting to start.
@@ -155,44 +220,84 @@ struct Waiting {
     max_new_tokens: usize,
     stop_ids: Vec<u32>,
     need_bytes: u64,
+    /// The prompt's sharing keys ([`crate::kv::prefix_keys`]); empty where the KV is not
+    /// pooled.
+    keys: Vec<u32>,
+    /// Where its prompt may be cut.
+    spans: ImageSpans,
     sink: Sink,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
 }
 
-/// A sequence being decoded.
+/// A sequence in its prompt pass or being decoded.
 struct Running {
     w: Waiting,
     kv: Box<dyn KvStore + Send>,
     generated: Vec<u32>,
+    /// The multimodal position of the next generated token (after the prompt, then after
+    /// each generated id).
     position: i64,
+    /// The whole prompt's positions, while its pieces run.
+    positions: MropePositions,
+    /// Prompt tokens in the KV so far (all of them once it decodes).
+    prefilled: usize,
+    /// Prompt tokens taken from the pool.
+    cached_tokens: usize,
+    /// The order of admission (the newest is set aside first under pressure).
+    admitted: u64,
     queued: Duration,
     first_token: Duration,
 }
 
-struct Queue {
-    waiting: VecDeque<Waiting>,
-    accepting: bool,
+impl Running {
+    fn new(w: Waiting, kv: Box<dyn KvStore + Send>) -> Self {
+        Running {
+            queued: w.submitted.elapsed(),
+            w,
+            kv,
+            generated: Vec::new(),
+            position: 0,
+            positions: MropePositions::text(0, 0),
+            prefilled: 0,
+            cached_tokens: 0,
+            admitted: 0,
+            first_token: Duration::ZERO,
+        }
+    }
+}
+
+/// A finished request's KV store cut to its whole prompt blocks, kept for sharing.
+struct Kept {
+    /// Dropping it returns the blocks no other sequence holds.
+    _kv: Box<dyn KvStore + Send>,
+    /// What it takes of the KV budget.
+    bytes: u64,
 }
 
 struct Shared {
     /// The engine, shared as its callers share it (std's `Arc`, as [`Engine`]'s API takes).
     engine: std::sync::Arc<Engine>,
     config: SchedulerConfig,
-    queue: Mutex<Queue>,
-    wake: Condvar,
-    /// Set by [`Scheduler::shutdown`] when the grace time ends: cancel what still runs.
-    abort: AtomicBool,
+    /// The waiting requests (`cancel_all` raises its abort flag).
+    queue: RequestQueue<Waiting>,
     /// Set by the worker as it returns.
     stopped: AtomicBool,
     running: AtomicU64,
     rejected: AtomicU64,
     completed: AtomicU64,
     prompt_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+    prefill_chunks: AtomicU64,
+    kept_prompts: AtomicU64,
+    preempted: AtomicU64,
+    preemptions: AtomicU64,
     generated_tokens: AtomicU64,
     decode_steps: AtomicU64,
     decoded_rows: AtomicU64,
     max_batch: AtomicU64,
+    decode_ns: AtomicU64,
+    prefill_ns: AtomicU64,
 }
 
 /// Continuous batching over one engine: see the module documentation.
@@ -216,26 +321,29 @@ impl Scheduler {
     pub fn start(engine: std::sync::Arc<Engine>, config: SchedulerConfig) -> Self {
         let config = SchedulerConfig {
             max_seqs: config.max_seqs.max(1),
+            prefill_chunk_tokens: config.prefill_chunk_tokens.max(1),
             ..config
         };
         let shared = Arc::new(Shared {
             engine,
             config,
-            queue: Mutex::new(Queue {
-                waiting: VecDeque::new(),
-                accepting: true,
-            }),
-            wake: Condvar::new(),
-            abort: AtomicBool::new(false),
+            queue: RequestQueue::new(config.max_queue),
             stopped: AtomicBool::new(false),
             running: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
+            cached_tokens: AtomicU64::new(0),
+            prefill_chunks: AtomicU64::new(0),
+            kept_prompts: AtomicU64::new(0),
+            preempted: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             decode_steps: AtomicU64::new(0),
             decoded_rows: AtomicU64::new(0),
             max_batch: AtomicU64::new(0),
+            decode_ns: AtomicU64::new(0),
+            prefill_ns: AtomicU64::new(0),
         });
         let worker_shared = shared.clone();
         let worker = thread::spawn(move || {
@@ -270,6 +378,18 @@ impl Scheduler {
         )?;
         let sampler = Sampler::new(opts.sampling).map_err(EngineError::from)?;
         let context = super::request::context_of(&prepared, prepared.max_new_tokens);
+        let config = engine.runner.model().config();
+        let pads: Vec<usize> = images
+            .iter()
+            .map(|i| i.num_tokens(config.vision.spatial_merge_size.max(1) as usize))
+            .collect();
+        let spans = ImageSpans::of(&ids, config.image_token_id, &pads);
+        let keys = if engine.kv_pool.is_some() {
+            let hashes: Vec<u64> = images.iter().map(ImageInput::content_hash).collect();
+            prefix_keys(&ids, config.image_token_id, &hashes, &pads)
+        } else {
+            Vec::new()
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         let ticket = Ticket {
             cancel: cancel.clone(),
@@ -282,24 +402,20 @@ impl Scheduler {
             max_new_tokens: opts.max_new_tokens,
             stop_ids: opts.stop_ids,
             need_bytes: engine.shape.need_bytes(context),
+            keys,
+            spans,
             sink,
             cancel,
             submitted: Instant::now(),
         };
-        let mut q = self.shared.queue.lock();
-        if !q.accepting {
-            return Err(SubmitError::ShuttingDown);
+        match self.shared.queue.push(waiting) {
+            Ok(()) => Ok(ticket),
+            Err(Refused::Closed(_)) => Err(SubmitError::ShuttingDown),
+            Err(Refused::Full(_, queued)) => {
+                self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+                Err(SubmitError::QueueFull { queued })
+            }
         }
-        if q.waiting.len() >= self.shared.config.max_queue {
-            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(SubmitError::QueueFull {
-                queued: q.waiting.len(),
-            });
-        }
-        q.waiting.push_back(waiting);
-        drop(q);
-        self.shared.wake.notify_one();
-        Ok(ticket)
     }
 
     /// The counters now.
@@ -307,33 +423,34 @@ impl Scheduler {
         let s = &self.shared;
         SchedulerStats {
             running: s.running.load(Ordering::Relaxed),
-            queued: s.queue.lock().waiting.len() as u64,
+            queued: s.queue.len() as u64,
             rejected: s.rejected.load(Ordering::Relaxed),
             completed: s.completed.load(Ordering::Relaxed),
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
+            cached_tokens: s.cached_tokens.load(Ordering::Relaxed),
+            prefill_chunks: s.prefill_chunks.load(Ordering::Relaxed),
+            kept_prompts: s.kept_prompts.load(Ordering::Relaxed),
+            preempted: s.preempted.load(Ordering::Relaxed),
+            preemptions: s.preemptions.load(Ordering::Relaxed),
             generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
             decode_steps: s.decode_steps.load(Ordering::Relaxed),
             decoded_rows: s.decoded_rows.load(Ordering::Relaxed),
             max_batch: s.max_batch.load(Ordering::Relaxed),
+            decode_ns: s.decode_ns.load(Ordering::Relaxed),
+            prefill_ns: s.prefill_ns.load(Ordering::Relaxed),
         }
     }
 
     /// Stops accepting requests ([`SubmitError::ShuttingDown`] from then on); the queued and
     /// running ones go on, and the worker ends when none is left.
     pub fn close(&self) {
-        self.shared.queue.lock().accepting = false;
-        self.shared.wake.notify_all();
+        self.shared.queue.close();
     }
 
     /// Cancels every queued and running request at the worker's next step (each gets its
     /// [`SeqEvent::Finished`] with `cancelled`). Requests submitted afterwards run.
     pub fn cancel_all(&self) {
-        // Set under the queue's lock, which the worker holds from its last look at the flag
-        // to its wait: the wake-up cannot fall between the two.
-        let q = self.shared.queue.lock();
-        self.shared.abort.store(true, Ordering::Release);
-        drop(q);
-        self.shared.wake.notify_all();
+        self.shared.queue.cancel_all();
     }
 
     /// Waits up to `timeout` for the worker to end (after [`Scheduler::close`], once no
@@ -376,7 +493,15 @@ impl Drop for Scheduler {
 struct Worker {
     shared: Arc<Shared>,
     running: Vec<Running>,
-    /// KV bytes the running sequences' whole contexts take at most.
+    /// The admitted request whose prompt pass runs, a piece per step.
+    prefilling: Option<Running>,
+    /// Sequences set aside for lack of host KV room, their KV swapped out.
+    preempted: Vec<Running>,
+    /// Admissions so far.
+    admissions: u64,
+    /// Finished requests' prompt blocks, oldest first.
+    kept: VecDeque<Kept>,
+    /// KV bytes the running sequences' whole contexts and the kept prompts take at most.
     reserved_bytes: u64,
 }
 
@@ -385,51 +510,116 @@ impl Worker {
         Worker {
             shared,
             running: Vec::new(),
+            prefilling: None,
+            preempted: Vec::new(),
+            admissions: 0,
+            kept: VecDeque::new(),
             reserved_bytes: 0,
         }
     }
 
     fn run(&mut self) {
         loop {
-            if self.shared.abort.swap(false, Ordering::AcqRel) {
+            if self.shared.queue.take_abort() {
                 self.cancel_all();
             }
             self.drop_cancelled();
-            let admitted = self.admit_one();
+            let mut worked = self.resume_preempted();
+            // Prompt pieces up to the step's token budget: short prompts join several per
+            // step, a long one takes the whole budget.
+            let mut budget = self.shared.config.prefill_chunk_tokens;
+            while budget > 0 {
+                if self.prefilling.is_none() && !(self.preempted.is_empty() && self.admit_one()) {
+                    break;
+                }
+                if self.prefilling.is_none() {
+                    // Admitted and failed at once.
+                    worked = true;
+                    continue;
+                }
+                budget = budget.saturating_sub(self.prefill_piece(budget));
+                worked = true;
+                if self.prefilling.is_some() {
+                    break;
+                }
+            }
+            self.preempt_for_room();
             if !self.running.is_empty() {
                 self.decode_step();
             }
-            if admitted || !self.running.is_empty() {
+            // Sequences set aside resume at the next step, even when none runs now.
+            if worked || !self.running.is_empty() || !self.preempted.is_empty() {
                 continue;
             }
-            let q = self.shared.queue.lock();
-            if q.waiting.is_empty() && !self.shared.abort.load(Ordering::Acquire) {
-                if !q.accepting {
-                    return;
-                }
-                drop(wait_guard(&self.shared.wake, q));
+            if !self.shared.queue.wait_for_work() {
+                // Closed and empty: nothing will come to share the kept prompts.
+                self.let_go_of_kept(u64::MAX);
+                return;
             }
         }
     }
 
-    fn ended(&mut self, r: Running, finish_reason: FinishReason, cancelled: bool) {
+    /// Returns a sequence's KV reservation, keeping its whole prompt blocks for sharing when
+    /// its prompt pass ended.
+    fn release(&mut self, r: &mut Running) {
+        self.reserved_bytes = self.reserved_bytes.saturating_sub(r.w.need_bytes);
+        let kv = std::mem::replace(&mut r.kv, Box::new(crate::kv::KvCache::new(0)));
+        let prompt = r.w.ids.len();
+        let Some(block) = kv.block_tokens().filter(|b| *b > 0) else {
+            return;
+        };
+        // Only blocks of prompt tokens are shareable: cut before the first generated one.
+        let whole = prompt / block * block;
+        if self.shared.config.kept_prompts == 0 || whole == 0 || r.prefilled < prompt {
+            return;
+        }
+        let mut kv = kv;
+        if kv.truncate(whole).is_err() {
+            return;
+        }
+        let bytes = self.shared.engine.shape.need_bytes(whole as u64);
+        self.reserved_bytes = self.reserved_bytes.saturating_add(bytes);
+        self.kept.push_back(Kept { _kv: kv, bytes });
+        self.shared.kept_prompts.fetch_add(1, Ordering::Relaxed);
+        while self.kept.len() > self.shared.config.kept_prompts {
+            self.drop_oldest_kept();
+        }
+    }
+
+    fn drop_oldest_kept(&mut self) {
+        if let Some(k) = self.kept.pop_front() {
+            self.reserved_bytes = self.reserved_bytes.saturating_sub(k.bytes);
+        }
+    }
+
+    /// Lets go of the oldest kept prompts until `need_bytes` more fit the KV budget (or
+    /// none is left).
+    fn let_go_of_kept(&mut self, need_bytes: u64) {
+        let budget = self.kv_budget_bytes();
+        while !self.kept.is_empty() && self.reserved_bytes.saturating_add(need_bytes) > budget {
+            self.drop_oldest_kept();
+        }
+    }
+
+    fn ended(&mut self, mut r: Running, finish_reason: FinishReason, cancelled: bool) {
+        // The KV blocks return to the pool (or are kept for sharing) before the caller hears
+        // of the end.
+        self.release(&mut r);
         let Running {
             mut w,
-            kv,
             generated,
             queued,
             first_token,
+            cached_tokens,
             ..
         } = r;
-        // The KV blocks return to the pool before the caller hears of the end.
-        drop(kv);
-        self.reserved_bytes = self.reserved_bytes.saturating_sub(w.need_bytes);
         self.shared.running.fetch_sub(1, Ordering::Relaxed);
         self.shared.completed.fetch_add(1, Ordering::Relaxed);
         (w.sink)(SeqEvent::Finished(Finished {
             finish_reason,
             cancelled,
             prompt_tokens: w.ids.len(),
+            cached_tokens,
             generated_tokens: generated.len(),
             time_to_first_token: first_token,
             queued,
@@ -455,20 +645,29 @@ impl Worker {
                 i += 1;
             }
         }
-        // Cancelled while waiting: end them without running.
-        let cancelled: VecDeque<Waiting> = {
-            let mut q = self.shared.queue.lock();
-            let is_cancelled = |w: &Waiting| w.cancel.load(Ordering::Acquire);
-            // Most steps find none: no rebuilding of the queue then.
-            if !q.waiting.iter().any(is_cancelled) {
-                return;
+        let mut i = 0;
+        while i < self.preempted.len() {
+            if self.preempted[i].w.cancel.load(Ordering::Acquire) {
+                let r = self.preempted.remove(i);
+                self.shared.preempted.fetch_sub(1, Ordering::Relaxed);
+                self.ended(r, FinishReason::Length, true);
+            } else {
+                i += 1;
             }
-            let (gone, kept) = std::mem::take(&mut q.waiting)
-                .into_iter()
-                .partition(is_cancelled);
-            q.waiting = kept;
-            gone
-        };
+        }
+        if self
+            .prefilling
+            .as_ref()
+            .is_some_and(|r| r.w.cancel.load(Ordering::Acquire))
+            && let Some(r) = self.prefilling.take()
+        {
+            self.ended(r, FinishReason::Length, true);
+        }
+        // Cancelled while waiting: end them without running.
+        let cancelled = self
+            .shared
+            .queue
+            .take_where(|w| w.cancel.load(Ordering::Acquire));
         for w in cancelled {
             self.end_waiting(w);
         }
@@ -481,6 +680,7 @@ impl Worker {
             finish_reason: FinishReason::Length,
             cancelled: true,
             prompt_tokens: w.ids.len(),
+            cached_tokens: 0,
             generated_tokens: 0,
             time_to_first_token: Duration::ZERO,
             queued: w.submitted.elapsed(),
@@ -491,8 +691,14 @@ impl Worker {
         for r in std::mem::take(&mut self.running) {
             self.ended(r, FinishReason::Length, true);
         }
-        let waiting = std::mem::take(&mut self.shared.queue.lock().waiting);
-        for w in waiting {
+        if let Some(r) = self.prefilling.take() {
+            self.ended(r, FinishReason::Length, true);
+        }
+        for r in std::mem::take(&mut self.preempted) {
+            self.shared.preempted.fetch_sub(1, Ordering::Relaxed);
+            self.ended(r, FinishReason::Length, true);
+        }
+        for w in self.shared.queue.take_all() {
             self.end_waiting(w);
         }
     }
@@ -502,93 +708,237 @@ impl Worker {
         self.shared.engine.room.budget_bytes()
     }
 
-    /// Starts the oldest waiting request when a sequence slot and its KV are free: its
-    /// prompt pass and first token. Returns whether one was started.
+    /// Admits the oldest waiting request when a sequence slot and its KV are free: its KV
+    /// store, the prompt prefix the pool already holds, then [`SeqEvent::Started`]; its
+    /// prompt pass follows in [`Worker::prefill_piece`]. Returns whether one was admitted.
     fn admit_one(&mut self) -> bool {
         if self.running.len() >= self.shared.config.max_seqs {
             return false;
         }
-        let budget = self.kv_budget_bytes();
         let in_process = self.shared.engine.kv_pool.is_none();
-        let w = {
-            let mut q = self.shared.queue.lock();
-            match q.waiting.front() {
-                // The first waiting request fits beside the running ones (or nothing runs: it
-                // was checked against the whole budget when submitted).
-                Some(f)
-                    if in_process
-                        || self.running.is_empty()
-                        || self.reserved_bytes.saturating_add(f.need_bytes) <= budget =>
-                {
-                    q.waiting.pop_front()
-                }
-                _ => None,
-            }
+        let Some(need) = self.shared.queue.peek(|f| f.need_bytes) else {
+            return false;
         };
+        if !in_process {
+            self.let_go_of_kept(need);
+        }
+        let budget = self.kv_budget_bytes();
+        let host_room = self.host_blocks();
+        let running_need = self.running_need_blocks();
+        // The first waiting request fits beside the running ones, in the KV budget for its
+        // whole context and on the host for its prompt (or nothing runs: it was checked
+        // against the whole budget when submitted).
+        let w = self.shared.queue.pop_if(|f| {
+            in_process
+                || self.running.is_empty()
+                || (self.reserved_bytes.saturating_add(f.need_bytes) <= budget
+                    && host_room.is_none_or(|room| {
+                        running_need.saturating_add(self.blocks_for(f.ids.len() + 1)) <= room
+                    }))
+        });
         let Some(w) = w else {
             return false;
         };
-        let queued = w.submitted.elapsed();
         self.reserved_bytes = self.reserved_bytes.saturating_add(w.need_bytes);
         self.shared.running.fetch_add(1, Ordering::Relaxed);
         let engine = self.shared.engine.clone();
         let kv = match engine.new_kv_store() {
             Ok(kv) => kv,
             Err(e) => {
-                let r = Running {
-                    w,
-                    kv: Box::new(crate::kv::KvCache::new(0)),
-                    generated: Vec::new(),
-                    position: 0,
-                    queued,
-                    first_token: Duration::ZERO,
-                };
+                let r = Running::new(w, Box::new(crate::kv::KvCache::new(0)));
                 self.failed(r, e);
                 return true;
             }
         };
-        let mut r = Running {
-            w,
-            kv,
-            generated: Vec::new(),
-            position: 0,
-            queued,
-            first_token: Duration::ZERO,
+        let mut r = Running::new(w, kv);
+        self.admissions += 1;
+        r.admitted = self.admissions;
+        let shared = {
+            let _turn = engine.turn.lock();
+            catch_unwind(AssertUnwindSafe(|| start_prompt(&engine, &mut r)))
         };
+        match shared {
+            Ok(Ok(())) => {
+                self.shared
+                    .cached_tokens
+                    .fetch_add(r.cached_tokens as u64, Ordering::Relaxed);
+                let go_on = (r.w.sink)(SeqEvent::Started {
+                    cached_tokens: r.cached_tokens,
+                });
+                if go_on && !r.w.cancel.load(Ordering::Acquire) {
+                    self.prefilling = Some(r);
+                } else {
+                    // The caller went away as it started: no prompt pass.
+                    self.ended(r, FinishReason::Length, true);
+                }
+            }
+            Ok(Err(e)) => self.failed(r, e),
+            Err(panic) => self.failed(r, panicked(panic)),
+        }
+        true
+    }
+
+    /// Blocks the pool keeps on the host at most (`None` for KV outside the manager).
+    fn host_blocks(&self) -> Option<u64> {
+        self.shared
+            .engine
+            .kv_pool
+            .as_ref()
+            .map(|p| p.max_resident_blocks())
+    }
+
+    /// Blocks a sequence of `tokens` tokens takes, every layer (counted as if it shared
+    /// none).
+    fn blocks_for(&self, tokens: usize) -> u64 {
+        let block = self
+            .shared
+            .engine
+            .kv_pool
+            .as_ref()
+            .map_or(1, |p| u64::from(p.config().block_tokens).max(1));
+        (tokens as u64).div_ceil(block) * self.shared.engine.shape.layers as u64
+    }
+
+    /// Blocks the running sequences hold after their next token.
+    fn running_need_blocks(&self) -> u64 {
+        self.running
+            .iter()
+            .map(|r| self.blocks_for(r.kv.len_tokens() + 1))
+            .sum()
+    }
+
+    /// Sets the newest running sequences aside while the running ones' next tokens would
+    /// not fit the host's KV room (one always runs: a sequence alone larger than the host
+    /// pages its own blocks through the pool). A sequence set aside has its KV swapped out
+    /// to the tier below and resumes, unchanged, when there is room.
+    fn preempt_for_room(&mut self) {
+        let Some(room) = self.host_blocks() else {
+            return;
+        };
+        while self.running.len() > 1 && self.running_need_blocks() > room {
+            let newest = (0..self.running.len())
+                .max_by_key(|&i| self.running[i].admitted)
+                .unwrap_or(0);
+            let mut r = self.running.swap_remove(newest);
+            let swapped = {
+                let _turn = self.shared.engine.turn.lock();
+                catch_unwind(AssertUnwindSafe(|| r.kv.swap_out()))
+            };
+            match swapped {
+                Ok(Ok(_)) => {
+                    self.shared.preempted.fetch_add(1, Ordering::Relaxed);
+                    self.shared.preemptions.fetch_add(1, Ordering::Relaxed);
+                    self.preempted.push(r);
+                }
+                Ok(Err(e)) => self.failed(r, e.into()),
+                Err(panic) => self.failed(r, panicked(panic)),
+            }
+        }
+    }
+
+    /// Brings set-aside sequences back, the earliest admitted first, while a slot and the
+    /// host's KV room allow (always one when nothing runs). Returns whether one came back.
+    fn resume_preempted(&mut self) -> bool {
+        let mut resumed = false;
+        while !self.preempted.is_empty() && self.running.len() < self.shared.config.max_seqs {
+            let oldest = (0..self.preempted.len())
+                .min_by_key(|&i| self.preempted[i].admitted)
+                .unwrap_or(0);
+            let need = self.blocks_for(self.preempted[oldest].kv.len_tokens() + 1);
+            let fits = self
+                .host_blocks()
+                .is_none_or(|room| self.running_need_blocks().saturating_add(need) <= room);
+            if !self.running.is_empty() && !fits {
+                break;
+            }
+            // Its KV comes back from the tier below on first use.
+            let r = self.preempted.remove(oldest);
+            self.shared.preempted.fetch_sub(1, Ordering::Relaxed);
+            self.running.push(r);
+            resumed = true;
+        }
+        resumed
+    }
+
+    /// Runs the next piece of the admitted request's prompt pass; after the last one, its
+    /// first token is chosen and it joins the decoding sequences.
+    /// Returns the tokens it ran (at least `budget`'s worth unless the prompt ended, more
+    /// when the piece runs on to an image's end).
+    fn prefill_piece(&mut self, budget: usize) -> usize {
+        let Some(mut r) = self.prefilling.take() else {
+            return 0;
+        };
+        let engine = self.shared.engine.clone();
+        let start = r.prefilled;
+        let len = r.w.ids.len();
+        let end =
+            r.w.spans
+                .cut_at_or_after(start.saturating_add(budget.max(1)).min(len));
+        let last = end >= len;
+        let (images, skip_rows) = r.w.spans.images_in(start, end);
+        let positions = MropePositions {
+            thw: std::array::from_fn(|axis| {
+                r.positions.thw[axis]
+                    .get(start..end)
+                    .unwrap_or_default()
+                    .to_vec()
+            }),
+            next_position: r.positions.next_position,
+        };
+        let started = Instant::now();
         let step = {
             let _turn = engine.turn.lock();
             catch_unwind(AssertUnwindSafe(|| {
                 let model = engine.runner.model();
-                let pre = model.prefill(
-                    &r.w.ids,
-                    &r.w.images,
+                let pre = model.prefill_piece(
+                    &r.w.ids[start..end],
+                    positions,
+                    r.w.images.get(images).unwrap_or_default(),
+                    skip_rows,
                     r.kv.as_mut(),
-                    PrefillOptions::default(),
+                    PrefillOptions {
+                        logits: if last {
+                            LogitsFor::Last
+                        } else {
+                            LogitsFor::Skip
+                        },
+                        ..PrefillOptions::default()
+                    },
                 )?;
-                let logits = pre
-                    .logits
-                    .ok_or_else(|| {
-                        crate::error::RunnerError::BadRequest("prefill returned no logits".into())
-                    })?
-                    .squeeze(0)?
-                    .to_vec1::<f32>()?;
-                Ok::<_, crate::error::RunnerError>((logits, pre.positions.next_position))
+                let logits = match pre.logits {
+                    Some(l) if last => Some(l.squeeze(0)?.to_vec1::<f32>()?),
+                    None if last => {
+                        return Err(crate::error::RunnerError::BadRequest(
+                            "prefill returned no logits".into(),
+                        ));
+                    }
+                    _ => None,
+                };
+                Ok::<_, crate::error::RunnerError>(logits)
             }))
         };
+        add_ns(&self.shared.prefill_ns, started);
+        self.shared.prefill_chunks.fetch_add(1, Ordering::Relaxed);
         match step {
-            Ok(Ok((logits, position))) => {
+            Ok(Ok(logits)) => {
                 self.shared
                     .prompt_tokens
-                    .fetch_add(r.w.ids.len() as u64, Ordering::Relaxed);
-                r.position = position;
-                // Images are not needed past the prompt pass.
-                r.w.images = Vec::new();
-                self.push_token(r, &logits);
+                    .fetch_add((end - start) as u64, Ordering::Relaxed);
+                r.prefilled = end;
+                match logits {
+                    Some(logits) => {
+                        // Images and positions are not needed past the prompt pass.
+                        r.w.images = Vec::new();
+                        r.positions = MropePositions::text(0, 0);
+                        self.push_token(r, &logits);
+                    }
+                    None => self.prefilling = Some(r),
+                }
             }
             Ok(Err(e)) => self.failed(r, e.into()),
             Err(panic) => self.failed(r, panicked(panic)),
         }
-        true
+        end - start
     }
 
     /// Chooses `r`'s next id from `logits`, tells its sink, and keeps it running unless it
@@ -620,6 +970,7 @@ impl Worker {
         let engine = self.shared.engine.clone();
         let mut batch = std::mem::take(&mut self.running);
         let n = batch.len() as u64;
+        let started = Instant::now();
         let step = {
             let _turn = engine.turn.lock();
             catch_unwind(AssertUnwindSafe(|| {
@@ -634,6 +985,7 @@ impl Worker {
                 engine.runner.model().decode_batch(&mut rows)
             }))
         };
+        add_ns(&self.shared.decode_ns, started);
         self.shared.decode_steps.fetch_add(1, Ordering::Relaxed);
         self.shared.decoded_rows.fetch_add(n, Ordering::Relaxed);
         self.shared.max_batch.fetch_max(n, Ordering::Relaxed);
@@ -667,6 +1019,27 @@ impl Worker {
             }
         }
     }
+}
+
+/// Computes `r`'s prompt positions and takes the longest prefix of its prompt that the pool
+/// already holds.
+fn start_prompt(engine: &Engine, r: &mut Running) -> EngineResult<()> {
+    let positions = engine.runner.model().positions(&r.w.ids, &r.w.images)?;
+    r.position = positions.next_position;
+    r.positions = positions;
+    if r.w.keys.is_empty() {
+        return Ok(());
+    }
+    let cached = r.kv.share_prefix(&r.w.keys)?;
+    r.prefilled = cached;
+    r.cached_tokens = cached;
+    Ok(())
+}
+
+/// Adds the time since `started` to `counter`.
+fn add_ns(counter: &AtomicU64, started: Instant) {
+    let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(ns, Ordering::Relaxed);
 }
 
 /// A panic in a step as an error for the requests it held.

@@ -190,6 +190,7 @@ pub async fn start_engine(config: ServerConfig) -> (TestServer, TestEngine) {
         SchedulerConfig {
             max_seqs: 8,
             max_queue: 8,
+            ..SchedulerConfig::default()
         },
     );
     (start(config, Arc::new(backend)).await, e)
