@@ -71,19 +71,7 @@ fn requests(engine: &Engine, fixture: &str) -> Vec<(Request, Prepared)> {
             let r = r
                 .max_new_tokens(NEW_TOKENS)
                 .sampling(SamplingParams::greedy());
-            let p = engine.prepare(&r).unwrap();
-            let images = p
-                .images
-                .iter()
-                .map(|i| match i {
-                    RequestImage::Preprocessed(x) => x.clone(),
-                    other => panic!("not preprocessed: {other:?}"),
-                })
-                .collect();
-            let ids = match &p.prompt {
-                vlmem_runner::Prompt::Ids(ids) => ids.clone(),
-                other => panic!("not ids: {other:?}"),
-            };
+            let (ids, images) = common::prepared(engine, &r);
             (r, Prepared { ids, images })
         })
         .collect()

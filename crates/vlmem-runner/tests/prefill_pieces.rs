@@ -15,20 +15,7 @@ fn prompt(engine: &Engine, fixture: &str) -> (Vec<u32>, Vec<ImageInput>) {
     let dir = fixture_dir(fixture);
     let r = Request::ids(ids_of(&common::reference(&dir)["input_ids"]))
         .image(RequestImage::Path(dir.join("image0.png")));
-    let p = engine.prepare(&r).unwrap();
-    let images = p
-        .images
-        .iter()
-        .map(|i| match i {
-            RequestImage::Preprocessed(x) => x.clone(),
-            other => panic!("not preprocessed: {other:?}"),
-        })
-        .collect();
-    let ids = match &p.prompt {
-        vlmem_runner::Prompt::Ids(ids) => ids.clone(),
-        other => panic!("not ids: {other:?}"),
-    };
-    (ids, images)
+    common::prepared(engine, &r)
 }
 
 fn last_logits(pre: vlmem_runner::model::Prefill) -> Vec<f32> {

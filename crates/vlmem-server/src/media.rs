@@ -330,6 +330,45 @@ fn scaled_size(w: u64, h: u64, max_pixels: u64) -> (u64, u64) {
     (nw, nh)
 }
 
+/// A small PNG file whose header claims `w` x `h` pixels (the IHDR chunk, a few bytes of
+/// compressed data, IEND): what a hostile client sends to make a server allocate a huge
+/// image. The server refuses it before decoding; its tests and `vlmem bench serve --stress`
+/// send it.
+pub fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    // The PNG chunk checksum (CRC-32, polynomial 0xEDB88320).
+    let crc32 = |bytes: &[u8]| {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, data) in [
+        (&b"IHDR"[..], &ihdr[..]),
+        (b"IDAT", &[0x78, 0x9c, 0x63, 0, 0, 0, 1, 0, 1][..]),
+        (b"IEND", &[][..]),
+    ] {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut chunk = kind.to_vec();
+        chunk.extend_from_slice(data);
+        out.extend_from_slice(&chunk);
+        out.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,50 +390,13 @@ mod tests {
         out.into_inner()
     }
 
-    /// A small PNG file whose header claims `w` x `h`: the IHDR chunk, a few bytes of
-    /// compressed data, IEND.
-    pub(crate) fn png_header(w: u32, h: u32) -> Vec<u8> {
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(&w.to_be_bytes());
-        ihdr.extend_from_slice(&h.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        for (kind, data) in [
-            (&b"IHDR"[..], &ihdr[..]),
-            (b"IDAT", &[0x78, 0x9c, 0x63, 0, 0, 0, 1, 0, 1][..]),
-            (b"IEND", &[][..]),
-        ] {
-            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            let mut chunk = kind.to_vec();
-            chunk.extend_from_slice(data);
-            out.extend_from_slice(&chunk);
-            out.extend_from_slice(&crc32(&chunk).to_be_bytes());
-        }
-        out
-    }
-
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
     #[test]
     fn a_huge_header_is_refused_before_decoding() {
         // The header is read as the test means: a small image decodes its claim.
-        let e = decode(&png_header(64, 64), &cfg(), "p").unwrap_err();
+        let e = decode(&png_claiming(64, 64), &cfg(), "p").unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{e}");
         assert!(e.message.contains("malformed"), "{}", e.message);
-        let e = decode(&png_header(50_000, 50_000), &cfg(), "p").unwrap_err();
+        let e = decode(&png_claiming(50_000, 50_000), &cfg(), "p").unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::PAYLOAD_TOO_LARGE);
         assert!(e.message.contains("50000 x 50000"), "{}", e.message);
     }

@@ -380,7 +380,8 @@ async fn bad_input_gets_its_status_and_openais_error_object() {
     let url = chat_url(&server);
     let png_header_b64 = {
         use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(png_header(50_000, 50_000))
+        base64::engine::general_purpose::STANDARD
+            .encode(vlmem_server::media::png_claiming(50_000, 50_000))
     };
     let not_an_image = "data:image/png;base64,aGVsbG8gd29ybGQ=";
     let user = |content: Value| json!({"messages": [{"role": "user", "content": content}]});
@@ -466,42 +467,6 @@ async fn bad_input_gets_its_status_and_openais_error_object() {
     let (status, _) = post(&chat_url(&server), &text_request("Hi", 2)).await;
     assert_eq!(status, 200);
     server.stop().await;
-}
-
-/// A small PNG file whose header claims `w` x `h`: the IHDR chunk, a few bytes of
-/// compressed data, IEND.
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    let crc32 = |bytes: &[u8]| {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [
-        (&b"IHDR"[..], &ihdr[..]),
-        (b"IDAT", &[0x78, 0x9c, 0x63, 0, 0, 0, 1, 0, 1][..]),
-        (b"IEND", &[][..]),
-    ] {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut chunk = kind.to_vec();
-        chunk.extend_from_slice(data);
-        out.extend_from_slice(&chunk);
-        out.extend_from_slice(&crc32(&chunk).to_be_bytes());
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1456,7 +1456,7 @@ fn malformed_bodies(model: &str) -> Vec<String> {
             )),
             Kind::HugeImage => image(format!(
                 "data:image/png;base64,{}",
-                b64(&png_header(50_000, 50_000))
+                b64(&vlmem_server::media::png_claiming(50_000, 50_000))
             )),
             Kind::NegativeMaxTokens => {
                 let mut body = chat_body(model, json!("Hi"), 8, false);
@@ -1466,42 +1466,6 @@ fn malformed_bodies(model: &str) -> Vec<String> {
             _ => unreachable!("not a malformed kind"),
         })
         .collect()
-}
-
-/// A small PNG file whose header claims `w` x `h`: the IHDR chunk, a few bytes of
-/// compressed data, IEND.
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    let crc32 = |bytes: &[u8]| {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [
-        (&b"IHDR"[..], &ihdr[..]),
-        (b"IDAT", &[0x78, 0x9c, 0x63, 0, 0, 0, 1, 0, 1][..]),
-        (b"IEND", &[][..]),
-    ] {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut chunk = kind.to_vec();
-        chunk.extend_from_slice(data);
-        out.extend_from_slice(&chunk);
-        out.extend_from_slice(&crc32(&chunk).to_be_bytes());
-    }
-    out
 }
 
 /// The checkpoint's own image (`image0.png`) as a data URL, else a generated one.
@@ -1911,7 +1875,7 @@ mod tests {
     fn malformed_bodies_are_what_they_claim() {
         let bodies = malformed_bodies("m");
         assert!(serde_json::from_str::<Value>(&bodies[0]).is_err());
-        let huge = png_header(50_000, 50_000);
+        let huge = vlmem_server::media::png_claiming(50_000, 50_000);
         let (w, h) = image::ImageReader::new(std::io::Cursor::new(&huge))
             .with_guessed_format()
             .unwrap()

@@ -53,3 +53,25 @@ pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// `request` prepared by `engine` ([`vlmem_runner::Engine::prepare`]): its prompt ids and
+/// preprocessed images.
+pub fn prepared(
+    engine: &vlmem_runner::Engine,
+    request: &vlmem_runner::Request,
+) -> (Vec<u32>, Vec<vlmem_runner::ImageInput>) {
+    let p = engine.prepare(request).unwrap();
+    let images = p
+        .images
+        .iter()
+        .map(|i| match i {
+            vlmem_runner::RequestImage::Preprocessed(x) => x.clone(),
+            other => panic!("not preprocessed: {other:?}"),
+        })
+        .collect();
+    let ids = match &p.prompt {
+        vlmem_runner::Prompt::Ids(ids) => ids.clone(),
+        other => panic!("not ids: {other:?}"),
+    };
+    (ids, images)
+}
