@@ -1,13 +1,16 @@
 //! Times the fused attention kernel against candle's score-tensor path on two shapes, the
 //! vision tower's full attention (16 heads, 4,096 x 4,096, head size 64) and a causal prompt
 //! block (16 heads over 8 kv heads, 512 queries, head size 128), interleaved so both see the
-//! same machine load.
+//! same machine load: the kernel on each instruction set over `[heads, rows, d]` operands,
+//! and on the best one as the vision tower calls it (queries, keys and values read in place
+//! from one projection's rows, each output row's heads side by side).
 //!
-//! `cargo run --release -p vlmem-runner --example attention_bench [reps]`
+//! `cargo run --release -p vlmem-runner --example attention_bench [reps] [fused]`: with
+//! `fused`, only the fused kernel on each instruction set (for profiling).
 
 use candle_core::{Device, Tensor};
 use std::time::Instant;
-use vlmem_runner::kernels::attention::{Isa, Shape, attention_on};
+use vlmem_runner::kernels::attention::{Isa, Output, Shape, View, attention_on, attention_views};
 use vlmem_runner::nn::{
     ATTENTION_SCORE_BYTES, attention_in_row_chunks, attention_in_row_chunks_candle,
 };
@@ -38,6 +41,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
+    let fused_only = std::env::args().nth(2).as_deref() == Some("fused");
     println!(
         "threads {}, attention isa {}",
         vlmem_runner::kernels::pool::global().threads(),
@@ -75,6 +79,49 @@ fn main() {
         let flops = 4.0 * heads as f64 * pairs * d as f64;
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (qs, ks, vs) = (flat(&q), flat(&k), flat(&v));
+        // The same operands as one projection's rows: `[n, q heads | k heads | v heads]`.
+        let pitch = (heads + 2 * kvh) * d;
+        let mut rows = vec![0f32; n.max(keys) * pitch];
+        for (h, src, at) in [
+            (heads, &qs, 0),
+            (kvh, &ks, heads * d),
+            (kvh, &vs, (heads + kvh) * d),
+        ] {
+            let len = src.len() / (h * d);
+            for hh in 0..h {
+                for i in 0..len {
+                    let dst = i * pitch + at + hh * d;
+                    rows[dst..dst + d].copy_from_slice(&src[(hh * len + i) * d..][..d]);
+                }
+            }
+        }
+        let view = |offset: usize| View {
+            values: &rows,
+            offset,
+            head_stride: d,
+            row_stride: pitch,
+        };
+        let in_rows = || {
+            attention_views(
+                Isa::best(),
+                view(0),
+                view(heads * d),
+                view((heads + kvh) * d),
+                &Shape {
+                    heads,
+                    kv_heads: kvh,
+                    n,
+                    keys,
+                    d,
+                    dv: d,
+                    scale: scale as f32,
+                    past,
+                },
+                Output::RowsMajor,
+            )
+            .unwrap()
+        };
+        let mut best_rows = f64::INFINITY;
         let shape = Shape {
             heads,
             kv_heads: kvh,
@@ -95,6 +142,17 @@ fn main() {
         let mut max_diff = 0f32;
         // Each repetition runs every variant once, so a change in machine load hits all.
         for _ in 0..reps {
+            let t = Instant::now();
+            std::hint::black_box(in_rows());
+            best_rows = best_rows.min(t.elapsed().as_secs_f64());
+            if fused_only {
+                for (isa, best) in isas.iter().zip(&mut best_isa) {
+                    let t = Instant::now();
+                    std::hint::black_box(attention_on(*isa, &qs, &ks, &vs, &shape).unwrap());
+                    *best = best.min(t.elapsed().as_secs_f64());
+                }
+                continue;
+            }
             let t = Instant::now();
             let old =
                 attention_in_row_chunks_candle(&q, &kr, &vr, scale, past, ATTENTION_SCORE_BYTES)
@@ -128,6 +186,15 @@ fn main() {
                 best * 1e3,
                 flops / best / 1e9
             );
+        }
+        println!(
+            "{name}: fused on {}, in place, rows out: {:.1} ms ({:.1} GFLOP/s)",
+            Isa::best().name(),
+            best_rows * 1e3,
+            flops / best_rows / 1e9
+        );
+        if fused_only {
+            continue;
         }
         println!(
             "{name}: candle {:.1} ms ({:.1} GFLOP/s), fused {:.1} ms ({:.1} GFLOP/s), {:.2}x, max |diff| {max_diff:.2e}",

@@ -90,7 +90,8 @@ pub fn attention_in_row_chunks(
 
 /// [`attention_in_row_chunks`] on candle's tensor operations: `Q K^T` into a score tensor
 /// of at most `score_bytes` per block of query rows, softmax, times `V`. Any device and
-/// dtype; `k` and `v` must have `q`'s heads.
+/// dtype; `k` and `v` with fewer heads than `q` (grouped-query attention) are repeated to
+/// its heads first.
 pub fn attention_in_row_chunks_candle(
     q: &Tensor,
     k: &Tensor,
@@ -100,6 +101,22 @@ pub fn attention_in_row_chunks_candle(
     score_bytes: usize,
 ) -> Result<Tensor> {
     let (_, heads, n, _) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    if kv_heads != heads {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || v.dim(1)? != kv_heads {
+            return Err(RunnerError::BadRequest(format!(
+                "attention of q {:?} over k {:?}, v {:?}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )));
+        }
+        let (k, v) = (
+            repeat_kv(k, heads / kv_heads)?,
+            repeat_kv(v, heads / kv_heads)?,
+        );
+        return attention_in_row_chunks_candle(q, &k, &v, scale, causal_past, score_bytes);
+    }
     let keys = k.dim(2)?;
     if let Some(past) = causal_past
         && past + n != keys
@@ -138,6 +155,14 @@ pub fn attention_in_row_chunks_candle(
         return Ok(outs.swap_remove(0));
     }
     Ok(Tensor::cat(&outs, 2)?)
+}
+
+/// Repeats each of the `kv_heads` heads `groups` times: `[b, kv, L, d] -> [b, kv*groups, L, d]`.
+fn repeat_kv(t: &Tensor, groups: usize) -> Result<Tensor> {
+    let (b, kvh, len, d) = t.dims4()?;
+    Ok(t.unsqueeze(2)?
+        .expand((b, kvh, groups, len, d))?
+        .reshape((b, kvh * groups, len, d))?)
 }
 
 /// `[n, past + n]`: 0 where query `i` may see key `j` (`j <= past + i`), -inf elsewhere.
@@ -277,6 +302,21 @@ impl<'a> Params<'a> {
     /// `bias` (`[out]`), for any number of rows: [`WeightSource::matmul`] on the stored
     /// weight, then the bias added to each row (as candle adds it after its matmul).
     pub fn linear_bias(&self, name: &str, bias: &str, x: &Tensor) -> Result<Tensor> {
+        let (y, n, out) = self.linear_bias_rows(name, bias, x, |_, _| {})?;
+        Ok(Tensor::from_vec(y, (n, out), x.device())?)
+    }
+
+    /// [`Params::linear_bias`] as values (`n` rows of the weight's `out` outputs, returned
+    /// with `n` and `out`): the bias is added, then `then(first_row, rows)` runs on blocks of
+    /// whole rows, in parallel on [`crate::kernels::pool`] (an activation or a rotation
+    /// applied while the rows are in cache, before any tensor is made of them).
+    pub fn linear_bias_rows(
+        &self,
+        name: &str,
+        bias: &str,
+        x: &Tensor,
+        then: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Result<(Vec<f32>, usize, usize)> {
         let (n, _) = x.dims2()?;
         let b = self.src.tensor_f32(bias)?.flatten_all()?.to_vec1::<f32>()?;
         let mut y = with_values(x, |xs| self.src.matmul(name, xs, n))?;
@@ -287,21 +327,26 @@ impl<'a> Params<'a> {
                 b.len()
             )));
         }
-        if !b.is_empty() {
-            for row in y.chunks_exact_mut(b.len()) {
-                for (v, b) in row.iter_mut().zip(&b) {
-                    *v += b;
+        if !y.is_empty() {
+            let pool = crate::kernels::pool::global();
+            let per_task = n.div_ceil(4 * pool.threads()).max(1);
+            pool.for_each(y.chunks_mut(per_task * b.len()).enumerate(), |(i, rows)| {
+                for row in rows.chunks_exact_mut(b.len()) {
+                    for (v, b) in row.iter_mut().zip(&b) {
+                        *v += b;
+                    }
                 }
-            }
+                then(i * per_task, rows);
+            });
         }
-        Ok(Tensor::from_vec(y, (n, b.len()), x.device())?)
+        Ok((y, n, b.len()))
     }
 }
 
 /// Runs `f` on the values of the f32 tensor `x` in row-major order: borrowed from its
 /// storage when it is contiguous on the CPU (a prompt's activations are not copied), else
 /// copied out.
-fn with_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     {
         let (storage, layout) = x.storage_and_layout();
         if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((a, b))) =
@@ -412,6 +457,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Grouped-query attention (fewer kv heads than query heads) on both paths equals
+    /// attention over the kv heads repeated to the query heads.
+    #[test]
+    fn grouped_kv_heads_match_repeated_heads_on_both_paths() {
+        let (h, kvh, n, d) = (6, 2, 9, 16);
+        let q = tensor((1, h, n, d), 4);
+        for (causal, keys) in [(None, 21), (Some(4), 4 + n)] {
+            let k = tensor((1, kvh, keys, d), 5);
+            let v = tensor((1, kvh, keys, d), 6);
+            let (kr, vr) = (
+                repeat_kv(&k, h / kvh).unwrap(),
+                repeat_kv(&v, h / kvh).unwrap(),
+            );
+            let want = reference(&q, &kr, &vr, 0.3, causal);
+            for got in [
+                attention_in_row_chunks(&q, &k, &v, 0.3, causal, 1 << 10),
+                attention_in_row_chunks_candle(&q, &k, &v, 0.3, causal, 1 << 10),
+            ] {
+                let got = got
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-5, "{causal:?}: max-abs {err}");
+            }
+        }
+        let bad = tensor((1, 4, 21, d), 7);
+        assert!(attention_in_row_chunks_candle(&q, &bad, &bad, 0.3, None, 1 << 10).is_err());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! DeepStack mergers.
 
 use crate::error::{Result, RunnerError};
-use crate::nn::{Params, attention_in_row_chunks, gelu_erf, gelu_tanh, layer_norm};
+use crate::kernels::attention::{Isa, Output, Shape, View, attention_views};
+use crate::kernels::gelu::gelu_tanh_on_this_thread;
+use crate::nn::{Params, attention_in_row_chunks, gelu_erf, layer_norm, with_values};
 use crate::preprocess::ImageInput;
 use crate::rope::vision_cos_sin;
 use candle_core::{Device, Tensor};
@@ -181,10 +183,26 @@ impl VisionTower {
         let head_dim = d / heads;
         let (cos, sin) =
             vision_cos_sin(image.grid_thw, m, head_dim, VISION_ROPE_THETA, &self.device)?;
+        // On the CPU the blocks rotate the queries and keys in place (`[n, head_dim / 2]`).
+        let rope_values = if self.device.is_cpu() {
+            Some((
+                cos.flatten_all()?.to_vec1::<f32>()?,
+                sin.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        } else {
+            None
+        };
+        let rope = Rope {
+            cos: &cos,
+            sin: &sin,
+            values: rope_values
+                .as_ref()
+                .map(|(c, s)| (c.as_slice(), s.as_slice())),
+        };
         let mut blocks = Vec::new();
         let mut deepstack = Vec::new();
         for b in 0..c.depth as usize {
-            h = self.block(p, b, &h, &cos, &sin, score_bytes)?;
+            h = self.block(p, b, &h, &rope, score_bytes)?;
             on_block(b + 1, c.depth as usize);
             if trace {
                 blocks.push(h.clone());
@@ -280,8 +298,7 @@ impl VisionTower {
         p: &Params,
         b: usize,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope_cs: &Rope,
         score_bytes: usize,
     ) -> Result<Tensor> {
         let heads = self.cfg.num_heads as usize;
@@ -292,28 +309,117 @@ impl VisionTower {
         };
         let (n, d) = h.dims2()?;
         let head_dim = d / heads;
-        let x = layer_norm(h, &w("norm1.weight")?, &w("norm1.bias")?, VISION_LN_EPS)?;
-        let qkv = lin("attn.qkv", &x)?;
-        // [n, 3, heads, hd] -> [3, heads, n, hd]
-        let qkv = qkv
-            .reshape((n, 3, heads, head_dim))?
-            .permute((1, 2, 0, 3))?;
-        let q = qkv.get(0)?.unsqueeze(0)?.contiguous()?;
-        let k = qkv.get(1)?.unsqueeze(0)?.contiguous()?;
-        let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?;
         let scale = (head_dim as f64).powf(-0.5);
-        // Full attention over the image, a block of query rows at a time: [1, heads, n, hd].
-        let attn = attention_in_row_chunks(&q, &k, &v, scale, None, score_bytes)?;
-        let attn = attn.squeeze(0)?.transpose(0, 1)?.reshape((n, d))?;
-        let attn = lin("attn.proj", &attn)?;
-        let h = (h + attn)?;
-        let x = layer_norm(&h, &w("norm2.weight")?, &w("norm2.bias")?, VISION_LN_EPS)?;
-        let x = lin("mlp.linear_fc1", &x)?;
-        let x = gelu_tanh(&x)?;
-        let x = lin("mlp.linear_fc2", &x)?;
-        Ok((h + x)?)
+        let norm = |x: &Tensor, name: &str| {
+            let (wn, bn) = (w(&format!("{name}.weight"))?, w(&format!("{name}.bias"))?);
+            if self.device.is_cpu() {
+                layer_norm_rows(x, &wn, &bn, VISION_LN_EPS)
+            } else {
+                layer_norm(x, &wn, &bn, VISION_LN_EPS)
+            }
+        };
+        let x = norm(h, "norm1")?;
+        let attn = match rope_cs.values {
+            Some((cos, sin)) if head_dim > 0 && head_dim.is_multiple_of(2) => {
+                // The qkv rows `[n, 3, heads, hd]` as the product leaves them: the queries
+                // and keys rotated in place, then attention reading them there and writing
+                // each row's heads side by side, `[n, d]`, as the projection takes them.
+                let half = head_dim / 2;
+                if cos.len() != n * half || sin.len() != n * half {
+                    return Err(RunnerError::BadRequest(format!(
+                        "rotary tables of {} values for {n} patches of {half}",
+                        cos.len()
+                    )));
+                }
+                let (qkv, _, width) = p.linear_bias_rows(
+                    &format!("{pre}.attn.qkv.weight"),
+                    &format!("{pre}.attn.qkv.bias"),
+                    &x,
+                    |row0, rows| rope_qk_rows(rows, row0, d, head_dim, cos, sin),
+                )?;
+                if width != 3 * d {
+                    return Err(RunnerError::BadRequest(format!(
+                        "{pre}.attn.qkv gives {width} values a patch, not {}",
+                        3 * d
+                    )));
+                }
+                let view = |part: usize| View {
+                    values: &qkv,
+                    offset: part * d,
+                    head_stride: head_dim,
+                    row_stride: 3 * d,
+                };
+                let shape = Shape {
+                    heads,
+                    kv_heads: heads,
+                    n,
+                    keys: n,
+                    d: head_dim,
+                    dv: head_dim,
+                    scale: scale as f32,
+                    past: None,
+                };
+                let out = attention_views(
+                    Isa::best(),
+                    view(0),
+                    view(1),
+                    view(2),
+                    &shape,
+                    Output::RowsMajor,
+                )?;
+                Tensor::from_vec(out, (n, d), &self.device)?
+            }
+            _ => {
+                let qkv = lin("attn.qkv", &x)?;
+                // [n, 3, heads, hd] -> [3, heads, n, hd]
+                let qkv = qkv
+                    .reshape((n, 3, heads, head_dim))?
+                    .permute((1, 2, 0, 3))?;
+                let q = qkv.get(0)?.unsqueeze(0)?.contiguous()?;
+                let k = qkv.get(1)?.unsqueeze(0)?.contiguous()?;
+                let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
+                let q = rope(&q, rope_cs.cos, rope_cs.sin)?;
+                let k = rope(&k, rope_cs.cos, rope_cs.sin)?;
+                // Full attention over the image, a block of query rows at a time.
+                let attn = attention_in_row_chunks(&q, &k, &v, scale, None, score_bytes)?;
+                attn.squeeze(0)?.transpose(0, 1)?.reshape((n, d))?
+            }
+        };
+        // The residual added to a product's rows as they are made, on the CPU.
+        let residual = |name: &str, x: &Tensor, h: &Tensor| -> Result<Tensor> {
+            if !self.device.is_cpu() {
+                return Ok((h + lin(name, x)?)?);
+            }
+            let (y, rows, width) = with_values(h, |hv| {
+                p.linear_bias_rows(
+                    &format!("{pre}.{name}.weight"),
+                    &format!("{pre}.{name}.bias"),
+                    x,
+                    |row0, ys| {
+                        for (y, h) in ys.iter_mut().zip(&hv[row0 * d..]) {
+                            *y += h;
+                        }
+                    },
+                )
+            })?;
+            if width != d {
+                return Err(RunnerError::BadRequest(format!(
+                    "{pre}.{name} gives {width} values a patch, not {d}"
+                )));
+            }
+            Ok(Tensor::from_vec(y, (rows, d), h.device())?)
+        };
+        let h = residual("attn.proj", &attn, h)?;
+        let x = norm(&h, "norm2")?;
+        // fc1 and its GELU (tanh form) on the product's rows, before they become a tensor.
+        let (x, _, width) = p.linear_bias_rows(
+            &format!("{pre}.mlp.linear_fc1.weight"),
+            &format!("{pre}.mlp.linear_fc1.bias"),
+            &x,
+            |_, rows| gelu_tanh_on_this_thread(rows),
+        )?;
+        let x = Tensor::from_vec(x, (n, width), h.device())?;
+        residual("mlp.linear_fc2", &x, &h)
     }
 
     /// The patch merger: LayerNorm per patch (or, post-shuffle, over the concatenation of a
@@ -342,6 +448,77 @@ impl VisionTower {
     }
 }
 
+/// The vision rotary tables, `[n, head_dim / 2]`: as tensors, and as values where the
+/// blocks rotate in place (on the CPU).
+struct Rope<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    values: Option<(&'a [f32], &'a [f32])>,
+}
+
+/// Candle's `rope` (the two halves of each head rotated: `x1 cos - x2 sin`,
+/// `x1 sin + x2 cos`, the same f32 operations) on the queries and keys of qkv rows
+/// `[rows, 3, heads, hd]` (`d = heads hd`) in place; `rows` starts at patch `row0`.
+fn rope_qk_rows(rows: &mut [f32], row0: usize, d: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for (r, row) in rows.chunks_exact_mut(3 * d).enumerate() {
+        let (c, s) = (
+            &cos[(row0 + r) * half..][..half],
+            &sin[(row0 + r) * half..][..half],
+        );
+        for head in row[..2 * d].chunks_exact_mut(hd) {
+            let (x1, x2) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = a * s[i] + b * c[i];
+            }
+        }
+    }
+}
+
+/// [`layer_norm`]'s arithmetic (two passes: the mean, then the variance of the centred
+/// values; `centred / sqrt(var + eps) * w + b`) row by row on the pool, into one new
+/// tensor instead of one per step. `x: [rows, d]` on the CPU.
+fn layer_norm_rows(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (rows, d) = x.dims2()?;
+    let w = w.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.flatten_all()?.to_vec1::<f32>()?;
+    if w.len() != d || b.len() != d {
+        return Err(RunnerError::BadRequest(format!(
+            "LayerNorm of {d} values with {} weights and {} biases",
+            w.len(),
+            b.len()
+        )));
+    }
+    let mut out = vec![0f32; rows * d];
+    if d > 0 {
+        let pool = crate::kernels::pool::global();
+        let per_task = rows.div_ceil(4 * pool.threads()).max(1) * d;
+        let (eps, dim) = (eps as f32, d as f32);
+        with_values(x, |xs| {
+            pool.for_each(
+                out.chunks_mut(per_task).zip(xs.chunks(per_task)),
+                |(out, xs)| {
+                    for (o, x) in out.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                        let mean = x.iter().sum::<f32>() / dim;
+                        for (o, x) in o.iter_mut().zip(x) {
+                            *o = x - mean;
+                        }
+                        let var = o.iter().map(|c| c * c).sum::<f32>() / dim;
+                        let inv_std = 1.0 / (var + eps).sqrt();
+                        for ((o, w), b) in o.iter_mut().zip(&w).zip(&b) {
+                            *o = *o * inv_std * w + b;
+                        }
+                    }
+                },
+            );
+            Ok(())
+        })?;
+    }
+    Ok(Tensor::from_vec(out, (rows, d), x.device())?)
+}
+
 /// `torch.linspace(start, end, steps)` in f32: the first half counts up from `start`, the
 /// second half down from `end`, as ATen does.
 fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
@@ -366,7 +543,96 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::linspace_f32;
+    use super::*;
+    use crate::kernels::test_util::Rng;
+
+    fn tensor(rng: &mut Rng, shape: (usize, usize)) -> Tensor {
+        Tensor::from_vec(rng.values(shape.0 * shape.1), shape, &Device::Cpu).unwrap()
+    }
+
+    /// The in-place rotation of the qkv rows gives candle's `rope` of the queries and keys
+    /// bit for bit, whatever block of rows it is given, and leaves the values alone.
+    #[test]
+    fn rope_in_place_matches_candles_rope() {
+        let mut rng = Rng(3);
+        let (n, heads, hd) = (37, 3, 8);
+        let d = heads * hd;
+        let qkv = rng.values(n * 3 * d);
+        let cos = tensor(&mut rng, (n, hd / 2));
+        let sin = tensor(&mut rng, (n, hd / 2));
+        let (cv, sv) = (
+            cos.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            sin.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let mut got = qkv.clone();
+        // Uneven blocks of rows, each with its first row's index.
+        let mut row0 = 0;
+        for rows in [5, 1, 20, 11] {
+            rope_qk_rows(
+                &mut got[row0 * 3 * d..][..rows * 3 * d],
+                row0,
+                d,
+                hd,
+                &cv,
+                &sv,
+            );
+            row0 += rows;
+        }
+        let t = Tensor::from_vec(qkv.clone(), (n, 3, heads, hd), &Device::Cpu).unwrap();
+        let t = t.permute((1, 2, 0, 3)).unwrap();
+        for part in 0..3 {
+            let x = t
+                .get(part)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let want = if part < 2 {
+                rope(&x, &cos, &sin).unwrap()
+            } else {
+                x
+            };
+            let want = want.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+            for (h, rows) in want.iter().enumerate() {
+                for (i, row) in rows.iter().enumerate() {
+                    let at = i * 3 * d + part * d + h * hd;
+                    assert_eq!(
+                        &got[at..at + hd],
+                        row.as_slice(),
+                        "part {part} head {h} row {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The row-parallel LayerNorm matches the tensor one (the same arithmetic, sums in
+    /// another order) on rows of any count.
+    #[test]
+    fn layer_norm_rows_matches_layer_norm() {
+        let mut rng = Rng(5);
+        for (rows, d) in [(1, 7), (13, 64), (300, 96)] {
+            let x = (tensor(&mut rng, (rows, d)) * 3.0).unwrap();
+            let w = Tensor::from_vec(rng.values(d), d, &Device::Cpu).unwrap();
+            let b = Tensor::from_vec(rng.values(d), d, &Device::Cpu).unwrap();
+            let got = layer_norm_rows(&x, &w, &b, VISION_LN_EPS).unwrap();
+            let want = layer_norm(&x, &w, &b, VISION_LN_EPS).unwrap();
+            let err = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 2e-6, "{rows} x {d}: {err}");
+        }
+        let w = Tensor::from_vec(vec![1f32; 3], 3, &Device::Cpu).unwrap();
+        assert!(layer_norm_rows(&tensor(&mut rng, (2, 4)), &w, &w, 1e-6).is_err());
+    }
 
     #[test]
     fn linspace_hits_both_ends() {

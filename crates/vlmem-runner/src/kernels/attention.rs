@@ -1,15 +1,30 @@
 //! Fused scaled dot-product attention on the CPU (flash-attention style): for each head and
-//! block of [`BLOCK_Q`] query rows, the keys are streamed [`BLOCK_K`] at a time; the scores
-//! of one block are computed with vectorized f32 products, folded into a running maximum and
-//! sum per row (online softmax), exponentiated with a polynomial [`exp`], and multiplied into
-//! the output rows at once. No `[rows, keys]` score matrix exists beyond one
-//! `BLOCK_Q x BLOCK_K` tile per task. Tasks (head, query block) run on [`super::pool::global`].
+//! block of query rows ([`BLOCK_Q`], [`BLOCK_Q_AVX512`]), the keys are streamed [`BLOCK_K`]
+//! at a time; the scores of one block are computed with vectorized f32 products, folded into
+//! a running maximum and sum per row (online softmax), exponentiated with a polynomial
+//! [`exp`], and multiplied into the output rows at once. No `[rows, keys]` score matrix
+//! exists beyond one small tile per task. Tasks (head, query block) run on
+//! [`super::pool::global`]; a thread's consecutive tasks share a head, whose keys and values
+//! then stay in its cache.
 //!
 //! Supports full attention (the vision tower), causal attention after `past` cached keys
 //! (query `i` sees keys `0..=past + i`), grouped-query attention (query head `h` reads kv head
-//! `h / (heads / kv_heads)`), any head size and any lengths. AVX2 + FMA is chosen at run time
-//! ([`Isa::best`]), else a portable scalar loop. (No AVX-512 path: its intrinsics need a newer
-//! Rust than the crate's minimum.)
+//! `h / (heads / kv_heads)`), any head size and any lengths. The operands may be read in
+//! place from any rows ([`View`], [`attention_views`]: e.g. q, k and v side by side in one
+//! projection's output rows) and the result laid out per head or per row ([`Output`]).
+//!
+//! The keys are transposed once per call, tile by tile (`[kv_heads, tiles, d, BLOCK_K]`, a
+//! tile's 16 KiB contiguous), so a score tile is an outer-product update. Instruction sets,
+//! chosen at run time ([`Isa::best`]):
+//! - AVX-512 F ([`avx512`], inline assembly): per key tile, 6 query rows x 64 keys of scores
+//!   in registers, the softmax step of all the task's rows, then 6 rows x 64 value columns of
+//!   output in registers (the values copied once per call to rows that start on a cache
+//!   line); each task's rows are padded to whole micro-tiles of 6. (Taking one micro-tile
+//!   through all three steps at a time measured 3% slower: the rows' softmax chains overlap
+//!   less.)
+//! - AVX2 + FMA: 4 rows x 16 keys of scores, 2 rows x 32 columns of output, generic code
+//!   over [`Simd`];
+//! - a portable scalar loop.
 //!
 //! Numerics: against exact attention, each score `s = scale * q.k` is an f32 dot product of
 //! length `d` whose rounding error is at most `~d u sum|q_c k_c|` (`u = 2^-24`), the same
@@ -26,7 +41,7 @@
 
 use crate::error::{Result, RunnerError};
 
-/// Query rows a task owns.
+/// Query rows a task owns (AVX2 and scalar).
 pub const BLOCK_Q: usize = 64;
 /// Keys one score tile covers (a multiple of every ISA's lanes times two).
 pub const BLOCK_K: usize = 64;
@@ -58,6 +73,8 @@ pub struct Shape {
 /// Instruction set a call runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 F (16 lanes, inline assembly: [`avx512`]), with AVX2 + FMA.
+    Avx512,
     /// AVX2 + FMA (8 lanes).
     Avx2,
     /// Portable scalar code.
@@ -75,6 +92,9 @@ impl Isa {
         let mut out = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
+            if avx512::Kernels::new().is_some() {
+                out.push(Isa::Avx512);
+            }
             let avx2 =
                 std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
             if avx2 {
@@ -88,6 +108,7 @@ impl Isa {
     /// Its name, for logs and benchmarks.
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Avx512 => "avx512f",
             Isa::Avx2 => "avx2+fma",
             Isa::Scalar => "scalar",
         }
@@ -99,9 +120,118 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: &Shape) -> Result<Vec<f
     attention_on(Isa::best(), q, k, v, shape)
 }
 
-/// Attention on `isa`, which must be one of [`Isa::available`] (else an error).
+/// Attention on `isa`, which must be one of [`Isa::available`] (else an error); returns
+/// `[heads, n, dv]`.
 pub fn attention_on(isa: Isa, q: &[f32], k: &[f32], v: &[f32], shape: &Shape) -> Result<Vec<f32>> {
     let s = *shape;
+    let want = |what: &str, got: usize, want: Option<usize>| match want {
+        Some(w) if w == got => Ok(()),
+        _ => Err(RunnerError::BadRequest(format!(
+            "attention: {what} has {got} values, the shape {s:?} takes {want:?}"
+        ))),
+    };
+    let prod = |a: usize, b: usize, c: usize| a.checked_mul(b).and_then(|x| x.checked_mul(c));
+    check_shape(isa, &s)?;
+    want("q", q.len(), prod(s.heads, s.n, s.d))?;
+    want("k", k.len(), prod(s.kv_heads, s.keys, s.d))?;
+    want("v", v.len(), prod(s.kv_heads, s.keys, s.dv))?;
+    attention_views(
+        isa,
+        View::heads_major(q, s.n, s.d),
+        View::heads_major(k, s.keys, s.d),
+        View::heads_major(v, s.keys, s.dv),
+        &s,
+        Output::HeadsMajor,
+    )
+}
+
+/// Where the rows of one operand sit in a slice: value `c` of row `i` of head `h` at
+/// `values[offset + h * head_stride + i * row_stride + c]`. E.g. `q`, `k` and `v` as one
+/// projection's output rows `[n, 3, heads, d]` (row stride `3 heads d`, head stride `d`,
+/// offsets 0, `heads d`, `2 heads d`), read in place.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    /// The values.
+    pub values: &'a [f32],
+    /// Index of head 0's row 0.
+    pub offset: usize,
+    /// Values from one head to the next.
+    pub head_stride: usize,
+    /// Values from one row to the next.
+    pub row_stride: usize,
+}
+
+impl<'a> View<'a> {
+    /// `[heads, rows, size]`, row-major from the slice's start.
+    pub fn heads_major(values: &'a [f32], rows: usize, size: usize) -> View<'a> {
+        View {
+            values,
+            offset: 0,
+            head_stride: rows * size,
+            row_stride: size,
+        }
+    }
+
+    /// Index of row `i` of head `h`.
+    fn at(&self, h: usize, i: usize) -> usize {
+        self.offset + h * self.head_stride + i * self.row_stride
+    }
+
+    /// Errors unless every row of `size` values of the `heads x rows` exists.
+    fn check(&self, what: &str, heads: usize, rows: usize, size: usize) -> Result<()> {
+        if heads == 0 || rows == 0 || size == 0 {
+            return Ok(());
+        }
+        let end = (heads - 1)
+            .checked_mul(self.head_stride)
+            .zip((rows - 1).checked_mul(self.row_stride))
+            .and_then(|(a, b)| a.checked_add(b))
+            .and_then(|x| x.checked_add(self.offset))
+            .and_then(|x| x.checked_add(size));
+        match end {
+            Some(end) if end <= self.values.len() => Ok(()),
+            _ => Err(RunnerError::BadRequest(format!(
+                "attention: {what} ({} values) has no room for {heads} heads of {rows} rows \
+                 of {size} at offset {}, head stride {}, row stride {}",
+                self.values.len(),
+                self.offset,
+                self.head_stride,
+                self.row_stride
+            ))),
+        }
+    }
+
+    /// The rows as `[heads, rows, size]` from index 0: borrowed where they are laid out so,
+    /// else copied.
+    fn gathered(&self, heads: usize, rows: usize, size: usize) -> std::borrow::Cow<'a, [f32]> {
+        let len = heads * rows * size;
+        if self.offset == 0
+            && (heads <= 1 || self.head_stride == rows * size)
+            && (rows <= 1 || self.row_stride == size)
+        {
+            return std::borrow::Cow::Borrowed(&self.values[..len]);
+        }
+        let mut out = Vec::with_capacity(len);
+        for h in 0..heads {
+            for i in 0..rows {
+                out.extend_from_slice(&self.values[self.at(h, i)..][..size]);
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+}
+
+/// How [`attention_views`] lays out its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// `[heads, n, dv]`.
+    HeadsMajor,
+    /// `[n, heads, dv]`: each query row's heads side by side, as the output projection
+    /// takes them. Each task then owns a block of rows of every head.
+    RowsMajor,
+}
+
+fn check_shape(isa: Isa, s: &Shape) -> Result<()> {
     let bad = |m: String| Err(RunnerError::BadRequest(format!("attention: {m}")));
     if !Isa::available().contains(&isa) {
         return bad(format!("{} is not available on this CPU", isa.name()));
@@ -117,37 +247,57 @@ pub fn attention_on(isa: Isa, q: &[f32], k: &[f32], v: &[f32], shape: &Shape) ->
             s.n, s.keys
         ));
     }
-    let want = |what: &str, got: usize, want: Option<usize>| match want {
-        Some(w) if w == got => Ok(()),
-        _ => Err(RunnerError::BadRequest(format!(
-            "attention: {what} has {got} values, the shape {s:?} takes {want:?}"
-        ))),
-    };
-    let prod = |a: usize, b: usize, c: usize| a.checked_mul(b).and_then(|x| x.checked_mul(c));
-    want("q", q.len(), prod(s.heads, s.n, s.d))?;
-    want("k", k.len(), prod(s.kv_heads, s.keys, s.d))?;
-    want("v", v.len(), prod(s.kv_heads, s.keys, s.dv))?;
-    let out_len = prod(s.heads, s.n, s.dv)
+    Ok(())
+}
+
+/// Attention on `isa` over operands read in place ([`View`]: `q` has `heads` heads of `n`
+/// rows of `d`, `k` and `v` `kv_heads` heads of `keys` rows of `d` and `dv`), the result
+/// laid out as `output` says. The AVX-512 path copies each operand into its own blocks as
+/// it goes (any layout costs the same); the others first gather an operand not laid out
+/// `[heads, rows, size]`.
+pub fn attention_views(
+    isa: Isa,
+    q: View,
+    k: View,
+    v: View,
+    shape: &Shape,
+    output: Output,
+) -> Result<Vec<f32>> {
+    let s = *shape;
+    check_shape(isa, &s)?;
+    q.check("q", s.heads, s.n, s.d)?;
+    k.check("k", s.kv_heads, s.keys, s.d)?;
+    v.check("v", s.kv_heads, s.keys, s.dv)?;
+    let out_len = s
+        .heads
+        .checked_mul(s.n)
+        .and_then(|x| x.checked_mul(s.dv))
         .ok_or_else(|| RunnerError::BadRequest("attention: output overflows".into()))?;
     let mut out = vec![0f32; out_len];
     if out_len == 0 {
         return Ok(out);
     }
     if s.keys == 0 {
-        return bad("no keys".into());
+        return Err(RunnerError::BadRequest("attention: no keys".into()));
     }
-    // Keys transposed per kv head, `[kv_heads, d, keys_pad]` with zero padding, so a score
-    // tile is an outer-product update (broadcast a query value, multiply a row of keys).
+    // Keys transposed tile by tile, `[kv_heads, keys_pad / BLOCK_K, d, BLOCK_K]` with zero
+    // padding, so a score tile is an outer-product update (broadcast a query value, multiply
+    // a row of keys) over 16 KiB (d = 64) read in order.
     let keys_pad = s.keys.next_multiple_of(BLOCK_K);
-    let kt = if s.n >= MIN_ROWS_TRANSPOSED {
-        let mut kt = vec![0f32; s.kv_heads * s.d * keys_pad];
+    let tiles = keys_pad / BLOCK_K;
+    let transposed = s.n >= MIN_ROWS_TRANSPOSED;
+    let kt = if transposed {
+        let mut kt = Aligned::zeroed(s.kv_heads * tiles * s.d * BLOCK_K);
         if s.d > 0 {
             super::pool::global().for_each(
-                kt.chunks_mut(s.d * keys_pad).zip(k.chunks(s.keys * s.d)),
-                |(dst, src)| {
-                    for (j, row) in src.chunks_exact(s.d).enumerate() {
+                kt.as_mut_slice().chunks_mut(s.d * BLOCK_K).enumerate(),
+                |(i, dst)| {
+                    let (kvh, t) = (i / tiles, i % tiles);
+                    let k0 = t * BLOCK_K;
+                    for j in 0..BLOCK_K.min(s.keys - k0) {
+                        let row = &k.values[k.at(kvh, k0 + j)..][..s.d];
                         for (c, x) in row.iter().enumerate() {
-                            dst[c * keys_pad + j] = *x;
+                            dst[c * BLOCK_K + j] = *x;
                         }
                     }
                 },
@@ -155,51 +305,327 @@ pub fn attention_on(isa: Isa, q: &[f32], k: &[f32], v: &[f32], shape: &Shape) ->
         }
         kt
     } else {
-        Vec::new()
+        Aligned::zeroed(0)
+    };
+    // The AVX-512 path reads the values from a copy whose rows start on a cache line
+    // (`[kv_heads, keys, dvp]`, each row zero-padded to whole vectors), and the queries
+    // from where they are; the others read `[heads, rows, size]` operands.
+    let wide = isa == Isa::Avx512 && transposed;
+    let dvp = if wide {
+        s.dv.next_multiple_of(16)
+    } else {
+        s.dv
+    };
+    let vp = if wide {
+        let mut vp = Aligned::zeroed(s.kv_heads * s.keys * dvp);
+        super::pool::global().for_each(
+            vp.as_mut_slice().chunks_mut(BLOCK_K * dvp).enumerate(),
+            |(i, dst)| {
+                for (r, to) in dst.chunks_exact_mut(dvp).enumerate() {
+                    let row = i * BLOCK_K + r;
+                    let src = &v.values[v.at(row / s.keys, row % s.keys)..][..s.dv];
+                    to[..s.dv].copy_from_slice(src);
+                }
+            },
+        );
+        vp
+    } else {
+        Aligned::zeroed(0)
+    };
+    let (qc, kc, vc) = if wide {
+        (q.values.into(), Vec::new().into(), Vec::new().into())
+    } else {
+        (
+            q.gathered(s.heads, s.n, s.d),
+            k.gathered(s.kv_heads, s.keys, s.d),
+            v.gathered(s.kv_heads, s.keys, s.dv),
+        )
     };
     let p = Problem {
-        q,
-        k,
-        kt: &kt,
-        keys_pad,
-        v,
+        q: &qc,
+        q_view: if wide {
+            View { values: &[], ..q }
+        } else {
+            View::heads_major(&[], s.n, s.d)
+        },
+        k: &kc,
+        kt: kt.as_slice(),
+        tiles,
+        v: &vc,
+        vp: vp.as_slice(),
+        dvp,
         s,
     };
-    let items = out
-        .chunks_mut(s.n * s.dv)
-        .enumerate()
-        .flat_map(|(h, head)| {
-            head.chunks_mut(BLOCK_Q * s.dv)
-                .enumerate()
-                .map(move |(b, o)| (h, b * BLOCK_Q, o))
-        });
-    super::pool::global().for_each(items, |(h, q0, o)| run_task(isa, &p, h, q0, o));
+    let block = block_rows(isa);
+    let tasks = (0..s.heads).flat_map(|h| {
+        (0..s.n)
+            .step_by(block)
+            .map(move |q0| (h, q0, block.min(s.n - q0)))
+    });
+    let pool = super::pool::global();
+    match output {
+        Output::HeadsMajor => {
+            let chunks = out
+                .chunks_mut(s.n * s.dv)
+                .flat_map(|head| head.chunks_mut(block * s.dv));
+            pool.for_each(tasks.zip(chunks), |((h, q0, bq), o)| {
+                run_task(isa, &p, h, q0, bq, &mut OutRows::Own(o))
+            });
+        }
+        Output::RowsMajor => {
+            // Tasks by head and block of rows as above (a thread's consecutive tasks share
+            // a head's keys and values in its cache), each writing its rows' columns of that
+            // head into the shared rows.
+            let shared = SharedOut::new(&mut out);
+            let pitch = s.heads * s.dv;
+            pool.for_each(tasks, |(h, q0, bq)| {
+                let mut rows = OutRows::Shared {
+                    out: &shared,
+                    first: q0 * pitch + h * s.dv,
+                    pitch,
+                };
+                run_task(isa, &p, h, q0, bq, &mut rows)
+            });
+        }
+    }
     Ok(out)
 }
 
-struct Problem<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    kt: &'a [f32],
-    keys_pad: usize,
-    v: &'a [f32],
-    s: Shape,
-}
-
-fn run_task(isa: Isa, p: &Problem, h: usize, q0: usize, out: &mut [f32]) {
+/// Query rows a task owns on `isa`: on AVX-512 a multiple of [`avx512::ROWS`].
+fn block_rows(isa: Isa) -> usize {
     match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            // SAFETY: `attention_on` accepts `Avx2` only when AVX2 and FMA were detected.
-            unsafe { x86::task_avx2(p, h, q0, out) }
-        }
-        _ => task(Scalar, p, h, q0, out),
+        Isa::Avx512 => BLOCK_Q_AVX512,
+        _ => BLOCK_Q,
     }
 }
 
-/// The vector operations the kernel is written in. Implementations are zero-sized tokens
-/// that exist only where their instructions run (see [`run_task`]).
-trait Simd: Copy {
+/// Query rows a task owns on AVX-512.
+pub const BLOCK_Q_AVX512: usize = 60;
+
+/// A zeroed f32 buffer whose first value starts a 64-byte cache line (a 16-lane vector load
+/// from a row of 16 values then never spans two lines).
+struct Aligned {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn zeroed(len: usize) -> Aligned {
+        let buf = vec![0f32; len + 15];
+        let start = buf.as_ptr().align_offset(64).min(15);
+        Aligned { buf, start, len }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[self.start..][..self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..][..self.len]
+    }
+}
+
+struct Problem<'a> {
+    /// The queries: `[heads, n, d]` except on the AVX-512 path, which reads them through
+    /// `q_view` (its `values` empty: they are `q`).
+    q: &'a [f32],
+    q_view: View<'a>,
+    /// `[kv_heads, keys, d]`, except on the AVX-512 path (empty).
+    k: &'a [f32],
+    /// Keys transposed tile by tile (`[kv_heads, tiles, d, BLOCK_K]`), where `n` is at least
+    /// [`MIN_ROWS_TRANSPOSED`].
+    kt: &'a [f32],
+    tiles: usize,
+    /// `[kv_heads, keys, dv]`, except on the AVX-512 path (empty).
+    v: &'a [f32],
+    /// The AVX-512 path's values, `[kv_heads, keys, dvp]` from a cache line.
+    vp: &'a [f32],
+    dvp: usize,
+    s: Shape,
+}
+
+/// The output rows of `[heads, n, dv]` (heads-major) that a task owns.
+enum OutRows<'a, 'b> {
+    /// Row `i` at `[i * dv..]` of the task's own chunk (zeroed).
+    Own(&'a mut [f32]),
+    /// Row `i` at `[first + i * pitch..][..dv]` of rows its task shares with others
+    /// (rows-major: each task writes one head's columns of its rows).
+    Shared {
+        out: &'a SharedOut<'b>,
+        first: usize,
+        pitch: usize,
+    },
+}
+
+impl OutRows<'_, '_> {
+    /// `f` on row `i` (`dv` values).
+    fn with_row(&mut self, i: usize, dv: usize, f: impl FnOnce(&mut [f32])) {
+        match self {
+            OutRows::Own(out) => f(&mut out[i * dv..][..dv]),
+            OutRows::Shared { out, first, pitch } => out.with_range(*first + i * *pitch, dv, f),
+        }
+    }
+}
+
+/// An output buffer that the tasks of one call write in disjoint pieces
+/// ([`Output::RowsMajor`]: task `(h, q0)` writes columns `h dv .. (h + 1) dv` of rows
+/// `q0 .. q0 + bq`, and no two tasks share a head and a row).
+struct SharedOut<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: `SharedOut` hands out only ranges inside the buffer it borrows mutably for its
+// whole life, and the tasks that share it write disjoint ranges (see the type's doc), so no
+// element is written twice at once and none is read through it while they run.
+unsafe impl Sync for SharedOut<'_> {}
+
+impl<'a> SharedOut<'a> {
+    fn new(buf: &'a mut [f32]) -> Self {
+        SharedOut {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// `f` on `[start..start + len]`, which only the calling task writes.
+    fn with_range(&self, start: usize, len: usize, f: impl FnOnce(&mut [f32])) {
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "attention output out of bounds"
+        );
+        // SAFETY: the range lies inside the borrowed buffer (asserted), and no other task
+        // writes or reads it (the type's doc); the slice does not outlive this call.
+        f(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) })
+    }
+}
+
+/// Rows `q0 .. q0 + bq` of head `h` into `out`.
+fn run_task(isa: Isa, p: &Problem, h: usize, q0: usize, bq: usize, out: &mut OutRows) {
+    let dv = p.s.dv;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && p.s.n >= MIN_ROWS_TRANSPOSED {
+        let kern = avx512::Kernels::new()
+            .expect("attention_views accepts Avx512 only where AVX-512 was detected");
+        return task_avx512(kern, p, h, q0, bq, out);
+    }
+    let rows = |out: &mut [f32]| match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: `attention_views` accepts `Avx2` only when AVX2 and FMA were detected,
+            // and `Avx512` only where AVX2 and FMA were too (`avx512::Kernels::new`).
+            unsafe { x86::task_avx2(p, h, q0, out) }
+        }
+        _ => task(Scalar, p, h, q0, out),
+    };
+    match out {
+        OutRows::Own(o) => rows(&mut o[..bq * dv]),
+        OutRows::Shared { .. } => {
+            let mut tmp = vec![0f32; bq * dv];
+            rows(&mut tmp);
+            for (i, row) in tmp.chunks_exact(dv).enumerate() {
+                out.with_row(i, dv, |o| o.copy_from_slice(row));
+            }
+        }
+    }
+}
+
+/// One task on AVX-512: query rows `q0 .. q0 + out.len() / dv` of head `h`, into `out`.
+/// The rows are copied to a block padded to whole micro-tiles of [`avx512::ROWS`] (zero
+/// queries, whose results are dropped), whose scores, outputs and running sums sit in
+/// buffers starting on cache lines.
+#[cfg(target_arch = "x86_64")]
+fn task_avx512(
+    kern: avx512::Kernels,
+    p: &Problem,
+    h: usize,
+    q0: usize,
+    bq: usize,
+    out: &mut OutRows,
+) {
+    use avx512::{ROWS, SUM_LANES, TILE};
+    let Shape {
+        heads,
+        kv_heads,
+        n: _,
+        keys,
+        d,
+        dv,
+        scale,
+        past,
+    } = p.s;
+    let dvp = p.dvp;
+    let rows = bq.next_multiple_of(ROWS);
+    let kvh = h / (heads / kv_heads);
+    let mut qb = Aligned::zeroed(rows * d);
+    let qb = qb.as_mut_slice();
+    for (i, row) in qb.chunks_exact_mut(d.max(1)).take(bq).enumerate() {
+        row.copy_from_slice(&p.q[p.q_view.at(h, q0 + i)..][..d]);
+    }
+    let mut sc = Aligned::zeroed(rows * TILE);
+    let sc = sc.as_mut_slice();
+    let mut o = Aligned::zeroed(rows * dvp);
+    let o = o.as_mut_slice();
+    let mut l = Aligned::zeroed(rows * SUM_LANES);
+    let l = l.as_mut_slice();
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut alpha = vec![0f32; rows.next_multiple_of(SUM_LANES)];
+    // Keys the block's last row sees; later tiles are masked for every row.
+    let limit = past.map_or(keys, |past| (past + q0 + bq).min(keys));
+    let v = &p.vp[kvh * keys * dvp..][..keys * dvp];
+    for t in 0..limit.div_ceil(TILE) {
+        let k0 = t * TILE;
+        let nk = TILE.min(keys - k0);
+        let kt = &p.kt[(kvh * p.tiles + t) * d * TILE..][..d * TILE];
+        for g in (0..rows).step_by(ROWS) {
+            kern.scores(&qb[g * d..], d, kt, d, scale, &mut sc[g * TILE..]);
+        }
+        // Keys past the last one (the tile's zero padding) and, causal, past each row's.
+        let first_sees = past.map_or(keys, |past| past + q0 + 1);
+        if nk < TILE || first_sees < k0 + TILE {
+            for (i, row) in sc.chunks_exact_mut(TILE).enumerate() {
+                let valid = past.map_or(nk, |past| (past + q0 + i + 1).saturating_sub(k0).min(nk));
+                row[valid..].fill(f32::NEG_INFINITY);
+            }
+        }
+        // The softmax step of every row at once: its rows' chains overlap.
+        kern.softmax(sc, rows, &mut m, l, &mut alpha);
+        let vt = &v[k0 * dvp..][..nk * dvp];
+        for g in (0..rows).step_by(ROWS) {
+            let (p_g, a_g) = (&sc[g * TILE..], &alpha[g..]);
+            let o_g = &mut o[g * dvp..];
+            let mut c0 = 0;
+            while c0 + TILE <= dvp {
+                kern.pv(true, p_g, &vt[c0..], dvp, nk, a_g, &mut o_g[c0..], dvp);
+                c0 += TILE;
+            }
+            while c0 < dvp {
+                kern.pv(false, p_g, &vt[c0..], dvp, nk, a_g, &mut o_g[c0..], dvp);
+                c0 += SUM_LANES;
+            }
+        }
+    }
+    for (i, (src, z)) in o
+        .chunks_exact(dvp)
+        .zip(l.chunks_exact(SUM_LANES))
+        .take(bq)
+        .enumerate()
+    {
+        let inv = 1.0 / z.iter().sum::<f32>();
+        out.with_row(i, dv, |row| {
+            for (y, x) in row.iter_mut().zip(src) {
+                *y = x * inv;
+            }
+        });
+    }
+}
+
+/// The vector operations the kernel (and [`super::gelu`]) is written in. Implementations are
+/// zero-sized tokens that exist only where their instructions run (see [`run_task`]).
+pub(in crate::kernels) trait Simd: Copy {
     const LANES: usize;
     type V: Copy;
     fn zero(self) -> Self::V;
@@ -213,6 +639,7 @@ trait Simd: Copy {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    fn div(self, a: Self::V, b: Self::V) -> Self::V;
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
     fn hsum(self, v: Self::V) -> f32;
     fn hmax(self, v: Self::V) -> f32;
@@ -256,7 +683,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 #[derive(Clone, Copy)]
-struct Scalar;
+pub(in crate::kernels) struct Scalar;
 
 impl Simd for Scalar {
     const LANES: usize = 1;
@@ -294,6 +721,10 @@ impl Simd for Scalar {
         a - b
     }
     #[inline(always)]
+    fn div(self, a: f32, b: f32) -> f32 {
+        a / b
+    }
+    #[inline(always)]
     fn max(self, a: f32, b: f32) -> f32 {
         a.max(b)
     }
@@ -312,13 +743,17 @@ impl Simd for Scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+mod avx512;
+
+#[cfg(target_arch = "x86_64")]
+pub(in crate::kernels) mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// AVX2 + FMA; made only in [`task_avx2`], which runs only where they exist.
+    /// AVX2 + FMA; made only in functions that enable them and run only where they exist
+    /// ([`task_avx2`], [`super::super::gelu`]'s).
     #[derive(Clone, Copy)]
-    pub(super) struct Avx2(pub(super) ());
+    pub(in crate::kernels) struct Avx2(pub(in crate::kernels) ());
 
     /// # Safety
     /// The CPU must have AVX2 and FMA.
@@ -332,7 +767,7 @@ mod x86 {
         type V = __m256;
         #[inline(always)]
         fn zero(self) -> __m256 {
-            // SAFETY: an `Avx2` token exists only inside `task_avx2` (AVX2 + FMA detected).
+            // SAFETY: an `Avx2` token exists only where AVX2 + FMA were detected.
             unsafe { _mm256_setzero_ps() }
         }
         #[inline(always)]
@@ -371,6 +806,11 @@ mod x86 {
         fn sub(self, a: __m256, b: __m256) -> __m256 {
             // SAFETY: as for `zero`.
             unsafe { _mm256_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        fn div(self, a: __m256, b: __m256) -> __m256 {
+            // SAFETY: as for `zero`.
+            unsafe { _mm256_div_ps(a, b) }
         }
         #[inline(always)]
         fn max(self, a: __m256, b: __m256) -> __m256 {
@@ -583,7 +1023,7 @@ fn task<S: Simd>(s: S, p: &Problem, h: usize, q0: usize, out: &mut [f32]) {
         let nk = BLOCK_K.min(limit - k0);
         // Scores of the tile.
         if n >= MIN_ROWS_TRANSPOSED {
-            let kt = &p.kt[kvh * d * p.keys_pad + k0..];
+            let kt = &p.kt[(kvh * p.tiles + k0 / BLOCK_K) * d * BLOCK_K..];
             let mut i = 0;
             while i + 4 <= bq {
                 score_tile::<S, 4>(
@@ -591,7 +1031,7 @@ fn task<S: Simd>(s: S, p: &Problem, h: usize, q0: usize, out: &mut [f32]) {
                     &q[i * d..],
                     d,
                     kt,
-                    p.keys_pad,
+                    BLOCK_K,
                     scale,
                     &mut sc[i * BLOCK_K..],
                 );
@@ -603,7 +1043,7 @@ fn task<S: Simd>(s: S, p: &Problem, h: usize, q0: usize, out: &mut [f32]) {
                     &q[i * d..],
                     d,
                     kt,
-                    p.keys_pad,
+                    BLOCK_K,
                     scale,
                     &mut sc[i * BLOCK_K..],
                 );
@@ -749,10 +1189,23 @@ mod tests {
             -0.346,
             -0.347,
         ]);
-        xs.resize(xs.len().next_multiple_of(8), -1.0);
+        xs.resize(xs.len().next_multiple_of(avx512::TILE), -1.0);
         for isa in Isa::available() {
             let mut ys = vec![f32::NAN; xs.len()];
             match isa {
+                // The softmax step with a running maximum of 0 over arguments <= 0 leaves
+                // `exp(x - 0)` in place of each score.
+                Isa::Avx512 => {
+                    let kern = avx512::Kernels::new().unwrap();
+                    let rows = xs.len() / avx512::TILE;
+                    ys.copy_from_slice(&xs);
+                    let lanes = avx512::SUM_LANES;
+                    let mut m = vec![0f32; rows];
+                    let mut alpha = vec![f32::NAN; rows.next_multiple_of(lanes)];
+                    let mut l = vec![0f32; rows * lanes];
+                    kern.softmax(&mut ys, rows, &mut m, &mut l, &mut alpha);
+                    assert!(m.iter().all(|m| *m == 0.0) && alpha[..rows].iter().all(|a| *a == 1.0));
+                }
                 // SAFETY: `Isa::available` detected the features `avx2` enables.
                 Isa::Avx2 => unsafe { avx2(&xs, &mut ys) },
                 Isa::Scalar => xs.iter().zip(&mut ys).for_each(|(x, y)| *y = exp(*x)),
@@ -857,6 +1310,151 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Random odd shapes (any head sizes, query and key counts around the tiles' edges,
+    /// grouped heads, full and causal), the operands laid out `[heads, rows, size]` or read
+    /// in place from one projection's output rows (`[n, q heads | k heads | v heads]`
+    /// with a gap), each output layout, on every instruction set, against f64.
+    #[test]
+    fn views_and_output_layouts_match_f64_on_random_shapes() {
+        let mut rng = crate::kernels::test_util::Rng(42);
+        let pick = |rng: &mut crate::kernels::test_util::Rng, xs: &[usize]| xs[rng.below(xs.len())];
+        for case in 0..48 {
+            let groups = pick(&mut rng, &[1, 1, 2, 3]);
+            let kv_heads = 1 + rng.below(3);
+            let heads = kv_heads * groups;
+            let d = pick(&mut rng, &[1, 5, 16, 17, 33, 64, 80, 128]);
+            let dv = if rng.below(2) == 0 {
+                d
+            } else {
+                1 + rng.below(90)
+            };
+            let n = pick(&mut rng, &[1, 3, 4, 5, 6, 7, 59, 60, 61, 64, 65, 121, 200]);
+            let past = match rng.below(3) {
+                0 => None,
+                1 => Some(0),
+                _ => Some(rng.below(70)),
+            };
+            let keys = past.map_or_else(
+                || pick(&mut rng, &[1, 2, 63, 64, 65, 127, 129, 190]),
+                |p| p + n,
+            );
+            let s = Shape {
+                heads,
+                kv_heads,
+                n,
+                keys,
+                d,
+                dv,
+                scale: (d as f32).powf(-0.5) * (0.5 + rng.uniform().abs() * 2.0),
+                past,
+            };
+            // The reference's contiguous operands.
+            let q = rng.values(heads * n * d);
+            let k = rng.values(kv_heads * keys * d);
+            let v = rng.values(kv_heads * keys * dv);
+            let want = reference(&q, &k, &v, &s);
+            // The same values in one buffer of rows: queries, keys and values side by side
+            // (the keys and values padded to `n` rows when there are fewer).
+            let rows = n.max(keys);
+            let (qw, kw, vw) = (heads * d, kv_heads * d, kv_heads * dv);
+            let gap = 3;
+            let pitch = gap + qw + kw + vw + 2;
+            let mut fused = rng.values(rows * pitch);
+            for h in 0..heads {
+                for i in 0..n {
+                    let at = i * pitch + gap + h * d;
+                    fused[at..at + d].copy_from_slice(&q[(h * n + i) * d..][..d]);
+                }
+            }
+            for h in 0..kv_heads {
+                for j in 0..keys {
+                    let at = j * pitch + gap + qw + h * d;
+                    fused[at..at + d].copy_from_slice(&k[(h * keys + j) * d..][..d]);
+                    let at = j * pitch + gap + qw + kw + h * dv;
+                    fused[at..at + dv].copy_from_slice(&v[(h * keys + j) * dv..][..dv]);
+                }
+            }
+            let in_rows = |offset: usize, size: usize| View {
+                values: &fused,
+                offset: gap + offset,
+                head_stride: size,
+                row_stride: pitch,
+            };
+            let layouts = [
+                (
+                    View::heads_major(&q, n, d),
+                    View::heads_major(&k, keys, d),
+                    View::heads_major(&v, keys, dv),
+                ),
+                (in_rows(0, d), in_rows(qw, d), in_rows(qw + kw, dv)),
+            ];
+            for (li, (qv, kv, vv)) in layouts.iter().enumerate() {
+                for output in [Output::HeadsMajor, Output::RowsMajor] {
+                    for isa in Isa::available() {
+                        let got = attention_views(isa, *qv, *kv, *vv, &s, output).unwrap();
+                        let mut worst = 0f64;
+                        for h in 0..heads {
+                            for i in 0..n {
+                                let at = match output {
+                                    Output::HeadsMajor => (h * n + i) * dv,
+                                    Output::RowsMajor => (i * heads + h) * dv,
+                                };
+                                for c in 0..dv {
+                                    let e = got[at + c] as f64 - want[(h * n + i) * dv + c];
+                                    worst = worst.max(e.abs());
+                                }
+                            }
+                        }
+                        assert!(
+                            worst < 1e-5,
+                            "case {case} layout {li} {output:?} {}: {s:?}: max-abs {worst}",
+                            isa.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn views_out_of_range_are_rejected() {
+        let s = Shape {
+            heads: 2,
+            kv_heads: 1,
+            n: 3,
+            keys: 3,
+            d: 4,
+            dv: 4,
+            scale: 1.0,
+            past: None,
+        };
+        let buf = vec![0f32; 40];
+        let ok = View {
+            values: &buf,
+            offset: 0,
+            head_stride: 4,
+            row_stride: 8,
+        };
+        let isa = Isa::best();
+        assert!(attention_views(isa, ok, ok, ok, &s, Output::RowsMajor).is_ok());
+        let short = View {
+            values: &buf[..19],
+            ..ok
+        };
+        let err = attention_views(isa, short, ok, ok, &s, Output::RowsMajor).unwrap_err();
+        assert!(
+            err.to_string().contains("q (19 values) has no room"),
+            "{err}"
+        );
+        let far = View { offset: 33, ..ok };
+        assert!(attention_views(isa, ok, far, ok, &s, Output::HeadsMajor).is_err());
+        let huge = View {
+            row_stride: usize::MAX / 2,
+            ..ok
+        };
+        assert!(attention_views(isa, ok, ok, huge, &s, Output::HeadsMajor).is_err());
     }
 
     #[test]

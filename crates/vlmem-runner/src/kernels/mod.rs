@@ -32,6 +32,7 @@ pub mod bf16;
 pub mod bf16_avx512;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gelu;
 pub mod gemm;
 pub mod pool;
 pub mod q4_k;
@@ -130,12 +131,27 @@ impl<'a> Input<'a> {
     }
 }
 
-/// Which instruction set the kernels use on this machine.
+/// Which instruction sets the kernels use on this machine, the widest first: `amx` where
+/// the tiled product of bf16 weights runs on AMX tiles, `avx512` where any of the decode,
+/// prefill or attention kernels runs on 512-bit vectors (`+vnni` where the Q8_0 kernels use
+/// `vpdpbusd`), else `avx2+fma` or `scalar` (the paths [`bf16::Isa::best`],
+/// [`q8_0::Isa::best`], [`gemm::path_for`] and [`attention::Isa::best`] choose).
 pub fn isa() -> &'static str {
-    if bf16::has_avx2_fma() {
-        "avx2+fma"
-    } else {
-        "scalar"
+    use gemm::Path;
+    let bf16_gemm = gemm::path_for(WeightFormat::Bf16, gemm::precision());
+    let amx = matches!(bf16_gemm, Path::AmxExact | Path::AmxBf16);
+    let avx512 = bf16::Isa::best() == bf16::Isa::Avx512Split
+        || gemm::path_for(WeightFormat::F32, gemm::precision()) == Path::F32Avx512
+        || attention::Isa::best() == attention::Isa::Avx512;
+    let vnni = q8_0::Isa::best() == q8_0::Isa::Avx512Vnni;
+    match (amx, avx512 || vnni, vnni) {
+        (true, _, true) => "amx+avx512+vnni",
+        (true, true, false) => "amx+avx512",
+        (true, false, false) => "amx",
+        (false, true, true) => "avx512+vnni",
+        (false, true, false) => "avx512",
+        (false, false, _) if bf16::has_avx2_fma() => "avx2+fma",
+        (false, false, _) => "scalar",
     }
 }
 
@@ -392,6 +408,30 @@ mod tests {
     use super::*;
     use crate::kernels::test_util::Rng;
     use half::{bf16 as Bf16, f16 as F16};
+
+    /// The reported set names the 512-bit paths where a kernel takes one (on an AVX-512
+    /// machine: not "avx2+fma").
+    #[test]
+    fn isa_names_the_widest_path_in_use() {
+        let name = isa();
+        let wide = attention::Isa::best() == attention::Isa::Avx512
+            || bf16::Isa::best() == bf16::Isa::Avx512Split;
+        assert_eq!(
+            name.contains("avx512"),
+            wide || name.contains("vnni"),
+            "{name}"
+        );
+        assert_eq!(
+            name.contains("vnni"),
+            q8_0::Isa::best() == q8_0::Isa::Avx512Vnni,
+            "{name}"
+        );
+        if !bf16::has_avx2_fma() {
+            assert_eq!(name, "scalar");
+        } else if !name.contains("avx512") && !name.contains("amx") {
+            assert_eq!(name, "avx2+fma");
+        }
+    }
 
     /// The matrix as stored bytes of `ty` and as the exact values those bytes hold.
     fn matrix(rng: &mut Rng, ty: WeightFormat, n: usize) -> (Vec<u8>, Vec<f64>) {

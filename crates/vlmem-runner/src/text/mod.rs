@@ -385,10 +385,9 @@ impl TextDecoder {
         let k = rope(&k, cos, sin)?;
         let (k_all, v_all) = kv.append(layer, &k, &v)?;
         let past = k_all.dim(2)? - n;
-        let k_all = repeat_kv(&k_all, nh / nkv)?;
-        let v_all = repeat_kv(&v_all, nh / nkv)?;
         let scale = (hd as f64).powf(-0.5);
-        // [1, nh, n, hd], a block of query rows at a time (scores bounded by `score_bytes`).
+        // [1, nh, n, hd], a block of query rows at a time (scores bounded by `score_bytes`);
+        // the kv heads as cached (grouped-query attention: no repeated copy of them).
         let out = attention_in_row_chunks(&q, &k_all, &v_all, scale, Some(past), score_bytes)?;
         let out = out.squeeze(0)?.transpose(0, 1)?.reshape((n, nh * hd))?;
         lin("o_proj.weight", &out)
@@ -505,15 +504,4 @@ impl TextDecoder {
         }
         Ok(out)
     }
-}
-
-/// Repeats each of the `kv_heads` heads `groups` times: `[1, kv, L, d] -> [1, kv*groups, L, d]`.
-fn repeat_kv(t: &Tensor, groups: usize) -> Result<Tensor> {
-    if groups == 1 {
-        return Ok(t.clone());
-    }
-    let (b, kvh, len, d) = t.dims4()?;
-    Ok(t.unsqueeze(2)?
-        .expand((b, kvh, groups, len, d))?
-        .reshape((b, kvh * groups, len, d))?)
 }
