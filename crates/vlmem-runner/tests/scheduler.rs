@@ -22,6 +22,18 @@ fn channel_sink() -> (vlmem_runner::Sink, Receiver<SeqEvent>) {
     (Box::new(move |e| tx.send(e).is_ok()), rx)
 }
 
+/// Submits every request at once; their event channels, in order.
+fn submit_all(scheduler: &Scheduler, requests: &[Request]) -> Vec<Receiver<SeqEvent>> {
+    requests
+        .iter()
+        .map(|r| {
+            let (sink, rx) = channel_sink();
+            scheduler.submit(r, sink).unwrap();
+            rx
+        })
+        .collect()
+}
+
 /// The ids of a request's events, and how it ended (checking the events' order: one
 /// start before any id, then one end).
 fn collect(rx: &Receiver<SeqEvent>) -> (Vec<u32>, vlmem_runner::Finished) {
@@ -401,14 +413,7 @@ fn prompts_in_pieces_get_their_ids_alone() {
                 ..SchedulerConfig::default()
             },
         );
-        let receivers: Vec<_> = requests
-            .iter()
-            .map(|r| {
-                let (sink, rx) = channel_sink();
-                scheduler.submit(r, sink).unwrap();
-                rx
-            })
-            .collect();
+        let receivers = submit_all(&scheduler, &requests);
         for (i, (rx, want)) in receivers.iter().zip(&alone).enumerate() {
             let (ids, _) = collect(rx);
             assert_eq!(&ids, want, "{fixture}: request {i}");
@@ -566,14 +571,7 @@ fn sequences_set_aside_for_room_resume_unchanged() {
             ..SchedulerConfig::default()
         },
     );
-    let receivers: Vec<_> = requests
-        .iter()
-        .map(|r| {
-            let (sink, rx) = channel_sink();
-            scheduler.submit(r, sink).unwrap();
-            rx
-        })
-        .collect();
+    let receivers = submit_all(&scheduler, &requests);
     for (i, (rx, want)) in receivers.iter().zip(&alone).enumerate() {
         let (ids, f) = collect(rx);
         assert_eq!(&ids, want, "request {i}");

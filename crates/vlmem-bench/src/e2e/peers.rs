@@ -494,7 +494,12 @@ pub(crate) fn pairs_of(report: &SuiteReport, figures: &[(&str, &[&str])]) -> Vec
 
 /// `FIGURE.FMT_over_llama_cpp` = vlmem / llama.cpp for every pair [`pairs`] finds both of.
 pub fn push_ratios(report: &mut SuiteReport) {
-    for p in pairs(report) {
+    push_ratios_of(report, &VLMEM_FIGURES);
+}
+
+/// [`push_ratios`] for another suite's list of figures (see [`pairs_of`]).
+pub(crate) fn push_ratios_of(report: &mut SuiteReport, figures: &[(&str, &[&str])]) {
+    for p in pairs_of(report, figures) {
         if let Some(r) = p.ratio() {
             push(
                 report,

@@ -170,16 +170,7 @@ pub(crate) fn push_figures(report: &mut SuiteReport, label: &str, out: &ServeOut
 /// `FIGURE_over_llama_cpp` = vlmem / llama.cpp for every figure of [`SERVE_FIGURES`] both
 /// measured.
 pub(crate) fn push_ratios(report: &mut SuiteReport) {
-    for p in e2e_peers::pairs_of(report, &SERVE_FIGURES) {
-        if let Some(r) = p.ratio() {
-            push(
-                report,
-                &format!("{}_over_llama_cpp", p.figure()),
-                r,
-                "ratio",
-            );
-        }
-    }
+    e2e_peers::push_ratios_of(report, &SERVE_FIGURES);
 }
 
 /// The table of llama.cpp's figures beside vlmem's (empty when there are none).
